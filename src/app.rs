@@ -1,0 +1,246 @@
+//! Wiring and lifecycle of `serve`: builds the client, scheduler and services from a
+//! [`Config`], serves gRPC (+ health, reflection) and the metrics/health HTTP port on listeners
+//! the caller bound, and runs the shutdown sequence when the caller's `shutdown` future ends.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
+use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
+use crate::feishu::{FeishuClient, Upstream};
+use crate::grpc::ReplyService;
+use crate::metrics::Metrics;
+use crate::proto::reply_gateway_server::ReplyGatewayServer;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("building the Feishu HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("starting the embedded fake Feishu: {0}")]
+    Fake(#[source] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// State the metrics port serves.
+struct Probe {
+    metrics: Arc<Metrics>,
+    ready: AtomicBool,
+}
+
+/// With no app configured: start a fake Feishu on loopback and point a default app at it.
+async fn embedded_fake(config: &mut Config) -> Result<FakeFeishu, AppError> {
+    let q = |s: crate::quota::QuotaSpec| FakeQuota {
+        limit: s.limit.get(),
+        window: s.window,
+    };
+    let opts = FakeOptions {
+        chat_quota: q(config.quotas.chat),
+        user_quota: q(config.quotas.user),
+        app_quotas: config.quotas.app.iter().copied().map(q).collect(),
+        ..FakeOptions::default()
+    };
+    let fake = FakeFeishu::start(([127, 0, 0, 1], 0).into(), opts)
+        .await
+        .map_err(AppError::Fake)?;
+    config.feishu.base_url = fake.base_url();
+    config.apps = vec![AppConfig {
+        name: DEFAULT_APP_NAME.into(),
+        app_id: "cli_fake_embedded".into(),
+        app_secret: "fake-secret".into(),
+    }];
+    config.default_app = Some(DEFAULT_APP_NAME.into());
+    tracing::warn!(
+        fake = %fake.base_url(),
+        "NO FEISHU APP CONFIGURED: replies go to an EMBEDDED FAKE Feishu, not to Feishu. \
+         Set FEISHU_APP_ID and FEISHU_APP_SECRET (or [apps.*] in --config) to talk to Feishu."
+    );
+    Ok(fake)
+}
+
+/// Runs the gateway until `shutdown` resolves, then drains (DESIGN.md: health NOT_SERVING →
+/// stop accepting → keep sending for the grace period → fail the rest with UNAVAILABLE).
+pub async fn run(
+    mut config: Config,
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AppError> {
+    let _fake = if config.apps.is_empty() {
+        Some(embedded_fake(&mut config).await?)
+    } else {
+        None
+    };
+    let metrics = Arc::new(Metrics::new());
+    let upstream: Arc<dyn Upstream> = Arc::new(FeishuClient::new(
+        &config.feishu,
+        &config.apps,
+        metrics.clone(),
+    )?);
+    run_with_upstream(
+        config,
+        upstream,
+        metrics,
+        grpc_listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with the upstream given (tests and benches may stand in their own).
+pub async fn run_with_upstream(
+    config: Config,
+    upstream: Arc<dyn Upstream>,
+    metrics: Arc<Metrics>,
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AppError> {
+    let scheduler = Scheduler::start(
+        SchedulerConfig {
+            quotas: config.quotas.clone(),
+            queue: config.queue.clone(),
+            retry: config.retry.clone(),
+        },
+        upstream.clone(),
+        metrics.clone(),
+    );
+    let service = Arc::new(ReplyService::new(
+        config.apps.clone(),
+        config.default_app.as_deref(),
+        &config.admission,
+        config.queue.chat_cache_size,
+        scheduler.clone(),
+        upstream,
+        metrics.clone(),
+    ));
+    let sweeper = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                service.forget_idle_callers();
+            }
+        })
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<ReplyGatewayServer<Arc<ReplyService>>>()
+        .await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let probe = Arc::new(Probe {
+        metrics: metrics.clone(),
+        ready: AtomicBool::new(true),
+    });
+    let metrics_addr = metrics_listener.local_addr().ok();
+    let metrics_server =
+        tokio::spawn(axum::serve(metrics_listener, probe_router(probe.clone())).into_future());
+
+    let grpc_addr = grpc_listener.local_addr().ok();
+    tracing::info!(grpc = ?grpc_addr, metrics = ?metrics_addr, apps = config.apps.len(), feishu = %config.feishu.base_url, "feishu-reply-gateway serving");
+
+    let (stop_grpc_tx, stop_grpc_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ReplyGatewayServer::from_arc(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+            let _ = stop_grpc_rx.await;
+        });
+    let mut grpc = std::pin::pin!(grpc);
+
+    tokio::select! {
+        r = &mut grpc => {
+            sweeper.abort();
+            return r.map_err(Into::into);
+        }
+        () = shutdown => {}
+    }
+
+    // === shutdown sequence ===
+    let grace = config.shutdown_grace;
+    tracing::info!(
+        ?grace,
+        "shutdown requested: not serving, draining queued replies"
+    );
+    probe.ready.store(false, Ordering::Release);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<ReplyGatewayServer<Arc<ReplyService>>>()
+        .await;
+    let _ = stop_grpc_tx.send(());
+    let drain = scheduler.shutdown(grace);
+    // Sends in flight at the end of the grace period finish within one request timeout.
+    let hard_limit = grace + config.feishu.request_timeout + Duration::from_secs(5);
+    let finished = tokio::time::timeout(hard_limit, async {
+        drain.await;
+        grpc.await
+    })
+    .await;
+    sweeper.abort();
+    metrics_server.abort();
+    match finished {
+        Ok(r) => {
+            tracing::info!("drained; bye");
+            r.map_err(Into::into)
+        }
+        Err(_) => {
+            tracing::warn!(
+                ?hard_limit,
+                "shutdown did not finish in time; exiting anyway"
+            );
+            Ok(())
+        }
+    }
+}
+
+fn probe_router(probe: Arc<Probe>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(p): State<Arc<Probe>>| async move {
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    p.metrics.encode(),
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(p): State<Arc<Probe>>| async move {
+                if p.ready.load(Ordering::Acquire) {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                }
+            }),
+        )
+        .with_state(probe)
+}

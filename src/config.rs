@@ -1,0 +1,566 @@
+//! Configuration: the only place that reads the config file and environment overrides. The
+//! result is a validated [`Config`] (non-zero limits, real durations, unique apps).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::quota::QuotaSpec;
+
+/// Feishu's documented base URL (Lark: `https://open.larksuite.com`).
+pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
+/// The app name used for `FEISHU_APP_ID` / `FEISHU_APP_SECRET` and for requests with no `app`.
+pub const DEFAULT_APP_NAME: &str = "default";
+
+/// Flags and environment overrides of `serve` (env wins over the file, flags win over env).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (see README "Configuration").
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 0.0.0.0:50051].
+    #[arg(long, env = "GATEWAY_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Metrics/health listen address (/metrics, /healthz, /readyz) [default: 0.0.0.0:9090].
+    #[arg(long, env = "GATEWAY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Feishu base URL [default: https://open.feishu.cn; Lark: https://open.larksuite.com].
+    #[arg(long, env = "FEISHU_BASE_URL")]
+    pub feishu_base_url: Option<String>,
+    /// app_id of the default app (with FEISHU_APP_SECRET).
+    #[arg(long, env = "FEISHU_APP_ID")]
+    pub app_id: Option<String>,
+    /// app_secret of the default app. Prefer the env var: flags show up in `ps`.
+    #[arg(long, env = "FEISHU_APP_SECRET", hide_env_values = true)]
+    pub app_secret: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// One Feishu app (custom app credentials).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    /// The name callers use in `ReplyRequest.app`.
+    pub name: String,
+    pub app_id: String,
+    pub app_secret: String,
+}
+
+impl std::fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("name", &self.name)
+            .field("app_id", &self.app_id)
+            .field("app_secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Upstream quotas (DESIGN.md §2). Every window is widened by `safety_margin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaConfig {
+    pub chat: QuotaSpec,
+    pub user: QuotaSpec,
+    /// Applied per app_id, all of them (Feishu: 50/s and 1000/min on the reply endpoint).
+    pub app: Vec<QuotaSpec>,
+    pub safety_margin: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeishuConfig {
+    pub base_url: String,
+    pub connect_timeout: Duration,
+    /// Whole-request timeout of one HTTP call to Feishu.
+    pub request_timeout: Duration,
+    /// Refresh a tenant_access_token this long before it expires (in the background).
+    pub token_refresh_before: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Queued replies one chat may have; beyond it callers get RESOURCE_EXHAUSTED. At 5/s a
+    /// full queue of 200 is 40 s of backlog.
+    pub max_per_chat: usize,
+    /// Queued replies in total (memory bound).
+    pub max_total: usize,
+    /// message_id → chat_id entries remembered from lookups.
+    pub chat_cache_size: usize,
+    /// A job is not started with less than this left before its deadline (time for the send).
+    pub min_send_budget: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryConfig {
+    /// Attempts at the reply endpoint per job, the first included.
+    pub max_attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// Replies per second one caller (`x-caller` metadata, else its address) may submit.
+    pub per_caller_rps: NonZeroU32,
+    pub per_caller_burst: NonZeroU32,
+}
+
+/// The validated configuration of `serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// On SIGTERM, keep sending queued replies this long, then fail the rest with UNAVAILABLE.
+    pub shutdown_grace: Duration,
+    pub feishu: FeishuConfig,
+    /// Configured apps; empty means "run against the embedded fake Feishu".
+    pub apps: Vec<AppConfig>,
+    /// Name of the app used when a request names none.
+    pub default_app: Option<String>,
+    pub quotas: QuotaConfig,
+    pub queue: QueueConfig,
+    pub retry: RetryConfig,
+    pub admission: AdmissionConfig,
+}
+
+// === file format ===
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    feishu: FileFeishu,
+    default_app: Option<String>,
+    #[serde(default)]
+    apps: BTreeMap<String, FileApp>,
+    #[serde(default)]
+    quotas: FileQuotas,
+    #[serde(default)]
+    queue: FileQueue,
+    #[serde(default)]
+    retry: FileRetry,
+    #[serde(default)]
+    admission: FileAdmission,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileServer {
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    shutdown_grace_ms: u64,
+}
+
+impl Default for FileServer {
+    fn default() -> Self {
+        Self {
+            grpc_addr: ([0, 0, 0, 0], 50051).into(),
+            metrics_addr: ([0, 0, 0, 0], 9090).into(),
+            shutdown_grace_ms: 25_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileFeishu {
+    base_url: String,
+    connect_timeout_ms: u64,
+    request_timeout_ms: u64,
+    token_refresh_before_s: u64,
+}
+
+impl Default for FileFeishu {
+    fn default() -> Self {
+        Self {
+            base_url: FEISHU_BASE_URL.into(),
+            connect_timeout_ms: 3_000,
+            request_timeout_ms: 10_000,
+            token_refresh_before_s: 300,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileApp {
+    app_id: String,
+    /// The secret itself, or…
+    app_secret: Option<String>,
+    /// …the name of an environment variable holding it (keeps secrets out of the file).
+    app_secret_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQuota {
+    limit: u32,
+    window_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileQuotas {
+    chat: FileQuota,
+    user: FileQuota,
+    app: Vec<FileQuota>,
+    safety_margin_ms: u64,
+}
+
+impl Default for FileQuotas {
+    fn default() -> Self {
+        let q = |limit, window_ms| FileQuota { limit, window_ms };
+        Self {
+            chat: q(5, 1_000),
+            user: q(5, 1_000),
+            app: vec![q(50, 1_000), q(1_000, 60_000)],
+            safety_margin_ms: 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileQueue {
+    max_per_chat: usize,
+    max_total: usize,
+    chat_cache_size: usize,
+    min_send_budget_ms: u64,
+}
+
+impl Default for FileQueue {
+    fn default() -> Self {
+        Self {
+            max_per_chat: 200,
+            max_total: 100_000,
+            chat_cache_size: 100_000,
+            min_send_budget_ms: 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileRetry {
+    max_attempts: u32,
+    base_delay_ms: u64,
+    max_delay_ms: u64,
+}
+
+impl Default for FileRetry {
+    fn default() -> Self {
+        Self {
+            max_attempts: 6,
+            base_delay_ms: 200,
+            max_delay_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileAdmission {
+    per_caller_rps: u32,
+    per_caller_burst: u32,
+}
+
+impl Default for FileAdmission {
+    fn default() -> Self {
+        Self {
+            per_caller_rps: 2_000,
+            per_caller_burst: 4_000,
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads the file named by `args.config` (if any), applies env/flag overrides, validates.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => Self::read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::build(file, args)
+    }
+
+    /// Parses TOML text (no overrides); used by tests and tools.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            source,
+        })?;
+        Self::build(file, &ServeArgs::default())
+    }
+
+    fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    fn build(file: FileConfig, args: &ServeArgs) -> Result<Self, ConfigError> {
+        let FileConfig {
+            server,
+            feishu,
+            default_app,
+            apps,
+            quotas,
+            queue,
+            retry,
+            admission,
+        } = file;
+        let ServeArgs {
+            config: _,
+            grpc_addr,
+            metrics_addr,
+            feishu_base_url,
+            app_id,
+            app_secret,
+        } = args;
+        let invalid = |m: String| ConfigError::Invalid(m);
+
+        let mut app_list = Vec::new();
+        for (name, a) in apps {
+            let secret = match (a.app_secret, a.app_secret_env) {
+                (Some(s), None) => s,
+                (None, Some(var)) => std::env::var(&var).map_err(|_| {
+                    invalid(format!(
+                        "apps.{name}.app_secret_env names {var}, which is not set"
+                    ))
+                })?,
+                _ => {
+                    return Err(invalid(format!(
+                        "apps.{name}: give exactly one of app_secret, app_secret_env"
+                    )));
+                }
+            };
+            app_list.push(AppConfig {
+                name,
+                app_id: a.app_id,
+                app_secret: secret,
+            });
+        }
+        match (app_id, app_secret) {
+            (Some(id), Some(secret)) => {
+                app_list.retain(|a| a.name != DEFAULT_APP_NAME);
+                app_list.push(AppConfig {
+                    name: DEFAULT_APP_NAME.into(),
+                    app_id: id.clone(),
+                    app_secret: secret.clone(),
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(invalid(
+                    "FEISHU_APP_ID and FEISHU_APP_SECRET go together: set both or neither".into(),
+                ));
+            }
+        }
+        for a in &app_list {
+            if a.app_id.is_empty() || a.app_secret.is_empty() {
+                return Err(invalid(format!(
+                    "app {}: app_id and app_secret must not be empty",
+                    a.name
+                )));
+            }
+        }
+        let default_app = match default_app {
+            Some(d) if app_list.iter().any(|a| a.name == d) => Some(d),
+            Some(d) => {
+                return Err(invalid(format!(
+                    "default_app = {d:?} is not one of [apps.*]"
+                )));
+            }
+            None if app_list.iter().any(|a| a.name == DEFAULT_APP_NAME) => {
+                Some(DEFAULT_APP_NAME.into())
+            }
+            None if app_list.len() == 1 => Some(app_list[0].name.clone()),
+            None => None,
+        };
+
+        let spec = |what: &str, q: FileQuota| -> Result<QuotaSpec, ConfigError> {
+            let limit = NonZeroU32::new(q.limit)
+                .ok_or_else(|| invalid(format!("quotas.{what}.limit must be > 0")))?;
+            if q.window_ms == 0 {
+                return Err(invalid(format!("quotas.{what}.window_ms must be > 0")));
+            }
+            Ok(QuotaSpec::new(limit, Duration::from_millis(q.window_ms)))
+        };
+        let quotas = QuotaConfig {
+            chat: spec("chat", quotas.chat)?,
+            user: spec("user", quotas.user)?,
+            app: quotas
+                .app
+                .iter()
+                .map(|q| spec("app", *q))
+                .collect::<Result<_, _>>()?,
+            safety_margin: Duration::from_millis(quotas.safety_margin_ms),
+        };
+
+        let base_url = feishu_base_url
+            .clone()
+            .unwrap_or(feishu.base_url)
+            .trim_end_matches('/')
+            .to_owned();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(invalid(format!(
+                "feishu.base_url {base_url:?} must start with http:// or https://"
+            )));
+        }
+        if feishu.request_timeout_ms == 0 || feishu.connect_timeout_ms == 0 {
+            return Err(invalid("feishu timeouts must be > 0".into()));
+        }
+        if queue.max_per_chat == 0 || queue.max_total == 0 || queue.chat_cache_size == 0 {
+            return Err(invalid("queue sizes must be > 0".into()));
+        }
+        if retry.max_attempts == 0 {
+            return Err(invalid(
+                "retry.max_attempts must be >= 1 (the first attempt counts)".into(),
+            ));
+        }
+        let nz = |what: &str, v: u32| {
+            NonZeroU32::new(v).ok_or_else(|| invalid(format!("admission.{what} must be > 0")))
+        };
+
+        Ok(Config {
+            grpc_addr: grpc_addr.unwrap_or(server.grpc_addr),
+            metrics_addr: metrics_addr.unwrap_or(server.metrics_addr),
+            shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+            feishu: FeishuConfig {
+                base_url,
+                connect_timeout: Duration::from_millis(feishu.connect_timeout_ms),
+                request_timeout: Duration::from_millis(feishu.request_timeout_ms),
+                token_refresh_before: Duration::from_secs(feishu.token_refresh_before_s),
+            },
+            apps: app_list,
+            default_app,
+            quotas,
+            queue: QueueConfig {
+                max_per_chat: queue.max_per_chat,
+                max_total: queue.max_total,
+                chat_cache_size: queue.chat_cache_size,
+                min_send_budget: Duration::from_millis(queue.min_send_budget_ms),
+            },
+            retry: RetryConfig {
+                max_attempts: retry.max_attempts,
+                base_delay: Duration::from_millis(retry.base_delay_ms),
+                max_delay: Duration::from_millis(retry.max_delay_ms.max(retry.base_delay_ms)),
+            },
+            admission: AdmissionConfig {
+                per_caller_rps: nz("per_caller_rps", admission.per_caller_rps)?,
+                per_caller_burst: nz("per_caller_burst", admission.per_caller_burst)?,
+            },
+        })
+    }
+
+    /// The config with no file and no overrides (embedded fake, default quotas).
+    pub fn defaults() -> Self {
+        Self::build(FileConfig::default(), &ServeArgs::default()).expect("defaults are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_feishu_documentation() {
+        let c = Config::defaults();
+        assert_eq!(c.quotas.chat.limit.get(), 5);
+        assert_eq!(c.quotas.app.len(), 2);
+        assert_eq!(c.quotas.app[1].window, Duration::from_secs(60));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+        assert_eq!(c.feishu.base_url, FEISHU_BASE_URL);
+        assert!(c.apps.is_empty() && c.default_app.is_none());
+    }
+
+    #[test]
+    fn several_apps_and_a_default() {
+        let c = Config::from_toml(
+            r#"
+            default_app = "ops"
+            [feishu]
+            base_url = "https://open.larksuite.com/"
+            [apps.ops]
+            app_id = "cli_1"
+            app_secret = "s1"
+            [apps.hr]
+            app_id = "cli_2"
+            app_secret = "s2"
+            [quotas]
+            app = [{ limit = 10, window_ms = 1000 }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.apps.len(), 2);
+        assert_eq!(c.default_app.as_deref(), Some("ops"));
+        assert_eq!(c.feishu.base_url, "https://open.larksuite.com");
+        assert_eq!(c.quotas.app.len(), 1);
+        assert!(!format!("{c:?}").contains("s1"), "secrets never printed");
+    }
+
+    #[test]
+    fn mistakes_are_reported_not_ignored() {
+        for (toml, want) in [
+            (
+                "[quotas]\nchat = { limit = 0, window_ms = 1000 }",
+                "limit must be > 0",
+            ),
+            ("[server]\ngrpc_port = 1", "unknown field"),
+            ("default_app = \"x\"", "not one of"),
+            ("[apps.a]\napp_id = \"cli\"", "exactly one of"),
+            ("[feishu]\nbase_url = \"open.feishu.cn\"", "must start with"),
+            ("[retry]\nmax_attempts = 0", "max_attempts"),
+        ] {
+            let err = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(want), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn env_style_overrides_win() {
+        let args = ServeArgs {
+            app_id: Some("cli_env".into()),
+            app_secret: Some("sec".into()),
+            grpc_addr: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = Config::build(FileConfig::default(), &args).unwrap();
+        assert_eq!(c.default_app.as_deref(), Some(DEFAULT_APP_NAME));
+        assert_eq!(c.apps[0].app_id, "cli_env");
+        assert_eq!(c.grpc_addr.port(), 7000);
+        let half = ServeArgs {
+            app_id: Some("x".into()),
+            ..Default::default()
+        };
+        assert!(Config::build(FileConfig::default(), &half).is_err());
+    }
+}

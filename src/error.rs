@@ -1,0 +1,390 @@
+//! Every way a reply can fail, and the **one** table that maps each to a gRPC status with
+//! `google.rpc.ErrorInfo` (reason `FEISHU_<code>` or a gateway reason) and, where waiting helps,
+//! `google.rpc.RetryInfo`. DESIGN.md §5 is the contract; one unit test per row below.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::feishu::UpstreamError;
+use crate::reply::ValidationError;
+
+/// `ErrorInfo.domain` of every error this gateway returns.
+pub const ERROR_DOMAIN: &str = "feishu-reply-gateway";
+
+const INVALID_ARGUMENT_CODES: [i64; 4] = [230001, 230025, 230055, 230099];
+const PERMISSION_DENIED_CODES: [i64; 9] = [
+    230002, 230006, 230013, 230017, 230018, 230027, 230035, 230038, 230050,
+];
+const FAILED_PRECONDITION_CODES: [i64; 10] = [
+    230011, 230019, 230022, 230028, 230054, 230071, 230072, 230075, 230111, 232009,
+];
+
+/// Why a reply call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    #[error("unknown app {0:?}: not in this gateway's configuration")]
+    UnknownApp(String),
+    #[error("no app named and this gateway has no default app; set `app` in the request")]
+    NoDefaultApp,
+    #[error("queue full ({scope}: {queued} replies waiting); retry later")]
+    QueueFull {
+        scope: &'static str,
+        queued: usize,
+        retry_after: Duration,
+    },
+    #[error("caller {caller:?} exceeds its admission rate; retry later")]
+    CallerRateLimited {
+        caller: String,
+        retry_after: Duration,
+    },
+    #[error(
+        "cannot be sent before its deadline: the earliest send is in {earliest_in:?}, the deadline in {deadline_in:?}"
+    )]
+    DeadlineUnreachable {
+        earliest_in: Duration,
+        deadline_in: Duration,
+    },
+    #[error(
+        "deadline reached before the reply was sent (attempts so far: {attempts}); it will not be sent"
+    )]
+    DeadlineBeforeSend { attempts: u32, uuid: String },
+    #[error("{error} (after {attempts} attempts, uuid {uuid})")]
+    Upstream {
+        error: UpstreamError,
+        attempts: u32,
+        uuid: String,
+    },
+    #[error("looking up the chat of the message failed: {0}")]
+    ChatLookup(UpstreamError),
+    #[error("the gateway is shutting down; not sent")]
+    ShuttingDown { attempts: u32, uuid: String },
+}
+
+impl GatewayError {
+    /// Snake-case gRPC code, for the `outcome` metric label.
+    pub fn outcome(&self) -> &'static str {
+        match self.code() {
+            Code::InvalidArgument => "invalid_argument",
+            Code::NotFound => "not_found",
+            Code::PermissionDenied => "permission_denied",
+            Code::FailedPrecondition => "failed_precondition",
+            Code::Unavailable => "unavailable",
+            Code::ResourceExhausted => "resource_exhausted",
+            Code::DeadlineExceeded => "deadline_exceeded",
+            _ => "unknown",
+        }
+    }
+
+    /// Feishu's code, if Feishu gave one.
+    pub fn feishu_code(&self) -> Option<i64> {
+        match self {
+            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => error.code(),
+            _ => None,
+        }
+    }
+
+    fn upstream(&self) -> Option<&UpstreamError> {
+        match self {
+            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => Some(error),
+            _ => None,
+        }
+    }
+
+    /// The gRPC code: the table of DESIGN.md §5.
+    pub fn code(&self) -> Code {
+        match self {
+            GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
+            GatewayError::UnknownApp(_) => Code::NotFound,
+            GatewayError::QueueFull { .. }
+            | GatewayError::CallerRateLimited { .. }
+            | GatewayError::DeadlineUnreachable { .. } => Code::ResourceExhausted,
+            GatewayError::DeadlineBeforeSend { .. } => Code::DeadlineExceeded,
+            GatewayError::ShuttingDown { .. } => Code::Unavailable,
+            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => {
+                upstream_code(error)
+            }
+        }
+    }
+
+    /// `ErrorInfo.reason`.
+    pub fn reason(&self) -> String {
+        match self {
+            GatewayError::Invalid(v) => v.reason().into(),
+            GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
+            GatewayError::NoDefaultApp => "NO_DEFAULT_APP".into(),
+            GatewayError::QueueFull { .. } => "QUEUE_FULL".into(),
+            GatewayError::CallerRateLimited { .. } => "CALLER_RATE_LIMITED".into(),
+            GatewayError::DeadlineUnreachable { .. } => "DEADLINE_UNREACHABLE".into(),
+            GatewayError::DeadlineBeforeSend { .. } => "DEADLINE_BEFORE_SEND".into(),
+            GatewayError::ShuttingDown { .. } => "SHUTTING_DOWN".into(),
+            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => match error {
+                UpstreamError::Credentials { .. } => "APP_CREDENTIALS".into(),
+                UpstreamError::Feishu { code, .. } => format!("FEISHU_{code}"),
+                UpstreamError::Network { .. } => "UPSTREAM_NETWORK".into(),
+                UpstreamError::BadResponse { http, .. } if *http >= 500 => "UPSTREAM_5XX".into(),
+                UpstreamError::BadResponse { .. } => "UPSTREAM_BAD_RESPONSE".into(),
+            },
+        }
+    }
+
+    /// When waiting helps, how long (RetryInfo).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GatewayError::QueueFull { retry_after, .. }
+            | GatewayError::CallerRateLimited { retry_after, .. } => Some(*retry_after),
+            GatewayError::DeadlineUnreachable { earliest_in, .. } => Some(*earliest_in),
+            GatewayError::ShuttingDown { .. } => Some(Duration::from_secs(1)),
+            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error)
+                if error.retry_reason().is_some() =>
+            {
+                Some(error.retry_after().unwrap_or(Duration::from_secs(1)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The gRPC status with ErrorInfo (+ RetryInfo, + BadRequest for validation errors).
+    pub fn to_status(&self) -> Status {
+        let mut meta = HashMap::new();
+        if let Some(e) = self.upstream() {
+            if let Some(code) = e.code() {
+                meta.insert("feishu_code".to_owned(), code.to_string());
+            }
+            if let UpstreamError::Feishu { msg, .. } | UpstreamError::Credentials { msg, .. } = e {
+                meta.insert("feishu_msg".to_owned(), msg.clone());
+            }
+            if !e.log_id().is_empty() {
+                meta.insert("log_id".to_owned(), e.log_id().to_owned());
+            }
+        }
+        match self {
+            GatewayError::Upstream { attempts, uuid, .. }
+            | GatewayError::DeadlineBeforeSend { attempts, uuid }
+            | GatewayError::ShuttingDown { attempts, uuid } => {
+                meta.insert("attempts".to_owned(), attempts.to_string());
+                meta.insert("uuid".to_owned(), uuid.clone());
+            }
+            GatewayError::CallerRateLimited { caller, .. } => {
+                meta.insert("caller".to_owned(), caller.clone());
+            }
+            GatewayError::QueueFull { scope, .. } => {
+                meta.insert("scope".to_owned(), (*scope).to_owned());
+            }
+            _ => {}
+        }
+        let mut details = ErrorDetails::new();
+        details.set_error_info(self.reason(), ERROR_DOMAIN, meta);
+        if let Some(d) = self.retry_after() {
+            details.set_retry_info(Some(d));
+        }
+        if let GatewayError::Invalid(v) = self {
+            details.add_bad_request_violation(v.field(), v.to_string());
+        }
+        Status::with_error_details(self.code(), self.to_string(), details)
+    }
+}
+
+fn upstream_code(e: &UpstreamError) -> Code {
+    if e.retry_reason().is_some() {
+        return Code::Unavailable;
+    }
+    match e {
+        UpstreamError::Credentials { .. } => Code::FailedPrecondition,
+        UpstreamError::Feishu { code, .. } => {
+            if INVALID_ARGUMENT_CODES.contains(code) {
+                Code::InvalidArgument
+            } else if PERMISSION_DENIED_CODES.contains(code) {
+                Code::PermissionDenied
+            } else if FAILED_PRECONDITION_CODES.contains(code) || e.is_token_invalid() {
+                Code::FailedPrecondition
+            } else {
+                Code::Unknown
+            }
+        }
+        UpstreamError::Network { .. } | UpstreamError::BadResponse { .. } => Code::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feishu(http: u16, code: i64) -> UpstreamError {
+        UpstreamError::Feishu {
+            http,
+            code,
+            msg: format!("msg {code}"),
+            log_id: "LOG1".into(),
+            retry_after: None,
+        }
+    }
+
+    fn upstream(e: UpstreamError) -> GatewayError {
+        GatewayError::Upstream {
+            error: e,
+            attempts: 3,
+            uuid: "u-1".into(),
+        }
+    }
+
+    fn check(e: GatewayError, code: Code, reason: &str, retry: bool) {
+        let s = e.to_status();
+        assert_eq!(s.code(), code, "{e}");
+        let info = s.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, reason);
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(
+            s.get_details_retry_info().is_some(),
+            retry,
+            "{e}: RetryInfo"
+        );
+    }
+
+    #[test]
+    fn local_validation_is_invalid_argument() {
+        let e = GatewayError::Invalid(ValidationError::NotObject(crate::reply::MsgType::Text));
+        check(e.clone(), Code::InvalidArgument, "INVALID_CONTENT", false);
+        let bad = e.to_status().get_error_details();
+        assert_eq!(
+            bad.bad_request().unwrap().field_violations[0].field,
+            "content"
+        );
+    }
+
+    #[test]
+    fn feishu_invalid_argument_codes() {
+        for c in INVALID_ARGUMENT_CODES {
+            check(
+                upstream(feishu(400, c)),
+                Code::InvalidArgument,
+                &format!("FEISHU_{c}"),
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn feishu_permission_denied_codes() {
+        for c in PERMISSION_DENIED_CODES {
+            check(
+                upstream(feishu(400, c)),
+                Code::PermissionDenied,
+                &format!("FEISHU_{c}"),
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn feishu_failed_precondition_codes() {
+        for c in FAILED_PRECONDITION_CODES {
+            check(
+                upstream(feishu(400, c)),
+                Code::FailedPrecondition,
+                &format!("FEISHU_{c}"),
+                false,
+            );
+        }
+    }
+
+    #[test]
+    fn retryable_after_retries_exhausted_is_unavailable_with_retry_info() {
+        check(
+            upstream(feishu(400, 230020)),
+            Code::Unavailable,
+            "FEISHU_230020",
+            true,
+        );
+        check(
+            upstream(feishu(400, 230049)),
+            Code::Unavailable,
+            "FEISHU_230049",
+            true,
+        );
+        let mut f = feishu(429, 99991400);
+        if let UpstreamError::Feishu { retry_after, .. } = &mut f {
+            *retry_after = Some(Duration::from_secs(7));
+        }
+        let s = upstream(f).to_status();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.get_details_retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(7))
+        );
+        check(
+            upstream(feishu(503, 1)),
+            Code::Unavailable,
+            "FEISHU_1",
+            true,
+        );
+        let net = UpstreamError::Network {
+            kind: "timeout",
+            detail: "x".into(),
+        };
+        check(upstream(net), Code::Unavailable, "UPSTREAM_NETWORK", true);
+    }
+
+    #[test]
+    fn queue_or_admission_full_is_resource_exhausted_with_retry_info() {
+        let q = GatewayError::QueueFull {
+            scope: "chat",
+            queued: 200,
+            retry_after: Duration::from_secs(40),
+        };
+        check(q, Code::ResourceExhausted, "QUEUE_FULL", true);
+        let a = GatewayError::CallerRateLimited {
+            caller: "svc".into(),
+            retry_after: Duration::from_millis(5),
+        };
+        check(a, Code::ResourceExhausted, "CALLER_RATE_LIMITED", true);
+        let d = GatewayError::DeadlineUnreachable {
+            earliest_in: Duration::from_secs(3),
+            deadline_in: Duration::from_secs(1),
+        };
+        check(d, Code::ResourceExhausted, "DEADLINE_UNREACHABLE", true);
+    }
+
+    #[test]
+    fn deadline_before_send_is_deadline_exceeded() {
+        let e = GatewayError::DeadlineBeforeSend {
+            attempts: 0,
+            uuid: "u".into(),
+        };
+        check(e, Code::DeadlineExceeded, "DEADLINE_BEFORE_SEND", false);
+    }
+
+    #[test]
+    fn bad_credentials_are_failed_precondition_app_credentials() {
+        let e = upstream(UpstreamError::Credentials {
+            code: 10014,
+            msg: "app secret invalid".into(),
+            log_id: String::new(),
+        });
+        check(e, Code::FailedPrecondition, "APP_CREDENTIALS", false);
+    }
+
+    #[test]
+    fn unknown_app_is_not_found() {
+        check(
+            GatewayError::UnknownApp("x".into()),
+            Code::NotFound,
+            "UNKNOWN_APP",
+            false,
+        );
+    }
+
+    #[test]
+    fn upstream_metadata_carries_code_msg_and_log_id() {
+        let s = upstream(feishu(400, 230002)).to_status();
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["feishu_code"], "230002");
+        assert_eq!(info.metadata["feishu_msg"], "msg 230002");
+        assert_eq!(info.metadata["log_id"], "LOG1");
+        assert_eq!(info.metadata["uuid"], "u-1");
+    }
+}

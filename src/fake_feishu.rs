@@ -1,0 +1,849 @@
+//! A faithful fake of the Feishu endpoints the gateway uses (token, reply, get message), for
+//! `fake-feishu`, the embedded mode of `serve`, tests and benches. It enforces the documented
+//! quotas in a chosen counting mode, dedupes uuid, answers in Feishu's shapes and records
+//! everything it received. Control endpoints live under `/_fake/`.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::reply::MsgType;
+
+/// How the fake counts its quotas (Feishu does not document its window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowMode {
+    /// At most N in any sliding window W (the strictest reading).
+    #[default]
+    Sliding,
+    /// At most N per aligned window [kW, (k+1)W).
+    Fixed,
+    /// Token bucket of N refilled at N per W.
+    Bucket,
+}
+
+/// A quota the fake enforces: `limit` per `window`.
+#[derive(Debug, Clone, Copy)]
+pub struct FakeQuota {
+    pub limit: u32,
+    pub window: Duration,
+}
+
+/// Settings of a fake. Rates are probabilities in [0, 1].
+#[derive(Debug, Clone)]
+pub struct FakeOptions {
+    pub window: WindowMode,
+    pub fail_230049: f64,
+    pub fail_5xx: f64,
+    pub latency: Duration,
+    pub token_ttl: Duration,
+    /// Accepted (app_id, app_secret) pairs; empty = accept any.
+    pub apps: Vec<(String, String)>,
+    pub chat_quota: FakeQuota,
+    pub user_quota: FakeQuota,
+    pub app_quotas: Vec<FakeQuota>,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        let q = |limit, ms| FakeQuota {
+            limit,
+            window: Duration::from_millis(ms),
+        };
+        Self {
+            window: WindowMode::Sliding,
+            fail_230049: 0.0,
+            fail_5xx: 0.0,
+            latency: Duration::ZERO,
+            token_ttl: Duration::from_secs(7200),
+            apps: Vec::new(),
+            chat_quota: q(5, 1000),
+            user_quota: q(5, 1000),
+            app_quotas: vec![q(50, 1000), q(1000, 60_000)],
+        }
+    }
+}
+
+/// A scripted answer for upcoming reply requests (deterministic fault injection).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Fault {
+    /// Only for replies to this message (any when None).
+    pub message_id: Option<String>,
+    /// HTTP status to answer with (e.g. 400, 429, 503).
+    pub http: u16,
+    /// Feishu code in the body; 0 with `post_then_delay_ms` means "post normally".
+    pub code: i64,
+    pub msg: String,
+    /// `x-ogw-ratelimit-reset` header (seconds).
+    pub reset_s: Option<u64>,
+    /// Post the reply for real, then wait this long before answering (a lost answer, when
+    /// longer than the client's timeout).
+    pub post_then_delay_ms: Option<u64>,
+    /// Answer with a non-JSON body (a proxy's error page).
+    pub html: bool,
+    /// How many requests this applies to.
+    pub times: u32,
+}
+
+/// One reply request as the fake saw it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Received {
+    pub seq: u64,
+    /// Milliseconds since the fake started.
+    pub at_ms: f64,
+    pub message_id: String,
+    pub chat_id: String,
+    pub app_id: String,
+    pub uuid: String,
+    pub msg_type: String,
+    pub content: String,
+    /// Feishu code answered (0 = posted or deduped).
+    pub code: i64,
+    pub http: u16,
+    /// Answered from the uuid cache (no new post).
+    pub deduped: bool,
+}
+
+/// Counters for tests and benches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FakeStats {
+    pub reply_requests: u64,
+    /// Distinct messages posted.
+    pub posted: u64,
+    /// 230020 answers from the per-chat/per-user quotas.
+    pub rejected_chat_user: u64,
+    /// 99991400 answers from the per-app quotas.
+    pub rejected_app: u64,
+    pub deduped: u64,
+    pub faults: u64,
+    pub token_requests: u64,
+    pub token_rejections: u64,
+    pub message_lookups: u64,
+}
+
+impl FakeStats {
+    pub fn rate_rejections(&self) -> u64 {
+        self.rejected_chat_user + self.rejected_app
+    }
+}
+
+#[derive(Debug, Clone)]
+struct MessageInfo {
+    chat_id: String,
+    user_id: Option<String>,
+}
+
+enum Counter {
+    Sliding(VecDeque<Instant>),
+    Fixed { index: u64, count: u32 },
+    Bucket { tokens: f64, at: Instant },
+}
+
+struct Inner {
+    opts: FakeOptions,
+    tokens: HashMap<String, (String, Instant)>,
+    messages: HashMap<String, MessageInfo>,
+    counters: HashMap<(u8, String), Counter>,
+    uuids: HashMap<String, (Value, Instant)>,
+    received: Vec<Received>,
+    faults: VecDeque<Fault>,
+    stats: FakeStats,
+    rng: u64,
+}
+
+struct Shared {
+    started: Instant,
+    next: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+/// A running fake Feishu.
+#[derive(Clone)]
+pub struct FakeFeishu {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+const UUID_TTL: Duration = Duration::from_secs(3600);
+
+// === impl FakeFeishu ===
+
+impl FakeFeishu {
+    /// Binds `addr` (use port 0 for any) and serves until the runtime stops.
+    pub async fn start(addr: SocketAddr, opts: FakeOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self::serve(listener, opts))
+    }
+
+    /// Serves on an already bound listener.
+    pub fn serve(listener: TcpListener, opts: FakeOptions) -> Self {
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
+        let shared = Arc::new(Shared {
+            started: Instant::now(),
+            next: AtomicU64::new(1),
+            inner: Mutex::new(Inner {
+                opts,
+                tokens: HashMap::new(),
+                messages: HashMap::new(),
+                counters: HashMap::new(),
+                uuids: HashMap::new(),
+                received: Vec::new(),
+                faults: VecDeque::new(),
+                stats: FakeStats::default(),
+                rng: 0x9E37_79B9_7F4A_7C15,
+            }),
+        });
+        let app = router(shared.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "fake Feishu stopped");
+            }
+        });
+        Self { addr, shared }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.inner.lock().received.clone()
+    }
+
+    pub fn stats(&self) -> FakeStats {
+        self.shared.inner.lock().stats.clone()
+    }
+
+    pub fn push_fault(&self, f: Fault) {
+        self.shared.inner.lock().faults.push_back(f);
+    }
+
+    /// Declares that `message_id` lives in `chat_id` (and, in a p2p chat, was sent by `user_id`).
+    pub fn register_message(&self, message_id: &str, chat_id: &str, user_id: Option<&str>) {
+        self.shared.inner.lock().messages.insert(
+            message_id.to_owned(),
+            MessageInfo {
+                chat_id: chat_id.to_owned(),
+                user_id: user_id.map(str::to_owned),
+            },
+        );
+    }
+
+    /// Every issued token becomes invalid (as after a secret rotation).
+    pub fn revoke_tokens(&self) {
+        self.shared.inner.lock().tokens.clear();
+    }
+
+    pub fn set_options(&self, f: impl FnOnce(&mut FakeOptions)) {
+        f(&mut self.shared.inner.lock().opts);
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/open-apis/auth/v3/tenant_access_token/internal",
+            post(token),
+        )
+        .route("/open-apis/im/v1/messages/{message_id}/reply", post(reply))
+        .route("/open-apis/im/v1/messages/{message_id}", get(get_message))
+        .route(
+            "/_fake/received",
+            get(
+                |State(s): State<Arc<Shared>>| async move { Json(s.inner.lock().received.clone()) },
+            ),
+        )
+        .route(
+            "/_fake/stats",
+            get(|State(s): State<Arc<Shared>>| async move { Json(s.inner.lock().stats.clone()) }),
+        )
+        .route(
+            "/_fake/faults",
+            post(
+                |State(s): State<Arc<Shared>>, Json(f): Json<Fault>| async move {
+                    s.inner.lock().faults.push_back(f);
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .route(
+            "/_fake/tokens/revoke",
+            post(|State(s): State<Arc<Shared>>| async move {
+                s.inner.lock().tokens.clear();
+                StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/_fake/messages",
+            post(
+                |State(s): State<Arc<Shared>>, Json(m): Json<RegisterMessage>| async move {
+                    s.inner.lock().messages.insert(
+                        m.message_id,
+                        MessageInfo {
+                            chat_id: m.chat_id,
+                            user_id: m.user_id,
+                        },
+                    );
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(shared)
+}
+
+#[derive(Deserialize)]
+struct RegisterMessage {
+    message_id: String,
+    chat_id: String,
+    user_id: Option<String>,
+}
+
+fn feishu(shared: &Shared, http: u16, body: Value) -> Response {
+    let log_id = format!("2026{:020X}", shared.next.fetch_add(1, Ordering::Relaxed));
+    let mut resp = (
+        StatusCode::from_u16(http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(body),
+    )
+        .into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&log_id) {
+        h.insert("x-tt-logid", v);
+    }
+    resp
+}
+
+fn error(shared: &Shared, http: u16, code: i64, msg: &str) -> Response {
+    feishu(
+        shared,
+        http,
+        json!({ "code": code, "msg": msg, "data": {} }),
+    )
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    #[serde(default)]
+    app_id: String,
+    #[serde(default)]
+    app_secret: String,
+}
+
+async fn token(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let latency = s.inner.lock().opts.latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let Ok(b) = serde_json::from_slice::<TokenBody>(&body) else {
+        return error(&s, 400, 9499, "Bad Request");
+    };
+    let mut inner = s.inner.lock();
+    inner.stats.token_requests += 1;
+    let known = inner.opts.apps.is_empty()
+        || inner
+            .opts
+            .apps
+            .iter()
+            .any(|(id, secret)| *id == b.app_id && *secret == b.app_secret);
+    if b.app_id.is_empty() || !known {
+        inner.stats.token_rejections += 1;
+        drop(inner);
+        return error(&s, 400, 10014, "app secret invalid");
+    }
+    let ttl = inner.opts.token_ttl;
+    let value = format!(
+        "t-fake{:016x}",
+        s.next.fetch_add(1, Ordering::Relaxed) ^ 0x5eed
+    );
+    inner
+        .tokens
+        .insert(value.clone(), (b.app_id, Instant::now() + ttl));
+    drop(inner);
+    feishu(
+        &s,
+        200,
+        json!({ "code": 0, "msg": "ok", "tenant_access_token": value, "expire": ttl.as_secs() }),
+    )
+}
+
+/// The app_id behind a valid bearer token, or Feishu's invalid-token answer.
+fn authorize(s: &Shared, inner: &Inner, headers: &HeaderMap) -> Result<String, Response> {
+    let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
+        return Err(error(
+            s,
+            400,
+            99991661,
+            "Missing access token for authorization.",
+        ));
+    };
+    let token = auth.strip_prefix("Bearer ").unwrap_or("");
+    match inner.tokens.get(token) {
+        Some((app, exp)) if *exp > Instant::now() => Ok(app.clone()),
+        _ => Err(error(
+            s,
+            400,
+            99991663,
+            "Invalid access token for authorization.",
+        )),
+    }
+}
+
+/// Messages the fake was not told about live in a chat of their own, except `om_X_in_NAME`,
+/// which lives in chat `oc_NAME` (handy for tests that need several messages per chat).
+fn message_info(inner: &Inner, message_id: &str) -> MessageInfo {
+    if let Some(m) = inner.messages.get(message_id) {
+        return m.clone();
+    }
+    let chat = match message_id.split_once("_in_") {
+        Some((_, chat)) => format!("oc_{chat}"),
+        None => format!("oc_{}", message_id.trim_start_matches("om_")),
+    };
+    MessageInfo {
+        chat_id: chat,
+        user_id: None,
+    }
+}
+
+#[derive(Deserialize)]
+struct ReplyBody {
+    content: Option<String>,
+    msg_type: Option<String>,
+    #[serde(default)]
+    reply_in_thread: bool,
+    #[serde(default)]
+    uuid: String,
+}
+
+fn well_formed_id(id: &str) -> bool {
+    id.starts_with("om_")
+        && id.len() <= 128
+        && id[3..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        && id.len() > 3
+}
+
+async fn reply(
+    State(s): State<Arc<Shared>>,
+    Path(message_id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let arrived = Instant::now();
+    let latency = s.inner.lock().opts.latency;
+    let body: Option<ReplyBody> = serde_json::from_slice(&body).ok();
+    let (response, post_delay) = {
+        let mut inner = s.inner.lock();
+        handle_reply(&s, &mut inner, arrived, &message_id, &headers, body)
+    };
+    let wait = latency + post_delay.unwrap_or_default();
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    response
+}
+
+fn handle_reply(
+    s: &Shared,
+    inner: &mut Inner,
+    arrived: Instant,
+    message_id: &str,
+    headers: &HeaderMap,
+    body: Option<ReplyBody>,
+) -> (Response, Option<Duration>) {
+    inner.stats.reply_requests += 1;
+    let app_id = match authorize(s, inner, headers) {
+        Ok(a) => a,
+        Err(r) => return (r, None),
+    };
+    let info = message_info(inner, message_id);
+    let mut record = Received {
+        seq: inner.stats.reply_requests,
+        at_ms: arrived.duration_since(s.started).as_secs_f64() * 1000.0,
+        message_id: message_id.to_owned(),
+        chat_id: info.chat_id.clone(),
+        app_id: app_id.clone(),
+        uuid: String::new(),
+        msg_type: String::new(),
+        content: String::new(),
+        code: 0,
+        http: 200,
+        deduped: false,
+    };
+    let (code, http, resp, delay) = reply_outcome(
+        s,
+        inner,
+        arrived,
+        message_id,
+        &info,
+        &app_id,
+        body,
+        &mut record,
+    );
+    record.code = code;
+    record.http = http;
+    inner.received.push(record);
+    (resp, delay)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reply_outcome(
+    s: &Shared,
+    inner: &mut Inner,
+    arrived: Instant,
+    message_id: &str,
+    info: &MessageInfo,
+    app_id: &str,
+    body: Option<ReplyBody>,
+    record: &mut Received,
+) -> (i64, u16, Response, Option<Duration>) {
+    let invalid = |s: &Shared, why: &str| {
+        (
+            230001,
+            400,
+            error(
+                s,
+                400,
+                230001,
+                &format!("Your request contains an invalid request parameter: {why}"),
+            ),
+            None,
+        )
+    };
+    let Some(body) = body else {
+        return invalid(s, "body is not JSON");
+    };
+    record.uuid = body.uuid.clone();
+    record.msg_type = body.msg_type.clone().unwrap_or_default();
+    record.content = body.content.clone().unwrap_or_default();
+    if !well_formed_id(message_id) {
+        return invalid(s, "message_id");
+    }
+    let Some(msg_type) = body
+        .msg_type
+        .as_deref()
+        .and_then(|t| t.parse::<MsgType>().ok())
+    else {
+        return invalid(s, "msg_type");
+    };
+    let Some(content) = body.content.as_deref() else {
+        return invalid(s, "content");
+    };
+    if body.uuid.chars().count() > 50 {
+        return invalid(s, "uuid");
+    }
+    if let Err(e) = crate::reply::validate_content(msg_type, content) {
+        return match e {
+            crate::reply::ValidationError::TooLarge { .. } => (
+                230025,
+                400,
+                error(
+                    s,
+                    400,
+                    230025,
+                    "The length of the message content reaches its limit.",
+                ),
+                None,
+            ),
+            _ => invalid(s, "content"),
+        };
+    }
+    // uuid dedupe: at most one success per uuid within an hour.
+    inner
+        .uuids
+        .retain(|_, (_, at)| arrived.duration_since(*at) < UUID_TTL);
+    if !body.uuid.is_empty()
+        && let Some((data, _)) = inner.uuids.get(&body.uuid)
+    {
+        let data = data.clone();
+        inner.stats.deduped += 1;
+        record.deduped = true;
+        return (
+            0,
+            200,
+            feishu(s, 200, json!({"code": 0, "msg": "success", "data": data})),
+            None,
+        );
+    }
+    // Scripted faults first, then random ones.
+    let fault_idx = inner
+        .faults
+        .iter()
+        .position(|f| f.times > 0 && f.message_id.as_deref().is_none_or(|m| m == message_id));
+    let mut post_delay = None;
+    if let Some(i) = fault_idx {
+        let f = &mut inner.faults[i];
+        f.times -= 1;
+        let f = if f.times == 0 {
+            inner.faults.remove(i).expect("index valid")
+        } else {
+            f.clone()
+        };
+        inner.stats.faults += 1;
+        match f.post_then_delay_ms {
+            Some(ms) => post_delay = Some(Duration::from_millis(ms)),
+            None => {
+                if f.html {
+                    let mut r = (
+                        StatusCode::from_u16(f.http).unwrap_or(StatusCode::BAD_GATEWAY),
+                        "<html><body>502 Bad Gateway</body></html>",
+                    )
+                        .into_response();
+                    r.headers_mut()
+                        .insert("content-type", HeaderValue::from_static("text/html"));
+                    return (-1, f.http, r, None);
+                }
+                let msg = if f.msg.is_empty() {
+                    "injected fault".to_owned()
+                } else {
+                    f.msg.clone()
+                };
+                let mut r = error(s, f.http, f.code, &msg);
+                if let Some(reset) = f.reset_s {
+                    let h = r.headers_mut();
+                    h.insert("x-ogw-ratelimit-reset", HeaderValue::from(reset));
+                    h.insert("x-ogw-ratelimit-limit", HeaderValue::from(50));
+                }
+                return (f.code, f.http, r, None);
+            }
+        }
+    } else {
+        let (p49, p5xx) = (inner.opts.fail_230049, inner.opts.fail_5xx);
+        if p49 > 0.0 && next_f64(&mut inner.rng) < p49 {
+            inner.stats.faults += 1;
+            return (
+                230049,
+                400,
+                error(s, 400, 230049, "The message is being sent."),
+                None,
+            );
+        }
+        if p5xx > 0.0 && next_f64(&mut inner.rng) < p5xx {
+            inner.stats.faults += 1;
+            return (1, 503, error(s, 503, 1, "internal error"), None);
+        }
+    }
+    // Quotas, counted at arrival.
+    let opts = inner.opts.clone();
+    let mut checks: Vec<((u8, String), FakeQuota)> =
+        vec![((0, info.chat_id.clone()), opts.chat_quota)];
+    if let Some(u) = &info.user_id {
+        checks.push(((1, u.clone()), opts.user_quota));
+    }
+    for (i, q) in opts.app_quotas.iter().enumerate() {
+        checks.push(((2 + i as u8, app_id.to_owned()), *q));
+    }
+    let refused = checks.iter().find_map(|(key, q)| {
+        let c = inner.counters.get(key);
+        counter_retry_after(c, *q, opts.window, arrived, s.started).map(|after| (key.0, after))
+    });
+    if let Some((kind, after)) = refused {
+        return if kind < 2 {
+            inner.stats.rejected_chat_user += 1;
+            (
+                230020,
+                400,
+                error(
+                    s,
+                    400,
+                    230020,
+                    "This operation triggers the frequency limit.",
+                ),
+                None,
+            )
+        } else {
+            inner.stats.rejected_app += 1;
+            let mut r = error(s, 429, 99991400, "request trigger frequency limit");
+            let h = r.headers_mut();
+            h.insert(
+                "x-ogw-ratelimit-reset",
+                HeaderValue::from(after.as_secs_f64().ceil() as u64),
+            );
+            (99991400, 429, r, None)
+        };
+    }
+    for (key, q) in checks {
+        let c = inner
+            .counters
+            .entry(key)
+            .or_insert_with(|| match opts.window {
+                WindowMode::Sliding => Counter::Sliding(VecDeque::new()),
+                WindowMode::Fixed => Counter::Fixed { index: 0, count: 0 },
+                WindowMode::Bucket => Counter::Bucket {
+                    tokens: f64::from(q.limit),
+                    at: arrived,
+                },
+            });
+        counter_record(c, q, arrived, s.started);
+    }
+    let n = s.next.fetch_add(1, Ordering::Relaxed);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+        .to_string();
+    let data = json!({
+        "message_id": format!("om_fake{n:024x}"),
+        "root_id": message_id,
+        "parent_id": message_id,
+        "thread_id": if body.reply_in_thread { format!("omt_fake{n:x}") } else { String::new() },
+        "msg_type": msg_type.as_str(),
+        "create_time": now_ms,
+        "update_time": now_ms,
+        "deleted": false,
+        "updated": false,
+        "chat_id": info.chat_id,
+        "sender": { "id": app_id, "id_type": "app_id", "sender_type": "app", "tenant_key": "fake_tenant" },
+        "body": { "content": content },
+    });
+    if !body.uuid.is_empty() {
+        inner
+            .uuids
+            .insert(body.uuid.clone(), (data.clone(), arrived));
+    }
+    inner.stats.posted += 1;
+    (
+        0,
+        200,
+        feishu(s, 200, json!({"code": 0, "msg": "success", "data": data})),
+        post_delay,
+    )
+}
+
+/// `None` when the counter has room at `now`; otherwise roughly how long until it has.
+fn counter_retry_after(
+    c: Option<&Counter>,
+    q: FakeQuota,
+    mode: WindowMode,
+    now: Instant,
+    origin: Instant,
+) -> Option<Duration> {
+    let c = c?;
+    match (mode, c) {
+        (_, Counter::Sliding(times)) => {
+            let live = times
+                .iter()
+                .filter(|t| now.duration_since(**t) < q.window)
+                .count();
+            (live >= q.limit as usize).then(|| {
+                let oldest_live = times
+                    .iter()
+                    .find(|t| now.duration_since(**t) < q.window)
+                    .copied()
+                    .unwrap_or(now);
+                q.window - now.duration_since(oldest_live)
+            })
+        }
+        (_, Counter::Fixed { index, count }) => {
+            let cur = window_index(now, origin, q.window);
+            (cur == *index && *count >= q.limit).then(|| q.window)
+        }
+        (_, Counter::Bucket { tokens, at }) => {
+            let refill =
+                now.duration_since(*at).as_secs_f64() / q.window.as_secs_f64() * f64::from(q.limit);
+            let t = (tokens + refill).min(f64::from(q.limit));
+            (t < 1.0).then(|| q.window.mul_f64((1.0 - t) / f64::from(q.limit)))
+        }
+    }
+}
+
+fn counter_record(c: &mut Counter, q: FakeQuota, now: Instant, origin: Instant) {
+    match c {
+        Counter::Sliding(times) => {
+            while times
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= q.window)
+            {
+                times.pop_front();
+            }
+            times.push_back(now);
+        }
+        Counter::Fixed { index, count } => {
+            let cur = window_index(now, origin, q.window);
+            if cur != *index {
+                *index = cur;
+                *count = 0;
+            }
+            *count += 1;
+        }
+        Counter::Bucket { tokens, at } => {
+            let refill =
+                now.duration_since(*at).as_secs_f64() / q.window.as_secs_f64() * f64::from(q.limit);
+            *tokens = (*tokens + refill).min(f64::from(q.limit)) - 1.0;
+            *at = now;
+        }
+    }
+}
+
+fn window_index(now: Instant, origin: Instant, window: Duration) -> u64 {
+    (now.duration_since(origin).as_nanos() / window.as_nanos().max(1)) as u64
+}
+
+fn next_f64(state: &mut u64) -> f64 {
+    // xorshift64*: deterministic, good enough for fault injection.
+    let mut x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn get_message(
+    State(s): State<Arc<Shared>>,
+    Path(message_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut inner = s.inner.lock();
+    inner.stats.message_lookups += 1;
+    if let Err(r) = authorize(&s, &inner, &headers) {
+        return r;
+    }
+    if !well_formed_id(&message_id) {
+        drop(inner);
+        return error(
+            &s,
+            400,
+            230001,
+            "Your request contains an invalid request parameter.",
+        );
+    }
+    let info = message_info(&inner, &message_id);
+    drop(inner);
+    feishu(
+        &s,
+        200,
+        json!({"code": 0, "msg": "success", "data": {"items": [{
+            "message_id": message_id,
+            "msg_type": "text",
+            "chat_id": info.chat_id,
+            "sender": { "id": info.user_id.unwrap_or_default(), "id_type": "open_id", "sender_type": "user" },
+            "body": { "content": "{\"text\":\"hello\"}" },
+            "deleted": false,
+            "updated": false,
+        }]}}),
+    )
+}

@@ -1,0 +1,336 @@
+//! The real Feishu client (reqwest + rustls): token endpoint, reply endpoint, get-message.
+//! Every answer is classified by its body `code`; `X-Tt-Logid` is kept for the caller.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::token::{FetchedToken, TokenCache};
+use super::{AppIndex, BoxFuture, SendRequest, SentMessage, Upstream, UpstreamError};
+use crate::config::{AppConfig, FeishuConfig};
+use crate::metrics::Metrics;
+
+const JSON_UTF8: &str = "application/json; charset=utf-8";
+
+/// Feishu's answer envelope: `{code, msg, data}` (token endpoint: token fields at top level).
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    code: i64,
+    #[serde(default)]
+    msg: String,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    tenant_access_token: Option<String>,
+    #[serde(default)]
+    expire: Option<u64>,
+    #[serde(default)]
+    error: Option<EnvelopeError>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct EnvelopeError {
+    #[serde(default)]
+    log_id: String,
+}
+
+struct App {
+    config: AppConfig,
+    token: TokenCache,
+}
+
+/// Talks HTTP to Feishu (or to anything at `base_url` that speaks like it).
+pub struct FeishuClient {
+    http: reqwest::Client,
+    base_url: String,
+    apps: Vec<App>,
+    metrics: Arc<Metrics>,
+}
+
+impl FeishuClient {
+    pub fn new(
+        cfg: &FeishuConfig,
+        apps: &[AppConfig],
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        // rustls with ring; a no-op when the process already chose a provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .user_agent(concat!("feishu-reply-gateway/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base_url: cfg.base_url.clone(),
+            apps: apps
+                .iter()
+                .map(|a| App {
+                    config: a.clone(),
+                    token: TokenCache::new(cfg.token_refresh_before),
+                })
+                .collect(),
+            metrics,
+        })
+    }
+
+    /// A valid token for `app`, fetched once for all concurrent callers when needed.
+    async fn token(&self, app: AppIndex) -> Result<Arc<str>, UpstreamError> {
+        let a = &self.apps[app];
+        let (token, fetched) = a.token.get(|| self.fetch_token(&a.config)).await?;
+        if fetched {
+            tracing::info!(app = %a.config.name, app_id = %a.config.app_id, "tenant_access_token refreshed");
+        }
+        Ok(token)
+    }
+
+    async fn fetch_token(&self, app: &AppConfig) -> Result<FetchedToken, UpstreamError> {
+        let url = format!(
+            "{}/open-apis/auth/v3/tenant_access_token/internal",
+            self.base_url
+        );
+        let body = serde_json::json!({ "app_id": app.app_id, "app_secret": app.app_secret });
+        let result = async {
+            let resp = self
+                .http
+                .post(url)
+                .header(CONTENT_TYPE, JSON_UTF8)
+                .json(&body)
+                .send()
+                .await
+                .map_err(network_error)?;
+            // Any final refusal from the token endpoint means the credentials are bad
+            // (10014 app secret invalid, 99991543, …); rate limits and 5xx stay retryable.
+            let (env, _headers, log_id) = read_envelope(resp).await.map_err(|e| match e {
+                UpstreamError::Feishu {
+                    code,
+                    msg,
+                    log_id,
+                    http,
+                    ..
+                } if http != 429 && http < 500 && code != super::error::CODE_FREQUENCY_LIMIT => {
+                    UpstreamError::Credentials { code, msg, log_id }
+                }
+                other => other,
+            })?;
+            match (env.code, env.tenant_access_token, env.expire) {
+                (0, Some(value), Some(expire)) => Ok(FetchedToken {
+                    value,
+                    expires_in: Duration::from_secs(expire),
+                }),
+                (0, _, _) => Err(UpstreamError::BadResponse {
+                    http: 200,
+                    detail: "token answer without tenant_access_token/expire".into(),
+                    log_id,
+                }),
+                (code, _, _) => Err(UpstreamError::Credentials {
+                    code,
+                    msg: env.msg,
+                    log_id,
+                }),
+            }
+        }
+        .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(UpstreamError::Credentials { .. }) => "rejected",
+            Err(_) => "error",
+        };
+        self.metrics.token_refresh(outcome);
+        result
+    }
+
+    async fn post_reply(
+        &self,
+        token: &str,
+        req: &SendRequest,
+    ) -> Result<SentMessage, UpstreamError> {
+        let url = format!(
+            "{}/open-apis/im/v1/messages/{}/reply",
+            self.base_url, req.message_id
+        );
+        let started = Instant::now();
+        let resp = self
+            .http
+            .post(url)
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .header(CONTENT_TYPE, JSON_UTF8)
+            .json(req)
+            .send()
+            .await;
+        let result = match resp {
+            Err(e) => Err(network_error(e)),
+            Ok(resp) => read_envelope(resp).await.and_then(|(env, _, log_id)| {
+                let data = env.data.unwrap_or(Value::Null);
+                let mut msg: SentMessage =
+                    serde_json::from_value(data).map_err(|e| UpstreamError::BadResponse {
+                        http: 200,
+                        detail: format!("reply data: {e}"),
+                        log_id: log_id.clone(),
+                    })?;
+                msg.log_id = log_id;
+                Ok(msg)
+            }),
+        };
+        self.metrics
+            .upstream_latency(started.elapsed(), outcome_label(&result));
+        result
+    }
+
+    async fn get_message_chat(
+        &self,
+        token: &str,
+        message_id: &str,
+    ) -> Result<String, UpstreamError> {
+        let url = format!("{}/open-apis/im/v1/messages/{}", self.base_url, message_id);
+        let resp = self
+            .http
+            .get(url)
+            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .send()
+            .await
+            .map_err(network_error)?;
+        let (env, _, log_id) = read_envelope(resp).await?;
+        env.data
+            .as_ref()
+            .and_then(|d| d.get("items"))
+            .and_then(|i| i.get(0))
+            .and_then(|m| m.get("chat_id"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or(UpstreamError::BadResponse {
+                http: 200,
+                detail: "message answer without data.items[0].chat_id".into(),
+                log_id,
+            })
+    }
+
+    /// Runs `call` with a token; on an invalid-token answer, drops that token, gets a fresh
+    /// one (one refresh for all concurrent callers) and tries exactly once more.
+    async fn with_token<'a, T, F, Fut>(&'a self, app: AppIndex, call: F) -> Result<T, UpstreamError>
+    where
+        F: Fn(Arc<str>) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>> + 'a,
+    {
+        let token = self.token(app).await?;
+        match call(token.clone()).await {
+            Err(e) if e.is_token_invalid() => {
+                tracing::warn!(app = %self.apps[app].config.name, log_id = %e.log_id(), error = %e, "token refused; refreshing and retrying once");
+                self.apps[app].token.invalidate(&token);
+                let token = self.token(app).await?;
+                call(token).await
+            }
+            other => other,
+        }
+    }
+}
+
+fn outcome_label<T>(r: &Result<T, UpstreamError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(UpstreamError::Network { .. }) => "network",
+        Err(e) if e.retry_reason().is_some() => "retryable",
+        Err(_) => "error",
+    }
+}
+
+impl Upstream for FeishuClient {
+    fn reply<'a>(
+        &'a self,
+        app: AppIndex,
+        req: &'a SendRequest,
+    ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
+        Box::pin(self.with_token(app, move |t| async move { self.post_reply(&t, req).await }))
+    }
+
+    fn message_chat<'a>(
+        &'a self,
+        app: AppIndex,
+        message_id: &'a str,
+    ) -> BoxFuture<'a, Result<String, UpstreamError>> {
+        Box::pin(self.with_token(app, move |t| async move {
+            self.get_message_chat(&t, message_id).await
+        }))
+    }
+}
+
+fn network_error(e: reqwest::Error) -> UpstreamError {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "io"
+    };
+    // reqwest's Display already avoids headers; the URL holds no secret.
+    let mut detail = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        src = s.source();
+    }
+    UpstreamError::Network { kind, detail }
+}
+
+/// Reads `{code, msg, data}`; a non-zero code becomes [`UpstreamError::Feishu`].
+async fn read_envelope(
+    resp: reqwest::Response,
+) -> Result<(Envelope, HeaderMap, String), UpstreamError> {
+    let http = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let header_log_id = headers
+        .get("x-tt-logid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = resp.bytes().await.map_err(network_error)?;
+    let env: Envelope = match serde_json::from_slice(&body) {
+        Ok(env) => env,
+        Err(_) => {
+            let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+            return Err(UpstreamError::BadResponse {
+                http,
+                detail: format!("not a Feishu JSON answer: {snippet:?}"),
+                log_id: header_log_id,
+            });
+        }
+    };
+    let log_id = if header_log_id.is_empty() {
+        env.error
+            .as_ref()
+            .map(|e| e.log_id.clone())
+            .unwrap_or_default()
+    } else {
+        header_log_id
+    };
+    if env.code != 0 {
+        let retry_after = headers
+            .get("x-ogw-ratelimit-reset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+        return Err(UpstreamError::Feishu {
+            http,
+            code: env.code,
+            msg: env.msg,
+            log_id,
+            retry_after,
+        });
+    }
+    if !(200..300).contains(&http) {
+        return Err(UpstreamError::BadResponse {
+            http,
+            detail: "code 0 with a non-2xx status".into(),
+            log_id,
+        });
+    }
+    Ok((env, headers, log_id))
+}

@@ -1,0 +1,198 @@
+//! What went wrong talking to Feishu, classified by the body's `code` (never the HTTP status
+//! alone): retryable (and why), token-invalid, bad credentials, or final.
+
+use std::time::Duration;
+
+/// Feishu: "This operation triggers the frequency limit" (5 QPS per user / per chat).
+pub const CODE_RATE_LIMITED: i64 = 230020;
+/// Feishu: "The message is being sent".
+pub const CODE_BEING_SENT: i64 = 230049;
+/// Feishu gateway frequency control ("request trigger frequency limit"), usually HTTP 429.
+pub const CODE_FREQUENCY_LIMIT: i64 = 99991400;
+/// Token missing / invalid / app token invalid / format / user token codes.
+pub const TOKEN_INVALID_CODES: [i64; 6] =
+    [99991661, 99991663, 99991664, 99991671, 99991668, 99991677];
+/// The app's credentials were refused.
+pub const CODE_BAD_CREDENTIALS: i64 = 99991543;
+
+/// Why an attempt may be retried (also the `reason` label of the retries metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryReason {
+    /// 230020: per chat/user frequency limit.
+    RateLimited,
+    /// 230049: the message is being sent.
+    BeingSent,
+    /// 99991400 / HTTP 429: app-level frequency control.
+    Frequency,
+    /// HTTP 5xx.
+    ServerError,
+    /// Connect error, timeout, broken connection.
+    Network,
+}
+
+impl RetryReason {
+    pub const ALL: [RetryReason; 5] = [
+        RetryReason::RateLimited,
+        RetryReason::BeingSent,
+        RetryReason::Frequency,
+        RetryReason::ServerError,
+        RetryReason::Network,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::RateLimited => "rate_limited_230020",
+            RetryReason::BeingSent => "being_sent_230049",
+            RetryReason::Frequency => "frequency_limit_429",
+            RetryReason::ServerError => "server_error_5xx",
+            RetryReason::Network => "network",
+        }
+    }
+
+    /// Feishu refused for rate although the gateway kept its quotas (someone else spends them,
+    /// or Feishu counts differently).
+    pub fn is_rate_rejection(self) -> bool {
+        matches!(self, RetryReason::RateLimited | RetryReason::Frequency)
+    }
+}
+
+/// A failed call to Feishu.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// Feishu answered with a non-zero `code`.
+    #[error("Feishu code {code} (HTTP {http}): {msg}")]
+    Feishu {
+        http: u16,
+        code: i64,
+        msg: String,
+        log_id: String,
+        /// `x-ogw-ratelimit-reset` (seconds until the limit recovers), when present.
+        retry_after: Option<Duration>,
+    },
+    /// The token endpoint refused the app's credentials.
+    #[error("Feishu refused the app credentials (code {code}): {msg}")]
+    Credentials {
+        code: i64,
+        msg: String,
+        log_id: String,
+    },
+    /// No usable answer: connect error, timeout, connection reset.
+    #[error("network error talking to Feishu ({kind}): {detail}")]
+    Network { kind: &'static str, detail: String },
+    /// An answer that is not Feishu's JSON envelope (e.g. a proxy's HTML 502).
+    #[error("unexpected answer from Feishu (HTTP {http}): {detail}")]
+    BadResponse {
+        http: u16,
+        detail: String,
+        log_id: String,
+    },
+}
+
+impl UpstreamError {
+    /// Retryable with the same uuid (Feishu dedupes by uuid, so no double post)?
+    pub fn retry_reason(&self) -> Option<RetryReason> {
+        match self {
+            UpstreamError::Feishu { code, http, .. } => match *code {
+                CODE_RATE_LIMITED => Some(RetryReason::RateLimited),
+                CODE_BEING_SENT => Some(RetryReason::BeingSent),
+                CODE_FREQUENCY_LIMIT => Some(RetryReason::Frequency),
+                _ if *http == 429 => Some(RetryReason::Frequency),
+                _ if *http >= 500 => Some(RetryReason::ServerError),
+                _ => None,
+            },
+            UpstreamError::Network { .. } => Some(RetryReason::Network),
+            UpstreamError::BadResponse { http, .. } if *http == 429 => Some(RetryReason::Frequency),
+            UpstreamError::BadResponse { http, .. } if *http >= 500 => {
+                Some(RetryReason::ServerError)
+            }
+            UpstreamError::BadResponse { .. } | UpstreamError::Credentials { .. } => None,
+        }
+    }
+
+    /// The tenant_access_token was refused: refresh it and retry once.
+    pub fn is_token_invalid(&self) -> bool {
+        matches!(self, UpstreamError::Feishu { code, .. } if TOKEN_INVALID_CODES.contains(code))
+    }
+
+    /// How long Feishu asked us to wait (`x-ogw-ratelimit-reset`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Feishu { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub fn log_id(&self) -> &str {
+        match self {
+            UpstreamError::Feishu { log_id, .. }
+            | UpstreamError::Credentials { log_id, .. }
+            | UpstreamError::BadResponse { log_id, .. } => log_id,
+            UpstreamError::Network { .. } => "",
+        }
+    }
+
+    /// Feishu's code, when there is one.
+    pub fn code(&self) -> Option<i64> {
+        match self {
+            UpstreamError::Feishu { code, .. } | UpstreamError::Credentials { code, .. } => {
+                Some(*code)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feishu(http: u16, code: i64) -> UpstreamError {
+        UpstreamError::Feishu {
+            http,
+            code,
+            msg: String::new(),
+            log_id: String::new(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn classifies_by_body_code_first() {
+        assert_eq!(
+            feishu(400, 230020).retry_reason(),
+            Some(RetryReason::RateLimited)
+        );
+        assert_eq!(
+            feishu(400, 230049).retry_reason(),
+            Some(RetryReason::BeingSent)
+        );
+        assert_eq!(
+            feishu(429, 99991400).retry_reason(),
+            Some(RetryReason::Frequency)
+        );
+        assert_eq!(
+            feishu(400, 99991400).retry_reason(),
+            Some(RetryReason::Frequency)
+        );
+        assert_eq!(
+            feishu(503, 1).retry_reason(),
+            Some(RetryReason::ServerError)
+        );
+        assert_eq!(feishu(400, 230002).retry_reason(), None);
+        assert_eq!(feishu(200, 230011).retry_reason(), None);
+        assert!(feishu(200, 99991663).is_token_invalid());
+        assert!(feishu(400, 99991661).is_token_invalid());
+        assert!(!feishu(400, 230020).is_token_invalid());
+        let net = UpstreamError::Network {
+            kind: "timeout",
+            detail: String::new(),
+        };
+        assert_eq!(net.retry_reason(), Some(RetryReason::Network));
+        let html = UpstreamError::BadResponse {
+            http: 502,
+            detail: String::new(),
+            log_id: String::new(),
+        };
+        assert_eq!(html.retry_reason(), Some(RetryReason::ServerError));
+    }
+}

@@ -1,0 +1,43 @@
+//! # feishu-reply-gateway
+//!
+//! A gRPC service that internal services call to reply to Feishu (Lark) messages. It validates
+//! each reply, queues it per chat, paces sends so Feishu's quotas (5/s per chat, 5/s per user,
+//! 50/s and 1000/min per app) are never exceeded in any sliding window, keeps the
+//! tenant_access_token fresh, retries what is safe to retry with the same uuid (no double
+//! posts), and maps every failure to a precise gRPC status. See README.md and DESIGN notes.
+//!
+//! # Layout
+//! - [`config`]: the only place the config file and env are read; validated [`config::Config`].
+//! - [`reply`]: domain: `MsgType`, content validation (no transport types).
+//! - [`quota`]: rolling-window keyed quotas (pure, clock passed in, proptested).
+//! - [`scheduler`]: per-chat FIFO queues, fair dispatch, deadlines, retries, shutdown drain.
+//! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
+//! - [`error`]: `GatewayError` and the one error → gRPC status table.
+//! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
+//! - [`grpc`]: proto ↔ domain, admission control (governor), the `ReplyGateway` service.
+//! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
+//! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches.
+//! - [`app`]: wiring, metrics/health HTTP port, shutdown sequence.
+//! - `main.rs`: CLI (`serve`, `fake-feishu`, `send`).
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod chat_cache;
+pub mod config;
+pub mod error;
+pub mod fake_feishu;
+pub mod feishu;
+pub mod grpc;
+pub mod metrics;
+pub mod quota;
+pub mod reply;
+pub mod scheduler;
+
+/// Generated gRPC types of `feishu.reply.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("feishu.reply.v1");
+    /// Encoded descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("gateway_descriptor");
+}

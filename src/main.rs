@@ -1,0 +1,275 @@
+//! `feishu-reply-gateway`: `serve` the gateway, run a `fake-feishu`, or `send` one reply.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use feishu_reply_gateway::config::{Config, ServeArgs};
+use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, WindowMode};
+use feishu_reply_gateway::proto::ReplyRequest;
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use tokio::net::TcpListener;
+use tonic_types::StatusExt;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Paced, retrying gRPC gateway for replying to Feishu (Lark) messages"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        env = "GATEWAY_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (with no app configured: against an embedded fake Feishu).
+    Serve(ServeArgs),
+    /// Run a fake Feishu (token, reply, get-message endpoints) for tests and demos.
+    FakeFeishu(FakeArgs),
+    /// Send one reply through a running gateway and print the result.
+    Send(SendArgs),
+}
+
+#[derive(clap::Args)]
+struct FakeArgs {
+    #[arg(long, default_value = "127.0.0.1:18080")]
+    addr: SocketAddr,
+    /// How quotas are counted.
+    #[arg(long, value_enum, default_value = "sliding")]
+    window: WindowMode,
+    /// Probability of answering 230049 (message being sent).
+    #[arg(long = "fail-230049", default_value_t = 0.0)]
+    fail_230049: f64,
+    /// Probability of answering HTTP 503.
+    #[arg(long = "fail-5xx", default_value_t = 0.0)]
+    fail_5xx: f64,
+    /// Added latency per request.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Lifetime of issued tokens (expired tokens get 99991663).
+    #[arg(long, default_value_t = 7200)]
+    token_ttl_s: u64,
+    /// Accepted credentials ID:SECRET (repeatable); none = accept any.
+    #[arg(long = "app")]
+    apps: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// Gateway address.
+    #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    #[arg(long)]
+    message_id: String,
+    /// Shorthand for --msg-type text --content '{"text": TEXT}'.
+    #[arg(long, conflicts_with_all = ["msg_type", "content"])]
+    text: Option<String>,
+    #[arg(long)]
+    msg_type: Option<String>,
+    /// Content JSON string.
+    #[arg(long)]
+    content: Option<String>,
+    #[arg(long, default_value = "")]
+    app: String,
+    #[arg(long, default_value = "")]
+    chat_id: String,
+    #[arg(long, default_value = "")]
+    user_id: String,
+    #[arg(long, default_value = "")]
+    uuid: String,
+    #[arg(long)]
+    reply_in_thread: bool,
+    /// Call deadline.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Caller name (admission control key).
+    #[arg(long, default_value = "feishu-reply-gateway-cli")]
+    caller: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::FakeFeishu(args) => fake(args).await,
+            Command::Send(args) => send(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
+    let config = Config::load(&args)?;
+    let grpc = TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|e| format!("binding gRPC address {}: {e}", config.grpc_addr))?;
+    let metrics = TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|e| format!("binding metrics address {}: {e}", config.metrics_addr))?;
+    feishu_reply_gateway::app::run(config, grpc, metrics, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn fake(args: FakeArgs) -> Result<ExitCode, BoxError> {
+    let mut apps = Vec::new();
+    for a in &args.apps {
+        let (id, secret) = a
+            .split_once(':')
+            .ok_or_else(|| format!("--app {a:?}: expected ID:SECRET"))?;
+        apps.push((id.to_owned(), secret.to_owned()));
+    }
+    for (name, p) in [
+        ("--fail-230049", args.fail_230049),
+        ("--fail-5xx", args.fail_5xx),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(format!("{name} must be a probability between 0 and 1").into());
+        }
+    }
+    let opts = FakeOptions {
+        window: args.window,
+        fail_230049: args.fail_230049,
+        fail_5xx: args.fail_5xx,
+        latency: Duration::from_millis(args.latency_ms),
+        token_ttl: Duration::from_secs(args.token_ttl_s),
+        apps,
+        ..FakeOptions::default()
+    };
+    let fake = FakeFeishu::start(args.addr, opts)
+        .await
+        .map_err(|e| format!("binding {}: {e}", args.addr))?;
+    tracing::info!(addr = %fake.addr(), window = ?args.window, "fake Feishu listening (inspect: GET /_fake/received, /_fake/stats)");
+    shutdown_signal().await;
+    let stats = fake.stats();
+    tracing::info!(?stats, "fake Feishu stopping");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
+    let (msg_type, content) = match (args.text, args.msg_type, args.content) {
+        (Some(text), _, _) => (
+            "text".to_owned(),
+            serde_json::json!({ "text": text }).to_string(),
+        ),
+        (None, Some(t), Some(c)) => (t, c),
+        _ => return Err("give --text, or both --msg-type and --content".into()),
+    };
+    let mut client = ReplyGatewayClient::connect(args.addr.clone())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+    let mut req = tonic::Request::new(ReplyRequest {
+        app: args.app,
+        message_id: args.message_id,
+        msg_type,
+        content,
+        reply_in_thread: args.reply_in_thread,
+        uuid: args.uuid,
+        chat_id: args.chat_id,
+        user_id: args.user_id,
+    });
+    req.set_timeout(Duration::from_millis(args.timeout_ms));
+    if let Ok(v) = args.caller.parse() {
+        req.metadata_mut().insert("x-caller", v);
+    }
+    match client.reply(req).await {
+        Ok(resp) => {
+            let r = resp.into_inner();
+            let out = serde_json::json!({
+                "message_id": r.message_id, "root_id": r.root_id, "parent_id": r.parent_id,
+                "thread_id": r.thread_id, "chat_id": r.chat_id, "msg_type": r.msg_type,
+                "create_time": r.create_time, "uuid": r.uuid, "attempts": r.attempts,
+                "queued_ms": r.queued_ms,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) => {
+            eprintln!("error: {:?}: {}", status.code(), status.message());
+            let d = status.get_error_details();
+            if let Some(info) = d.error_info() {
+                eprintln!("  reason: {}", info.reason);
+                let mut meta: Vec<_> = info.metadata.iter().collect();
+                meta.sort();
+                for (k, v) in meta {
+                    eprintln!("  {k}: {v}");
+                }
+            }
+            if let Some(retry) = d.retry_info().and_then(|r| r.retry_delay) {
+                eprintln!("  retry after: {retry:?}");
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
+}

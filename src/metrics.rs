@@ -1,0 +1,269 @@
+//! One [`Metrics`] value holding every Prometheus metric the gateway exports (names
+//! `feishu_reply_*`), passed explicitly to whoever records. Labels are bounded: app, outcome,
+//! Feishu code, retry reason — never chat or user ids.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::feishu::RetryReason;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub app: String,
+    /// ok, invalid_argument, not_found, resource_exhausted, deadline_exceeded, unavailable, …
+    pub outcome: String,
+    /// Feishu's code ("0" on success), or "none" when Feishu gave none.
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectionLabels {
+    app: String,
+    reason: &'static str,
+}
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_latency: Family<OutcomeLabel, Histogram>,
+    queue_wait: Histogram,
+    queued: Gauge,
+    in_flight: Gauge,
+    retries: Family<ReasonLabel, Counter>,
+    token_refreshes: Family<OutcomeLabel, Counter>,
+    rate_rejections: Family<RejectionLabels, Counter>,
+    chat_lookups: Family<OutcomeLabel, Counter>,
+    quota_keys: Gauge,
+    admission_rejections: Counter,
+}
+
+/// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
+pub const METRIC_NAMES: [&str; 11] = [
+    "feishu_reply_requests",
+    "feishu_reply_upstream_latency_seconds",
+    "feishu_reply_queue_wait_seconds",
+    "feishu_reply_queued",
+    "feishu_reply_in_flight",
+    "feishu_reply_retries",
+    "feishu_reply_token_refreshes",
+    "feishu_reply_upstream_rate_rejections",
+    "feishu_reply_chat_lookups",
+    "feishu_reply_quota_keys",
+    "feishu_reply_admission_rejections",
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "feishu_reply_requests",
+            "Reply calls finished, by app, outcome (gRPC code in snake case or ok) and Feishu code",
+            requests.clone(),
+        );
+        let upstream_latency = Family::<OutcomeLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 12))
+        });
+        registry.register(
+            "feishu_reply_upstream_latency_seconds",
+            "Duration of one HTTP call to Feishu's reply endpoint, by outcome",
+            upstream_latency.clone(),
+        );
+        let queue_wait = Histogram::new(exponential_buckets(0.001, 2.5, 14));
+        registry.register(
+            "feishu_reply_queue_wait_seconds",
+            "Time a reply waited in the gateway before its first send",
+            queue_wait.clone(),
+        );
+        let queued = Gauge::default();
+        registry.register(
+            "feishu_reply_queued",
+            "Replies queued (waiting for quota, backoff or their turn in the chat)",
+            queued.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "feishu_reply_in_flight",
+            "HTTP calls to Feishu's reply endpoint in progress",
+            in_flight.clone(),
+        );
+        let retries = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "feishu_reply_retries",
+            "Attempts retried, by reason",
+            retries.clone(),
+        );
+        let token_refreshes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "feishu_reply_token_refreshes",
+            "tenant_access_token fetches, by outcome (ok, rejected, error)",
+            token_refreshes.clone(),
+        );
+        let rate_rejections = Family::<RejectionLabels, Counter>::default();
+        registry.register(
+            "feishu_reply_upstream_rate_rejections",
+            "Rate rejections from Feishu despite the gateway's quotas (should stay 0), by app and reason",
+            rate_rejections.clone(),
+        );
+        let chat_lookups = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "feishu_reply_chat_lookups",
+            "message_id -> chat_id resolutions for requests without chat_id (hit, miss, error)",
+            chat_lookups.clone(),
+        );
+        let quota_keys = Gauge::default();
+        registry.register(
+            "feishu_reply_quota_keys",
+            "Quota keys (chats, users, apps) with sends inside their window",
+            quota_keys.clone(),
+        );
+        let admission_rejections = Counter::default();
+        registry.register(
+            "feishu_reply_admission_rejections",
+            "Calls refused by per-caller admission control",
+            admission_rejections.clone(),
+        );
+        let m = Self {
+            registry,
+            requests,
+            upstream_latency,
+            queue_wait,
+            queued,
+            in_flight,
+            retries,
+            token_refreshes,
+            rate_rejections,
+            chat_lookups,
+            quota_keys,
+            admission_rejections,
+        };
+        // Pre-create the series operators alert on, so they read 0 rather than "no data".
+        for r in RetryReason::ALL {
+            let _ = m.retries.get_or_create(&ReasonLabel { reason: r.as_str() });
+        }
+        m
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn request(&self, app: &str, outcome: &str, code: &str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                app: app.to_owned(),
+                outcome: outcome.to_owned(),
+                code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn upstream_latency(&self, d: Duration, outcome: &'static str) {
+        self.upstream_latency
+            .get_or_create(&OutcomeLabel { outcome })
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn queue_wait(&self, d: Duration) {
+        self.queue_wait.observe(d.as_secs_f64());
+    }
+
+    pub fn set_queued(&self, n: usize) {
+        self.queued.set(n as i64);
+    }
+
+    pub fn in_flight(&self, delta: i64) {
+        self.in_flight.inc_by(delta);
+    }
+
+    pub fn retry(&self, reason: RetryReason) {
+        self.retries
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn token_refresh(&self, outcome: &'static str) {
+        self.token_refreshes
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    pub fn rate_rejection(&self, app: &str, reason: RetryReason) {
+        self.rate_rejections
+            .get_or_create(&RejectionLabels {
+                app: app.to_owned(),
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn chat_lookup(&self, outcome: &'static str) {
+        self.chat_lookups
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    pub fn set_quota_keys(&self, n: usize) {
+        self.quota_keys.set(n as i64);
+    }
+
+    pub fn admission_rejected(&self) {
+        self.admission_rejections.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_declared_name_is_exported() {
+        let m = Metrics::new();
+        m.request("default", "ok", "0");
+        m.upstream_latency(Duration::from_millis(3), "ok");
+        m.token_refresh("ok");
+        m.rate_rejection("default", RetryReason::RateLimited);
+        m.chat_lookup("hit");
+        let text = m.encode();
+        for name in METRIC_NAMES {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing:\n{text}"
+            );
+        }
+        assert!(
+            text.contains(
+                "feishu_reply_requests_total{app=\"default\",outcome=\"ok\",code=\"0\"} 1"
+            )
+        );
+    }
+}

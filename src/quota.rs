@@ -1,0 +1,396 @@
+//! Rolling-window keyed quotas: "never more than N sends in any window of length W" per key.
+//! Pure state with the clock passed in (microseconds from an origin the caller picks); no I/O,
+//! no tokio. The scheduler owns one [`QuotaTable`] and asks it before every send.
+//!
+//! Each key keeps a ring of its last N send instants; the key has room when the oldest of them
+//! is at least W (+ a safety margin) old. This allows a burst of N at once yet never N+1 in any
+//! sliding window, unlike a GCRA/token bucket, which lets 2N−1 through one window.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Instants are microseconds since an origin chosen by the owner of the table.
+pub type Micros = u64;
+
+pub fn micros(d: Duration) -> Micros {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// One quota: at most `limit` sends in any window of length `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaSpec {
+    pub limit: NonZeroU32,
+    pub window: Duration,
+}
+
+impl QuotaSpec {
+    pub fn new(limit: NonZeroU32, window: Duration) -> Self {
+        Self { limit, window }
+    }
+}
+
+/// Index of a quota in the table (chat, user, app/s, app/min, … as configured).
+pub type QuotaId = usize;
+
+/// One key of one quota, e.g. (chat quota, "oc_123").
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct QuotaKey {
+    pub quota: QuotaId,
+    pub id: Arc<str>,
+}
+
+impl QuotaKey {
+    pub fn new(quota: QuotaId, id: impl Into<Arc<str>>) -> Self {
+        Self {
+            quota,
+            id: id.into(),
+        }
+    }
+}
+
+/// The last `limit` send instants of one key, oldest first (a ring).
+#[derive(Debug)]
+struct Ring {
+    slots: Box<[Micros]>,
+    /// Index of the oldest entry once the ring is full; next write position.
+    head: u32,
+    len: u32,
+}
+
+impl Ring {
+    fn new(limit: NonZeroU32) -> Self {
+        Self {
+            slots: vec![0; limit.get() as usize].into_boxed_slice(),
+            head: 0,
+            len: 0,
+        }
+    }
+
+    fn cap(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    /// The earliest instant at which one more send fits (0 when it fits now).
+    fn ready_at(&self, window: Micros) -> Micros {
+        if self.len < self.cap() {
+            0
+        } else {
+            self.slots[self.head as usize].saturating_add(window)
+        }
+    }
+
+    /// Lower bound of the instant of the `nth` (1-based) future send on this key, if nothing but
+    /// this key's quota delayed it: future send m waits for the send N positions before it.
+    fn nth_ready_at(&self, nth: u64, window: Micros) -> Micros {
+        let cap = u64::from(self.cap());
+        let (rounds, pos) = ((nth - 1) / cap, (nth - 1) % cap);
+        // The send `cap` places before future send `pos+1` is the pos-th oldest recorded one
+        // (when the ring is not full the missing oldest entries are "long ago").
+        let missing = cap - u64::from(self.len);
+        let base = if pos < missing {
+            0
+        } else {
+            let idx = (u64::from(self.head) + (pos - missing)) % cap;
+            self.slots[idx as usize].saturating_add(window)
+        };
+        base.saturating_add(rounds.saturating_mul(window))
+    }
+
+    fn record(&mut self, now: Micros) {
+        let cap = self.cap();
+        if self.len < cap {
+            let idx = (self.head + self.len) % cap;
+            self.slots[idx as usize] = now;
+            self.len += 1;
+        } else {
+            self.slots[self.head as usize] = now;
+            self.head = (self.head + 1) % cap;
+        }
+    }
+
+    fn newest(&self) -> Micros {
+        if self.len == 0 {
+            return 0;
+        }
+        let idx = (self.head + self.len - 1) % self.cap();
+        self.slots[idx as usize]
+    }
+
+    /// Behave as if the whole quota had been spent at `now`: no send until `until`.
+    fn block_until(&mut self, until_minus_window: Micros) {
+        for s in self.slots.iter_mut() {
+            *s = (*s).max(until_minus_window);
+        }
+        self.len = self.cap();
+    }
+}
+
+/// All keyed rolling windows of all quotas.
+#[derive(Debug)]
+pub struct QuotaTable {
+    specs: Vec<QuotaSpec>,
+    /// window + safety margin, per quota, in micros.
+    spans: Vec<Micros>,
+    keys: Vec<HashMap<Arc<str>, Ring>>,
+}
+
+impl QuotaTable {
+    /// `margin` is added to every window to absorb network jitter between our send instant and
+    /// Feishu's receive instant.
+    pub fn new(specs: Vec<QuotaSpec>, margin: Duration) -> Self {
+        let spans = specs
+            .iter()
+            .map(|s| micros(s.window) + micros(margin))
+            .collect();
+        let keys = specs.iter().map(|_| HashMap::new()).collect();
+        Self { specs, spans, keys }
+    }
+
+    pub fn specs(&self) -> &[QuotaSpec] {
+        &self.specs
+    }
+
+    /// The earliest instant at which every key has room at the same time (≤ `now` = ready).
+    pub fn ready_at(&self, keys: &[QuotaKey]) -> Micros {
+        keys.iter()
+            .map(|k| {
+                self.keys[k.quota]
+                    .get(&k.id)
+                    .map_or(0, |r| r.ready_at(self.spans[k.quota]))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Records one send in every key if all have room at `now`; otherwise records nothing and
+    /// returns the earliest instant at which all would have room.
+    pub fn try_acquire(&mut self, keys: &[QuotaKey], now: Micros) -> Result<(), Micros> {
+        let ready = self.ready_at(keys);
+        if ready > now {
+            return Err(ready);
+        }
+        for k in keys {
+            let limit = self.specs[k.quota].limit;
+            self.keys[k.quota]
+                .entry(k.id.clone())
+                .or_insert_with(|| Ring::new(limit))
+                .record(now);
+        }
+        Ok(())
+    }
+
+    /// A lower bound on when the `nth` future send on `key` can happen (for admission: a job
+    /// behind `nth - 1` others in its chat cannot be sent before this).
+    pub fn nth_ready_at(&self, key: &QuotaKey, nth: u64) -> Micros {
+        let span = self.spans[key.quota];
+        match self.keys[key.quota].get(&key.id) {
+            Some(r) => r.nth_ready_at(nth.max(1), span),
+            None => {
+                let cap = u64::from(self.specs[key.quota].limit.get());
+                ((nth.max(1) - 1) / cap).saturating_mul(span)
+            }
+        }
+    }
+
+    /// Feishu rejected a send on this key for rate although we kept within the quota (another
+    /// client shares it, or Feishu counts differently): behave as if the quota were spent, so
+    /// the key stays silent until `until`.
+    pub fn block_until(&mut self, key: &QuotaKey, until: Micros) {
+        let span = self.spans[key.quota];
+        let limit = self.specs[key.quota].limit;
+        self.keys[key.quota]
+            .entry(key.id.clone())
+            .or_insert_with(|| Ring::new(limit))
+            .block_until(until.saturating_sub(span));
+    }
+
+    /// Forgets keys whose every recorded send is out of its window (they are equivalent to an
+    /// unseen key), returning memory to baseline once traffic stops.
+    pub fn forget_idle(&mut self, now: Micros) -> usize {
+        let mut forgotten = 0;
+        for (map, &span) in self.keys.iter_mut().zip(&self.spans) {
+            let before = map.len();
+            map.retain(|_, r| r.newest().saturating_add(span) > now);
+            forgotten += before - map.len();
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+        }
+        forgotten
+    }
+
+    /// Keys currently tracked (all quotas).
+    pub fn live_keys(&self) -> usize {
+        self.keys.iter().map(HashMap::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Micros = 1000;
+
+    fn spec(n: u32, w_ms: u64) -> QuotaSpec {
+        QuotaSpec::new(NonZeroU32::new(n).unwrap(), Duration::from_millis(w_ms))
+    }
+
+    #[test]
+    fn burst_of_n_then_waits_for_the_oldest_to_age_out() {
+        let mut t = QuotaTable::new(vec![spec(5, 1000)], Duration::ZERO);
+        let k = [QuotaKey::new(0, "oc_1")];
+        for i in 0..5 {
+            t.try_acquire(&k, i * MS).unwrap();
+        }
+        assert_eq!(t.try_acquire(&k, 10 * MS), Err(1000 * MS));
+        t.try_acquire(&k, 1000 * MS).unwrap();
+        assert_eq!(t.try_acquire(&k, 1000 * MS), Err(1001 * MS));
+    }
+
+    #[test]
+    fn all_keys_or_none_and_the_wait_is_the_latest_key() {
+        let mut t = QuotaTable::new(vec![spec(1, 1000), spec(2, 500)], Duration::ZERO);
+        let chat = QuotaKey::new(0, "oc_1");
+        let app = QuotaKey::new(1, "cli_1");
+        t.try_acquire(std::slice::from_ref(&app), 0).unwrap();
+        t.try_acquire(std::slice::from_ref(&app), 100 * MS).unwrap();
+        // chat has room, app does not: nothing is recorded on the chat.
+        assert_eq!(
+            t.try_acquire(&[chat.clone(), app.clone()], 200 * MS),
+            Err(500 * MS)
+        );
+        t.try_acquire(std::slice::from_ref(&chat), 200 * MS)
+            .unwrap();
+        assert_eq!(t.try_acquire(&[chat, app], 500 * MS), Err(1200 * MS));
+    }
+
+    #[test]
+    fn margin_widens_every_window() {
+        let mut t = QuotaTable::new(vec![spec(1, 1000)], Duration::from_millis(20));
+        let k = [QuotaKey::new(0, "a")];
+        t.try_acquire(&k, 0).unwrap();
+        assert_eq!(t.try_acquire(&k, 1000 * MS), Err(1020 * MS));
+    }
+
+    #[test]
+    fn nth_ready_at_is_a_lower_bound_of_queued_sends() {
+        let mut t = QuotaTable::new(vec![spec(5, 1000)], Duration::ZERO);
+        let k = QuotaKey::new(0, "c");
+        assert_eq!(t.nth_ready_at(&k, 5), 0);
+        assert_eq!(t.nth_ready_at(&k, 6), 1000 * MS);
+        for i in 0..3 {
+            t.try_acquire(std::slice::from_ref(&k), i * 100 * MS)
+                .unwrap();
+        }
+        // 2 free slots now; the 3rd future send waits for the send at 0.
+        assert_eq!(t.nth_ready_at(&k, 2), 0);
+        assert_eq!(t.nth_ready_at(&k, 3), 1000 * MS);
+        assert_eq!(t.nth_ready_at(&k, 5), 1200 * MS);
+        assert_eq!(t.nth_ready_at(&k, 8), 2000 * MS);
+    }
+
+    #[test]
+    fn block_until_silences_a_key_for_a_while() {
+        let mut t = QuotaTable::new(vec![spec(5, 1000)], Duration::ZERO);
+        let k = [QuotaKey::new(0, "c")];
+        t.block_until(&k[0], 3000 * MS);
+        assert_eq!(t.try_acquire(&k, 10 * MS), Err(3000 * MS));
+        for _ in 0..5 {
+            t.try_acquire(&k, 3000 * MS).unwrap();
+        }
+        assert!(t.try_acquire(&k, 3000 * MS).is_err());
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten_and_memory_returns() {
+        let mut t = QuotaTable::new(vec![spec(5, 1000), spec(50, 1000)], Duration::ZERO);
+        for i in 0..10_000u64 {
+            let keys = [QuotaKey::new(0, format!("oc_{i}")), QuotaKey::new(1, "app")];
+            let _ = t.try_acquire(&keys, i);
+        }
+        assert!(t.live_keys() > 40);
+        assert_eq!(t.forget_idle(500 * MS), 0);
+        t.forget_idle(2000 * MS);
+        assert_eq!(t.live_keys(), 0);
+        assert!(t.keys.iter().all(|m| m.capacity() <= 64));
+    }
+
+    /// A job: its quota keys (a chat among a few, maybe a user, always the app) and arrival.
+    #[derive(Debug, Clone)]
+    struct Arrival {
+        at_ms: u64,
+        chat: u8,
+        user: Option<u8>,
+    }
+
+    fn arrivals() -> impl Strategy<Value = Vec<Arrival>> {
+        prop::collection::vec(
+            (0u64..5_000, 0u8..6, prop::option::of(0u8..3))
+                .prop_map(|(at_ms, chat, user)| Arrival { at_ms, chat, user }),
+            1..300,
+        )
+    }
+
+    proptest! {
+        /// Whatever arrives when, a dispatcher that sends a job whenever `try_acquire` lets it
+        /// never puts more than N sends of one key inside any window W (+margin).
+        #[test]
+        fn never_more_than_n_in_any_window(
+            mut jobs in arrivals(),
+            chat_n in 1u32..6, chat_w in 50u64..1500,
+            user_n in 1u32..6, user_w in 50u64..1500,
+            app_n in 1u32..60, app_w in 100u64..3000,
+            margin_ms in 0u64..30,
+        ) {
+            let specs = vec![spec(chat_n, chat_w), spec(user_n, user_w), spec(app_n, app_w)];
+            let mut t = QuotaTable::new(specs.clone(), Duration::from_millis(margin_ms));
+            jobs.sort_by_key(|j| j.at_ms);
+            let mut pending: Vec<(Micros, Vec<QuotaKey>)> = jobs.iter().map(|j| {
+                let mut keys = vec![QuotaKey::new(0, format!("c{}", j.chat)), QuotaKey::new(2, "app")];
+                if let Some(u) = j.user { keys.push(QuotaKey::new(1, format!("u{u}"))); }
+                (j.at_ms * MS, keys)
+            }).collect();
+            let mut sends: HashMap<QuotaKey, Vec<Micros>> = HashMap::new();
+            let mut now = 0;
+            while !pending.is_empty() {
+                let mut next = Micros::MAX;
+                pending.retain(|(at, keys)| {
+                    if *at > now { next = next.min(*at); return true; }
+                    match t.try_acquire(keys, now) {
+                        Ok(()) => { for k in keys { sends.entry(k.clone()).or_default().push(now); } false }
+                        Err(ready) => { assert!(ready > now); next = next.min(ready); true }
+                    }
+                });
+                if next == Micros::MAX { break; }
+                now = next;
+                t.forget_idle(now);
+            }
+            prop_assert!(pending.is_empty(), "jobs left unsent");
+            for (k, times) in sends {
+                let s = specs[k.quota];
+                let (n, w) = (s.limit.get() as usize, micros(s.window) + margin_ms * MS);
+                for pair in times.windows(n + 1) {
+                    prop_assert!(pair[n] - pair[0] >= w,
+                        "key {:?}: {} sends within {}us", k, n + 1, pair[n] - pair[0]);
+                }
+            }
+        }
+
+        /// The instant returned on refusal is honest: nothing else happening, the job fits then.
+        #[test]
+        fn the_returned_instant_admits_the_job(jobs in arrivals()) {
+            let mut t = QuotaTable::new(vec![spec(3, 700), spec(2, 300), spec(10, 2000)], Duration::from_millis(5));
+            for j in jobs {
+                let keys = vec![QuotaKey::new(0, format!("c{}", j.chat)), QuotaKey::new(2, "app")];
+                let now = j.at_ms * MS;
+                if let Err(ready) = t.try_acquire(&keys, now) {
+                    prop_assert!(ready > now);
+                    prop_assert!(t.try_acquire(&keys, ready).is_ok());
+                }
+            }
+        }
+    }
+}
