@@ -110,6 +110,9 @@ pub async fn run_with_upstream(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AppError> {
+    for a in &config.apps {
+        metrics.init_app(&a.name);
+    }
     let scheduler = Scheduler::start(
         SchedulerConfig {
             quotas: config.quotas.clone(),

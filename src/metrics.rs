@@ -164,7 +164,23 @@ impl Metrics {
         for r in RetryReason::ALL {
             let _ = m.retries.get_or_create(&ReasonLabel { reason: r.as_str() });
         }
+        for outcome in ["hit", "miss", "error"] {
+            let _ = m.chat_lookups.get_or_create(&OutcomeLabel { outcome });
+        }
         m
+    }
+
+    /// Pre-creates an app's alerting series (rate rejections read 0, not "no data").
+    pub fn init_app(&self, app: &str) {
+        for reason in RetryReason::ALL
+            .into_iter()
+            .filter(|r| r.is_rate_rejection())
+        {
+            let _ = self.rate_rejections.get_or_create(&RejectionLabels {
+                app: app.to_owned(),
+                reason: reason.as_str(),
+            });
+        }
     }
 
     /// Prometheus text exposition.

@@ -1,0 +1,364 @@
+//! The gRPC API over real loopback gRPC against the fake Feishu: validation, errors, chat
+//! resolution, uuid dedupe, token refresh, health, reflection and metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{spawn_gateway, text};
+use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
+use feishu_reply_gateway::proto::ReplyRequest;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn reason(s: &tonic::Status) -> String {
+    s.get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_reply_goes_through_and_reports_what_feishu_returned() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let r = gw.reply(text("om_hello", "oc_1", "hi")).await.unwrap();
+    assert!(r.message_id.starts_with("om_fake"));
+    assert_eq!(
+        (r.root_id.as_str(), r.msg_type.as_str(), r.attempts),
+        ("om_hello", "text", 1)
+    );
+    assert_eq!(r.uuid.len(), 36, "a uuid is generated when none is given");
+    let got = gw.fake.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].uuid, r.uuid);
+    assert_eq!(got[0].content, r#"{"text":"hi"}"#);
+}
+
+#[tokio::test]
+async fn invalid_requests_are_refused_before_any_quota_or_upstream_call() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let ok = text("om_1", "oc_1", "x");
+    let cases: Vec<(ReplyRequest, Code, &str)> = vec![
+        (
+            ReplyRequest {
+                message_id: String::new(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "INVALID_ID",
+        ),
+        (
+            ReplyRequest {
+                message_id: "om_../../x".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "INVALID_ID",
+        ),
+        (
+            ReplyRequest {
+                msg_type: "markdown".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "INVALID_MSG_TYPE",
+        ),
+        (
+            ReplyRequest {
+                content: "not json".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "INVALID_CONTENT",
+        ),
+        (
+            ReplyRequest {
+                content: r#"{"txt":"a"}"#.into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "INVALID_CONTENT",
+        ),
+        (
+            ReplyRequest {
+                msg_type: "image".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "INVALID_CONTENT",
+        ),
+        (
+            ReplyRequest {
+                msg_type: "post".into(),
+                content: format!(
+                    r#"{{"zh_cn":{{"content":[[{{"tag":"text","text":"{}"}}]]}}}}"#,
+                    "a".repeat(31 * 1024)
+                ),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "CONTENT_TOO_LARGE",
+        ),
+        (
+            ReplyRequest {
+                uuid: "u".repeat(51),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "INVALID_UUID",
+        ),
+        (
+            ReplyRequest {
+                app: "nope".into(),
+                ..ok.clone()
+            },
+            Code::NotFound,
+            "UNKNOWN_APP",
+        ),
+    ];
+    for (req, code, want) in cases {
+        let s = gw.reply(req).await.expect_err(want);
+        assert_eq!(s.code(), code, "{want}: {}", s.message());
+        assert_eq!(reason(&s), want, "{}", s.message());
+        assert!(!s.message().is_empty());
+    }
+    assert_eq!(gw.fake.stats().reply_requests, 0, "nothing reached Feishu");
+}
+
+#[tokio::test]
+async fn feishu_final_errors_map_to_the_table_with_code_msg_and_log_id() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    for (code, grpc) in [
+        (230002, Code::PermissionDenied),
+        (230011, Code::FailedPrecondition),
+        (230099, Code::InvalidArgument),
+    ] {
+        gw.fake.push_fault(Fault {
+            http: 400,
+            code,
+            msg: format!("scripted {code}"),
+            times: 1,
+            ..Default::default()
+        });
+        let s = gw
+            .reply(text(&format!("om_e{code}"), "oc_e", "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), grpc);
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, format!("FEISHU_{code}"));
+        assert_eq!(info.metadata["feishu_code"], code.to_string());
+        assert_eq!(info.metadata["feishu_msg"], format!("scripted {code}"));
+        assert!(!info.metadata["log_id"].is_empty(), "X-Tt-Logid is kept");
+        assert_eq!(
+            info.metadata["attempts"], "1",
+            "final errors are not retried"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_app_credentials_are_failed_precondition() {
+    let opts = FakeOptions {
+        apps: vec![("cli_test".into(), "other-secret".into())],
+        ..FakeOptions::default()
+    };
+    let gw = spawn_gateway(opts, "").await;
+    let s = gw.reply(text("om_1", "oc_1", "x")).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&s), "APP_CREDENTIALS");
+    assert_eq!(
+        s.get_details_error_info().unwrap().metadata["feishu_code"],
+        "10014"
+    );
+}
+
+#[tokio::test]
+async fn missing_chat_id_is_resolved_once_and_cached() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    gw.fake.register_message("om_q", "oc_real", None);
+    for _ in 0..3 {
+        gw.reply(text("om_q", "", "x")).await.unwrap();
+    }
+    assert_eq!(gw.fake.stats().message_lookups, 1);
+    // The resolved chat's quota applies: 7 replies to one chat span more than one window.
+    let rs: Vec<_> = (0..7)
+        .map(|i| {
+            gw.fake
+                .register_message(&format!("om_q{i}"), "oc_real", None);
+            gw.reply(text(&format!("om_q{i}"), "", "x"))
+        })
+        .collect();
+    for r in futures_util::future::join_all(rs).await {
+        r.unwrap();
+    }
+    let times: Vec<f64> = gw.fake.received().iter().map(|r| r.at_ms).collect();
+    assert!(common::max_in_window(&times, 1000.0) <= 5);
+    assert_eq!(gw.fake.stats().rate_rejections(), 0);
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_retried_with_the_same_uuid_and_posted_once() {
+    // Feishu posts the reply but the answer arrives after our 300 ms request timeout.
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let gw = {
+        let mut cfg = common::config_for(&gw.fake, "");
+        cfg.feishu.request_timeout = Duration::from_millis(300);
+        common::spawn_gateway_on(gw.fake.clone(), cfg).await
+    };
+    gw.fake.push_fault(Fault {
+        post_then_delay_ms: Some(1000),
+        times: 1,
+        ..Default::default()
+    });
+    let r = gw
+        .reply(ReplyRequest {
+            uuid: "caller-uuid-1".into(),
+            ..text("om_lost", "oc_1", "once")
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.uuid, "caller-uuid-1");
+    assert_eq!(r.attempts, 2);
+    let stats = gw.fake.stats();
+    assert_eq!(stats.posted, 1, "posted exactly once");
+    assert_eq!(
+        stats.deduped, 1,
+        "the retry was answered from Feishu's uuid dedupe"
+    );
+    let (_, metrics) = gw.http_get("/metrics").await;
+    assert!(
+        metrics.contains("feishu_reply_retries_total{reason=\"network\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_token_is_refreshed_once_and_the_reply_retried() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    gw.reply(text("om_1", "oc_1", "x")).await.unwrap();
+    gw.fake.revoke_tokens();
+    let r = gw.reply(text("om_2", "oc_2", "x")).await.unwrap();
+    assert_eq!(r.attempts, 1, "the token retry is not a reply retry");
+    let s = gw.fake.stats();
+    assert_eq!(s.token_requests, 2);
+    let codes: Vec<i64> = gw.fake.received().iter().map(|r| r.code).collect();
+    assert_eq!(
+        codes,
+        [0, 0],
+        "the refused attempt is rejected before it is recorded as a reply"
+    );
+    let (_, metrics) = gw.http_get("/metrics").await;
+    assert!(
+        metrics.contains("feishu_reply_token_refreshes_total{outcome=\"ok\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_first_calls_share_one_token_fetch() {
+    let gw = spawn_gateway(
+        FakeOptions {
+            latency: Duration::from_millis(50),
+            ..FakeOptions::default()
+        },
+        "",
+    )
+    .await;
+    let calls: Vec<_> = (0..20)
+        .map(|i| gw.reply(text(&format!("om_{i}"), &format!("oc_{i}"), "x")))
+        .collect();
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap();
+    }
+    assert_eq!(gw.fake.stats().token_requests, 1);
+}
+
+#[tokio::test]
+async fn health_reflection_and_probes_are_served() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(gw.channel.clone());
+    let s = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "feishu.reply.v1.ReplyGateway".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        s.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            gw.channel.clone(),
+        );
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("reflection answered something else");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"feishu.reply.v1.ReplyGateway".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+    assert_eq!(gw.http_get("/healthz").await.0, 200);
+    assert_eq!(gw.http_get("/readyz").await.0, 200);
+    gw.reply(text("om_m", "oc_m", "x")).await.unwrap();
+    let (code, metrics) = gw.http_get("/metrics").await;
+    assert_eq!(code, 200);
+    for name in feishu_reply_gateway::metrics::METRIC_NAMES {
+        assert!(metrics.contains(name), "{name} missing");
+    }
+    assert!(
+        metrics
+            .contains("feishu_reply_requests_total{app=\"default\",outcome=\"ok\",code=\"0\"} 1")
+    );
+}
+
+#[tokio::test]
+async fn a_runaway_caller_is_refused_but_others_still_get_through() {
+    let gw = spawn_gateway(
+        FakeOptions::default(),
+        "[admission]\nper_caller_rps = 1\nper_caller_burst = 3",
+    )
+    .await;
+    let mut refused = 0;
+    for i in 0..6 {
+        let mut req = tonic::Request::new(text(&format!("om_r{i}"), &format!("oc_r{i}"), "x"));
+        req.metadata_mut()
+            .insert("x-caller", "runaway".parse().unwrap());
+        if let Err(s) = gw.client.clone().reply(req).await {
+            assert_eq!(s.code(), Code::ResourceExhausted);
+            assert_eq!(reason(&s), "CALLER_RATE_LIMITED");
+            assert!(
+                s.get_details_retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .is_some()
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3);
+    let mut req = tonic::Request::new(text("om_ok", "oc_ok", "x"));
+    req.metadata_mut()
+        .insert("x-caller", "polite".parse().unwrap());
+    gw.client.clone().reply(req).await.unwrap();
+}

@@ -1,0 +1,149 @@
+//! Test harness: a real gateway (gRPC + metrics ports on loopback) in front of a real fake
+//! Feishu HTTP server, talking through the real reqwest client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use feishu_reply_gateway::config::Config;
+use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::proto::{ReplyRequest, ReplyResponse};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub struct TestGateway {
+    pub client: ReplyGatewayClient<Channel>,
+    pub channel: Channel,
+    pub fake: FakeFeishu,
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Config text for one app on the fake; `extra` is appended (more sections, overrides).
+pub fn config_for(fake: &FakeFeishu, extra: &str) -> Config {
+    let text = format!(
+        r#"
+        [feishu]
+        base_url = "{}"
+        request_timeout_ms = 2000
+        connect_timeout_ms = 500
+        [apps.default]
+        app_id = "cli_test"
+        app_secret = "secret"
+        [retry]
+        base_delay_ms = 20
+        max_delay_ms = 200
+        {extra}
+        "#,
+        fake.base_url()
+    );
+    Config::from_toml(&text).expect("test config is valid")
+}
+
+pub async fn spawn_fake(opts: FakeOptions) -> FakeFeishu {
+    FakeFeishu::start(([127, 0, 0, 1], 0).into(), opts)
+        .await
+        .expect("bind fake Feishu")
+}
+
+/// Starts a gateway with the config `make` builds for the fake.
+pub async fn spawn_gateway_with(
+    opts: FakeOptions,
+    make: impl FnOnce(&FakeFeishu) -> Config,
+) -> TestGateway {
+    let fake = spawn_fake(opts).await;
+    let config = make(&fake);
+    spawn_gateway_on(fake, config).await
+}
+
+pub async fn spawn_gateway(opts: FakeOptions, extra: &str) -> TestGateway {
+    spawn_gateway_with(opts, |f| config_for(f, extra)).await
+}
+
+pub async fn spawn_gateway_on(fake: FakeFeishu, config: Config) -> TestGateway {
+    let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        feishu_reply_gateway::app::run(config, grpc, metrics, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("gateway runs");
+    });
+    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to gateway");
+    TestGateway {
+        client: ReplyGatewayClient::new(channel.clone()),
+        channel,
+        fake,
+        grpc_addr,
+        metrics_addr,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl TestGateway {
+    /// Triggers the shutdown sequence (like SIGTERM) and returns the gateway task.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
+        let _ = self.shutdown.take().expect("not yet shut down").send(());
+        self.task.take().expect("task")
+    }
+
+    pub async fn reply(&self, req: ReplyRequest) -> Result<ReplyResponse, tonic::Status> {
+        self.client.clone().reply(req).await.map(|r| r.into_inner())
+    }
+
+    pub async fn reply_with_timeout(
+        &self,
+        req: ReplyRequest,
+        timeout: Duration,
+    ) -> Result<ReplyResponse, tonic::Status> {
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(timeout);
+        self.client.clone().reply(r).await.map(|r| r.into_inner())
+    }
+
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        let resp = reqwest::get(format!("http://{}{path}", self.metrics_addr))
+            .await
+            .expect("metrics port answers");
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+}
+
+/// A text reply to `message_id` in `chat_id`.
+pub fn text(message_id: &str, chat_id: &str, text: &str) -> ReplyRequest {
+    ReplyRequest {
+        message_id: message_id.into(),
+        chat_id: chat_id.into(),
+        msg_type: "text".into(),
+        content: serde_json::json!({ "text": text }).to_string(),
+        ..Default::default()
+    }
+}
+
+/// Largest number of sends within any window `w` in a sorted list of instants (ms).
+pub fn max_in_window(times_ms: &[f64], w_ms: f64) -> usize {
+    let mut t = times_ms.to_vec();
+    t.sort_by(f64::total_cmp);
+    let (mut best, mut lo) = (0, 0);
+    for hi in 0..t.len() {
+        while t[hi] - t[lo] >= w_ms {
+            lo += 1;
+        }
+        best = best.max(hi - lo + 1);
+    }
+    best
+}
