@@ -389,25 +389,15 @@ async fn token(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Respons
     )
 }
 
-/// The app_id behind a valid bearer token, or Feishu's invalid-token answer.
-fn authorize(s: &Shared, inner: &Inner, headers: &HeaderMap) -> Result<String, Response> {
+/// The app_id behind a valid bearer token, or Feishu's invalid-token (code, msg).
+fn authorize(inner: &Inner, headers: &HeaderMap) -> Result<String, (i64, &'static str)> {
     let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-        return Err(error(
-            s,
-            400,
-            99991661,
-            "Missing access token for authorization.",
-        ));
+        return Err((99991661, "Missing access token for authorization."));
     };
     let token = auth.strip_prefix("Bearer ").unwrap_or("");
     match inner.tokens.get(token) {
         Some((app, exp)) if *exp > Instant::now() => Ok(app.clone()),
-        _ => Err(error(
-            s,
-            400,
-            99991663,
-            "Invalid access token for authorization.",
-        )),
+        _ => Err((99991663, "Invalid access token for authorization.")),
     }
 }
 
@@ -475,9 +465,9 @@ fn handle_reply(
     body: Option<ReplyBody>,
 ) -> (Response, Option<Duration>) {
     inner.stats.reply_requests += 1;
-    let app_id = match authorize(s, inner, headers) {
+    let app_id = match authorize(inner, headers) {
         Ok(a) => a,
-        Err(r) => return (r, None),
+        Err((code, msg)) => return (error(s, 400, code, msg), None),
     };
     let info = message_info(inner, message_id);
     let mut record = Received {
@@ -759,7 +749,7 @@ fn counter_retry_after(
         }
         (_, Counter::Fixed { index, count }) => {
             let cur = window_index(now, origin, q.window);
-            (cur == *index && *count >= q.limit).then(|| q.window)
+            (cur == *index && *count >= q.limit).then_some(q.window)
         }
         (_, Counter::Bucket { tokens, at }) => {
             let refill =
@@ -819,8 +809,9 @@ async fn get_message(
 ) -> Response {
     let mut inner = s.inner.lock();
     inner.stats.message_lookups += 1;
-    if let Err(r) = authorize(&s, &inner, &headers) {
-        return r;
+    if let Err((code, msg)) = authorize(&inner, &headers) {
+        drop(inner);
+        return error(&s, 400, code, msg);
     }
     if !well_formed_id(&message_id) {
         drop(inner);

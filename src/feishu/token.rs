@@ -132,18 +132,13 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    fn fetcher(
-        n: &AtomicU32,
-        ttl_s: u64,
-    ) -> impl Future<Output = Result<FetchedToken, UpstreamError>> + '_ {
-        async move {
-            let i = n.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            Ok(FetchedToken {
-                value: format!("t-{i}"),
-                expires_in: Duration::from_secs(ttl_s),
-            })
-        }
+    async fn fetcher(n: &AtomicU32, ttl_s: u64) -> Result<FetchedToken, UpstreamError> {
+        let i = n.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(FetchedToken {
+            value: format!("t-{i}"),
+            expires_in: Duration::from_secs(ttl_s),
+        })
     }
 
     #[tokio::test(start_paused = true)]
