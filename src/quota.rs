@@ -118,12 +118,33 @@ impl Ring {
         self.slots[idx as usize]
     }
 
-    /// Behave as if the whole quota had been spent at `now`: no send until `until`.
-    fn block_until(&mut self, until_minus_window: Micros) {
-        for s in self.slots.iter_mut() {
-            *s = (*s).max(until_minus_window);
+    /// Moves the newest entry equal to `from` to `to` (a send recorded at its dispatch instant
+    /// that actually left later). Returns false when the entry is gone.
+    fn restamp(&mut self, from: Micros, to: Micros) -> bool {
+        let cap = self.cap();
+        for back in (0..self.len).rev() {
+            let idx = ((self.head + back) % cap) as usize;
+            if self.slots[idx] == from {
+                self.slots[idx] = to;
+                return true;
+            }
         }
-        self.len = self.cap();
+        false
+    }
+
+    /// Behave as if the whole quota had been spent: no send until `until_minus_window` + window.
+    /// Missing entries become the oldest ones, so the ring stays in time order.
+    fn block_until(&mut self, until_minus_window: Micros) {
+        let cap = self.cap() as usize;
+        let mut slots = vec![until_minus_window; cap];
+        let missing = cap - self.len as usize;
+        for i in 0..self.len as usize {
+            let idx = (self.head as usize + i) % cap;
+            slots[missing + i] = self.slots[idx].max(until_minus_window);
+        }
+        self.slots = slots.into_boxed_slice();
+        self.head = 0;
+        self.len = cap as u32;
     }
 }
 
@@ -204,6 +225,21 @@ impl QuotaTable {
             .entry(key.id.clone())
             .or_insert_with(|| Ring::new(limit))
             .block_until(until.saturating_sub(span));
+    }
+
+    /// A send recorded at `from` (the dispatch decision) actually started at `to` (> `from`):
+    /// count it from `to`, so the gap between deciding and sending never shortens a window.
+    /// Sound because an entry only ever moves later (more conservative) and each ring still
+    /// holds the last N sends of its key.
+    pub fn restamp(&mut self, keys: &[QuotaKey], from: Micros, to: Micros) {
+        if to <= from {
+            return;
+        }
+        for k in keys {
+            if let Some(r) = self.keys[k.quota].get_mut(&k.id) {
+                r.restamp(from, to);
+            }
+        }
     }
 
     /// Forgets keys whose every recorded send is out of its window (they are equivalent to an
@@ -290,6 +326,38 @@ mod tests {
         assert_eq!(t.nth_ready_at(&k, 3), 1000 * MS);
         assert_eq!(t.nth_ready_at(&k, 5), 1200 * MS);
         assert_eq!(t.nth_ready_at(&k, 8), 2000 * MS);
+    }
+
+    #[test]
+    fn restamp_moves_a_send_later_and_delays_the_window() {
+        let mut t = QuotaTable::new(vec![spec(2, 1000)], Duration::ZERO);
+        let k = [QuotaKey::new(0, "c")];
+        t.try_acquire(&k, 0).unwrap();
+        t.try_acquire(&k, 10 * MS).unwrap();
+        t.restamp(&k, 0, 30 * MS);
+        // Oldest by insertion now counts from 30 ms.
+        assert_eq!(t.try_acquire(&k, 1000 * MS), Err(1030 * MS));
+        t.try_acquire(&k, 1030 * MS).unwrap();
+        // The send at 10 ms is out of the window by now: one more fits, then none until 2030.
+        t.try_acquire(&k, 1030 * MS).unwrap();
+        assert_eq!(t.try_acquire(&k, 1500 * MS), Err(2030 * MS));
+    }
+
+    #[test]
+    fn block_until_on_a_partly_used_ring_keeps_time_order() {
+        let mut t = QuotaTable::new(vec![spec(1000, 60_000)], Duration::ZERO);
+        let k = [QuotaKey::new(0, "app")];
+        let base = 3600 * 1000 * MS;
+        for i in 0..100 {
+            t.try_acquire(&k, base + i * MS).unwrap();
+        }
+        t.block_until(&k[0], base + 1100 * MS);
+        // Silent until 1.1 s, then the 900 unused sends of this minute are available again.
+        assert_eq!(t.try_acquire(&k, base + 1000 * MS), Err(base + 1100 * MS));
+        for _ in 0..900 {
+            t.try_acquire(&k, base + 1100 * MS).unwrap();
+        }
+        assert_eq!(t.try_acquire(&k, base + 1100 * MS), Err(base + 60_000 * MS));
     }
 
     #[test]

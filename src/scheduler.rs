@@ -26,6 +26,17 @@ const CHAT_QUOTA: usize = 0;
 const USER_QUOTA: usize = 1;
 const FIRST_APP_QUOTA: usize = 2;
 
+/// Sends starting later than this after their dispatch decision are re-stamped in the quotas.
+const RESTAMP_AFTER: Micros = 200;
+
+/// Quota instants start this far from zero, so "a window before now" is representable from
+/// the first moment (quota arithmetic saturates at zero).
+const CLOCK_OFFSET: Micros = 24 * 3600 * 1_000_000;
+
+fn to_micros(origin: Instant, t: Instant) -> Micros {
+    CLOCK_OFFSET + micros(t.saturating_duration_since(origin))
+}
+
 /// How often idle quota keys are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
@@ -100,6 +111,12 @@ enum Command {
     },
     Shutdown {
         grace: Duration,
+    },
+    /// A send decided at `decided` (quota recorded then) started at `started`.
+    Started {
+        keys: Vec<QuotaKey>,
+        decided: Micros,
+        started: Micros,
     },
 }
 
@@ -288,11 +305,11 @@ impl Dispatcher {
     }
 
     fn micros(&self, t: Instant) -> Micros {
-        micros(t.saturating_duration_since(self.origin))
+        to_micros(self.origin, t)
     }
 
     fn instant(&self, m: Micros) -> Instant {
-        self.origin + Duration::from_micros(m)
+        self.origin + Duration::from_micros(m.saturating_sub(CLOCK_OFFSET))
     }
 
     fn next_wake(&self) -> Instant {
@@ -314,6 +331,11 @@ impl Dispatcher {
         match cmd {
             Command::Submit(job) => self.admit(job),
             Command::SendDone { job, result } => self.send_done(job, result),
+            Command::Started {
+                keys,
+                decided,
+                started,
+            } => self.quotas.restamp(&keys, decided, started),
             Command::Shutdown { grace } => {
                 let until = Instant::now() + grace;
                 self.draining_until = Some(self.draining_until.map_or(until, |u| u.min(until)));
@@ -485,9 +507,7 @@ impl Dispatcher {
             return;
         };
         let wait_until = if head.not_before > now {
-            Err(micros(
-                head.not_before.saturating_duration_since(self.origin),
-            ))
+            Err(to_micros(self.origin, head.not_before))
         } else {
             self.quotas.try_acquire(&head.keys, now_m)
         };
@@ -503,16 +523,37 @@ impl Dispatcher {
             job.first_send_at = Some(now);
             self.metrics.queue_wait(now - job.accepted_at);
         }
-        self.spawn_send(job);
+        self.spawn_send(job, now_m);
     }
 
-    fn spawn_send(&self, job: Job) {
+    fn spawn_send(&self, job: Job, decided: Micros) {
         let upstream = self.upstream.clone();
         let metrics = self.metrics.clone();
         let tx = self.tx.clone();
+        let origin = self.origin;
         tokio::spawn(async move {
+            // The request may leave a little after the decision (busy machine, token fetch):
+            // count the send from when it really leaves.
+            let stamp = std::sync::atomic::AtomicU64::new(decided);
+            let keys = job.keys.clone();
+            let on_send = || {
+                let now = to_micros(origin, Instant::now());
+                let from = stamp.load(Ordering::Relaxed);
+                if now > from + RESTAMP_AFTER
+                    && let Some(tx) = tx.upgrade()
+                {
+                    stamp.store(now, Ordering::Relaxed);
+                    let _ = tx.send(Command::Started {
+                        keys: keys.clone(),
+                        decided: from,
+                        started: now,
+                    });
+                }
+            };
             metrics.in_flight(1);
-            let result = upstream.reply(job.spec.app, &job.spec.request).await;
+            let result = upstream
+                .reply(job.spec.app, &job.spec.request, &on_send)
+                .await;
             metrics.in_flight(-1);
             match tx.upgrade() {
                 Some(tx) => {
@@ -595,10 +636,16 @@ impl Dispatcher {
                 .filter(|k| (reason == RetryReason::Frequency) == (k.quota >= FIRST_APP_QUOTA))
                 .cloned()
                 .collect();
+            // Feishu's reset when it gave one, else the shortest window among the keys (the
+            // per-minute app quota must not silence the app for a minute on a per-second hit).
+            let shortest = keys
+                .iter()
+                .map(|k| self.quotas.specs()[k.quota].window)
+                .min()
+                .unwrap_or_default();
+            let until = now_m + micros(error.retry_after().unwrap_or(shortest));
             for k in &keys {
-                let window = self.quotas.specs()[k.quota].window;
-                let wait = error.retry_after().unwrap_or(window).max(window);
-                self.quotas.block_until(k, now_m + micros(wait));
+                self.quotas.block_until(k, until);
             }
         }
         let backoff = self.backoff(job.attempts, error.retry_after());
@@ -748,8 +795,10 @@ mod tests {
             &'a self,
             _app: AppIndex,
             req: &'a SendRequest,
+            on_send: &'a (dyn Fn() + Send + Sync),
         ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
             Box::pin(async move {
+                on_send();
                 let answer = {
                     let mut s = self.script.lock();
                     let chat = req.content.clone();

@@ -1,0 +1,293 @@
+//! Delivery over real gRPC and HTTP against the fake Feishu in `sliding` mode: pacing, order,
+//! fairness, each retry class, deadlines and the shutdown drain. These run in real time, so
+//! they are few and assert on what the fake recorded, never on wall-clock durations.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{max_in_window, spawn_gateway, spawn_gateway_with, text};
+use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+fn fault(message_id: &str, http: u16, code: i64, times: u32) -> Fault {
+    Fault {
+        message_id: Some(message_id.into()),
+        http,
+        code,
+        times,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_of_1000_replies_to_distinct_chats_drains_with_zero_rejections() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    // From cold: the 1000 concurrent callers share one token fetch.
+    let start = Instant::now();
+    let calls: Vec<_> = (0..1000)
+        .map(|i| {
+            let gw_client = gw.client.clone();
+            tokio::spawn(async move {
+                let mut c = gw_client;
+                c.reply(text(&format!("om_b{i}"), &format!("oc_b{i}"), "burst"))
+                    .await
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap().expect("every reply delivered");
+    }
+    let drain = start.elapsed();
+    let stats = gw.fake.stats();
+    eprintln!("burst drain: 1000 replies in {drain:?} (physical limit 19 s)");
+    assert_eq!(stats.rate_rejections(), 0, "{stats:?}");
+    assert_eq!(stats.posted, 1000);
+    assert_eq!(stats.token_requests, 1);
+    let times: Vec<f64> = gw
+        .fake
+        .received()
+        .iter()
+        .filter(|r| r.message_id.starts_with("om_b"))
+        .map(|r| r.at_ms)
+        .collect();
+    assert!(max_in_window(&times, 1000.0) <= 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_within_a_chat_is_kept_through_retries() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    gw.fake.push_fault(fault("om_o2", 400, 230049, 2));
+    gw.fake.push_fault(fault("om_o4", 503, 1, 1));
+    let mut calls = Vec::new();
+    for i in 0..9 {
+        let mut c = gw.client.clone();
+        calls.push(tokio::spawn(async move {
+            c.reply(text(&format!("om_o{i}"), "oc_order", "x")).await
+        }));
+        // Space submissions so the acceptance order is the loop order.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    let posted: Vec<String> = gw
+        .fake
+        .received()
+        .into_iter()
+        .filter(|r| r.code == 0)
+        .map(|r| r.message_id)
+        .collect();
+    let want: Vec<String> = (0..9).map(|i| format!("om_o{i}")).collect();
+    assert_eq!(posted, want);
+    assert_eq!(gw.fake.stats().rate_rejections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_chat_does_not_delay_other_chats() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let hot: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = gw.client.clone();
+            tokio::spawn(async move {
+                c.reply(text(&format!("om_h{i}_in_hot"), "oc_hot", "x"))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let cold: Vec<_> = (0..10)
+        .map(|i| gw.reply(text(&format!("om_c{i}"), &format!("oc_c{i}"), "x")))
+        .collect();
+    for r in futures_util::future::join_all(cold).await {
+        r.unwrap();
+    }
+    // All cold replies reached Feishu before the hot chat's second window opened.
+    let hot_seen = gw
+        .fake
+        .received()
+        .iter()
+        .filter(|r| r.chat_id == "oc_hot")
+        .count();
+    assert!(
+        hot_seen <= 5,
+        "cold chats waited for the hot one ({hot_seen} hot sends first)"
+    );
+    for h in hot {
+        h.await.unwrap().unwrap();
+    }
+    let times: Vec<f64> = gw
+        .fake
+        .received()
+        .iter()
+        .filter(|r| r.chat_id == "oc_hot")
+        .map(|r| r.at_ms)
+        .collect();
+    assert_eq!(times.len(), 20);
+    assert!(max_in_window(&times, 1000.0) <= 5);
+    assert_eq!(gw.fake.stats().rate_rejections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_retry_class_is_retried_with_the_same_uuid() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let cases = [
+        (
+            "om_r230020",
+            Fault {
+                ..fault("om_r230020", 400, 230020, 1)
+            },
+            "rate_limited_230020",
+        ),
+        (
+            "om_r230049",
+            fault("om_r230049", 400, 230049, 1),
+            "being_sent_230049",
+        ),
+        (
+            "om_r429",
+            Fault {
+                reset_s: Some(1),
+                ..fault("om_r429", 429, 99991400, 1)
+            },
+            "frequency_limit_429",
+        ),
+        ("om_r503", fault("om_r503", 503, 1, 1), "server_error_5xx"),
+        (
+            "om_r502html",
+            Fault {
+                html: true,
+                ..fault("om_r502html", 502, 0, 1)
+            },
+            "server_error_5xx",
+        ),
+    ];
+    for (id, f, _) in &cases {
+        gw.fake.push_fault(f.clone());
+        let r = gw.reply(text(id, &format!("oc_{id}"), "x")).await.unwrap();
+        assert_eq!(r.attempts, 2, "{id}");
+        let seen: Vec<_> = gw
+            .fake
+            .received()
+            .into_iter()
+            .filter(|x| x.message_id == *id)
+            .collect();
+        assert_eq!(seen.len(), 2, "{id}");
+        assert!(
+            seen.iter().all(|x| x.uuid == r.uuid),
+            "{id}: one uuid across attempts"
+        );
+        if *id == "om_r429" {
+            assert!(
+                seen[1].at_ms - seen[0].at_ms >= 1000.0,
+                "x-ogw-ratelimit-reset honoured"
+            );
+        }
+    }
+    let (_, metrics) = gw.http_get("/metrics").await;
+    for (reason, n) in [
+        ("rate_limited_230020", 1),
+        ("being_sent_230049", 1),
+        ("frequency_limit_429", 1),
+        ("server_error_5xx", 2),
+    ] {
+        let line = format!("feishu_reply_retries_total{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    assert!(metrics.contains("feishu_reply_upstream_rate_rejections_total{app=\"default\",reason=\"rate_limited_230020\"} 1"));
+    assert!(metrics.contains("feishu_reply_upstream_rate_rejections_total{app=\"default\",reason=\"frequency_limit_429\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_exhausted_is_unavailable_with_retry_info() {
+    let gw = spawn_gateway_with(FakeOptions::default(), |f| {
+        let mut c = common::config_for(f, "");
+        c.retry.max_attempts = 3;
+        c
+    })
+    .await;
+    gw.fake.push_fault(fault("om_x", 400, 230049, 10));
+    let s = gw.reply(text("om_x", "oc_x", "x")).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable);
+    let info = s.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "FEISHU_230049");
+    assert_eq!(info.metadata["attempts"], "3");
+    assert!(s.get_details_retry_info().is_some());
+    assert_eq!(gw.fake.stats().posted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_whose_deadline_passes_in_the_queue_is_never_sent() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    // The head of the chat meets a 503 asking to wait 2 s: the chat waits behind it.
+    gw.fake.push_fault(Fault {
+        reset_s: Some(2),
+        ..fault("om_head", 503, 1, 1)
+    });
+    let head = {
+        let mut c = gw.client.clone();
+        tokio::spawn(async move { c.reply(text("om_head", "oc_d", "x")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let s = gw
+        .reply_with_timeout(text("om_late", "oc_d", "x"), Duration::from_millis(800))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "DEADLINE_BEFORE_SEND"
+    );
+    assert_eq!(head.await.unwrap().unwrap().into_inner().attempts, 2);
+    // The chat moved on after the head; om_late never went out.
+    gw.reply(text("om_after", "oc_d", "x")).await.unwrap();
+    assert!(gw.fake.received().iter().all(|r| r.message_id != "om_late"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_for_the_grace_period_then_fails_the_rest() {
+    let mut gw = spawn_gateway(FakeOptions::default(), "[server]\nshutdown_grace_ms = 1500").await;
+    gw.reply(text("om_warm", "oc_warm", "x")).await.unwrap();
+    // 20 replies to one chat need ~4 s at 5/s; the grace period is 1.5 s.
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = gw.client.clone();
+            tokio::spawn(async move { c.reply(text(&format!("om_s{i}_in_s"), "oc_s", "x")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let task = gw.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(gw.http_get("/readyz").await.0, 503);
+    let (mut ok, mut unavailable) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+                assert_eq!(s.get_details_error_info().unwrap().reason, "SHUTTING_DOWN");
+                unavailable += 1;
+            }
+        }
+    }
+    assert_eq!(ok + unavailable, 20);
+    assert!(
+        (5..20).contains(&ok),
+        "{ok} delivered during the grace period"
+    );
+    let posted = gw
+        .fake
+        .received()
+        .iter()
+        .filter(|r| r.chat_id == "oc_s" && r.code == 0)
+        .count();
+    assert_eq!(
+        posted, ok,
+        "OK only for what Feishu accepted; nothing else sent"
+    );
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("gateway exits")
+        .unwrap();
+}
