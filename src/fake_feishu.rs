@@ -210,11 +210,7 @@ impl FakeFeishu {
             }),
         });
         let app = router(shared.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "fake Feishu stopped");
-            }
-        });
+        tokio::spawn(serve_title_case(listener, app));
         Self { addr, shared }
     }
 
@@ -256,6 +252,33 @@ impl FakeFeishu {
 
     pub fn set_options(&self, f: impl FnOnce(&mut FakeOptions)) {
         f(&mut self.shared.inner.lock().opts);
+    }
+}
+
+/// Serves HTTP/1.1 with header names in Feishu's casing (`X-Tt-Logid`): official SDKs copy
+/// the headers into a case-sensitive map and look for that exact name.
+async fn serve_title_case(listener: TcpListener, app: Router) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "fake Feishu accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder.http1().title_case_headers(true);
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 

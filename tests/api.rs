@@ -362,3 +362,22 @@ async fn a_runaway_caller_is_refused_but_others_still_get_through() {
         .insert("x-caller", "polite".parse().unwrap());
     gw.client.clone().reply(req).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_fake_answers_with_feishus_header_casing() {
+    // Official SDKs (lark-oapi) copy headers into a case-sensitive dict and read "X-Tt-Logid".
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = common::spawn_fake(FakeOptions::default()).await;
+    let body = r#"{"app_id":"cli_a","app_secret":"s"}"#;
+    let mut conn = tokio::net::TcpStream::connect(fake.addr()).await.unwrap();
+    let req = format!(
+        "POST /open-apis/auth/v3/tenant_access_token/internal HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.contains("\r\nX-Tt-Logid: "), "{raw}");
+    assert!(raw.contains("\"tenant_access_token\":\"t-"), "{raw}");
+    assert!(raw.contains("\"expire\":7200"), "{raw}");
+}
