@@ -15,13 +15,14 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
+use crate::cluster::RedisQuota;
 use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
 use crate::feishu::{FeishuClient, Upstream};
 use crate::grpc::ReplyService;
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{ClusterState, Scheduler, SchedulerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -33,12 +34,25 @@ pub enum AppError {
     Grpc(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("cluster mode: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+}
+
+/// The URL without its password (for logs).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// State the metrics port serves.
 struct Probe {
     metrics: Arc<Metrics>,
     ready: AtomicBool,
+    scheduler: Scheduler,
 }
 
 /// With no app configured: start a fake Feishu on loopback and point a default app at it.
@@ -113,7 +127,14 @@ pub async fn run_with_upstream(
     for a in &config.apps {
         metrics.init_app(&a.name);
     }
-    let scheduler = Scheduler::start(
+    let store = match &config.cluster {
+        Some(c) => {
+            tracing::info!(redis = %redact_url(&c.redis_url), policy = ?c.on_failure, "cluster mode: quotas shared through Redis");
+            Some(Arc::new(RedisQuota::new(c.clone(), metrics.clone())?))
+        }
+        None => None,
+    };
+    let scheduler = Scheduler::start_with(
         SchedulerConfig {
             quotas: config.quotas.clone(),
             queue: config.queue.clone(),
@@ -121,6 +142,7 @@ pub async fn run_with_upstream(
         },
         upstream.clone(),
         metrics.clone(),
+        store,
     );
     let service = Arc::new(ReplyService::new(
         config.apps.clone(),
@@ -155,6 +177,7 @@ pub async fn run_with_upstream(
     let probe = Arc::new(Probe {
         metrics: metrics.clone(),
         ready: AtomicBool::new(true),
+        scheduler: scheduler.clone(),
     });
     let metrics_addr = metrics_listener.local_addr().ok();
     let metrics_server =
@@ -238,10 +261,20 @@ fn probe_router(probe: Arc<Probe>) -> Router {
         .route(
             "/readyz",
             get(|State(p): State<Arc<Probe>>| async move {
-                if p.ready.load(Ordering::Acquire) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                if !p.ready.load(Ordering::Acquire) {
+                    return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+                }
+                match p.scheduler.cluster_state() {
+                    ClusterState::Local => (StatusCode::OK, "ready\n"),
+                    ClusterState::Shared => (StatusCode::OK, "ready (quotas shared through redis)\n"),
+                    ClusterState::Fallback => (
+                        StatusCode::OK,
+                        "ready, degraded: redis unavailable, local quotas at this replica's share\n",
+                    ),
+                    ClusterState::Holding => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: redis unavailable and on_redis_failure = fail_closed\n",
+                    ),
                 }
             }),
         )

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::cluster::{ClusterConfig, RedisFailurePolicy};
 use crate::quota::QuotaSpec;
 
 /// Feishu's documented base URL (Lark: `https://open.larksuite.com`).
@@ -37,6 +38,9 @@ pub struct ServeArgs {
     /// app_secret of the default app. Prefer the env var: flags show up in `ps`.
     #[arg(long, env = "FEISHU_APP_SECRET", hide_env_values = true)]
     pub app_secret: Option<String>,
+    /// Redis URL for cluster mode (replicas share every quota), e.g. redis://redis:6379.
+    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +144,8 @@ pub struct Config {
     pub queue: QueueConfig,
     pub retry: RetryConfig,
     pub admission: AdmissionConfig,
+    /// Cluster mode (quotas shared through Redis); None = single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 // === file format ===
@@ -162,6 +168,30 @@ struct FileConfig {
     retry: FileRetry,
     #[serde(default)]
     admission: FileAdmission,
+    #[serde(default)]
+    cluster: FileCluster,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileCluster {
+    redis_url: Option<String>,
+    key_prefix: String,
+    redis_timeout_ms: u64,
+    on_redis_failure: RedisFailurePolicy,
+    replicas: usize,
+}
+
+impl Default for FileCluster {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            key_prefix: "feishu-reply".into(),
+            redis_timeout_ms: 100,
+            on_redis_failure: RedisFailurePolicy::Local,
+            replicas: 3,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -336,6 +366,7 @@ impl Config {
             queue,
             retry,
             admission,
+            cluster,
         } = file;
         let ServeArgs {
             config: _,
@@ -344,6 +375,7 @@ impl Config {
             feishu_base_url,
             app_id,
             app_secret,
+            redis_url,
         } = args;
         let invalid = |m: String| ConfigError::Invalid(m);
 
@@ -450,6 +482,34 @@ impl Config {
             NonZeroU32::new(v).ok_or_else(|| invalid(format!("admission.{what} must be > 0")))
         };
 
+        let cluster = match redis_url.clone().or(cluster.redis_url.clone()) {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(invalid(
+                        "cluster.redis_url must start with redis:// or rediss://".into(),
+                    ));
+                }
+                if cluster.redis_timeout_ms == 0 || cluster.replicas == 0 {
+                    return Err(invalid(
+                        "cluster.redis_timeout_ms and cluster.replicas must be > 0".into(),
+                    ));
+                }
+                if cluster.key_prefix.is_empty() || cluster.key_prefix.contains(['{', '}']) {
+                    return Err(invalid(
+                        "cluster.key_prefix must be non-empty and free of '{' '}'".into(),
+                    ));
+                }
+                Some(ClusterConfig {
+                    redis_url: url,
+                    key_prefix: cluster.key_prefix,
+                    redis_timeout: Duration::from_millis(cluster.redis_timeout_ms),
+                    on_failure: cluster.on_redis_failure,
+                    replicas: cluster.replicas,
+                })
+            }
+        };
+
         Ok(Config {
             grpc_addr: grpc_addr.unwrap_or(server.grpc_addr),
             metrics_addr: metrics_addr.unwrap_or(server.metrics_addr),
@@ -478,6 +538,7 @@ impl Config {
                 per_caller_rps: nz("per_caller_rps", admission.per_caller_rps)?,
                 per_caller_burst: nz("per_caller_burst", admission.per_caller_burst)?,
             },
+            cluster,
         })
     }
 
@@ -539,6 +600,11 @@ mod tests {
             ("[apps.a]\napp_id = \"cli\"", "exactly one of"),
             ("[feishu]\nbase_url = \"open.feishu.cn\"", "must start with"),
             ("[retry]\nmax_attempts = 0", "max_attempts"),
+            ("[cluster]\nredis_url = \"localhost:6379\"", "redis://"),
+            (
+                "[cluster]\nredis_url = \"redis://r\"\non_redis_failure = \"ignore\"",
+                "unknown variant",
+            ),
         ] {
             let err = Config::from_toml(toml).unwrap_err().to_string();
             assert!(err.contains(want), "{toml}: {err}");
@@ -557,6 +623,14 @@ mod tests {
         assert_eq!(c.default_app.as_deref(), Some(DEFAULT_APP_NAME));
         assert_eq!(c.apps[0].app_id, "cli_env");
         assert_eq!(c.grpc_addr.port(), 7000);
+        assert!(c.cluster.is_none());
+        let redis = ServeArgs {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..Default::default()
+        };
+        let c = Config::build(FileConfig::default(), &redis).unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!((cl.on_failure, cl.replicas), (RedisFailurePolicy::Local, 3));
         let half = ServeArgs {
             app_id: Some("x".into()),
             ..Default::default()

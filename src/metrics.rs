@@ -52,10 +52,20 @@ pub struct Metrics {
     chat_lookups: Family<OutcomeLabel, Counter>,
     quota_keys: Gauge,
     admission_rejections: Counter,
+    redis_calls: Family<RedisCallLabels, Counter>,
+    redis_up: Gauge,
+    redis_fallback: Gauge,
+    replicas: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedisCallLabels {
+    op: &'static str,
+    outcome: &'static str,
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 11] = [
+pub const METRIC_NAMES: [&str; 15] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -67,6 +77,10 @@ pub const METRIC_NAMES: [&str; 11] = [
     "feishu_reply_chat_lookups",
     "feishu_reply_quota_keys",
     "feishu_reply_admission_rejections",
+    "feishu_reply_redis_calls",
+    "feishu_reply_redis_up",
+    "feishu_reply_redis_fallback",
+    "feishu_reply_cluster_replicas",
 ];
 
 impl Default for Metrics {
@@ -146,6 +160,30 @@ impl Metrics {
             "Calls refused by per-caller admission control",
             admission_rejections.clone(),
         );
+        let redis_calls = Family::<RedisCallLabels, Counter>::default();
+        registry.register(
+            "feishu_reply_redis_calls",
+            "Redis round trips (cluster mode), by op (decide, replay, heartbeat) and outcome",
+            redis_calls.clone(),
+        );
+        let redis_up = Gauge::default();
+        registry.register(
+            "feishu_reply_redis_up",
+            "1 when the shared quota store answers (cluster mode), else 0",
+            redis_up.clone(),
+        );
+        let redis_fallback = Gauge::default();
+        registry.register(
+            "feishu_reply_redis_fallback",
+            "1 while Redis is down and the failure policy is in effect (local share or fail-closed)",
+            redis_fallback.clone(),
+        );
+        let replicas = Gauge::default();
+        registry.register(
+            "feishu_reply_cluster_replicas",
+            "Gateway replicas seen by the Redis heartbeat in the last 5 s",
+            replicas.clone(),
+        );
         let m = Self {
             registry,
             requests,
@@ -159,10 +197,21 @@ impl Metrics {
             chat_lookups,
             quota_keys,
             admission_rejections,
+            redis_calls,
+            redis_up,
+            redis_fallback,
+            replicas,
         };
         // Pre-create the series operators alert on, so they read 0 rather than "no data".
         for r in RetryReason::ALL {
             let _ = m.retries.get_or_create(&ReasonLabel { reason: r.as_str() });
+        }
+        for op in ["decide", "replay", "heartbeat"] {
+            for outcome in ["ok", "error"] {
+                let _ = m
+                    .redis_calls
+                    .get_or_create(&RedisCallLabels { op, outcome });
+            }
         }
         for outcome in ["hit", "miss", "error"] {
             let _ = m.chat_lookups.get_or_create(&OutcomeLabel { outcome });
@@ -254,6 +303,22 @@ impl Metrics {
 
     pub fn admission_rejected(&self) {
         self.admission_rejections.inc();
+    }
+
+    pub fn redis_call(&self, op: &'static str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.redis_calls
+            .get_or_create(&RedisCallLabels { op, outcome })
+            .inc();
+    }
+
+    pub fn set_redis_state(&self, up: bool, fallback: bool) {
+        self.redis_up.set(i64::from(up));
+        self.redis_fallback.set(i64::from(fallback));
+    }
+
+    pub fn set_replicas(&self, n: usize) {
+        self.replicas.set(n as i64);
     }
 }
 

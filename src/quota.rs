@@ -155,6 +155,9 @@ pub struct QuotaTable {
     /// window + safety margin, per quota, in micros.
     spans: Vec<Micros>,
     keys: Vec<HashMap<Arc<str>, Ring>>,
+    /// No key may send before `floor + span` (0 = no floor): set when this table takes over
+    /// from another source of truth whose sends it cannot see (Redis down → local quotas).
+    floor: Micros,
 }
 
 impl QuotaTable {
@@ -166,7 +169,12 @@ impl QuotaTable {
             .map(|s| micros(s.window) + micros(margin))
             .collect();
         let keys = specs.iter().map(|_| HashMap::new()).collect();
-        Self { specs, spans, keys }
+        Self {
+            specs,
+            spans,
+            keys,
+            floor: 0,
+        }
     }
 
     pub fn specs(&self) -> &[QuotaSpec] {
@@ -177,12 +185,51 @@ impl QuotaTable {
     pub fn ready_at(&self, keys: &[QuotaKey]) -> Micros {
         keys.iter()
             .map(|k| {
-                self.keys[k.quota]
+                let span = self.spans[k.quota];
+                let ring = self.keys[k.quota]
                     .get(&k.id)
-                    .map_or(0, |r| r.ready_at(self.spans[k.quota]))
+                    .map_or(0, |r| r.ready_at(span));
+                ring.max(self.floor_for(span))
             })
             .max()
             .unwrap_or(0)
+    }
+
+    fn floor_for(&self, span: Micros) -> Micros {
+        if self.floor == 0 {
+            0
+        } else {
+            self.floor.saturating_add(span)
+        }
+    }
+
+    /// From now on no key sends before `floor` + its span (see the field doc).
+    pub fn set_floor(&mut self, floor: Micros) {
+        self.floor = floor;
+    }
+
+    /// Span (window + margin) of a quota, µs.
+    pub fn span(&self, quota: QuotaId) -> Micros {
+        self.spans[quota]
+    }
+
+    /// Every key's sends still inside its window, as ages (µs before `now`).
+    pub fn live_entries(&self, now: Micros) -> Vec<(QuotaKey, Vec<Micros>)> {
+        let mut out = Vec::new();
+        for (quota, (map, &span)) in self.keys.iter().zip(&self.spans).enumerate() {
+            for (id, ring) in map {
+                let cap = ring.cap();
+                let ages: Vec<Micros> = (0..ring.len)
+                    .map(|i| ring.slots[((ring.head + i) % cap) as usize])
+                    .filter(|&t| t <= now && t.saturating_add(span) > now)
+                    .map(|t| now - t)
+                    .collect();
+                if !ages.is_empty() {
+                    out.push((QuotaKey::new(quota, id.clone()), ages));
+                }
+            }
+        }
+        out
     }
 
     /// Records one send in every key if all have room at `now`; otherwise records nothing and
@@ -206,13 +253,14 @@ impl QuotaTable {
     /// behind `nth - 1` others in its chat cannot be sent before this).
     pub fn nth_ready_at(&self, key: &QuotaKey, nth: u64) -> Micros {
         let span = self.spans[key.quota];
-        match self.keys[key.quota].get(&key.id) {
+        let bound = match self.keys[key.quota].get(&key.id) {
             Some(r) => r.nth_ready_at(nth.max(1), span),
             None => {
                 let cap = u64::from(self.specs[key.quota].limit.get());
                 ((nth.max(1) - 1) / cap).saturating_mul(span)
             }
-        }
+        };
+        bound.max(self.floor_for(span))
     }
 
     /// Feishu rejected a send on this key for rate although we kept within the quota (another
@@ -358,6 +406,20 @@ mod tests {
             t.try_acquire(&k, base + 1100 * MS).unwrap();
         }
         assert_eq!(t.try_acquire(&k, base + 1100 * MS), Err(base + 60_000 * MS));
+    }
+
+    #[test]
+    fn a_floor_holds_every_key_for_its_window_and_entries_can_be_read_back() {
+        let mut t = QuotaTable::new(vec![spec(5, 1000), spec(50, 100)], Duration::ZERO);
+        t.set_floor(10_000 * MS);
+        let chat = [QuotaKey::new(0, "c")];
+        let fast = [QuotaKey::new(1, "a")];
+        assert_eq!(t.try_acquire(&chat, 10_000 * MS), Err(11_000 * MS));
+        assert_eq!(t.try_acquire(&fast, 10_000 * MS), Err(10_100 * MS));
+        t.try_acquire(&fast, 10_100 * MS).unwrap();
+        t.try_acquire(&fast, 10_150 * MS).unwrap();
+        let live = t.live_entries(10_160 * MS);
+        assert_eq!(live, vec![(QuotaKey::new(1, "a"), vec![60 * MS, 10 * MS])]);
     }
 
     #[test]

@@ -8,13 +8,14 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::cluster::{RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
 use crate::error::GatewayError;
 use crate::feishu::{AppIndex, RetryReason, SendRequest, SentMessage, Upstream, UpstreamError};
@@ -112,6 +113,16 @@ enum Command {
     Shutdown {
         grace: Duration,
     },
+    /// Redis answered a decision for the head job `job_id` of `chat_id`.
+    Decided {
+        chat_id: Arc<str>,
+        job_id: u64,
+        result: Result<Result<(), Duration>, String>,
+    },
+    /// The heartbeat reached Redis (true) or not (false).
+    RedisHealth(bool),
+    /// Local sends were written back to Redis after an outage (or that failed).
+    Replayed(Result<(), String>),
     /// A send decided at `decided` (quota recorded then) started at `started`.
     Started {
         keys: Vec<QuotaKey>,
@@ -126,7 +137,49 @@ pub struct Scheduler {
     tx: mpsc::UnboundedSender<Command>,
     accepting: Arc<AtomicBool>,
     drained: watch::Receiver<bool>,
+    cluster: Arc<AtomicU8>,
 }
+
+/// Where quota decisions come from (see [`Scheduler::cluster_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterState {
+    /// Single node: local quotas.
+    Local,
+    /// Cluster mode, Redis answering.
+    Shared,
+    /// Redis down: local quotas scaled to this replica's share.
+    Fallback,
+    /// Redis down, policy fail_closed: holding jobs.
+    Holding,
+}
+
+impl ClusterState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ClusterState::Shared,
+            2 => ClusterState::Fallback,
+            3 => ClusterState::Holding,
+            _ => ClusterState::Local,
+        }
+    }
+}
+
+/// Shared-quota state of the dispatcher.
+enum SharedMode {
+    Up,
+    /// Redis down since `since`; local quotas (scaled, floored) or holding.
+    Down,
+    /// Redis back; local sends are being written to it. Still deciding locally.
+    Replaying,
+}
+
+struct Shared {
+    store: Arc<RedisQuota>,
+    mode: SharedMode,
+}
+
+/// How often a held (fail-closed) chat re-checks whether Redis is back.
+const HOLD_RECHECK: Duration = Duration::from_millis(250);
 
 /// Knobs of the scheduler, taken from [`crate::config::Config`].
 #[derive(Debug, Clone)]
@@ -145,13 +198,34 @@ impl Scheduler {
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::start_with(config, upstream, metrics, None)
+    }
+
+    /// Starts the dispatcher; with `store`, quota decisions go through Redis (cluster mode).
+    pub fn start_with(
+        config: SchedulerConfig,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<Metrics>,
+        store: Option<Arc<RedisQuota>>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
+        let cluster = Arc::new(AtomicU8::new(if store.is_some() { 1 } else { 0 }));
+        if let Some(store) = &store {
+            metrics.set_redis_state(true, false);
+            tokio::spawn(monitor(store.clone(), tx.downgrade()));
+        }
         let (drained_tx, drained) = watch::channel(false);
         let accepting = Arc::new(AtomicBool::new(true));
         let mut specs: Vec<QuotaSpec> = vec![config.quotas.chat, config.quotas.user];
         specs.extend(config.quotas.app.iter().copied());
         let dispatcher = Dispatcher {
+            full_specs: specs.clone(),
             quotas: QuotaTable::new(specs, config.quotas.safety_margin),
+            shared: store.map(|store| Shared {
+                store,
+                mode: SharedMode::Up,
+            }),
+            cluster: cluster.clone(),
             app_quota_count: config.quotas.app.len(),
             config,
             origin: Instant::now(),
@@ -174,7 +248,13 @@ impl Scheduler {
             tx,
             accepting,
             drained,
+            cluster,
         }
+    }
+
+    /// Where quota decisions come from right now.
+    pub fn cluster_state(&self) -> ClusterState {
+        ClusterState::from_u8(self.cluster.load(Ordering::Relaxed))
     }
 
     /// Queues a job; the receiver yields its final result. Refusals (queue full, deadline
@@ -232,7 +312,12 @@ impl Scheduler {
 
 struct Dispatcher {
     config: SchedulerConfig,
+    /// Single node: the quotas. Cluster mode: the local fallback (scaled to this replica's
+    /// share, floored at the outage start).
     quotas: QuotaTable,
+    full_specs: Vec<QuotaSpec>,
+    shared: Option<Shared>,
+    cluster: Arc<AtomicU8>,
     app_quota_count: usize,
     origin: Instant,
     chats: HashMap<Arc<str>, ChatQueue>,
@@ -336,6 +421,13 @@ impl Dispatcher {
                 decided,
                 started,
             } => self.quotas.restamp(&keys, decided, started),
+            Command::Decided {
+                chat_id,
+                job_id,
+                result,
+            } => self.decided(chat_id, job_id, result),
+            Command::RedisHealth(up) => self.redis_health(up),
+            Command::Replayed(result) => self.replayed(result),
             Command::Shutdown { grace } => {
                 let until = Instant::now() + grace;
                 self.draining_until = Some(self.draining_until.map_or(until, |u| u.min(until)));
@@ -506,14 +598,40 @@ impl Dispatcher {
             self.chats.remove(chat_id);
             return;
         };
-        let wait_until = if head.not_before > now {
-            Err(to_micros(self.origin, head.not_before))
-        } else {
-            self.quotas.try_acquire(&head.keys, now_m)
-        };
-        if let Err(at) = wait_until {
+        if head.not_before > now {
+            let at = to_micros(self.origin, head.not_before);
             return self.schedule_at(chat_id, at);
         }
+        match self
+            .shared
+            .as_ref()
+            .map(|s| (&s.mode, s.store.config().on_failure))
+        {
+            Some((SharedMode::Up, _)) => {
+                // Ask Redis; the chat waits (busy) until the answer.
+                chat.busy = true;
+                let head = chat.jobs.front().expect("head");
+                let (keys, job_id) = (head.keys.clone(), head.id);
+                let keys = self.shared_keys(&keys);
+                return self.spawn_decision(chat_id.clone(), job_id, keys);
+            }
+            Some((_, RedisFailurePolicy::FailClosed)) => {
+                let at = self.micros(now + HOLD_RECHECK);
+                return self.schedule_at(chat_id, at);
+            }
+            _ => {}
+        }
+        let head = chat.jobs.front().expect("head");
+        if let Err(at) = self.quotas.try_acquire(&head.keys, now_m) {
+            return self.schedule_at(chat_id, at);
+        }
+        self.start_send(chat_id, now);
+    }
+
+    /// Pops the head of `chat_id` (its quota already recorded) and sends it.
+    fn start_send(&mut self, chat_id: &Arc<str>, now: Instant) {
+        let now_m = self.micros(now);
+        let chat = self.chats.get_mut(chat_id).expect("chat with a head");
         let mut job = chat.jobs.pop_front().expect("front");
         chat.busy = true;
         self.queued -= 1;
@@ -524,6 +642,176 @@ impl Dispatcher {
             self.metrics.queue_wait(now - job.accepted_at);
         }
         self.spawn_send(job, now_m);
+    }
+
+    fn shared_keys(&self, keys: &[QuotaKey]) -> Vec<SharedKey> {
+        let store = &self.shared.as_ref().expect("cluster mode").store;
+        keys.iter()
+            .map(|k| SharedKey {
+                name: store.key_name(k.quota, &k.id),
+                limit: self.full_specs[k.quota].limit.get(),
+                span_us: self.quotas.span(k.quota),
+            })
+            .collect()
+    }
+
+    fn spawn_decision(&self, chat_id: Arc<str>, job_id: u64, keys: Vec<SharedKey>) {
+        let store = self.shared.as_ref().expect("cluster mode").store.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let result = store.try_acquire(&keys).await.map_err(|e| e.to_string());
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(Command::Decided {
+                    chat_id,
+                    job_id,
+                    result,
+                });
+            }
+        });
+    }
+
+    fn decided(
+        &mut self,
+        chat_id: Arc<str>,
+        job_id: u64,
+        result: Result<Result<(), Duration>, String>,
+    ) {
+        let now = Instant::now();
+        let Some(chat) = self.chats.get_mut(&chat_id) else {
+            return;
+        };
+        chat.busy = false;
+        let head_id = chat.jobs.front().map(|j| j.id);
+        if head_id.is_none() {
+            self.chats.remove(&chat_id);
+            return;
+        }
+        match result {
+            // The head changed meanwhile (deadline, cancel): the recorded slot stays spent.
+            Ok(Ok(())) if head_id == Some(job_id) => self.start_send(&chat_id, now),
+            Ok(Ok(())) => self.schedule_now(&chat_id),
+            Ok(Err(wait)) => {
+                // A little jitter so replicas waiting on one key do not wake in lockstep.
+                let jitter = Duration::from_micros(rand::rng().random_range(0..=2_000));
+                let at = self.micros(now + wait + jitter);
+                self.schedule_at(&chat_id, at);
+            }
+            Err(e) => {
+                self.redis_down(&e);
+                self.schedule_now(&chat_id);
+            }
+        }
+    }
+
+    // --- cluster mode: Redis failure policy ---
+
+    fn publish_cluster_state(&self) {
+        let Some(shared) = &self.shared else { return };
+        let state = match (&shared.mode, shared.store.config().on_failure) {
+            (SharedMode::Up, _) => ClusterState::Shared,
+            (_, RedisFailurePolicy::FailClosed) => ClusterState::Holding,
+            _ => ClusterState::Fallback,
+        };
+        self.cluster.store(state as u8, Ordering::Relaxed);
+        let up = matches!(shared.mode, SharedMode::Up | SharedMode::Replaying);
+        self.metrics
+            .set_redis_state(up, !matches!(shared.mode, SharedMode::Up));
+    }
+
+    fn redis_down(&mut self, error: &str) {
+        let now_m = self.micros(Instant::now());
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        if !matches!(shared.mode, SharedMode::Up) {
+            return;
+        }
+        shared.mode = SharedMode::Down;
+        let replicas = shared.store.replicas();
+        let policy = shared.store.config().on_failure;
+        // This replica's share of every quota; nothing local before the Redis-era sends have
+        // left their windows (the floor), so the two sources never add up within a window.
+        let scaled: Vec<QuotaSpec> = self
+            .full_specs
+            .iter()
+            .map(|s| {
+                let share = (s.limit.get() as usize / replicas).max(1) as u32;
+                QuotaSpec::new(std::num::NonZeroU32::new(share).expect("max(1)"), s.window)
+            })
+            .collect();
+        self.quotas = QuotaTable::new(scaled, self.config.quotas.safety_margin);
+        self.quotas.set_floor(now_m);
+        tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
+        self.publish_cluster_state();
+    }
+
+    fn redis_health(&mut self, up: bool) {
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        match (&shared.mode, up) {
+            (SharedMode::Up, false) => self.redis_down("heartbeat failed"),
+            (SharedMode::Down, true) => {
+                if shared.store.config().on_failure == RedisFailurePolicy::FailClosed {
+                    shared.mode = SharedMode::Up;
+                    tracing::info!("Redis is back: shared quotas again");
+                    return self.publish_cluster_state();
+                }
+                shared.mode = SharedMode::Replaying;
+                let store = shared.store.clone();
+                let now_m = self.micros(Instant::now());
+                let entries: Vec<(SharedKey, Vec<Micros>)> = self
+                    .quotas
+                    .live_entries(now_m)
+                    .into_iter()
+                    .map(|(k, ages)| {
+                        let key = SharedKey {
+                            name: store.key_name(k.quota, &k.id),
+                            limit: self.full_specs[k.quota].limit.get(),
+                            span_us: self.quotas.span(k.quota),
+                        };
+                        (key, ages)
+                    })
+                    .collect();
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let mut result = Ok(());
+                    for (key, ages) in &entries {
+                        if let Err(e) = store.replay(key, ages).await {
+                            result = Err(e.to_string());
+                            break;
+                        }
+                    }
+                    if let Some(tx) = tx.upgrade() {
+                        let _ = tx.send(Command::Replayed(result));
+                    }
+                });
+                self.publish_cluster_state();
+            }
+            _ => {}
+        }
+    }
+
+    fn replayed(&mut self, result: Result<(), String>) {
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        if !matches!(shared.mode, SharedMode::Replaying) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                shared.mode = SharedMode::Up;
+                tracing::info!(
+                    "Redis is back and knows this replica's local sends: shared quotas again"
+                );
+            }
+            Err(e) => {
+                shared.mode = SharedMode::Down;
+                tracing::warn!(error = %e, "writing local sends back to Redis failed; staying on local quotas");
+            }
+        }
+        self.publish_cluster_state();
     }
 
     fn spawn_send(&self, job: Job, decided: Micros) {
@@ -727,6 +1015,26 @@ impl Dispatcher {
                 "shutdown grace ended; failed the replies still queued with UNAVAILABLE"
             );
         }
+    }
+}
+
+/// Heartbeat: tells the dispatcher whether Redis answers (every second; faster while down).
+async fn monitor(store: Arc<RedisQuota>, tx: mpsc::WeakUnboundedSender<Command>) {
+    let mut up = true;
+    loop {
+        let ok = store.beat().await.is_ok();
+        let Some(tx) = tx.upgrade() else { return };
+        if ok != up || !ok {
+            let _ = tx.send(Command::RedisHealth(ok));
+        }
+        drop(tx);
+        up = ok;
+        let pause = if up {
+            Duration::from_secs(1)
+        } else {
+            HOLD_RECHECK
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -1,0 +1,250 @@
+//! Cluster mode: every replica's quota decisions go through one Redis, atomically. One Lua
+//! script call per decision checks all of a job's keys (chat, user, app/s, app/min) against
+//! Redis `TIME` and records the send in all of them or in none. Also: the replica heartbeat
+//! (observed replica count) and the replay of local sends after a Redis outage.
+//!
+//! Keys are `{<prefix>}:q<quota>:<id>` sorted sets (score = send instant in µs). They all carry
+//! the same hash tag, so a multi-key script is valid on Redis Cluster: every quota key lives in
+//! one slot (one shard). Feishu's quotas cap the decision rate at tens per second per app, far
+//! below what one Redis shard serves, and the chat quota must be shared by all apps, so no
+//! finer tag (e.g. per app) is possible.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::MultiplexedConnection;
+
+use crate::metrics::Metrics;
+
+/// What to do while Redis does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFailurePolicy {
+    /// Keep sending with local quotas scaled to this replica's share (limit ÷ replicas).
+    Local,
+    /// Hold jobs until Redis is back (or their deadline passes).
+    FailClosed,
+}
+
+/// `[cluster]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub redis_url: String,
+    pub key_prefix: String,
+    /// Timeout of every Redis call: an outage costs a request at most this much.
+    pub redis_timeout: Duration,
+    pub on_failure: RedisFailurePolicy,
+    /// Replicas assumed for the local share until the heartbeat has observed the real count.
+    pub replicas: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// Checks every key; records the send in all of them (returns {1, now}) or in none (returns
+/// {0, wait_us}: how long until all would have room). KEYS[i] has ARGV[2i-1] = limit and
+/// ARGV[2i] = span (window + margin, µs); ARGV[2n+1] = a unique member for this send.
+const DECIDE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS
+local wait = 0
+for i = 1, n do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local span = tonumber(ARGV[2 * i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - span)
+  local c = redis.call('ZCARD', KEYS[i])
+  if c >= limit then
+    local e = redis.call('ZRANGE', KEYS[i], c - limit, c - limit, 'WITHSCORES')
+    local ready = tonumber(e[2]) + span
+    if ready - now > wait then wait = ready - now end
+  end
+end
+if wait > 0 then return {0, wait} end
+for i = 1, n do
+  redis.call('ZADD', KEYS[i], now, ARGV[2 * n + 1])
+  redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[2 * i]) / 1000) + 1000)
+end
+return {1, now}
+"#;
+
+/// Records past sends: ARGV[1] = span (µs), ARGV[2] = member prefix, ARGV[3..] = ages (µs).
+const REPLAY_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local span = tonumber(ARGV[1])
+for i = 3, #ARGV do
+  redis.call('ZADD', KEYS[1], now - tonumber(ARGV[i]), ARGV[2] .. ':' .. i)
+end
+redis.call('PEXPIRE', KEYS[1], math.floor(span / 1000) + 1000)
+return #ARGV - 2
+"#;
+
+/// Heartbeat: KEYS[1] replicas zset, ARGV[1] replica id; returns replicas seen in 5 s.
+const HEARTBEAT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 5000)
+redis.call('PEXPIRE', KEYS[1], 60000)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// One key of a decision: its Redis name, limit and span (window + margin) in µs.
+#[derive(Debug, Clone)]
+pub struct SharedKey {
+    pub name: String,
+    pub limit: u32,
+    pub span_us: u64,
+}
+
+/// The shared quota store.
+pub struct RedisQuota {
+    client: redis::Client,
+    conn: Mutex<Option<MultiplexedConnection>>,
+    config: ClusterConfig,
+    decide: redis::Script,
+    replay: redis::Script,
+    heartbeat: redis::Script,
+    replica_id: String,
+    observed_replicas: AtomicUsize,
+    next_member: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisQuota {
+    /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
+    pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
+        let client = redis::Client::open(config.redis_url.as_str())?;
+        Ok(Self {
+            client,
+            conn: Mutex::new(None),
+            decide: redis::Script::new(DECIDE_LUA),
+            replay: redis::Script::new(REPLAY_LUA),
+            heartbeat: redis::Script::new(HEARTBEAT_LUA),
+            replica_id: uuid::Uuid::new_v4().simple().to_string(),
+            observed_replicas: AtomicUsize::new(0),
+            next_member: AtomicU64::new(0),
+            config,
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// Redis key of quota `quota` and id `id` (one hash tag for all: see the module doc).
+    pub fn key_name(&self, quota: usize, id: &str) -> String {
+        format!("{{{}}}:q{quota}:{id}", self.config.key_prefix)
+    }
+
+    /// Replicas to share the quotas with in local fallback: the observed count, else configured.
+    pub fn replicas(&self) -> usize {
+        match self.observed_replicas.load(Ordering::Relaxed) {
+            0 => self.config.replicas.max(1),
+            n => n,
+        }
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, ClusterError> {
+        if let Some(c) = self.conn.lock().clone() {
+            return Ok(c);
+        }
+        let t = self.config.redis_timeout;
+        let c = tokio::time::timeout(t, self.client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| ClusterError::Timeout(t))??;
+        *self.conn.lock() = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one script call with the timeout; a failure drops the connection (reconnect next).
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, ClusterError> {
+        let t = self.config.redis_timeout;
+        let result = async {
+            let mut c = self.connection().await?;
+            tokio::time::timeout(t, inv.invoke_async::<T>(&mut c))
+                .await
+                .map_err(|_| ClusterError::Timeout(t))?
+                .map_err(ClusterError::from)
+        }
+        .await;
+        self.metrics.redis_call(op, result.is_ok());
+        if result.is_err() {
+            *self.conn.lock() = None;
+        }
+        result
+    }
+
+    /// One atomic decision for all `keys`: `Ok(Ok(()))` = recorded, send now;
+    /// `Ok(Err(wait))` = nothing recorded, all keys have room after `wait`.
+    pub async fn try_acquire(
+        &self,
+        keys: &[SharedKey],
+    ) -> Result<Result<(), Duration>, ClusterError> {
+        let mut inv = self.decide.prepare_invoke();
+        for k in keys {
+            inv.key(&k.name);
+        }
+        for k in keys {
+            inv.arg(k.limit).arg(k.span_us);
+        }
+        let member = format!(
+            "{}:{}",
+            self.replica_id,
+            self.next_member.fetch_add(1, Ordering::Relaxed)
+        );
+        inv.arg(member);
+        let (ok, value): (i64, i64) = self.call("decide", inv).await?;
+        match ok {
+            1 => Ok(Ok(())),
+            0 => Ok(Err(Duration::from_micros(value.max(1) as u64))),
+            other => Err(ClusterError::Protocol(format!("decide returned {other}"))),
+        }
+    }
+
+    /// Writes sends made with local quotas (ages in µs before now) back into Redis, so the
+    /// shared windows count them once Redis is used again.
+    pub async fn replay(&self, key: &SharedKey, ages_us: &[u64]) -> Result<(), ClusterError> {
+        if ages_us.is_empty() {
+            return Ok(());
+        }
+        let mut inv = self.replay.prepare_invoke();
+        inv.key(&key.name).arg(key.span_us).arg(format!(
+            "{}:replay{}",
+            self.replica_id,
+            self.next_member.fetch_add(1, Ordering::Relaxed)
+        ));
+        for a in ages_us {
+            inv.arg(*a);
+        }
+        let _: i64 = self.call("replay", inv).await?;
+        Ok(())
+    }
+
+    /// Announces this replica and learns how many are alive.
+    pub async fn beat(&self) -> Result<usize, ClusterError> {
+        let mut inv = self.heartbeat.prepare_invoke();
+        inv.key(format!("{{{}}}:replicas", self.config.key_prefix))
+            .arg(&self.replica_id);
+        let n: i64 = self.call("heartbeat", inv).await?;
+        let n = usize::try_from(n.max(1)).unwrap_or(1);
+        self.observed_replicas.store(n, Ordering::Relaxed);
+        self.metrics.set_replicas(n);
+        Ok(n)
+    }
+}
