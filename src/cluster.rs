@@ -51,13 +51,15 @@ pub enum ClusterError {
 }
 
 /// Checks every key; records the send in all of them (returns {1, now}) or in none (returns
-/// {0, wait_us}: how long until all would have room). KEYS[i] has ARGV[2i-1] = limit and
-/// ARGV[2i] = span (window + margin, µs); ARGV[2n+1] = a unique member for this send.
+/// {0, wait_us, i}: how long until all would have room, and the key that waits longest).
+/// KEYS[i] has ARGV[2i-1] = limit and ARGV[2i] = span (window + margin, µs); ARGV[2n+1] = a
+/// unique member for this send.
 const DECIDE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = #KEYS
 local wait = 0
+local worst = 0
 for i = 1, n do
   local limit = tonumber(ARGV[2 * i - 1])
   local span = tonumber(ARGV[2 * i])
@@ -66,10 +68,10 @@ for i = 1, n do
   if c >= limit then
     local e = redis.call('ZRANGE', KEYS[i], c - limit, c - limit, 'WITHSCORES')
     local ready = tonumber(e[2]) + span
-    if ready - now > wait then wait = ready - now end
+    if ready - now > wait then wait = ready - now; worst = i end
   end
 end
-if wait > 0 then return {0, wait} end
+if wait > 0 then return {0, wait, worst} end
 for i = 1, n do
   redis.call('ZADD', KEYS[i], now, ARGV[2 * n + 1])
   redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[2 * i]) / 1000) + 1000)
@@ -89,6 +91,31 @@ redis.call('PEXPIRE', KEYS[1], math.floor(span / 1000) + 1000)
 return #ARGV - 2
 "#;
 
+/// Moves one send later: KEYS = its keys, ARGV[1] = member, ARGV[2] = delay (µs).
+const RESTAMP_LUA: &str = r#"
+for i = 1, #KEYS do
+  local s = redis.call('ZSCORE', KEYS[i], ARGV[1])
+  if s then redis.call('ZADD', KEYS[i], 'XX', tonumber(s) + tonumber(ARGV[2]), ARGV[1]) end
+end
+return 1
+"#;
+
+/// Treat a key as spent until `wait` from now: ARGV[1] = limit, ARGV[2] = span, ARGV[3] = wait
+/// (µs). Adds `limit` phantom sends at (now + wait − span); newer real sends still count.
+const BLOCK_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local limit = tonumber(ARGV[1])
+local span = tonumber(ARGV[2])
+local at = now + tonumber(ARGV[3]) - span
+for i = 1, limit do
+  redis.call('ZADD', KEYS[1], 'GT', at, 'block:' .. i)
+  redis.call('ZADD', KEYS[1], 'NX', at, 'block:' .. i)
+end
+redis.call('PEXPIRE', KEYS[1], math.floor(span / 1000) + 1000)
+return limit
+"#;
+
 /// Heartbeat: KEYS[1] replicas zset, ARGV[1] replica id; returns replicas seen in 5 s.
 const HEARTBEAT_LUA: &str = r#"
 local t = redis.call('TIME')
@@ -98,6 +125,15 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 5000)
 redis.call('PEXPIRE', KEYS[1], 60000)
 return redis.call('ZCARD', KEYS[1])
 "#;
+
+/// What Redis decided for one send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Recorded in every key under `member`: send now.
+    Granted { member: String },
+    /// Nothing recorded; every key has room after `wait`; `key` (index) waits longest.
+    Wait { wait: Duration, key: usize },
+}
 
 /// One key of a decision: its Redis name, limit and span (window + margin) in µs.
 #[derive(Debug, Clone)]
@@ -115,6 +151,8 @@ pub struct RedisQuota {
     decide: redis::Script,
     replay: redis::Script,
     heartbeat: redis::Script,
+    restamp: redis::Script,
+    block: redis::Script,
     replica_id: String,
     observed_replicas: AtomicUsize,
     next_member: AtomicU64,
@@ -131,6 +169,8 @@ impl RedisQuota {
             decide: redis::Script::new(DECIDE_LUA),
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
+            restamp: redis::Script::new(RESTAMP_LUA),
+            block: redis::Script::new(BLOCK_LUA),
             replica_id: uuid::Uuid::new_v4().simple().to_string(),
             observed_replicas: AtomicUsize::new(0),
             next_member: AtomicU64::new(0),
@@ -190,12 +230,8 @@ impl RedisQuota {
         result
     }
 
-    /// One atomic decision for all `keys`: `Ok(Ok(()))` = recorded, send now;
-    /// `Ok(Err(wait))` = nothing recorded, all keys have room after `wait`.
-    pub async fn try_acquire(
-        &self,
-        keys: &[SharedKey],
-    ) -> Result<Result<(), Duration>, ClusterError> {
+    /// One atomic decision for all `keys` (one round trip).
+    pub async fn try_acquire(&self, keys: &[SharedKey]) -> Result<Decision, ClusterError> {
         let mut inv = self.decide.prepare_invoke();
         for k in keys {
             inv.key(&k.name);
@@ -208,13 +244,46 @@ impl RedisQuota {
             self.replica_id,
             self.next_member.fetch_add(1, Ordering::Relaxed)
         );
-        inv.arg(member);
-        let (ok, value): (i64, i64) = self.call("decide", inv).await?;
-        match ok {
-            1 => Ok(Ok(())),
-            0 => Ok(Err(Duration::from_micros(value.max(1) as u64))),
-            other => Err(ClusterError::Protocol(format!("decide returned {other}"))),
+        inv.arg(&member);
+        let answer: Vec<i64> = self.call("decide", inv).await?;
+        match answer.as_slice() {
+            [1, _] => Ok(Decision::Granted { member }),
+            [0, wait, key] => Ok(Decision::Wait {
+                wait: Duration::from_micros((*wait).max(1) as u64),
+                key: usize::try_from(*key - 1)
+                    .unwrap_or(0)
+                    .min(keys.len().saturating_sub(1)),
+            }),
+            other => Err(ClusterError::Protocol(format!("decide returned {other:?}"))),
         }
+    }
+
+    /// The send recorded as `member` left `delay` after the decision: count it from then.
+    pub async fn restamp(
+        &self,
+        keys: &[SharedKey],
+        member: &str,
+        delay: Duration,
+    ) -> Result<(), ClusterError> {
+        let mut inv = self.restamp.prepare_invoke();
+        for k in keys {
+            inv.key(&k.name);
+        }
+        inv.arg(member)
+            .arg(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
+        let _: i64 = self.call("restamp", inv).await?;
+        Ok(())
+    }
+
+    /// Feishu rejected for rate: treat `key` as spent for `wait` on every replica.
+    pub async fn block(&self, key: &SharedKey, wait: Duration) -> Result<(), ClusterError> {
+        let mut inv = self.block.prepare_invoke();
+        inv.key(&key.name)
+            .arg(key.limit)
+            .arg(key.span_us)
+            .arg(u64::try_from(wait.as_micros()).unwrap_or(u64::MAX));
+        let _: i64 = self.call("block", inv).await?;
+        Ok(())
     }
 
     /// Writes sends made with local quotas (ages in µs before now) back into Redis, so the

@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::cluster::{RedisFailurePolicy, RedisQuota, SharedKey};
+use crate::cluster::{Decision, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
 use crate::error::GatewayError;
 use crate::feishu::{AppIndex, RetryReason, SendRequest, SentMessage, Upstream, UpstreamError};
@@ -29,6 +29,8 @@ const FIRST_APP_QUOTA: usize = 2;
 
 /// Sends starting later than this after their dispatch decision are re-stamped in the quotas.
 const RESTAMP_AFTER: Micros = 200;
+/// The same in cluster mode, where a re-stamp costs a Redis round trip.
+const REDIS_RESTAMP_AFTER: Duration = Duration::from_millis(2);
 
 /// Quota instants start this far from zero, so "a window before now" is representable from
 /// the first moment (quota arithmetic saturates at zero).
@@ -80,6 +82,26 @@ struct Job {
     first_send_at: Option<Instant>,
     attempts: u32,
     done: oneshot::Sender<JobResult>,
+    /// Cluster mode: the Redis grant of the current attempt (for re-stamping).
+    grant: Option<Grant>,
+}
+
+/// A send Redis recorded: its keys, member and when the answer arrived.
+#[derive(Clone)]
+struct Grant {
+    keys: Vec<SharedKey>,
+    member: String,
+    at: Instant,
+}
+
+/// Cluster mode: chats waiting on one shared key (typically an app quota). Only one of them
+/// (the probe) asks Redis at a time; on success the next goes at once, on refusal all wait
+/// until `until`. This keeps Redis round trips near one per send instead of one per waiting
+/// chat per window.
+struct Gate {
+    until: Instant,
+    waiters: VecDeque<(Arc<str>, u64)>,
+    probe: Option<Arc<str>>,
 }
 
 impl Job {
@@ -117,7 +139,9 @@ enum Command {
     Decided {
         chat_id: Arc<str>,
         job_id: u64,
-        result: Result<Result<(), Duration>, String>,
+        keys: Vec<SharedKey>,
+        result: Result<Decision, String>,
+        at: Instant,
     },
     /// The heartbeat reached Redis (true) or not (false).
     RedisHealth(bool),
@@ -226,6 +250,7 @@ impl Scheduler {
                 mode: SharedMode::Up,
             }),
             cluster: cluster.clone(),
+            gates: HashMap::new(),
             app_quota_count: config.quotas.app.len(),
             config,
             origin: Instant::now(),
@@ -277,6 +302,7 @@ impl Scheduler {
             attempts: 0,
             spec,
             done,
+            grant: None,
         };
         if let Err(mpsc::error::SendError(Command::Submit(job))) =
             self.tx.send(Command::Submit(job))
@@ -318,6 +344,8 @@ struct Dispatcher {
     full_specs: Vec<QuotaSpec>,
     shared: Option<Shared>,
     cluster: Arc<AtomicU8>,
+    /// Cluster mode: lines of chats waiting on a shared key, by Redis key name.
+    gates: HashMap<String, Gate>,
     app_quota_count: usize,
     origin: Instant,
     chats: HashMap<Arc<str>, ChatQueue>,
@@ -406,6 +434,9 @@ impl Dispatcher {
         if let Some(until) = self.draining_until {
             wake = wake.min(until);
         }
+        if let Some(g) = self.next_gate_wake() {
+            wake = wake.min(g);
+        }
         if !self.runnable.is_empty() {
             wake = Instant::now();
         }
@@ -424,8 +455,10 @@ impl Dispatcher {
             Command::Decided {
                 chat_id,
                 job_id,
+                keys,
                 result,
-            } => self.decided(chat_id, job_id, result),
+                at,
+            } => self.decided(chat_id, job_id, keys, result, at),
             Command::RedisHealth(up) => self.redis_health(up),
             Command::Replayed(result) => self.replayed(result),
             Command::Shutdown { grace } => {
@@ -554,6 +587,9 @@ impl Dispatcher {
 
     fn dispatch(&mut self, now: Instant) {
         let now_m = self.micros(now);
+        if !self.gates.is_empty() {
+            self.pump_gates(now);
+        }
         while let Some(Reverse((at, _, _))) = self.timers.peek() {
             if *at > now_m {
                 break;
@@ -608,11 +644,33 @@ impl Dispatcher {
             .map(|s| (&s.mode, s.store.config().on_failure))
         {
             Some((SharedMode::Up, _)) => {
-                // Ask Redis; the chat waits (busy) until the answer.
-                chat.busy = true;
                 let head = chat.jobs.front().expect("head");
                 let (keys, job_id) = (head.keys.clone(), head.id);
                 let keys = self.shared_keys(&keys);
+                // Behind a closed gate, or another chat is probing it: wait in its line.
+                let blocked = keys.iter().find(|k| {
+                    self.gates.get(&k.name).is_some_and(|g| {
+                        g.probe.as_deref() != Some(&**chat_id)
+                            && (g.until > now || g.probe.is_some())
+                    })
+                });
+                if let Some(k) = blocked {
+                    let name = k.name.clone();
+                    let ticket = self.bump_ticket(chat_id);
+                    self.gates
+                        .get_mut(&name)
+                        .expect("found above")
+                        .waiters
+                        .push_back((chat_id.clone(), ticket));
+                    return;
+                }
+                for k in &keys {
+                    if let Some(g) = self.gates.get_mut(&k.name) {
+                        g.probe = Some(chat_id.clone());
+                    }
+                }
+                // Ask Redis; the chat waits (busy) until the answer.
+                self.chats.get_mut(chat_id).expect("chat").busy = true;
                 return self.spawn_decision(chat_id.clone(), job_id, keys);
             }
             Some((_, RedisFailurePolicy::FailClosed)) => {
@@ -625,14 +683,15 @@ impl Dispatcher {
         if let Err(at) = self.quotas.try_acquire(&head.keys, now_m) {
             return self.schedule_at(chat_id, at);
         }
-        self.start_send(chat_id, now);
+        self.start_send(chat_id, now, None);
     }
 
     /// Pops the head of `chat_id` (its quota already recorded) and sends it.
-    fn start_send(&mut self, chat_id: &Arc<str>, now: Instant) {
+    fn start_send(&mut self, chat_id: &Arc<str>, now: Instant, grant: Option<Grant>) {
         let now_m = self.micros(now);
         let chat = self.chats.get_mut(chat_id).expect("chat with a head");
         let mut job = chat.jobs.pop_front().expect("front");
+        job.grant = grant;
         chat.busy = true;
         self.queued -= 1;
         self.in_flight += 1;
@@ -664,7 +723,9 @@ impl Dispatcher {
                 let _ = tx.send(Command::Decided {
                     chat_id,
                     job_id,
+                    keys,
                     result,
+                    at: Instant::now(),
                 });
             }
         });
@@ -674,33 +735,99 @@ impl Dispatcher {
         &mut self,
         chat_id: Arc<str>,
         job_id: u64,
-        result: Result<Result<(), Duration>, String>,
+        keys: Vec<SharedKey>,
+        result: Result<Decision, String>,
+        at: Instant,
     ) {
         let now = Instant::now();
+        // Gates first: whatever happens to the chat, its probes must be handed on.
+        let refused_on = match &result {
+            Ok(Decision::Wait { wait, key }) => {
+                // A little jitter so replicas waiting on one key do not wake in lockstep.
+                let jitter = Duration::from_micros(rand::rng().random_range(0..=2_000));
+                Some((keys[*key].name.clone(), now + *wait + jitter))
+            }
+            _ => None,
+        };
+        for k in &keys {
+            if let Some((name, until)) = &refused_on
+                && *name == k.name
+            {
+                let ticket = self
+                    .chats
+                    .contains_key(&chat_id)
+                    .then(|| self.bump_ticket(&chat_id));
+                let g = self.gates.entry(name.clone()).or_insert_with(|| Gate {
+                    until: *until,
+                    waiters: VecDeque::new(),
+                    probe: None,
+                });
+                g.until = g.until.max(*until);
+                if g.probe.as_deref() == Some(&*chat_id) {
+                    g.probe = None;
+                }
+                if let Some(t) = ticket {
+                    // The refused chat keeps its place at the front of the line.
+                    g.waiters.push_front((chat_id.clone(), t));
+                }
+            } else if let Some(g) = self.gates.get_mut(&k.name)
+                && g.probe.as_deref() == Some(&*chat_id)
+            {
+                g.probe = None;
+            }
+        }
         let Some(chat) = self.chats.get_mut(&chat_id) else {
             return;
         };
         chat.busy = false;
         let head_id = chat.jobs.front().map(|j| j.id);
         if head_id.is_none() {
-            self.chats.remove(&chat_id);
+            if !chat.scheduled {
+                self.chats.remove(&chat_id);
+            }
             return;
         }
         match result {
-            // The head changed meanwhile (deadline, cancel): the recorded slot stays spent.
-            Ok(Ok(())) if head_id == Some(job_id) => self.start_send(&chat_id, now),
-            Ok(Ok(())) => self.schedule_now(&chat_id),
-            Ok(Err(wait)) => {
-                // A little jitter so replicas waiting on one key do not wake in lockstep.
-                let jitter = Duration::from_micros(rand::rng().random_range(0..=2_000));
-                let at = self.micros(now + wait + jitter);
-                self.schedule_at(&chat_id, at);
+            Ok(Decision::Granted { member }) if head_id == Some(job_id) => {
+                let grant = Grant { keys, member, at };
+                self.start_send(&chat_id, now, Some(grant));
             }
+            // The head changed meanwhile (deadline, cancel): the recorded slot stays spent.
+            Ok(Decision::Granted { .. }) => self.schedule_now(&chat_id),
+            // Parked in the gate of the key that refused (above).
+            Ok(Decision::Wait { .. }) => {}
             Err(e) => {
                 self.redis_down(&e);
                 self.schedule_now(&chat_id);
             }
         }
+    }
+
+    /// Opens gates whose time has come: the first live waiter becomes the next probe.
+    fn pump_gates(&mut self, now: Instant) {
+        let mut release = Vec::new();
+        self.gates.retain(|_, g| {
+            if g.probe.is_some() || g.until > now {
+                return true;
+            }
+            match g.waiters.pop_front() {
+                Some(w) => {
+                    release.push(w);
+                    true
+                }
+                None => false,
+            }
+        });
+        self.runnable.extend(release);
+    }
+
+    /// The earliest instant a gate needs attention.
+    fn next_gate_wake(&self) -> Option<Instant> {
+        self.gates
+            .values()
+            .filter(|g| g.probe.is_none() && !g.waiters.is_empty())
+            .map(|g| g.until)
+            .min()
     }
 
     // --- cluster mode: Redis failure policy ---
@@ -814,17 +941,34 @@ impl Dispatcher {
         self.publish_cluster_state();
     }
 
-    fn spawn_send(&self, job: Job, decided: Micros) {
+    fn spawn_send(&self, mut job: Job, decided: Micros) {
         let upstream = self.upstream.clone();
         let metrics = self.metrics.clone();
         let tx = self.tx.clone();
         let origin = self.origin;
+        let store = self.shared.as_ref().map(|s| s.store.clone());
+        let grant = job.grant.take();
         tokio::spawn(async move {
             // The request may leave a little after the decision (busy machine, token fetch):
             // count the send from when it really leaves.
             let stamp = std::sync::atomic::AtomicU64::new(decided);
             let keys = job.keys.clone();
             let on_send = || {
+                if let (Some(store), Some(g)) = (&store, &grant) {
+                    // Cluster mode: move the send later in Redis (a second round trip, only
+                    // when the delay is worth it).
+                    let delay = g.at.elapsed();
+                    if delay > REDIS_RESTAMP_AFTER {
+                        let (store, keys, member) =
+                            (store.clone(), g.keys.clone(), g.member.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = store.restamp(&keys, &member, delay).await {
+                                tracing::debug!(error = %e, "re-stamping a send in Redis failed");
+                            }
+                        });
+                    }
+                    return;
+                }
                 let now = to_micros(origin, Instant::now());
                 let from = stamp.load(Ordering::Relaxed);
                 if now > from + RESTAMP_AFTER
@@ -931,9 +1075,25 @@ impl Dispatcher {
                 .map(|k| self.quotas.specs()[k.quota].window)
                 .min()
                 .unwrap_or_default();
-            let until = now_m + micros(error.retry_after().unwrap_or(shortest));
+            let wait = error.retry_after().unwrap_or(shortest);
+            let until = now_m + micros(wait);
             for k in &keys {
                 self.quotas.block_until(k, until);
+            }
+            if let Some(Shared {
+                store,
+                mode: SharedMode::Up,
+            }) = &self.shared
+            {
+                // Every replica backs off, not only this one.
+                let (store, shared) = (store.clone(), self.shared_keys(&keys));
+                tokio::spawn(async move {
+                    for k in &shared {
+                        if let Err(e) = store.block(k, wait).await {
+                            tracing::debug!(error = %e, "blocking a key in Redis failed");
+                        }
+                    }
+                });
             }
         }
         let backoff = self.backoff(job.attempts, error.retry_after());

@@ -1,0 +1,198 @@
+//! Cluster mode against a real redis-server: three replicas share every quota; Redis outages
+//! follow the declared failure policy and recover.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{RedisServer, max_in_window, spawn_fake, spawn_gateway_on, text, wait_for_metric};
+use feishu_reply_gateway::config::Config;
+use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
+use tonic::Code;
+
+/// Redis for a test: the one `.ci/run` started (GATEWAY_TEST_REDIS_URL) or a private one.
+fn shared_redis() -> (String, Option<RedisServer>) {
+    match std::env::var("GATEWAY_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => (url, None),
+        _ => {
+            let r = RedisServer::start();
+            (r.url(), Some(r))
+        }
+    }
+}
+
+fn cluster_config(fake: &FakeFeishu, redis_url: &str, prefix: &str, extra: &str) -> Config {
+    common::config_for(
+        fake,
+        &format!(
+            "[cluster]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\nreplicas = 3\n{extra}"
+        ),
+    )
+}
+
+fn unique_prefix(name: &str) -> String {
+    format!("test-{name}-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_every_quota_through_redis() {
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix("three");
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas
+            .push(spawn_gateway_on(fake.clone(), cluster_config(&fake, &url, &prefix, "")).await);
+    }
+    // 970 replies to distinct chats plus 30 to one hot chat, spread over the three replicas.
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..1000usize {
+        let mut client = replicas[i % 3].client.clone();
+        let req = if i % 33 == 0 && calls.iter().filter(|(hot, _)| *hot).count() < 30 {
+            (true, text(&format!("om_hot{i}_in_hot"), "oc_hot", "x"))
+        } else {
+            (false, text(&format!("om_d{i}"), &format!("oc_d{i}"), "x"))
+        };
+        let hot = req.0;
+        calls.push((hot, tokio::spawn(async move { client.reply(req.1).await })));
+    }
+    let hot_total = calls.iter().filter(|(hot, _)| *hot).count();
+    for (_, c) in calls {
+        c.await.unwrap().expect("delivered");
+    }
+    let drain = start.elapsed();
+    let stats = fake.stats();
+    let (mut decides, mut restamps) = (0.0, 0.0);
+    for gw in &replicas {
+        let m = gw.http_get("/metrics").await.1;
+        let count = |op: &str| {
+            let prefix = format!("feishu_reply_redis_calls_total{{op=\"{op}\",outcome=\"ok\"}}");
+            m.lines()
+                .find(|l| l.starts_with(&prefix))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        decides += count("decide");
+        restamps += count("restamp");
+    }
+    eprintln!(
+        "3 replicas: {} replies in {drain:?} (physical limit 19 s); Redis round trips per send: {:.2} decide + {:.2} restamp",
+        stats.posted,
+        decides / stats.posted as f64,
+        restamps / stats.posted as f64
+    );
+    assert_eq!(stats.posted, 1000);
+    assert_eq!(stats.rate_rejections(), 0, "{stats:?}");
+    let received = fake.received();
+    let all: Vec<f64> = received.iter().map(|r| r.at_ms).collect();
+    assert!(max_in_window(&all, 1000.0) <= 50);
+    let hot: Vec<f64> = received
+        .iter()
+        .filter(|r| r.chat_id == "oc_hot")
+        .map(|r| r.at_ms)
+        .collect();
+    assert_eq!(hot.len(), hot_total);
+    assert!(max_in_window(&hot, 1000.0) <= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
+    let mut redis = RedisServer::start();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    // Only the per-second app quota, so the outage floor lasts one second, not a minute.
+    let extra = "redis_timeout_ms = 50\n[quotas]\napp = [{ limit = 50, window_ms = 1000 }]";
+    let gw = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &redis.url(), &unique_prefix("outage"), extra),
+    )
+    .await;
+    gw.reply(text("om_a1", "oc_a", "x")).await.unwrap();
+    assert!(
+        gw.http_get("/metrics")
+            .await
+            .1
+            .contains("feishu_reply_redis_up 1")
+    );
+
+    redis.kill();
+    // Replies keep flowing (local share after one window), none hangs.
+    for i in 0..4 {
+        let r = gw
+            .reply_with_timeout(
+                text(&format!("om_b{i}"), &format!("oc_b{i}"), "x"),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let m = gw.http_get("/metrics").await.1;
+    assert!(m.contains("feishu_reply_redis_fallback 1"), "{m}");
+    assert!(m.contains("feishu_reply_redis_up 0"), "{m}");
+    let (code, body) = gw.http_get("/readyz").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("degraded"), "{body}");
+
+    redis.restart();
+    assert!(
+        wait_for_metric(
+            &gw,
+            "feishu_reply_redis_fallback 0",
+            Duration::from_secs(10)
+        )
+        .await,
+        "recovered"
+    );
+    let before = gw.http_get("/metrics").await.1;
+    gw.reply(text("om_c1", "oc_c", "x")).await.unwrap();
+    let after = gw.http_get("/metrics").await.1;
+    let decides = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("feishu_reply_redis_calls_total{op=\"decide\",outcome=\"ok\"}"))
+            .map(str::to_owned)
+    };
+    assert_ne!(
+        decides(&before),
+        decides(&after),
+        "decisions go through Redis again"
+    );
+    assert_eq!(gw.http_get("/readyz").await.0, 200);
+    assert_eq!(fake.stats().rate_rejections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_holds_replies_until_redis_returns() {
+    let mut redis = RedisServer::start();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let extra = "redis_timeout_ms = 50\non_redis_failure = \"fail_closed\"";
+    let gw = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &redis.url(), &unique_prefix("closed"), extra),
+    )
+    .await;
+    gw.reply(text("om_a1", "oc_a", "x")).await.unwrap();
+
+    redis.kill();
+    let s = gw
+        .reply_with_timeout(text("om_held", "oc_h", "x"), Duration::from_millis(700))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    assert!(wait_for_metric(&gw, "feishu_reply_redis_fallback 1", Duration::from_secs(5)).await);
+    assert_eq!(gw.http_get("/readyz").await.0, 503);
+
+    // A reply submitted during the outage is delivered once Redis is back.
+    let pending = {
+        let mut c = gw.client.clone();
+        tokio::spawn(async move { c.reply(text("om_later", "oc_l", "x")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart();
+    pending.await.unwrap().expect("delivered after recovery");
+    assert!(
+        fake.received().iter().all(|r| r.message_id != "om_held"),
+        "held reply never sent"
+    );
+    assert_eq!(gw.http_get("/readyz").await.0, 200);
+}
