@@ -678,10 +678,10 @@ impl Dispatcher {
                     return;
                 }
                 for k in &keys {
-                    if let Some(g) = self.gates.get_mut(&k.name) {
-                        if !g.is_probe(chat_id) {
-                            g.probes.push(chat_id.clone());
-                        }
+                    if let Some(g) = self.gates.get_mut(&k.name)
+                        && !g.is_probe(chat_id)
+                    {
+                        g.probes.push(chat_id.clone());
                     }
                 }
                 // Ask Redis; the chat waits (busy) until the answer.
