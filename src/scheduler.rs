@@ -879,8 +879,10 @@ impl Dispatcher {
                 QuotaSpec::new(std::num::NonZeroU32::new(share).expect("max(1)"), s.window)
             })
             .collect();
-        self.quotas = QuotaTable::new(scaled, self.config.quotas.safety_margin);
-        self.quotas.set_floor(now_m);
+        if policy == RedisFailurePolicy::Local {
+            self.quotas = QuotaTable::new(scaled, self.config.quotas.safety_margin);
+            self.quotas.set_floor(now_m);
+        }
         tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
         self.publish_cluster_state();
     }
