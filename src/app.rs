@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::cluster::RedisQuota;
@@ -187,11 +187,15 @@ pub async fn run_with_upstream(
     tracing::info!(grpc = ?grpc_addr, metrics = ?metrics_addr, apps = config.apps.len(), feishu = %config.feishu.base_url, "feishu-reply-gateway serving");
 
     let (stop_grpc_tx, stop_grpc_rx) = tokio::sync::oneshot::channel::<()>();
+    // Nagle off: small gRPC responses otherwise wait for the peer's delayed ACK (~40 ms).
+    let incoming = TcpIncoming::from(grpc_listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(ReplyGatewayServer::from_arc(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_grpc_rx.await;
         });
     let mut grpc = std::pin::pin!(grpc);

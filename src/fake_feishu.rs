@@ -55,6 +55,8 @@ pub struct FakeOptions {
     pub chat_quota: FakeQuota,
     pub user_quota: FakeQuota,
     pub app_quotas: Vec<FakeQuota>,
+    /// Enforce the quotas (off only for overhead benchmarks).
+    pub enforce_quotas: bool,
 }
 
 impl Default for FakeOptions {
@@ -73,6 +75,7 @@ impl Default for FakeOptions {
             chat_quota: q(5, 1000),
             user_quota: q(5, 1000),
             app_quotas: vec![q(50, 1000), q(1000, 60_000)],
+            enforce_quotas: true,
         }
     }
 }
@@ -159,6 +162,8 @@ struct Inner {
     messages: HashMap<String, MessageInfo>,
     counters: HashMap<(u8, String), Counter>,
     uuids: HashMap<String, (Value, Instant)>,
+    /// uuids in the order they were stored, for expiry in O(1) per request.
+    uuid_order: VecDeque<(Instant, String)>,
     received: Vec<Received>,
     faults: VecDeque<Fault>,
     stats: FakeStats,
@@ -203,6 +208,7 @@ impl FakeFeishu {
                 messages: HashMap::new(),
                 counters: HashMap::new(),
                 uuids: HashMap::new(),
+                uuid_order: VecDeque::new(),
                 received: Vec::new(),
                 faults: VecDeque::new(),
                 stats: FakeStats::default(),
@@ -585,9 +591,12 @@ fn reply_outcome(
         };
     }
     // uuid dedupe: at most one success per uuid within an hour.
-    inner
-        .uuids
-        .retain(|_, (_, at)| arrived.duration_since(*at) < UUID_TTL);
+    while let Some((at, _)) = inner.uuid_order.front()
+        && arrived.saturating_duration_since(*at) >= UUID_TTL
+    {
+        let (_, uuid) = inner.uuid_order.pop_front().expect("front");
+        inner.uuids.remove(&uuid);
+    }
     if !body.uuid.is_empty()
         && let Some((data, _)) = inner.uuids.get(&body.uuid)
     {
@@ -661,13 +670,15 @@ fn reply_outcome(
     }
     // Quotas, counted at arrival.
     let opts = inner.opts.clone();
-    let mut checks: Vec<((u8, String), FakeQuota)> =
-        vec![((0, info.chat_id.clone()), opts.chat_quota)];
-    if let Some(u) = &info.user_id {
-        checks.push(((1, u.clone()), opts.user_quota));
-    }
-    for (i, q) in opts.app_quotas.iter().enumerate() {
-        checks.push(((2 + i as u8, app_id.to_owned()), *q));
+    let mut checks: Vec<((u8, String), FakeQuota)> = Vec::new();
+    if opts.enforce_quotas {
+        checks.push(((0, info.chat_id.clone()), opts.chat_quota));
+        if let Some(u) = &info.user_id {
+            checks.push(((1, u.clone()), opts.user_quota));
+        }
+        for (i, q) in opts.app_quotas.iter().enumerate() {
+            checks.push(((2 + i as u8, app_id.to_owned()), *q));
+        }
     }
     let refused = checks.iter().find_map(|(key, q)| {
         let c = inner.counters.get(key);
@@ -736,6 +747,7 @@ fn reply_outcome(
         inner
             .uuids
             .insert(body.uuid.clone(), (data.clone(), arrived));
+        inner.uuid_order.push_back((arrived, body.uuid.clone()));
     }
     inner.stats.posted += 1;
     (

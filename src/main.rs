@@ -69,6 +69,9 @@ struct FakeArgs {
     /// Accepted credentials ID:SECRET (repeatable); none = accept any.
     #[arg(long = "app")]
     apps: Vec<String>,
+    /// Do not enforce quotas (for overhead benchmarks).
+    #[arg(long)]
+    unlimited: bool,
 }
 
 #[derive(clap::Args)]
@@ -205,6 +208,7 @@ async fn fake(args: FakeArgs) -> Result<ExitCode, BoxError> {
         latency: Duration::from_millis(args.latency_ms),
         token_ttl: Duration::from_secs(args.token_ttl_s),
         apps,
+        enforce_quotas: !args.unlimited,
         ..FakeOptions::default()
     };
     let fake = FakeFeishu::start(args.addr, opts)

@@ -1,0 +1,643 @@
+//! Load generator: drives a real gateway process over gRPC (the project's own tonic client)
+//! in front of a real `fake-feishu` process, and prints throughput and latency percentiles
+//! (hdrhistogram). Each scenario is one command:
+//!
+//! ```text
+//! cargo bench --bench loadgen -- burst       # 1000 replies to 1000 chats: drain vs physical limit
+//! cargo bench --bench loadgen -- hot         # 50 chats x 40 replies + background: order, drain
+//! cargo bench --bench loadgen -- overhead    # quotas not binding: gateway vs direct HTTP, max replies/s
+//! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
+//! ```
+//! `-- <scenario> --help` lists the knobs. Processes are the release binary
+//! (`feishu-reply-gateway serve` / `fake-feishu`) on loopback ports.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::num::NonZeroU32;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use feishu_reply_gateway::config::Config;
+use feishu_reply_gateway::feishu::{
+    AppIndex, BoxFuture, SendRequest, SentMessage, Upstream, UpstreamError,
+};
+use feishu_reply_gateway::metrics::Metrics;
+use feishu_reply_gateway::proto::ReplyRequest;
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable};
+use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig};
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+
+struct Counting;
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: delegates to the system allocator; only counts bytes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const BIN: &str = env!("CARGO_BIN_EXE_feishu-reply-gateway");
+
+#[derive(Parser)]
+#[command(about = "feishu-reply-gateway load generator")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// cargo bench passes --bench; accepted and ignored.
+    #[arg(long, global = true, hide = true)]
+    bench: bool,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// N replies to N distinct chats at once (fake in sliding mode).
+    Burst {
+        #[arg(long, default_value_t = 1000)]
+        replies: usize,
+    },
+    /// Hot chats (each many replies, order checked) plus background chats.
+    Hot {
+        #[arg(long, default_value_t = 50)]
+        chats: usize,
+        #[arg(long, default_value_t = 40)]
+        per_chat: usize,
+        #[arg(long, default_value_t = 200)]
+        background: usize,
+    },
+    /// Quotas not binding: latency added by the gateway and maximum sustained replies/s.
+    Overhead {
+        /// Concurrency levels to run (closed loop).
+        #[arg(long, value_delimiter = ',', default_value = "1,32,256")]
+        concurrency: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// The scheduler with a no-op upstream: enqueue/dispatch cost and memory at depth.
+    Depth {
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 10_000)]
+        chats: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "machine: {} cores; {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        chrono_like_now()
+    );
+    rt.block_on(async {
+        match cli.scenario {
+            Scenario::Burst { replies } => burst(replies).await,
+            Scenario::Hot {
+                chats,
+                per_chat,
+                background,
+            } => hot(chats, per_chat, background).await,
+            Scenario::Overhead {
+                concurrency,
+                seconds,
+            } => overhead(&concurrency, Duration::from_secs(seconds)).await,
+            Scenario::Depth { jobs, chats } => depth(jobs, chats).await,
+        }
+    });
+}
+
+fn chrono_like_now() -> String {
+    let out = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+// === processes ===
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "port {port} never opened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process stopped with SIGTERM on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+    }
+}
+
+struct Stack {
+    fake_port: u16,
+    grpc: Channel,
+    http: reqwest::Client,
+    _fake: Proc,
+    _gateway: Proc,
+}
+
+/// Starts `fake-feishu` (with `fake_args`) and `serve` with `config_extra` appended.
+async fn stack(fake_args: &[&str], config_extra: &str) -> Stack {
+    let fake_port = free_port();
+    let fake = Proc(
+        Command::new(BIN)
+            .args(["fake-feishu", "--addr", &format!("127.0.0.1:{fake_port}")])
+            .args(fake_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start fake-feishu"),
+    );
+    wait_port(fake_port);
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("loadgen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\ngrpc_addr = \"127.0.0.1:{grpc_port}\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n\
+             [feishu]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
+             [apps.default]\napp_id = \"cli_bench\"\napp_secret = \"secret\"\n\
+             [admission]\nper_caller_rps = 1000000\nper_caller_burst = 1000000\n{config_extra}\n"
+        ),
+    )
+    .unwrap();
+    let gateway = Proc(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .env_remove("FEISHU_APP_ID")
+            .env_remove("FEISHU_APP_SECRET")
+            .env_remove("GATEWAY_REDIS_URL")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start gateway"),
+    );
+    wait_port(grpc_port);
+    let grpc = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect gateway");
+    Stack {
+        fake_port,
+        grpc,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()
+            .unwrap(),
+        _fake: fake,
+        _gateway: gateway,
+    }
+}
+
+impl Stack {
+    async fn fake_json(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("http://127.0.0.1:{}{path}", self.fake_port))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+fn text(message_id: &str, chat_id: &str) -> ReplyRequest {
+    ReplyRequest {
+        message_id: message_id.into(),
+        chat_id: chat_id.into(),
+        msg_type: "text".into(),
+        content: r#"{"text":"load"}"#.into(),
+        ..Default::default()
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).unwrap()
+}
+
+fn print_latency(label: &str, h: &Histogram<u64>) {
+    let us = |v: u64| v as f64 / 1000.0;
+    println!(
+        "{label}: n={} p50={:.3} ms p90={:.3} ms p99={:.3} ms max={:.3} ms",
+        h.len(),
+        us(h.value_at_quantile(0.5)),
+        us(h.value_at_quantile(0.9)),
+        us(h.value_at_quantile(0.99)),
+        us(h.max())
+    );
+}
+
+/// Drain time of an ideal sender (zero latency, no margin) under Feishu's default quotas
+/// for replies to the given chats, all available at t=0: the physical limit.
+fn physical_limit(chats: &[usize]) -> Duration {
+    let spec = |n, ms| QuotaSpec::new(NonZeroU32::new(n).unwrap(), Duration::from_millis(ms));
+    let mut t = QuotaTable::new(
+        vec![spec(5, 1000), spec(50, 1000), spec(1000, 60_000)],
+        Duration::ZERO,
+    );
+    let t0: Micros = 24 * 3600 * 1_000_000;
+    let mut pending: Vec<Vec<QuotaKey>> = chats
+        .iter()
+        .map(|c| {
+            vec![
+                QuotaKey::new(0, format!("c{c}")),
+                QuotaKey::new(1, "app"),
+                QuotaKey::new(2, "app"),
+            ]
+        })
+        .collect();
+    let mut now = t0;
+    let mut last = t0;
+    while !pending.is_empty() {
+        let mut next = Micros::MAX;
+        pending.retain(|keys| match t.try_acquire(keys, now) {
+            Ok(()) => {
+                last = now;
+                false
+            }
+            Err(ready) => {
+                next = next.min(ready);
+                true
+            }
+        });
+        now = next;
+    }
+    Duration::from_micros(last - t0)
+}
+
+// === scenarios ===
+
+async fn burst(replies: usize) {
+    let s = stack(&["--window", "sliding"], "").await;
+    // One warm-up-free burst: the gateway fetches its token on the first send.
+    let mut h = hist();
+    let start = Instant::now();
+    let calls: Vec<_> = (0..replies)
+        .map(|i| {
+            let mut c = ReplyGatewayClient::new(s.grpc.clone());
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = c
+                    .reply(text(&format!("om_burst{i}"), &format!("oc_burst{i}")))
+                    .await;
+                (r.is_ok(), t.elapsed())
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for c in calls {
+        let (ok, d) = c.await.unwrap();
+        failed += usize::from(!ok);
+        h.record(d.as_micros() as u64).unwrap();
+    }
+    let drain = start.elapsed();
+    let stats = s.fake_json("/_fake/stats").await;
+    let limit = physical_limit(&(0..replies).collect::<Vec<_>>());
+    println!(
+        "burst: {replies} replies to {replies} chats drained in {:.2} s; physical limit {:.2} s; ratio {:.3}; failed calls {failed}; upstream rate rejections {}",
+        drain.as_secs_f64(),
+        limit.as_secs_f64(),
+        drain.as_secs_f64() / limit.as_secs_f64(),
+        stats["rejected_chat_user"].as_u64().unwrap_or(0)
+            + stats["rejected_app"].as_u64().unwrap_or(0)
+    );
+    print_latency("burst call latency", &h);
+}
+
+async fn hot(chats: usize, per_chat: usize, background: usize) {
+    let s = stack(&["--window", "sliding"], "").await;
+    let start = Instant::now();
+    let mut calls = Vec::new();
+    // Background: distinct chats, all at once.
+    for i in 0..background {
+        let mut c = ReplyGatewayClient::new(s.grpc.clone());
+        calls.push(tokio::spawn(async move {
+            c.reply(text(&format!("om_bg{i}"), &format!("oc_bg{i}")))
+                .await
+                .is_ok()
+        }));
+    }
+    // Hot chats: one task per chat submits its replies in order, 1 ms apart (acceptance order).
+    for chat in 0..chats {
+        let grpc = s.grpc.clone();
+        calls.push(tokio::spawn(async move {
+            let mut inner = Vec::new();
+            for k in 0..per_chat {
+                let mut c = ReplyGatewayClient::new(grpc.clone());
+                let req = text(
+                    &format!("om_h{chat}x{k}_in_hot{chat}"),
+                    &format!("oc_hot{chat}"),
+                );
+                inner.push(tokio::spawn(async move { c.reply(req).await.is_ok() }));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut ok = true;
+            for i in inner {
+                ok &= i.await.unwrap();
+            }
+            ok
+        }));
+    }
+    let mut all_ok = true;
+    for c in calls {
+        all_ok &= c.await.unwrap();
+    }
+    let drain = start.elapsed();
+    let received = s.fake_json("/_fake/received").await;
+    let stats = s.fake_json("/_fake/stats").await;
+    // Per hot chat: the posted sequence numbers must increase.
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut out_of_order = 0;
+    for r in received.as_array().unwrap() {
+        if r["code"].as_i64() != Some(0) {
+            continue;
+        }
+        let id = r["message_id"].as_str().unwrap();
+        if let Some(rest) = id.strip_prefix("om_h") {
+            let (chat, seq) = rest.split_once('x').unwrap();
+            let seq: i64 = seq.split('_').next().unwrap().parse().unwrap();
+            let prev = last.insert(chat.to_owned(), seq).unwrap_or(-1);
+            out_of_order += usize::from(seq < prev);
+        }
+    }
+    let mut chat_list: Vec<usize> = (0..background).map(|i| 1_000_000 + i).collect();
+    for c in 0..chats {
+        chat_list.extend(std::iter::repeat_n(c, per_chat));
+    }
+    let limit = physical_limit(&chat_list);
+    println!(
+        "hot: {chats} chats x {per_chat} + {background} background = {} replies drained in {:.2} s; physical limit {:.2} s; ratio {:.3}; all ok {all_ok}; out-of-order {out_of_order}; upstream rate rejections {}",
+        chats * per_chat + background,
+        drain.as_secs_f64(),
+        limit.as_secs_f64(),
+        drain.as_secs_f64() / limit.as_secs_f64(),
+        stats["rejected_chat_user"].as_u64().unwrap_or(0)
+            + stats["rejected_app"].as_u64().unwrap_or(0)
+    );
+}
+
+/// Quotas that never bind (1 ms windows keep rings small).
+const UNBOUND: &str = "[quotas]\nchat = { limit = 1000, window_ms = 1 }\nuser = { limit = 1000, window_ms = 1 }\napp = [{ limit = 100000, window_ms = 1 }]\nsafety_margin_ms = 0\n[queue]\nmax_per_chat = 100000\nmax_total = 1000000\n";
+
+async fn overhead(levels: &[usize], seconds: Duration) {
+    let s = stack(&["--unlimited"], UNBOUND).await;
+    // Direct: our own token, POST straight to the fake (what the gateway does, minus itself).
+    let token: serde_json::Value = s
+        .http
+        .post(format!(
+            "http://127.0.0.1:{}/open-apis/auth/v3/tenant_access_token/internal",
+            s.fake_port
+        ))
+        .json(&serde_json::json!({"app_id": "cli_direct", "app_secret": "x"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = Arc::new(token["tenant_access_token"].as_str().unwrap().to_owned());
+    for &c in levels {
+        let direct = closed_loop(c, seconds, {
+            let (http, port, token) = (s.http.clone(), s.fake_port, token.clone());
+            move |i| {
+                let (http, token) = (http.clone(), token.clone());
+                async move {
+                    let body = serde_json::json!({"content": "{\"text\":\"load\"}", "msg_type": "text", "uuid": format!("d{i}")});
+                    http.post(format!("http://127.0.0.1:{port}/open-apis/im/v1/messages/om_d{}/reply", i % 1000))
+                        .bearer_auth(&*token)
+                        .json(&body)
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false)
+                }
+            }
+        })
+        .await;
+        let via = closed_loop(c, seconds, {
+            let grpc = s.grpc.clone();
+            move |i| {
+                let mut client = ReplyGatewayClient::new(grpc.clone());
+                async move {
+                    client
+                        .reply(text(
+                            &format!("om_g{}", i % 1000),
+                            &format!("oc_g{}", i % 1000),
+                        ))
+                        .await
+                        .is_ok()
+                }
+            }
+        })
+        .await;
+        println!("-- concurrency {c}, {} s each --", seconds.as_secs());
+        println!(
+            "direct to fake : {:.0} replies/s, errors {}",
+            direct.1, direct.2
+        );
+        print_latency("direct to fake ", &direct.0);
+        println!("through gateway: {:.0} replies/s, errors {}", via.1, via.2);
+        print_latency("through gateway", &via.0);
+        let q = |h: &Histogram<u64>, p| h.value_at_quantile(p) as f64 / 1000.0;
+        println!(
+            "added by gateway: p50 {:+.3} ms, p99 {:+.3} ms; throughput ratio gateway/direct {:.2}",
+            q(&via.0, 0.5) - q(&direct.0, 0.5),
+            q(&via.0, 0.99) - q(&direct.0, 0.99),
+            via.1 / direct.1
+        );
+    }
+}
+
+/// `c` workers each looping `call(i)` for `dur`: (latency histogram, calls/s, errors).
+async fn closed_loop<F, Fut>(c: usize, dur: Duration, call: F) -> (Histogram<u64>, f64, usize)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let counter = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..c)
+        .map(|_| {
+            let (call, counter) = (call.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut h = hist();
+                let mut errors = 0;
+                while start.elapsed() < dur {
+                    let i = counter.fetch_add(1, Ordering::Relaxed);
+                    let t = Instant::now();
+                    let ok = call(i).await;
+                    h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+                    errors += usize::from(!ok);
+                }
+                (h, errors)
+            })
+        })
+        .collect();
+    let mut all = hist();
+    let mut errors = 0;
+    for w in workers {
+        let (h, e) = w.await.unwrap();
+        all.add(h).unwrap();
+        errors += e;
+    }
+    let rate = all.len() as f64 / start.elapsed().as_secs_f64();
+    (all, rate, errors)
+}
+
+/// Answers every reply at once (scheduler cost only).
+struct Instant0;
+
+impl Upstream for Instant0 {
+    fn reply<'a>(
+        &'a self,
+        _app: AppIndex,
+        _req: &'a SendRequest,
+        on_send: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
+        Box::pin(async move {
+            on_send();
+            Ok(SentMessage::default())
+        })
+    }
+    fn message_chat<'a>(
+        &'a self,
+        _app: AppIndex,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<String, UpstreamError>> {
+        Box::pin(async move { Ok(id.to_owned()) })
+    }
+}
+
+fn job(i: usize, chats: usize) -> JobSpec {
+    JobSpec {
+        app: 0,
+        app_name: "default".into(),
+        app_id: "cli_depth".into(),
+        chat_id: format!("oc_{:032x}", i % chats).into(),
+        user_id: None,
+        request: SendRequest {
+            message_id: format!("om_{i}"),
+            content: r#"{"text":"x"}"#.into(),
+            msg_type: "text",
+            reply_in_thread: false,
+            uuid: format!("u{i}"),
+        },
+        deadline: None,
+    }
+}
+
+async fn depth(jobs: usize, chats: usize) {
+    let scheduler_config = |blocking: bool| {
+        let mut c = Config::from_toml(if blocking {
+            // Nothing may be sent: every job stays queued.
+            "[quotas]\napp = [{ limit = 1, window_ms = 3600000 }]\n[queue]\nmax_per_chat = 1000000\nmax_total = 10000000"
+        } else {
+            UNBOUND
+        })
+        .unwrap();
+        c.queue.max_per_chat = 1_000_000;
+        SchedulerConfig {
+            quotas: c.quotas,
+            queue: c.queue,
+            retry: c.retry,
+        }
+    };
+    // Memory and enqueue cost at depth.
+    let metrics = Arc::new(Metrics::new());
+    let before = ALLOCATED.load(Ordering::Relaxed);
+    let s = Scheduler::start(scheduler_config(true), Arc::new(Instant0), metrics.clone());
+    let specs: Vec<JobSpec> = (0..jobs).map(|i| job(i, chats)).collect();
+    let specs_bytes = ALLOCATED.load(Ordering::Relaxed) - before;
+    let start = Instant::now();
+    let mut receivers = Vec::with_capacity(jobs);
+    for spec in specs {
+        receivers.push(s.submit(spec));
+    }
+    let want = format!("feishu_reply_queued {}", jobs - 1);
+    while !metrics.encode().contains(&want) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let enqueue = start.elapsed();
+    let total = ALLOCATED.load(Ordering::Relaxed) - before;
+    println!(
+        "depth: {jobs} queued jobs over {chats} chats: enqueue {:.0} ns/job ({:.0} jobs/s); memory {:.0} bytes/queued job (job data incl. strings; the JobSpecs alone were {:.0} bytes/job)",
+        enqueue.as_nanos() as f64 / jobs as f64,
+        jobs as f64 / enqueue.as_secs_f64(),
+        (total - specs_bytes) as f64 / jobs as f64 + specs_bytes as f64 / jobs as f64,
+        specs_bytes as f64 / jobs as f64
+    );
+    drop(receivers);
+    drop(s);
+
+    // Enqueue + dispatch + completion with quotas not binding and an instant upstream.
+    let s = Scheduler::start(
+        scheduler_config(false),
+        Arc::new(Instant0),
+        Arc::new(Metrics::new()),
+    );
+    let specs: Vec<JobSpec> = (0..jobs).map(|i| job(i, chats)).collect();
+    let start = Instant::now();
+    let receivers: Vec<_> = specs.into_iter().map(|spec| s.submit(spec)).collect();
+    let mut ok = 0;
+    for r in receivers {
+        ok += usize::from(matches!(r.await, Ok(Ok(_))));
+    }
+    let d = start.elapsed();
+    println!(
+        "depth: {ok}/{jobs} jobs through enqueue + dispatch + (instant) send + completion in {:.3} s: {:.0} ns/job ({:.0} jobs/s)",
+        d.as_secs_f64(),
+        d.as_nanos() as f64 / jobs as f64,
+        jobs as f64 / d.as_secs_f64()
+    );
+}
