@@ -7,6 +7,7 @@
 //! sliding window, unlike a GCRA/token bucket, which lets 2N−1 through one window.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,26 +35,66 @@ impl QuotaSpec {
 /// Index of a quota in the table (chat, user, app/s, app/min, … as configured).
 pub type QuotaId = usize;
 
-/// One key of one quota, e.g. (chat quota, "oc_123").
+/// One key of one quota, e.g. (chat quota, "oc_123"). Carries a 64-bit hash of itself,
+/// computed once, so table lookups never hash strings and the table never stores them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct QuotaKey {
     pub quota: QuotaId,
     pub id: Arc<str>,
+    hash: u64,
 }
 
 impl QuotaKey {
     pub fn new(quota: QuotaId, id: impl Into<Arc<str>>) -> Self {
-        Self {
-            quota,
-            id: id.into(),
+        let id = id.into();
+        let hash = key_hash(quota, &id);
+        Self { quota, id, hash }
+    }
+}
+
+/// Fixed-seed foldhash of (quota, id). Two ids with the same hash would share one ring: a
+/// stricter quota for both, never a looser one (and at 1M keys the chance is ~3e-8).
+fn key_hash(quota: QuotaId, id: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x5eed_f00d_cafe_d00d).hash_one((quota, id))
+}
+
+/// Hasher for keys that already are well-mixed 64-bit hashes.
+#[derive(Default, Clone, Copy)]
+struct PreHashed(u64);
+
+impl Hasher for PreHashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in for completeness.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
     }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PreHashedMap<V> = HashMap<u64, V, BuildHasherDefault<PreHashed>>;
+
+/// Rings up to this size live inline in the map entry (no extra allocation, one cache miss
+/// less); the chat and user quotas (5) fit.
+const INLINE: usize = 6;
+
+#[derive(Debug)]
+enum Slots {
+    Inline([Micros; INLINE]),
+    Heap(Box<[Micros]>),
 }
 
 /// The last `limit` send instants of one key, oldest first (a ring).
 #[derive(Debug)]
 struct Ring {
-    slots: Box<[Micros]>,
+    slots: Slots,
+    cap: u32,
     /// Index of the oldest entry once the ring is full; next write position.
     head: u32,
     len: u32,
@@ -61,30 +102,47 @@ struct Ring {
 
 impl Ring {
     fn new(limit: NonZeroU32) -> Self {
+        let cap = limit.get();
+        let slots = if cap as usize <= INLINE {
+            Slots::Inline([0; INLINE])
+        } else {
+            Slots::Heap(vec![0; cap as usize].into_boxed_slice())
+        };
         Self {
-            slots: vec![0; limit.get() as usize].into_boxed_slice(),
+            slots,
+            cap,
             head: 0,
             len: 0,
         }
     }
 
-    fn cap(&self) -> u32 {
-        self.slots.len() as u32
+    fn s(&self) -> &[Micros] {
+        match &self.slots {
+            Slots::Inline(a) => &a[..self.cap as usize],
+            Slots::Heap(b) => b,
+        }
+    }
+
+    fn s_mut(&mut self) -> &mut [Micros] {
+        match &mut self.slots {
+            Slots::Inline(a) => &mut a[..self.cap as usize],
+            Slots::Heap(b) => b,
+        }
     }
 
     /// The earliest instant at which one more send fits (0 when it fits now).
     fn ready_at(&self, window: Micros) -> Micros {
-        if self.len < self.cap() {
+        if self.len < self.cap {
             0
         } else {
-            self.slots[self.head as usize].saturating_add(window)
+            self.s()[self.head as usize].saturating_add(window)
         }
     }
 
     /// Lower bound of the instant of the `nth` (1-based) future send on this key, if nothing but
     /// this key's quota delayed it: future send m waits for the send N positions before it.
     fn nth_ready_at(&self, nth: u64, window: Micros) -> Micros {
-        let cap = u64::from(self.cap());
+        let cap = u64::from(self.cap);
         let (rounds, pos) = ((nth - 1) / cap, (nth - 1) % cap);
         // The send `cap` places before future send `pos+1` is the pos-th oldest recorded one
         // (when the ring is not full the missing oldest entries are "long ago").
@@ -93,19 +151,20 @@ impl Ring {
             0
         } else {
             let idx = (u64::from(self.head) + (pos - missing)) % cap;
-            self.slots[idx as usize].saturating_add(window)
+            self.s()[idx as usize].saturating_add(window)
         };
         base.saturating_add(rounds.saturating_mul(window))
     }
 
     fn record(&mut self, now: Micros) {
-        let cap = self.cap();
+        let cap = self.cap;
         if self.len < cap {
             let idx = (self.head + self.len) % cap;
-            self.slots[idx as usize] = now;
+            self.s_mut()[idx as usize] = now;
             self.len += 1;
         } else {
-            self.slots[self.head as usize] = now;
+            let head = self.head as usize;
+            self.s_mut()[head] = now;
             self.head = (self.head + 1) % cap;
         }
     }
@@ -114,18 +173,25 @@ impl Ring {
         if self.len == 0 {
             return 0;
         }
-        let idx = (self.head + self.len - 1) % self.cap();
-        self.slots[idx as usize]
+        let idx = (self.head + self.len - 1) % self.cap;
+        self.s()[idx as usize]
+    }
+
+    /// The recorded instants, oldest first.
+    fn entries(&self) -> impl Iterator<Item = Micros> + '_ {
+        let s = self.s();
+        (0..self.len).map(move |i| s[((self.head + i) % self.cap) as usize])
     }
 
     /// Moves the newest entry equal to `from` to `to` (a send recorded at its dispatch instant
     /// that actually left later). Returns false when the entry is gone.
     fn restamp(&mut self, from: Micros, to: Micros) -> bool {
-        let cap = self.cap();
-        for back in (0..self.len).rev() {
-            let idx = ((self.head + back) % cap) as usize;
-            if self.slots[idx] == from {
-                self.slots[idx] = to;
+        let (cap, head, len) = (self.cap, self.head, self.len);
+        let s = self.s_mut();
+        for back in (0..len).rev() {
+            let idx = ((head + back) % cap) as usize;
+            if s[idx] == from {
+                s[idx] = to;
                 return true;
             }
         }
@@ -135,14 +201,13 @@ impl Ring {
     /// Behave as if the whole quota had been spent: no send until `until_minus_window` + window.
     /// Missing entries become the oldest ones, so the ring stays in time order.
     fn block_until(&mut self, until_minus_window: Micros) {
-        let cap = self.cap() as usize;
-        let mut slots = vec![until_minus_window; cap];
+        let cap = self.cap as usize;
         let missing = cap - self.len as usize;
-        for i in 0..self.len as usize {
-            let idx = (self.head as usize + i) % cap;
-            slots[missing + i] = self.slots[idx].max(until_minus_window);
+        let mut ordered = vec![until_minus_window; cap];
+        for (i, t) in self.entries().enumerate() {
+            ordered[missing + i] = t.max(until_minus_window);
         }
-        self.slots = slots.into_boxed_slice();
+        self.s_mut().copy_from_slice(&ordered);
         self.head = 0;
         self.len = cap as u32;
     }
@@ -154,10 +219,18 @@ pub struct QuotaTable {
     specs: Vec<QuotaSpec>,
     /// window + safety margin, per quota, in micros.
     spans: Vec<Micros>,
-    keys: Vec<HashMap<Arc<str>, Ring>>,
+    keys: Vec<PreHashedMap<Ring>>,
+    /// The ids behind the hashes, kept only when asked (`keep_ids`: for [`Self::live_entries`]).
+    ids: Option<Vec<PreHashedMap<Arc<str>>>>,
     /// No key may send before `floor + span` (0 = no floor): set when this table takes over
     /// from another source of truth whose sends it cannot see (Redis down → local quotas).
     floor: Micros,
+}
+
+impl std::fmt::Debug for PreHashed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PreHashed")
+    }
 }
 
 impl QuotaTable {
@@ -168,13 +241,21 @@ impl QuotaTable {
             .iter()
             .map(|s| micros(s.window) + micros(margin))
             .collect();
-        let keys = specs.iter().map(|_| HashMap::new()).collect();
+        let keys = specs.iter().map(|_| PreHashedMap::default()).collect();
         Self {
             specs,
             spans,
             keys,
+            ids: None,
             floor: 0,
         }
+    }
+
+    /// Also remember each key's id (costs the id's memory), so [`Self::live_entries`] can
+    /// name the keys.
+    pub fn keep_ids(mut self) -> Self {
+        self.ids = Some(self.specs.iter().map(|_| PreHashedMap::default()).collect());
+        self
     }
 
     pub fn specs(&self) -> &[QuotaSpec] {
@@ -187,7 +268,7 @@ impl QuotaTable {
             .map(|k| {
                 let span = self.spans[k.quota];
                 let ring = self.keys[k.quota]
-                    .get(&k.id)
+                    .get(&k.hash)
                     .map_or(0, |r| r.ready_at(span));
                 ring.max(self.floor_for(span))
             })
@@ -213,23 +294,38 @@ impl QuotaTable {
         self.spans[quota]
     }
 
-    /// Every key's sends still inside its window, as ages (µs before `now`).
+    /// Every key's sends still inside its window, as ages (µs before `now`). Needs
+    /// [`Self::keep_ids`]; empty otherwise.
     pub fn live_entries(&self, now: Micros) -> Vec<(QuotaKey, Vec<Micros>)> {
+        let Some(ids) = &self.ids else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (quota, (map, &span)) in self.keys.iter().zip(&self.spans).enumerate() {
-            for (id, ring) in map {
-                let cap = ring.cap();
-                let ages: Vec<Micros> = (0..ring.len)
-                    .map(|i| ring.slots[((ring.head + i) % cap) as usize])
+            for (hash, ring) in map {
+                let ages: Vec<Micros> = ring
+                    .entries()
                     .filter(|&t| t <= now && t.saturating_add(span) > now)
                     .map(|t| now - t)
                     .collect();
-                if !ages.is_empty() {
+                if let (false, Some(id)) = (ages.is_empty(), ids[quota].get(hash)) {
                     out.push((QuotaKey::new(quota, id.clone()), ages));
                 }
             }
         }
         out
+    }
+
+    fn ring_mut(&mut self, key: &QuotaKey) -> &mut Ring {
+        let limit = self.specs[key.quota].limit;
+        if let Some(ids) = &mut self.ids {
+            ids[key.quota]
+                .entry(key.hash)
+                .or_insert_with(|| key.id.clone());
+        }
+        self.keys[key.quota]
+            .entry(key.hash)
+            .or_insert_with(|| Ring::new(limit))
     }
 
     /// Records one send in every key if all have room at `now`; otherwise records nothing and
@@ -240,11 +336,7 @@ impl QuotaTable {
             return Err(ready);
         }
         for k in keys {
-            let limit = self.specs[k.quota].limit;
-            self.keys[k.quota]
-                .entry(k.id.clone())
-                .or_insert_with(|| Ring::new(limit))
-                .record(now);
+            self.ring_mut(k).record(now);
         }
         Ok(())
     }
@@ -253,7 +345,7 @@ impl QuotaTable {
     /// behind `nth - 1` others in its chat cannot be sent before this).
     pub fn nth_ready_at(&self, key: &QuotaKey, nth: u64) -> Micros {
         let span = self.spans[key.quota];
-        let bound = match self.keys[key.quota].get(&key.id) {
+        let bound = match self.keys[key.quota].get(&key.hash) {
             Some(r) => r.nth_ready_at(nth.max(1), span),
             None => {
                 let cap = u64::from(self.specs[key.quota].limit.get());
@@ -261,18 +353,6 @@ impl QuotaTable {
             }
         };
         bound.max(self.floor_for(span))
-    }
-
-    /// Feishu rejected a send on this key for rate although we kept within the quota (another
-    /// client shares it, or Feishu counts differently): behave as if the quota were spent, so
-    /// the key stays silent until `until`.
-    pub fn block_until(&mut self, key: &QuotaKey, until: Micros) {
-        let span = self.spans[key.quota];
-        let limit = self.specs[key.quota].limit;
-        self.keys[key.quota]
-            .entry(key.id.clone())
-            .or_insert_with(|| Ring::new(limit))
-            .block_until(until.saturating_sub(span));
     }
 
     /// A send recorded at `from` (the dispatch decision) actually started at `to` (> `from`):
@@ -284,22 +364,37 @@ impl QuotaTable {
             return;
         }
         for k in keys {
-            if let Some(r) = self.keys[k.quota].get_mut(&k.id) {
+            if let Some(r) = self.keys[k.quota].get_mut(&k.hash) {
                 r.restamp(from, to);
             }
         }
+    }
+
+    /// Feishu rejected a send on this key for rate although we kept within the quota (another
+    /// client shares it, or Feishu counts differently): behave as if the quota were spent, so
+    /// the key stays silent until `until`.
+    pub fn block_until(&mut self, key: &QuotaKey, until: Micros) {
+        let span = self.spans[key.quota];
+        self.ring_mut(key).block_until(until.saturating_sub(span));
     }
 
     /// Forgets keys whose every recorded send is out of its window (they are equivalent to an
     /// unseen key), returning memory to baseline once traffic stops.
     pub fn forget_idle(&mut self, now: Micros) -> usize {
         let mut forgotten = 0;
-        for (map, &span) in self.keys.iter_mut().zip(&self.spans) {
+        for (quota, (map, &span)) in self.keys.iter_mut().zip(&self.spans).enumerate() {
             let before = map.len();
             map.retain(|_, r| r.newest().saturating_add(span) > now);
             forgotten += before - map.len();
             if map.capacity() > 64 && map.len() < map.capacity() / 4 {
                 map.shrink_to_fit();
+            }
+            if let Some(ids) = &mut self.ids {
+                let ids = &mut ids[quota];
+                ids.retain(|h, _| map.contains_key(h));
+                if ids.capacity() > 64 && ids.len() < ids.capacity() / 4 {
+                    ids.shrink_to_fit();
+                }
             }
         }
         forgotten
@@ -410,7 +505,7 @@ mod tests {
 
     #[test]
     fn a_floor_holds_every_key_for_its_window_and_entries_can_be_read_back() {
-        let mut t = QuotaTable::new(vec![spec(5, 1000), spec(50, 100)], Duration::ZERO);
+        let mut t = QuotaTable::new(vec![spec(5, 1000), spec(50, 100)], Duration::ZERO).keep_ids();
         t.set_floor(10_000 * MS);
         let chat = [QuotaKey::new(0, "c")];
         let fast = [QuotaKey::new(1, "a")];

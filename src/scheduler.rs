@@ -880,7 +880,8 @@ impl Dispatcher {
             })
             .collect();
         if policy == RedisFailurePolicy::Local {
-            self.quotas = QuotaTable::new(scaled, self.config.quotas.safety_margin);
+            // keep_ids: its sends are replayed into Redis by key name on recovery.
+            self.quotas = QuotaTable::new(scaled, self.config.quotas.safety_margin).keep_ids();
             self.quotas.set_floor(now_m);
         }
         tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
