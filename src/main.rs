@@ -48,8 +48,20 @@ enum Command {
     Serve(ServeArgs),
     /// Run a fake Feishu (token, reply, get-message endpoints) for tests and demos.
     FakeFeishu(FakeArgs),
-    /// Send one reply through a running gateway and print the result.
+        /// Send one reply through a running gateway and print the result.
     Send(SendArgs),
+    /// Exit 0 when the gateway's health endpoint answers 200 (container HEALTHCHECK; needs
+    /// no curl in the image).
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Health endpoint (plain HTTP).
+    #[arg(long, default_value = "http://127.0.0.1:9090/healthz")]
+    url: String,
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -129,7 +141,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::FakeFeishu(args) => fake(args).await,
-            Command::Send(args) => send(args).await,
+                        Command::Send(args) => send(args).await,
+            Command::Probe(args) => probe(args),
         }
     });
     match result {
@@ -224,6 +237,33 @@ async fn fake(args: FakeArgs) -> Result<ExitCode, BoxError> {
     let stats = fake.stats();
     tracing::info!(?stats, "fake Feishu stopping");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A minimal HTTP/1.0 GET: enough for our own `/healthz`, no extra dependency or binary.
+fn probe(args: ProbeArgs) -> Result<ExitCode, BoxError> {
+    use std::io::{Read, Write};
+    let rest = args
+        .url
+        .strip_prefix("http://")
+        .ok_or("--url must start with http://")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)?
+        .next()
+        .ok_or_else(|| format!("{host}: no address"))?;
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let status = answer.split_whitespace().nth(1).unwrap_or("");
+    if status == "200" {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{}: HTTP {status}", args.url);
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {

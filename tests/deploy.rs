@@ -1,0 +1,131 @@
+//! deploy/ stays true to the code: every metric the dashboard, alerts, alert tests and README
+//! name is one a running gateway exports; the Dockerfile builds and runs the real binary on the
+//! real ports; the ConfigMap's config parses. (deploy/check.sh runs the external linters.)
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use feishu_reply_gateway::config::Config;
+use feishu_reply_gateway::fake_feishu::FakeOptions;
+
+fn read(path: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `feishu_reply_…` tokens in a text.
+fn metric_tokens(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("feishu_reply_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        if name.len() > "feishu_reply_".len() {
+            out.insert(name.trim_end_matches('_').to_owned());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_metric_named_in_deploy_and_readme_is_exported() {
+    let gw = common::spawn_gateway(FakeOptions::default(), "").await;
+    gw.reply(common::text("om_d", "oc_d", "x")).await.unwrap();
+    let (_, scrape) = gw.http_get("/metrics").await;
+    let mut exported = BTreeSet::new();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            exported.insert(rest.split(' ').next().unwrap().to_owned());
+        } else if !line.starts_with('#') && !line.is_empty() {
+            exported.insert(line.split(['{', ' ']).next().unwrap().to_owned());
+        }
+    }
+    for file in [
+        "deploy/grafana/dashboard.json",
+        "deploy/prometheus/alerts.yaml",
+        "deploy/prometheus/alerts.test.yaml",
+        "README.md",
+        "BENCHMARKS.md",
+    ] {
+        let named = metric_tokens(&read(file));
+        assert!(!named.is_empty() || file.ends_with("BENCHMARKS.md"), "{file} names no metric?");
+        let missing: Vec<_> = named.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(missing.is_empty(), "{file} uses metrics the gateway does not export: {missing:?}");
+    }
+}
+
+#[test]
+fn the_dockerfile_builds_and_runs_the_real_binary_on_the_real_ports() {
+    let cargo = read("Cargo.toml");
+    let manifest: toml::Table = toml::from_str(&cargo).unwrap();
+    let bin = manifest["bin"].as_array().unwrap()[0]["name"].as_str().unwrap().to_owned();
+    let docker = read("deploy/Dockerfile");
+    let builds: Vec<&str> = docker.lines().filter(|l| l.contains("cargo build")).collect();
+    assert!(!builds.is_empty());
+    for b in &builds {
+        assert!(b.contains("--release") && b.contains("--locked") && b.contains(&format!("--bin {bin}")), "{b}");
+    }
+    assert!(docker.contains(&format!("target/release/{bin}")), "copies the built binary");
+    let installed = format!("/usr/local/bin/{bin}");
+    let entry = docker.lines().find(|l| l.starts_with("ENTRYPOINT")).expect("ENTRYPOINT");
+    assert!(entry.contains(&installed), "{entry}");
+    assert!(docker.contains(&format!("COPY --from=build /{bin} {installed}")));
+    let defaults = Config::defaults();
+    let expose = docker.lines().find(|l| l.starts_with("EXPOSE")).expect("EXPOSE");
+    for port in [defaults.grpc_addr.port(), defaults.metrics_addr.port()] {
+        assert!(expose.contains(&port.to_string()), "{expose} lacks {port}");
+    }
+    // HEALTHCHECK uses the binary's own `probe`, no extra tool in the image.
+    let health = docker.lines().skip_while(|l| !l.starts_with("HEALTHCHECK")).nth(1).unwrap_or("");
+    assert!(health.contains(&installed) && health.contains("\"probe\""), "{health}");
+    // The runtime image runs as non-root.
+    assert!(docker.lines().any(|l| l.starts_with("USER ") && !l.contains("root")));
+}
+
+#[test]
+fn the_configmap_config_parses_and_its_secret_env_is_provided() {
+    let cm = read("deploy/k8s/configmap.yaml");
+    let start = cm.find("gateway.toml: |").expect("gateway.toml key") + "gateway.toml: |".len();
+    let toml_text: String = cm[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let deployment = read("deploy/k8s/deployment.yaml");
+    let mut secret_vars = Vec::new();
+    let text = toml_text
+        .lines()
+        .map(|l| match l.trim().strip_prefix("app_secret_env = ") {
+            Some(var) => {
+                secret_vars.push(var.trim_matches('"').to_owned());
+                "app_secret = \"from-the-secret\"".to_owned()
+            }
+            None => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(!config.apps.is_empty());
+    assert!(!secret_vars.is_empty());
+    for var in secret_vars {
+        assert!(deployment.contains(&format!("name: {var}")), "deployment does not set {var}");
+    }
+    assert!(deployment.contains("name: GATEWAY_REDIS_URL"));
+    // The pod may be killed only after the drain: preStop + grace + one request timeout.
+    let grace_s: u64 = deployment
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let needed = 5 + config.shutdown_grace.as_secs() + config.feishu.request_timeout.as_secs();
+    assert!(grace_s > needed, "terminationGracePeriodSeconds {grace_s} <= {needed}");
+}
