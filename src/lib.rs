@@ -19,7 +19,12 @@
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches.
 //! - [`app`]: wiring, metrics/health HTTP port, shutdown sequence.
-//! - `main.rs`: CLI (`serve`, `fake-feishu`, `send`).
+//! - `main.rs`: CLI (`serve`, `fake-feishu`, `send`, `probe`).
+//!
+//! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
+//! on loopback), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),
+//! `deploy/` (image, k8s, dashboard, alerts; `deploy/check.sh`), `scripts/test` (the test
+//! command), `.ci/run` (CI).
 #![forbid(unsafe_code)]
 
 pub mod app;

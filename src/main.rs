@@ -48,7 +48,7 @@ enum Command {
     Serve(ServeArgs),
     /// Run a fake Feishu (token, reply, get-message endpoints) for tests and demos.
     FakeFeishu(FakeArgs),
-        /// Send one reply through a running gateway and print the result.
+    /// Send one reply through a running gateway and print the result.
     Send(SendArgs),
     /// Exit 0 when the gateway's health endpoint answers 200 (container HEALTHCHECK; needs
     /// no curl in the image).
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::FakeFeishu(args) => fake(args).await,
-                        Command::Send(args) => send(args).await,
+            Command::Send(args) => send(args).await,
             Command::Probe(args) => probe(args),
         }
     });
@@ -246,7 +246,9 @@ fn probe(args: ProbeArgs) -> Result<ExitCode, BoxError> {
         .url
         .strip_prefix("http://")
         .ok_or("--url must start with http://")?;
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
     let timeout = Duration::from_millis(args.timeout_ms);
     let addr = std::net::ToSocketAddrs::to_socket_addrs(host)?
         .next()

@@ -84,13 +84,21 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
         "{stderr}"
     );
 
-        let probe = Command::new(BIN)
-        .args(["probe", "--url", &format!("http://127.0.0.1:{metrics}/healthz")])
+    let probe = Command::new(BIN)
+        .args([
+            "probe",
+            "--url",
+            &format!("http://127.0.0.1:{metrics}/healthz"),
+        ])
         .status()
         .unwrap();
     assert!(probe.success(), "probe sees a healthy gateway");
     let probe_ready = Command::new(BIN)
-        .args(["probe", "--url", &format!("http://127.0.0.1:{metrics}/nope")])
+        .args([
+            "probe",
+            "--url",
+            &format!("http://127.0.0.1:{metrics}/nope"),
+        ])
         .status()
         .unwrap();
     assert!(!probe_ready.success(), "probe fails on a non-200 answer");

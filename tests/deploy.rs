@@ -54,9 +54,15 @@ async fn every_metric_named_in_deploy_and_readme_is_exported() {
         "BENCHMARKS.md",
     ] {
         let named = metric_tokens(&read(file));
-        assert!(!named.is_empty() || file.ends_with("BENCHMARKS.md"), "{file} names no metric?");
+        assert!(
+            !named.is_empty() || file.ends_with("BENCHMARKS.md"),
+            "{file} names no metric?"
+        );
         let missing: Vec<_> = named.iter().filter(|n| !exported.contains(*n)).collect();
-        assert!(missing.is_empty(), "{file} uses metrics the gateway does not export: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{file} uses metrics the gateway does not export: {missing:?}"
+        );
     }
 }
 
@@ -64,28 +70,59 @@ async fn every_metric_named_in_deploy_and_readme_is_exported() {
 fn the_dockerfile_builds_and_runs_the_real_binary_on_the_real_ports() {
     let cargo = read("Cargo.toml");
     let manifest: toml::Table = toml::from_str(&cargo).unwrap();
-    let bin = manifest["bin"].as_array().unwrap()[0]["name"].as_str().unwrap().to_owned();
+    let bin = manifest["bin"].as_array().unwrap()[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let docker = read("deploy/Dockerfile");
-    let builds: Vec<&str> = docker.lines().filter(|l| l.contains("cargo build")).collect();
+    let builds: Vec<&str> = docker
+        .lines()
+        .filter(|l| l.contains("cargo build"))
+        .collect();
     assert!(!builds.is_empty());
     for b in &builds {
-        assert!(b.contains("--release") && b.contains("--locked") && b.contains(&format!("--bin {bin}")), "{b}");
+        assert!(
+            b.contains("--release")
+                && b.contains("--locked")
+                && b.contains(&format!("--bin {bin}")),
+            "{b}"
+        );
     }
-    assert!(docker.contains(&format!("target/release/{bin}")), "copies the built binary");
+    assert!(
+        docker.contains(&format!("target/release/{bin}")),
+        "copies the built binary"
+    );
     let installed = format!("/usr/local/bin/{bin}");
-    let entry = docker.lines().find(|l| l.starts_with("ENTRYPOINT")).expect("ENTRYPOINT");
+    let entry = docker
+        .lines()
+        .find(|l| l.starts_with("ENTRYPOINT"))
+        .expect("ENTRYPOINT");
     assert!(entry.contains(&installed), "{entry}");
     assert!(docker.contains(&format!("COPY --from=build /{bin} {installed}")));
     let defaults = Config::defaults();
-    let expose = docker.lines().find(|l| l.starts_with("EXPOSE")).expect("EXPOSE");
+    let expose = docker
+        .lines()
+        .find(|l| l.starts_with("EXPOSE"))
+        .expect("EXPOSE");
     for port in [defaults.grpc_addr.port(), defaults.metrics_addr.port()] {
         assert!(expose.contains(&port.to_string()), "{expose} lacks {port}");
     }
     // HEALTHCHECK uses the binary's own `probe`, no extra tool in the image.
-    let health = docker.lines().skip_while(|l| !l.starts_with("HEALTHCHECK")).nth(1).unwrap_or("");
-    assert!(health.contains(&installed) && health.contains("\"probe\""), "{health}");
+    let health = docker
+        .lines()
+        .skip_while(|l| !l.starts_with("HEALTHCHECK"))
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        health.contains(&installed) && health.contains("\"probe\""),
+        "{health}"
+    );
     // The runtime image runs as non-root.
-    assert!(docker.lines().any(|l| l.starts_with("USER ") && !l.contains("root")));
+    assert!(
+        docker
+            .lines()
+            .any(|l| l.starts_with("USER ") && !l.contains("root"))
+    );
 }
 
 #[test]
@@ -116,7 +153,10 @@ fn the_configmap_config_parses_and_its_secret_env_is_provided() {
     assert!(!config.apps.is_empty());
     assert!(!secret_vars.is_empty());
     for var in secret_vars {
-        assert!(deployment.contains(&format!("name: {var}")), "deployment does not set {var}");
+        assert!(
+            deployment.contains(&format!("name: {var}")),
+            "deployment does not set {var}"
+        );
     }
     assert!(deployment.contains("name: GATEWAY_REDIS_URL"));
     // The pod may be killed only after the drain: preStop + grace + one request timeout.
@@ -127,5 +167,8 @@ fn the_configmap_config_parses_and_its_secret_env_is_provided() {
         .parse()
         .unwrap();
     let needed = 5 + config.shutdown_grace.as_secs() + config.feishu.request_timeout.as_secs();
-    assert!(grace_s > needed, "terminationGracePeriodSeconds {grace_s} <= {needed}");
+    assert!(
+        grace_s > needed,
+        "terminationGracePeriodSeconds {grace_s} <= {needed}"
+    );
 }
