@@ -23,7 +23,10 @@ fn fault(message_id: &str, http: u16, code: i64, times: u32) -> Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_of_1000_replies_to_distinct_chats_drains_with_zero_rejections() {
-    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    // 1000 callers, the gateway and the fake share one process and 2 cores here: arrival
+    // jitter at the fake can exceed the default 20 ms margin (seen: 1 rejection in ~10 runs),
+    // so this test allows 50 ms. The separate-process benchmark (BENCHMARKS.md) runs with 20 ms.
+    let gw = spawn_gateway(FakeOptions::default(), "[quotas]\nsafety_margin_ms = 50").await;
     // From cold: the 1000 concurrent callers share one token fetch.
     let start = Instant::now();
     let calls: Vec<_> = (0..1000)
