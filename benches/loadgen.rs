@@ -11,7 +11,6 @@
 //! `-- <scenario> --help` lists the knobs. Processes are the release binary
 //! (`feishu-reply-gateway serve` / `fake-feishu`) on loopback ports.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::num::NonZeroU32;
@@ -33,23 +32,9 @@ use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
-struct Counting;
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: delegates to the system allocator; only counts bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::allocated;
 
 const BIN: &str = env!("CARGO_BIN_EXE_feishu-reply-gateway");
 
@@ -607,10 +592,10 @@ async fn depth(jobs: usize, chats: usize) {
     };
     // Memory and enqueue cost at depth.
     let metrics = Arc::new(Metrics::new());
-    let before = ALLOCATED.load(Ordering::Relaxed);
+    let before = allocated();
     let s = Scheduler::start(scheduler_config(true), Arc::new(Instant0), metrics.clone());
     let specs: Vec<JobSpec> = (0..jobs).map(|i| job(i, chats)).collect();
-    let specs_bytes = ALLOCATED.load(Ordering::Relaxed) - before;
+    let specs_bytes = allocated() - before;
     let start = Instant::now();
     let mut receivers = Vec::with_capacity(jobs);
     for spec in specs {
@@ -621,7 +606,7 @@ async fn depth(jobs: usize, chats: usize) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let enqueue = start.elapsed();
-    let total = ALLOCATED.load(Ordering::Relaxed) - before;
+    let total = allocated() - before;
     println!(
         "depth: {jobs} queued jobs over {chats} chats: enqueue {:.0} ns/job ({:.0} jobs/s); memory {:.0} bytes/queued job (job data incl. strings; the JobSpecs alone were {:.0} bytes/job)",
         enqueue.as_nanos() as f64 / jobs as f64,

@@ -4,32 +4,16 @@
 //! printed memory figures (bytes per live key, bytes left after every key went idle) from a
 //! counting allocator.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use feishu_reply_gateway::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable};
 
-struct Counting;
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: delegates to the system allocator; only counts bytes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::allocated;
 
 const MS: Micros = 1000;
 /// Quota instants start here (as in the scheduler), so windows before "now" are representable.
@@ -69,7 +53,7 @@ fn populated(n: usize) -> (QuotaTable, Vec<QuotaKey>) {
 
 fn memory_report() {
     for n in [1_000usize, 100_000, 1_000_000] {
-        let base = ALLOCATED.load(Ordering::Relaxed);
+        let base = allocated();
         let mut t = table();
         // Each key's id is built here and dropped after the decision (as when its job is
         // done), so whatever the table keeps of it is counted.
@@ -77,9 +61,9 @@ fn memory_report() {
             let k = QuotaKey::new(0, chat_id(i));
             t.try_acquire(std::slice::from_ref(&k), T0).unwrap();
         }
-        let live = ALLOCATED.load(Ordering::Relaxed) - base;
+        let live = allocated() - base;
         t.forget_idle(T0 + 2_000 * MS);
-        let idle = ALLOCATED.load(Ordering::Relaxed) - base;
+        let idle = allocated() - base;
         println!(
             "memory: {n:>9} live chat keys: {:.0} bytes/key in the table; after idle sweep: {idle} bytes ({} keys left)",
             live as f64 / n as f64,
