@@ -164,7 +164,8 @@ struct Inner {
     uuids: HashMap<String, (Value, Instant)>,
     /// uuids in the order they were stored, for expiry in O(1) per request.
     uuid_order: VecDeque<(Instant, String)>,
-    received: Vec<Received>,
+    /// The most recent requests (at most [`MAX_RECORDS`]; `stats` counts all of them).
+    received: VecDeque<Received>,
     faults: VecDeque<Fault>,
     stats: FakeStats,
     rng: u64,
@@ -184,6 +185,8 @@ pub struct FakeFeishu {
 }
 
 const UUID_TTL: Duration = Duration::from_secs(3600);
+/// Requests kept for inspection: bounds the memory of a long-running fake (benchmarks).
+pub const MAX_RECORDS: usize = 200_000;
 
 // === impl FakeFeishu ===
 
@@ -209,7 +212,7 @@ impl FakeFeishu {
                 counters: HashMap::new(),
                 uuids: HashMap::new(),
                 uuid_order: VecDeque::new(),
-                received: Vec::new(),
+                received: VecDeque::new(),
                 faults: VecDeque::new(),
                 stats: FakeStats::default(),
                 rng: 0x9E37_79B9_7F4A_7C15,
@@ -229,7 +232,7 @@ impl FakeFeishu {
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.shared.inner.lock().received.clone()
+        self.shared.inner.lock().received.iter().cloned().collect()
     }
 
     pub fn stats(&self) -> FakeStats {
@@ -298,9 +301,9 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/open-apis/im/v1/messages/{message_id}", get(get_message))
         .route(
             "/_fake/received",
-            get(
-                |State(s): State<Arc<Shared>>| async move { Json(s.inner.lock().received.clone()) },
-            ),
+            get(|State(s): State<Arc<Shared>>| async move {
+                Json(s.inner.lock().received.iter().cloned().collect::<Vec<_>>())
+            }),
         )
         .route(
             "/_fake/stats",
@@ -524,7 +527,10 @@ fn handle_reply(
     );
     record.code = code;
     record.http = http;
-    inner.received.push(record);
+    if inner.received.len() >= MAX_RECORDS {
+        inner.received.pop_front();
+    }
+    inner.received.push_back(record);
     (resp, delay)
 }
 
