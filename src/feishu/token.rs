@@ -32,6 +32,19 @@ pub struct TokenCache {
     refresh: tokio::sync::Mutex<()>,
     /// Refresh this long before expiry (Feishu hands out a new token in the last 30 min).
     refresh_before: Duration,
+    /// The last failed fetch: answered to callers for a short while instead of asking the
+    /// token endpoint again for each of them (bad credentials would otherwise cost one token
+    /// request per reply).
+    failed: parking_lot::Mutex<Option<(Instant, UpstreamError)>>,
+}
+
+/// How long a failed token fetch is answered from memory: bad credentials stay bad for a
+/// while; anything else (network, 5xx) is retried sooner.
+fn failure_hold(e: &UpstreamError) -> Duration {
+    match e {
+        UpstreamError::Credentials { .. } => Duration::from_secs(10),
+        _ => Duration::from_secs(1),
+    }
 }
 
 /// Never use a token with less than this left: a request started now could arrive after expiry.
@@ -43,6 +56,7 @@ impl TokenCache {
             current: RwLock::new(None),
             refresh: tokio::sync::Mutex::new(()),
             refresh_before: refresh_before.max(MIN_REMAINING),
+            failed: parking_lot::Mutex::new(None),
         }
     }
 
@@ -94,6 +108,11 @@ impl TokenCache {
         {
             return Ok((c.value, false));
         }
+        if let Some((at, e)) = &*self.failed.lock()
+            && at.elapsed() < failure_hold(e)
+        {
+            return Err(e.clone());
+        }
         self.fetch_and_store(fetch).await.map(|v| (v, true))
     }
 
@@ -102,7 +121,14 @@ impl TokenCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<FetchedToken, UpstreamError>>,
     {
-        let t = fetch().await?;
+        let t = match fetch().await {
+            Ok(t) => t,
+            Err(e) => {
+                *self.failed.lock() = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        *self.failed.lock() = None;
         let value: Arc<str> = t.value.into();
         *self.current.write() = Some(Cached {
             value: value.clone(),
@@ -178,6 +204,42 @@ mod tests {
             "t-2"
         );
         assert_eq!(fetches.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_fetch_is_answered_from_memory_for_a_while() {
+        let cache = TokenCache::new(Duration::from_secs(300));
+        let fetches = AtomicU32::new(0);
+        let refuse = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<FetchedToken, _>(UpstreamError::Credentials {
+                code: 10014,
+                msg: "app secret invalid".into(),
+                log_id: String::new(),
+            })
+        };
+        let results = futures_util::future::join_all((0..20).map(|_| cache.get(refuse))).await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(UpstreamError::Credentials { code: 10014, .. })))
+        );
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            1,
+            "one fetch for 20 waiting callers"
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(cache.get(refuse).await.is_err());
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            2,
+            "asked again after the hold"
+        );
+        // A success clears the memory of the failure.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        cache.get(|| fetcher(&fetches, 7200)).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
