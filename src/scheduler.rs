@@ -84,12 +84,15 @@ struct Job {
     done: oneshot::Sender<JobResult>,
     /// Cluster mode: the Redis grant of the current attempt (for re-stamping).
     grant: Option<Grant>,
+    /// Cluster mode: the Redis names of `keys`, built on the first decision and reused by
+    /// every later one (gate checks, retries).
+    shared_keys: Option<Arc<[SharedKey]>>,
 }
 
 /// A send Redis recorded: its keys, member and when the answer arrived.
 #[derive(Clone)]
 struct Grant {
-    keys: Vec<SharedKey>,
+    keys: Arc<[SharedKey]>,
     member: String,
     at: Instant,
 }
@@ -153,7 +156,7 @@ enum Command {
     Decided {
         chat_id: Arc<str>,
         job_id: u64,
-        keys: Vec<SharedKey>,
+        keys: Arc<[SharedKey]>,
         result: Result<Decision, String>,
         at: Instant,
     },
@@ -317,6 +320,7 @@ impl Scheduler {
             spec,
             done,
             grant: None,
+            shared_keys: None,
         };
         if let Err(mpsc::error::SendError(Command::Submit(job))) =
             self.tx.send(Command::Submit(job))
@@ -341,10 +345,6 @@ impl Scheduler {
         let _ = self.tx.send(Command::Shutdown { grace });
         let mut drained = self.drained.clone();
         let _ = drained.wait_for(|d| *d).await;
-    }
-
-    pub fn is_accepting(&self) -> bool {
-        self.accepting.load(Ordering::Acquire)
     }
 }
 
@@ -659,8 +659,17 @@ impl Dispatcher {
         {
             Some((SharedMode::Up, _)) => {
                 let head = chat.jobs.front().expect("head");
-                let (keys, job_id) = (head.keys.clone(), head.id);
-                let keys = self.shared_keys(&keys);
+                let job_id = head.id;
+                let keys = match head.shared_keys.clone() {
+                    Some(k) => k,
+                    None => {
+                        let quota_keys = head.keys.clone();
+                        let k: Arc<[SharedKey]> = self.shared_keys(&quota_keys).into();
+                        let chat = self.chats.get_mut(chat_id).expect("chat");
+                        chat.jobs.front_mut().expect("head").shared_keys = Some(k.clone());
+                        k
+                    }
+                };
                 // Behind a closed gate, or another chat is probing it: wait in its line.
                 let blocked = keys.iter().find(|k| {
                     self.gates.get(&k.name).is_some_and(|g| {
@@ -677,7 +686,7 @@ impl Dispatcher {
                         .push_back((chat_id.clone(), ticket));
                     return;
                 }
-                for k in &keys {
+                for k in keys.iter() {
                     if let Some(g) = self.gates.get_mut(&k.name)
                         && !g.is_probe(chat_id)
                     {
@@ -729,7 +738,7 @@ impl Dispatcher {
             .collect()
     }
 
-    fn spawn_decision(&self, chat_id: Arc<str>, job_id: u64, keys: Vec<SharedKey>) {
+    fn spawn_decision(&self, chat_id: Arc<str>, job_id: u64, keys: Arc<[SharedKey]>) {
         let store = self.shared.as_ref().expect("cluster mode").store.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
@@ -750,7 +759,7 @@ impl Dispatcher {
         &mut self,
         chat_id: Arc<str>,
         job_id: u64,
-        keys: Vec<SharedKey>,
+        keys: Arc<[SharedKey]>,
         result: Result<Decision, String>,
         at: Instant,
     ) {
@@ -764,7 +773,7 @@ impl Dispatcher {
             }
             _ => None,
         };
-        for k in &keys {
+        for k in keys.iter() {
             if let Some((name, until)) = &refused_on
                 && *name == k.name
             {
