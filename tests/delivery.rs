@@ -61,17 +61,49 @@ async fn burst_of_1000_replies_to_distinct_chats_drains_with_zero_rejections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_within_a_chat_is_kept_through_retries() {
     let gw = spawn_gateway(FakeOptions::default(), "").await;
+    // o0 is posted at once but answered late: its chat stays busy, so every later reply queues
+    // behind it and the queued gauge says exactly when each call has been accepted. Concurrent
+    // calls have no order of their own (README); this makes the acceptance order the loop order
+    // however loaded the machine is.
+    gw.fake.push_fault(Fault {
+        message_id: Some("om_o0".into()),
+        http: 200,
+        code: 0,
+        post_then_delay_ms: Some(1500),
+        times: 1,
+        ..Default::default()
+    });
     gw.fake.push_fault(fault("om_o2", 400, 230049, 2));
     gw.fake.push_fault(fault("om_o4", 503, 1, 1));
-    let mut calls = Vec::new();
-    for i in 0..9 {
+    let submit = |i: usize| {
         let mut c = gw.client.clone();
-        calls.push(tokio::spawn(async move {
-            c.reply(text(&format!("om_o{i}"), "oc_order", "x")).await
-        }));
-        // Space submissions so the acceptance order is the loop order.
-        tokio::time::sleep(Duration::from_millis(15)).await;
+        tokio::spawn(async move { c.reply(text(&format!("om_o{i}"), "oc_order", "x")).await })
+    };
+    let mut calls = vec![submit(0)];
+    let t = Instant::now();
+    while !gw.fake.received().iter().any(|r| r.message_id == "om_o0") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "om_o0 never reached the fake"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    for i in 1..9 {
+        calls.push(submit(i));
+        let line = format!("\nfeishu_reply_queued {i}\n");
+        let t = Instant::now();
+        while !gw.http_get("/metrics").await.1.contains(&line) {
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "call {i} was not queued behind om_o0"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert!(
+        gw.fake.received().iter().all(|r| r.message_id == "om_o0"),
+        "nothing may overtake the reply in flight"
+    );
     for c in calls {
         c.await.unwrap().unwrap();
     }
@@ -79,11 +111,18 @@ async fn order_within_a_chat_is_kept_through_retries() {
         .fake
         .received()
         .into_iter()
-        .filter(|r| r.code == 0)
+        .filter(|r| r.code == 0 && !r.deduped)
         .map(|r| r.message_id)
         .collect();
     let want: Vec<String> = (0..9).map(|i| format!("om_o{i}")).collect();
     assert_eq!(posted, want);
+    let o2 = gw
+        .fake
+        .received()
+        .iter()
+        .filter(|r| r.message_id == "om_o2")
+        .count();
+    assert_eq!(o2, 3, "om_o2 is retried twice after 230049");
     assert_eq!(gw.fake.stats().rate_rejections(), 0);
 }
 
