@@ -7,9 +7,12 @@
 //! cargo bench --bench loadgen -- hot         # 50 chats x 40 replies + background: order, drain
 //! cargo bench --bench loadgen -- overhead    # quotas not binding: gateway vs direct HTTP, max replies/s
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
+//! cargo bench --bench loadgen -- drive --gateway http://HOST:50051 --rate 40 --seconds 60
+//!                                             # any running gateway: target rate or concurrency
 //! ```
 //! `-- <scenario> --help` lists the knobs. Processes are the release binary
-//! (`feishu-reply-gateway serve` / `fake-feishu`) on loopback ports.
+//! (`feishu-reply-gateway serve` / `fake-feishu`) on loopback ports; `drive` without
+//! `--gateway` starts its own pair with quotas that never bind.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -76,6 +79,34 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Drive a gateway at a target rate (open loop) or a fixed concurrency (closed loop).
+    ///
+    /// With `--gateway` it drives that running gateway (which should be on the fake Feishu:
+    /// against real Feishu every reply is posted); without, it starts its own gateway and fake
+    /// with quotas that never bind.
+    Drive {
+        /// gRPC address of a running gateway, e.g. http://127.0.0.1:50051.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Replies per second, sent on schedule whether or not earlier ones returned; latency is
+        /// measured from each reply's scheduled instant (no coordinated omission).
+        #[arg(long, conflicts_with = "concurrency")]
+        rate: Option<f64>,
+        /// Calls kept in flight (closed loop); the default when no --rate is given.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Distinct chats the replies are spread over (round robin).
+        #[arg(long, default_value_t = 1000)]
+        chats: usize,
+        /// Configured app name sent in each request ("" = the gateway's default app).
+        #[arg(long, default_value = "")]
+        app: String,
+        /// `x-caller` metadata (the gateway's admission limit is per caller).
+        #[arg(long, default_value = "loadgen")]
+        caller: String,
+    },
     /// The scheduler with a no-op upstream: enqueue/dispatch cost and memory at depth.
     Depth {
         #[arg(long, default_value_t = 100_000)]
@@ -111,6 +142,27 @@ fn main() {
                 seconds,
             } => overhead(&concurrency, Duration::from_secs(seconds)).await,
             Scenario::Depth { jobs, chats } => depth(jobs, chats).await,
+            Scenario::Drive {
+                gateway,
+                rate,
+                concurrency,
+                seconds,
+                chats,
+                app,
+                caller,
+            } => {
+                let load = match rate {
+                    Some(r) if r > 0.0 && r.is_finite() => Load::Rate(r),
+                    Some(r) => panic!("--rate must be a positive number, got {r}"),
+                    None => Load::Concurrency(concurrency.max(1)),
+                };
+                let target = DriveTarget {
+                    chats: chats.max(1),
+                    app,
+                    caller,
+                };
+                drive(gateway, load, Duration::from_secs(seconds), target).await
+            }
         }
     });
 }
@@ -530,6 +582,132 @@ where
     }
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
     (all, rate, errors)
+}
+
+enum Load {
+    Rate(f64),
+    Concurrency(usize),
+}
+
+struct DriveTarget {
+    chats: usize,
+    app: String,
+    caller: String,
+}
+
+async fn drive(gateway: Option<String>, load: Load, dur: Duration, target: DriveTarget) {
+    // Keeps a self-started stack alive for the run.
+    let (channel, _stack) = match gateway {
+        Some(url) => {
+            let channel = Channel::from_shared(url.clone())
+                .unwrap_or_else(|e| panic!("--gateway {url}: {e}"))
+                .connect()
+                .await
+                .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+            println!("driving {url}");
+            (channel, None)
+        }
+        None => {
+            let s = stack(&["--unlimited"], UNBOUND).await;
+            println!("driving a gateway started here (fake Feishu, quotas not binding)");
+            (s.grpc.clone(), Some(s))
+        }
+    };
+    let run = format!("{:x}", std::process::id());
+    let target = Arc::new(target);
+    let call = move |i: usize| {
+        let mut client = ReplyGatewayClient::new(channel.clone());
+        let (run, target) = (run.clone(), target.clone());
+        async move {
+            let chat = i % target.chats;
+            let mut req = tonic::Request::new(ReplyRequest {
+                app: target.app.clone(),
+                ..text(&format!("om_drive{run}x{i}"), &format!("oc_drive{chat}"))
+            });
+            if let Ok(v) = target.caller.parse() {
+                req.metadata_mut().insert("x-caller", v);
+            }
+            client.reply(req).await.err().map(|e| e.code())
+        }
+    };
+    let start = Instant::now();
+    let (h, errors) = match load {
+        Load::Concurrency(c) => {
+            println!("closed loop: {c} in flight for {} s", dur.as_secs());
+            let counter = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..c)
+                .map(|_| {
+                    let (call, counter) = (call.clone(), counter.clone());
+                    tokio::spawn(async move {
+                        let mut h = hist();
+                        let mut errors = Vec::new();
+                        while start.elapsed() < dur {
+                            let i = counter.fetch_add(1, Ordering::Relaxed);
+                            let t = Instant::now();
+                            let err = call(i).await;
+                            h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
+                            errors.extend(err);
+                        }
+                        (h, errors)
+                    })
+                })
+                .collect();
+            let mut all = hist();
+            let mut errors = Vec::new();
+            for w in workers {
+                let (h, e) = w.await.unwrap();
+                all.add(h).unwrap();
+                errors.extend(e);
+            }
+            (all, errors)
+        }
+        Load::Rate(r) => {
+            println!("open loop: {r} replies/s for {} s", dur.as_secs());
+            let total = (r * dur.as_secs_f64()).round() as usize;
+            let mut calls = Vec::with_capacity(total);
+            let mut i = 0;
+            while i < total {
+                let due = start + Duration::from_secs_f64(i as f64 / r);
+                tokio::time::sleep_until(due.into()).await;
+                // Everything due by now goes out (timer granularity is 1 ms).
+                let now = Instant::now();
+                while i < total && start + Duration::from_secs_f64(i as f64 / r) <= now {
+                    let scheduled = start + Duration::from_secs_f64(i as f64 / r);
+                    let fut = call(i);
+                    calls.push(tokio::spawn(async move {
+                        let err = fut.await;
+                        (scheduled.elapsed(), err)
+                    }));
+                    i += 1;
+                }
+            }
+            let mut all = hist();
+            let mut errors = Vec::new();
+            for c in calls {
+                let (d, err) = c.await.unwrap();
+                all.record(d.as_micros().max(1) as u64).unwrap();
+                errors.extend(err);
+            }
+            (all, errors)
+        }
+    };
+    let elapsed = start.elapsed();
+    let mut by_code: HashMap<String, usize> = HashMap::new();
+    for code in &errors {
+        *by_code.entry(format!("{code:?}")).or_default() += 1;
+    }
+    let mut by_code: Vec<_> = by_code.into_iter().collect();
+    by_code.sort();
+    println!(
+        "drive: {} calls in {:.2} s = {:.0} completed/s; ok {}; errors {} {:?}",
+        h.len(),
+        elapsed.as_secs_f64(),
+        h.len() as f64 / elapsed.as_secs_f64(),
+        h.len() as usize - errors.len(),
+        errors.len(),
+        by_code
+    );
+    print_latency("drive call latency", &h);
 }
 
 /// Answers every reply at once (scheduler cost only).
