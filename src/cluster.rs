@@ -1,7 +1,10 @@
 //! Cluster mode: every replica's quota decisions go through one Redis, atomically. One Lua
 //! script call per decision checks all of a job's keys (chat, user, app/s, app/min) against
 //! Redis `TIME` and records the send in all of them or in none. Also: the replica heartbeat
-//! (observed replica count) and the replay of local sends after a Redis outage.
+//! (observed replica count), the replay of local sends after a Redis outage, and the release of
+//! slots recorded for sends that never left (a decision whose answer was lost to a timeout, or a
+//! grant that arrived after its job was gone): such a slot would otherwise stay spent for a
+//! whole window — a minute of the app's 1000/min quota.
 //!
 //! Keys are `{<prefix>}:q<quota>:<id>` sorted sets (score = send instant in µs). They all carry
 //! the same hash tag, so a multi-key script is valid on Redis Cluster: every quota key lives in
@@ -9,6 +12,7 @@
 //! below what one Redis shard serves, and the chat quota must be shared by all apps, so no
 //! finer tag (e.g. per app) is possible.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,6 +21,9 @@ use parking_lot::Mutex;
 use redis::aio::MultiplexedConnection;
 
 use crate::metrics::Metrics;
+
+/// Lost decisions remembered for release (each a few hundred bytes).
+const MAX_UNKNOWN: usize = 10_000;
 
 /// What to do while Redis does not answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -100,6 +107,16 @@ end
 return 1
 "#;
 
+/// Forgets one send that never left: KEYS = its keys, ARGV[1] = member. Returns how many keys
+/// held it (0 when the decision never reached Redis or refused).
+const RELEASE_LUA: &str = r#"
+local n = 0
+for i = 1, #KEYS do
+  n = n + redis.call('ZREM', KEYS[i], ARGV[1])
+end
+return n
+"#;
+
 /// Treat a key as spent until `wait` from now: ARGV[1] = limit, ARGV[2] = span, ARGV[3] = wait
 /// (µs). Adds `limit` phantom sends at (now + wait − span); newer real sends still count.
 const BLOCK_LUA: &str = r#"
@@ -153,6 +170,11 @@ pub struct RedisQuota {
     heartbeat: redis::Script,
     restamp: redis::Script,
     block: redis::Script,
+    release: redis::Script,
+    /// Decisions whose answer was lost (timeout, broken connection): Redis may have recorded
+    /// them. Released at the next heartbeat that succeeds. Bounded: past the bound the oldest
+    /// stay spent (stricter, never looser).
+    unknown: Mutex<VecDeque<(Vec<SharedKey>, String)>>,
     replica_id: String,
     observed_replicas: AtomicUsize,
     next_member: AtomicU64,
@@ -171,6 +193,8 @@ impl RedisQuota {
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
             restamp: redis::Script::new(RESTAMP_LUA),
             block: redis::Script::new(BLOCK_LUA),
+            release: redis::Script::new(RELEASE_LUA),
+            unknown: Mutex::new(VecDeque::new()),
             replica_id: uuid::Uuid::new_v4().simple().to_string(),
             observed_replicas: AtomicUsize::new(0),
             next_member: AtomicU64::new(0),
@@ -245,7 +269,19 @@ impl RedisQuota {
             self.next_member.fetch_add(1, Ordering::Relaxed)
         );
         inv.arg(&member);
-        let answer: Vec<i64> = self.call("decide", inv).await?;
+        let answer: Vec<i64> = match self.call("decide", inv).await {
+            Ok(a) => a,
+            Err(e) => {
+                if !matches!(e, ClusterError::Protocol(_)) {
+                    let mut unknown = self.unknown.lock();
+                    if unknown.len() >= MAX_UNKNOWN {
+                        unknown.pop_front();
+                    }
+                    unknown.push_back((keys.to_vec(), member));
+                }
+                return Err(e);
+            }
+        };
         match answer.as_slice() {
             [1, _] => Ok(Decision::Granted { member }),
             [0, wait, key] => Ok(Decision::Wait {
@@ -273,6 +309,35 @@ impl RedisQuota {
             .arg(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
         let _: i64 = self.call("restamp", inv).await?;
         Ok(())
+    }
+
+    /// Forgets the send recorded as `member` (granted, but it never left). Returns how many
+    /// keys held it.
+    pub async fn release(&self, keys: &[SharedKey], member: &str) -> Result<u64, ClusterError> {
+        let mut inv = self.release.prepare_invoke();
+        for k in keys {
+            inv.key(&k.name);
+        }
+        inv.arg(member);
+        self.call("release", inv).await
+    }
+
+    /// Releases the decisions whose answers were lost; stops at the first failure (the rest
+    /// wait for the next heartbeat). Returns how many sends Redis had recorded for them.
+    pub async fn release_unknown(&self) -> Result<u64, ClusterError> {
+        let mut freed = 0;
+        loop {
+            let Some((keys, member)) = self.unknown.lock().pop_front() else {
+                return Ok(freed);
+            };
+            match self.release(&keys, &member).await {
+                Ok(n) => freed += u64::from(n > 0),
+                Err(e) => {
+                    self.unknown.lock().push_front((keys, member));
+                    return Err(e);
+                }
+            }
+        }
     }
 
     /// Feishu rejected for rate: treat `key` as spent for `wait` on every replica.
@@ -314,6 +379,18 @@ impl RedisQuota {
         let n = usize::try_from(n.max(1)).unwrap_or(1);
         self.observed_replicas.store(n, Ordering::Relaxed);
         self.metrics.set_replicas(n);
+        if !self.unknown.lock().is_empty() {
+            match self.release_unknown().await {
+                Ok(0) => {}
+                Ok(freed) => tracing::info!(
+                    freed,
+                    "released quota slots Redis had recorded for decisions whose answer was lost"
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %e, "releasing lost decisions failed; will retry")
+                }
+            }
+        }
         Ok(n)
     }
 }

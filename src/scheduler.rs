@@ -253,7 +253,7 @@ impl Scheduler {
         let cluster = Arc::new(AtomicU8::new(if store.is_some() { 1 } else { 0 }));
         if let Some(store) = &store {
             metrics.set_redis_state(true, false);
-            tokio::spawn(monitor(store.clone(), tx.downgrade()));
+            tokio::spawn(monitor(store.clone(), tx.downgrade(), cluster.clone()));
         }
         let (drained_tx, drained) = watch::channel(false);
         let accepting = Arc::new(AtomicBool::new(true));
@@ -796,13 +796,18 @@ impl Dispatcher {
                 g.drop_probe(&chat_id);
             }
         }
-        let Some(chat) = self.chats.get_mut(&chat_id) else {
-            return;
+        let head_id = match self.chats.get_mut(&chat_id) {
+            Some(chat) => {
+                chat.busy = false;
+                chat.jobs.front().map(|j| j.id)
+            }
+            None => None,
         };
-        chat.busy = false;
-        let head_id = chat.jobs.front().map(|j| j.id);
         if head_id.is_none() {
-            if !chat.scheduled {
+            if let Ok(Decision::Granted { member }) = result {
+                self.release_grant(keys, member);
+            }
+            if self.chats.get(&chat_id).is_some_and(|c| !c.scheduled) {
                 self.chats.remove(&chat_id);
             }
             return;
@@ -812,8 +817,12 @@ impl Dispatcher {
                 let grant = Grant { keys, member, at };
                 self.start_send(&chat_id, now, Some(grant));
             }
-            // The head changed meanwhile (deadline, cancel): the recorded slot stays spent.
-            Ok(Decision::Granted { .. }) => self.schedule_now(&chat_id),
+            // The head changed meanwhile (deadline, cancel): nothing is sent for this grant,
+            // so give the slot back.
+            Ok(Decision::Granted { member }) => {
+                self.release_grant(keys, member);
+                self.schedule_now(&chat_id);
+            }
             // Parked in the gate of the key that refused (above).
             Ok(Decision::Wait { .. }) => {}
             Err(e) => {
@@ -821,6 +830,17 @@ impl Dispatcher {
                 self.schedule_now(&chat_id);
             }
         }
+    }
+
+    /// Forgets a granted send that will not leave (the slot would stay spent for a window).
+    fn release_grant(&self, keys: Arc<[SharedKey]>, member: String) {
+        let Some(shared) = &self.shared else { return };
+        let store = shared.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.release(&keys, &member).await {
+                tracing::debug!(error = %e, "releasing an unused grant failed");
+            }
+        });
     }
 
     /// Opens gates whose time has come: the first waiters become the next probes.
@@ -1203,18 +1223,23 @@ impl Dispatcher {
     }
 }
 
-/// Heartbeat: tells the dispatcher whether Redis answers (every second; faster while down).
-async fn monitor(store: Arc<RedisQuota>, tx: mpsc::WeakUnboundedSender<Command>) {
-    let mut up = true;
+/// Heartbeat: tells the dispatcher whether Redis answers. Every second while the dispatcher
+/// uses Redis; every `HOLD_RECHECK` while it does not — whichever noticed the trouble (a failed
+/// decision or a failed heartbeat), so a failed decision alone cannot leave it off Redis.
+async fn monitor(
+    store: Arc<RedisQuota>,
+    tx: mpsc::WeakUnboundedSender<Command>,
+    cluster: Arc<AtomicU8>,
+) {
     loop {
         let ok = store.beat().await.is_ok();
+        let shared = ClusterState::from_u8(cluster.load(Ordering::Relaxed)) == ClusterState::Shared;
         let Some(tx) = tx.upgrade() else { return };
-        if ok != up || !ok {
+        if !ok || !shared {
             let _ = tx.send(Command::RedisHealth(ok));
         }
         drop(tx);
-        up = ok;
-        let pause = if up {
+        let pause = if ok && shared {
             Duration::from_secs(1)
         } else {
             HOLD_RECHECK

@@ -199,3 +199,60 @@ async fn fail_closed_holds_replies_until_redis_returns() {
     );
     assert_eq!(gw.http_get("/readyz").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
+    let redis = RedisServer::start();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix("stall");
+    let extra = "redis_timeout_ms = 50\non_redis_failure = \"fail_closed\"";
+    let gw = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &redis.url(), &prefix, extra),
+    )
+    .await;
+    gw.reply(text("om_s1", "oc_before", "x")).await.unwrap();
+
+    // Redis stalls: the next decision is written to its socket, the gateway gives up on the
+    // answer after 50 ms, the reply is held (fail_closed) and fails at its deadline, never sent.
+    redis.pause(true);
+    let s = gw
+        .reply_with_timeout(text("om_s2", "oc_stalled", "x"), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    // Redis wakes up and runs the decision it was sent: it records a send that never left.
+    // The gateway goes back to Redis (a failed decision alone, without a failed heartbeat,
+    // must not leave it off Redis for good).
+    redis.pause(false);
+    assert!(wait_for_metric(&gw, "feishu_reply_redis_fallback 0", Duration::from_secs(5)).await);
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let app_min = format!("{{{prefix}}}:q3:{}", common::APP_ID);
+    let t = Instant::now();
+    loop {
+        let sends: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&app_min)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        // Only om_s1 is left in the app's 1000/min window: the lost decision was released.
+        if sends.len() == 1 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "the lost decision still holds a slot of the minute window: {sends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(fake.received().iter().all(|r| r.message_id != "om_s2"));
+    let m = gw.http_get("/metrics").await.1;
+    assert!(
+        m.contains("feishu_reply_redis_calls_total{op=\"release\",outcome=\"ok\"}"),
+        "{m}"
+    );
+}

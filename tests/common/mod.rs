@@ -24,6 +24,9 @@ pub struct TestGateway {
     task: Option<JoinHandle<()>>,
 }
 
+/// The app id of the one app `config_for` configures.
+pub const APP_ID: &str = "cli_test";
+
 /// Config text for one app on the fake; `extra` is appended (more sections, overrides).
 pub fn config_for(fake: &FakeFeishu, extra: &str) -> Config {
     let text = format!(
@@ -33,7 +36,7 @@ pub fn config_for(fake: &FakeFeishu, extra: &str) -> Config {
         request_timeout_ms = 2000
         connect_timeout_ms = 500
         [apps.default]
-        app_id = "cli_test"
+        app_id = "{APP_ID}"
         app_secret = "secret"
         [retry]
         base_delay_ms = 20
@@ -205,6 +208,17 @@ impl RedisServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGSTOP / SIGCONT: a stall (connections stay open, commands wait in the socket).
+    pub fn pause(&self, stop: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
     }
 
     /// SIGKILL: an outage, not a clean shutdown.
