@@ -927,7 +927,8 @@ impl Dispatcher {
                 if shared.store.config().on_failure == RedisFailurePolicy::FailClosed {
                     shared.mode = SharedMode::Up;
                     tracing::info!("Redis is back: shared quotas again");
-                    return self.publish_cluster_state();
+                    self.publish_cluster_state();
+                    return self.reschedule_waiting();
                 }
                 shared.mode = SharedMode::Replaying;
                 let store = shared.store.clone();
@@ -964,6 +965,21 @@ impl Dispatcher {
         }
     }
 
+    /// Back on Redis: chats parked on a local-quota timer (the fallback's floor can park
+    /// them for a whole minute window) or a hold recheck ask Redis now instead. Their old
+    /// timer entries go stale (ticket).
+    fn reschedule_waiting(&mut self) {
+        let waiting: Vec<Arc<str>> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| !c.busy && !c.jobs.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in waiting {
+            self.schedule_now(&id);
+        }
+    }
+
     fn replayed(&mut self, result: Result<(), String>) {
         let Some(shared) = &mut self.shared else {
             return;
@@ -977,6 +993,7 @@ impl Dispatcher {
                 tracing::info!(
                     "Redis is back and knows this replica's local sends: shared quotas again"
                 );
+                self.reschedule_waiting();
             }
             Err(e) => {
                 shared.mode = SharedMode::Down;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{spawn_gateway, text};
+use common::{metric, spawn_gateway, text};
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
 use feishu_reply_gateway::proto::ReplyRequest;
 use tonic::Code;
@@ -226,8 +226,9 @@ async fn a_lost_answer_is_retried_with_the_same_uuid_and_posted_once() {
         "the retry was answered from Feishu's uuid dedupe"
     );
     let (_, metrics) = gw.http_get("/metrics").await;
-    assert!(
-        metrics.contains("feishu_reply_retries_total{reason=\"network\"} 1"),
+    assert_eq!(
+        metric(&metrics, "feishu_reply_retries_total{reason=\"network\"}"),
+        Some(1.0),
         "{metrics}"
     );
 }
@@ -248,8 +249,12 @@ async fn a_refused_token_is_refreshed_once_and_the_reply_retried() {
         "the refused attempt is rejected before it is recorded as a reply"
     );
     let (_, metrics) = gw.http_get("/metrics").await;
-    assert!(
-        metrics.contains("feishu_reply_token_refreshes_total{outcome=\"ok\"} 2"),
+    assert_eq!(
+        metric(
+            &metrics,
+            "feishu_reply_token_refreshes_total{outcome=\"ok\"}"
+        ),
+        Some(2.0),
         "{metrics}"
     );
 }
@@ -325,11 +330,17 @@ async fn health_reflection_and_probes_are_served() {
     let (code, metrics) = gw.http_get("/metrics").await;
     assert_eq!(code, 200);
     for name in feishu_reply_gateway::metrics::METRIC_NAMES {
-        assert!(metrics.contains(name), "{name} missing");
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} missing"
+        );
     }
-    assert!(
-        metrics
-            .contains("feishu_reply_requests_total{app=\"default\",outcome=\"ok\",code=\"0\"} 1")
+    assert_eq!(
+        metric(
+            &metrics,
+            "feishu_reply_requests_total{app=\"default\",outcome=\"ok\",code=\"0\"}"
+        ),
+        Some(1.0)
     );
 }
 

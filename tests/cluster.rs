@@ -5,7 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, max_in_window, spawn_fake, spawn_gateway_on, text, wait_for_metric};
+use common::{
+    RedisServer, max_in_window, metric, spawn_fake, spawn_gateway_on, text, wait_for_metric,
+};
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
 use tonic::Code;
@@ -112,12 +114,8 @@ async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
     )
     .await;
     gw.reply(text("om_a1", "oc_a", "x")).await.unwrap();
-    assert!(
-        gw.http_get("/metrics")
-            .await
-            .1
-            .contains("feishu_reply_redis_up 1")
-    );
+    let m = gw.http_get("/metrics").await.1;
+    assert_eq!(metric(&m, "feishu_reply_redis_up"), Some(1.0), "{m}");
 
     redis.kill();
     // Replies keep flowing (local share after one window), none hangs.
@@ -131,8 +129,8 @@ async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
         assert!(r.is_ok(), "{r:?}");
     }
     let m = gw.http_get("/metrics").await.1;
-    assert!(m.contains("feishu_reply_redis_fallback 1"), "{m}");
-    assert!(m.contains("feishu_reply_redis_up 0"), "{m}");
+    assert_eq!(metric(&m, "feishu_reply_redis_fallback"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "feishu_reply_redis_up"), Some(0.0), "{m}");
     let (code, body) = gw.http_get("/readyz").await;
     assert_eq!(code, 200);
     assert!(body.contains("degraded"), "{body}");
@@ -141,7 +139,8 @@ async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
     assert!(
         wait_for_metric(
             &gw,
-            "feishu_reply_redis_fallback 0",
+            "feishu_reply_redis_fallback",
+            0.0,
             Duration::from_secs(10)
         )
         .await,
@@ -182,7 +181,15 @@ async fn fail_closed_holds_replies_until_redis_returns() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
-    assert!(wait_for_metric(&gw, "feishu_reply_redis_fallback 1", Duration::from_secs(5)).await);
+    assert!(
+        wait_for_metric(
+            &gw,
+            "feishu_reply_redis_fallback",
+            1.0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
     assert_eq!(gw.http_get("/readyz").await.0, 503);
 
     // A reply submitted during the outage is delivered once Redis is back.
@@ -225,7 +232,15 @@ async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
     // The gateway goes back to Redis (a failed decision alone, without a failed heartbeat,
     // must not leave it off Redis for good).
     redis.pause(false);
-    assert!(wait_for_metric(&gw, "feishu_reply_redis_fallback 0", Duration::from_secs(5)).await);
+    assert!(
+        wait_for_metric(
+            &gw,
+            "feishu_reply_redis_fallback",
+            0.0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
 
     let client = redis::Client::open(redis.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
@@ -251,8 +266,51 @@ async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
     }
     assert!(fake.received().iter().all(|r| r.message_id != "om_s2"));
     let m = gw.http_get("/metrics").await.1;
-    assert!(
-        m.contains("feishu_reply_redis_calls_total{op=\"release\",outcome=\"ok\"}"),
-        "{m}"
+    let released = metric(
+        &m,
+        "feishu_reply_redis_calls_total{op=\"release\",outcome=\"ok\"}",
     );
+    assert!(released >= Some(1.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_parked_by_the_local_fallback_go_out_as_soon_as_redis_is_back() {
+    let redis = RedisServer::start();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix("park");
+    let extra = "redis_timeout_ms = 50";
+    let gw = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &redis.url(), &prefix, extra),
+    )
+    .await;
+    gw.reply(text("om_p1", "oc_before", "x")).await.unwrap();
+
+    // A stall fails this reply's decision: the replica falls back to its local share, which
+    // first lets every key's window pass since the switch — a minute for the app's 1000/min.
+    redis.pause(true);
+    let parked = {
+        let mut c = gw.client.clone();
+        tokio::spawn(async move {
+            let mut req = tonic::Request::new(text("om_p2", "oc_parked", "x"));
+            req.set_timeout(Duration::from_secs(10));
+            c.reply(req).await
+        })
+    };
+    assert!(
+        wait_for_metric(
+            &gw,
+            "feishu_reply_redis_fallback",
+            1.0,
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    redis.pause(false);
+    // Back on Redis, the parked reply asks Redis at once: delivered well within its 10 s
+    // deadline, not a minute later.
+    let r = parked.await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(fake.received().iter().any(|r| r.message_id == "om_p2"));
+    assert_eq!(fake.stats().rate_rejections(), 0);
 }

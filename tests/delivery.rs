@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{max_in_window, spawn_gateway, spawn_gateway_with, text};
+use common::{max_in_window, metric, spawn_gateway, spawn_gateway_with, text};
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -90,9 +90,8 @@ async fn order_within_a_chat_is_kept_through_retries() {
     }
     for i in 1..9 {
         calls.push(submit(i));
-        let line = format!("\nfeishu_reply_queued {i}\n");
         let t = Instant::now();
-        while !gw.http_get("/metrics").await.1.contains(&line) {
+        while metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued") != Some(i as f64) {
             assert!(
                 t.elapsed() < Duration::from_secs(1),
                 "call {i} was not queued behind om_o0"
@@ -234,11 +233,23 @@ async fn each_retry_class_is_retried_with_the_same_uuid() {
         ("frequency_limit_429", 1),
         ("server_error_5xx", 2),
     ] {
-        let line = format!("feishu_reply_retries_total{{reason=\"{reason}\"}} {n}");
-        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+        let series = format!("feishu_reply_retries_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            metric(&metrics, &series),
+            Some(n as f64),
+            "{series} in\n{metrics}"
+        );
     }
-    assert!(metrics.contains("feishu_reply_upstream_rate_rejections_total{app=\"default\",reason=\"rate_limited_230020\"} 1"));
-    assert!(metrics.contains("feishu_reply_upstream_rate_rejections_total{app=\"default\",reason=\"frequency_limit_429\"} 1"));
+    for reason in ["rate_limited_230020", "frequency_limit_429"] {
+        let series = format!(
+            "feishu_reply_upstream_rate_rejections_total{{app=\"default\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(
+            metric(&metrics, &series),
+            Some(1.0),
+            "{series} in\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -237,16 +237,30 @@ impl Drop for RedisServer {
     }
 }
 
-/// Polls `/metrics` until `line` appears (bounded): waiting for a state, not timing it.
-pub async fn wait_for_metric(gw: &TestGateway, line: &str, within: Duration) -> bool {
+/// The value of one series (`name{labels}` exactly as exported) in a Prometheus text page;
+/// comment lines (HELP/TYPE) never match.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        if name == series {
+            value.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Polls `/metrics` until `series` has value `want` (bounded): waiting for a state, not
+/// timing it.
+pub async fn wait_for_metric(gw: &TestGateway, series: &str, want: f64, within: Duration) -> bool {
     let t = std::time::Instant::now();
     loop {
-        if gw.http_get("/metrics").await.1.contains(line) {
+        if metric(&gw.http_get("/metrics").await.1, series) == Some(want) {
             return true;
         }
         if t.elapsed() > within {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
