@@ -68,22 +68,20 @@ async fn three_replicas_share_every_quota_through_redis() {
     }
     let drain = start.elapsed();
     let stats = fake.stats();
-    let (mut decides, mut restamps) = (0.0, 0.0);
+    let (mut decides, mut restamps, mut failed) = (0.0, 0.0, 0.0);
     for gw in &replicas {
         let m = gw.http_get("/metrics").await.1;
-        let count = |op: &str| {
-            let prefix = format!("feishu_reply_redis_calls_total{{op=\"{op}\",outcome=\"ok\"}}");
-            m.lines()
-                .find(|l| l.starts_with(&prefix))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
+        let count = |op: &str, outcome: &str| {
+            let series =
+                format!("feishu_reply_redis_calls_total{{op=\"{op}\",outcome=\"{outcome}\"}}");
+            metric(&m, &series).unwrap_or(0.0)
         };
-        decides += count("decide");
-        restamps += count("restamp");
+        decides += count("decide", "ok");
+        restamps += count("restamp", "ok");
+        failed += count("decide", "error");
     }
     eprintln!(
-        "3 replicas: {} replies in {drain:?} (physical limit 19 s); Redis round trips per send: {:.2} decide + {:.2} restamp",
+        "3 replicas: {} replies in {drain:?} (physical limit 19 s); Redis round trips per send: {:.2} decide + {:.2} restamp; failed decisions (-> fallback): {failed}",
         stats.posted,
         decides / stats.posted as f64,
         restamps / stats.posted as f64
