@@ -508,8 +508,10 @@ async fn overhead(levels: &[usize], seconds: Duration) {
                         .json(&body)
                         .send()
                         .await
-                        .map(|r| r.status().is_success())
-                        .unwrap_or(false)
+                        .ok()
+                        .filter(|r| r.status().is_success())
+                        .map(drop)
+                        .ok_or(())
                 }
             }
         })
@@ -525,7 +527,7 @@ async fn overhead(levels: &[usize], seconds: Duration) {
                             &format!("oc_g{}", i % 1000),
                         ))
                         .await
-                        .is_ok()
+                        .map(drop)
                 }
             }
         })
@@ -533,10 +535,15 @@ async fn overhead(levels: &[usize], seconds: Duration) {
         println!("-- concurrency {c}, {} s each --", seconds.as_secs());
         println!(
             "direct to fake : {:.0} replies/s, errors {}",
-            direct.1, direct.2
+            direct.1,
+            direct.2.len()
         );
         print_latency("direct to fake ", &direct.0);
-        println!("through gateway: {:.0} replies/s, errors {}", via.1, via.2);
+        println!(
+            "through gateway: {:.0} replies/s, errors {}",
+            via.1,
+            via.2.len()
+        );
         print_latency("through gateway", &via.0);
         let q = |h: &Histogram<u64>, p| h.value_at_quantile(p) as f64 / 1000.0;
         println!(
@@ -549,10 +556,11 @@ async fn overhead(levels: &[usize], seconds: Duration) {
 }
 
 /// `c` workers each looping `call(i)` for `dur`: (latency histogram, calls/s, errors).
-async fn closed_loop<F, Fut>(c: usize, dur: Duration, call: F) -> (Histogram<u64>, f64, usize)
+async fn closed_loop<F, Fut, E>(c: usize, dur: Duration, call: F) -> (Histogram<u64>, f64, Vec<E>)
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: Send + 'static,
 {
     let counter = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
@@ -561,24 +569,24 @@ where
             let (call, counter) = (call.clone(), counter.clone());
             tokio::spawn(async move {
                 let mut h = hist();
-                let mut errors = 0;
+                let mut errors = Vec::new();
                 while start.elapsed() < dur {
                     let i = counter.fetch_add(1, Ordering::Relaxed);
                     let t = Instant::now();
-                    let ok = call(i).await;
+                    let r = call(i).await;
                     h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
-                    errors += usize::from(!ok);
+                    errors.extend(r.err());
                 }
                 (h, errors)
             })
         })
         .collect();
     let mut all = hist();
-    let mut errors = 0;
+    let mut errors = Vec::new();
     for w in workers {
         let (h, e) = w.await.unwrap();
         all.add(h).unwrap();
-        errors += e;
+        errors.extend(e);
     }
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
     (all, rate, errors)
@@ -627,39 +635,15 @@ async fn drive(gateway: Option<String>, load: Load, dur: Duration, target: Drive
             if let Ok(v) = target.caller.parse() {
                 req.metadata_mut().insert("x-caller", v);
             }
-            client.reply(req).await.err().map(|e| e.code())
+            client.reply(req).await.map(drop).map_err(|e| e.code())
         }
     };
     let start = Instant::now();
     let (h, errors) = match load {
         Load::Concurrency(c) => {
             println!("closed loop: {c} in flight for {} s", dur.as_secs());
-            let counter = Arc::new(AtomicUsize::new(0));
-            let workers: Vec<_> = (0..c)
-                .map(|_| {
-                    let (call, counter) = (call.clone(), counter.clone());
-                    tokio::spawn(async move {
-                        let mut h = hist();
-                        let mut errors = Vec::new();
-                        while start.elapsed() < dur {
-                            let i = counter.fetch_add(1, Ordering::Relaxed);
-                            let t = Instant::now();
-                            let err = call(i).await;
-                            h.record(t.elapsed().as_micros().max(1) as u64).unwrap();
-                            errors.extend(err);
-                        }
-                        (h, errors)
-                    })
-                })
-                .collect();
-            let mut all = hist();
-            let mut errors = Vec::new();
-            for w in workers {
-                let (h, e) = w.await.unwrap();
-                all.add(h).unwrap();
-                errors.extend(e);
-            }
-            (all, errors)
+            let (h, _, errors) = closed_loop(c, dur, call).await;
+            (h, errors)
         }
         Load::Rate(r) => {
             println!("open loop: {r} replies/s for {} s", dur.as_secs());
@@ -675,8 +659,8 @@ async fn drive(gateway: Option<String>, load: Load, dur: Duration, target: Drive
                     let scheduled = start + Duration::from_secs_f64(i as f64 / r);
                     let fut = call(i);
                     calls.push(tokio::spawn(async move {
-                        let err = fut.await;
-                        (scheduled.elapsed(), err)
+                        let r = fut.await;
+                        (scheduled.elapsed(), r)
                     }));
                     i += 1;
                 }
@@ -684,9 +668,9 @@ async fn drive(gateway: Option<String>, load: Load, dur: Duration, target: Drive
             let mut all = hist();
             let mut errors = Vec::new();
             for c in calls {
-                let (d, err) = c.await.unwrap();
+                let (d, r) = c.await.unwrap();
                 all.record(d.as_micros().max(1) as u64).unwrap();
-                errors.extend(err);
+                errors.extend(r.err());
             }
             (all, errors)
         }

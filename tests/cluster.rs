@@ -6,7 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    RedisServer, max_in_window, metric, spawn_fake, spawn_gateway_on, text, wait_for_metric,
+    RedisServer, TestGateway, max_in_window, metric, spawn_fake, spawn_gateway_on, text,
+    wait_for_metric,
 };
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
@@ -30,6 +31,37 @@ fn cluster_config(fake: &FakeFeishu, redis_url: &str, prefix: &str, extra: &str)
             "[cluster]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\nreplicas = 3\n{extra}"
         ),
     )
+}
+
+/// One gateway in cluster mode on a private redis-server (which a test may stop or kill) and
+/// its own fake, warmed by one reply (Redis connected, token fetched). Redis calls time out
+/// after 50 ms; `extra` adds `[cluster]` settings or more sections.
+struct OneReplica {
+    redis: RedisServer,
+    fake: FakeFeishu,
+    gw: TestGateway,
+    prefix: String,
+}
+
+async fn one_replica(name: &str, extra: &str) -> OneReplica {
+    let redis = RedisServer::start();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix(name);
+    let extra = format!("redis_timeout_ms = 50\n{extra}");
+    let gw = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &redis.url(), &prefix, &extra),
+    )
+    .await;
+    gw.reply(text(&format!("om_{name}_warm"), "oc_warm", "x"))
+        .await
+        .unwrap();
+    OneReplica {
+        redis,
+        fake,
+        gw,
+        prefix,
+    }
 }
 
 fn unique_prefix(name: &str) -> String {
@@ -102,16 +134,17 @@ async fn three_replicas_share_every_quota_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
-    let mut redis = RedisServer::start();
-    let fake = spawn_fake(FakeOptions::default()).await;
     // Only the per-second app quota, so the outage floor lasts one second, not a minute.
-    let extra = "redis_timeout_ms = 50\n[quotas]\napp = [{ limit = 50, window_ms = 1000 }]";
-    let gw = spawn_gateway_on(
-        fake.clone(),
-        cluster_config(&fake, &redis.url(), &unique_prefix("outage"), extra),
+    let OneReplica {
+        mut redis,
+        fake,
+        gw,
+        ..
+    } = one_replica(
+        "outage",
+        "[quotas]\napp = [{ limit = 50, window_ms = 1000 }]",
     )
     .await;
-    gw.reply(text("om_a1", "oc_a", "x")).await.unwrap();
     let m = gw.http_get("/metrics").await.1;
     assert_eq!(metric(&m, "feishu_reply_redis_up"), Some(1.0), "{m}");
 
@@ -163,15 +196,12 @@ async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_closed_holds_replies_until_redis_returns() {
-    let mut redis = RedisServer::start();
-    let fake = spawn_fake(FakeOptions::default()).await;
-    let extra = "redis_timeout_ms = 50\non_redis_failure = \"fail_closed\"";
-    let gw = spawn_gateway_on(
-        fake.clone(),
-        cluster_config(&fake, &redis.url(), &unique_prefix("closed"), extra),
-    )
-    .await;
-    gw.reply(text("om_a1", "oc_a", "x")).await.unwrap();
+    let OneReplica {
+        mut redis,
+        fake,
+        gw,
+        ..
+    } = one_replica("closed", "on_redis_failure = \"fail_closed\"").await;
 
     redis.kill();
     let s = gw
@@ -207,16 +237,12 @@ async fn fail_closed_holds_replies_until_redis_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
-    let redis = RedisServer::start();
-    let fake = spawn_fake(FakeOptions::default()).await;
-    let prefix = unique_prefix("stall");
-    let extra = "redis_timeout_ms = 50\non_redis_failure = \"fail_closed\"";
-    let gw = spawn_gateway_on(
-        fake.clone(),
-        cluster_config(&fake, &redis.url(), &prefix, extra),
-    )
-    .await;
-    gw.reply(text("om_s1", "oc_before", "x")).await.unwrap();
+    let OneReplica {
+        redis,
+        fake,
+        gw,
+        prefix,
+    } = one_replica("stall", "on_redis_failure = \"fail_closed\"").await;
 
     // Redis stalls: the next decision is written to its socket, the gateway gives up on the
     // answer after 50 ms, the reply is held (fail_closed) and fails at its deadline, never sent.
@@ -252,7 +278,7 @@ async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
             .query_async(&mut c)
             .await
             .unwrap();
-        // Only om_s1 is left in the app's 1000/min window: the lost decision was released.
+        // Only the warm-up reply is left in the app's 1000/min window: the lost decision was released.
         if sends.len() == 1 {
             break;
         }
@@ -273,16 +299,9 @@ async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_parked_by_the_local_fallback_go_out_as_soon_as_redis_is_back() {
-    let redis = RedisServer::start();
-    let fake = spawn_fake(FakeOptions::default()).await;
-    let prefix = unique_prefix("park");
-    let extra = "redis_timeout_ms = 50";
-    let gw = spawn_gateway_on(
-        fake.clone(),
-        cluster_config(&fake, &redis.url(), &prefix, extra),
-    )
-    .await;
-    gw.reply(text("om_p1", "oc_before", "x")).await.unwrap();
+    let OneReplica {
+        redis, fake, gw, ..
+    } = one_replica("park", "").await;
 
     // A stall fails this reply's decision: the replica falls back to its local share, which
     // first lets every key's window pass since the switch — a minute for the app's 1000/min.
