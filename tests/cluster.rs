@@ -64,6 +64,19 @@ async fn one_replica(name: &str, extra: &str) -> OneReplica {
     }
 }
 
+/// Waits (bounded) until the replica reports its Redis failure policy in effect (`true`) or
+/// not (`false`).
+async fn fallback_is(gw: &TestGateway, on: bool) -> bool {
+    let want = if on { 1.0 } else { 0.0 };
+    wait_for_metric(
+        gw,
+        "feishu_reply_redis_fallback",
+        want,
+        Duration::from_secs(10),
+    )
+    .await
+}
+
 fn unique_prefix(name: &str) -> String {
     format!("test-{name}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -167,16 +180,7 @@ async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
     assert!(body.contains("degraded"), "{body}");
 
     redis.restart();
-    assert!(
-        wait_for_metric(
-            &gw,
-            "feishu_reply_redis_fallback",
-            0.0,
-            Duration::from_secs(10)
-        )
-        .await,
-        "recovered"
-    );
+    assert!(fallback_is(&gw, false).await, "recovered");
     let before = gw.http_get("/metrics").await.1;
     gw.reply(text("om_c1", "oc_c", "x")).await.unwrap();
     let after = gw.http_get("/metrics").await.1;
@@ -209,15 +213,7 @@ async fn fail_closed_holds_replies_until_redis_returns() {
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
-    assert!(
-        wait_for_metric(
-            &gw,
-            "feishu_reply_redis_fallback",
-            1.0,
-            Duration::from_secs(5)
-        )
-        .await
-    );
+    assert!(fallback_is(&gw, true).await);
     assert_eq!(gw.http_get("/readyz").await.0, 503);
 
     // A reply submitted during the outage is delivered once Redis is back.
@@ -256,15 +252,7 @@ async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
     // The gateway goes back to Redis (a failed decision alone, without a failed heartbeat,
     // must not leave it off Redis for good).
     redis.pause(false);
-    assert!(
-        wait_for_metric(
-            &gw,
-            "feishu_reply_redis_fallback",
-            0.0,
-            Duration::from_secs(5)
-        )
-        .await
-    );
+    assert!(fallback_is(&gw, false).await);
 
     let client = redis::Client::open(redis.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
@@ -314,15 +302,7 @@ async fn replies_parked_by_the_local_fallback_go_out_as_soon_as_redis_is_back() 
             c.reply(req).await
         })
     };
-    assert!(
-        wait_for_metric(
-            &gw,
-            "feishu_reply_redis_fallback",
-            1.0,
-            Duration::from_secs(5)
-        )
-        .await
-    );
+    assert!(fallback_is(&gw, true).await);
     redis.pause(false);
     // Back on Redis, the parked reply asks Redis at once: delivered well within its 10 s
     // deadline, not a minute later.
