@@ -88,7 +88,7 @@ pub struct Fault {
     pub message_id: Option<String>,
     /// HTTP status to answer with (e.g. 400, 429, 503).
     pub http: u16,
-    /// Feishu code in the body; 0 with `post_then_delay_ms` means "post normally".
+    /// Feishu code in the body; 0 with `post_then_delay_ms` or `hold` means "post normally".
     pub code: i64,
     pub msg: String,
     /// `x-ogw-ratelimit-reset` header (seconds).
@@ -96,6 +96,9 @@ pub struct Fault {
     /// Post the reply for real, then wait this long before answering (a lost answer, when
     /// longer than the client's timeout).
     pub post_then_delay_ms: Option<u64>,
+    /// Post the reply for real, then answer only after [`FakeFeishu::release_held`] (or
+    /// `POST /_fake/release`): a slow Feishu whose timing the test controls.
+    pub hold: bool,
     /// Answer with a non-JSON body (a proxy's error page).
     pub html: bool,
     /// How many requests this applies to.
@@ -173,6 +176,8 @@ struct Inner {
 
 struct Shared {
     started: Instant,
+    /// Bumped by `release_held`: a held answer goes out once this passes its value at arrival.
+    released: tokio::sync::watch::Sender<u64>,
     next: AtomicU64,
     inner: Mutex<Inner>,
 }
@@ -204,6 +209,7 @@ impl FakeFeishu {
             .expect("bound listener has an address");
         let shared = Arc::new(Shared {
             started: Instant::now(),
+            released: tokio::sync::watch::Sender::new(0),
             next: AtomicU64::new(1),
             inner: Mutex::new(Inner {
                 opts,
@@ -252,6 +258,11 @@ impl FakeFeishu {
                 user_id: user_id.map(str::to_owned),
             },
         );
+    }
+
+    /// Answers every reply held so far (see [`Fault::hold`]).
+    pub fn release_held(&self) {
+        self.shared.released.send_modify(|g| *g += 1);
     }
 
     /// Every issued token becomes invalid (as after a secret rotation).
@@ -317,6 +328,13 @@ fn router(shared: Arc<Shared>) -> Router {
                     StatusCode::NO_CONTENT
                 },
             ),
+        )
+        .route(
+            "/_fake/release",
+            post(|State(s): State<Arc<Shared>>| async move {
+                s.released.send_modify(|g| *g += 1);
+                StatusCode::NO_CONTENT
+            }),
         )
         .route(
             "/_fake/tokens/revoke",
@@ -477,13 +495,19 @@ async fn reply(
     let arrived = Instant::now();
     let latency = s.inner.lock().opts.latency;
     let body: Option<ReplyBody> = serde_json::from_slice(&body).ok();
-    let (response, post_delay) = {
+    let (response, hold) = {
         let mut inner = s.inner.lock();
         handle_reply(&s, &mut inner, arrived, &message_id, &headers, body)
     };
-    let wait = latency + post_delay.unwrap_or_default();
+    let wait = match hold {
+        Some(Hold::Delay(d)) => latency + d,
+        _ => latency,
+    };
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;
+    }
+    if let Some(Hold::UntilReleased(at)) = hold {
+        let _ = s.released.subscribe().wait_for(|g| *g > at).await;
     }
     response
 }
@@ -495,7 +519,7 @@ fn handle_reply(
     message_id: &str,
     headers: &HeaderMap,
     body: Option<ReplyBody>,
-) -> (Response, Option<Duration>) {
+) -> (Response, Option<Hold>) {
     inner.stats.reply_requests += 1;
     let app_id = match authorize(inner, headers) {
         Ok(a) => a,
@@ -544,7 +568,7 @@ fn reply_outcome(
     app_id: &str,
     body: Option<ReplyBody>,
     record: &mut Received,
-) -> (i64, u16, Response, Option<Duration>) {
+) -> (i64, u16, Response, Option<Hold>) {
     let invalid = |s: &Shared, why: &str| {
         (
             230001,
@@ -621,7 +645,7 @@ fn reply_outcome(
         .faults
         .iter()
         .position(|f| f.times > 0 && f.message_id.as_deref().is_none_or(|m| m == message_id));
-    let mut post_delay = None;
+    let mut hold = None;
     if let Some(i) = fault_idx {
         let f = &mut inner.faults[i];
         f.times -= 1;
@@ -632,7 +656,8 @@ fn reply_outcome(
         };
         inner.stats.faults += 1;
         match f.post_then_delay_ms {
-            Some(ms) => post_delay = Some(Duration::from_millis(ms)),
+            Some(ms) => hold = Some(Hold::Delay(Duration::from_millis(ms))),
+            None if f.hold => hold = Some(Hold::UntilReleased(*s.released.borrow())),
             None => {
                 if f.html {
                     let mut r = (
@@ -760,8 +785,16 @@ fn reply_outcome(
         0,
         200,
         feishu(s, 200, json!({"code": 0, "msg": "success", "data": data})),
-        post_delay,
+        hold,
     )
+}
+
+/// When a posted reply is answered (scripted faults).
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    Delay(Duration),
+    /// Once the release counter passes this value.
+    UntilReleased(u64),
 }
 
 /// `None` when the counter has room at `now`; otherwise roughly how long until it has.

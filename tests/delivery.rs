@@ -60,16 +60,21 @@ async fn burst_of_1000_replies_to_distinct_chats_drains_with_zero_rejections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_within_a_chat_is_kept_through_retries() {
-    let gw = spawn_gateway(FakeOptions::default(), "").await;
-    // o0 is posted at once but answered late: its chat stays busy, so every later reply queues
-    // behind it and the queued gauge says exactly when each call has been accepted. Concurrent
-    // calls have no order of their own (README); this makes the acceptance order the loop order
-    // however loaded the machine is.
+    // o0 is posted at once but answered only when the test says so: its chat stays busy, so
+    // every later reply queues behind it and the queued gauge says exactly when each call has
+    // been accepted. Concurrent calls have no order of their own (README); this makes the
+    // acceptance order the loop order however loaded the machine is. (The request timeout is
+    // long so that o0 is not retried while held.)
+    let gw = spawn_gateway_with(FakeOptions::default(), |f| {
+        let mut c = common::config_for(f, "");
+        c.feishu.request_timeout = Duration::from_secs(60);
+        c
+    })
+    .await;
     gw.fake.push_fault(Fault {
         message_id: Some("om_o0".into()),
         http: 200,
-        code: 0,
-        post_then_delay_ms: Some(1500),
+        hold: true,
         times: 1,
         ..Default::default()
     });
@@ -83,7 +88,7 @@ async fn order_within_a_chat_is_kept_through_retries() {
     let t = Instant::now();
     while !gw.fake.received().iter().any(|r| r.message_id == "om_o0") {
         assert!(
-            t.elapsed() < Duration::from_secs(5),
+            t.elapsed() < Duration::from_secs(10),
             "om_o0 never reached the fake"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -93,7 +98,7 @@ async fn order_within_a_chat_is_kept_through_retries() {
         let t = Instant::now();
         while metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued") != Some(i as f64) {
             assert!(
-                t.elapsed() < Duration::from_secs(1),
+                t.elapsed() < Duration::from_secs(10),
                 "call {i} was not queued behind om_o0"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -103,6 +108,7 @@ async fn order_within_a_chat_is_kept_through_retries() {
         gw.fake.received().iter().all(|r| r.message_id == "om_o0"),
         "nothing may overtake the reply in flight"
     );
+    gw.fake.release_held();
     for c in calls {
         c.await.unwrap().unwrap();
     }
