@@ -208,9 +208,9 @@ impl ClusterState {
 /// Shared-quota state of the dispatcher.
 enum SharedMode {
     Up,
-    /// Redis down since `since`; local quotas (scaled, floored) or holding.
+    /// Redis down; local quotas (scaled, floored) or holding.
     Down,
-    /// Redis back; local sends are being written to it. Still deciding locally.
+    /// Redis back; the local sends are being written to it. Sends wait meanwhile (a few ms).
     Replaying,
 }
 
@@ -697,7 +697,9 @@ impl Dispatcher {
                 self.chats.get_mut(chat_id).expect("chat").busy = true;
                 return self.spawn_decision(chat_id.clone(), job_id, keys);
             }
-            Some((_, RedisFailurePolicy::FailClosed)) => {
+            // Replaying: local sends made now would miss the snapshot being written to Redis,
+            // so wait the few milliseconds until it is done (then `reschedule_waiting`).
+            Some((SharedMode::Replaying, _) | (_, RedisFailurePolicy::FailClosed)) => {
                 let at = self.micros(now + HOLD_RECHECK);
                 return self.schedule_at(chat_id, at);
             }
