@@ -38,7 +38,11 @@ pub enum RedisFailurePolicy {
 /// `[cluster]` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
+    /// `redis://` or `rediss://` (TLS; server certificate checked against the system roots,
+    /// or `redis_ca_pem`).
     pub redis_url: String,
+    /// PEM root certificate(s) to trust instead of the system roots (a private CA).
+    pub redis_ca_pem: Option<Vec<u8>>,
     pub key_prefix: String,
     /// Timeout of every Redis call: an outage costs a request at most this much.
     pub redis_timeout: Duration,
@@ -184,7 +188,16 @@ pub struct RedisQuota {
 impl RedisQuota {
     /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
     pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
-        let client = redis::Client::open(config.redis_url.as_str())?;
+        let client = match &config.redis_ca_pem {
+            None => redis::Client::open(config.redis_url.as_str())?,
+            Some(pem) => redis::Client::build_with_tls(
+                config.redis_url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+        };
         Ok(Self {
             client,
             conn: Mutex::new(None),

@@ -176,6 +176,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 struct FileCluster {
     redis_url: Option<String>,
+    redis_ca_file: Option<std::path::PathBuf>,
     key_prefix: String,
     redis_timeout_ms: u64,
     on_redis_failure: RedisFailurePolicy,
@@ -186,6 +187,7 @@ impl Default for FileCluster {
     fn default() -> Self {
         Self {
             redis_url: None,
+            redis_ca_file: None,
             key_prefix: "feishu-reply".into(),
             redis_timeout_ms: 100,
             on_redis_failure: RedisFailurePolicy::Local,
@@ -500,8 +502,29 @@ impl Config {
                         "cluster.key_prefix must be non-empty and free of '{' '}'".into(),
                     ));
                 }
+                let redis_ca_pem = match &cluster.redis_ca_file {
+                    None => None,
+                    Some(_) if !url.starts_with("rediss://") => {
+                        return Err(invalid(
+                            "cluster.redis_ca_file is for TLS: use a rediss:// redis_url".into(),
+                        ));
+                    }
+                    Some(path) => {
+                        let pem = std::fs::read(path).map_err(|e| {
+                            invalid(format!("cluster.redis_ca_file {}: {e}", path.display()))
+                        })?;
+                        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                            return Err(invalid(format!(
+                                "cluster.redis_ca_file {}: no PEM certificate in it",
+                                path.display()
+                            )));
+                        }
+                        Some(pem)
+                    }
+                };
                 Some(ClusterConfig {
                     redis_url: url,
+                    redis_ca_pem,
                     key_prefix: cluster.key_prefix,
                     redis_timeout: Duration::from_millis(cluster.redis_timeout_ms),
                     on_failure: cluster.on_redis_failure,
@@ -604,6 +627,18 @@ mod tests {
             (
                 "[cluster]\nredis_url = \"redis://r\"\non_redis_failure = \"ignore\"",
                 "unknown variant",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://r\"\nredis_ca_file = \"Cargo.toml\"",
+                "use a rediss:// redis_url",
+            ),
+            (
+                "[cluster]\nredis_url = \"rediss://r\"\nredis_ca_file = \"/nonexistent/ca.pem\"",
+                "/nonexistent/ca.pem: No such file",
+            ),
+            (
+                "[cluster]\nredis_url = \"rediss://r\"\nredis_ca_file = \"Cargo.toml\"",
+                "no PEM certificate",
             ),
         ] {
             let err = Config::from_toml(toml).unwrap_err().to_string();

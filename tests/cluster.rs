@@ -311,3 +311,40 @@ async fn replies_parked_by_the_local_fallback_go_out_as_soon_as_redis_is_back() 
     assert!(fake.received().iter().any(|r| r.message_id == "om_p2"));
     assert_eq!(fake.stats().rate_rejections(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_speaks_tls_to_redis_and_checks_its_certificate() {
+    let redis = RedisServer::start_tls();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let ca = format!("redis_ca_file = \"{}\"", redis.ca_file().display());
+    let trusted = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &redis.url(), &unique_prefix("tls"), &ca),
+    )
+    .await;
+    trusted.reply(text("om_t1", "oc_t1", "x")).await.unwrap();
+    let m = trusted.http_get("/metrics").await.1;
+    let decided = "feishu_reply_redis_calls_total{op=\"decide\",outcome=\"ok\"}";
+    assert_eq!(metric(&m, decided), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "feishu_reply_redis_fallback"), Some(0.0), "{m}");
+
+    // Without the private CA the server's certificate is refused: Redis is unusable, the
+    // failure policy applies (fail_closed here: held until the deadline, never sent).
+    let untrusted = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(
+            &fake,
+            &redis.url(),
+            &unique_prefix("tls"),
+            "on_redis_failure = \"fail_closed\"",
+        ),
+    )
+    .await;
+    let s = untrusted
+        .reply_with_timeout(text("om_t2", "oc_t2", "x"), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    assert!(fallback_is(&untrusted, true).await);
+    assert!(fake.received().iter().all(|r| r.message_id != "om_t2"));
+}
