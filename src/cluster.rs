@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::metrics::Metrics;
 
@@ -35,12 +37,25 @@ pub enum RedisFailurePolicy {
     FailClosed,
 }
 
+/// How `redis_url` is spoken to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One endpoint: a standalone Redis, a primary behind a stable name, or a cluster proxy.
+    #[default]
+    Standalone,
+    /// Redis Cluster protocol (slot map, MOVED/ASK redirects); `redis_url` lists one or more
+    /// seed nodes separated by commas.
+    Cluster,
+}
+
 /// `[cluster]` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// `redis://` or `rediss://` (TLS; server certificate checked against the system roots,
     /// or `redis_ca_pem`).
     pub redis_url: String,
+    pub redis_mode: RedisMode,
     /// PEM root certificate(s) to trust instead of the system roots (a private CA).
     pub redis_ca_pem: Option<Vec<u8>>,
     pub key_prefix: String,
@@ -164,10 +179,52 @@ pub struct SharedKey {
     pub span_us: u64,
 }
 
+/// A Redis endpoint or a Redis Cluster (one per process: variant sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum Client {
+    Standalone(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A connection to either (cheap to clone: both multiplex one socket per node).
+#[derive(Clone)]
+enum Conn {
+    Standalone(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// The shared quota store.
 pub struct RedisQuota {
-    client: redis::Client,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    client: Client,
+    conn: Mutex<Option<Conn>>,
     config: ClusterConfig,
     decide: redis::Script,
     replay: redis::Script,
@@ -188,15 +245,27 @@ pub struct RedisQuota {
 impl RedisQuota {
     /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
     pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
-        let client = match &config.redis_ca_pem {
-            None => redis::Client::open(config.redis_url.as_str())?,
-            Some(pem) => redis::Client::build_with_tls(
-                config.redis_url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            )?,
+        let certs = |pem: &Vec<u8>| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        };
+        let client = match (config.redis_mode, &config.redis_ca_pem) {
+            (RedisMode::Standalone, None) => {
+                Client::Standalone(redis::Client::open(config.redis_url.as_str())?)
+            }
+            (RedisMode::Standalone, Some(pem)) => Client::Standalone(
+                redis::Client::build_with_tls(config.redis_url.as_str(), certs(pem))?,
+            ),
+            (RedisMode::Cluster, ca) => {
+                let nodes = config.redis_url.split(',').map(str::trim);
+                let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(config.redis_timeout)
+                    .response_timeout(config.redis_timeout);
+                if let Some(pem) = ca {
+                    b = b.certs(certs(pem));
+                }
+                Client::Cluster(b.build()?)
+            }
         };
         Ok(Self {
             client,
@@ -233,12 +302,20 @@ impl RedisQuota {
         }
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, ClusterError> {
+    async fn connection(&self) -> Result<Conn, ClusterError> {
         if let Some(c) = self.conn.lock().clone() {
             return Ok(c);
         }
         let t = self.config.redis_timeout;
-        let c = tokio::time::timeout(t, self.client.get_multiplexed_async_connection())
+        let connect = async {
+            Ok::<_, redis::RedisError>(match &self.client {
+                Client::Standalone(c) => {
+                    Conn::Standalone(c.get_multiplexed_async_connection().await?)
+                }
+                Client::Cluster(c) => Conn::Cluster(c.get_async_connection().await?),
+            })
+        };
+        let c = tokio::time::timeout(t, connect)
             .await
             .map_err(|_| ClusterError::Timeout(t))??;
         *self.conn.lock() = Some(c.clone());

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cluster::{ClusterConfig, RedisFailurePolicy};
+use crate::cluster::{ClusterConfig, RedisFailurePolicy, RedisMode};
 use crate::quota::QuotaSpec;
 
 /// Feishu's documented base URL (Lark: `https://open.larksuite.com`).
@@ -177,6 +177,7 @@ struct FileConfig {
 struct FileCluster {
     redis_url: Option<String>,
     redis_ca_file: Option<std::path::PathBuf>,
+    redis_mode: RedisMode,
     key_prefix: String,
     redis_timeout_ms: u64,
     on_redis_failure: RedisFailurePolicy,
@@ -188,6 +189,7 @@ impl Default for FileCluster {
         Self {
             redis_url: None,
             redis_ca_file: None,
+            redis_mode: RedisMode::Standalone,
             key_prefix: "feishu-reply".into(),
             redis_timeout_ms: 100,
             on_redis_failure: RedisFailurePolicy::Local,
@@ -487,9 +489,24 @@ impl Config {
         let cluster = match redis_url.clone().or(cluster.redis_url.clone()) {
             None => None,
             Some(url) => {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+                if nodes
+                    .iter()
+                    .any(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")))
+                {
                     return Err(invalid(
                         "cluster.redis_url must start with redis:// or rediss://".into(),
+                    ));
+                }
+                if nodes.len() > 1 && cluster.redis_mode == RedisMode::Standalone {
+                    return Err(invalid(
+                        "cluster.redis_url lists several nodes: set redis_mode = \"cluster\" (Redis Cluster seed nodes)".into(),
+                    ));
+                }
+                let tls = nodes[0].starts_with("rediss://");
+                if nodes.iter().any(|n| n.starts_with("rediss://") != tls) {
+                    return Err(invalid(
+                        "cluster.redis_url mixes redis:// and rediss:// nodes".into(),
                     ));
                 }
                 if cluster.redis_timeout_ms == 0 || cluster.replicas == 0 {
@@ -504,7 +521,7 @@ impl Config {
                 }
                 let redis_ca_pem = match &cluster.redis_ca_file {
                     None => None,
-                    Some(_) if !url.starts_with("rediss://") => {
+                    Some(_) if !tls => {
                         return Err(invalid(
                             "cluster.redis_ca_file is for TLS: use a rediss:// redis_url".into(),
                         ));
@@ -524,6 +541,7 @@ impl Config {
                 };
                 Some(ClusterConfig {
                     redis_url: url,
+                    redis_mode: cluster.redis_mode,
                     redis_ca_pem,
                     key_prefix: cluster.key_prefix,
                     redis_timeout: Duration::from_millis(cluster.redis_timeout_ms),
@@ -631,6 +649,18 @@ mod tests {
             (
                 "[cluster]\nredis_url = \"redis://r\"\nredis_ca_file = \"Cargo.toml\"",
                 "use a rediss:// redis_url",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://a:1,redis://b:1\"",
+                "set redis_mode = \"cluster\"",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://a:1, rediss://b:1\"\nredis_mode = \"cluster\"",
+                "mixes",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://a:1,b:1\"\nredis_mode = \"cluster\"",
+                "must start with",
             ),
             (
                 "[cluster]\nredis_url = \"rediss://r\"\nredis_ca_file = \"/nonexistent/ca.pem\"",

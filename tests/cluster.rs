@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    RedisServer, TestGateway, max_in_window, metric, spawn_fake, spawn_gateway_on, text,
-    wait_for_metric,
+    RedisCluster, RedisServer, TestGateway, max_in_window, metric, spawn_fake, spawn_gateway_on,
+    text, wait_for_metric,
 };
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
@@ -347,4 +347,60 @@ async fn cluster_mode_speaks_tls_to_redis_and_checks_its_certificate() {
     assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
     assert!(fallback_is(&untrusted, true).await);
     assert!(fake.received().iter().all(|r| r.message_id != "om_t2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_mode_follows_the_slot_map() {
+    let cluster = RedisCluster::start(3);
+    let prefix = unique_prefix("rc");
+    // Seed the gateway with a node that does NOT own the prefix's slot: a plain connection
+    // to it is answered MOVED.
+    let mut seed = None;
+    for p in &cluster.ports {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{p}")).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let r: redis::RedisResult<i64> = redis::cmd("EXISTS")
+            .arg(format!("{{{prefix}}}:probe"))
+            .query_async(&mut c)
+            .await;
+        if r.is_err_and(|e| e.to_string().to_lowercase().contains("moved")) {
+            seed = Some(format!("redis://127.0.0.1:{p}"));
+            break;
+        }
+    }
+    let seed = seed.expect("with 3 primaries, 2 do not own the slot");
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let gw = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &seed, &prefix, "redis_mode = \"cluster\""),
+    )
+    .await;
+    for i in 0..3 {
+        gw.reply(text(&format!("om_rc{i}"), &format!("oc_rc{i}"), "x"))
+            .await
+            .unwrap();
+    }
+    let m = gw.http_get("/metrics").await.1;
+    let decided = "feishu_reply_redis_calls_total{op=\"decide\",outcome=\"ok\"}";
+    assert_eq!(metric(&m, decided), Some(3.0), "{m}");
+    assert_eq!(metric(&m, "feishu_reply_redis_fallback"), Some(0.0), "{m}");
+    assert_eq!(
+        metric(&m, "feishu_reply_cluster_replicas"),
+        Some(1.0),
+        "{m}"
+    );
+
+    // The same seed spoken to as a standalone Redis: every call is answered MOVED, so the
+    // failure policy applies — which is why redis_mode must say "cluster".
+    let standalone = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(&fake, &seed, &prefix, "on_redis_failure = \"fail_closed\""),
+    )
+    .await;
+    let s = standalone
+        .reply_with_timeout(text("om_rc_s", "oc_rc_s", "x"), Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    assert!(fallback_is(&standalone, true).await);
 }
