@@ -11,6 +11,10 @@
 //! one slot (one shard). Feishu's quotas cap the decision rate at tens per second per app, far
 //! below what one Redis shard serves, and the chat quota must be shared by all apps, so no
 //! finer tag (e.g. per app) is possible.
+//!
+//! Connections: one multiplexed connection to a single endpoint (`redis_mode = standalone`), or
+//! the Redis Cluster client (`cluster`: slot map, MOVED/ASK), either over TLS for `rediss://`
+//! (system roots, or the `redis_ca_file` PEM).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
