@@ -24,13 +24,18 @@ fn shared_redis() -> (String, Option<RedisServer>) {
     }
 }
 
+/// `extra` goes into `[cluster]` (or starts later sections). Held replies are failed 200 ms
+/// before the caller's deadline (default 20): on a loaded machine the gateway's
+/// DEADLINE_EXCEEDED must beat the client's own timer, which would answer CANCELLED.
 fn cluster_config(fake: &FakeFeishu, redis_url: &str, prefix: &str, extra: &str) -> Config {
-    common::config_for(
+    let mut config = common::config_for(
         fake,
         &format!(
             "[cluster]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\nreplicas = 3\n{extra}"
         ),
-    )
+    );
+    config.queue.min_send_budget = Duration::from_millis(200);
+    config
 }
 
 /// One gateway in cluster mode on a private redis-server (which a test may stop or kill) and

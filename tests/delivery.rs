@@ -285,7 +285,9 @@ async fn retries_exhausted_is_unavailable_with_retry_info() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_whose_deadline_passes_in_the_queue_is_never_sent() {
-    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    // Fail queued replies 200 ms before their deadline (default 20 ms), so that on a loaded
+    // machine the gateway's answer beats the client's own timer (CANCELLED).
+    let gw = spawn_gateway(FakeOptions::default(), "[queue]\nmin_send_budget_ms = 200").await;
     // The head of the chat meets a 503 asking to wait 2 s: the chat waits behind it.
     gw.fake.push_fault(Fault {
         reset_s: Some(2),
