@@ -30,6 +30,7 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Feishu base URL [default: https://open.feishu.cn; Lark: https://open.larksuite.com].
+    #[allow(rustdoc::bare_urls)] // also the --help text, where <…> would show
     #[arg(long, env = "FEISHU_BASE_URL")]
     pub feishu_base_url: Option<String>,
     /// app_id of the default app (with FEISHU_APP_SECRET).

@@ -13,7 +13,8 @@
 //! - [`scheduler`]: per-chat FIFO queues, fair dispatch, deadlines, retries, shutdown drain.
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
 //! - [`error`]: `GatewayError` and the one error → gRPC status table.
-//! - [`cluster`]: Redis-shared quotas (one Lua decision per send), heartbeat, outage replay.
+//! - [`cluster`]: Redis-shared quotas (one Lua decision per send; standalone or Redis Cluster,
+//!   TLS), heartbeat, outage replay, release of lost decisions.
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //! - [`grpc`]: proto ↔ domain, admission control (governor), the `ReplyGateway` service.
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
