@@ -19,7 +19,7 @@ use crate::feishu::{SendRequest, Upstream};
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGateway;
 use crate::proto::{ReplyRequest, ReplyResponse};
-use crate::reply::RawReply;
+use crate::reply::{RawReply, ValidationError};
 use crate::scheduler::{Delivered, JobSpec, Scheduler};
 
 /// gRPC metadata naming the calling service (admission control key).
@@ -139,10 +139,20 @@ impl ReplyService {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let r = req.into_inner();
-        let chat_hint = if r.chat_id.is_empty() {
-            header_chat.as_deref().unwrap_or("")
-        } else {
-            &r.chat_id
+        let chat_hint = match header_chat.as_deref() {
+            Some(h) if !h.is_empty() && !r.chat_id.is_empty() && h != r.chat_id => {
+                // Routed (ring hash) by one chat, paced by another: a caller bug.
+                return Err(ValidationError::BadId {
+                    field: "chat_id",
+                    why: format!(
+                        "the request says {:?} but {CHAT_HEADER} metadata says {h:?}",
+                        r.chat_id
+                    ),
+                }
+                .into());
+            }
+            Some(h) if r.chat_id.is_empty() => h,
+            _ => &r.chat_id,
         };
         let reply = RawReply {
             message_id: &r.message_id,

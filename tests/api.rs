@@ -197,6 +197,51 @@ async fn missing_chat_id_is_resolved_once_and_cached() {
 }
 
 #[tokio::test]
+async fn the_x_chat_id_metadata_names_the_chat_and_must_agree_with_the_body() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let with_header = |req: ReplyRequest, chat: &str| {
+        let mut r = tonic::Request::new(req);
+        r.metadata_mut().insert("x-chat-id", chat.parse().unwrap());
+        let mut c = gw.client.clone();
+        async move { c.reply(r).await }
+    };
+    // No chat_id in the body: the metadata names the chat, so no lookup, and that chat's
+    // quota paces the replies (7 to one chat span more than one window; the fake would
+    // refuse a sixth within one).
+    let calls: Vec<_> = (0..7)
+        .map(|i| {
+            let id = format!("om_x{i}");
+            gw.fake.register_message(&id, "oc_real", None);
+            with_header(text(&id, "", "x"), "oc_real")
+        })
+        .collect();
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap();
+    }
+    assert_eq!(gw.fake.stats().message_lookups, 0);
+    assert_eq!(gw.fake.stats().rate_rejections(), 0);
+    let times: Vec<f64> = gw.fake.received().iter().map(|r| r.at_ms).collect();
+    assert!(common::max_in_window(&times, 1000.0) <= 5);
+
+    // Both given and equal: fine. Different: the call would be routed by one chat and paced
+    // by another, so it is refused before any quota or upstream call.
+    with_header(text("om_same", "oc_same", "x"), "oc_same")
+        .await
+        .unwrap();
+    let s = with_header(text("om_diff", "oc_body", "x"), "oc_header")
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+    assert_eq!(reason(&s), "INVALID_ID");
+    assert!(
+        s.message().contains("x-chat-id") && s.message().contains("oc_header"),
+        "{}",
+        s.message()
+    );
+    assert!(gw.fake.received().iter().all(|r| r.message_id != "om_diff"));
+}
+
+#[tokio::test]
 async fn a_lost_answer_is_retried_with_the_same_uuid_and_posted_once() {
     // Feishu posts the reply but the answer arrives after our 300 ms request timeout.
     let gw = spawn_gateway(FakeOptions::default(), "").await;
