@@ -42,7 +42,7 @@ pub enum RedisFailurePolicy {
 }
 
 /// How `redis_url` is spoken to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisMode {
     /// One endpoint: a standalone Redis, a primary behind a stable name, or a cluster proxy.

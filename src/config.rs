@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Redis URL for cluster mode (replicas share every quota), e.g. redis://redis:6379.
     #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// How to speak to redis_url: standalone (one endpoint) or cluster (Redis Cluster; the URL
+    /// may list seed nodes separated by commas) [default: standalone, or the config file's].
+    #[arg(long, env = "GATEWAY_REDIS_MODE", value_enum)]
+    pub redis_mode: Option<RedisMode>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -371,7 +375,7 @@ impl Config {
             queue,
             retry,
             admission,
-            cluster,
+            mut cluster,
         } = file;
         let ServeArgs {
             config: _,
@@ -381,7 +385,11 @@ impl Config {
             app_id,
             app_secret,
             redis_url,
+            redis_mode,
         } = args;
+        if let Some(mode) = redis_mode {
+            cluster.redis_mode = *mode;
+        }
         let invalid = |m: String| ConfigError::Invalid(m);
 
         let mut app_list = Vec::new();
@@ -697,6 +705,17 @@ mod tests {
         let c = Config::build(FileConfig::default(), &redis).unwrap();
         let cl = c.cluster.unwrap();
         assert_eq!((cl.on_failure, cl.replicas), (RedisFailurePolicy::Local, 3));
+        assert_eq!(cl.redis_mode, RedisMode::Standalone);
+        let nodes = ServeArgs {
+            redis_url: Some("redis://n1:6379,redis://n2:6379".into()),
+            redis_mode: Some(RedisMode::Cluster),
+            ..Default::default()
+        };
+        let cl = Config::build(FileConfig::default(), &nodes)
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(cl.redis_mode, RedisMode::Cluster);
         let half = ServeArgs {
             app_id: Some("x".into()),
             ..Default::default()
