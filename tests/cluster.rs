@@ -10,7 +10,7 @@ use common::{
     text, wait_for_metric,
 };
 use feishu_reply_gateway::config::Config;
-use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
+use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, Fault};
 use tonic::Code;
 
 /// Redis for a test: the one `.ci/run` started (GATEWAY_TEST_REDIS_URL) or a private one.
@@ -408,4 +408,66 @@ async fn redis_cluster_mode_follows_the_slot_map() {
         .unwrap_err();
     assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
     assert!(fallback_is(&standalone, true).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_rejection_seen_by_one_replica_makes_every_replica_back_off() {
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix("block");
+    let a = spawn_gateway_on(fake.clone(), cluster_config(&fake, &url, &prefix, "")).await;
+    let b = spawn_gateway_on(fake.clone(), cluster_config(&fake, &url, &prefix, "")).await;
+    // Feishu refuses replica A's reply for the app's rate, asking for 2 s.
+    fake.push_fault(Fault {
+        message_id: Some("om_r1".into()),
+        http: 429,
+        code: 99991400,
+        reset_s: Some(2),
+        times: 1,
+        ..Default::default()
+    });
+    let first = {
+        let mut c = a.client.clone();
+        tokio::spawn(async move { c.reply(text("om_r1", "oc_r1", "x")).await })
+    };
+    // Wait (bounded) until A has written the block into Redis.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let app_s = format!("{{{prefix}}}:q2:{}", common::APP_ID);
+    let t = Instant::now();
+    loop {
+        let blocked: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&app_s)
+            .arg("block:1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if blocked.is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "replica A never blocked the app key"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Replica B, which saw no rejection, does not send for that app before the 2 s are over.
+    b.reply(text("om_r2", "oc_r2", "x")).await.unwrap();
+    let r = first.await.unwrap().unwrap().into_inner();
+    assert_eq!(r.attempts, 2);
+    let received = fake.received();
+    let at = |id: &str| {
+        received
+            .iter()
+            .find(|r| r.message_id == id)
+            .map(|r| r.at_ms)
+            .unwrap()
+    };
+    let (refused, b_sent) = (at("om_r1"), at("om_r2"));
+    assert!(
+        b_sent >= refused + 2000.0 - 5.0,
+        "replica B sent {:.0} ms after the rejection, inside Feishu's 2 s reset",
+        b_sent - refused
+    );
+    assert_eq!(fake.stats().rate_rejections(), 0, "only the injected one");
 }
