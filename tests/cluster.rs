@@ -478,3 +478,56 @@ async fn a_rate_rejection_seen_by_one_replica_makes_every_replica_back_off() {
     );
     assert_eq!(fake.stats().rate_rejections(), 0, "only the injected one");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_fallback_each_replica_keeps_to_its_share_of_the_app_quota() {
+    let mut redis = RedisServer::start();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix("share");
+    // Only the per-second app quota (50/s), so the outage floor is one second.
+    let extra = "redis_timeout_ms = 50\n[quotas]\napp = [{ limit = 50, window_ms = 1000 }]";
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let config = cluster_config(&fake, &redis.url(), &prefix, extra);
+        replicas.push(spawn_gateway_on(fake.clone(), config).await);
+    }
+    for gw in &replicas {
+        assert!(
+            wait_for_metric(
+                gw,
+                "feishu_reply_cluster_replicas",
+                3.0,
+                Duration::from_secs(5)
+            )
+            .await,
+            "every replica counts three"
+        );
+    }
+    redis.kill();
+    // 40 replies through one replica: on its own share (50 / 3 = 16 per second), not 50.
+    let gw = &replicas[0];
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            gw.reply_with_timeout(
+                text(&format!("om_sh{i}"), &format!("oc_sh{i}"), "x"),
+                Duration::from_secs(10),
+            )
+        })
+        .collect();
+    for r in futures_util::future::join_all(calls).await {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert!(fallback_is(gw, true).await);
+    let times: Vec<f64> = fake
+        .received()
+        .iter()
+        .filter(|r| r.message_id.starts_with("om_sh"))
+        .map(|r| r.at_ms)
+        .collect();
+    assert_eq!(times.len(), 40);
+    let most = max_in_window(&times, 1000.0);
+    assert!(
+        most <= 16,
+        "{most} sends in one second from one replica in fallback"
+    );
+}
