@@ -242,6 +242,43 @@ async fn the_x_chat_id_metadata_names_the_chat_and_must_agree_with_the_body() {
 }
 
 #[tokio::test]
+async fn reply_in_thread_is_passed_on_and_user_id_adds_the_user_quota() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let r = gw
+        .reply(ReplyRequest {
+            reply_in_thread: true,
+            ..text("om_thread", "oc_t", "x")
+        })
+        .await
+        .unwrap();
+    assert!(r.thread_id.starts_with("omt_"), "{r:?}");
+    let plain = gw.reply(text("om_plain", "oc_t", "x")).await.unwrap();
+    assert!(plain.thread_id.is_empty(), "{plain:?}");
+
+    // Seven replies in seven chats, all naming one user: the user's 5/s quota paces them.
+    let calls: Vec<_> = (0..7)
+        .map(|i| {
+            gw.reply(ReplyRequest {
+                user_id: "ou_same".into(),
+                ..text(&format!("om_u{i}"), &format!("oc_u{i}"), "x")
+            })
+        })
+        .collect();
+    for r in futures_util::future::join_all(calls).await {
+        r.unwrap();
+    }
+    let times: Vec<f64> = gw
+        .fake
+        .received()
+        .iter()
+        .filter(|r| r.message_id.starts_with("om_u"))
+        .map(|r| r.at_ms)
+        .collect();
+    assert_eq!(times.len(), 7);
+    assert!(common::max_in_window(&times, 1000.0) <= 5);
+}
+
+#[tokio::test]
 async fn a_lost_answer_is_retried_with_the_same_uuid_and_posted_once() {
     // Feishu posts the reply but the answer arrives after our 300 ms request timeout.
     let gw = spawn_gateway(FakeOptions::default(), "").await;
