@@ -367,11 +367,7 @@ impl RedisQuota {
             Ok(a) => a,
             Err(e) => {
                 if !matches!(e, ClusterError::Protocol(_)) {
-                    let mut unknown = self.unknown.lock();
-                    if unknown.len() >= MAX_UNKNOWN {
-                        unknown.pop_front();
-                    }
-                    unknown.push_back((keys.to_vec(), member));
+                    self.release_later(keys.to_vec(), member);
                 }
                 return Err(e);
             }
@@ -414,6 +410,16 @@ impl RedisQuota {
         }
         inv.arg(member);
         self.call("release", inv).await
+    }
+
+    /// Remembers a send Redis may hold that never left, for release at the next heartbeat
+    /// that succeeds.
+    pub fn release_later(&self, keys: Vec<SharedKey>, member: String) {
+        let mut unknown = self.unknown.lock();
+        if unknown.len() >= MAX_UNKNOWN {
+            unknown.pop_front();
+        }
+        unknown.push_back((keys, member));
     }
 
     /// Releases the decisions whose answers were lost; stops at the first failure (the rest

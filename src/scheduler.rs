@@ -840,7 +840,8 @@ impl Dispatcher {
         let store = shared.store.clone();
         tokio::spawn(async move {
             if let Err(e) = store.release(&keys, &member).await {
-                tracing::debug!(error = %e, "releasing an unused grant failed");
+                tracing::debug!(error = %e, "releasing an unused grant failed; retried at the next heartbeat");
+                store.release_later(keys.to_vec(), member);
             }
         });
     }
