@@ -69,6 +69,20 @@ async fn one_replica(name: &str, extra: &str) -> OneReplica {
     }
 }
 
+/// The members (one per recorded send) of the test app's quota `quota` in Redis (2 = the
+/// first app quota, 3 = the second).
+async fn app_sends(redis_url: &str, prefix: &str, quota: usize) -> Vec<String> {
+    let client = redis::Client::open(redis_url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ZRANGE")
+        .arg(format!("{{{prefix}}}:q{quota}:{}", common::APP_ID))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
 /// Waits (bounded) until the replica reports its Redis failure policy in effect (`true`) or
 /// not (`false`).
 async fn fallback_is(gw: &TestGateway, on: bool) -> bool {
@@ -190,15 +204,7 @@ async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
     assert!(fallback_is(&gw, false).await, "recovered");
     // The restarted Redis is empty; before switching back the replica wrote its local sends
     // into it, so other replicas see them in the shared windows.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let app_3s: Vec<String> = redis::cmd("ZRANGE")
-        .arg(format!("{{{prefix}}}:q3:{}", common::APP_ID))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let app_3s = app_sends(&redis.url(), &prefix, 3).await;
     let replayed = app_3s.iter().filter(|m| m.contains(":replay")).count();
     assert_eq!(replayed, 4, "the 4 local sends were replayed: {app_3s:?}");
     let decided = "feishu_reply_redis_calls_total{op=\"decide\",outcome=\"ok\"}";
@@ -266,18 +272,9 @@ async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
     redis.pause(false);
     assert!(fallback_is(&gw, false).await);
 
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let app_min = format!("{{{prefix}}}:q3:{}", common::APP_ID);
     let t = Instant::now();
     loop {
-        let sends: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&app_min)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut c)
-            .await
-            .unwrap();
+        let sends = app_sends(&redis.url(), &prefix, 3).await;
         // Only the warm-up reply is left in the app's 1000/min window: the lost decision was released.
         if sends.len() == 1 {
             break;
@@ -438,18 +435,13 @@ async fn a_rate_rejection_seen_by_one_replica_makes_every_replica_back_off() {
         tokio::spawn(async move { c.reply(text("om_r1", "oc_r1", "x")).await })
     };
     // Wait (bounded) until A has written the block into Redis.
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let app_s = format!("{{{prefix}}}:q2:{}", common::APP_ID);
     let t = Instant::now();
     loop {
-        let blocked: Option<f64> = redis::cmd("ZSCORE")
-            .arg(&app_s)
-            .arg("block:1")
-            .query_async(&mut conn)
+        if app_sends(&url, &prefix, 2)
             .await
-            .unwrap();
-        if blocked.is_some() {
+            .iter()
+            .any(|m| m == "block:1")
+        {
             break;
         }
         assert!(
