@@ -32,7 +32,8 @@ fn table() -> QuotaTable {
             spec(1000, 1000),
             spec(100_000, 60_000),
         ],
-        Duration::from_millis(20),
+        Duration::from_millis(5),
+        Duration::from_secs(20),
     )
 }
 

@@ -135,11 +135,7 @@ pub async fn run_with_upstream(
         None => None,
     };
     let scheduler = Scheduler::start_with(
-        SchedulerConfig {
-            quotas: config.quotas.clone(),
-            queue: config.queue.clone(),
-            retry: config.retry.clone(),
-        },
+        SchedulerConfig::from_config(&config),
         upstream.clone(),
         metrics.clone(),
         store,

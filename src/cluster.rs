@@ -22,14 +22,28 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::time::Instant;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::metrics::Metrics;
+use crate::quota::micros;
 
 /// Lost decisions remembered for release (each a few hundred bytes).
 const MAX_UNKNOWN: usize = 10_000;
+/// Answers waiting to be settled in Redis, at most (Redis slower than Feishu's quotas allow
+/// sends: something is wrong; the oldest are dropped and count until their timeout).
+const MAX_SETTLES: usize = 10_000;
+/// Answers written back per SETTLE call.
+const SETTLE_BATCH: usize = 256;
+
+/// One answer to write back: the send's keys, its member, when its answer came.
+struct Settle {
+    keys: Vec<SharedKey>,
+    member: String,
+    answered: Instant,
+}
 
 /// What to do while Redis does not answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -80,52 +94,94 @@ pub enum ClusterError {
     Protocol(String),
 }
 
+impl ClusterError {
+    /// Redis could not be reached or did not answer in time (as opposed to an error it
+    /// answered about the keys of one call: a wrong type, a script error, a bad value).
+    pub fn is_outage(&self) -> bool {
+        match self {
+            ClusterError::Timeout(_) => true,
+            ClusterError::Protocol(_) => false,
+            // ERR (a script error such as WRONGTYPE on one key), an unknown error code, an
+            // answer of the wrong shape: about this call's data. Everything else (I/O,
+            // LOADING, READONLY, MOVED to a node we cannot use, auth, …): Redis is not usable.
+            ClusterError::Redis(e) => !matches!(
+                e.kind(),
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                    | redis::ErrorKind::Extension
+                    | redis::ErrorKind::UnexpectedReturnType
+            ),
+        }
+    }
+}
+
 /// Checks every key; records the send in all of them (returns {1, now}) or in none (returns
-/// {0, wait_us, i}: how long until all would have room, and the key that waits longest).
-/// KEYS[i] has ARGV[2i-1] = limit and ARGV[2i] = span (window + margin, µs); ARGV[2n+1] = a
-/// unique member for this send.
+/// {0, wait_us, i}: when to ask again, and the key that waits longest).
+/// ARGV[1] = a unique member for this send, ARGV[2] = hold (µs); KEYS[i] has
+/// ARGV[2i+1] = limit and ARGV[2i+2] = span (window + margin, µs).
+///
+/// A member's score is the send's latest possible arrival at Feishu: `now + hold` while in
+/// flight (SETTLE lowers it to the answer instant). A send may go when fewer than `limit`
+/// members of every key may have arrived within the last span. Scores later than any send can
+/// have (`now + hold + span`: a bad write, a clock jump) are dropped, and every wait is capped
+/// at one span: the key is asked again then, so no value in Redis can wedge a key.
 const DECIDE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = #KEYS
+local hold = tonumber(ARGV[2])
 local wait = 0
 local worst = 0
 for i = 1, n do
-  local limit = tonumber(ARGV[2 * i - 1])
-  local span = tonumber(ARGV[2 * i])
+  local limit = tonumber(ARGV[2 * i + 1])
+  local span = tonumber(ARGV[2 * i + 2])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - span)
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '(' .. (now + hold + span), '+inf')
   local c = redis.call('ZCARD', KEYS[i])
   if c >= limit then
     local e = redis.call('ZRANGE', KEYS[i], c - limit, c - limit, 'WITHSCORES')
-    local ready = tonumber(e[2]) + span
-    if ready - now > wait then wait = ready - now; worst = i end
+    local w = math.min(tonumber(e[2]) + span - now, span)
+    if w > wait then wait = w; worst = i end
   end
 end
 if wait > 0 then return {0, wait, worst} end
 for i = 1, n do
-  redis.call('ZADD', KEYS[i], now, ARGV[2 * n + 1])
-  redis.call('PEXPIRE', KEYS[i], math.floor(tonumber(ARGV[2 * i]) / 1000) + 1000)
+  local span = tonumber(ARGV[2 * i + 2])
+  redis.call('ZADD', KEYS[i], now + hold, ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], math.floor((span + hold) / 1000) + 1000)
 end
 return {1, now}
 "#;
 
-/// Records past sends: ARGV[1] = span (µs), ARGV[2] = member prefix, ARGV[3..] = ages (µs).
+/// Records past sends: ARGV[1] = span (µs), ARGV[2] = member prefix, ARGV[3..] = each send's
+/// latest possible arrival minus now (µs, may be positive for a send in flight).
 const REPLAY_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local span = tonumber(ARGV[1])
+local latest = now
 for i = 3, #ARGV do
-  redis.call('ZADD', KEYS[1], now - tonumber(ARGV[i]), ARGV[2] .. ':' .. i)
+  local at = now + tonumber(ARGV[i])
+  if at > latest then latest = at end
+  redis.call('ZADD', KEYS[1], at, ARGV[2] .. ':' .. i)
 end
-redis.call('PEXPIRE', KEYS[1], math.floor(span / 1000) + 1000)
+redis.call('PEXPIRE', KEYS[1], math.floor((latest - now + span) / 1000) + 1000)
 return #ARGV - 2
 "#;
 
-/// Moves one send later: KEYS = its keys, ARGV[1] = member, ARGV[2] = delay (µs).
-const RESTAMP_LUA: &str = r#"
-for i = 1, #KEYS do
-  local s = redis.call('ZSCORE', KEYS[i], ARGV[1])
-  if s then redis.call('ZADD', KEYS[i], 'XX', tonumber(s) + tonumber(ARGV[2]), ARGV[1]) end
+/// Answers came back: each send arrived by then. ARGV is a list of triples (number of keys,
+/// member, µs since the answer); KEYS are the sends' keys one after the other. A member that
+/// aged out (or was released) is not re-added; a score only moves earlier.
+const SETTLE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local k = 1
+for a = 1, #ARGV, 3 do
+  local n = tonumber(ARGV[a])
+  local at = now - tonumber(ARGV[a + 2])
+  for i = k, k + n - 1 do
+    redis.call('ZADD', KEYS[i], 'XX', 'LT', at, ARGV[a + 1])
+  end
+  k = k + n
 end
 return 1
 "#;
@@ -233,7 +289,10 @@ pub struct RedisQuota {
     decide: redis::Script,
     replay: redis::Script,
     heartbeat: redis::Script,
-    restamp: redis::Script,
+    settle: redis::Script,
+    /// Answers waiting to be written back (one SETTLE call per batch, see [`Self::settle_later`]).
+    settles: Mutex<Vec<Settle>>,
+    settle_wake: Arc<tokio::sync::Notify>,
     block: redis::Script,
     release: redis::Script,
     /// Decisions whose answer was lost (timeout, broken connection): Redis may have recorded
@@ -277,7 +336,9 @@ impl RedisQuota {
             decide: redis::Script::new(DECIDE_LUA),
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
-            restamp: redis::Script::new(RESTAMP_LUA),
+            settle: redis::Script::new(SETTLE_LUA),
+            settles: Mutex::new(Vec::new()),
+            settle_wake: Arc::new(tokio::sync::Notify::new()),
             block: redis::Script::new(BLOCK_LUA),
             release: redis::Script::new(RELEASE_LUA),
             unknown: Mutex::new(VecDeque::new()),
@@ -348,21 +409,26 @@ impl RedisQuota {
         result
     }
 
-    /// One atomic decision for all `keys` (one round trip).
-    pub async fn try_acquire(&self, keys: &[SharedKey]) -> Result<Decision, ClusterError> {
+    /// One atomic decision for all `keys` (one round trip). A grant holds its slots for
+    /// `hold` (the send timeout) unless its answer is settled earlier.
+    pub async fn try_acquire(
+        &self,
+        keys: &[SharedKey],
+        hold: Duration,
+    ) -> Result<Decision, ClusterError> {
         let mut inv = self.decide.prepare_invoke();
         for k in keys {
             inv.key(&k.name);
-        }
-        for k in keys {
-            inv.arg(k.limit).arg(k.span_us);
         }
         let member = format!(
             "{}:{}",
             self.replica_id,
             self.next_member.fetch_add(1, Ordering::Relaxed)
         );
-        inv.arg(&member);
+        inv.arg(&member).arg(micros(hold));
+        for k in keys {
+            inv.arg(k.limit).arg(k.span_us);
+        }
         let answer: Vec<i64> = match self.call("decide", inv).await {
             Ok(a) => a,
             Err(e) => {
@@ -374,30 +440,78 @@ impl RedisQuota {
         };
         match answer.as_slice() {
             [1, _] => Ok(Decision::Granted { member }),
-            [0, wait, key] => Ok(Decision::Wait {
-                wait: Duration::from_micros((*wait).max(1) as u64),
-                key: usize::try_from(*key - 1)
+            [0, wait, key] => {
+                let key = usize::try_from(*key - 1)
                     .unwrap_or(0)
-                    .min(keys.len().saturating_sub(1)),
-            }),
+                    .min(keys.len().saturating_sub(1));
+                // Never trust a wait beyond the key's span (the script caps it too).
+                let span = keys.get(key).map_or(1, |k| k.span_us.max(1));
+                let wait = u64::try_from(*wait).unwrap_or(1).clamp(1, span);
+                Ok(Decision::Wait {
+                    wait: Duration::from_micros(wait),
+                    key,
+                })
+            }
             other => Err(ClusterError::Protocol(format!("decide returned {other:?}"))),
         }
     }
 
-    /// The send recorded as `member` left `delay` after the decision: count it from then.
-    pub async fn restamp(
-        &self,
-        keys: &[SharedKey],
-        member: &str,
-        delay: Duration,
-    ) -> Result<(), ClusterError> {
-        let mut inv = self.restamp.prepare_invoke();
-        for k in keys {
-            inv.key(&k.name);
+    /// The send recorded as `member` on `keys` was answered at `answered`: queue the answer
+    /// for the settler task ([`Self::run_settler`]), which writes batches in one call each.
+    pub fn settle_later(&self, keys: Vec<SharedKey>, member: String, answered: Instant) {
+        if keys.is_empty() {
+            return;
         }
-        inv.arg(member)
-            .arg(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
-        let _: i64 = self.call("restamp", inv).await?;
+        let mut q = self.settles.lock();
+        if q.len() >= MAX_SETTLES {
+            // Redis is not keeping up: the oldest stay at their timeout (stricter, never looser).
+            q.remove(0);
+        }
+        q.push(Settle {
+            keys,
+            member,
+            answered,
+        });
+        drop(q);
+        self.settle_wake.notify_one();
+    }
+
+    /// Writes queued answers back, a batch per Redis call, until the store is dropped. A
+    /// failed batch is dropped: its sends keep their provisional score (their timeout), which
+    /// is stricter, never looser.
+    pub async fn run_settler(store: std::sync::Weak<Self>) {
+        loop {
+            let Some(s) = store.upgrade() else { return };
+            let notify = s.settle_wake.clone();
+            let wake = notify.notified();
+            let batch: Vec<Settle> = {
+                let mut q = s.settles.lock();
+                let n = q.len().min(SETTLE_BATCH);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                drop(s);
+                wake.await;
+                continue;
+            }
+            if let Err(e) = s.settle_batch(&batch).await {
+                tracing::debug!(error = %e, sends = batch.len(), "settling answers in Redis failed; those sends count until their timeout");
+            }
+        }
+    }
+
+    async fn settle_batch(&self, batch: &[Settle]) -> Result<(), ClusterError> {
+        let mut inv = self.settle.prepare_invoke();
+        let now = Instant::now();
+        for s in batch {
+            for k in &s.keys {
+                inv.key(&k.name);
+            }
+            inv.arg(s.keys.len())
+                .arg(&s.member)
+                .arg(micros(now.saturating_duration_since(s.answered)));
+        }
+        let _: i64 = self.call("settle", inv).await?;
         Ok(())
     }
 
@@ -451,10 +565,10 @@ impl RedisQuota {
         Ok(())
     }
 
-    /// Writes sends made with local quotas (ages in µs before now) back into Redis, so the
-    /// shared windows count them once Redis is used again.
-    pub async fn replay(&self, key: &SharedKey, ages_us: &[u64]) -> Result<(), ClusterError> {
-        if ages_us.is_empty() {
+    /// Writes sends made with local quotas (each one's latest possible arrival, µs relative to
+    /// now) back into Redis, so the shared windows count them once Redis is used again.
+    pub async fn replay(&self, key: &SharedKey, offsets_us: &[i64]) -> Result<(), ClusterError> {
+        if offsets_us.is_empty() {
             return Ok(());
         }
         let mut inv = self.replay.prepare_invoke();
@@ -463,7 +577,7 @@ impl RedisQuota {
             self.replica_id,
             self.next_member.fetch_add(1, Ordering::Relaxed)
         ));
-        for a in ages_us {
+        for a in offsets_us {
             inv.arg(*a);
         }
         let _: i64 = self.call("replay", inv).await?;

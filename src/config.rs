@@ -274,7 +274,7 @@ impl Default for FileQuotas {
             chat: q(5, 1_000),
             user: q(5, 1_000),
             app: vec![q(50, 1_000), q(1_000, 60_000)],
-            safety_margin_ms: 20,
+            safety_margin_ms: 5,
         }
     }
 }

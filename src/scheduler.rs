@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::cluster::{Decision, RedisFailurePolicy, RedisQuota, SharedKey};
+use crate::cluster::{ClusterError, Decision, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
 use crate::error::GatewayError;
 use crate::feishu::{AppIndex, RetryReason, SendRequest, SentMessage, Upstream, UpstreamError};
@@ -26,11 +26,6 @@ use crate::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable, micros};
 const CHAT_QUOTA: usize = 0;
 const USER_QUOTA: usize = 1;
 const FIRST_APP_QUOTA: usize = 2;
-
-/// Sends starting later than this after their dispatch decision are re-stamped in the quotas.
-const RESTAMP_AFTER: Micros = 200;
-/// The same in cluster mode, where a re-stamp costs a Redis round trip.
-const REDIS_RESTAMP_AFTER: Duration = Duration::from_millis(2);
 
 /// Quota instants start this far from zero, so "a window before now" is representable from
 /// the first moment (quota arithmetic saturates at zero).
@@ -82,19 +77,20 @@ struct Job {
     first_send_at: Option<Instant>,
     attempts: u32,
     done: oneshot::Sender<JobResult>,
-    /// Cluster mode: the Redis grant of the current attempt (for re-stamping).
+    /// Local quotas: when the current attempt was decided (its slots in the table).
+    decided: Micros,
+    /// Cluster mode: the Redis grant of the current attempt (settled at its answer).
     grant: Option<Grant>,
     /// Cluster mode: the Redis names of `keys`, built on the first decision and reused by
     /// every later one (gate checks, retries).
     shared_keys: Option<Arc<[SharedKey]>>,
 }
 
-/// A send Redis recorded: its keys, member and when the answer arrived.
+/// A send Redis recorded: its keys and member.
 #[derive(Clone)]
 struct Grant {
     keys: Arc<[SharedKey]>,
     member: String,
-    at: Instant,
 }
 
 /// Cluster mode: chats waiting on one shared key (typically an app quota). Only a few of
@@ -148,6 +144,8 @@ enum Command {
     SendDone {
         job: Job,
         result: Result<SentMessage, UpstreamError>,
+        /// When the answer (or the timeout) came back: the latest the request can have arrived.
+        answered: Instant,
     },
     Shutdown {
         grace: Duration,
@@ -157,19 +155,12 @@ enum Command {
         chat_id: Arc<str>,
         job_id: u64,
         keys: Arc<[SharedKey]>,
-        result: Result<Decision, String>,
-        at: Instant,
+        result: Result<Decision, ClusterError>,
     },
     /// The heartbeat reached Redis (true) or not (false).
     RedisHealth(bool),
     /// Local sends were written back to Redis after an outage (or that failed).
     Replayed(Result<(), String>),
-    /// A send decided at `decided` (quota recorded then) started at `started`.
-    Started {
-        keys: Vec<QuotaKey>,
-        decided: Micros,
-        started: Micros,
-    },
 }
 
 /// Handle to the dispatcher. Cheap to clone.
@@ -219,6 +210,10 @@ struct Shared {
     mode: SharedMode,
 }
 
+/// A job whose quota decision Redis refused with an error about its keys asks again after this
+/// (the rest of the replica keeps using Redis; the job's deadline still applies).
+const KEY_ERROR_RETRY: Duration = Duration::from_secs(1);
+
 /// How often a held (fail-closed) chat re-checks whether Redis is back.
 const HOLD_RECHECK: Duration = Duration::from_millis(250);
 
@@ -228,6 +223,21 @@ pub struct SchedulerConfig {
     pub quotas: QuotaConfig,
     pub queue: QueueConfig,
     pub retry: RetryConfig,
+    /// Bound on one upstream call (a token fetch and the post, each limited by the request
+    /// timeout). A send whose answer has not come back holds its quota slots this long: past
+    /// it the call is abandoned, so the request can no longer arrive.
+    pub send_timeout: Duration,
+}
+
+impl SchedulerConfig {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            quotas: config.quotas.clone(),
+            queue: config.queue.clone(),
+            retry: config.retry.clone(),
+            send_timeout: config.feishu.request_timeout.saturating_mul(2),
+        }
+    }
 }
 
 // === impl Scheduler ===
@@ -254,6 +264,7 @@ impl Scheduler {
         if let Some(store) = &store {
             metrics.set_redis_state(true, false);
             tokio::spawn(monitor(store.clone(), tx.downgrade(), cluster.clone()));
+            tokio::spawn(RedisQuota::run_settler(Arc::downgrade(store)));
         }
         let (drained_tx, drained) = watch::channel(false);
         let accepting = Arc::new(AtomicBool::new(true));
@@ -261,7 +272,7 @@ impl Scheduler {
         specs.extend(config.quotas.app.iter().copied());
         let dispatcher = Dispatcher {
             full_specs: specs.clone(),
-            quotas: QuotaTable::new(specs, config.quotas.safety_margin),
+            quotas: QuotaTable::new(specs, config.quotas.safety_margin, config.send_timeout),
             shared: store.map(|store| Shared {
                 store,
                 mode: SharedMode::Up,
@@ -319,6 +330,7 @@ impl Scheduler {
             attempts: 0,
             spec,
             done,
+            decided: 0,
             grant: None,
             shared_keys: None,
         };
@@ -460,19 +472,17 @@ impl Dispatcher {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit(job) => self.admit(job),
-            Command::SendDone { job, result } => self.send_done(job, result),
-            Command::Started {
-                keys,
-                decided,
-                started,
-            } => self.quotas.restamp(&keys, decided, started),
+            Command::SendDone {
+                job,
+                result,
+                answered,
+            } => self.send_done(job, result, answered),
             Command::Decided {
                 chat_id,
                 job_id,
                 keys,
                 result,
-                at,
-            } => self.decided(chat_id, job_id, keys, result, at),
+            } => self.decided(chat_id, job_id, keys, result),
             Command::RedisHealth(up) => self.redis_health(up),
             Command::Replayed(result) => self.replayed(result),
             Command::Shutdown { grace } => {
@@ -718,6 +728,7 @@ impl Dispatcher {
         let chat = self.chats.get_mut(chat_id).expect("chat with a head");
         let mut job = chat.jobs.pop_front().expect("front");
         job.grant = grant;
+        job.decided = now_m;
         chat.busy = true;
         self.queued -= 1;
         self.in_flight += 1;
@@ -726,7 +737,7 @@ impl Dispatcher {
             job.first_send_at = Some(now);
             self.metrics.queue_wait(now - job.accepted_at);
         }
-        self.spawn_send(job, now_m);
+        self.spawn_send(job);
     }
 
     fn shared_keys(&self, keys: &[QuotaKey]) -> Vec<SharedKey> {
@@ -743,15 +754,15 @@ impl Dispatcher {
     fn spawn_decision(&self, chat_id: Arc<str>, job_id: u64, keys: Arc<[SharedKey]>) {
         let store = self.shared.as_ref().expect("cluster mode").store.clone();
         let tx = self.tx.clone();
+        let hold = self.config.send_timeout;
         tokio::spawn(async move {
-            let result = store.try_acquire(&keys).await.map_err(|e| e.to_string());
+            let result = store.try_acquire(&keys, hold).await;
             if let Some(tx) = tx.upgrade() {
                 let _ = tx.send(Command::Decided {
                     chat_id,
                     job_id,
                     keys,
                     result,
-                    at: Instant::now(),
                 });
             }
         });
@@ -762,8 +773,7 @@ impl Dispatcher {
         chat_id: Arc<str>,
         job_id: u64,
         keys: Arc<[SharedKey]>,
-        result: Result<Decision, String>,
-        at: Instant,
+        result: Result<Decision, ClusterError>,
     ) {
         let now = Instant::now();
         // Gates first: whatever happens to the chat, its probes must be handed on.
@@ -816,7 +826,7 @@ impl Dispatcher {
         }
         match result {
             Ok(Decision::Granted { member }) if head_id == Some(job_id) => {
-                let grant = Grant { keys, member, at };
+                let grant = Grant { keys, member };
                 self.start_send(&chat_id, now, Some(grant));
             }
             // The head changed meanwhile (deadline, cancel): nothing is sent for this grant,
@@ -827,9 +837,20 @@ impl Dispatcher {
             }
             // Parked in the gate of the key that refused (above).
             Ok(Decision::Wait { .. }) => {}
-            Err(e) => {
-                self.redis_down(&e);
+            // Redis is unreachable: the failure policy, for every chat.
+            Err(e) if e.is_outage() => {
+                self.redis_down(&e.to_string());
                 self.schedule_now(&chat_id);
+            }
+            // Redis answered with an error about these keys (wrong type, a script error): only
+            // the jobs that use them wait, and ask again a little later.
+            Err(e) => {
+                tracing::warn!(error = %e, keys = ?keys.iter().map(|k| &k.name).collect::<Vec<_>>(), "Redis refused a quota decision; the job retries it");
+                let at = self.micros(now + KEY_ERROR_RETRY);
+                if let Some(head) = self.chats.get_mut(&chat_id).and_then(|c| c.jobs.front_mut()) {
+                    head.not_before = now + KEY_ERROR_RETRY;
+                }
+                self.schedule_at(&chat_id, at);
             }
         }
     }
@@ -913,7 +934,12 @@ impl Dispatcher {
             .collect();
         if policy == RedisFailurePolicy::Local {
             // keep_ids: its sends are replayed into Redis by key name on recovery.
-            self.quotas = QuotaTable::new(scaled, self.config.quotas.safety_margin).keep_ids();
+            self.quotas = QuotaTable::new(
+                scaled,
+                self.config.quotas.safety_margin,
+                self.config.send_timeout,
+            )
+            .keep_ids();
             self.quotas.set_floor(now_m);
         }
         tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
@@ -936,7 +962,7 @@ impl Dispatcher {
                 shared.mode = SharedMode::Replaying;
                 let store = shared.store.clone();
                 let now_m = self.micros(Instant::now());
-                let entries: Vec<(SharedKey, Vec<Micros>)> = self
+                let entries: Vec<(SharedKey, Vec<i64>)> = self
                     .quotas
                     .live_entries(now_m)
                     .into_iter()
@@ -972,6 +998,13 @@ impl Dispatcher {
     /// them for a whole minute window) or a hold recheck ask Redis now instead. Their old
     /// timer entries go stale (ticket).
     fn reschedule_waiting(&mut self) {
+        // The fallback's table (scaled, floored) is done with: admission's lower bounds come
+        // from a clean one again, so no call is refused for a floor that no longer applies.
+        self.quotas = QuotaTable::new(
+            self.full_specs.clone(),
+            self.config.quotas.safety_margin,
+            self.config.send_timeout,
+        );
         let waiting: Vec<Arc<str>> = self
             .chats
             .iter()
@@ -1006,56 +1039,31 @@ impl Dispatcher {
         self.publish_cluster_state();
     }
 
-    fn spawn_send(&self, mut job: Job, decided: Micros) {
+    fn spawn_send(&self, job: Job) {
         let upstream = self.upstream.clone();
         let metrics = self.metrics.clone();
         let tx = self.tx.clone();
-        let origin = self.origin;
-        let store = self.shared.as_ref().map(|s| s.store.clone());
-        let grant = job.grant.take();
+        let send_timeout = self.config.send_timeout;
         tokio::spawn(async move {
-            // The request may leave a little after the decision (busy machine, token fetch):
-            // count the send from when it really leaves.
-            let stamp = std::sync::atomic::AtomicU64::new(decided);
-            let keys = job.keys.clone();
-            let on_send = || {
-                if let (Some(store), Some(g)) = (&store, &grant) {
-                    // Cluster mode: move the send later in Redis (a second round trip, only
-                    // when the delay is worth it).
-                    let delay = g.at.elapsed();
-                    if delay > REDIS_RESTAMP_AFTER {
-                        let (store, keys, member) =
-                            (store.clone(), g.keys.clone(), g.member.clone());
-                        tokio::spawn(async move {
-                            if let Err(e) = store.restamp(&keys, &member, delay).await {
-                                tracing::debug!(error = %e, "re-stamping a send in Redis failed");
-                            }
-                        });
-                    }
-                    return;
-                }
-                let now = to_micros(origin, Instant::now());
-                let from = stamp.load(Ordering::Relaxed);
-                if now > from + RESTAMP_AFTER
-                    && let Some(tx) = tx.upgrade()
-                {
-                    stamp.store(now, Ordering::Relaxed);
-                    let _ = tx.send(Command::Started {
-                        keys: keys.clone(),
-                        decided: from,
-                        started: now,
-                    });
-                }
-            };
             metrics.in_flight(1);
-            let result = upstream
-                .reply(job.spec.app, &job.spec.request, &on_send)
-                .await;
+            let call = upstream.reply(job.spec.app, &job.spec.request);
+            let result = match tokio::time::timeout(send_timeout, call).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::Network {
+                    kind: "timeout",
+                    detail: format!("no answer within {send_timeout:?}"),
+                }),
+            };
+            let answered = Instant::now();
             metrics.in_flight(-1);
             match tx.upgrade() {
                 Some(tx) => {
-                    if let Err(mpsc::error::SendError(Command::SendDone { job, result })) =
-                        tx.send(Command::SendDone { job, result })
+                    if let Err(mpsc::error::SendError(Command::SendDone { job, result, .. })) =
+                        tx.send(Command::SendDone {
+                            job,
+                            result,
+                            answered,
+                        })
                     {
                         finish_orphan(job, result);
                     }
@@ -1065,8 +1073,47 @@ impl Dispatcher {
         });
     }
 
-    fn send_done(&mut self, job: Job, result: Result<SentMessage, UpstreamError>) {
+    /// Counts the attempt that just came back by its arrival bound: it arrived by `answered`,
+    /// except where Feishu refused it for rate (see [`refused_by`]): there it did not count.
+    fn settle(&mut self, job: &mut Job, refused: Option<RetryReason>, answered: Instant) {
+        let (counted, refused_keys): (Vec<usize>, Vec<usize>) =
+            (0..job.keys.len()).partition(|&i| !refused.is_some_and(|r| refused_by(r, &job.keys[i])));
+        match job.grant.take() {
+            Some(grant) => {
+                let Some(shared) = &self.shared else { return };
+                let pick = |idx: &[usize]| -> Vec<SharedKey> {
+                    idx.iter().map(|&i| grant.keys[i].clone()).collect()
+                };
+                shared
+                    .store
+                    .settle_later(pick(&counted), grant.member.clone(), answered);
+                if !refused_keys.is_empty() {
+                    self.release_grant(pick(&refused_keys).into(), grant.member);
+                }
+            }
+            None => {
+                let answered = self.micros(answered);
+                let pick = |idx: &[usize]| -> Vec<QuotaKey> {
+                    idx.iter().map(|&i| job.keys[i].clone()).collect()
+                };
+                self.quotas.settle(&pick(&counted), job.decided, answered);
+                self.quotas.unrecord(&pick(&refused_keys), job.decided);
+            }
+        }
+    }
+
+    fn send_done(
+        &mut self,
+        mut job: Job,
+        result: Result<SentMessage, UpstreamError>,
+        answered: Instant,
+    ) {
         self.in_flight -= 1;
+        let refused = match &result {
+            Err(e) => e.retry_reason().filter(|r| r.is_rate_rejection()),
+            Ok(_) => None,
+        };
+        self.settle(&mut job, refused, answered);
         let chat_id = job.spec.chat_id.clone();
         let now = Instant::now();
         let outcome = match result {
@@ -1130,17 +1177,16 @@ impl Dispatcher {
             let keys: Vec<QuotaKey> = job
                 .keys
                 .iter()
-                .filter(|k| (reason == RetryReason::Frequency) == (k.quota >= FIRST_APP_QUOTA))
+                .filter(|k| refused_by(reason, k))
                 .cloned()
                 .collect();
             // Feishu's reset when it gave one, else the shortest window among the keys (the
             // per-minute app quota must not silence the app for a minute on a per-second hit).
-            let shortest = keys
-                .iter()
-                .map(|k| self.quotas.specs()[k.quota].window)
-                .min()
-                .unwrap_or_default();
-            let wait = error.retry_after().unwrap_or(shortest);
+            // A reset is trusted up to the longest window: no rolling window needs longer.
+            let windows = keys.iter().map(|k| self.full_specs[k.quota].window);
+            let shortest = windows.clone().min().unwrap_or_default();
+            let longest = windows.max().unwrap_or_default();
+            let wait = error.retry_after().map_or(shortest, |r| r.min(longest));
             let until = now_m + micros(wait);
             for k in &keys {
                 self.quotas.block_until(k, until);
@@ -1268,6 +1314,23 @@ async fn monitor(
     }
 }
 
+/// Whether `key` belongs to the quota layer that refused a send Feishu rejected for `reason`.
+///
+/// The accounting choice for refused sends (README, "How sends are counted"): Feishu checks
+/// the app quotas at its open-platform gateway (99991400 / HTTP 429) before the request
+/// reaches the messaging service, which checks the chat and user quotas (230020). A request
+/// is not admitted by the layer that refused it (sliding-log, fixed-window and token-bucket
+/// limiters alike do not count what they turn away), so it leaves those keys; it passed the
+/// layers before, so it stays counted there (the app keys of a 230020). One refusal thus never
+/// keeps a slot of the 1000/min ring for a minute.
+fn refused_by(reason: RetryReason, key: &QuotaKey) -> bool {
+    match reason {
+        RetryReason::Frequency => key.quota >= FIRST_APP_QUOTA,
+        RetryReason::RateLimited => key.quota < FIRST_APP_QUOTA,
+        _ => false,
+    }
+}
+
 /// The dispatcher is gone (runtime shutting down): settle the job from its own result.
 fn finish_orphan(job: Job, result: Result<SentMessage, UpstreamError>) {
     let (attempts, uuid) = (job.attempts, job.uuid());
@@ -1333,10 +1396,8 @@ mod tests {
             &'a self,
             _app: AppIndex,
             req: &'a SendRequest,
-            on_send: &'a (dyn Fn() + Send + Sync),
         ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
             Box::pin(async move {
-                on_send();
                 let answer = {
                     let mut s = self.script.lock();
                     let chat = req.content.clone();
@@ -1383,11 +1444,7 @@ mod tests {
         let mut c = Config::defaults();
         tweak(&mut c);
         Scheduler::start(
-            SchedulerConfig {
-                quotas: c.quotas,
-                queue: c.queue,
-                retry: c.retry,
-            },
+            SchedulerConfig::from_config(&c),
             upstream,
             Arc::new(Metrics::new()),
         )

@@ -150,13 +150,11 @@ impl FeishuClient {
         &self,
         token: &str,
         req: &SendRequest,
-        on_send: &(dyn Fn() + Send + Sync),
     ) -> Result<SentMessage, UpstreamError> {
         let url = format!(
             "{}/open-apis/im/v1/messages/{}/reply",
             self.base_url, req.message_id
         );
-        on_send();
         let started = Instant::now();
         let resp = self
             .http
@@ -247,10 +245,9 @@ impl Upstream for FeishuClient {
         &'a self,
         app: AppIndex,
         req: &'a SendRequest,
-        on_send: &'a (dyn Fn() + Send + Sync),
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
         Box::pin(self.with_token(app, move |t| async move {
-            self.post_reply(&t, req, on_send).await
+            self.post_reply(&t, req).await
         }))
     }
 

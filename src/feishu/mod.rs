@@ -49,13 +49,10 @@ pub struct SentMessage {
 /// The upstream the scheduler sends through: real Feishu or a stand-in.
 pub trait Upstream: Send + Sync + 'static {
     /// POST one reply (token handling included). Errors are classified by [`UpstreamError`].
-    /// `on_send` is called right before each HTTP request leaves (after any token fetch), so
-    /// the quotas can count the send from that instant.
     fn reply<'a>(
         &'a self,
         app: AppIndex,
         req: &'a SendRequest,
-        on_send: &'a (dyn Fn() + Send + Sync),
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>>;
 
     /// The chat a message belongs to (`GET /open-apis/im/v1/messages/{id}`).
