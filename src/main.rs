@@ -77,9 +77,15 @@ struct FakeArgs {
     /// Probability of answering HTTP 503.
     #[arg(long = "fail-5xx", default_value_t = 0.0)]
     fail_5xx: f64,
-    /// Added latency per request.
+    /// Added latency per request (before answering).
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Each request arrives (is counted) after a random delay in [0, N] ms: a congested path.
+    #[arg(long, default_value_t = 0)]
+    inbound_jitter_ms: u64,
+    /// The first request on each new connection arrives N ms late: a TLS handshake.
+    #[arg(long, default_value_t = 0)]
+    cold_connection_ms: u64,
     /// Lifetime of issued tokens (expired tokens get 99991663).
     #[arg(long, default_value_t = 7200)]
     token_ttl_s: u64,
@@ -224,6 +230,8 @@ async fn fake(args: FakeArgs) -> Result<ExitCode, BoxError> {
         fail_230049: args.fail_230049,
         fail_5xx: args.fail_5xx,
         latency: Duration::from_millis(args.latency_ms),
+        inbound_jitter: Duration::from_millis(args.inbound_jitter_ms),
+        cold_connection: Duration::from_millis(args.cold_connection_ms),
         token_ttl: Duration::from_secs(args.token_ttl_s),
         apps,
         enforce_quotas: !args.unlimited,

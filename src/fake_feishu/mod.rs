@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -19,8 +19,14 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 use crate::reply::MsgType;
+
+pub mod sim;
+mod window;
+
+use window::{Counter, counter_record, counter_retry_after, next_f64};
 
 /// How the fake counts its quotas (Feishu does not document its window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
@@ -48,7 +54,13 @@ pub struct FakeOptions {
     pub window: WindowMode,
     pub fail_230049: f64,
     pub fail_5xx: f64,
+    /// Delay before answering each request (after it was counted).
     pub latency: Duration,
+    /// Each request arrives (is counted) after a random delay in [0, this]: a congested path.
+    pub inbound_jitter: Duration,
+    /// The first request on each new connection arrives this much later: the TLS handshake a
+    /// cold connection to Feishu costs.
+    pub cold_connection: Duration,
     pub token_ttl: Duration,
     /// Accepted (app_id, app_secret) pairs; empty = accept any.
     pub apps: Vec<(String, String)>,
@@ -70,6 +82,8 @@ impl Default for FakeOptions {
             fail_230049: 0.0,
             fail_5xx: 0.0,
             latency: Duration::ZERO,
+            inbound_jitter: Duration::ZERO,
+            cold_connection: Duration::ZERO,
             token_ttl: Duration::from_secs(7200),
             apps: Vec::new(),
             chat_quota: q(5, 1000),
@@ -151,12 +165,6 @@ impl FakeStats {
 struct MessageInfo {
     chat_id: String,
     user_id: Option<String>,
-}
-
-enum Counter {
-    Sliding(VecDeque<Instant>),
-    Fixed { index: u64, count: u32 },
-    Bucket { tokens: f64, at: Instant },
 }
 
 struct Inner {
@@ -291,7 +299,8 @@ async fn serve_title_case(listener: TcpListener, app: Router) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let conn = NewConnection(Arc::new(std::sync::atomic::AtomicBool::new(true)));
+        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(conn)));
         tokio::spawn(async move {
             let mut builder = Builder::new(TokioExecutor::new());
             builder.http1().title_case_headers(true);
@@ -299,6 +308,28 @@ async fn serve_title_case(listener: TcpListener, app: Router) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Set on each accepted connection until its first request has been read.
+#[derive(Clone)]
+struct NewConnection(Arc<std::sync::atomic::AtomicBool>);
+
+/// How long a request takes to "arrive" (to be counted) after it was read: the cold-connection
+/// delay for the first request of a connection, plus a random inbound delay.
+async fn arrive(s: &Shared, conn: Option<&NewConnection>) {
+    let first = conn.is_some_and(|c| c.0.swap(false, Ordering::Relaxed));
+    let delay = {
+        let mut inner = s.inner.lock();
+        let (jitter, cold) = (inner.opts.inbound_jitter, inner.opts.cold_connection);
+        let mut d = if first { cold } else { Duration::ZERO };
+        if !jitter.is_zero() {
+            d += jitter.mul_f64(next_f64(&mut inner.rng));
+        }
+        d
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -402,7 +433,12 @@ struct TokenBody {
     app_secret: String,
 }
 
-async fn token(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+async fn token(
+    State(s): State<Arc<Shared>>,
+    conn: Option<axum::Extension<NewConnection>>,
+    body: axum::body::Bytes,
+) -> Response {
+    arrive(&s, conn.as_deref()).await;
     let latency = s.inner.lock().opts.latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -454,9 +490,14 @@ fn authorize(inner: &Inner, headers: &HeaderMap) -> Result<String, (i64, &'stati
 /// Messages the fake was not told about live in a chat of their own, except `om_X_in_NAME`,
 /// which lives in chat `oc_NAME` (handy for tests that need several messages per chat).
 fn message_info(inner: &Inner, message_id: &str) -> MessageInfo {
-    if let Some(m) = inner.messages.get(message_id) {
-        return m.clone();
+    match inner.messages.get(message_id) {
+        Some(m) => m.clone(),
+        None => message_info_unregistered(message_id),
     }
+}
+
+/// Where a message the fake was not told about lives (see [`message_info`]).
+fn message_info_unregistered(message_id: &str) -> MessageInfo {
     let chat = match message_id.split_once("_in_") {
         Some((_, chat)) => format!("oc_{chat}"),
         None => format!("oc_{}", message_id.trim_start_matches("om_")),
@@ -488,10 +529,12 @@ fn well_formed_id(id: &str) -> bool {
 
 async fn reply(
     State(s): State<Arc<Shared>>,
+    conn: Option<axum::Extension<NewConnection>>,
     Path(message_id): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    arrive(&s, conn.as_deref()).await;
     let arrived = Instant::now();
     let latency = s.inner.lock().opts.latency;
     let body: Option<ReplyBody> = serde_json::from_slice(&body).ok();
@@ -744,14 +787,7 @@ fn reply_outcome(
         let c = inner
             .counters
             .entry(key)
-            .or_insert_with(|| match opts.window {
-                WindowMode::Sliding => Counter::Sliding(VecDeque::new()),
-                WindowMode::Fixed => Counter::Fixed { index: 0, count: 0 },
-                WindowMode::Bucket => Counter::Bucket {
-                    tokens: f64::from(q.limit),
-                    at: arrived,
-                },
-            });
+            .or_insert_with(|| Counter::new(opts.window, q, arrived));
         counter_record(c, q, arrived, s.started);
     }
     let n = s.next.fetch_add(1, Ordering::Relaxed);
@@ -797,90 +833,13 @@ enum Hold {
     UntilReleased(u64),
 }
 
-/// `None` when the counter has room at `now`; otherwise roughly how long until it has.
-fn counter_retry_after(
-    c: Option<&Counter>,
-    q: FakeQuota,
-    mode: WindowMode,
-    now: Instant,
-    origin: Instant,
-) -> Option<Duration> {
-    let c = c?;
-    match (mode, c) {
-        (_, Counter::Sliding(times)) => {
-            let live = times
-                .iter()
-                .filter(|t| now.duration_since(**t) < q.window)
-                .count();
-            (live >= q.limit as usize).then(|| {
-                let oldest_live = times
-                    .iter()
-                    .find(|t| now.duration_since(**t) < q.window)
-                    .copied()
-                    .unwrap_or(now);
-                q.window - now.duration_since(oldest_live)
-            })
-        }
-        (_, Counter::Fixed { index, count }) => {
-            let cur = window_index(now, origin, q.window);
-            (cur == *index && *count >= q.limit).then_some(q.window)
-        }
-        (_, Counter::Bucket { tokens, at }) => {
-            let refill =
-                now.duration_since(*at).as_secs_f64() / q.window.as_secs_f64() * f64::from(q.limit);
-            let t = (tokens + refill).min(f64::from(q.limit));
-            (t < 1.0).then(|| q.window.mul_f64((1.0 - t) / f64::from(q.limit)))
-        }
-    }
-}
-
-fn counter_record(c: &mut Counter, q: FakeQuota, now: Instant, origin: Instant) {
-    match c {
-        Counter::Sliding(times) => {
-            while times
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= q.window)
-            {
-                times.pop_front();
-            }
-            times.push_back(now);
-        }
-        Counter::Fixed { index, count } => {
-            let cur = window_index(now, origin, q.window);
-            if cur != *index {
-                *index = cur;
-                *count = 0;
-            }
-            *count += 1;
-        }
-        Counter::Bucket { tokens, at } => {
-            let refill =
-                now.duration_since(*at).as_secs_f64() / q.window.as_secs_f64() * f64::from(q.limit);
-            *tokens = (*tokens + refill).min(f64::from(q.limit)) - 1.0;
-            *at = now;
-        }
-    }
-}
-
-fn window_index(now: Instant, origin: Instant, window: Duration) -> u64 {
-    (now.duration_since(origin).as_nanos() / window.as_nanos().max(1)) as u64
-}
-
-fn next_f64(state: &mut u64) -> f64 {
-    // xorshift64*: deterministic, good enough for fault injection.
-    let mut x = *state;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    *state = x;
-    (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 async fn get_message(
     State(s): State<Arc<Shared>>,
+    conn: Option<axum::Extension<NewConnection>>,
     Path(message_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    arrive(&s, conn.as_deref()).await;
     let mut inner = s.inner.lock();
     inner.stats.message_lookups += 1;
     if let Err((code, msg)) = authorize(&inner, &headers) {
