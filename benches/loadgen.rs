@@ -745,11 +745,7 @@ async fn depth(jobs: usize, chats: usize) {
         })
         .unwrap();
         c.queue.max_per_chat = 1_000_000;
-        SchedulerConfig {
-            quotas: c.quotas,
-            queue: c.queue,
-            retry: c.retry,
-        }
+        SchedulerConfig::from_config(&c)
     };
     // Memory and enqueue cost at depth.
     let metrics = Arc::new(Metrics::new());

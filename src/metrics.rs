@@ -206,7 +206,14 @@ impl Metrics {
         for r in RetryReason::ALL {
             let _ = m.retries.get_or_create(&ReasonLabel { reason: r.as_str() });
         }
-        for op in ["decide", "settle", "release", "block", "replay", "heartbeat"] {
+        for op in [
+            "decide",
+            "settle",
+            "release",
+            "block",
+            "replay",
+            "heartbeat",
+        ] {
             for outcome in ["ok", "error"] {
                 let _ = m
                     .redis_calls

@@ -634,10 +634,7 @@ mod tests {
         for _ in 0..900 {
             send(&mut t, &k, base + 1100 * MS, MS);
         }
-        assert_eq!(
-            t.try_acquire(&k, base + 1100 * MS),
-            Err(base + 60_001 * MS)
-        );
+        assert_eq!(t.try_acquire(&k, base + 1100 * MS), Err(base + 60_001 * MS));
     }
 
     #[test]
@@ -707,16 +704,16 @@ mod tests {
                 0u64..120,
                 0u64..60,
             )
-                .prop_map(
-                    |(at_ms, chat, user, leave_ms, inbound_ms, outbound_ms)| Arrival {
+                .prop_map(|(at_ms, chat, user, leave_ms, inbound_ms, outbound_ms)| {
+                    Arrival {
                         at_ms,
                         chat,
                         user,
                         leave_ms,
                         inbound_ms,
                         outbound_ms,
-                    },
-                ),
+                    }
+                }),
             1..300,
         )
     }

@@ -142,7 +142,7 @@ struct ChatQueue {
 enum Command {
     Submit(Job),
     SendDone {
-        job: Job,
+        job: Box<Job>,
         result: Result<SentMessage, UpstreamError>,
         /// When the answer (or the timeout) came back: the latest the request can have arrived.
         answered: Instant,
@@ -476,7 +476,7 @@ impl Dispatcher {
                 job,
                 result,
                 answered,
-            } => self.send_done(job, result, answered),
+            } => self.send_done(*job, result, answered),
             Command::Decided {
                 chat_id,
                 job_id,
@@ -847,7 +847,11 @@ impl Dispatcher {
             Err(e) => {
                 tracing::warn!(error = %e, keys = ?keys.iter().map(|k| &k.name).collect::<Vec<_>>(), "Redis refused a quota decision; the job retries it");
                 let at = self.micros(now + KEY_ERROR_RETRY);
-                if let Some(head) = self.chats.get_mut(&chat_id).and_then(|c| c.jobs.front_mut()) {
+                if let Some(head) = self
+                    .chats
+                    .get_mut(&chat_id)
+                    .and_then(|c| c.jobs.front_mut())
+                {
                     head.not_before = now + KEY_ERROR_RETRY;
                 }
                 self.schedule_at(&chat_id, at);
@@ -1058,14 +1062,14 @@ impl Dispatcher {
             metrics.in_flight(-1);
             match tx.upgrade() {
                 Some(tx) => {
-                    if let Err(mpsc::error::SendError(Command::SendDone { job, result, .. })) =
-                        tx.send(Command::SendDone {
-                            job,
+                    if let Err(mpsc::error::SendError(Command::SendDone { job, result, .. })) = tx
+                        .send(Command::SendDone {
+                            job: Box::new(job),
                             result,
                             answered,
                         })
                     {
-                        finish_orphan(job, result);
+                        finish_orphan(*job, result);
                     }
                 }
                 None => finish_orphan(job, result),
@@ -1076,8 +1080,8 @@ impl Dispatcher {
     /// Counts the attempt that just came back by its arrival bound: it arrived by `answered`,
     /// except where Feishu refused it for rate (see [`refused_by`]): there it did not count.
     fn settle(&mut self, job: &mut Job, refused: Option<RetryReason>, answered: Instant) {
-        let (counted, refused_keys): (Vec<usize>, Vec<usize>) =
-            (0..job.keys.len()).partition(|&i| !refused.is_some_and(|r| refused_by(r, &job.keys[i])));
+        let (counted, refused_keys): (Vec<usize>, Vec<usize>) = (0..job.keys.len())
+            .partition(|&i| !refused.is_some_and(|r| refused_by(r, &job.keys[i])));
         match job.grant.take() {
             Some(grant) => {
                 let Some(shared) = &self.shared else { return };

@@ -22,18 +22,25 @@ fn fault(message_id: &str, http: u16, code: i64, times: u32) -> Fault {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn burst_of_1000_replies_to_distinct_chats_drains_with_zero_rejections() {
-    // 1000 callers, the gateway and the fake share one process and 2 cores here: arrival
-    // jitter at the fake can exceed the default 20 ms margin (seen: 1 rejection in ~10 runs),
-    // so this test allows 50 ms. The separate-process benchmark (BENCHMARKS.md) runs with 20 ms.
-    let gw = spawn_gateway(FakeOptions::default(), "[quotas]\nsafety_margin_ms = 50").await;
-    // From cold: the 1000 concurrent callers share one token fetch.
-    let start = Instant::now();
-    let calls: Vec<_> = (0..1000)
+async fn a_burst_over_cold_and_jittery_connections_gets_no_rejection() {
+    // Three windows of the app's 50/s over the real HTTP client: each connection's first
+    // request arrives 80 ms late (a TLS handshake), every request up to 20 ms late. The
+    // 1000-reply drain and its ratio to the physical limit are proven in virtual time
+    // (tests/pacing.rs) and measured in BENCHMARKS.md.
+    let gw = spawn_gateway(
+        FakeOptions {
+            cold_connection: Duration::from_millis(80),
+            inbound_jitter: Duration::from_millis(20),
+            ..FakeOptions::default()
+        },
+        "",
+    )
+    .await;
+    // From cold: the concurrent callers share one token fetch.
+    let calls: Vec<_> = (0..150)
         .map(|i| {
-            let gw_client = gw.client.clone();
+            let mut c = gw.client.clone();
             tokio::spawn(async move {
-                let mut c = gw_client;
                 c.reply(text(&format!("om_b{i}"), &format!("oc_b{i}"), "burst"))
                     .await
             })
@@ -42,19 +49,11 @@ async fn burst_of_1000_replies_to_distinct_chats_drains_with_zero_rejections() {
     for c in calls {
         c.await.unwrap().expect("every reply delivered");
     }
-    let drain = start.elapsed();
     let stats = gw.fake.stats();
-    eprintln!("burst drain: 1000 replies in {drain:?} (physical limit 19 s)");
     assert_eq!(stats.rate_rejections(), 0, "{stats:?}");
-    assert_eq!(stats.posted, 1000);
+    assert_eq!(stats.posted, 150);
     assert_eq!(stats.token_requests, 1);
-    let times: Vec<f64> = gw
-        .fake
-        .received()
-        .iter()
-        .filter(|r| r.message_id.starts_with("om_b"))
-        .map(|r| r.at_ms)
-        .collect();
+    let times: Vec<f64> = gw.fake.received().iter().map(|r| r.at_ms).collect();
     assert!(max_in_window(&times, 1000.0) <= 50);
 }
 

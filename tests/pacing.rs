@@ -72,7 +72,10 @@ async fn cold_connections_arriving_80ms_late_cause_no_rejection() {
     let drain = burst(&sim, 1000).await;
     assert_clean(&sim, 1000);
     let r = ratio(drain, PHYSICAL_LIMIT_1000);
-    assert!(r <= 1.10, "drained in {drain:?} = {r:.3} x the physical limit");
+    assert!(
+        r <= 1.10,
+        "drained in {drain:?} = {r:.3} x the physical limit"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -84,7 +87,10 @@ async fn random_inbound_delays_up_to_50ms_cause_no_rejection() {
     let drain = burst(&sim, 1000).await;
     assert_clean(&sim, 1000);
     let r = ratio(drain, PHYSICAL_LIMIT_1000);
-    assert!(r <= 1.10, "drained in {drain:?} = {r:.3} x the physical limit");
+    assert!(
+        r <= 1.10,
+        "drained in {drain:?} = {r:.3} x the physical limit"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -110,7 +116,10 @@ async fn a_fast_network_drains_within_3_percent_of_the_physical_limit() {
     let drain = burst(&sim, 1000).await;
     assert_clean(&sim, 1000);
     let r = ratio(drain, PHYSICAL_LIMIT_1000);
-    assert!(r <= 1.03, "drained in {drain:?} = {r:.3} x the physical limit");
+    assert!(
+        r <= 1.03,
+        "drained in {drain:?} = {r:.3} x the physical limit"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -163,7 +163,11 @@ impl SimFeishu {
                     (400, 230020, None)
                 } else {
                     st.stats.rejected_app += 1;
-                    (429, 99991400, Some(Duration::from_secs(after.as_secs_f64().ceil() as u64)))
+                    (
+                        429,
+                        99991400,
+                        Some(Duration::from_secs(after.as_secs_f64().ceil() as u64)),
+                    )
                 };
                 return Err(UpstreamError::Feishu {
                     http,

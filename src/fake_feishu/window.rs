@@ -107,4 +107,3 @@ pub(crate) fn next_f64(state: &mut u64) -> f64 {
     *state = x;
     (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
 }
-

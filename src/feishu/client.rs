@@ -246,9 +246,7 @@ impl Upstream for FeishuClient {
         app: AppIndex,
         req: &'a SendRequest,
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
-        Box::pin(self.with_token(app, move |t| async move {
-            self.post_reply(&t, req).await
-        }))
+        Box::pin(self.with_token(app, move |t| async move { self.post_reply(&t, req).await }))
     }
 
     fn message_chat<'a>(
