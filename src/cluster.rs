@@ -6,7 +6,8 @@
 //! grant that arrived after its job was gone): such a slot would otherwise stay spent for a
 //! whole window — a minute of the app's 1000/min quota.
 //!
-//! Keys are `{<prefix>}:q<quota>:<id>` sorted sets (score = send instant in µs). They all carry
+//! Keys are `{<prefix>}:<kind>:<id>` sorted sets, kind `chat`, `user` or `app:<window>ms`
+//! (score = the send's latest possible arrival in µs: see DECIDE_LUA). They all carry
 //! the same hash tag, so a multi-key script is valid on Redis Cluster: every quota key lives in
 //! one slot (one shard). Feishu's quotas cap the decision rate at tens per second per app, far
 //! below what one Redis shard serves, and the chat quota must be shared by all apps, so no
@@ -354,9 +355,10 @@ impl RedisQuota {
         &self.config
     }
 
-    /// Redis key of quota `quota` and id `id` (one hash tag for all: see the module doc).
-    pub fn key_name(&self, quota: usize, id: &str) -> String {
-        format!("{{{}}}:q{quota}:{id}", self.config.key_prefix)
+    /// Redis key of a quota of `kind` (`chat`, `user`, `app:<window>ms`) and id `id` (one hash
+    /// tag for all: see the module doc).
+    pub fn key_name(&self, kind: &str, id: &str) -> String {
+        format!("{{{}}}:{kind}:{id}", self.config.key_prefix)
     }
 
     /// Replicas to share the quotas with in local fallback: the observed count, else configured.

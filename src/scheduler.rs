@@ -270,8 +270,17 @@ impl Scheduler {
         let accepting = Arc::new(AtomicBool::new(true));
         let mut specs: Vec<QuotaSpec> = vec![config.quotas.chat, config.quotas.user];
         specs.extend(config.quotas.app.iter().copied());
+        let mut kinds = vec!["chat".to_owned(), "user".to_owned()];
+        kinds.extend(
+            config
+                .quotas
+                .app
+                .iter()
+                .map(|q| format!("app:{}ms", q.window.as_millis())),
+        );
         let dispatcher = Dispatcher {
             full_specs: specs.clone(),
+            kinds,
             quotas: QuotaTable::new(specs, config.quotas.safety_margin, config.send_timeout),
             shared: store.map(|store| Shared {
                 store,
@@ -368,6 +377,8 @@ struct Dispatcher {
     /// share, floored at the outage start).
     quotas: QuotaTable,
     full_specs: Vec<QuotaSpec>,
+    /// Each quota's kind as named in Redis keys: `chat`, `user`, `app:<window>ms`.
+    kinds: Vec<String>,
     shared: Option<Shared>,
     cluster: Arc<AtomicU8>,
     /// Cluster mode: lines of chats waiting on a shared key, by Redis key name.
@@ -741,14 +752,18 @@ impl Dispatcher {
     }
 
     fn shared_keys(&self, keys: &[QuotaKey]) -> Vec<SharedKey> {
+        keys.iter().map(|k| self.shared_key(k)).collect()
+    }
+
+    /// The Redis side of a quota key: named by the quota's kind (never its position in the
+    /// config, so reordering `[quotas] app` keeps every live window where it was).
+    fn shared_key(&self, k: &QuotaKey) -> SharedKey {
         let store = &self.shared.as_ref().expect("cluster mode").store;
-        keys.iter()
-            .map(|k| SharedKey {
-                name: store.key_name(k.quota, &k.id),
-                limit: self.full_specs[k.quota].limit.get(),
-                span_us: self.quotas.span(k.quota),
-            })
-            .collect()
+        SharedKey {
+            name: store.key_name(&self.kinds[k.quota], &k.id),
+            limit: self.full_specs[k.quota].limit.get(),
+            span_us: self.quotas.span(k.quota),
+        }
     }
 
     fn spawn_decision(&self, chat_id: Arc<str>, job_id: u64, keys: Arc<[SharedKey]>) {
@@ -970,14 +985,7 @@ impl Dispatcher {
                     .quotas
                     .live_entries(now_m)
                     .into_iter()
-                    .map(|(k, ages)| {
-                        let key = SharedKey {
-                            name: store.key_name(k.quota, &k.id),
-                            limit: self.full_specs[k.quota].limit.get(),
-                            span_us: self.quotas.span(k.quota),
-                        };
-                        (key, ages)
-                    })
+                    .map(|(k, offsets)| (self.shared_key(&k), offsets))
                     .collect();
                 let tx = self.tx.clone();
                 tokio::spawn(async move {

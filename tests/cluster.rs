@@ -69,13 +69,13 @@ async fn one_replica(name: &str, extra: &str) -> OneReplica {
     }
 }
 
-/// The members (one per recorded send) of the test app's quota `quota` in Redis (2 = the
-/// first app quota, 3 = the second).
-async fn app_sends(redis_url: &str, prefix: &str, quota: usize) -> Vec<String> {
+/// The members (one per recorded send) of the test app's quota of `kind` in Redis (e.g.
+/// `app:1000ms`).
+async fn app_sends(redis_url: &str, prefix: &str, kind: &str) -> Vec<String> {
     let client = redis::Client::open(redis_url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     redis::cmd("ZRANGE")
-        .arg(format!("{{{prefix}}}:q{quota}:{}", common::APP_ID))
+        .arg(format!("{{{prefix}}}:{kind}:{}", common::APP_ID))
         .arg(0)
         .arg(-1)
         .query_async(&mut conn)
@@ -207,7 +207,7 @@ async fn redis_outage_falls_back_to_the_local_share_and_recovers() {
     assert!(fallback_is(&gw, false).await, "recovered");
     // The restarted Redis is empty; before switching back the replica wrote its local sends
     // into it, so other replicas see them in the shared windows.
-    let app_3s = app_sends(&redis.url(), &prefix, 3).await;
+    let app_3s = app_sends(&redis.url(), &prefix, "app:3000ms").await;
     let replayed = app_3s.iter().filter(|m| m.contains(":replay")).count();
     assert_eq!(replayed, 4, "the 4 local sends were replayed: {app_3s:?}");
     let decided = "feishu_reply_redis_calls_total{op=\"decide\",outcome=\"ok\"}";
@@ -277,7 +277,7 @@ async fn a_decision_lost_to_a_redis_stall_gives_its_slot_back() {
 
     let t = Instant::now();
     loop {
-        let sends = app_sends(&redis.url(), &prefix, 3).await;
+        let sends = app_sends(&redis.url(), &prefix, "app:60000ms").await;
         // Only the warm-up reply is left in the app's 1000/min window: the lost decision was released.
         if sends.len() == 1 {
             break;
@@ -440,7 +440,7 @@ async fn a_rate_rejection_seen_by_one_replica_makes_every_replica_back_off() {
     // Wait (bounded) until A has written the block into Redis.
     let t = Instant::now();
     loop {
-        if app_sends(&url, &prefix, 2)
+        if app_sends(&url, &prefix, "app:1000ms")
             .await
             .iter()
             .any(|m| m == "block:1")
@@ -525,4 +525,125 @@ async fn in_fallback_each_replica_keeps_to_its_share_of_the_app_quota() {
         most <= 16,
         "{most} sends in one second from one replica in fallback"
     );
+}
+
+/// A connection to `url` for a test's own Redis commands.
+async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(url).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_pause_during_steady_traffic_fails_no_call() {
+    // Redis stops answering for 400 ms (8 x the 50 ms Redis timeout): the replica switches to
+    // its failure policy and back. A call with a 5 s deadline must not fail for it: not
+    // refused at admission for a fallback floor that lifts on recovery, not parked for it.
+    let OneReplica {
+        redis, fake, gw, ..
+    } = one_replica("pause", "").await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let mut calls = Vec::new();
+    for i in 0..60 {
+        if i == 15 {
+            let _: () = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(400)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let mut c = gw.client.clone();
+        calls.push(tokio::spawn(async move {
+            let mut req = tonic::Request::new(text(&format!("om_s{i}"), &format!("oc_s{i}"), "x"));
+            req.set_timeout(Duration::from_secs(5));
+            c.reply(req).await
+        }));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for (i, c) in calls.into_iter().enumerate() {
+        let r = c.await.unwrap();
+        assert!(r.is_ok(), "call {i}: {r:?}");
+    }
+    assert!(fallback_is(&gw, false).await, "back on Redis");
+    assert_eq!(gw.http_get("/readyz").await.0, 200);
+    assert_eq!(fake.stats().rate_rejections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_key_holds_only_its_own_jobs_and_clears_when_fixed() {
+    let OneReplica {
+        redis,
+        fake,
+        gw,
+        prefix,
+    } = one_replica("poison", "").await;
+    let mut conn = redis_conn(&redis.url()).await;
+    let far_future = 4_000_000_000_000_000i64; // year 2096, in µs
+    // The app's per-second key full of sends "from the future", a chat key too: no send can
+    // have such a latest arrival, so they must not wedge the app or the chat.
+    let app_key = format!("{{{prefix}}}:app:1000ms:{}", common::APP_ID);
+    for i in 0..50 {
+        let _: () = redis::cmd("ZADD")
+            .arg(&app_key)
+            .arg(far_future + i)
+            .arg(format!("bogus{i}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("{{{prefix}}}:chat:oc_future"))
+        .arg(far_future)
+        .arg("bogus")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A chat key of the wrong type: Redis answers WRONGTYPE for every decision that uses it.
+    let wrong = format!("{{{prefix}}}:chat:oc_wrong");
+    let _: () = redis::cmd("SET")
+        .arg(&wrong)
+        .arg("not a sorted set")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let stuck = {
+        let mut c = gw.client.clone();
+        tokio::spawn(async move {
+            let mut req = tonic::Request::new(text("om_w1", "oc_wrong", "x"));
+            req.set_timeout(Duration::from_secs(20));
+            c.reply(req).await
+        })
+    };
+    // Everything else goes through at once, on Redis.
+    for i in 0..5 {
+        gw.reply_with_timeout(
+            text(&format!("om_f{i}"), "oc_future", "x"),
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("the far-future entries are ignored");
+        gw.reply_with_timeout(
+            text(&format!("om_o{i}"), &format!("oc_o{i}"), "x"),
+            Duration::from_secs(3),
+        )
+        .await
+        .expect("other chats are not affected");
+    }
+    let m = gw.http_get("/metrics").await.1;
+    assert_eq!(metric(&m, "feishu_reply_redis_fallback"), Some(0.0), "{m}");
+    let refused = "feishu_reply_redis_calls_total{op=\"decide\",outcome=\"error\"}";
+    assert!(metric(&m, refused) >= Some(1.0), "{m}");
+    assert!(
+        fake.received().iter().all(|r| r.message_id != "om_w1"),
+        "no decision, no send"
+    );
+    // The operator fixes the key: the held reply goes out.
+    let _: () = redis::cmd("DEL")
+        .arg(&wrong)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = stuck.await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(fake.stats().rate_rejections(), 0);
 }
