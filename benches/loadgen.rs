@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo bench --bench loadgen -- burst       # 1000 replies to 1000 chats: drain vs physical limit
+//!     [--cold-connection-ms 80] [--inbound-jitter-ms 50] [--replicas 3 --redis URL] [--runs 10]
 //! cargo bench --bench loadgen -- hot         # 50 chats x 40 replies + background: order, drain
 //! cargo bench --bench loadgen -- overhead    # quotas not binding: gateway vs direct HTTP, max replies/s
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
@@ -51,13 +52,31 @@ struct Cli {
     bench: bool,
 }
 
+#[derive(clap::Args)]
+struct BurstOpts {
+    #[arg(long, default_value_t = 1000)]
+    replies: usize,
+    /// The fake delays the first request on each new connection (a TLS handshake).
+    #[arg(long, default_value_t = 0)]
+    cold_connection_ms: u64,
+    /// The fake delays every request by a random 0..N ms before counting it.
+    #[arg(long, default_value_t = 0)]
+    inbound_jitter_ms: u64,
+    /// Gateway processes; with more than one, pass --redis so they share the quotas.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Redis URL for cluster mode (e.g. redis://127.0.0.1:6379).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Repeat the burst on fresh processes.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+}
+
 #[derive(Subcommand)]
 enum Scenario {
     /// N replies to N distinct chats at once (fake in sliding mode).
-    Burst {
-        #[arg(long, default_value_t = 1000)]
-        replies: usize,
-    },
+    Burst(BurstOpts),
     /// Hot chats (each many replies, order checked) plus background chats.
     Hot {
         #[arg(long, default_value_t = 50)]
@@ -130,7 +149,7 @@ fn main() {
     );
     rt.block_on(async {
         match cli.scenario {
-            Scenario::Burst { replies } => burst(replies).await,
+            Scenario::Burst(o) => burst(o).await,
             Scenario::Hot {
                 chats,
                 per_chat,
@@ -218,14 +237,23 @@ impl Drop for Proc {
 
 struct Stack {
     fake_port: u16,
+    /// The first gateway's channel.
     grpc: Channel,
+    /// Every gateway: (channel, metrics port).
+    gateways: Vec<(Channel, u16)>,
     http: reqwest::Client,
     _fake: Proc,
-    _gateway: Proc,
+    _gateways: Vec<Proc>,
 }
 
 /// Starts `fake-feishu` (with `fake_args`) and `serve` with `config_extra` appended.
 async fn stack(fake_args: &[&str], config_extra: &str) -> Stack {
+    stack_n(fake_args, config_extra, 1).await
+}
+
+/// Starts `fake-feishu` and `n` gateway processes (each with `config_extra`; give them a
+/// `[cluster]` section to share quotas).
+async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
     let fake_port = free_port();
     let fake = Proc(
         Command::new(BIN)
@@ -237,51 +265,77 @@ async fn stack(fake_args: &[&str], config_extra: &str) -> Stack {
             .expect("start fake-feishu"),
     );
     wait_port(fake_port);
-    let (grpc_port, metrics_port) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\ngrpc_addr = \"127.0.0.1:{grpc_port}\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n\
-             [feishu]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
-             [apps.default]\napp_id = \"cli_bench\"\napp_secret = \"secret\"\n\
-             [admission]\nper_caller_rps = 1000000\nper_caller_burst = 1000000\n{config_extra}\n"
-        ),
-    )
-    .unwrap();
-    let gateway = Proc(
-        Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .env_remove("FEISHU_APP_ID")
-            .env_remove("FEISHU_APP_SECRET")
-            .env_remove("GATEWAY_REDIS_URL")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start gateway"),
-    );
-    wait_port(grpc_port);
-    let grpc = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect gateway");
+    let (mut gateways, mut procs) = (Vec::new(), Vec::new());
+    for i in 0..n.max(1) {
+        let (grpc_port, metrics_port) = (free_port(), free_port());
+        let config = dir.join(format!("gateway{i}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\ngrpc_addr = \"127.0.0.1:{grpc_port}\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n\
+                 [feishu]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
+                 [apps.default]\napp_id = \"cli_bench\"\napp_secret = \"secret\"\n\
+                 [admission]\nper_caller_rps = 1000000\nper_caller_burst = 1000000\n{config_extra}\n"
+            ),
+        )
+        .unwrap();
+        procs.push(Proc(
+            Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .env_remove("FEISHU_APP_ID")
+                .env_remove("FEISHU_APP_SECRET")
+                .env_remove("GATEWAY_REDIS_URL")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start gateway"),
+        ));
+        wait_port(grpc_port);
+        let grpc = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect gateway");
+        gateways.push((grpc, metrics_port));
+    }
     Stack {
         fake_port,
-        grpc,
+        grpc: gateways[0].0.clone(),
+        gateways,
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .build()
             .unwrap(),
         _fake: fake,
-        _gateway: gateway,
+        _gateways: procs,
     }
 }
 
 impl Stack {
+    /// Sum over every gateway of one metric series (0 when absent).
+    async fn gateway_metric(&self, series: &str) -> f64 {
+        let mut sum = 0.0;
+        for (_, port) in &self.gateways {
+            let text = self
+                .http
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            sum += text
+                .lines()
+                .filter_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        sum
+    }
+
     async fn fake_json(&self, path: &str) -> serde_json::Value {
         self.http
             .get(format!("http://127.0.0.1:{}{path}", self.fake_port))
@@ -363,41 +417,85 @@ fn physical_limit(chats: &[usize]) -> Duration {
 
 // === scenarios ===
 
-async fn burst(replies: usize) {
-    let s = stack(&["--window", "sliding"], "").await;
-    // One warm-up-free burst: the gateway fetches its token on the first send.
-    let mut h = hist();
-    let start = Instant::now();
-    let calls: Vec<_> = (0..replies)
-        .map(|i| {
-            let mut c = ReplyGatewayClient::new(s.grpc.clone());
-            tokio::spawn(async move {
-                let t = Instant::now();
-                let r = c
-                    .reply(text(&format!("om_burst{i}"), &format!("oc_burst{i}")))
-                    .await;
-                (r.is_ok(), t.elapsed())
-            })
-        })
-        .collect();
-    let mut failed = 0;
-    for c in calls {
-        let (ok, d) = c.await.unwrap();
-        failed += usize::from(!ok);
-        h.record(d.as_micros() as u64).unwrap();
-    }
-    let drain = start.elapsed();
-    let stats = s.fake_json("/_fake/stats").await;
+async fn burst(o: BurstOpts) {
+    let replies = o.replies;
+    let mut fake_args = vec!["--window".to_owned(), "sliding".to_owned()];
+    fake_args.push(format!("--cold-connection-ms={}", o.cold_connection_ms));
+    fake_args.push(format!("--inbound-jitter-ms={}", o.inbound_jitter_ms));
+    let fake_args: Vec<&str> = fake_args.iter().map(String::as_str).collect();
     let limit = physical_limit(&(0..replies).collect::<Vec<_>>());
     println!(
-        "burst: {replies} replies to {replies} chats drained in {:.2} s; physical limit {:.2} s; ratio {:.3}; failed calls {failed}; upstream rate rejections {}",
-        drain.as_secs_f64(),
-        limit.as_secs_f64(),
-        drain.as_secs_f64() / limit.as_secs_f64(),
-        stats["rejected_chat_user"].as_u64().unwrap_or(0)
-            + stats["rejected_app"].as_u64().unwrap_or(0)
+        "burst: {replies} replies to {replies} chats, {} gateway process(es){}, fake: first request per connection +{} ms, inbound jitter 0-{} ms",
+        o.replicas,
+        if o.redis.is_some() {
+            " sharing one Redis"
+        } else {
+            ""
+        },
+        o.cold_connection_ms,
+        o.inbound_jitter_ms
     );
-    print_latency("burst call latency", &h);
+    for run in 1..=o.runs.max(1) {
+        let extra = match &o.redis {
+            Some(url) => format!(
+                "[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"bench-{}-{run}\"\nreplicas = {}\n",
+                std::process::id(),
+                o.replicas
+            ),
+            None => String::new(),
+        };
+        let s = stack_n(&fake_args, &extra, o.replicas).await;
+        // One warm-up-free burst: each gateway fetches its token on its first send.
+        let mut h = hist();
+        let start = Instant::now();
+        let calls: Vec<_> = (0..replies)
+            .map(|i| {
+                let mut c = ReplyGatewayClient::new(s.gateways[i % s.gateways.len()].0.clone());
+                tokio::spawn(async move {
+                    let t = Instant::now();
+                    let r = c
+                        .reply(text(&format!("om_burst{i}"), &format!("oc_burst{i}")))
+                        .await;
+                    (r.is_ok(), t.elapsed())
+                })
+            })
+            .collect();
+        let mut failed = 0;
+        for c in calls {
+            let (ok, d) = c.await.unwrap();
+            failed += usize::from(!ok);
+            h.record(d.as_micros() as u64).unwrap();
+        }
+        let drain = start.elapsed();
+        let stats = s.fake_json("/_fake/stats").await;
+        let posted = stats["posted"].as_f64().unwrap_or(0.0).max(1.0);
+        let redis = if o.redis.is_some() {
+            let calls =
+                |op: &str| format!("feishu_reply_redis_calls_total{{op=\"{op}\",outcome=\"ok\"}}");
+            let (decide, settle) = (
+                s.gateway_metric(&calls("decide")).await,
+                s.gateway_metric(&calls("settle")).await,
+            );
+            format!(
+                "; Redis calls per send: {:.2} decide + {:.2} settle",
+                decide / posted,
+                settle / posted
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "run {run}: drained in {:.2} s; physical limit {:.2} s; ratio {:.3}; failed calls {failed}; upstream rate rejections {}{redis}",
+            drain.as_secs_f64(),
+            limit.as_secs_f64(),
+            drain.as_secs_f64() / limit.as_secs_f64(),
+            stats["rejected_chat_user"].as_u64().unwrap_or(0)
+                + stats["rejected_app"].as_u64().unwrap_or(0)
+        );
+        if run == 1 {
+            print_latency("burst call latency", &h);
+        }
+    }
 }
 
 async fn hot(chats: usize, per_chat: usize, background: usize, pipelined: bool) {

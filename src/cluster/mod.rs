@@ -29,6 +29,8 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+
+pub mod gate;
 use crate::quota::micros;
 
 /// Lost decisions remembered for release (each a few hundred bytes).

@@ -8,32 +8,30 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::cluster::{ClusterError, Decision, RedisFailurePolicy, RedisQuota, SharedKey};
+pub use crate::cluster::gate::ClusterState;
+use crate::cluster::gate::{Decided, RedisGate};
+use crate::cluster::{RedisQuota, SharedKey};
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
 use crate::error::GatewayError;
 use crate::feishu::{AppIndex, RetryReason, SendRequest, SentMessage, Upstream, UpstreamError};
 use crate::metrics::Metrics;
 use crate::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable, micros};
 
+pub mod gate;
+
+use gate::{Clock, GateEvent, Grant, QuotaGate, Verdict};
+
 /// Quota ids in the [`QuotaTable`]: chat, user, then the app quotas in config order.
 const CHAT_QUOTA: usize = 0;
 const USER_QUOTA: usize = 1;
 const FIRST_APP_QUOTA: usize = 2;
-
-/// Quota instants start this far from zero, so "a window before now" is representable from
-/// the first moment (quota arithmetic saturates at zero).
-const CLOCK_OFFSET: Micros = 24 * 3600 * 1_000_000;
-
-fn to_micros(origin: Instant, t: Instant) -> Micros {
-    CLOCK_OFFSET + micros(t.saturating_duration_since(origin))
-}
 
 /// How often idle quota keys are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -77,45 +75,12 @@ struct Job {
     first_send_at: Option<Instant>,
     attempts: u32,
     done: oneshot::Sender<JobResult>,
-    /// Local quotas: when the current attempt was decided (its slots in the table).
-    decided: Micros,
-    /// Cluster mode: the Redis grant of the current attempt (settled at its answer).
+    /// The quota grant of the attempt in flight (settled at its answer).
     grant: Option<Grant>,
     /// Cluster mode: the Redis names of `keys`, built on the first decision and reused by
-    /// every later one (gate checks, retries).
+    /// every later one (line checks, retries).
     shared_keys: Option<Arc<[SharedKey]>>,
 }
-
-/// A send Redis recorded: its keys and member.
-#[derive(Clone)]
-struct Grant {
-    keys: Arc<[SharedKey]>,
-    member: String,
-}
-
-/// Cluster mode: chats waiting on one shared key (typically an app quota). Only a few of
-/// them (the probes) ask Redis at a time; each success lets the next one go at once, a
-/// refusal makes all wait until `until`. This keeps Redis round trips near one per send
-/// instead of one per waiting chat per window.
-struct Gate {
-    until: Instant,
-    waiters: VecDeque<(Arc<str>, u64)>,
-    probes: Vec<Arc<str>>,
-}
-
-impl Gate {
-    fn is_probe(&self, chat: &str) -> bool {
-        self.probes.iter().any(|p| &**p == chat)
-    }
-
-    fn drop_probe(&mut self, chat: &str) {
-        self.probes.retain(|p| &**p != chat);
-    }
-}
-
-/// Decisions in flight per gate. Measured (tests/cluster.rs, 3 replicas): 1 probe → 1.24 Redis
-/// decisions per send, ~26 s drain; 3 probes → 1.78 per send, ~25 s. One is kept.
-const GATE_PROBES: usize = 1;
 
 impl Job {
     fn finish(self, result: JobResult) {
@@ -150,17 +115,6 @@ enum Command {
     Shutdown {
         grace: Duration,
     },
-    /// Redis answered a decision for the head job `job_id` of `chat_id`.
-    Decided {
-        chat_id: Arc<str>,
-        job_id: u64,
-        keys: Arc<[SharedKey]>,
-        result: Result<Decision, ClusterError>,
-    },
-    /// The heartbeat reached Redis (true) or not (false).
-    RedisHealth(bool),
-    /// Local sends were written back to Redis after an outage (or that failed).
-    Replayed(Result<(), String>),
 }
 
 /// Handle to the dispatcher. Cheap to clone.
@@ -169,53 +123,8 @@ pub struct Scheduler {
     tx: mpsc::UnboundedSender<Command>,
     accepting: Arc<AtomicBool>,
     drained: watch::Receiver<bool>,
-    cluster: Arc<AtomicU8>,
+    cluster: watch::Receiver<ClusterState>,
 }
-
-/// Where quota decisions come from (see [`Scheduler::cluster_state`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClusterState {
-    /// Single node: local quotas.
-    Local,
-    /// Cluster mode, Redis answering.
-    Shared,
-    /// Redis down: local quotas scaled to this replica's share.
-    Fallback,
-    /// Redis down, policy fail_closed: holding jobs.
-    Holding,
-}
-
-impl ClusterState {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => ClusterState::Shared,
-            2 => ClusterState::Fallback,
-            3 => ClusterState::Holding,
-            _ => ClusterState::Local,
-        }
-    }
-}
-
-/// Shared-quota state of the dispatcher.
-enum SharedMode {
-    Up,
-    /// Redis down; local quotas (scaled, floored) or holding.
-    Down,
-    /// Redis back; the local sends are being written to it. Sends wait meanwhile (a few ms).
-    Replaying,
-}
-
-struct Shared {
-    store: Arc<RedisQuota>,
-    mode: SharedMode,
-}
-
-/// A job whose quota decision Redis refused with an error about its keys asks again after this
-/// (the rest of the replica keeps using Redis; the job's deadline still applies).
-const KEY_ERROR_RETRY: Duration = Duration::from_secs(1);
-
-/// How often a held (fail-closed) chat re-checks whether Redis is back.
-const HOLD_RECHECK: Duration = Duration::from_millis(250);
 
 /// Knobs of the scheduler, taken from [`crate::config::Config`].
 #[derive(Debug, Clone)]
@@ -260,37 +169,40 @@ impl Scheduler {
         store: Option<Arc<RedisQuota>>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let cluster = Arc::new(AtomicU8::new(if store.is_some() { 1 } else { 0 }));
-        if let Some(store) = &store {
-            metrics.set_redis_state(true, false);
-            tokio::spawn(monitor(store.clone(), tx.downgrade(), cluster.clone()));
-            tokio::spawn(RedisQuota::run_settler(Arc::downgrade(store)));
-        }
         let (drained_tx, drained) = watch::channel(false);
         let accepting = Arc::new(AtomicBool::new(true));
         let mut specs: Vec<QuotaSpec> = vec![config.quotas.chat, config.quotas.user];
         specs.extend(config.quotas.app.iter().copied());
-        let mut kinds = vec!["chat".to_owned(), "user".to_owned()];
-        kinds.extend(
-            config
-                .quotas
-                .app
-                .iter()
-                .map(|q| format!("app:{}ms", q.window.as_millis())),
-        );
+        let clock = Clock::starting_now();
+        let (margin, hold) = (config.quotas.safety_margin, config.send_timeout);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (gate, cluster) = match store {
+            None => (
+                QuotaGate::Local(QuotaTable::new(specs, margin, hold)),
+                watch::channel(ClusterState::Local).1,
+            ),
+            Some(store) => {
+                let mut kinds = vec!["chat".to_owned(), "user".to_owned()];
+                let app_windows = config.quotas.app.iter().map(|q| q.window.as_millis());
+                kinds.extend(app_windows.map(|ms| format!("app:{ms}ms")));
+                let (gate, state) = RedisGate::start(
+                    store,
+                    specs,
+                    kinds,
+                    margin,
+                    hold,
+                    events_tx,
+                    metrics.clone(),
+                    clock,
+                );
+                (QuotaGate::Redis(Box::new(gate)), state)
+            }
+        };
         let dispatcher = Dispatcher {
-            full_specs: specs.clone(),
-            kinds,
-            quotas: QuotaTable::new(specs, config.quotas.safety_margin, config.send_timeout),
-            shared: store.map(|store| Shared {
-                store,
-                mode: SharedMode::Up,
-            }),
-            cluster: cluster.clone(),
-            gates: HashMap::new(),
+            gate,
             app_quota_count: config.quotas.app.len(),
             config,
-            origin: Instant::now(),
+            clock,
             chats: HashMap::new(),
             runnable: VecDeque::new(),
             timers: BinaryHeap::new(),
@@ -305,7 +217,7 @@ impl Scheduler {
             tx: tx.downgrade(),
             drained: drained_tx,
         };
-        tokio::spawn(dispatcher.run(rx));
+        tokio::spawn(dispatcher.run(rx, events));
         Self {
             tx,
             accepting,
@@ -316,7 +228,7 @@ impl Scheduler {
 
     /// Where quota decisions come from right now.
     pub fn cluster_state(&self) -> ClusterState {
-        ClusterState::from_u8(self.cluster.load(Ordering::Relaxed))
+        *self.cluster.borrow()
     }
 
     /// Queues a job; the receiver yields its final result. Refusals (queue full, deadline
@@ -339,7 +251,6 @@ impl Scheduler {
             attempts: 0,
             spec,
             done,
-            decided: 0,
             grant: None,
             shared_keys: None,
         };
@@ -373,18 +284,10 @@ impl Scheduler {
 
 struct Dispatcher {
     config: SchedulerConfig,
-    /// Single node: the quotas. Cluster mode: the local fallback (scaled to this replica's
-    /// share, floored at the outage start).
-    quotas: QuotaTable,
-    full_specs: Vec<QuotaSpec>,
-    /// Each quota's kind as named in Redis keys: `chat`, `user`, `app:<window>ms`.
-    kinds: Vec<String>,
-    shared: Option<Shared>,
-    cluster: Arc<AtomicU8>,
-    /// Cluster mode: lines of chats waiting on a shared key, by Redis key name.
-    gates: HashMap<String, Gate>,
+    /// Where quota decisions come from: the local table, or Redis.
+    gate: QuotaGate,
     app_quota_count: usize,
-    origin: Instant,
+    clock: Clock,
     chats: HashMap<Arc<str>, ChatQueue>,
     /// Chats whose head may be sendable now, oldest first (fairness).
     runnable: VecDeque<(Arc<str>, u64)>,
@@ -404,12 +307,22 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        mut events: mpsc::UnboundedReceiver<GateEvent>,
+    ) {
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         loop {
             let wake = self.next_wake().min(next_sweep);
             tokio::select! {
                 biased;
+                Some(ev) = events.recv() => {
+                    self.gate_event(ev);
+                    while let Ok(ev) = events.try_recv() {
+                        self.gate_event(ev);
+                    }
+                }
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => {
                         self.handle(cmd);
@@ -432,11 +345,11 @@ impl Dispatcher {
             }
             let now = Instant::now();
             if now >= next_sweep {
-                let forgotten = self.quotas.forget_idle(self.micros(now));
-                if forgotten > 0 && self.chats.is_empty() && self.chats.capacity() > 1024 {
+                let live = self.gate.sweep(self.clock, now);
+                if self.chats.is_empty() && self.chats.capacity() > 1024 {
                     self.chats.shrink_to_fit();
                 }
-                self.metrics.set_quota_keys(self.quotas.live_keys());
+                self.metrics.set_quota_keys(live);
                 next_sweep = now + SWEEP_EVERY;
             }
             self.expire_deadlines(now);
@@ -455,11 +368,11 @@ impl Dispatcher {
     }
 
     fn micros(&self, t: Instant) -> Micros {
-        to_micros(self.origin, t)
+        self.clock.micros(t)
     }
 
     fn instant(&self, m: Micros) -> Instant {
-        self.origin + Duration::from_micros(m.saturating_sub(CLOCK_OFFSET))
+        self.clock.instant(m)
     }
 
     fn next_wake(&self) -> Instant {
@@ -471,7 +384,7 @@ impl Dispatcher {
         if let Some(until) = self.draining_until {
             wake = wake.min(until);
         }
-        if let Some(g) = self.next_gate_wake() {
+        if let Some(g) = self.gate.next_wake() {
             wake = wake.min(g);
         }
         if !self.runnable.is_empty() {
@@ -488,14 +401,6 @@ impl Dispatcher {
                 result,
                 answered,
             } => self.send_done(*job, result, answered),
-            Command::Decided {
-                chat_id,
-                job_id,
-                keys,
-                result,
-            } => self.decided(chat_id, job_id, keys, result),
-            Command::RedisHealth(up) => self.redis_health(up),
-            Command::Replayed(result) => self.replayed(result),
             Command::Shutdown { grace } => {
                 let until = Instant::now() + grace;
                 self.draining_until = Some(self.draining_until.map_or(until, |u| u.min(until)));
@@ -547,7 +452,7 @@ impl Dispatcher {
                 .iter()
                 .map(|k| {
                     let nth = if k.quota == CHAT_QUOTA { position } else { 1 };
-                    self.quotas.nth_ready_at(k, nth)
+                    self.gate.table().nth_ready_at(k, nth)
                 })
                 .max()
                 .unwrap_or(0);
@@ -622,8 +527,10 @@ impl Dispatcher {
 
     fn dispatch(&mut self, now: Instant) {
         let now_m = self.micros(now);
-        if !self.gates.is_empty() {
-            self.pump_gates(now);
+        for chat in self.gate.pump(now) {
+            if self.chats.contains_key(&chat) {
+                self.schedule_now(&chat);
+            }
         }
         while let Some(Reverse((at, _, _))) = self.timers.peek() {
             if *at > now_m {
@@ -633,11 +540,11 @@ impl Dispatcher {
             self.runnable.push_back((chat, ticket));
         }
         while let Some((chat_id, ticket)) = self.runnable.pop_front() {
-            self.try_send_head(&chat_id, ticket, now, now_m);
+            self.try_send_head(&chat_id, ticket, now);
         }
     }
 
-    fn try_send_head(&mut self, chat_id: &Arc<str>, ticket: u64, now: Instant, now_m: Micros) {
+    fn try_send_head(&mut self, chat_id: &Arc<str>, ticket: u64, now: Instant) {
         let Some(chat) = self.chats.get_mut(chat_id) else {
             return;
         };
@@ -670,76 +577,36 @@ impl Dispatcher {
             return;
         };
         if head.not_before > now {
-            let at = to_micros(self.origin, head.not_before);
+            let at = self.clock.micros(head.not_before);
             return self.schedule_at(chat_id, at);
         }
-        match self
-            .shared
-            .as_ref()
-            .map(|s| (&s.mode, s.store.config().on_failure))
-        {
-            Some((SharedMode::Up, _)) => {
-                let head = chat.jobs.front().expect("head");
-                let job_id = head.id;
-                let keys = match head.shared_keys.clone() {
-                    Some(k) => k,
-                    None => {
-                        let quota_keys = head.keys.clone();
-                        let k: Arc<[SharedKey]> = self.shared_keys(&quota_keys).into();
-                        let chat = self.chats.get_mut(chat_id).expect("chat");
-                        chat.jobs.front_mut().expect("head").shared_keys = Some(k.clone());
-                        k
-                    }
-                };
-                // Behind a closed gate, or another chat is probing it: wait in its line.
-                let blocked = keys.iter().find(|k| {
-                    self.gates.get(&k.name).is_some_and(|g| {
-                        !g.is_probe(chat_id) && (g.until > now || g.probes.len() >= GATE_PROBES)
-                    })
-                });
-                if let Some(k) = blocked {
-                    let name = k.name.clone();
-                    let ticket = self.bump_ticket(chat_id);
-                    self.gates
-                        .get_mut(&name)
-                        .expect("found above")
-                        .waiters
-                        .push_back((chat_id.clone(), ticket));
-                    return;
-                }
-                for k in keys.iter() {
-                    if let Some(g) = self.gates.get_mut(&k.name)
-                        && !g.is_probe(chat_id)
-                    {
-                        g.probes.push(chat_id.clone());
-                    }
-                }
-                // Ask Redis; the chat waits (busy) until the answer.
-                self.chats.get_mut(chat_id).expect("chat").busy = true;
-                return self.spawn_decision(chat_id.clone(), job_id, keys);
+        let head = chat.jobs.front_mut().expect("head");
+        let (job_id, keys) = (head.id, head.keys.clone());
+        let verdict = self.gate.ask(
+            self.clock,
+            chat_id,
+            job_id,
+            &keys,
+            &mut head.shared_keys,
+            now,
+        );
+        match verdict {
+            Verdict::Send(grant) => self.start_send(chat_id, now, grant),
+            Verdict::WaitUntil(at) => self.schedule_at(chat_id, self.clock.micros(at)),
+            // The chat waits (busy) for Redis's answer: `gate_event`.
+            Verdict::Asked => chat.busy = true,
+            // Parked behind a shared key; `gate.pump` schedules it again.
+            Verdict::InLine => {
+                self.bump_ticket(chat_id);
             }
-            // Replaying: local sends made now would miss the snapshot being written to Redis,
-            // so wait the few milliseconds until it is done (then `reschedule_waiting`).
-            Some((SharedMode::Replaying, _) | (_, RedisFailurePolicy::FailClosed)) => {
-                let at = self.micros(now + HOLD_RECHECK);
-                return self.schedule_at(chat_id, at);
-            }
-            _ => {}
         }
-        let head = chat.jobs.front().expect("head");
-        if let Err(at) = self.quotas.try_acquire(&head.keys, now_m) {
-            return self.schedule_at(chat_id, at);
-        }
-        self.start_send(chat_id, now, None);
     }
 
     /// Pops the head of `chat_id` (its quota already recorded) and sends it.
-    fn start_send(&mut self, chat_id: &Arc<str>, now: Instant, grant: Option<Grant>) {
-        let now_m = self.micros(now);
+    fn start_send(&mut self, chat_id: &Arc<str>, now: Instant, grant: Grant) {
         let chat = self.chats.get_mut(chat_id).expect("chat with a head");
         let mut job = chat.jobs.pop_front().expect("front");
-        job.grant = grant;
-        job.decided = now_m;
+        job.grant = Some(grant);
         chat.busy = true;
         self.queued -= 1;
         self.in_flight += 1;
@@ -751,258 +618,60 @@ impl Dispatcher {
         self.spawn_send(job);
     }
 
-    fn shared_keys(&self, keys: &[QuotaKey]) -> Vec<SharedKey> {
-        keys.iter().map(|k| self.shared_key(k)).collect()
-    }
-
-    /// The Redis side of a quota key: named by the quota's kind (never its position in the
-    /// config, so reordering `[quotas] app` keeps every live window where it was).
-    fn shared_key(&self, k: &QuotaKey) -> SharedKey {
-        let store = &self.shared.as_ref().expect("cluster mode").store;
-        SharedKey {
-            name: store.key_name(&self.kinds[k.quota], &k.id),
-            limit: self.full_specs[k.quota].limit.get(),
-            span_us: self.quotas.span(k.quota),
-        }
-    }
-
-    fn spawn_decision(&self, chat_id: Arc<str>, job_id: u64, keys: Arc<[SharedKey]>) {
-        let store = self.shared.as_ref().expect("cluster mode").store.clone();
-        let tx = self.tx.clone();
-        let hold = self.config.send_timeout;
-        tokio::spawn(async move {
-            let result = store.try_acquire(&keys, hold).await;
-            if let Some(tx) = tx.upgrade() {
-                let _ = tx.send(Command::Decided {
-                    chat_id,
-                    job_id,
-                    keys,
-                    result,
-                });
-            }
-        });
-    }
-
-    fn decided(
-        &mut self,
-        chat_id: Arc<str>,
-        job_id: u64,
-        keys: Arc<[SharedKey]>,
-        result: Result<Decision, ClusterError>,
-    ) {
+    /// The Redis gate reported back.
+    fn gate_event(&mut self, ev: GateEvent) {
+        let QuotaGate::Redis(gate) = &mut self.gate else {
+            return;
+        };
         let now = Instant::now();
-        // Gates first: whatever happens to the chat, its probes must be handed on.
-        let refused_on = match &result {
-            Ok(Decision::Wait { wait, key }) => {
-                // A little jitter so replicas waiting on one key do not wake in lockstep.
-                let jitter = Duration::from_micros(rand::rng().random_range(0..=2_000));
-                Some((keys[*key].name.clone(), now + *wait + jitter))
-            }
-            _ => None,
-        };
-        for k in keys.iter() {
-            if let Some((name, until)) = &refused_on
-                && *name == k.name
-            {
-                let ticket = self
-                    .chats
-                    .contains_key(&chat_id)
-                    .then(|| self.bump_ticket(&chat_id));
-                let g = self.gates.entry(name.clone()).or_insert_with(|| Gate {
-                    until: *until,
-                    waiters: VecDeque::new(),
-                    probes: Vec::new(),
+        let recovered = match ev {
+            GateEvent::Health(up) => gate.health(up),
+            GateEvent::Replayed(result) => gate.replayed(result),
+            GateEvent::Decided {
+                chat_id,
+                job_id,
+                keys,
+                result,
+            } => {
+                let head = self.chats.get_mut(&chat_id).and_then(|c| {
+                    c.busy = false;
+                    c.jobs.front().map(|j| j.id == job_id)
                 });
-                g.until = g.until.max(*until);
-                g.drop_probe(&chat_id);
-                if let Some(t) = ticket {
-                    // The refused chat keeps its place at the front of the line.
-                    g.waiters.push_front((chat_id.clone(), t));
-                }
-            } else if let Some(g) = self.gates.get_mut(&k.name) {
-                g.drop_probe(&chat_id);
-            }
-        }
-        let head_id = match self.chats.get_mut(&chat_id) {
-            Some(chat) => {
-                chat.busy = false;
-                chat.jobs.front().map(|j| j.id)
-            }
-            None => None,
-        };
-        if head_id.is_none() {
-            if let Ok(Decision::Granted { member }) = result {
-                self.release_grant(keys, member);
-            }
-            if self.chats.get(&chat_id).is_some_and(|c| !c.scheduled) {
-                self.chats.remove(&chat_id);
-            }
-            return;
-        }
-        match result {
-            Ok(Decision::Granted { member }) if head_id == Some(job_id) => {
-                let grant = Grant { keys, member };
-                self.start_send(&chat_id, now, Some(grant));
-            }
-            // The head changed meanwhile (deadline, cancel): nothing is sent for this grant,
-            // so give the slot back.
-            Ok(Decision::Granted { member }) => {
-                self.release_grant(keys, member);
-                self.schedule_now(&chat_id);
-            }
-            // Parked in the gate of the key that refused (above).
-            Ok(Decision::Wait { .. }) => {}
-            // Redis is unreachable: the failure policy, for every chat.
-            Err(e) if e.is_outage() => {
-                self.redis_down(&e.to_string());
-                self.schedule_now(&chat_id);
-            }
-            // Redis answered with an error about these keys (wrong type, a script error): only
-            // the jobs that use them wait, and ask again a little later.
-            Err(e) => {
-                tracing::warn!(error = %e, keys = ?keys.iter().map(|k| &k.name).collect::<Vec<_>>(), "Redis refused a quota decision; the job retries it");
-                let at = self.micros(now + KEY_ERROR_RETRY);
-                if let Some(head) = self
-                    .chats
-                    .get_mut(&chat_id)
-                    .and_then(|c| c.jobs.front_mut())
-                {
-                    head.not_before = now + KEY_ERROR_RETRY;
-                }
-                self.schedule_at(&chat_id, at);
-            }
-        }
-    }
-
-    /// Forgets a granted send that will not leave (the slot would stay spent for a window).
-    fn release_grant(&self, keys: Arc<[SharedKey]>, member: String) {
-        let Some(shared) = &self.shared else { return };
-        let store = shared.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.release(&keys, &member).await {
-                tracing::debug!(error = %e, "releasing an unused grant failed; retried at the next heartbeat");
-                store.release_later(keys.to_vec(), member);
-            }
-        });
-    }
-
-    /// Opens gates whose time has come: the first waiters become the next probes.
-    fn pump_gates(&mut self, now: Instant) {
-        let mut release = Vec::new();
-        self.gates.retain(|_, g| {
-            if g.until > now {
-                return true;
-            }
-            // Released waiters claim their probe slot when they run (try_send_head).
-            let free = GATE_PROBES.saturating_sub(g.probes.len());
-            for _ in 0..free {
-                match g.waiters.pop_front() {
-                    Some(w) => release.push(w),
-                    None => break,
-                }
-            }
-            !(g.waiters.is_empty() && g.probes.is_empty())
-        });
-        self.runnable.extend(release);
-    }
-
-    /// The earliest instant a gate needs attention.
-    fn next_gate_wake(&self) -> Option<Instant> {
-        self.gates
-            .values()
-            .filter(|g| g.probes.len() < GATE_PROBES && !g.waiters.is_empty())
-            .map(|g| g.until)
-            .min()
-    }
-
-    // --- cluster mode: Redis failure policy ---
-
-    fn publish_cluster_state(&self) {
-        let Some(shared) = &self.shared else { return };
-        let state = match (&shared.mode, shared.store.config().on_failure) {
-            (SharedMode::Up, _) => ClusterState::Shared,
-            (_, RedisFailurePolicy::FailClosed) => ClusterState::Holding,
-            _ => ClusterState::Fallback,
-        };
-        self.cluster.store(state as u8, Ordering::Relaxed);
-        let up = matches!(shared.mode, SharedMode::Up | SharedMode::Replaying);
-        self.metrics
-            .set_redis_state(up, !matches!(shared.mode, SharedMode::Up));
-    }
-
-    fn redis_down(&mut self, error: &str) {
-        let now_m = self.micros(Instant::now());
-        let Some(shared) = &mut self.shared else {
-            return;
-        };
-        if !matches!(shared.mode, SharedMode::Up) {
-            return;
-        }
-        shared.mode = SharedMode::Down;
-        let replicas = shared.store.replicas();
-        let policy = shared.store.config().on_failure;
-        // This replica's share of every quota; nothing local before the Redis-era sends have
-        // left their windows (the floor), so the two sources never add up within a window.
-        let scaled: Vec<QuotaSpec> = self
-            .full_specs
-            .iter()
-            .map(|s| {
-                let share = (s.limit.get() as usize / replicas).max(1) as u32;
-                QuotaSpec::new(std::num::NonZeroU32::new(share).expect("max(1)"), s.window)
-            })
-            .collect();
-        if policy == RedisFailurePolicy::Local {
-            // keep_ids: its sends are replayed into Redis by key name on recovery.
-            self.quotas = QuotaTable::new(
-                scaled,
-                self.config.quotas.safety_margin,
-                self.config.send_timeout,
-            )
-            .keep_ids();
-            self.quotas.set_floor(now_m);
-        }
-        tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
-        self.publish_cluster_state();
-    }
-
-    fn redis_health(&mut self, up: bool) {
-        let Some(shared) = &mut self.shared else {
-            return;
-        };
-        match (&shared.mode, up) {
-            (SharedMode::Up, false) => self.redis_down("heartbeat failed"),
-            (SharedMode::Down, true) => {
-                if shared.store.config().on_failure == RedisFailurePolicy::FailClosed {
-                    shared.mode = SharedMode::Up;
-                    tracing::info!("Redis is back: shared quotas again");
-                    self.publish_cluster_state();
-                    return self.reschedule_waiting();
-                }
-                shared.mode = SharedMode::Replaying;
-                let store = shared.store.clone();
-                let now_m = self.micros(Instant::now());
-                let entries: Vec<(SharedKey, Vec<i64>)> = self
-                    .quotas
-                    .live_entries(now_m)
-                    .into_iter()
-                    .map(|(k, offsets)| (self.shared_key(&k), offsets))
-                    .collect();
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    let mut result = Ok(());
-                    for (key, ages) in &entries {
-                        if let Err(e) = store.replay(key, ages).await {
-                            result = Err(e.to_string());
-                            break;
+                match gate.decided(&chat_id, keys, result, head, now) {
+                    Decided::Send(grant) => self.start_send(&chat_id, now, grant),
+                    Decided::InLine => {
+                        if head.is_some() {
+                            self.bump_ticket(&chat_id);
                         }
                     }
-                    if let Some(tx) = tx.upgrade() {
-                        let _ = tx.send(Command::Replayed(result));
+                    Decided::RetryAt(at) => {
+                        if let Some(h) = self
+                            .chats
+                            .get_mut(&chat_id)
+                            .and_then(|c| c.jobs.front_mut())
+                        {
+                            h.not_before = at;
+                            self.schedule_at(&chat_id, self.clock.micros(at));
+                        }
                     }
-                });
-                self.publish_cluster_state();
+                    Decided::AskAgain => {
+                        if head.is_some() {
+                            self.schedule_now(&chat_id);
+                        }
+                    }
+                }
+                if self
+                    .chats
+                    .get(&chat_id)
+                    .is_some_and(|c| c.jobs.is_empty() && !c.busy)
+                {
+                    self.chats.remove(&chat_id);
+                }
+                false
             }
-            _ => {}
+        };
+        if recovered {
+            self.reschedule_waiting();
         }
     }
 
@@ -1010,13 +679,6 @@ impl Dispatcher {
     /// them for a whole minute window) or a hold recheck ask Redis now instead. Their old
     /// timer entries go stale (ticket).
     fn reschedule_waiting(&mut self) {
-        // The fallback's table (scaled, floored) is done with: admission's lower bounds come
-        // from a clean one again, so no call is refused for a floor that no longer applies.
-        self.quotas = QuotaTable::new(
-            self.full_specs.clone(),
-            self.config.quotas.safety_margin,
-            self.config.send_timeout,
-        );
         let waiting: Vec<Arc<str>> = self
             .chats
             .iter()
@@ -1026,29 +688,6 @@ impl Dispatcher {
         for id in waiting {
             self.schedule_now(&id);
         }
-    }
-
-    fn replayed(&mut self, result: Result<(), String>) {
-        let Some(shared) = &mut self.shared else {
-            return;
-        };
-        if !matches!(shared.mode, SharedMode::Replaying) {
-            return;
-        }
-        match result {
-            Ok(()) => {
-                shared.mode = SharedMode::Up;
-                tracing::info!(
-                    "Redis is back and knows this replica's local sends: shared quotas again"
-                );
-                self.reschedule_waiting();
-            }
-            Err(e) => {
-                shared.mode = SharedMode::Down;
-                tracing::warn!(error = %e, "writing local sends back to Redis failed; staying on local quotas");
-            }
-        }
-        self.publish_cluster_state();
     }
 
     fn spawn_send(&self, job: Job) {
@@ -1088,29 +727,10 @@ impl Dispatcher {
     /// Counts the attempt that just came back by its arrival bound: it arrived by `answered`,
     /// except where Feishu refused it for rate (see [`refused_by`]): there it did not count.
     fn settle(&mut self, job: &mut Job, refused: Option<RetryReason>, answered: Instant) {
-        let (counted, refused_keys): (Vec<usize>, Vec<usize>) = (0..job.keys.len())
-            .partition(|&i| !refused.is_some_and(|r| refused_by(r, &job.keys[i])));
-        match job.grant.take() {
-            Some(grant) => {
-                let Some(shared) = &self.shared else { return };
-                let pick = |idx: &[usize]| -> Vec<SharedKey> {
-                    idx.iter().map(|&i| grant.keys[i].clone()).collect()
-                };
-                shared
-                    .store
-                    .settle_later(pick(&counted), grant.member.clone(), answered);
-                if !refused_keys.is_empty() {
-                    self.release_grant(pick(&refused_keys).into(), grant.member);
-                }
-            }
-            None => {
-                let answered = self.micros(answered);
-                let pick = |idx: &[usize]| -> Vec<QuotaKey> {
-                    idx.iter().map(|&i| job.keys[i].clone()).collect()
-                };
-                self.quotas.settle(&pick(&counted), job.decided, answered);
-                self.quotas.unrecord(&pick(&refused_keys), job.decided);
-            }
+        if let Some(grant) = job.grant.take() {
+            let refused = |k: &QuotaKey| refused.is_some_and(|r| refused_by(r, k));
+            self.gate
+                .settle(self.clock, grant, &job.keys, refused, answered);
         }
     }
 
@@ -1180,7 +800,6 @@ impl Dispatcher {
         now: Instant,
     ) -> Option<Job> {
         self.metrics.retry(reason);
-        let now_m = self.micros(now);
         if reason.is_rate_rejection() {
             // We kept our quotas and Feishu still said "too fast": someone else spends them.
             // Treat the keys as spent for a window (or Feishu's reset) so we back off as one.
@@ -1195,29 +814,12 @@ impl Dispatcher {
             // Feishu's reset when it gave one, else the shortest window among the keys (the
             // per-minute app quota must not silence the app for a minute on a per-second hit).
             // A reset is trusted up to the longest window: no rolling window needs longer.
-            let windows = keys.iter().map(|k| self.full_specs[k.quota].window);
+            let specs = self.gate.table().specs();
+            let windows = keys.iter().map(|k| specs[k.quota].window);
             let shortest = windows.clone().min().unwrap_or_default();
             let longest = windows.max().unwrap_or_default();
             let wait = error.retry_after().map_or(shortest, |r| r.min(longest));
-            let until = now_m + micros(wait);
-            for k in &keys {
-                self.quotas.block_until(k, until);
-            }
-            if let Some(Shared {
-                store,
-                mode: SharedMode::Up,
-            }) = &self.shared
-            {
-                // Every replica backs off, not only this one.
-                let (store, shared) = (store.clone(), self.shared_keys(&keys));
-                tokio::spawn(async move {
-                    for k in &shared {
-                        if let Err(e) = store.block(k, wait).await {
-                            tracing::debug!(error = %e, "blocking a key in Redis failed");
-                        }
-                    }
-                });
-            }
+            self.gate.block(self.clock, &keys, wait, now);
         }
         let backoff = self.backoff(job.attempts, error.retry_after());
         let not_before = now + backoff;
@@ -1298,31 +900,6 @@ impl Dispatcher {
                 "shutdown grace ended; failed the replies still queued with UNAVAILABLE"
             );
         }
-    }
-}
-
-/// Heartbeat: tells the dispatcher whether Redis answers. Every second while the dispatcher
-/// uses Redis; every `HOLD_RECHECK` while it does not — whichever noticed the trouble (a failed
-/// decision or a failed heartbeat), so a failed decision alone cannot leave it off Redis.
-async fn monitor(
-    store: Arc<RedisQuota>,
-    tx: mpsc::WeakUnboundedSender<Command>,
-    cluster: Arc<AtomicU8>,
-) {
-    loop {
-        let ok = store.beat().await.is_ok();
-        let shared = ClusterState::from_u8(cluster.load(Ordering::Relaxed)) == ClusterState::Shared;
-        let Some(tx) = tx.upgrade() else { return };
-        if !ok || !shared {
-            let _ = tx.send(Command::RedisHealth(ok));
-        }
-        drop(tx);
-        let pause = if ok && shared {
-            Duration::from_secs(1)
-        } else {
-            HOLD_RECHECK
-        };
-        tokio::time::sleep(pause).await;
     }
 }
 
