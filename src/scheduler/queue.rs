@@ -1,0 +1,496 @@
+//! Per-chat FIFO queues as plain state: which chat's head may be tried next (oldest ready
+//! first), timers, deadlines, and retries that keep their place. No tasks, no I/O and no quota
+//! logic: every method takes `now` in the quota clock's µs and says what the driver must do,
+//! so the queue rules are tested without a runtime.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::gate::Grant;
+use super::{JobResult, JobSpec};
+use crate::cluster::SharedKey;
+use crate::quota::{Micros, QuotaKey};
+
+/// One accepted reply and its progress.
+pub(super) struct Job {
+    /// Assigned by [`Queues::push`].
+    pub id: u64,
+    pub spec: JobSpec,
+    pub keys: Vec<QuotaKey>,
+    /// Not sent at or after this instant (deadline minus the send budget).
+    pub send_by: Option<Micros>,
+    /// Backoff: not sent before this instant.
+    pub not_before: Micros,
+    pub accepted_at: Instant,
+    pub first_send_at: Option<Instant>,
+    pub attempts: u32,
+    pub done: oneshot::Sender<JobResult>,
+    /// The quota grant of the attempt in flight (settled at its answer).
+    pub grant: Option<Grant>,
+    /// Cluster mode: the Redis names of `keys`, built on the first decision and reused by
+    /// every later one (line checks, retries).
+    pub shared_keys: Option<Arc<[SharedKey]>>,
+}
+
+impl Job {
+    pub fn new(spec: JobSpec, done: oneshot::Sender<JobResult>, now: Instant) -> Self {
+        Self {
+            id: 0,
+            keys: Vec::new(),
+            send_by: None,
+            not_before: 0,
+            accepted_at: now,
+            first_send_at: None,
+            attempts: 0,
+            spec,
+            done,
+            grant: None,
+            shared_keys: None,
+        }
+    }
+
+    pub fn finish(self, result: JobResult) {
+        // The caller may have gone (cancelled); nothing to tell then.
+        let _ = self.done.send(result);
+    }
+
+    pub fn uuid(&self) -> String {
+        self.spec.request.uuid.clone()
+    }
+}
+
+/// Why a queued job left without being sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dropped {
+    /// Its caller went away.
+    Cancelled,
+    /// Its send-by instant passed.
+    Deadline,
+}
+
+#[derive(Default)]
+struct ChatQueue {
+    jobs: VecDeque<Job>,
+    /// The head job is being sent or decided (the rest wait: per-chat order).
+    busy: bool,
+    /// Ticket of the latest schedule entry (runnable, timer or a gate's line); stale entries
+    /// are ignored.
+    ticket: u64,
+    /// Has a live schedule entry (`ticket`).
+    scheduled: bool,
+}
+
+/// Every chat's queue and the order in which their heads are tried.
+#[derive(Default)]
+pub(super) struct Queues {
+    chats: HashMap<Arc<str>, ChatQueue>,
+    /// Chats whose head may be sendable now, oldest first (fairness).
+    runnable: VecDeque<(Arc<str>, u64)>,
+    /// Chats waiting for quota or backoff: (ready at, ticket, chat).
+    timers: BinaryHeap<Reverse<(Micros, u64, Arc<str>)>>,
+    /// Queued jobs with a deadline: (send_by, job id, chat).
+    deadlines: BinaryHeap<Reverse<(Micros, u64, Arc<str>)>>,
+    queued: usize,
+    in_flight: usize,
+    next_id: u64,
+    next_ticket: u64,
+}
+
+impl Queues {
+    /// Jobs waiting (not in flight).
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Jobs queued in `chat` and whether its head is in flight.
+    pub fn ahead(&self, chat: &str) -> (usize, bool) {
+        self.chats
+            .get(chat)
+            .map_or((0, false), |c| (c.jobs.len(), c.busy))
+    }
+
+    /// Queues `job` at the tail of its chat (an id is assigned).
+    pub fn push(&mut self, mut job: Job) {
+        job.id = self.next_id;
+        self.next_id += 1;
+        let chat_id = job.spec.chat_id.clone();
+        if let Some(send_by) = job.send_by {
+            self.deadlines
+                .push(Reverse((send_by, job.id, chat_id.clone())));
+        }
+        self.queued += 1;
+        let chat = self.chats.entry(chat_id.clone()).or_default();
+        chat.jobs.push_back(job);
+        if !chat.busy && !chat.scheduled {
+            self.schedule_now(&chat_id);
+        }
+    }
+
+    fn bump_ticket(&mut self, chat_id: &Arc<str>) -> Option<u64> {
+        let chat = self.chats.get_mut(chat_id)?;
+        self.next_ticket += 1;
+        chat.ticket = self.next_ticket;
+        chat.scheduled = true;
+        Some(self.next_ticket)
+    }
+
+    /// `chat` tries its head at the next dispatch (ignored when the chat has no queue).
+    pub fn schedule_now(&mut self, chat_id: &Arc<str>) {
+        if let Some(ticket) = self.bump_ticket(chat_id) {
+            self.runnable.push_back((chat_id.clone(), ticket));
+        }
+    }
+
+    /// `chat` tries its head again at `at`.
+    pub fn schedule_at(&mut self, chat_id: &Arc<str>, at: Micros) {
+        if let Some(ticket) = self.bump_ticket(chat_id) {
+            self.timers.push(Reverse((at, ticket, chat_id.clone())));
+        }
+    }
+
+    /// `chat` waits in a line outside (a Redis gate's): scheduled, with no entry here until
+    /// the line lets it go ([`Self::schedule_now`]).
+    pub fn park(&mut self, chat_id: &Arc<str>) {
+        self.bump_ticket(chat_id);
+    }
+
+    /// `chat`'s head is being decided elsewhere (Redis): nothing else of it runs meanwhile.
+    pub fn mark_busy(&mut self, chat_id: &Arc<str>) {
+        if let Some(c) = self.chats.get_mut(chat_id) {
+            c.busy = true;
+        }
+    }
+
+    /// The next chat whose head may be tried at `now`, oldest ready first. Heads whose caller
+    /// left or whose deadline passed are taken off on the way (into `dropped`); a head in
+    /// backoff puts its chat on a timer.
+    pub fn next_ready(
+        &mut self,
+        now: Micros,
+        dropped: &mut Vec<(Job, Dropped)>,
+    ) -> Option<Arc<str>> {
+        while let Some(Reverse((at, _, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((_, ticket, chat)) = self.timers.pop().expect("peeked");
+            self.runnable.push_back((chat, ticket));
+        }
+        while let Some((chat_id, ticket)) = self.runnable.pop_front() {
+            let Some(chat) = self.chats.get_mut(&chat_id) else {
+                continue;
+            };
+            if chat.ticket != ticket || !chat.scheduled {
+                continue; // stale entry
+            }
+            chat.scheduled = false;
+            if chat.busy {
+                continue;
+            }
+            while let Some(head) = chat.jobs.front() {
+                let why = if head.done.is_closed() {
+                    Dropped::Cancelled
+                } else if head.send_by.is_some_and(|s| s <= now) {
+                    Dropped::Deadline
+                } else {
+                    break;
+                };
+                let job = chat.jobs.pop_front().expect("front");
+                self.queued -= 1;
+                dropped.push((job, why));
+            }
+            let Some(head) = chat.jobs.front() else {
+                self.chats.remove(&chat_id);
+                continue;
+            };
+            if head.not_before > now {
+                let at = head.not_before;
+                self.schedule_at(&chat_id, at);
+                continue;
+            }
+            return Some(chat_id);
+        }
+        None
+    }
+
+    pub fn head_mut(&mut self, chat_id: &str) -> Option<&mut Job> {
+        self.chats.get_mut(chat_id)?.jobs.front_mut()
+    }
+
+    /// Takes `chat`'s head out to be sent; the chat is busy until [`Self::sent`].
+    pub fn pop_for_send(&mut self, chat_id: &str) -> Option<Job> {
+        let chat = self.chats.get_mut(chat_id)?;
+        let job = chat.jobs.pop_front()?;
+        chat.busy = true;
+        self.queued -= 1;
+        self.in_flight += 1;
+        Some(job)
+    }
+
+    /// The send of `chat`'s head came back; `retry` goes back to the head of the chat (it
+    /// keeps its place in line).
+    pub fn sent(&mut self, chat_id: &Arc<str>, retry: Option<Job>) {
+        self.in_flight -= 1;
+        let Some(chat) = self.chats.get_mut(chat_id) else {
+            return;
+        };
+        chat.busy = false;
+        if let Some(job) = retry {
+            chat.jobs.push_front(job);
+            self.queued += 1;
+        }
+        if chat.jobs.is_empty() {
+            self.chats.remove(chat_id);
+        } else {
+            self.schedule_now(chat_id);
+        }
+    }
+
+    /// The outside decision for `chat`'s head `job_id` came back: the chat is no longer busy.
+    /// Returns whether that job is still the head (`None`: the chat has no job left).
+    pub fn decided(&mut self, chat_id: &str, job_id: u64) -> Option<bool> {
+        let chat = self.chats.get_mut(chat_id)?;
+        chat.busy = false;
+        chat.jobs.front().map(|j| j.id == job_id)
+    }
+
+    /// `chat`'s head waits until `at` (e.g. Redis refused its keys with an error).
+    pub fn retry_head_at(&mut self, chat_id: &Arc<str>, at: Micros) {
+        if let Some(head) = self.head_mut(chat_id) {
+            head.not_before = at;
+            self.schedule_at(chat_id, at);
+        }
+    }
+
+    /// Forgets `chat` if nothing of it is queued or in flight.
+    pub fn forget_if_idle(&mut self, chat_id: &str) {
+        if self
+            .chats
+            .get(chat_id)
+            .is_some_and(|c| c.jobs.is_empty() && !c.busy)
+        {
+            self.chats.remove(chat_id);
+        }
+    }
+
+    /// Every chat with a queued head that is not in flight tries it at the next dispatch
+    /// (older timer entries go stale).
+    pub fn wake_all(&mut self) {
+        let waiting: Vec<Arc<str>> = self
+            .chats
+            .iter()
+            .filter(|(_, c)| !c.busy && !c.jobs.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in waiting {
+            self.schedule_now(&id);
+        }
+    }
+
+    /// Takes out the queued jobs whose send-by instant is `now` or earlier (jobs in flight
+    /// finish on their own).
+    pub fn expire(&mut self, now: Micros) -> Vec<Job> {
+        let mut expired = Vec::new();
+        while let Some(Reverse((at, _, _))) = self.deadlines.peek() {
+            if *at > now {
+                break;
+            }
+            let Reverse((_, id, chat_id)) = self.deadlines.pop().expect("peeked");
+            let Some(chat) = self.chats.get_mut(&chat_id) else {
+                continue;
+            };
+            if let Some(pos) = chat.jobs.iter().position(|j| j.id == id) {
+                expired.push(chat.jobs.remove(pos).expect("position is valid"));
+                self.queued -= 1;
+                if chat.jobs.is_empty() && !chat.busy {
+                    self.chats.remove(&chat_id);
+                }
+            }
+        }
+        expired
+    }
+
+    /// Takes out every queued job (shutdown).
+    pub fn drain(&mut self) -> Vec<Job> {
+        let mut all = Vec::new();
+        for chat in self.chats.values_mut() {
+            all.extend(chat.jobs.drain(..));
+        }
+        self.chats.retain(|_, c| c.busy);
+        self.queued = 0;
+        all
+    }
+
+    /// When the driver must look again: now when a chat is runnable, else the next timer or
+    /// deadline.
+    pub fn next_wake(&self, now: Micros) -> Option<Micros> {
+        if !self.runnable.is_empty() {
+            return Some(now);
+        }
+        let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let d = self.deadlines.peek().map(|Reverse((t, _, _))| *t);
+        [t, d].into_iter().flatten().min()
+    }
+
+    /// Returns the memory of a burst of chats once they are gone.
+    pub fn shrink(&mut self) {
+        if self.chats.is_empty() && self.chats.capacity() > 1024 {
+            self.chats.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The queue rules as plain state: no runtime, time passed in.
+    use super::*;
+    use crate::feishu::SendRequest;
+
+    const MS: Micros = 1000;
+
+    /// A job for `chat` (with its receiver, so the caller is "still there").
+    fn job(chat: &str, n: u32) -> (Job, oneshot::Receiver<JobResult>) {
+        let (tx, rx) = oneshot::channel();
+        let spec = JobSpec {
+            app: 0,
+            app_name: "default".into(),
+            app_id: "cli".into(),
+            chat_id: chat.into(),
+            user_id: None,
+            request: SendRequest {
+                message_id: format!("om_{chat}_{n}"),
+                content: String::new(),
+                msg_type: "text",
+                reply_in_thread: false,
+                uuid: format!("{chat}-{n}"),
+            },
+            deadline: None,
+        };
+        (Job::new(spec, tx, Instant::now()), rx)
+    }
+
+    fn message_id(q: &mut Queues, chat: &str) -> String {
+        q.head_mut(chat).unwrap().spec.request.message_id.clone()
+    }
+
+    #[test]
+    fn ready_chats_are_served_oldest_first_one_head_each() {
+        let mut q = Queues::default();
+        let mut keep = Vec::new();
+        for (chat, n) in [("a", 0), ("b", 0), ("a", 1), ("c", 0)] {
+            let (j, rx) = job(chat, n);
+            keep.push(rx);
+            q.push(j);
+        }
+        let mut order = Vec::new();
+        while let Some(chat) = q.next_ready(0, &mut Vec::new()) {
+            order.push(message_id(&mut q, &chat));
+            q.pop_for_send(&chat).unwrap();
+        }
+        // a's second reply waits for its first: per-chat order, one in flight per chat.
+        assert_eq!(order, ["om_a_0", "om_b_0", "om_c_0"]);
+        assert_eq!((q.queued(), q.in_flight()), (1, 3));
+        q.sent(&"a".into(), None);
+        let next = q.next_ready(0, &mut Vec::new()).unwrap();
+        assert_eq!(message_id(&mut q, &next), "om_a_1");
+    }
+
+    #[test]
+    fn a_retry_keeps_its_place_and_waits_out_its_backoff() {
+        let mut q = Queues::default();
+        let (first, _r1) = job("a", 0);
+        let (second, _r2) = job("a", 1);
+        q.push(first);
+        q.push(second);
+        let chat = q.next_ready(0, &mut Vec::new()).unwrap();
+        let mut sent = q.pop_for_send(&chat).unwrap();
+        sent.not_before = 500 * MS;
+        q.sent(&chat, Some(sent));
+        // The retried head blocks its chat until its backoff ends; then it goes first.
+        assert!(q.next_ready(100 * MS, &mut Vec::new()).is_none());
+        assert_eq!(q.next_wake(100 * MS), Some(500 * MS));
+        let chat = q.next_ready(500 * MS, &mut Vec::new()).unwrap();
+        assert_eq!(message_id(&mut q, &chat), "om_a_0");
+    }
+
+    #[test]
+    fn cancelled_and_expired_heads_are_dropped_on_the_way() {
+        let mut q = Queues::default();
+        let (gone, rx) = job("a", 0);
+        drop(rx);
+        let (mut late, _r) = job("a", 1);
+        late.send_by = Some(50 * MS);
+        let (ok, _r2) = job("a", 2);
+        q.push(gone);
+        q.push(late);
+        q.push(ok);
+        let mut dropped = Vec::new();
+        let chat = q.next_ready(60 * MS, &mut dropped).unwrap();
+        let why: Vec<Dropped> = dropped.iter().map(|(_, w)| *w).collect();
+        assert_eq!(why, [Dropped::Cancelled, Dropped::Deadline]);
+        assert_eq!(message_id(&mut q, &chat), "om_a_2");
+        assert_eq!(q.queued(), 1);
+    }
+
+    #[test]
+    fn deadlines_expire_queued_jobs_but_not_the_one_in_flight() {
+        let mut q = Queues::default();
+        let mut keep = Vec::new();
+        for n in 0..3 {
+            let (mut j, rx) = job("a", n);
+            j.send_by = Some(100 * MS);
+            keep.push(rx);
+            q.push(j);
+        }
+        let chat = q.next_ready(0, &mut Vec::new()).unwrap();
+        q.pop_for_send(&chat).unwrap();
+        assert!(q.expire(99 * MS).is_empty());
+        let expired = q.expire(100 * MS);
+        assert_eq!(expired.len(), 2);
+        assert_eq!((q.queued(), q.in_flight()), (0, 1));
+        q.sent(&chat, None);
+        assert!(q.next_ready(200 * MS, &mut Vec::new()).is_none());
+    }
+
+    #[test]
+    fn only_the_latest_schedule_entry_of_a_chat_counts() {
+        let mut q = Queues::default();
+        let (j, _r) = job("a", 0);
+        q.push(j); // runnable now
+        let a: Arc<str> = "a".into();
+        q.schedule_at(&a, 300 * MS); // supersedes the runnable entry
+        assert!(q.next_ready(0, &mut Vec::new()).is_none());
+        q.park(&a); // in a line outside: the timer is stale too
+        assert!(q.next_ready(400 * MS, &mut Vec::new()).is_none());
+        q.schedule_now(&a); // the line lets it go
+        assert_eq!(
+            q.next_ready(400 * MS, &mut Vec::new()).as_deref(),
+            Some("a")
+        );
+    }
+
+    #[test]
+    fn a_decision_answer_tells_whether_its_job_is_still_the_head() {
+        let mut q = Queues::default();
+        let (j, rx) = job("a", 0);
+        q.push(j);
+        let chat = q.next_ready(0, &mut Vec::new()).unwrap();
+        let id = q.head_mut(&chat).unwrap().id;
+        q.mark_busy(&chat);
+        assert_eq!(q.decided(&chat, id), Some(true));
+        drop(rx);
+        q.schedule_now(&chat);
+        let mut dropped = Vec::new();
+        assert!(q.next_ready(0, &mut dropped).is_none());
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(q.decided(&chat, id), None, "the chat is gone");
+    }
+}

@@ -1,0 +1,383 @@
+//! Scheduler logic on tokio's paused clock with a scripted in-process upstream.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::*;
+use crate::config::Config;
+use crate::feishu::BoxFuture;
+use parking_lot::Mutex;
+
+#[derive(Default)]
+struct Script {
+    /// Answers for a message_id, in order; afterwards success.
+    answers: HashMap<String, VecDeque<UpstreamError>>,
+    sent: Vec<(Duration, String, String, String)>,
+}
+
+struct ScriptedUpstream {
+    origin: Instant,
+    latency: Duration,
+    script: Mutex<Script>,
+}
+
+impl ScriptedUpstream {
+    fn new(latency: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            origin: Instant::now(),
+            latency,
+            script: Mutex::default(),
+        })
+    }
+    fn fail(&self, message_id: &str, errors: Vec<UpstreamError>) {
+        self.script
+            .lock()
+            .answers
+            .insert(message_id.into(), errors.into());
+    }
+    /// (virtual time since start, message_id, chat_id, uuid) of every attempt.
+    fn sent(&self) -> Vec<(Duration, String, String, String)> {
+        self.script.lock().sent.clone()
+    }
+}
+
+impl Upstream for ScriptedUpstream {
+    fn reply<'a>(
+        &'a self,
+        _app: AppIndex,
+        req: &'a SendRequest,
+    ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
+        Box::pin(async move {
+            let answer = {
+                let mut s = self.script.lock();
+                let chat = req.content.clone();
+                s.sent.push((
+                    self.origin.elapsed(),
+                    req.message_id.clone(),
+                    chat,
+                    req.uuid.clone(),
+                ));
+                s.answers
+                    .get_mut(&req.message_id)
+                    .and_then(VecDeque::pop_front)
+            };
+            tokio::time::sleep(self.latency).await;
+            match answer {
+                Some(e) => Err(e),
+                None => Ok(SentMessage {
+                    message_id: format!("om_r_{}", req.message_id),
+                    ..Default::default()
+                }),
+            }
+        })
+    }
+    fn message_chat<'a>(
+        &'a self,
+        _app: AppIndex,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<String, UpstreamError>> {
+        Box::pin(async move { Ok(format!("oc_{id}")) })
+    }
+}
+
+fn feishu_err(http: u16, code: i64) -> UpstreamError {
+    UpstreamError::Feishu {
+        http,
+        code,
+        msg: "scripted".into(),
+        log_id: "L".into(),
+        retry_after: None,
+    }
+}
+
+fn scheduler(upstream: Arc<ScriptedUpstream>, tweak: impl FnOnce(&mut Config)) -> Scheduler {
+    let mut c = Config::defaults();
+    tweak(&mut c);
+    Scheduler::start(
+        SchedulerConfig::from_config(&c),
+        upstream,
+        Arc::new(Metrics::new()),
+    )
+}
+
+/// A job whose `content` carries its chat id (so the scripted upstream can report it).
+fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
+    JobSpec {
+        app: 0,
+        app_name: "default".into(),
+        app_id: "cli_test".into(),
+        chat_id: chat.into(),
+        user_id: None,
+        request: SendRequest {
+            message_id: message_id.into(),
+            content: chat.into(),
+            msg_type: "text",
+            reply_in_thread: false,
+            uuid: format!("uuid-{message_id}"),
+        },
+        deadline: deadline.map(|d| Instant::now() + d),
+    }
+}
+
+fn assert_never_more_than(sends: &[Duration], n: usize, window: Duration) {
+    let mut s = sends.to_vec();
+    s.sort();
+    for w in s.windows(n + 1) {
+        assert!(
+            w[n] - w[0] >= window,
+            "{} sends within {:?}",
+            n + 1,
+            w[n] - w[0]
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn order_within_a_chat_survives_retries_and_uuid_is_stable() {
+    let up = ScriptedUpstream::new(Duration::from_millis(30));
+    up.fail(
+        "om_2",
+        vec![
+            feishu_err(400, 230049),
+            feishu_err(503, 1),
+            UpstreamError::Network {
+                kind: "timeout",
+                detail: "x".into(),
+            },
+        ],
+    );
+    let s = scheduler(up.clone(), |_| {});
+    let rxs: Vec<_> = (1..=6)
+        .map(|i| s.submit(job(&format!("om_{i}"), "oc_a", None)))
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let d = rx.await.unwrap().unwrap();
+        assert_eq!(d.attempts, if i == 1 { 4 } else { 1 });
+    }
+    let order: Vec<String> = up.sent().into_iter().map(|s| s.1).collect();
+    assert_eq!(
+        order,
+        [
+            "om_1", "om_2", "om_2", "om_2", "om_2", "om_3", "om_4", "om_5", "om_6"
+        ]
+    );
+    let uuids: Vec<String> = up
+        .sent()
+        .into_iter()
+        .filter(|s| s.1 == "om_2")
+        .map(|s| s.3)
+        .collect();
+    assert!(uuids.iter().all(|u| u == "uuid-om_2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_saturated_chat_never_delays_other_chats() {
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    let s = scheduler(up.clone(), |_| {});
+    let hot: Vec<_> = (0..40)
+        .map(|i| s.submit(job(&format!("om_h{i}"), "oc_hot", None)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let cold: Vec<_> = (0..5)
+        .map(|i| s.submit(job(&format!("om_c{i}"), &format!("oc_c{i}"), None)))
+        .collect();
+    for rx in cold {
+        rx.await.unwrap().unwrap();
+    }
+    // The cold chats went out at once (one upstream latency), not after the hot backlog.
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    for rx in hot {
+        rx.await.unwrap().unwrap();
+    }
+    let hot_sends: Vec<Duration> = up
+        .sent()
+        .into_iter()
+        .filter(|s| s.2 == "oc_hot")
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(hot_sends.len(), 40);
+    assert_never_more_than(&hot_sends, 5, Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn burst_of_1000_distinct_chats_drains_at_the_app_limit() {
+    let up = ScriptedUpstream::new(Duration::from_millis(40));
+    let s = scheduler(up.clone(), |_| {});
+    let start = Instant::now();
+    let rxs: Vec<_> = (0..1000)
+        .map(|i| s.submit(job(&format!("om_{i}"), &format!("oc_{i}"), None)))
+        .collect();
+    for rx in rxs {
+        rx.await.unwrap().unwrap();
+    }
+    let drain = start.elapsed();
+    let sends: Vec<Duration> = up.sent().into_iter().map(|s| s.0).collect();
+    assert_eq!(sends.len(), 1000);
+    assert_never_more_than(&sends, 50, Duration::from_secs(1));
+    // 20 bursts of 50, one second (+20 ms margin) apart: the last goes at ~19.4 s.
+    assert!(drain < Duration::from_secs(20), "drained in {drain:?}");
+    assert!(drain > Duration::from_secs(19), "drained in {drain:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_deadline_passes_in_the_queue_is_never_sent() {
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    // om_g0 meets Feishu's app frequency limit and must wait 3 s: the chat waits with it.
+    up.fail(
+        "om_g0",
+        vec![UpstreamError::Feishu {
+            http: 429,
+            code: 99991400,
+            msg: "freq".into(),
+            log_id: "L".into(),
+            retry_after: Some(Duration::from_secs(3)),
+        }],
+    );
+    let s = scheduler(up.clone(), |_| {});
+    let first: Vec<_> = (0..5)
+        .map(|i| s.submit(job(&format!("om_f{i}"), "oc_a", None)))
+        .collect();
+    let _queued: Vec<_> = (0..5)
+        .map(|i| s.submit(job(&format!("om_g{i}"), "oc_a", None)))
+        .collect();
+    for rx in first {
+        rx.await.unwrap().unwrap();
+    }
+    // Chat quota spent until t≈1.02 s and 5 more queued: a 6th cannot go before ~2.04 s.
+    let tight = s
+        .reply(job("om_tight", "oc_a", Some(Duration::from_millis(1500))))
+        .await;
+    assert!(
+        matches!(tight, Err(GatewayError::DeadlineUnreachable { .. })),
+        "{tight:?}"
+    );
+    // 2.5 s is feasible on quota alone, so it is admitted; then om_g0's 429 delays the chat.
+    let late = s.submit(job("om_late", "oc_a", Some(Duration::from_millis(2500))));
+    let r = late.await.unwrap();
+    assert!(
+        matches!(r, Err(GatewayError::DeadlineBeforeSend { attempts: 0, .. })),
+        "{r:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        up.sent()
+            .iter()
+            .all(|s| s.1 != "om_late" && s.1 != "om_tight")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_stop_at_max_attempts_with_the_last_error() {
+    let up = ScriptedUpstream::new(Duration::from_millis(5));
+    up.fail("om_x", (0..10).map(|_| feishu_err(400, 230020)).collect());
+    let s = scheduler(up.clone(), |c| c.retry.max_attempts = 3);
+    let r = s.reply(job("om_x", "oc_x", None)).await;
+    match r {
+        Err(GatewayError::Upstream {
+            attempts: 3, error, ..
+        }) => assert_eq!(error.code(), Some(230020)),
+        other => panic!("{other:?}"),
+    }
+    // 230020 cooled the chat down: attempts are at least a window apart.
+    let t: Vec<Duration> = up.sent().into_iter().map(|s| s.0).collect();
+    assert!(
+        t[1] - t[0] >= Duration::from_secs(1) && t[2] - t[1] >= Duration::from_secs(1),
+        "{t:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn final_errors_are_not_retried_and_the_chat_moves_on() {
+    let up = ScriptedUpstream::new(Duration::from_millis(5));
+    up.fail("om_1", vec![feishu_err(400, 230002)]);
+    let s = scheduler(up.clone(), |_| {});
+    let a = s.submit(job("om_1", "oc_a", None));
+    let b = s.submit(job("om_2", "oc_a", None));
+    assert!(matches!(
+        a.await.unwrap(),
+        Err(GatewayError::Upstream { attempts: 1, .. })
+    ));
+    assert_eq!(b.await.unwrap().unwrap().attempts, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn queue_bounds_refuse_with_retry_info() {
+    let up = ScriptedUpstream::new(Duration::from_millis(5));
+    let s = scheduler(up.clone(), |c| {
+        c.queue.max_per_chat = 10;
+        c.queue.max_total = 12;
+    });
+    // All submitted before the dispatcher runs (paused, single-threaded runtime).
+    let mut rxs: Vec<_> = (0..11)
+        .map(|i| s.submit(job(&format!("om_{i}"), "oc_a", None)))
+        .collect();
+    let over_chat = rxs.pop().unwrap();
+    rxs.extend((0..3).map(|i| s.submit(job(&format!("om_b{i}"), &format!("oc_b{i}"), None))));
+    let over_total = rxs.pop().unwrap().await.unwrap();
+    let over_chat = over_chat.await.unwrap();
+    assert!(
+        matches!(
+            over_chat,
+            Err(GatewayError::QueueFull { scope: "chat", .. })
+        ),
+        "{over_chat:?}"
+    );
+    assert!(
+        matches!(
+            over_total,
+            Err(GatewayError::QueueFull {
+                scope: "gateway",
+                ..
+            })
+        ),
+        "{over_total:?}"
+    );
+    for rx in rxs {
+        rx.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_sends_during_grace_then_fails_the_rest_unavailable() {
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    let s = scheduler(up.clone(), |_| {});
+    // 30 replies to one chat need ~5 s; the grace is 2 s.
+    let rxs: Vec<_> = (0..30)
+        .map(|i| s.submit(job(&format!("om_{i}"), "oc_a", None)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.shutdown(Duration::from_secs(2)).await;
+    let refused = s.reply(job("om_new", "oc_b", None)).await;
+    assert!(matches!(refused, Err(GatewayError::ShuttingDown { .. })));
+    let mut ok = 0;
+    for rx in rxs {
+        match rx.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(GatewayError::ShuttingDown { attempts: 0, .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Sent in the grace period: bursts at 0, 1.02, ~2.04 (cut) → 10 or 15.
+    assert!((10..=15).contains(&ok), "{ok} delivered");
+    assert_eq!(up.sent().len(), ok);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_callers_are_not_sent() {
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    let s = scheduler(up.clone(), |_| {});
+    let keep: Vec<_> = (0..5)
+        .map(|i| s.submit(job(&format!("om_{i}"), "oc_a", None)))
+        .collect();
+    drop(s.submit(job("om_gone", "oc_a", None)));
+    let last = s.submit(job("om_last", "oc_a", None));
+    for rx in keep {
+        rx.await.unwrap().unwrap();
+    }
+    last.await.unwrap().unwrap();
+    assert!(up.sent().iter().all(|s| s.1 != "om_gone"));
+}
