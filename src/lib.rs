@@ -9,21 +9,31 @@
 //! # Layout
 //! - [`config`]: the only place the config file and env are read; validated [`config::Config`].
 //! - [`reply`]: domain: `MsgType`, content validation (no transport types).
-//! - [`quota`]: rolling-window keyed quotas (pure, clock passed in, proptested).
-//! - [`scheduler`]: per-chat FIFO queues, fair dispatch, deadlines, retries, shutdown drain.
+//! - [`quota`]: keyed rolling windows counted by arrival bounds (a send holds its slot until
+//!   its answer); pure, clock passed in, proptested against random network latencies.
+//! - [`scheduler`]: the async driver (admission, dispatch, sends, shutdown drain);
+//!   `scheduler::queue` the per-chat queue machine as plain state (fairness, order, timers,
+//!   deadlines; unit-tested without a runtime); [`scheduler::gate`] the quota seam
+//!   (`QuotaGate`: the local table or Redis); `scheduler::outcome` settling a send and its
+//!   retries (and which keys a rate refusal counts in).
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
 //! - [`error`]: `GatewayError` and the one error → gRPC status table.
-//! - [`cluster`]: Redis-shared quotas (one Lua decision per send; standalone or Redis Cluster,
-//!   TLS), heartbeat, outage replay, release of lost decisions.
+//! - [`cluster`]: the Redis store (standalone or Redis Cluster, TLS; Lua scripts in
+//!   `cluster::scripts`: decide, settle in batches, release, block, replay, heartbeat);
+//!   [`cluster::gate`] the Redis quota gate (lines behind shared keys, failure policy and
+//!   fallback table, heartbeat, state published through a `watch`).
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //! - [`grpc`]: proto ↔ domain, admission control (governor), the `ReplyGateway` service.
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
-//! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches.
+//! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
+//!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the reply endpoint in
+//!   `fake_feishu::reply`, quota counters in `fake_feishu::window`);
+//!   [`fake_feishu::sim`] the same Feishu in-process on tokio's clock, for virtual-time tests.
 //! - [`app`]: wiring, metrics/health HTTP port, shutdown sequence.
 //! - `main.rs`: CLI (`serve`, `fake-feishu`, `send`, `probe`).
 //!
 //! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
-//! on loopback), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),
+//! on loopback; `tests/pacing.rs` proves pacing in virtual time), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),
 //! `deploy/` (image, k8s, dashboard, alerts; `deploy/check.sh`), `scripts/test` (the test
 //! command), `.ci/run` (CI).
 #![forbid(unsafe_code)]

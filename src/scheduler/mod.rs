@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -18,11 +17,12 @@ pub use crate::cluster::gate::ClusterState;
 use crate::cluster::gate::{Decided, RedisGate};
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
 use crate::error::GatewayError;
-use crate::feishu::{AppIndex, RetryReason, SendRequest, SentMessage, Upstream, UpstreamError};
+use crate::feishu::{AppIndex, SendRequest, SentMessage, Upstream, UpstreamError};
 use crate::metrics::Metrics;
-use crate::quota::{QuotaKey, QuotaSpec, QuotaTable, micros};
+use crate::quota::{QuotaKey, QuotaSpec, QuotaTable};
 
 pub mod gate;
+mod outcome;
 mod queue;
 
 use gate::{Clock, GateEvent, Grant, QuotaGate, Verdict};
@@ -40,8 +40,6 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const COMMAND_BATCH: usize = 256;
 /// The dispatcher looks again at least this often with nothing to do.
 const IDLE_WAKE: Duration = Duration::from_secs(3600);
-/// Backoff doubles at most this many times before `max_delay` caps it (no shift overflow).
-const MAX_BACKOFF_DOUBLINGS: u32 = 16;
 
 /// A reply ready to be queued: validated, its app and chat known.
 #[derive(Debug)]
@@ -543,121 +541,6 @@ impl Dispatcher {
         });
     }
 
-    // --- results and retries ---
-
-    fn send_done(
-        &mut self,
-        mut job: Job,
-        result: Result<SentMessage, UpstreamError>,
-        answered: Instant,
-    ) {
-        // Count the attempt by its arrival bound: it arrived by `answered`, except where
-        // Feishu refused it for rate (see `refused_by`): there it did not count.
-        let refused = match &result {
-            Err(e) => e.retry_reason().filter(|r| r.is_rate_rejection()),
-            Ok(_) => None,
-        };
-        if let Some(grant) = job.grant.take() {
-            let refused = |k: &QuotaKey| refused.is_some_and(|r| refused_by(r, k));
-            self.gate
-                .settle(self.clock, grant, &job.keys, refused, answered);
-        }
-        let chat_id = job.spec.chat_id.clone();
-        let now = Instant::now();
-        let retry = match result {
-            Ok(message) => {
-                tracing::debug!(message_id = %job.spec.request.message_id, chat_id = %chat_id, uuid = %job.spec.request.uuid, log_id = %message.log_id, attempts = job.attempts, "reply delivered");
-                let delivered = Delivered {
-                    queued: job.first_send_at.unwrap_or(now) - job.accepted_at,
-                    uuid: job.uuid(),
-                    attempts: job.attempts,
-                    message,
-                };
-                job.finish(Ok(delivered));
-                None
-            }
-            Err(error) => match error.retry_reason() {
-                Some(reason) => self.plan_retry(job, error, reason, now),
-                None => {
-                    tracing::info!(message_id = %job.spec.request.message_id, chat_id = %chat_id, uuid = %job.spec.request.uuid, log_id = %error.log_id(), %error, "reply failed");
-                    let (attempts, uuid) = (job.attempts, job.uuid());
-                    job.finish(Err(GatewayError::Upstream {
-                        error,
-                        attempts,
-                        uuid,
-                    }));
-                    None
-                }
-            },
-        };
-        // A retried job keeps its place at the head of its chat.
-        self.queues.sent(&chat_id, retry);
-    }
-
-    /// Decides whether a retryable failure is retried; returns the job to requeue.
-    fn plan_retry(
-        &mut self,
-        mut job: Job,
-        error: UpstreamError,
-        reason: RetryReason,
-        now: Instant,
-    ) -> Option<Job> {
-        self.metrics.retry(reason);
-        if reason.is_rate_rejection() {
-            // We kept our quotas and Feishu still said "too fast": someone else spends them.
-            // Treat the keys as spent for a window (or Feishu's reset) so we back off as one.
-            self.metrics.rate_rejection(&job.spec.app_name, reason);
-            tracing::warn!(app = %job.spec.app_name, chat_id = %job.spec.chat_id, log_id = %error.log_id(), code = ?error.code(), "unexpected upstream rate rejection; cooling the quota down");
-            let keys: Vec<QuotaKey> = job
-                .keys
-                .iter()
-                .filter(|k| refused_by(reason, k))
-                .cloned()
-                .collect();
-            // Feishu's reset when it gave one, else the shortest window among the keys (the
-            // per-minute app quota must not silence the app for a minute on a per-second hit).
-            // A reset is trusted up to the longest window: no rolling window needs longer.
-            let specs = self.gate.table().specs();
-            let windows = keys.iter().map(|k| specs[k.quota].window);
-            let shortest = windows.clone().min().unwrap_or_default();
-            let longest = windows.max().unwrap_or_default();
-            let wait = error.retry_after().map_or(shortest, |r| r.min(longest));
-            self.gate.block(self.clock, &keys, wait, now);
-        }
-        let backoff = self.backoff(job.attempts, error.retry_after());
-        let not_before = now + backoff;
-        let out_of_time = job
-            .send_by
-            .is_some_and(|s| self.clock.micros(not_before) >= s);
-        if job.attempts >= self.config.retry.max_attempts
-            || out_of_time
-            || self.draining_until.is_some_and(|u| not_before >= u)
-        {
-            tracing::info!(message_id = %job.spec.request.message_id, chat_id = %job.spec.chat_id, uuid = %job.spec.request.uuid, attempts = job.attempts, %error, "retries exhausted");
-            let (attempts, uuid) = (job.attempts, job.uuid());
-            job.finish(Err(GatewayError::Upstream {
-                error,
-                attempts,
-                uuid,
-            }));
-            return None;
-        }
-        tracing::debug!(message_id = %job.spec.request.message_id, uuid = %job.spec.request.uuid, attempt = job.attempts, ?backoff, reason = reason.as_str(), "retrying");
-        job.not_before = self.clock.micros(not_before);
-        Some(job)
-    }
-
-    /// Exponential backoff with full jitter; never shorter than what Feishu asked for.
-    fn backoff(&self, attempts: u32, asked: Option<Duration>) -> Duration {
-        let r = &self.config.retry;
-        let exp = r
-            .base_delay
-            .saturating_mul(1u32 << attempts.saturating_sub(1).min(MAX_BACKOFF_DOUBLINGS))
-            .min(r.max_delay);
-        let jittered = Duration::from_micros(rand::rng().random_range(0..=micros(exp)));
-        asked.map_or(jittered, |a| a.max(jittered))
-    }
-
     fn fail_all_queued(&mut self) {
         let jobs = self.queues.drain();
         let failed = jobs.len();
@@ -678,23 +561,6 @@ fn fail_deadline(job: Job) {
     tracing::info!(message_id = %job.spec.request.message_id, chat_id = %job.spec.chat_id, uuid = %job.spec.request.uuid, attempts = job.attempts, "deadline reached before send; dropped unsent");
     let (attempts, uuid) = (job.attempts, job.uuid());
     job.finish(Err(GatewayError::DeadlineBeforeSend { attempts, uuid }));
-}
-
-/// Whether `key` belongs to the quota layer that refused a send Feishu rejected for `reason`.
-///
-/// The accounting choice for refused sends (README, "How sends are counted"): Feishu checks
-/// the app quotas at its open-platform gateway (99991400 / HTTP 429) before the request
-/// reaches the messaging service, which checks the chat and user quotas (230020). A request
-/// is not admitted by the layer that refused it (sliding-log, fixed-window and token-bucket
-/// limiters alike do not count what they turn away), so it leaves those keys; it passed the
-/// layers before, so it stays counted there (the app keys of a 230020). One refusal thus never
-/// keeps a slot of the 1000/min ring for a minute.
-fn refused_by(reason: RetryReason, key: &QuotaKey) -> bool {
-    match reason {
-        RetryReason::Frequency => key.quota >= FIRST_APP_QUOTA,
-        RetryReason::RateLimited => key.quota < FIRST_APP_QUOTA,
-        _ => false,
-    }
 }
 
 /// The dispatcher is gone (runtime shutting down): settle the job from its own result.
