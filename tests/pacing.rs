@@ -50,13 +50,14 @@ async fn burst(sim: &Arc<SimFeishu>, n: usize) -> Duration {
     start.elapsed()
 }
 
-fn assert_clean(sim: &SimFeishu, n: u64) {
+/// `n` replies to distinct chats over the network `opts` describes: asserts that Feishu
+/// refused none and posted each once; returns the drain time over `limit`.
+async fn clean_burst(opts: SimOptions, n: usize, limit: Duration) -> f64 {
+    let sim = Arc::new(SimFeishu::new(opts));
+    let drain = burst(&sim, n).await;
     let stats = sim.stats();
     assert_eq!(stats.rate_rejections(), 0, "{stats:?}");
-    assert_eq!(stats.posted, n, "{stats:?}");
-}
-
-fn ratio(drain: Duration, limit: Duration) -> f64 {
+    assert_eq!(stats.posted, n as u64, "{stats:?}");
     drain.as_secs_f64() / limit.as_secs_f64()
 }
 
@@ -65,61 +66,44 @@ async fn cold_connections_arriving_80ms_late_cause_no_rejection() {
     // The first wave opens 50 connections whose first request arrives 80 ms late; the next
     // wave reuses them and arrives at once. Counting sends by when they left let the second
     // wave land less than a window after the first (44 rejections, 3.2 x the limit).
-    let sim = Arc::new(SimFeishu::new(SimOptions {
+    let opts = SimOptions {
         cold_connection: Duration::from_millis(80),
         ..SimOptions::default()
-    }));
-    let drain = burst(&sim, 1000).await;
-    assert_clean(&sim, 1000);
-    let r = ratio(drain, PHYSICAL_LIMIT_1000);
-    assert!(
-        r <= 1.10,
-        "drained in {drain:?} = {r:.3} x the physical limit"
-    );
+    };
+    let r = clean_burst(opts, 1000, PHYSICAL_LIMIT_1000).await;
+    assert!(r <= 1.10, "drained in {r:.3} x the physical limit");
 }
 
 #[tokio::test(start_paused = true)]
 async fn random_inbound_delays_up_to_50ms_cause_no_rejection() {
-    let sim = Arc::new(SimFeishu::new(SimOptions {
+    let opts = SimOptions {
         inbound_jitter: Duration::from_millis(50),
         ..SimOptions::default()
-    }));
-    let drain = burst(&sim, 1000).await;
-    assert_clean(&sim, 1000);
-    let r = ratio(drain, PHYSICAL_LIMIT_1000);
-    assert!(
-        r <= 1.10,
-        "drained in {drain:?} = {r:.3} x the physical limit"
-    );
+    };
+    let r = clean_burst(opts, 1000, PHYSICAL_LIMIT_1000).await;
+    assert!(r <= 1.10, "drained in {r:.3} x the physical limit");
 }
 
 #[tokio::test(start_paused = true)]
 async fn crossing_the_minute_quota_under_jitter_is_clean_for_every_seed() {
     for seed in 1..=10u64 {
-        let sim = Arc::new(SimFeishu::new(SimOptions {
+        let opts = SimOptions {
             inbound_jitter: Duration::from_millis(50),
             cold_connection: Duration::from_millis(80),
             seed,
             ..SimOptions::default()
-        }));
-        let drain = burst(&sim, 1030).await;
-        assert_clean(&sim, 1030);
-        let r = ratio(drain, PHYSICAL_LIMIT_1030);
-        assert!(r <= 1.10, "seed {seed}: {drain:?} = {r:.3} x the limit");
+        };
+        let r = clean_burst(opts, 1030, PHYSICAL_LIMIT_1030).await;
+        assert!(r <= 1.10, "seed {seed}: {r:.3} x the limit");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_fast_network_drains_within_3_percent_of_the_physical_limit() {
     // 1 ms each way: the bound costs one round trip and the 5 ms margin per window.
-    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
-    let drain = burst(&sim, 1000).await;
-    assert_clean(&sim, 1000);
-    let r = ratio(drain, PHYSICAL_LIMIT_1000);
-    assert!(
-        r <= 1.03,
-        "drained in {drain:?} = {r:.3} x the physical limit"
-    );
+    let opts = SimOptions::default();
+    let r = clean_burst(opts, 1000, PHYSICAL_LIMIT_1000).await;
+    assert!(r <= 1.03, "drained in {r:.3} x the physical limit");
 }
 
 #[tokio::test(start_paused = true)]

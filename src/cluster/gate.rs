@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::{ClusterError, Decision, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaKey, QuotaSpec, QuotaTable};
-use crate::scheduler::gate::{Clock, GateEvent, Grant, Verdict};
+use crate::scheduler::gate::{Clock, GateEvent, Grant, Verdict, ask_table};
 
 /// Decisions in flight per line. Measured (tests/cluster.rs, 3 replicas): 1 probe → 1.24 Redis
 /// decisions per send, ~26 s drain; 3 probes → 1.78 per send, ~25 s. One is kept.
@@ -186,11 +186,7 @@ impl RedisGate {
                 return Verdict::WaitUntil(now + HOLD_RECHECK);
             }
             (Mode::Down, RedisFailurePolicy::Local) => {
-                let now_m = self.clock.micros(now);
-                return match self.table.try_acquire(keys, now_m) {
-                    Ok(()) => Verdict::Send(Grant::Local { decided: now_m }),
-                    Err(at) => Verdict::WaitUntil(self.clock.instant(at)),
-                };
+                return ask_table(&mut self.table, self.clock, keys, now);
             }
         }
         let shared = match cache {

@@ -77,6 +77,15 @@ pub enum GateEvent {
     Replayed(Result<(), String>),
 }
 
+/// A decision of a local table (single node, or the Redis gate's fallback).
+pub fn ask_table(table: &mut QuotaTable, clock: Clock, keys: &[QuotaKey], now: Instant) -> Verdict {
+    let now_m = clock.micros(now);
+    match table.try_acquire(keys, now_m) {
+        Ok(()) => Verdict::Send(Grant::Local { decided: now_m }),
+        Err(at) => Verdict::WaitUntil(clock.instant(at)),
+    }
+}
+
 /// The dispatcher's one source of quota decisions.
 pub enum QuotaGate {
     Local(QuotaTable),
@@ -110,13 +119,7 @@ impl QuotaGate {
         now: Instant,
     ) -> Verdict {
         match self {
-            QuotaGate::Local(t) => {
-                let now_m = clock.micros(now);
-                match t.try_acquire(keys, now_m) {
-                    Ok(()) => Verdict::Send(Grant::Local { decided: now_m }),
-                    Err(at) => Verdict::WaitUntil(clock.instant(at)),
-                }
-            }
+            QuotaGate::Local(t) => ask_table(t, clock, keys, now),
             QuotaGate::Redis(g) => g.ask(chat, job_id, keys, cache, now),
         }
     }
