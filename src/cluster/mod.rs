@@ -189,7 +189,7 @@ pub struct RedisQuota {
     heartbeat: redis::Script,
     settle: redis::Script,
     /// Answers waiting to be written back (one SETTLE call per batch, see [`Self::settle_later`]).
-    settles: Mutex<Vec<Settle>>,
+    settles: Mutex<VecDeque<Settle>>,
     settle_wake: Arc<tokio::sync::Notify>,
     block: redis::Script,
     release: redis::Script,
@@ -235,7 +235,7 @@ impl RedisQuota {
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
             settle: redis::Script::new(SETTLE_LUA),
-            settles: Mutex::new(Vec::new()),
+            settles: Mutex::new(VecDeque::new()),
             settle_wake: Arc::new(tokio::sync::Notify::new()),
             block: redis::Script::new(BLOCK_LUA),
             release: redis::Script::new(RELEASE_LUA),
@@ -364,9 +364,9 @@ impl RedisQuota {
         let mut q = self.settles.lock();
         if q.len() >= MAX_SETTLES {
             // Redis is not keeping up: the oldest stay at their timeout (stricter, never looser).
-            q.remove(0);
+            q.pop_front();
         }
-        q.push(Settle {
+        q.push_back(Settle {
             keys,
             member,
             answered,
