@@ -55,6 +55,7 @@ pub struct Metrics {
     redis_calls: Family<RedisCallLabels, Counter>,
     redis_up: Gauge,
     redis_fallback: Gauge,
+    redis_fallback_switches: Counter,
     replicas: Gauge,
 }
 
@@ -65,7 +66,7 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 15] = [
+pub const METRIC_NAMES: [&str; 16] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -80,6 +81,7 @@ pub const METRIC_NAMES: [&str; 15] = [
     "feishu_reply_redis_calls",
     "feishu_reply_redis_up",
     "feishu_reply_redis_fallback",
+    "feishu_reply_redis_fallback_switches",
     "feishu_reply_cluster_replicas",
 ];
 
@@ -163,7 +165,7 @@ impl Metrics {
         let redis_calls = Family::<RedisCallLabels, Counter>::default();
         registry.register(
             "feishu_reply_redis_calls",
-            "Redis round trips (cluster mode), by op (decide, replay, heartbeat) and outcome",
+            "Redis round trips (cluster mode), by op (decide, settle, release, block, replay, heartbeat) and outcome",
             redis_calls.clone(),
         );
         let redis_up = Gauge::default();
@@ -177,6 +179,12 @@ impl Metrics {
             "feishu_reply_redis_fallback",
             "1 while Redis is down and the failure policy is in effect (local share or fail-closed)",
             redis_fallback.clone(),
+        );
+        let redis_fallback_switches = Counter::default();
+        registry.register(
+            "feishu_reply_redis_fallback_switches",
+            "Times the replica switched to the Redis failure policy (a blip shorter than a scrape shows here, not in the gauge)",
+            redis_fallback_switches.clone(),
         );
         let replicas = Gauge::default();
         registry.register(
@@ -200,6 +208,7 @@ impl Metrics {
             redis_calls,
             redis_up,
             redis_fallback,
+            redis_fallback_switches,
             replicas,
         };
         // Pre-create the series operators alert on, so they read 0 rather than "no data".
@@ -322,6 +331,11 @@ impl Metrics {
     pub fn set_redis_state(&self, up: bool, fallback: bool) {
         self.redis_up.set(i64::from(up));
         self.redis_fallback.set(i64::from(fallback));
+    }
+
+    /// The replica switched to the Redis failure policy.
+    pub fn redis_fallback_switch(&self) {
+        self.redis_fallback_switches.inc();
     }
 
     pub fn set_replicas(&self, n: usize) {

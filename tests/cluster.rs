@@ -570,6 +570,12 @@ async fn a_redis_pause_during_steady_traffic_fails_no_call() {
         assert!(r.is_ok(), "call {i}: {r:?}");
     }
     assert!(fallback_is(&gw, false).await, "back on Redis");
+    let m = gw.http_get("/metrics").await.1;
+    let switches = metric(&m, "feishu_reply_redis_fallback_switches_total");
+    assert!(
+        switches >= Some(1.0),
+        "the blip is visible after the fact: {m}"
+    );
     assert_eq!(gw.http_get("/readyz").await.0, 200);
     assert_eq!(fake.stats().rate_rejections(), 0);
 }
@@ -637,7 +643,8 @@ async fn a_poisoned_key_holds_only_its_own_jobs_and_clears_when_fixed() {
         .expect("other chats are not affected");
     }
     let m = gw.http_get("/metrics").await.1;
-    assert_eq!(metric(&m, "feishu_reply_redis_fallback"), Some(0.0), "{m}");
+    let switches = metric(&m, "feishu_reply_redis_fallback_switches_total");
+    assert_eq!(switches, Some(0.0), "never off Redis: {m}");
     let refused = "feishu_reply_redis_calls_total{op=\"decide\",outcome=\"error\"}";
     assert!(metric(&m, refused) >= Some(1.0), "{m}");
     assert!(

@@ -403,6 +403,7 @@ impl RedisGate {
             self.table.set_floor(self.clock.micros(Instant::now()));
         }
         tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
+        self.metrics.redis_fallback_switch();
         self.publish();
     }
 
