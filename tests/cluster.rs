@@ -661,3 +661,87 @@ async fn a_poisoned_key_holds_only_its_own_jobs_and_clears_when_fixed() {
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(fake.stats().rate_rejections(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_redis_refused_to_settle_is_settled_once_redis_takes_it() {
+    // A reply is in flight (held by the fake) when Redis starts refusing scripts (an ACL here;
+    // a stopped Redis would still run the queued call when it wakes); its answer comes back
+    // while Redis refuses the settle. Once Redis takes scripts again, the send's latest arrival
+    // must become its answer instant, not stay at its provisional decision + send timeout
+    // (20 s), or it would hold one of the app's 50 slots per second for 20 s.
+    let OneReplica {
+        redis,
+        fake,
+        gw,
+        prefix,
+    } = one_replica("settle", "").await;
+    fake.push_fault(Fault {
+        message_id: Some("om_held".into()),
+        http: 200,
+        hold: true,
+        times: 1,
+        ..Default::default()
+    });
+    let held = {
+        let mut c = gw.client.clone();
+        tokio::spawn(async move { c.reply(text("om_held", "oc_held", "x")).await })
+    };
+    let t = Instant::now();
+    while !fake.received().iter().any(|r| r.message_id == "om_held") {
+        assert!(t.elapsed() < Duration::from_secs(10), "om_held never sent");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut conn = redis_conn(&redis.url()).await;
+    let acl = |rule: &'static str| {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(rule)
+            .clone()
+    };
+    let key = format!("{{{prefix}}}:app:1000ms:{}", common::APP_ID);
+    let (members, provisional) = members_and_max(&mut conn, &key).await;
+    assert_eq!(members, 2, "the warm-up and om_held are recorded");
+    let _: () = acl("-@scripting").query_async(&mut conn).await.unwrap();
+    fake.release_held();
+    held.await.unwrap().expect("delivered");
+    // The settle has been tried (and refused) meanwhile.
+    let failed = "feishu_reply_redis_calls_total{op=\"settle\",outcome=\"error\"}";
+    let t = Instant::now();
+    while metric(&gw.http_get("/metrics").await.1, failed).unwrap_or(0.0) < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no settle was tried");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: () = acl("+@all").query_async(&mut conn).await.unwrap();
+    // The answer came within moments of the decision, so once settled the score sits about a
+    // send timeout (here 4 s: twice the tests' request timeout) below the provisional one;
+    // unsettled it stays there, however long we wait.
+    let t = Instant::now();
+    loop {
+        // Both sends (warm-up, om_held) still there: the key expires a window after the
+        // provisional instant, and an empty key proves nothing.
+        let (members, latest) = members_and_max(&mut conn, &key).await;
+        if members == 2 && latest < provisional - 2_000_000 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the answer was never settled: latest arrival {latest}, provisional {provisional}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How many sends a quota key holds and the highest score (latest possible arrival, µs).
+async fn members_and_max(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (usize, i64) {
+    let all: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let max = all.iter().map(|(_, s)| *s as i64).max().unwrap_or(0);
+    (all.len(), max)
+}

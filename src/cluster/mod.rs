@@ -43,6 +43,8 @@ const MAX_UNKNOWN: usize = 10_000;
 const MAX_SETTLES: usize = 10_000;
 /// Answers written back per SETTLE call.
 const SETTLE_BATCH: usize = 256;
+/// Pause before writing back a batch of answers again after Redis failed it.
+const SETTLE_RETRY: Duration = Duration::from_millis(100);
 
 /// One answer to write back: the send's keys, its member, when its answer came.
 struct Settle {
@@ -375,9 +377,10 @@ impl RedisQuota {
         self.settle_wake.notify_one();
     }
 
-    /// Writes queued answers back, a batch per Redis call, until the store is dropped. A
-    /// failed batch is dropped: its sends keep their provisional score (their timeout), which
-    /// is stricter, never looser.
+    /// Writes queued answers back, a batch per Redis call, until the store is dropped. A failed
+    /// batch is retried (a settle only ever moves a score earlier, to the answer instant, so a
+    /// repeat is harmless); past `MAX_SETTLES` waiting answers the oldest are dropped and
+    /// those sends count until their timeout (stricter, never looser).
     pub async fn run_settler(store: std::sync::Weak<Self>) {
         loop {
             let Some(s) = store.upgrade() else { return };
@@ -394,7 +397,20 @@ impl RedisQuota {
                 continue;
             }
             if let Err(e) = s.settle_batch(&batch).await {
-                tracing::debug!(error = %e, sends = batch.len(), "settling answers in Redis failed; those sends count until their timeout");
+                // The answers are still known: put them back (oldest first) and try again
+                // shortly, or each of those sends would hold its slot until its timeout.
+                tracing::debug!(error = %e, sends = batch.len(), "settling answers in Redis failed; retrying");
+                {
+                    let mut q = s.settles.lock();
+                    for settle in batch.into_iter().rev() {
+                        q.push_front(settle);
+                    }
+                    while q.len() > MAX_SETTLES {
+                        q.pop_front();
+                    }
+                }
+                drop(s);
+                tokio::time::sleep(SETTLE_RETRY).await;
             }
         }
     }
