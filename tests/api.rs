@@ -474,3 +474,30 @@ async fn the_fake_answers_with_feishus_header_casing() {
     assert!(raw.contains("\"tenant_access_token\":\"t-"), "{raw}");
     assert!(raw.contains("\"expire\":7200"), "{raw}");
 }
+
+#[tokio::test]
+async fn a_code_0_answer_is_a_success_whatever_else_its_data_holds() {
+    // Feishu posted the reply and said code 0, with fields the gateway did not expect: null,
+    // of another type, added, missing. Anything but success here makes the caller retry with
+    // a fresh uuid, i.e. post twice.
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    gw.fake.push_fault(Fault {
+        data: Some(serde_json::json!({
+            "thread_id": null,
+            "create_time": 1764147600000u64,
+            "parent_id": {"unexpected": "object"},
+            "new_field": [1, 2, 3],
+        })),
+        times: 1,
+        ..Default::default()
+    });
+    let r = gw.reply(text("om_odd", "oc_odd", "hi")).await.unwrap();
+    assert!(r.message_id.starts_with("om_fake"), "{r:?}");
+    assert_eq!((r.thread_id.as_str(), r.parent_id.as_str()), ("", ""));
+    assert_eq!(
+        r.create_time, "1764147600000",
+        "a number is kept as its digits"
+    );
+    assert_eq!(r.attempts, 1);
+    assert_eq!(gw.fake.stats().posted, 1);
+}

@@ -114,6 +114,9 @@ pub struct Fault {
     pub hold: bool,
     /// Answer with a non-JSON body (a proxy's error page).
     pub html: bool,
+    /// Post the reply for real, then answer code 0 with this `data` object merged over the
+    /// real one (fields Feishu may add, null or drop: `{"thread_id": null}`).
+    pub data: Option<serde_json::Value>,
     /// How many requests this applies to.
     pub times: u32,
 }

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::window::{Counter, counter_record, counter_retry_after, next_f64};
@@ -191,6 +191,7 @@ fn reply_outcome(
         .iter()
         .position(|f| f.times > 0 && f.message_id.as_deref().is_none_or(|m| m == message_id));
     let mut hold = None;
+    let mut data_over = None;
     if let Some(i) = fault_idx {
         let f = &mut inner.faults[i];
         f.times -= 1;
@@ -200,8 +201,10 @@ fn reply_outcome(
             f.clone()
         };
         inner.stats.faults += 1;
+        data_over = f.data.clone();
         match f.post_then_delay_ms {
             Some(ms) => hold = Some(Hold::Delay(Duration::from_millis(ms))),
+            None if data_over.is_some() => {}
             None if f.hold => hold = Some(Hold::UntilReleased(*s.released.borrow())),
             None => {
                 if f.html {
@@ -319,10 +322,14 @@ fn reply_outcome(
         inner.uuid_order.push_back((arrived, body.uuid.clone()));
     }
     inner.stats.posted += 1;
+    let mut answer = data;
+    if let (Some(Value::Object(over)), Some(obj)) = (data_over, answer.as_object_mut()) {
+        obj.extend(over);
+    }
     (
         0,
         200,
-        feishu(s, 200, json!({"code": 0, "msg": "success", "data": data})),
+        feishu(s, 200, json!({"code": 0, "msg": "success", "data": answer})),
         hold,
     )
 }

@@ -19,7 +19,7 @@ const JSON_UTF8: &str = "application/json; charset=utf-8";
 #[derive(Debug, Deserialize)]
 struct Envelope {
     code: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_string")]
     msg: String,
     #[serde(default)]
     data: Option<Value>,
@@ -29,6 +29,36 @@ struct Envelope {
     expire: Option<u64>,
     #[serde(default)]
     error: Option<EnvelopeError>,
+}
+
+/// A string field that may also come as null (empty) or another JSON type (its text).
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => s,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+/// Feishu's `data` of a code-0 reply, read field by field. Code 0 means the reply was posted,
+/// so nothing in `data` may turn it into an error (the caller would retry with a new uuid and
+/// post twice): a missing, null or odd-typed field reads as empty, a number as its digits.
+fn sent_message(data: &Value) -> SentMessage {
+    let field = |name: &str| match data.get(name) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    };
+    SentMessage {
+        message_id: field("message_id"),
+        root_id: field("root_id"),
+        parent_id: field("parent_id"),
+        thread_id: field("thread_id"),
+        chat_id: field("chat_id"),
+        msg_type: field("msg_type"),
+        create_time: field("create_time"),
+        log_id: String::new(),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,16 +196,10 @@ impl FeishuClient {
             .await;
         let result = match resp {
             Err(e) => Err(network_error(e)),
-            Ok(resp) => read_envelope(resp).await.and_then(|(env, _, log_id)| {
-                let data = env.data.unwrap_or(Value::Null);
-                let mut msg: SentMessage =
-                    serde_json::from_value(data).map_err(|e| UpstreamError::BadResponse {
-                        http: 200,
-                        detail: format!("reply data: {e}"),
-                        log_id: log_id.clone(),
-                    })?;
+            Ok(resp) => read_envelope(resp).await.map(|(env, _, log_id)| {
+                let mut msg = sent_message(env.data.as_ref().unwrap_or(&Value::Null));
                 msg.log_id = log_id;
-                Ok(msg)
+                msg
             }),
         };
         self.metrics
