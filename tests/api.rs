@@ -501,3 +501,27 @@ async fn a_code_0_answer_is_a_success_whatever_else_its_data_holds() {
     assert_eq!(r.attempts, 1);
     assert_eq!(gw.fake.stats().posted, 1);
 }
+
+#[tokio::test]
+async fn an_absurd_token_lifetime_neither_panics_nor_wedges_a_chat() {
+    // Feishu (or a proxy) answers "expire": u64::MAX seconds. Adding that to the clock used to
+    // panic inside the send task: the chat stayed busy and every later reply to it timed out.
+    let gw = spawn_gateway(
+        FakeOptions {
+            token_ttl: Duration::from_secs(u64::MAX),
+            ..FakeOptions::default()
+        },
+        "",
+    )
+    .await;
+    for i in 0..3 {
+        let r = gw
+            .reply_with_timeout(
+                text(&format!("om_ttl{i}"), "oc_ttl", "hi"),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(r.is_ok(), "reply {i}: {r:?}");
+    }
+    assert_eq!(gw.fake.stats().token_requests, 1);
+}

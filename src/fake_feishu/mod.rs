@@ -471,13 +471,19 @@ async fn token(
     );
     inner
         .tokens
-        .insert(value.clone(), (b.app_id, Instant::now() + ttl));
+        .insert(value.clone(), (b.app_id, far_or(Instant::now(), ttl)));
     drop(inner);
     feishu(
         &s,
         200,
         json!({ "code": 0, "msg": "ok", "tenant_access_token": value, "expire": ttl.as_secs() }),
     )
+}
+
+/// `now + ttl`, or a century from now when that does not fit (tests give absurd TTLs).
+fn far_or(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 /// The app_id behind a valid bearer token, or Feishu's invalid-token (code, msg).

@@ -15,6 +15,9 @@ use crate::metrics::Metrics;
 
 const JSON_UTF8: &str = "application/json; charset=utf-8";
 
+/// A tenant_access_token lives at most this long (Feishu issues them for 2 h).
+const MAX_TOKEN_LIFETIME_S: u64 = 7200;
+
 /// Feishu's answer envelope: `{code, msg, data}` (token endpoint: token fields at top level).
 #[derive(Debug, Deserialize)]
 struct Envelope {
@@ -152,7 +155,8 @@ impl FeishuClient {
             match (env.code, env.tenant_access_token, env.expire) {
                 (0, Some(value), Some(expire)) => Ok(FetchedToken {
                     value,
-                    expires_in: Duration::from_secs(expire),
+                    // A tenant_access_token lives at most 2 h; a longer `expire` is not Feishu's.
+                    expires_in: Duration::from_secs(expire.min(MAX_TOKEN_LIFETIME_S)),
                 }),
                 (0, _, _) => Err(UpstreamError::BadResponse {
                     http: 200,

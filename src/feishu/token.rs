@@ -132,7 +132,10 @@ impl TokenCache {
         let value: Arc<str> = t.value.into();
         *self.current.write() = Some(Cached {
             value: value.clone(),
-            expires_at: Instant::now() + t.expires_in,
+            // Checked: the lifetime comes from outside (the client caps it too).
+            expires_at: Instant::now()
+                .checked_add(t.expires_in)
+                .unwrap_or_else(Instant::now),
         });
         Ok(value)
     }
