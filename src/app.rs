@@ -38,16 +38,6 @@ pub enum AppError {
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
-/// The URL without its password (for logs).
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// State the metrics port serves.
 struct Probe {
     metrics: Arc<Metrics>,
@@ -129,7 +119,7 @@ pub async fn run_with_upstream(
     }
     let store = match &config.cluster {
         Some(c) => {
-            tracing::info!(redis = %redact_url(&c.redis_url), policy = ?c.on_failure, "cluster mode: quotas shared through Redis");
+            tracing::info!(redis = %crate::cluster::redact_url(&c.redis_url), policy = ?c.on_failure, "cluster mode: quotas shared through Redis");
             Some(Arc::new(RedisQuota::new(c.clone(), metrics.clone())?))
         }
         None => None,

@@ -56,11 +56,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    /// The parser's own error is not kept: it quotes the offending line, which may hold a
+    /// secret. `message` has quoted fragments removed.
+    #[error("config file {path}: line {line}, column {column}: {message}")]
     Parse {
         path: PathBuf,
-        #[source]
-        source: toml::de::Error,
+        line: usize,
+        column: usize,
+        message: String,
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -347,10 +350,8 @@ impl Config {
 
     /// Parses TOML text (no overrides); used by tests and tools.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            source,
-        })?;
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| parse_error(Path::new("<inline>"), text, &e))?;
         Self::build(file, &ServeArgs::default())
     }
 
@@ -359,10 +360,7 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })
+        toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))
     }
 
     fn build(file: FileConfig, args: &ServeArgs) -> Result<Self, ConfigError> {
@@ -598,6 +596,51 @@ impl Config {
     }
 }
 
+/// A TOML error that says where (line, column) and what, without quoting the file: the
+/// offending line may hold a secret, and serde's type errors quote values.
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = &text.as_bytes()[..at];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = at
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1)
+        + 1;
+    ConfigError::Parse {
+        path: path.into(),
+        line,
+        column,
+        message: redact_quoted(e.message()),
+    }
+}
+
+/// `msg` with every `"…"`, `'…'` and `` `…` `` fragment replaced by `…`.
+fn redact_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut open: Option<char> = None;
+    for c in msg.chars() {
+        match open {
+            Some(q) if c == q => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None if matches!(c, '"' | '\'' | '`') => {
+                out.push(c);
+                open = Some(c);
+            }
+            None => out.push(c),
+        }
+    }
+    if open.is_some() {
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,6 +679,30 @@ mod tests {
         assert_eq!(c.feishu.base_url, "https://open.larksuite.com");
         assert_eq!(c.quotas.app.len(), 1);
         assert!(!format!("{c:?}").contains("s1"), "secrets never printed");
+    }
+
+    #[test]
+    fn a_parse_error_never_quotes_the_file() {
+        // The broken line holds the secret: the error names where, not what.
+        let text = "[apps.ops]\napp_id = \"cli_1\"\napp_secret = \"s3cr3t-value\" oops\n";
+        let e = Config::from_toml(text).unwrap_err();
+        let shown = format!("{e} / {e:?} / {:?}", std::error::Error::source(&e));
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("line 3"), "says where: {shown}");
+    }
+
+    #[test]
+    fn the_cluster_config_never_shows_the_redis_password() {
+        let c = Config::from_toml(
+            "[cluster]\nredis_url = \"rediss://:hunter2pw@redis.internal:6380\"\n",
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2pw"), "{shown}");
+        assert!(
+            shown.contains("redis.internal:6380"),
+            "the rest stays: {shown}"
+        );
     }
 
     #[test]

@@ -525,3 +525,29 @@ async fn an_absurd_token_lifetime_neither_panics_nor_wedges_a_chat() {
     }
     assert_eq!(gw.fake.stats().token_requests, 1);
 }
+
+#[tokio::test]
+async fn an_unexpected_token_answer_is_described_without_its_token() {
+    // `expire` as a string: the answer does not parse, and used to be quoted (200 bytes, the
+    // token included) into the caller's status message and the log.
+    let gw = spawn_gateway(
+        FakeOptions {
+            token_body: Some(
+                r#"{"code":0,"msg":"ok","tenant_access_token":"t-leakme0123456789abcdef","expire":"7200"}"#
+                    .into(),
+            ),
+            ..FakeOptions::default()
+        },
+        "",
+    )
+    .await;
+    let s = gw.reply(text("om_tok", "oc_tok", "hi")).await.unwrap_err();
+    let shown = format!("{} {:?}", s.message(), s.details());
+    assert!(!shown.contains("leakme"), "{shown}");
+    assert!(
+        shown.contains("tenant_access_token"),
+        "says what was there: {shown}"
+    );
+    let (_, metrics) = gw.http_get("/metrics").await;
+    assert!(!metrics.contains("leakme"));
+}

@@ -75,8 +75,8 @@ pub enum RedisMode {
     Cluster,
 }
 
-/// `[cluster]` settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `[cluster]` settings (Debug hides the Redis password).
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// `redis://` or `rediss://` (TLS; server certificate checked against the system roots,
     /// or `redis_ca_pem`).
@@ -90,6 +90,41 @@ pub struct ClusterConfig {
     pub on_failure: RedisFailurePolicy,
     /// Replicas assumed for the local share until the heartbeat has observed the real count.
     pub replicas: usize,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            redis_url,
+            redis_mode,
+            redis_ca_pem,
+            key_prefix,
+            redis_timeout,
+            on_failure,
+            replicas,
+        } = self;
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &redact_url(redis_url))
+            .field("redis_mode", redis_mode)
+            .field("redis_ca_pem", &redis_ca_pem.as_ref().map(Vec::len))
+            .field("key_prefix", key_prefix)
+            .field("redis_timeout", redis_timeout)
+            .field("on_failure", on_failure)
+            .field("replicas", replicas)
+            .finish()
+    }
+}
+
+/// `url` with its credentials replaced by `***`, for each URL of a comma-separated list.
+pub fn redact_url(url: &str) -> String {
+    let one = |u: &str| match (u.find("://"), u.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &u[..scheme], &u[at..]),
+        _ => u.to_owned(),
+    };
+    url.split(',')
+        .map(|u| one(u.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -61,6 +61,9 @@ pub struct FakeOptions {
     /// cold connection to Feishu costs.
     pub cold_connection: Duration,
     pub token_ttl: Duration,
+    /// Answer every token request with this raw body (HTTP 200) instead: malformed or
+    /// unexpected answers from the token endpoint.
+    pub token_body: Option<String>,
     /// Accepted (app_id, app_secret) pairs; empty = accept any.
     pub apps: Vec<(String, String)>,
     pub chat_quota: FakeQuota,
@@ -84,6 +87,7 @@ impl Default for FakeOptions {
             inbound_jitter: Duration::ZERO,
             cold_connection: Duration::ZERO,
             token_ttl: Duration::from_secs(7200),
+            token_body: None,
             apps: Vec::new(),
             chat_quota: q(5, 1000),
             user_quota: q(5, 1000),
@@ -453,6 +457,15 @@ async fn token(
     };
     let mut inner = s.inner.lock();
     inner.stats.token_requests += 1;
+    if let Some(raw) = inner.opts.token_body.clone() {
+        drop(inner);
+        let mut r = (StatusCode::OK, raw).into_response();
+        r.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        return r;
+    }
     let known = inner.opts.apps.is_empty()
         || inner
             .opts

@@ -307,6 +307,71 @@ fn network_error(e: reqwest::Error) -> UpstreamError {
     UpstreamError::Network { kind, detail }
 }
 
+/// Characters of a non-JSON body quoted in an error (a proxy's error page).
+const EXCERPT_CHARS: usize = 120;
+/// Runs of this many token-like characters are masked in an excerpt (a tenant_access_token
+/// is `t-` + 30 hex digits).
+const TOKEN_LIKE_RUN: usize = 16;
+
+/// What an answer that is not Feishu's envelope looked like, safe for a status message and a
+/// log line: JSON is described by its shape (keys and value types, never values: the token
+/// endpoint's answer holds the token); anything else by a short excerpt with token-like runs
+/// masked.
+fn describe_body(body: &[u8]) -> String {
+    fn shape(v: &Value) -> &'static str {
+        match v {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        }
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => {
+            let fields: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", shape(v)))
+                .collect();
+            format!("JSON {{{}}}", fields.join(", "))
+        }
+        Ok(other) => format!("JSON {}", shape(&other)),
+        Err(_) => {
+            let text: String = String::from_utf8_lossy(body)
+                .chars()
+                .take(EXCERPT_CHARS)
+                .collect();
+            format!("{} bytes: {:?}", body.len(), mask_token_like(&text))
+        }
+    }
+}
+
+/// `text` with every run of at least [`TOKEN_LIKE_RUN`] letters, digits, `-` or `_` replaced by
+/// `…` (tokens, secrets, ids).
+fn mask_token_like(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= TOKEN_LIKE_RUN {
+            out.push('…');
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 /// Reads `{code, msg, data}`; a non-zero code becomes [`UpstreamError::Feishu`].
 async fn read_envelope(
     resp: reqwest::Response,
@@ -322,10 +387,9 @@ async fn read_envelope(
     let env: Envelope = match serde_json::from_slice(&body) {
         Ok(env) => env,
         Err(_) => {
-            let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
             return Err(UpstreamError::BadResponse {
                 http,
-                detail: format!("not a Feishu JSON answer: {snippet:?}"),
+                detail: format!("not a Feishu answer: {}", describe_body(&body)),
                 log_id: header_log_id,
             });
         }
@@ -361,4 +425,25 @@ async fn read_envelope(
         });
     }
     Ok((env, headers, log_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_described_without_secrets() {
+        let json = br#"{"code":0,"tenant_access_token":"t-7f1bcd13fc57d46bac21793a18e560","expire":"7200"}"#;
+        assert_eq!(
+            describe_body(json),
+            "JSON {code: number, expire: string, tenant_access_token: string}"
+        );
+        // Cut off mid-answer: not JSON, so an excerpt, with the token masked.
+        let cut = br#"{"code":0,"tenant_access_token":"t-7f1bcd13fc57d46bac2179"#;
+        let d = describe_body(cut);
+        assert!(!d.contains("7f1bcd13"), "{d}");
+        // A proxy's error page stays readable.
+        let html = b"<html><body>502 Bad Gateway</body></html>";
+        assert!(describe_body(html).contains("502 Bad Gateway"));
+    }
 }
