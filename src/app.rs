@@ -28,6 +28,8 @@ use crate::scheduler::{ClusterState, Scheduler, SchedulerConfig};
 pub enum AppError {
     #[error("building the Feishu HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("starting the embedded fake Feishu: {0}")]
     Fake(#[source] std::io::Error),
     #[error("gRPC server: {0}")]
@@ -45,7 +47,7 @@ struct Probe {
     scheduler: Scheduler,
 }
 
-/// With no app configured: start a fake Feishu on loopback and point a default app at it.
+/// `--embedded-fake`: start a fake Feishu on loopback and point a default app at it.
 async fn embedded_fake(config: &mut Config) -> Result<FakeFeishu, AppError> {
     let q = |s: crate::quota::QuotaSpec| FakeQuota {
         limit: s.limit.get(),
@@ -69,8 +71,9 @@ async fn embedded_fake(config: &mut Config) -> Result<FakeFeishu, AppError> {
     config.default_app = Some(DEFAULT_APP_NAME.into());
     tracing::warn!(
         fake = %fake.base_url(),
-        "NO FEISHU APP CONFIGURED: replies go to an EMBEDDED FAKE Feishu, not to Feishu. \
-         Set FEISHU_APP_ID and FEISHU_APP_SECRET (or [apps.*] in --config) to talk to Feishu."
+        "--embedded-fake: replies go to an EMBEDDED FAKE Feishu, not to Feishu (a demo). To \
+         talk to Feishu, drop --embedded-fake and set FEISHU_APP_ID and FEISHU_APP_SECRET \
+         (or [apps.*] in --config)."
     );
     Ok(fake)
 }
@@ -83,10 +86,11 @@ pub async fn run(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AppError> {
-    let _fake = if config.apps.is_empty() {
-        Some(embedded_fake(&mut config).await?)
-    } else {
-        None
+    let _fake = match (config.embedded_fake, config.apps.is_empty()) {
+        (true, _) => Some(embedded_fake(&mut config).await?),
+        // Never a silent fake: no app and no --embedded-fake is a configuration error.
+        (false, true) => return Err(AppError::Config(crate::config::ConfigError::NoApp)),
+        (false, false) => None,
     };
     let metrics = Arc::new(Metrics::new());
     let upstream: Arc<dyn Upstream> = Arc::new(FeishuClient::new(

@@ -42,6 +42,16 @@ pub struct ServeArgs {
     /// Redis URL for cluster mode (replicas share every quota), e.g. redis://redis:6379.
     #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Run against an embedded fake Feishu (a demo or first run: replies are not posted to
+    /// Feishu). Cannot be combined with configured apps. Without it, `serve` refuses to start
+    /// when no app is configured.
+    #[arg(
+        long,
+        env = "GATEWAY_EMBEDDED_FAKE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub embedded_fake: bool,
     /// How to speak to redis_url: standalone (one endpoint) or cluster (Redis Cluster; the URL
     /// may list seed nodes separated by commas) [default: standalone, or the config file's].
     #[arg(long, env = "GATEWAY_REDIS_MODE", value_enum)]
@@ -67,6 +77,12 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error(
+        "no Feishu app configured: set FEISHU_APP_ID and FEISHU_APP_SECRET, or [apps.<name>] in \
+         the config file; to try the gateway without Feishu, run `serve --embedded-fake` \
+         (GATEWAY_EMBEDDED_FAKE=1): replies then go to an embedded fake, not to Feishu"
+    )]
+    NoApp,
 }
 
 /// One Feishu app (custom app credentials).
@@ -144,8 +160,10 @@ pub struct Config {
     /// On SIGTERM, keep sending queued replies this long, then fail the rest with UNAVAILABLE.
     pub shutdown_grace: Duration,
     pub feishu: FeishuConfig,
-    /// Configured apps; empty means "run against the embedded fake Feishu".
+    /// Configured apps (empty only with `embedded_fake`, or in tests).
     pub apps: Vec<AppConfig>,
+    /// Run against an embedded fake Feishu on purpose (`serve --embedded-fake`).
+    pub embedded_fake: bool,
     /// Name of the app used when a request names none.
     pub default_app: Option<String>,
     pub quotas: QuotaConfig,
@@ -340,12 +358,24 @@ impl Default for FileAdmission {
 
 impl Config {
     /// Reads the file named by `args.config` (if any), applies env/flag overrides, validates.
+    /// The configuration `serve` runs with: the file and overrides, and an app to send as —
+    /// or `--embedded-fake`, never both and never neither (a missing secret must not turn
+    /// into replies that "succeed" into a fake).
     pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
             Some(path) => Self::read_file(path)?,
             None => FileConfig::default(),
         };
-        Self::build(file, args)
+        let config = Self::build(file, args)?;
+        match (config.embedded_fake, config.apps.is_empty()) {
+            (false, true) => Err(ConfigError::NoApp),
+            (true, false) => Err(ConfigError::Invalid(
+                "--embedded-fake (GATEWAY_EMBEDDED_FAKE) cannot be combined with configured apps \
+                 (FEISHU_APP_ID or [apps.*]): drop one of them"
+                    .into(),
+            )),
+            _ => Ok(config),
+        }
     }
 
     /// Parses TOML text (no overrides); used by tests and tools.
@@ -384,6 +414,7 @@ impl Config {
             app_secret,
             redis_url,
             redis_mode,
+            embedded_fake,
         } = args;
         if let Some(mode) = redis_mode {
             cluster.redis_mode = *mode;
@@ -569,6 +600,7 @@ impl Config {
                 token_refresh_before: Duration::from_secs(feishu.token_refresh_before_s),
             },
             apps: app_list,
+            embedded_fake: *embedded_fake,
             default_app,
             quotas,
             queue: QueueConfig {

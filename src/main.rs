@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use feishu_reply_gateway::config::{Config, ServeArgs};
+use feishu_reply_gateway::config::{Config, ConfigError, ServeArgs};
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, WindowMode};
 use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
@@ -44,7 +44,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway (with no app configured: against an embedded fake Feishu).
+    /// Run the gateway (`--embedded-fake`: against an embedded fake Feishu, for a demo).
     Serve(ServeArgs),
     /// Run a fake Feishu (token, reply, get-message endpoints) for tests and demos.
     FakeFeishu(FakeArgs),
@@ -175,7 +175,14 @@ fn init_tracing(format: LogFormat) {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
-    let config = Config::load(&args)?;
+    let config = match Config::load(&args) {
+        Ok(c) => c,
+        Err(e @ ConfigError::NoApp) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let grpc = TcpListener::bind(config.grpc_addr)
         .await
         .map_err(|e| format!("binding gRPC address {}: {e}", config.grpc_addr))?;

@@ -1,4 +1,5 @@
-//! The binary as a person uses it: `serve` with no credentials (embedded fake), `send`, SIGTERM.
+//! The binary as a person uses it: `serve --embedded-fake`, `send`, SIGTERM; `serve` refusing
+//! to start with no app (never a silent fake).
 
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
@@ -18,7 +19,7 @@ fn free_port() -> u16 {
 fn serve_on_the_embedded_fake_then_send_then_sigterm() {
     let (grpc, metrics) = (free_port(), free_port());
     let mut serve = Command::new(BIN)
-        .arg("serve")
+        .args(["serve", "--embedded-fake"])
         .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("GATEWAY_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
         .env_remove("FEISHU_APP_ID")
@@ -127,4 +128,64 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
         "says loudly it runs on the fake:\n{log}"
     );
     assert!(log.contains("drained"), "{log}");
+}
+
+/// `serve` with the given extra args and env, no app in the environment; its exit code and
+/// stderr (it must exit on its own, before binding anything).
+fn serve_refusal(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve")
+        .args(args)
+        .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("GATEWAY_METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env_remove("FEISHU_APP_ID")
+        .env_remove("FEISHU_APP_SECRET")
+        .env_remove("GATEWAY_CONFIG")
+        .env_remove("GATEWAY_EMBEDDED_FAKE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("serve kept running: it must refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+#[test]
+fn serve_without_an_app_refuses_to_start_and_names_the_demo_flag() {
+    // A secret that went missing must not turn into replies that "succeed" into a fake.
+    let (code, err) = serve_refusal(&[], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--embedded-fake"), "{err}");
+    assert!(err.contains("FEISHU_APP_ID"), "{err}");
+    // The app id alone (its secret missing) is no app either.
+    let (code, err) = serve_refusal(&[], &[("FEISHU_APP_ID", "cli_x")]);
+    assert_ne!(code, Some(0), "{err}");
+}
+
+#[test]
+fn the_embedded_fake_cannot_be_combined_with_a_real_app() {
+    let real = [("FEISHU_APP_ID", "cli_real"), ("FEISHU_APP_SECRET", "s")];
+    let (code, err) = serve_refusal(&["--embedded-fake"], &real);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("cannot be combined"), "{err}");
+    // The same through the environment.
+    let mut env = real.to_vec();
+    env.push(("GATEWAY_EMBEDDED_FAKE", "1"));
+    let (code, err) = serve_refusal(&[], &env);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("cannot be combined"), "{err}");
 }
