@@ -63,6 +63,12 @@ pub enum GatewayError {
     ChatLookup(UpstreamError),
     #[error("the gateway is shutting down; not sent")]
     ShuttingDown { attempts: u32, uuid: String },
+    /// A bug in the gateway while sending (a panic). The attempt may or may not have been
+    /// posted; retrying with the same uuid is safe (Feishu dedupes it for an hour).
+    #[error(
+        "internal error while sending (after {attempts} attempts); it may have been posted: retry with uuid {uuid}"
+    )]
+    Internal { attempts: u32, uuid: String },
 }
 
 impl GatewayError {
@@ -76,6 +82,7 @@ impl GatewayError {
             Code::Unavailable => "unavailable",
             Code::ResourceExhausted => "resource_exhausted",
             Code::DeadlineExceeded => "deadline_exceeded",
+            Code::Internal => "internal",
             _ => "unknown",
         }
     }
@@ -105,6 +112,7 @@ impl GatewayError {
             | GatewayError::DeadlineUnreachable { .. } => Code::ResourceExhausted,
             GatewayError::DeadlineBeforeSend { .. } => Code::DeadlineExceeded,
             GatewayError::ShuttingDown { .. } => Code::Unavailable,
+            GatewayError::Internal { .. } => Code::Internal,
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => {
                 upstream_code(error)
             }
@@ -122,6 +130,7 @@ impl GatewayError {
             GatewayError::DeadlineUnreachable { .. } => "DEADLINE_UNREACHABLE".into(),
             GatewayError::DeadlineBeforeSend { .. } => "DEADLINE_BEFORE_SEND".into(),
             GatewayError::ShuttingDown { .. } => "SHUTTING_DOWN".into(),
+            GatewayError::Internal { .. } => "INTERNAL".into(),
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => match error {
                 UpstreamError::Credentials { .. } => "APP_CREDENTIALS".into(),
                 UpstreamError::Feishu { code, .. } => format!("FEISHU_{code}"),
@@ -165,7 +174,8 @@ impl GatewayError {
         match self {
             GatewayError::Upstream { attempts, uuid, .. }
             | GatewayError::DeadlineBeforeSend { attempts, uuid }
-            | GatewayError::ShuttingDown { attempts, uuid } => {
+            | GatewayError::ShuttingDown { attempts, uuid }
+            | GatewayError::Internal { attempts, uuid } => {
                 meta.insert("attempts".to_owned(), attempts.to_string());
                 meta.insert("uuid".to_owned(), uuid.clone());
             }
@@ -376,6 +386,18 @@ mod tests {
             "UNKNOWN_APP",
             false,
         );
+    }
+
+    #[test]
+    fn a_panic_while_sending_is_internal_with_the_uuid_to_retry_with() {
+        let e = GatewayError::Internal {
+            attempts: 1,
+            uuid: "u-1".into(),
+        };
+        check(e.clone(), Code::Internal, "INTERNAL", false);
+        let info = e.to_status().get_details_error_info().unwrap();
+        assert_eq!(info.metadata.get("uuid").map(String::as_str), Some("u-1"));
+        assert_eq!(e.outcome(), "internal");
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! talk to it through a channel and wait on a oneshot per job. Sends run in their own tasks and
 //! report back. Time is tokio's clock, so tests run it paused (virtual time).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures_util::FutureExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -72,13 +75,21 @@ enum Command {
     Submit(Job),
     SendDone {
         job: Box<Job>,
-        result: Result<SentMessage, UpstreamError>,
+        result: Attempt,
         /// When the answer (or the timeout) came back: the latest the request can have arrived.
         answered: Instant,
     },
     Shutdown {
         grace: Duration,
     },
+}
+
+/// How one attempt at Feishu ended.
+enum Attempt {
+    /// Feishu's answer (or the network's failure) classified.
+    Answered(Result<SentMessage, UpstreamError>),
+    /// The upstream call panicked (a bug): the reply may or may not have been posted.
+    Panicked(String),
 }
 
 /// Handle to the dispatcher. Cheap to clone.
@@ -514,13 +525,16 @@ impl Dispatcher {
         let send_timeout = self.config.send_timeout;
         tokio::spawn(async move {
             metrics.in_flight(1);
-            let call = upstream.reply(job.spec.app, &job.spec.request);
-            let result = match tokio::time::timeout(send_timeout, call).await {
-                Ok(r) => r,
-                Err(_) => Err(UpstreamError::Network {
+            // A panic in the call must not take the job with it (its chat would stay busy
+            // and its caller would never hear back).
+            let call = AssertUnwindSafe(upstream.reply(job.spec.app, &job.spec.request));
+            let result = match tokio::time::timeout(send_timeout, call.catch_unwind()).await {
+                Ok(Ok(r)) => Attempt::Answered(r),
+                Ok(Err(panic)) => Attempt::Panicked(panic_message(panic.as_ref())),
+                Err(_) => Attempt::Answered(Err(UpstreamError::Network {
                     kind: "timeout",
                     detail: format!("no answer within {send_timeout:?}"),
-                }),
+                })),
             };
             let answered = Instant::now();
             metrics.in_flight(-1);
@@ -563,9 +577,22 @@ fn fail_deadline(job: Job) {
     job.finish(Err(GatewayError::DeadlineBeforeSend { attempts, uuid }));
 }
 
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
 /// The dispatcher is gone (runtime shutting down): settle the job from its own result.
-fn finish_orphan(job: Job, result: Result<SentMessage, UpstreamError>) {
+fn finish_orphan(job: Job, result: Attempt) {
     let (attempts, uuid) = (job.attempts, job.uuid());
+    let result = match result {
+        Attempt::Answered(r) => r,
+        Attempt::Panicked(_) => return job.finish(Err(GatewayError::Internal { attempts, uuid })),
+    };
     let r = match result {
         Ok(message) => Ok(Delivered {
             queued: job.first_send_at.unwrap_or(job.accepted_at) - job.accepted_at,

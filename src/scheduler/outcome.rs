@@ -7,21 +7,20 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::queue::Job;
-use super::{Delivered, Dispatcher, FIRST_APP_QUOTA};
+use super::{Attempt, Delivered, Dispatcher, FIRST_APP_QUOTA};
 use crate::error::GatewayError;
-use crate::feishu::{RetryReason, SentMessage, UpstreamError};
+use crate::feishu::{RetryReason, UpstreamError};
 use crate::quota::{QuotaKey, micros};
 
 /// Backoff doubles at most this many times before `max_delay` caps it (no shift overflow).
 const MAX_BACKOFF_DOUBLINGS: u32 = 16;
 
 impl Dispatcher {
-    pub(super) fn send_done(
-        &mut self,
-        mut job: Job,
-        result: Result<SentMessage, UpstreamError>,
-        answered: Instant,
-    ) {
+    pub(super) fn send_done(&mut self, mut job: Job, attempt: Attempt, answered: Instant) {
+        let result = match attempt {
+            Attempt::Answered(r) => r,
+            Attempt::Panicked(what) => return self.send_panicked(job, what, answered),
+        };
         // Count the attempt by its arrival bound: it arrived by `answered`, except where
         // Feishu refused it for rate (see `refused_by`): there it did not count.
         let refused = match &result {
@@ -63,6 +62,20 @@ impl Dispatcher {
         };
         // A retried job keeps its place at the head of its chat.
         self.queues.sent(&chat_id, retry);
+    }
+
+    /// The upstream call panicked: the attempt counts as answered now (it may have gone out),
+    /// the job fails INTERNAL with its uuid (a retry with it is safe) and its chat moves on.
+    fn send_panicked(&mut self, mut job: Job, what: String, answered: Instant) {
+        tracing::error!(message_id = %job.spec.request.message_id, uuid = %job.spec.request.uuid, panic = %what, "the upstream call panicked; the reply fails INTERNAL");
+        if let Some(grant) = job.grant.take() {
+            self.gate
+                .settle(self.clock, grant, &job.keys, |_| false, answered);
+        }
+        let chat_id = job.spec.chat_id.clone();
+        let (attempts, uuid) = (job.attempts, job.uuid());
+        job.finish(Err(GatewayError::Internal { attempts, uuid }));
+        self.queues.sent(&chat_id, None);
     }
 
     /// Decides whether a retryable failure is retried; returns the job to requeue.

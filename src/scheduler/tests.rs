@@ -12,6 +12,8 @@ struct Script {
     /// Answers for a message_id, in order; afterwards success.
     answers: HashMap<String, VecDeque<UpstreamError>>,
     sent: Vec<(Duration, String, String, String)>,
+    /// The upstream call for this message_id panics (a bug in the client, say).
+    panic_on: Option<String>,
 }
 
 struct ScriptedUpstream {
@@ -61,6 +63,8 @@ impl Upstream for ScriptedUpstream {
                     .and_then(VecDeque::pop_front)
             };
             tokio::time::sleep(self.latency).await;
+            let panics = self.script.lock().panic_on.as_deref() == Some(&req.message_id);
+            assert!(!panics, "scripted panic in the upstream call");
             match answer {
                 Some(e) => Err(e),
                 None => Ok(SentMessage {
@@ -380,4 +384,31 @@ async fn cancelled_callers_are_not_sent() {
     }
     last.await.unwrap().unwrap();
     assert!(up.sent().iter().all(|s| s.1 != "om_gone"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_send_fails_its_job_internal_and_frees_its_chat() {
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    up.script.lock().panic_on = Some("om_boom".into());
+    let s = scheduler(up.clone(), |_| {});
+    let boom = s.submit(job("om_boom", "oc_a", None));
+    let next = s.submit(job("om_next", "oc_a", None));
+    let wait = Duration::from_secs(60);
+    let boom = tokio::time::timeout(wait, boom)
+        .await
+        .expect("answered")
+        .expect("not dropped");
+    match boom {
+        Err(e @ GatewayError::Internal { .. }) => {
+            assert_eq!(e.code(), tonic::Code::Internal);
+            assert_eq!(e.to_status().code(), tonic::Code::Internal);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The chat is not left busy: the next reply goes out.
+    let next = tokio::time::timeout(wait, next)
+        .await
+        .expect("chat freed")
+        .unwrap();
+    assert_eq!(next.unwrap().attempts, 1);
 }
