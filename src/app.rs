@@ -40,6 +40,11 @@ pub enum AppError {
     Cluster(#[from] crate::cluster::ClusterError),
 }
 
+/// Largest gRPC request decoded: the largest valid reply content (150 KB of text) plus room
+/// for the other fields. Larger requests are refused by tonic (OUT_OF_RANGE) before they are
+/// buffered whole (the 4 MiB default let 300 streams hold 1.35 GB).
+const MAX_REQUEST_BYTES: usize = crate::reply::MAX_TEXT_BYTES + 64 * 1024;
+
 /// State the metrics port serves.
 struct Probe {
     metrics: Arc<Metrics>,
@@ -184,7 +189,9 @@ pub async fn run_with_upstream(
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ReplyGatewayServer::from_arc(service))
+        .add_service(
+            ReplyGatewayServer::from_arc(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_grpc_rx.await;
         });

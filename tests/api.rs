@@ -551,3 +551,32 @@ async fn an_unexpected_token_answer_is_described_without_its_token() {
     let (_, metrics) = gw.http_get("/metrics").await;
     assert!(!metrics.contains("leakme"));
 }
+
+#[tokio::test]
+async fn a_request_larger_than_any_valid_reply_is_refused_before_it_is_read_whole() {
+    // Every valid reply fits in 150 KB of content; a 2 MiB request used to be decoded whole
+    // (tonic's 4 MiB default) before validation said no: 300 such streams held 1.35 GB.
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let huge = format!(r#"{{"text":"{}"}}"#, "a".repeat(2 * 1024 * 1024));
+    let s = gw
+        .reply(ReplyRequest {
+            content: huge,
+            ..text("om_huge", "oc_1", "")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    assert!(s.message().contains("limit"), "{}", s.message());
+    // The largest valid text still goes through.
+    let max = format!(
+        r#"{{"text":"{}"}}"#,
+        "a".repeat(feishu_reply_gateway::reply::MAX_TEXT_BYTES - 20)
+    );
+    gw.reply(ReplyRequest {
+        content: max,
+        ..text("om_max", "oc_2", "")
+    })
+    .await
+    .expect("a maximal valid reply fits");
+    assert_eq!(gw.fake.stats().posted, 1);
+}
