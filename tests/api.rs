@@ -580,3 +580,20 @@ async fn a_request_larger_than_any_valid_reply_is_refused_before_it_is_read_whol
     .expect("a maximal valid reply fits");
     assert_eq!(gw.fake.stats().posted, 1);
 }
+
+#[tokio::test]
+async fn an_oversized_feishu_answer_is_cut_off_not_read_whole() {
+    // An answer of 4 MiB (a misbehaving proxy, a bug upstream) used to be read whole into
+    // memory, however large. It is refused at the cap, with the uuid to retry with.
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    gw.fake.push_fault(Fault {
+        data: Some(serde_json::json!({ "pad": "x".repeat(4 * 1024 * 1024) })),
+        times: 1,
+        ..Default::default()
+    });
+    let s = gw.reply(text("om_big", "oc_big", "hi")).await.unwrap_err();
+    assert_eq!(reason(&s), "UPSTREAM_BAD_RESPONSE", "{s:?}");
+    assert!(s.message().contains("cap"), "{}", s.message());
+    let info = s.get_details_error_info().unwrap();
+    assert!(info.metadata.contains_key("uuid"), "the uuid to retry with");
+}

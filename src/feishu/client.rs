@@ -307,6 +307,45 @@ fn network_error(e: reqwest::Error) -> UpstreamError {
     UpstreamError::Network { kind, detail }
 }
 
+/// Largest answer read from Feishu. A reply's answer echoes its content (≤ 150 KB, more once
+/// JSON-escaped), so 1 MiB leaves room; anything larger is not read whole.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// Why reading an answer's body stopped.
+enum ReadError {
+    Network(reqwest::Error),
+    TooLarge { cap: usize },
+}
+
+impl ReadError {
+    fn into_error(self, http: u16, log_id: &str) -> UpstreamError {
+        match self {
+            ReadError::Network(e) => network_error(e),
+            ReadError::TooLarge { cap } => UpstreamError::BadResponse {
+                http,
+                detail: format!("answer larger than the {cap}-byte cap; not read"),
+                log_id: log_id.to_owned(),
+            },
+        }
+    }
+}
+
+/// The body, read chunk by chunk up to `cap` bytes (refused at once when the declared length
+/// is already larger).
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>, ReadError> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(ReadError::TooLarge { cap });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(ReadError::Network)? {
+        if body.len() + chunk.len() > cap {
+            return Err(ReadError::TooLarge { cap });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Characters of a non-JSON body quoted in an error (a proxy's error page).
 const EXCERPT_CHARS: usize = 120;
 /// Runs of this many token-like characters are masked in an excerpt (a tenant_access_token
@@ -383,7 +422,9 @@ async fn read_envelope(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let body = resp.bytes().await.map_err(network_error)?;
+    let body = read_capped(resp, MAX_ANSWER_BYTES)
+        .await
+        .map_err(|e| e.into_error(http, &header_log_id))?;
     let env: Envelope = match serde_json::from_slice(&body) {
         Ok(env) => env,
         Err(_) => {
