@@ -82,6 +82,25 @@ enum Command {
     Shutdown {
         grace: Duration,
     },
+    /// A caller waiting for a reply to this chat went away: its job leaves the queue now.
+    Abandoned {
+        chat_id: Arc<str>,
+    },
+}
+
+/// Tells the dispatcher when a waiting caller goes away (its future is dropped).
+struct AbandonOnDrop<'a> {
+    tx: &'a mpsc::UnboundedSender<Command>,
+    /// `None` once the result arrived.
+    chat_id: Option<Arc<str>>,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(chat_id) = self.chat_id.take() {
+            let _ = self.tx.send(Command::Abandoned { chat_id });
+        }
+    }
 }
 
 /// How one attempt at Feishu ended.
@@ -218,12 +237,17 @@ impl Scheduler {
         rx
     }
 
-    /// Submits and waits for the result.
+    /// Submits and waits for the result. Dropping the future (the caller cancelled) takes the
+    /// job out of its chat's queue at once, unless it is already being sent.
     pub async fn reply(&self, spec: JobSpec) -> JobResult {
         let uuid = spec.request.uuid.clone();
-        self.submit(spec)
-            .await
-            .unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
+        let mut guard = AbandonOnDrop {
+            tx: &self.tx,
+            chat_id: Some(spec.chat_id.clone()),
+        };
+        let result = self.submit(spec).await;
+        guard.chat_id = None;
+        result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
     }
 
     /// Stops accepting, keeps sending for `grace`, then fails what is left with UNAVAILABLE.
@@ -344,6 +368,12 @@ impl Dispatcher {
             Command::Shutdown { grace } => {
                 let until = Instant::now() + grace;
                 self.draining_until = Some(self.draining_until.map_or(until, |u| u.min(until)));
+            }
+            Command::Abandoned { chat_id } => {
+                for job in self.queues.take_abandoned(&chat_id) {
+                    self.metrics
+                        .request(&job.spec.app_name, "cancelled", "none");
+                }
             }
         }
     }

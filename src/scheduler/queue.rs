@@ -318,6 +318,24 @@ impl Queues {
         expired
     }
 
+    /// Takes out `chat`'s queued jobs whose caller went away (their result channel is closed),
+    /// at once rather than when they reach the head: they hold queue room and memory. A job
+    /// in flight is not queued and finishes on its own; a head being decided outside gives
+    /// its grant back when the answer comes (the head changed).
+    pub fn take_abandoned(&mut self, chat_id: &str) -> Vec<Job> {
+        let Some(chat) = self.chats.get_mut(chat_id) else {
+            return Vec::new();
+        };
+        let (gone, kept): (VecDeque<Job>, VecDeque<Job>) =
+            chat.jobs.drain(..).partition(|j| j.done.is_closed());
+        chat.jobs = kept;
+        self.queued -= gone.len();
+        if chat.jobs.is_empty() && !chat.busy {
+            self.chats.remove(chat_id);
+        }
+        gone.into()
+    }
+
     /// Takes out every queued job (shutdown).
     pub fn drain(&mut self) -> Vec<Job> {
         let mut all = Vec::new();
@@ -475,6 +493,27 @@ mod tests {
             q.next_ready(400 * MS, &mut Vec::new()).as_deref(),
             Some("a")
         );
+    }
+
+    #[test]
+    fn abandoned_jobs_leave_at_once_and_the_rest_keep_their_order() {
+        let mut q = Queues::default();
+        let (j0, _r0) = job("a", 0);
+        let (j1, r1) = job("a", 1);
+        let (j2, _r2) = job("a", 2);
+        for j in [j0, j1, j2] {
+            q.push(j);
+        }
+        let chat = q.next_ready(0, &mut Vec::new()).unwrap();
+        q.pop_for_send(&chat).unwrap(); // a_0 in flight: not queued, not touched
+        drop(r1);
+        let gone = q.take_abandoned("a");
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].spec.request.message_id, "om_a_1");
+        assert_eq!((q.queued(), q.in_flight()), (1, 1));
+        q.sent(&chat, None);
+        let next = q.next_ready(0, &mut Vec::new()).unwrap();
+        assert_eq!(message_id(&mut q, &next), "om_a_2");
     }
 
     #[test]

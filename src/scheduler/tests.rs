@@ -412,3 +412,37 @@ async fn a_panicking_send_fails_its_job_internal_and_frees_its_chat() {
         .unwrap();
     assert_eq!(next.unwrap().attempts, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_call_leaves_its_queue_at_once() {
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    let s = scheduler(up.clone(), |c| c.queue.max_per_chat = 3);
+    // The chat's quota is spent for a second by 5 sends; 3 more wait, then their callers go.
+    let mut first = Vec::new();
+    for i in 0..5 {
+        // One at a time, each answered (10 ms) before the next: none waits in the queue.
+        first.push(s.submit(job(&format!("om_f{i}"), "oc_a", None)));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    // Three calls wait in the chat's queue; then their callers go away (as a gRPC handler is
+    // dropped when its call is cancelled).
+    let waiting: Vec<_> = (0..3)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.reply(job(&format!("om_w{i}"), "oc_a", None)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    for w in waiting {
+        w.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Still within the quota window: the chat's queue has room again for 3 more.
+    let more: Vec<_> = (0..3)
+        .map(|i| s.submit(job(&format!("om_m{i}"), "oc_a", None)))
+        .collect();
+    for rx in first.into_iter().chain(more) {
+        rx.await.unwrap().expect("delivered");
+    }
+    assert!(up.sent().iter().all(|x| !x.1.starts_with("om_w")));
+}
