@@ -15,6 +15,10 @@ use super::{JobResult, JobSpec};
 use crate::cluster::SharedKey;
 use crate::quota::{Micros, QuotaKey};
 
+/// Deadline entries allowed beyond the queued jobs before the heap is compacted (entries of
+/// jobs already sent or gone stay in it until their instant otherwise).
+const DEADLINE_SLACK: usize = 1024;
+
 /// One accepted reply and its progress.
 pub(super) struct Job {
     /// Assigned by [`Queues::push`].
@@ -125,6 +129,9 @@ impl Queues {
         if let Some(send_by) = job.send_by {
             self.deadlines
                 .push(Reverse((send_by, job.id, chat_id.clone())));
+            if self.deadlines.len() > 2 * self.queued + DEADLINE_SLACK {
+                self.compact_deadlines();
+            }
         }
         self.queued += 1;
         let chat = self.chats.entry(chat_id.clone()).or_default();
@@ -336,6 +343,23 @@ impl Queues {
         gone.into()
     }
 
+    /// Keeps only the deadline entries of jobs still queued (amortised: runs when the heap has
+    /// grown past twice the queue plus [`DEADLINE_SLACK`]).
+    fn compact_deadlines(&mut self) {
+        let live: std::collections::HashSet<u64> = self
+            .chats
+            .values()
+            .flat_map(|c| c.jobs.iter())
+            .filter(|j| j.send_by.is_some())
+            .map(|j| j.id)
+            .collect();
+        let entries = std::mem::take(&mut self.deadlines).into_vec();
+        self.deadlines = entries
+            .into_iter()
+            .filter(|Reverse((_, id, _))| live.contains(id))
+            .collect();
+    }
+
     /// Takes out every queued job (shutdown).
     pub fn drain(&mut self) -> Vec<Job> {
         let mut all = Vec::new();
@@ -514,6 +538,30 @@ mod tests {
         q.sent(&chat, None);
         let next = q.next_ready(0, &mut Vec::new()).unwrap();
         assert_eq!(message_id(&mut q, &next), "om_a_2");
+    }
+
+    #[test]
+    fn deadlines_of_jobs_that_are_gone_do_not_pile_up() {
+        // Callers with far-off deadlines (grpc-timeout: 99999999H): each delivered job used to
+        // leave its deadline entry behind until that deadline, so the heap only grew.
+        let mut q = Queues::default();
+        let far = Micros::MAX / 2;
+        let mut keep = Vec::new();
+        for n in 0..20_000u32 {
+            let (mut j, rx) = job("a", n);
+            j.send_by = Some(far);
+            keep.push(rx);
+            q.push(j);
+            let chat = q.next_ready(0, &mut Vec::new()).unwrap();
+            q.pop_for_send(&chat).unwrap();
+            q.sent(&chat, None);
+        }
+        assert_eq!(q.queued(), 0);
+        assert!(
+            q.deadlines.len() <= 2 * DEADLINE_SLACK,
+            "{} entries left",
+            q.deadlines.len()
+        );
     }
 
     #[test]
