@@ -131,6 +131,9 @@ pub struct QueueConfig {
     pub max_per_chat: usize,
     /// Queued replies in total (memory bound).
     pub max_total: usize,
+    /// Bytes of queued replies in total (content + a fixed per-job overhead): the memory
+    /// bound that counts what a reply weighs. Default 64 MiB, a quarter of the pod's limit.
+    pub max_total_bytes: usize,
     /// message_id → chat_id entries remembered from lookups.
     pub chat_cache_size: usize,
     /// A job is not started with less than this left before its deadline (time for the send).
@@ -305,6 +308,7 @@ impl Default for FileQuotas {
 struct FileQueue {
     max_per_chat: usize,
     max_total: usize,
+    max_total_bytes: usize,
     chat_cache_size: usize,
     min_send_budget_ms: u64,
 }
@@ -314,6 +318,7 @@ impl Default for FileQueue {
         Self {
             max_per_chat: 200,
             max_total: 100_000,
+            max_total_bytes: 64 * 1024 * 1024,
             chat_cache_size: 100_000,
             min_send_budget_ms: 20,
         }
@@ -512,7 +517,11 @@ impl Config {
         if feishu.request_timeout_ms == 0 || feishu.connect_timeout_ms == 0 {
             return Err(invalid("feishu timeouts must be > 0".into()));
         }
-        if queue.max_per_chat == 0 || queue.max_total == 0 || queue.chat_cache_size == 0 {
+        if queue.max_per_chat == 0
+            || queue.max_total == 0
+            || queue.max_total_bytes == 0
+            || queue.chat_cache_size == 0
+        {
             return Err(invalid("queue sizes must be > 0".into()));
         }
         if retry.max_attempts == 0 {
@@ -606,6 +615,7 @@ impl Config {
             queue: QueueConfig {
                 max_per_chat: queue.max_per_chat,
                 max_total: queue.max_total,
+                max_total_bytes: queue.max_total_bytes,
                 chat_cache_size: queue.chat_cache_size,
                 min_send_budget: Duration::from_millis(queue.min_send_budget_ms),
             },

@@ -45,6 +45,7 @@ pub struct Metrics {
     upstream_latency: Family<OutcomeLabel, Histogram>,
     queue_wait: Histogram,
     queued: Gauge,
+    queued_bytes: Gauge,
     in_flight: Gauge,
     retries: Family<ReasonLabel, Counter>,
     token_refreshes: Family<OutcomeLabel, Counter>,
@@ -66,11 +67,12 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 16] = [
+pub const METRIC_NAMES: [&str; 17] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
     "feishu_reply_queued",
+    "feishu_reply_queued_bytes",
     "feishu_reply_in_flight",
     "feishu_reply_retries",
     "feishu_reply_token_refreshes",
@@ -119,6 +121,12 @@ impl Metrics {
             "feishu_reply_queued",
             "Replies queued (waiting for quota, backoff or their turn in the chat)",
             queued.clone(),
+        );
+        let queued_bytes = Gauge::default();
+        registry.register(
+            "feishu_reply_queued_bytes",
+            "Bytes held by queued replies (content + per-job overhead); bounded by [queue] max_total_bytes",
+            queued_bytes.clone(),
         );
         let in_flight = Gauge::default();
         registry.register(
@@ -198,6 +206,7 @@ impl Metrics {
             upstream_latency,
             queue_wait,
             queued,
+            queued_bytes,
             in_flight,
             retries,
             token_refreshes,
@@ -278,6 +287,10 @@ impl Metrics {
 
     pub fn set_queued(&self, n: usize) {
         self.queued.set(n as i64);
+    }
+
+    pub fn set_queued_bytes(&self, n: usize) {
+        self.queued_bytes.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn in_flight(&self, delta: i64) {

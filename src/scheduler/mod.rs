@@ -332,6 +332,7 @@ impl Dispatcher {
             }
             self.dispatch(now);
             self.metrics.set_queued(self.queues.queued());
+            self.metrics.set_queued_bytes(self.queues.queued_bytes());
             if self.draining_until.is_some()
                 && self.queues.queued() == 0
                 && self.queues.in_flight() == 0
@@ -392,6 +393,16 @@ impl Dispatcher {
             let retry_after = Duration::from_secs_f64((queued as f64 / per_s).clamp(1.0, 600.0));
             return job.finish(Err(GatewayError::QueueFull {
                 scope: "gateway",
+                queued,
+                retry_after,
+            }));
+        }
+        let bytes = self.queues.queued_bytes();
+        if bytes + job.weight() > q.max_total_bytes {
+            let per_s = self.app_rate_per_sec().max(1.0);
+            let retry_after = Duration::from_secs_f64((queued as f64 / per_s).clamp(1.0, 600.0));
+            return job.finish(Err(GatewayError::QueueFull {
+                scope: "bytes",
                 queued,
                 retry_after,
             }));

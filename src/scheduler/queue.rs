@@ -19,6 +19,10 @@ use crate::quota::{Micros, QuotaKey};
 /// jobs already sent or gone stay in it until their instant otherwise).
 const DEADLINE_SLACK: usize = 1024;
 
+/// What a queued job weighs besides its content (its request fields, quota keys, channel and
+/// queue entry: ~1.1 KB measured by `loadgen depth`).
+pub const JOB_OVERHEAD_BYTES: usize = 1024;
+
 /// One accepted reply and its progress.
 pub(super) struct Job {
     /// Assigned by [`Queues::push`].
@@ -65,6 +69,12 @@ impl Job {
     pub fn uuid(&self) -> String {
         self.spec.request.uuid.clone()
     }
+
+    /// Bytes this job holds while queued (for the byte bound).
+    pub fn weight(&self) -> usize {
+        let r = &self.spec.request;
+        JOB_OVERHEAD_BYTES + r.content.len() + r.message_id.len() + r.uuid.len()
+    }
 }
 
 /// Why a queued job left without being sent.
@@ -99,6 +109,8 @@ pub(super) struct Queues {
     /// Queued jobs with a deadline: (send_by, job id, chat).
     deadlines: BinaryHeap<Reverse<(Micros, u64, Arc<str>)>>,
     queued: usize,
+    /// Sum of the queued jobs' [`Job::weight`].
+    queued_bytes: usize,
     in_flight: usize,
     next_id: u64,
     next_ticket: u64,
@@ -112,6 +124,11 @@ impl Queues {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Bytes held by queued jobs.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
     }
 
     /// Jobs queued in `chat` and whether its head is in flight.
@@ -134,6 +151,7 @@ impl Queues {
             }
         }
         self.queued += 1;
+        self.queued_bytes += job.weight();
         let chat = self.chats.entry(chat_id.clone()).or_default();
         chat.jobs.push_back(job);
         if !chat.busy && !chat.scheduled {
@@ -212,6 +230,7 @@ impl Queues {
                 };
                 let job = chat.jobs.pop_front().expect("front");
                 self.queued -= 1;
+                self.queued_bytes -= job.weight();
                 dropped.push((job, why));
             }
             let Some(head) = chat.jobs.front() else {
@@ -238,6 +257,7 @@ impl Queues {
         let job = chat.jobs.pop_front()?;
         chat.busy = true;
         self.queued -= 1;
+        self.queued_bytes -= job.weight();
         self.in_flight += 1;
         Some(job)
     }
@@ -251,8 +271,9 @@ impl Queues {
         };
         chat.busy = false;
         if let Some(job) = retry {
-            chat.jobs.push_front(job);
             self.queued += 1;
+            self.queued_bytes += job.weight();
+            chat.jobs.push_front(job);
         }
         if chat.jobs.is_empty() {
             self.chats.remove(chat_id);
@@ -315,8 +336,10 @@ impl Queues {
                 continue;
             };
             if let Some(pos) = chat.jobs.iter().position(|j| j.id == id) {
-                expired.push(chat.jobs.remove(pos).expect("position is valid"));
+                let job = chat.jobs.remove(pos).expect("position is valid");
                 self.queued -= 1;
+                self.queued_bytes -= job.weight();
+                expired.push(job);
                 if chat.jobs.is_empty() && !chat.busy {
                     self.chats.remove(&chat_id);
                 }
@@ -337,6 +360,7 @@ impl Queues {
             chat.jobs.drain(..).partition(|j| j.done.is_closed());
         chat.jobs = kept;
         self.queued -= gone.len();
+        self.queued_bytes -= gone.iter().map(Job::weight).sum::<usize>();
         if chat.jobs.is_empty() && !chat.busy {
             self.chats.remove(chat_id);
         }
@@ -368,6 +392,7 @@ impl Queues {
         }
         self.chats.retain(|_, c| c.busy);
         self.queued = 0;
+        self.queued_bytes = 0;
         all
     }
 

@@ -446,3 +446,31 @@ async fn a_cancelled_call_leaves_its_queue_at_once() {
     }
     assert!(up.sent().iter().all(|x| !x.1.starts_with("om_w")));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_queue_is_bounded_by_bytes_too() {
+    // Counting jobs alone let 3000 queued 150 KB texts take 1.2 GB. Here the byte bound fits
+    // three small jobs (content + per-job overhead): the fourth is refused at once.
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    let s = scheduler(up.clone(), |c| {
+        c.queue.max_total_bytes = 3 * (queue::JOB_OVERHEAD_BYTES + 20);
+    });
+    let rxs: Vec<_> = (0..4)
+        .map(|i| s.submit(job(&format!("om_{i}"), &format!("oc_{i}"), None)))
+        .collect();
+    let mut results = Vec::new();
+    for rx in rxs {
+        results.push(rx.await.unwrap());
+    }
+    assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+    assert!(
+        matches!(
+            results[3],
+            Err(GatewayError::QueueFull { scope: "bytes", .. })
+        ),
+        "{:?}",
+        results[3]
+    );
+    // Once they left the queue, there is room again.
+    s.reply(job("om_later", "oc_9", None)).await.unwrap();
+}
