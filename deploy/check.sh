@@ -20,7 +20,7 @@ hadolint Dockerfile
 echo "== Kubernetes manifests (kubernetes-validate --strict, Kubernetes 1.37 schemas)"
 core=$(ls k8s/*.yaml | grep -v -e kustomization.yaml -e servicemonitor.yaml)
 # shellcheck disable=SC2086
-kubernetes-validate --strict --quiet $core
+kubernetes-validate --strict --quiet $core examples/*.yaml
 
 echo "== ServiceMonitor (CRD: validated against k8s/schemas/servicemonitor.schema.json) and kustomization"
 python3 - <<'PY'

@@ -159,16 +159,51 @@ fn the_configmap_config_parses_and_its_secret_env_is_provided() {
         );
     }
     assert!(deployment.contains("name: GATEWAY_REDIS_URL"));
-    // The pod may be killed only after the drain: preStop + grace + one request timeout.
+    // The pod may be killed only after the drain: preStop + grace + one send (whose bound is
+    // twice the request timeout: a token fetch and the post).
     let grace_s: u64 = deployment
         .lines()
         .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
         .unwrap()
         .parse()
         .unwrap();
-    let needed = 5 + config.shutdown_grace.as_secs() + config.feishu.request_timeout.as_secs();
+    let needed = 5 + config.shutdown_grace.as_secs() + 2 * config.feishu.request_timeout.as_secs();
     assert!(
         grace_s > needed,
         "terminationGracePeriodSeconds {grace_s} <= {needed}"
     );
+}
+
+#[test]
+fn applying_the_manifests_overwrites_no_secret_and_redis_is_locked_down() {
+    // `kubectl apply -k deploy/k8s` once applied the example Secret over the real one.
+    let kustomization = read("deploy/k8s/kustomization.yaml");
+    let listed_secret = kustomization
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- "))
+        .any(|l| l.contains("secret"));
+    assert!(!listed_secret, "{kustomization}");
+    for entry in std::fs::read_dir("deploy/k8s").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                !text.contains("kind: Secret"),
+                "{} defines a Secret",
+                path.display()
+            );
+        }
+    }
+    // Redis: a password from a Secret, and live quota windows are never evicted.
+    let redis = read("deploy/k8s/redis.yaml");
+    assert!(
+        redis.contains("\"--requirepass\", \"$(REDIS_PASSWORD)\""),
+        "{redis}"
+    );
+    assert!(redis.contains("\"noeviction\""), "{redis}");
+    assert!(!redis.contains("volatile-ttl") && !redis.contains("allkeys-"));
+    // Who may talk to the gateway and to Redis is declared.
+    let netpol = read("deploy/k8s/networkpolicy.yaml");
+    assert!(kustomization.contains("networkpolicy.yaml"));
+    assert_eq!(netpol.matches("kind: NetworkPolicy").count(), 2);
 }
