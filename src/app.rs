@@ -164,6 +164,20 @@ pub async fn run_with_upstream(
         .set_serving::<ReplyGatewayServer<Arc<ReplyService>>>()
         .await;
     health.set_service_status("", ServingStatus::Serving).await;
+    // A dispatcher that died (a bug) sends nothing any more: say so, so the orchestrator
+    // restarts the process instead of routing calls that can only fail.
+    let watchdog = {
+        let (health, scheduler) = (health.clone(), scheduler.clone());
+        tokio::spawn(async move {
+            scheduler.died().await;
+            health
+                .set_not_serving::<ReplyGatewayServer<Arc<ReplyService>>>()
+                .await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+        })
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -200,6 +214,7 @@ pub async fn run_with_upstream(
     tokio::select! {
         r = &mut grpc => {
             sweeper.abort();
+            watchdog.abort();
             return r.map_err(Into::into);
         }
         () = shutdown => {}
@@ -220,14 +235,16 @@ pub async fn run_with_upstream(
         .await;
     let _ = stop_grpc_tx.send(());
     let drain = scheduler.shutdown(grace);
-    // Sends in flight at the end of the grace period finish within one request timeout.
-    let hard_limit = grace + config.feishu.request_timeout + Duration::from_secs(5);
+    // Sends in flight at the end of the grace period finish within one send timeout.
+    let send_timeout = SchedulerConfig::from_config(&config).send_timeout;
+    let hard_limit = grace + send_timeout + Duration::from_secs(5);
     let finished = tokio::time::timeout(hard_limit, async {
         drain.await;
         grpc.await
     })
     .await;
     sweeper.abort();
+    watchdog.abort();
     metrics_server.abort();
     match finished {
         Ok(r) => {
@@ -258,7 +275,19 @@ fn probe_router(probe: Arc<Probe>) -> Router {
                 )
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(|State(p): State<Arc<Probe>>| async move {
+                if p.scheduler.is_alive() {
+                    (StatusCode::OK, "ok\n")
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the dispatcher died: nothing can be sent; restart me\n",
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(|State(p): State<Arc<Probe>>| async move {

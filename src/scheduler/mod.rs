@@ -86,6 +86,9 @@ enum Command {
     Abandoned {
         chat_id: Arc<str>,
     },
+    /// Tests: the dispatcher panics (a bug), to check that its death is visible.
+    #[cfg(test)]
+    Crash,
 }
 
 /// Tells the dispatcher when a waiting caller goes away (its future is dropped).
@@ -118,6 +121,8 @@ pub struct Scheduler {
     accepting: Arc<AtomicBool>,
     drained: watch::Receiver<bool>,
     cluster: watch::Receiver<ClusterState>,
+    /// False once the dispatcher task died (a panic): nothing is sent any more.
+    alive: watch::Receiver<bool>,
 }
 
 /// Knobs of the scheduler, taken from [`crate::config::Config`].
@@ -204,12 +209,40 @@ impl Scheduler {
             tx: tx.downgrade(),
             drained: drained_tx,
         };
-        tokio::spawn(dispatcher.run(rx, events));
+        let task = tokio::spawn(dispatcher.run(rx, events));
+        let (alive_tx, alive) = watch::channel(true);
+        tokio::spawn(async move {
+            if let Err(e) = task.await
+                && e.is_panic()
+            {
+                tracing::error!(
+                    "the scheduler's dispatcher panicked: no reply can be sent any more; health \
+                     now fails so the process is restarted"
+                );
+                let _ = alive_tx.send(false);
+            }
+        });
         Self {
             tx,
             accepting,
             drained,
             cluster,
+            alive,
+        }
+    }
+
+    /// Whether the dispatcher still runs (false after it panicked).
+    pub fn is_alive(&self) -> bool {
+        *self.alive.borrow()
+    }
+
+    /// Resolves when the dispatcher has died (never, while it runs).
+    pub async fn died(&self) {
+        let mut alive = self.alive.clone();
+        let _ = alive.wait_for(|a| !*a).await;
+        if *alive.borrow() {
+            // The sender is gone without a death (the scheduler ended normally).
+            std::future::pending::<()>().await;
         }
     }
 
@@ -370,6 +403,8 @@ impl Dispatcher {
                 let until = Instant::now() + grace;
                 self.draining_until = Some(self.draining_until.map_or(until, |u| u.min(until)));
             }
+            #[cfg(test)]
+            Command::Crash => panic!("dispatcher crash requested by a test"),
             Command::Abandoned { chat_id } => {
                 for job in self.queues.take_abandoned(&chat_id) {
                     self.metrics

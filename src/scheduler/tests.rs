@@ -474,3 +474,20 @@ async fn the_queue_is_bounded_by_bytes_too() {
     // Once they left the queue, there is room again.
     s.reply(job("om_later", "oc_9", None)).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_dispatcher_is_visible_and_calls_fail_fast() {
+    let up = ScriptedUpstream::new(Duration::from_millis(10));
+    let s = scheduler(up.clone(), |_| {});
+    assert!(s.is_alive());
+    let _ = s.tx.send(Command::Crash);
+    tokio::time::timeout(Duration::from_secs(1), s.died())
+        .await
+        .expect("the death is noticed");
+    assert!(!s.is_alive());
+    // Calls fail at once (UNAVAILABLE) instead of waiting for a dispatcher that is gone.
+    let r = tokio::time::timeout(Duration::from_secs(1), s.reply(job("om_x", "oc_x", None)))
+        .await
+        .expect("fails fast");
+    assert!(matches!(r, Err(GatewayError::ShuttingDown { .. })), "{r:?}");
+}
