@@ -7,13 +7,16 @@
 //! posts), and maps every failure to a precise gRPC status. See README.md and DESIGN notes.
 //!
 //! # Layout
-//! - [`config`]: the only place the config file and env are read; validated [`config::Config`].
+//! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
+//!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
+//!   file, which may hold secrets).
 //! - [`reply`]: domain: `MsgType`, content validation (no transport types).
 //! - [`quota`]: keyed rolling windows counted by arrival bounds (a send holds its slot until
 //!   its answer); pure, clock passed in, proptested against random network latencies.
-//! - [`scheduler`]: the async driver (admission, dispatch, sends, shutdown drain);
-//!   `scheduler::queue` the per-chat queue machine as plain state (fairness, order, timers,
-//!   deadlines; unit-tested without a runtime); [`scheduler::gate`] the quota seam
+//! - [`scheduler`]: the async driver (dispatch, sends, a panicking send caught, cancelled
+//!   calls, shutdown drain, its own death made visible); `scheduler::admission` queue bounds
+//!   (count and bytes) and deadlines at the door; `scheduler::queue` the per-chat queue
+//!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a runtime); [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table or Redis); `scheduler::outcome` settling a send and its
 //!   retries (and which keys a rate refusal counts in).
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.

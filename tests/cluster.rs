@@ -245,7 +245,11 @@ async fn fail_closed_holds_replies_until_redis_returns() {
     // A reply submitted during the outage is delivered once Redis is back.
     let pending = {
         let mut c = gw.client.clone();
-        tokio::spawn(async move { c.reply(text("om_later", "oc_l", "x")).await })
+        tokio::spawn(async move {
+            let mut req = tonic::Request::new(text("om_later", "oc_l", "x"));
+            req.set_timeout(Duration::from_secs(20));
+            c.reply(req).await
+        })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.restart();

@@ -151,6 +151,26 @@ pub fn max_in_window(times_ms: &[f64], w_ms: f64) -> usize {
     best
 }
 
+/// A free loopback port below the kernel's ephemeral range, so that no listener bound to port 0
+/// (another test's gateway, fake or client) can take it while this Redis is down between
+/// `kill()` and `restart()`. `salt` varies the choice between retries.
+fn port_outside_ephemeral_range(salt: u64) -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let base: u16 = 10_000;
+    let span = u64::from(low.saturating_sub(base).max(1));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let seed = u64::from(std::process::id()) * 7919 + nanos + salt * 104_729;
+    (0..1000u64)
+        .map(|i| base + ((seed + i * 7_919) % span) as u16)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 /// A real redis-server on a loopback port, owned by the test (killed on drop).
 pub struct RedisServer {
     pub port: u16,
@@ -171,24 +191,26 @@ impl RedisServer {
     }
 
     fn start_with(tls: bool) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("frg-redis-{port}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut r = Self {
-            port,
-            dir,
-            child: None,
-            tls,
-        };
-        if tls {
-            r.make_certificates();
+        // Another test process may pick the same free port at the same moment: then one of the
+        // two redis-servers cannot bind it; that one tries another port.
+        for attempt in 0..5 {
+            let port = port_outside_ephemeral_range(attempt);
+            let dir = std::env::temp_dir().join(format!("frg-redis-{port}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut r = Self {
+                port,
+                dir,
+                child: None,
+                tls,
+            };
+            if tls {
+                r.make_certificates();
+            }
+            if r.try_restart().is_ok() {
+                return r;
+            }
         }
-        r.restart();
-        r
+        panic!("could not start a redis-server on a free port");
     }
 
     pub fn url(&self) -> String {
@@ -258,7 +280,14 @@ impl RedisServer {
     }
 
     /// Starts (again) on the same port and waits until it accepts connections.
+    /// Starts redis-server again on the same port (after [`Self::kill`]).
     pub fn restart(&mut self) {
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_restart(&mut self) -> Result<(), String> {
         let port = self.port.to_string();
         let mut cmd = std::process::Command::new("redis-server");
         if self.tls {
@@ -289,14 +318,45 @@ impl RedisServer {
             .spawn()
             .expect("redis-server on PATH (apt-get install redis-server; .ci/run does)");
         self.child = Some(child);
+        // Ready when *this* redis-server answers: something else listening on the port (it
+        // was free when chosen) must not pass for it.
         let t = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited: {status}",
+                    self.port
+                ));
+            }
+            if self.answers() {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                self.kill();
+                return Err(format!("redis-server on port {} did not start", self.port));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether this server is up: a PING answered PONG (plain), or its port accepts while the
+    /// process lives (TLS, checked by the caller).
+    fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        if self.tls {
+            return true;
+        }
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 
     /// SIGSTOP / SIGCONT: a stall (connections stay open, commands wait in the socket).

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -12,78 +12,17 @@ use serde::Deserialize;
 use crate::cluster::{ClusterConfig, RedisFailurePolicy, RedisMode};
 use crate::quota::QuotaSpec;
 
+mod args;
+mod error;
+
+pub use args::ServeArgs;
+pub use error::ConfigError;
+use error::parse_error;
+
 /// Feishu's documented base URL (Lark: `https://open.larksuite.com`).
 pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
 /// The app name used for `FEISHU_APP_ID` / `FEISHU_APP_SECRET` and for requests with no `app`.
 pub const DEFAULT_APP_NAME: &str = "default";
-
-/// Flags and environment overrides of `serve` (env wins over the file, flags win over env).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ServeArgs {
-    /// TOML config file (see README "Configuration").
-    #[arg(long, env = "GATEWAY_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// gRPC listen address [default: 0.0.0.0:50051].
-    #[arg(long, env = "GATEWAY_GRPC_ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
-    /// Metrics/health listen address (/metrics, /healthz, /readyz) [default: 0.0.0.0:9090].
-    #[arg(long, env = "GATEWAY_METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// Feishu base URL [default: https://open.feishu.cn; Lark: https://open.larksuite.com].
-    #[allow(rustdoc::bare_urls)] // also the --help text, where <…> would show
-    #[arg(long, env = "FEISHU_BASE_URL")]
-    pub feishu_base_url: Option<String>,
-    /// app_id of the default app (with FEISHU_APP_SECRET).
-    #[arg(long, env = "FEISHU_APP_ID")]
-    pub app_id: Option<String>,
-    /// app_secret of the default app. Prefer the env var: flags show up in `ps`.
-    #[arg(long, env = "FEISHU_APP_SECRET", hide_env_values = true)]
-    pub app_secret: Option<String>,
-    /// Redis URL for cluster mode (replicas share every quota), e.g. redis://redis:6379.
-    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-    /// Run against an embedded fake Feishu (a demo or first run: replies are not posted to
-    /// Feishu). Cannot be combined with configured apps. Without it, `serve` refuses to start
-    /// when no app is configured.
-    #[arg(
-        long,
-        env = "GATEWAY_EMBEDDED_FAKE",
-        action = clap::ArgAction::SetTrue,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    pub embedded_fake: bool,
-    /// How to speak to redis_url: standalone (one endpoint) or cluster (Redis Cluster; the URL
-    /// may list seed nodes separated by commas) [default: standalone, or the config file's].
-    #[arg(long, env = "GATEWAY_REDIS_MODE", value_enum)]
-    pub redis_mode: Option<RedisMode>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The parser's own error is not kept: it quotes the offending line, which may hold a
-    /// secret. `message` has quoted fragments removed.
-    #[error("config file {path}: line {line}, column {column}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        column: usize,
-        message: String,
-    },
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
-    #[error(
-        "no Feishu app configured: set FEISHU_APP_ID and FEISHU_APP_SECRET, or [apps.<name>] in \
-         the config file; to try the gateway without Feishu, run `serve --embedded-fake` \
-         (GATEWAY_EMBEDDED_FAKE=1): replies then go to an embedded fake, not to Feishu"
-    )]
-    NoApp,
-}
 
 /// One Feishu app (custom app credentials).
 #[derive(Clone, PartialEq, Eq)]
@@ -636,51 +575,6 @@ impl Config {
     pub fn defaults() -> Self {
         Self::build(FileConfig::default(), &ServeArgs::default()).expect("defaults are valid")
     }
-}
-
-/// A TOML error that says where (line, column) and what, without quoting the file: the
-/// offending line may hold a secret, and serde's type errors quote values.
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let at = e.span().map_or(0, |s| s.start).min(text.len());
-    let before = &text.as_bytes()[..at];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = at
-        - before
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |p| p + 1)
-        + 1;
-    ConfigError::Parse {
-        path: path.into(),
-        line,
-        column,
-        message: redact_quoted(e.message()),
-    }
-}
-
-/// `msg` with every `"…"`, `'…'` and `` `…` `` fragment replaced by `…`.
-fn redact_quoted(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len());
-    let mut open: Option<char> = None;
-    for c in msg.chars() {
-        match open {
-            Some(q) if c == q => {
-                out.push('…');
-                out.push(c);
-                open = None;
-            }
-            Some(_) => {}
-            None if matches!(c, '"' | '\'' | '`') => {
-                out.push(c);
-                open = Some(c);
-            }
-            None => out.push(c),
-        }
-    }
-    if open.is_some() {
-        out.push('…');
-    }
-    out
 }
 
 #[cfg(test)]

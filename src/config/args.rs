@@ -1,0 +1,47 @@
+//! The flags and environment variables of `serve` (clap): what overrides the config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::cluster::RedisMode;
+
+/// Flags and environment overrides of `serve` (env wins over the file, flags win over env).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file (see README "Configuration").
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 0.0.0.0:50051].
+    #[arg(long, env = "GATEWAY_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Metrics/health listen address (/metrics, /healthz, /readyz) [default: 0.0.0.0:9090].
+    #[arg(long, env = "GATEWAY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Feishu base URL [default: https://open.feishu.cn; Lark: https://open.larksuite.com].
+    #[allow(rustdoc::bare_urls)] // also the --help text, where <…> would show
+    #[arg(long, env = "FEISHU_BASE_URL")]
+    pub feishu_base_url: Option<String>,
+    /// app_id of the default app (with FEISHU_APP_SECRET).
+    #[arg(long, env = "FEISHU_APP_ID")]
+    pub app_id: Option<String>,
+    /// app_secret of the default app. Prefer the env var: flags show up in `ps`.
+    #[arg(long, env = "FEISHU_APP_SECRET", hide_env_values = true)]
+    pub app_secret: Option<String>,
+    /// Redis URL for cluster mode (replicas share every quota), e.g. redis://redis:6379.
+    #[arg(long, env = "GATEWAY_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Run against an embedded fake Feishu (a demo or first run: replies are not posted to
+    /// Feishu). Cannot be combined with configured apps. Without it, `serve` refuses to start
+    /// when no app is configured.
+    #[arg(
+        long,
+        env = "GATEWAY_EMBEDDED_FAKE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub embedded_fake: bool,
+    /// How to speak to redis_url: standalone (one endpoint) or cluster (Redis Cluster; the URL
+    /// may list seed nodes separated by commas) [default: standalone, or the config file's].
+    #[arg(long, env = "GATEWAY_REDIS_MODE", value_enum)]
+    pub redis_mode: Option<RedisMode>,
+}

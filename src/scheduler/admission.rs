@@ -1,0 +1,103 @@
+//! Admission: what a job must pass to be queued (shutdown, the queue bounds in count and
+//! bytes, a deadline the quotas alone show cannot be met), and its quota keys.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::queue::Job;
+use super::{CHAT_QUOTA, Dispatcher, FIRST_APP_QUOTA, JobSpec, USER_QUOTA};
+use crate::error::GatewayError;
+use crate::quota::QuotaKey;
+
+impl Dispatcher {
+    pub(super) fn admit(&mut self, mut job: Job) {
+        if self.draining_until.is_some() {
+            let uuid = job.uuid();
+            return job.finish(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
+        }
+        let q = &self.config.queue;
+        let queued = self.queues.queued();
+        if queued >= q.max_total {
+            let per_s = self.app_rate_per_sec().max(1.0);
+            let retry_after = Duration::from_secs_f64((queued as f64 / per_s).clamp(1.0, 600.0));
+            return job.finish(Err(GatewayError::QueueFull {
+                scope: "gateway",
+                queued,
+                retry_after,
+            }));
+        }
+        let bytes = self.queues.queued_bytes();
+        if bytes + job.weight() > q.max_total_bytes {
+            let per_s = self.app_rate_per_sec().max(1.0);
+            let retry_after = Duration::from_secs_f64((queued as f64 / per_s).clamp(1.0, 600.0));
+            return job.finish(Err(GatewayError::QueueFull {
+                scope: "bytes",
+                queued,
+                retry_after,
+            }));
+        }
+        let (ahead, busy) = self.queues.ahead(&job.spec.chat_id);
+        if ahead >= q.max_per_chat {
+            let chat = self.config.quotas.chat;
+            let windows = ahead as f64 / f64::from(chat.limit.get());
+            let retry_after = chat.window.mul_f64(windows.clamp(1.0, 600.0));
+            return job.finish(Err(GatewayError::QueueFull {
+                scope: "chat",
+                queued: ahead,
+                retry_after,
+            }));
+        }
+        job.keys = self.keys_of(&job.spec);
+        let now = Instant::now();
+        if let Some(deadline) = job.spec.deadline {
+            let send_by = deadline.checked_sub(q.min_send_budget).unwrap_or(deadline);
+            // Lower bound on the first send: the jobs ahead in this chat, every quota of the job.
+            let position = (ahead + usize::from(busy)) as u64 + 1;
+            let earliest = job
+                .keys
+                .iter()
+                .map(|k| {
+                    let nth = if k.quota == CHAT_QUOTA { position } else { 1 };
+                    self.gate.table().nth_ready_at(k, nth)
+                })
+                .max()
+                .unwrap_or(0);
+            let earliest = self.clock.instant(earliest).max(now);
+            if send_by <= now {
+                let uuid = job.uuid();
+                return job.finish(Err(GatewayError::DeadlineBeforeSend { attempts: 0, uuid }));
+            }
+            if earliest >= send_by {
+                return job.finish(Err(GatewayError::DeadlineUnreachable {
+                    earliest_in: earliest - now,
+                    deadline_in: deadline.saturating_duration_since(now),
+                }));
+            }
+            job.send_by = Some(self.clock.micros(send_by));
+        }
+        self.queues.push(job);
+    }
+
+    fn keys_of(&self, spec: &JobSpec) -> Vec<QuotaKey> {
+        let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + self.app_quota_count);
+        keys.push(QuotaKey::new(CHAT_QUOTA, spec.chat_id.clone()));
+        if let Some(u) = &spec.user_id {
+            keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
+        }
+        for i in 0..self.app_quota_count {
+            keys.push(QuotaKey::new(FIRST_APP_QUOTA + i, spec.app_id.clone()));
+        }
+        keys
+    }
+
+    /// The tightest per-second rate of the app quotas (for retry estimates).
+    fn app_rate_per_sec(&self) -> f64 {
+        self.config
+            .quotas
+            .app
+            .iter()
+            .map(|q| f64::from(q.limit.get()) / q.window.as_secs_f64())
+            .fold(f64::INFINITY, f64::min)
+    }
+}
