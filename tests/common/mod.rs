@@ -119,6 +119,10 @@ impl TestGateway {
     }
 
     pub async fn http_get(&self, path: &str) -> (u16, String) {
+        // reqwest is built without a default TLS provider (rustls-no-provider): whoever builds
+        // a client installs one first. The gateway does so when it starts its Feishu client,
+        // which may not have happened yet when a test asks for /metrics.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let resp = reqwest::get(format!("http://{}{path}", self.metrics_addr))
             .await
             .expect("metrics port answers");
