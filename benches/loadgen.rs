@@ -277,7 +277,8 @@ async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
                 "[server]\ngrpc_addr = \"127.0.0.1:{grpc_port}\"\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n\
                  [feishu]\nbase_url = \"http://127.0.0.1:{fake_port}\"\n\
                  [apps.default]\napp_id = \"cli_bench\"\napp_secret = \"secret\"\n\
-                 [admission]\nper_caller_rps = 1000000\nper_caller_burst = 1000000\n{config_extra}\n"
+                 [admission]\nper_caller_rps = 1000000\nper_caller_burst = 1000000\n\
+                 [auth]\nallow_anonymous = true\n{config_extra}\n"
             ),
         )
         .unwrap();
@@ -289,6 +290,7 @@ async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
                 .env_remove("FEISHU_APP_ID")
                 .env_remove("FEISHU_APP_SECRET")
                 .env_remove("GATEWAY_REDIS_URL")
+                .env_remove("GATEWAY_ALLOW_ANONYMOUS")
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("start gateway"),
@@ -817,6 +819,7 @@ impl Upstream for Instant0 {
 
 fn job(i: usize, chats: usize) -> JobSpec {
     JobSpec {
+        caller: 0,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_depth".into(),

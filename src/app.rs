@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::cluster::RedisQuota;
@@ -20,6 +20,7 @@ use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
 use crate::feishu::{FeishuClient, Upstream};
 use crate::grpc::ReplyService;
+use crate::listen::{self, PortLimits};
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
 use crate::scheduler::{ClusterState, Scheduler, SchedulerConfig};
@@ -44,6 +45,15 @@ pub enum AppError {
 /// for the other fields. Larger requests are refused by tonic (OUT_OF_RANGE) before they are
 /// buffered whole (the 4 MiB default let 300 streams hold 1.35 GB).
 const MAX_REQUEST_BYTES: usize = crate::reply::MAX_TEXT_BYTES + 64 * 1024;
+
+/// Largest header block of a gRPC call (metadata is small: a token, a chat id, a deadline).
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// A gRPC connection is asked to go away (GOAWAY; clients reconnect) after this long.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+
+/// A metrics-port connection (a scrape, a probe) is closed after this long.
+const METRICS_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// State the metrics port serves.
 struct Probe {
@@ -95,6 +105,9 @@ pub async fn run(
         (true, _) => Some(embedded_fake(&mut config).await?),
         // Never a silent fake: no app and no --embedded-fake is a configuration error.
         (false, true) => return Err(AppError::Config(crate::config::ConfigError::NoApp)),
+        (false, false) if config.auth.callers.is_empty() && !config.auth.allow_anonymous => {
+            return Err(AppError::Config(crate::config::ConfigError::NoCaller));
+        }
         (false, false) => None,
     };
     let metrics = Arc::new(Metrics::new());
@@ -140,10 +153,7 @@ pub async fn run_with_upstream(
         store,
     );
     let service = Arc::new(ReplyService::new(
-        config.apps.clone(),
-        config.default_app.as_deref(),
-        &config.admission,
-        config.queue.chat_cache_size,
+        &config,
         scheduler.clone(),
         upstream,
         metrics.clone(),
@@ -189,18 +199,66 @@ pub async fn run_with_upstream(
         scheduler: scheduler.clone(),
     });
     let metrics_addr = metrics_listener.local_addr().ok();
-    let metrics_server =
-        tokio::spawn(axum::serve(metrics_listener, probe_router(probe.clone())).into_future());
+    let limits = &config.limits;
+    let fds = listen::open_files_limit();
+    let metrics_port = PortLimits {
+        port: "metrics",
+        max_connections: listen::fit_connections(limits.metrics_max_connections, 0.05, fds),
+        handshake_timeout: limits.handshake_timeout,
+    };
+    let metrics_server = tokio::spawn(listen::serve_http(
+        metrics_listener,
+        probe_router(probe.clone()),
+        metrics_port,
+        METRICS_CONNECTION_LIFETIME,
+        metrics.clone(),
+    ));
 
     let grpc_addr = grpc_listener.local_addr().ok();
     tracing::info!(grpc = ?grpc_addr, metrics = ?metrics_addr, apps = config.apps.len(), feishu = %config.feishu.base_url, "feishu-reply-gateway serving");
 
     let (stop_grpc_tx, stop_grpc_rx) = tokio::sync::oneshot::channel::<()>();
-    // Nagle off: small gRPC responses otherwise wait for the peer's delayed ACK (~40 ms).
-    let incoming = TcpIncoming::from(grpc_listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    let grpc = tonic::transport::Server::builder()
+    let grpc_port = PortLimits {
+        port: "grpc",
+        max_connections: listen::fit_connections(limits.max_connections, 0.9, fds),
+        handshake_timeout: limits.handshake_timeout,
+    };
+    if grpc_port.max_connections < limits.max_connections {
+        tracing::warn!(
+            wanted = limits.max_connections,
+            allowed = grpc_port.max_connections,
+            open_files_limit = ?fds,
+            "server.max_connections lowered to fit the open files limit (raise ulimit -n)"
+        );
+    }
+    let incoming = listen::guarded(grpc_listener, grpc_port, metrics.clone());
+    let mut server = tonic::transport::Server::builder()
+        // Dead or stalled peers: a ping unanswered for 10 s closes the connection.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
+        // Flow-control windows bound what a half-sent request buffers per stream and connection.
+        .initial_stream_window_size(Some(MAX_REQUEST_BYTES as u32))
+        .initial_connection_window_size(Some(2 * MAX_REQUEST_BYTES as u32))
+        // Every connection ends, idle or not (GOAWAY, then its calls get max_call to finish);
+        // and no call is held past max_call (its deadline is capped before that).
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_connection_age_grace(limits.max_call + Duration::from_secs(5))
+        .timeout(limits.max_call + Duration::from_secs(5));
+    if let Some(tls) = &config.tls {
+        let mut t = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+            .timeout(limits.handshake_timeout);
+        if let Some(ca) = &tls.client_ca_pem {
+            // Optional: token callers need no certificate; one that is sent must verify.
+            t = t
+                .client_ca_root(Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
+        server = server.tls_config(t)?;
+    }
+    let grpc = server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -29,6 +29,10 @@ pub enum GatewayError {
     Invalid(#[from] ValidationError),
     #[error("unknown app {0:?}: not in this gateway's configuration")]
     UnknownApp(String),
+    #[error("{0}")]
+    Unauthenticated(#[from] crate::auth::AuthError),
+    #[error("caller {caller:?} may not send as app {app:?}")]
+    AppNotAllowed { caller: String, app: String },
     #[error("no app named and this gateway has no default app; set `app` in the request")]
     NoDefaultApp,
     #[error("queue full ({scope}: {queued} replies waiting); retry later")]
@@ -78,6 +82,7 @@ impl GatewayError {
             Code::InvalidArgument => "invalid_argument",
             Code::NotFound => "not_found",
             Code::PermissionDenied => "permission_denied",
+            Code::Unauthenticated => "unauthenticated",
             Code::FailedPrecondition => "failed_precondition",
             Code::Unavailable => "unavailable",
             Code::ResourceExhausted => "resource_exhausted",
@@ -107,6 +112,8 @@ impl GatewayError {
         match self {
             GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
             GatewayError::UnknownApp(_) => Code::NotFound,
+            GatewayError::Unauthenticated(_) => Code::Unauthenticated,
+            GatewayError::AppNotAllowed { .. } => Code::PermissionDenied,
             GatewayError::QueueFull { .. }
             | GatewayError::CallerRateLimited { .. }
             | GatewayError::DeadlineUnreachable { .. } => Code::ResourceExhausted,
@@ -124,6 +131,8 @@ impl GatewayError {
         match self {
             GatewayError::Invalid(v) => v.reason().into(),
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
+            GatewayError::Unauthenticated(e) => e.reason().into(),
+            GatewayError::AppNotAllowed { .. } => "APP_NOT_ALLOWED".into(),
             GatewayError::NoDefaultApp => "NO_DEFAULT_APP".into(),
             GatewayError::QueueFull { .. } => "QUEUE_FULL".into(),
             GatewayError::CallerRateLimited { .. } => "CALLER_RATE_LIMITED".into(),
@@ -184,6 +193,10 @@ impl GatewayError {
             }
             GatewayError::QueueFull { scope, .. } => {
                 meta.insert("scope".to_owned(), (*scope).to_owned());
+            }
+            GatewayError::AppNotAllowed { caller, app } => {
+                meta.insert("caller".to_owned(), caller.clone());
+                meta.insert("app".to_owned(), app.clone());
             }
             _ => {}
         }

@@ -6,23 +6,23 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::auth::{Admission, Authenticator, Caller, UNAUTHENTICATED};
 use crate::chat_cache::ChatCache;
-use crate::config::{AdmissionConfig, AppConfig};
+use crate::config::{AppConfig, Config};
 use crate::error::GatewayError;
 use crate::feishu::{SendRequest, Upstream};
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGateway;
 use crate::proto::{ReplyRequest, ReplyResponse};
-use crate::reply::{RawReply, ValidationError};
+use crate::reply::{RawReply, Reply as ValidReply, ValidationError};
 use crate::scheduler::{Delivered, JobSpec, Scheduler};
 
-/// gRPC metadata naming the calling service (admission control key).
+/// gRPC metadata naming the calling service: a label for logs when calls are anonymous (never
+/// an identity, never a metric or admission key).
 pub const CALLER_HEADER: &str = "x-caller";
 /// gRPC metadata carrying the chat id (also the routing key for ring-hash load balancing).
 pub const CHAT_HEADER: &str = "x-chat-id";
@@ -34,38 +34,46 @@ pub struct ReplyService {
     scheduler: Scheduler,
     upstream: Arc<dyn Upstream>,
     chats: ChatCache,
-    admission: DefaultKeyedRateLimiter<String>,
+    auth: Authenticator,
+    admission: Admission,
+    /// The longest a call is held (its deadline is capped at this).
+    max_call: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl ReplyService {
+    /// The service for `config`'s apps, callers and limits.
     pub fn new(
-        apps: Vec<AppConfig>,
-        default_app: Option<&str>,
-        admission: &AdmissionConfig,
-        chat_cache_size: usize,
+        config: &Config,
         scheduler: Scheduler,
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let default_app = default_app.and_then(|d| apps.iter().position(|a| a.name == d));
-        let quota =
-            Quota::per_second(admission.per_caller_rps).allow_burst(admission.per_caller_burst);
+        let apps = config.apps.clone();
+        let default_app = config
+            .default_app
+            .as_deref()
+            .and_then(|d| apps.iter().position(|a| a.name == d));
+        let auth = Authenticator::new(&config.auth);
+        for name in auth.names() {
+            metrics.init_caller(name);
+        }
         Self {
             apps,
             default_app,
             scheduler,
             upstream,
-            chats: ChatCache::new(chat_cache_size),
-            admission: RateLimiter::keyed(quota),
+            chats: ChatCache::new(config.queue.chat_cache_size),
+            admission: Admission::new(auth.limits()),
+            auth,
+            max_call: config.limits.max_call,
             metrics,
         }
     }
 
-    /// Forget admission state of callers that went quiet (bounded memory).
+    /// Forget admission state of anonymous peers that went quiet (bounded memory).
     pub fn forget_idle_callers(&self) {
-        self.admission.retain_recent();
-        self.admission.shrink_to_fit();
+        self.admission.forget_idle();
     }
 
     fn app_index(&self, name: &str) -> Result<usize, GatewayError> {
@@ -78,18 +86,14 @@ impl ReplyService {
             .ok_or_else(|| GatewayError::UnknownApp(name.chars().take(64).collect()))
     }
 
-    fn admit(&self, caller: &str) -> Result<(), GatewayError> {
-        self.admission
-            .check_key(&caller.to_owned())
-            .map_err(|not_until| {
-                self.metrics.admission_rejected();
-                GatewayError::CallerRateLimited {
-                    caller: caller.to_owned(),
-                    retry_after: not_until
-                        .wait_time_from(DefaultClock::default().now())
-                        .max(Duration::from_millis(1)),
-                }
-            })
+    fn admit(&self, caller: &Caller, peer: IpAddr) -> Result<(), GatewayError> {
+        self.admission.check(caller, peer).map_err(|wait| {
+            self.metrics.admission_rejected(&caller.name);
+            GatewayError::CallerRateLimited {
+                caller: caller.name.to_string(),
+                retry_after: wait.max(Duration::from_millis(1)),
+            }
+        })
     }
 
     async fn chat_of(
@@ -129,10 +133,17 @@ impl ReplyService {
         }
     }
 
-    async fn reply(&self, req: Request<ReplyRequest>) -> Result<Delivered, GatewayError> {
-        let caller = caller_of(&req);
-        self.admit(&caller)?;
-        let deadline = grpc_deadline(&req);
+    async fn reply(
+        &self,
+        caller: &Caller,
+        req: Request<ReplyRequest>,
+    ) -> Result<Delivered, GatewayError> {
+        let peer = req
+            .remote_addr()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        self.admit(caller, peer)?;
+        let label = caller.anonymous.then(|| caller_label(&req)).flatten();
+        let deadline = Some(call_deadline(&req, self.max_call));
         let header_chat = req
             .metadata()
             .get(CHAT_HEADER)
@@ -154,7 +165,7 @@ impl ReplyService {
             Some(h) if r.chat_id.is_empty() => h,
             _ => &r.chat_id,
         };
-        let reply = RawReply {
+        let mut reply = RawReply {
             message_id: &r.message_id,
             msg_type: &r.msg_type,
             content: &r.content,
@@ -165,18 +176,32 @@ impl ReplyService {
         }
         .validate()?;
         let app = self.app_index(&r.app)?;
+        let a = &self.apps[app];
+        if !self.auth.allows(caller, &a.name) {
+            return Err(GatewayError::AppNotAllowed {
+                caller: caller.name.to_string(),
+                app: a.name.clone(),
+            });
+        }
+        let uuid = match reply.uuid.take() {
+            Some(u) => u,
+            None => {
+                let who = [
+                    caller.name.as_bytes(),
+                    label.as_deref().unwrap_or("").as_bytes(),
+                ];
+                derived_uuid(&who, &a.name, &reply)
+            }
+        };
         let chat_id = match reply.chat_id {
             Some(c) => c.into(),
             None => self.chat_of(app, &reply.message_id, deadline).await?,
         };
-        let uuid = reply
-            .uuid
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         tracing::Span::current()
             .record("chat_id", &*chat_id)
             .record("uuid", &uuid);
-        let a = &self.apps[app];
         let spec = JobSpec {
+            caller: caller.id,
             app,
             app_name: a.name.as_str().into(),
             app_id: a.app_id.as_str().into(),
@@ -207,11 +232,23 @@ impl ReplyGateway for ReplyService {
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
         let r = req.get_ref();
         let app = self.app_label(&r.app);
-        let span = tracing::info_span!("reply", app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty);
-        let result = ReplyService::reply(self, req)
+        let caller = match self.auth.authenticate(&req) {
+            Ok(c) => c,
+            Err(e) => {
+                let e = GatewayError::from(e);
+                self.metrics.request(&app, e.outcome(), "none");
+                self.metrics.caller_request(UNAUTHENTICATED, e.outcome());
+                tracing::info!(app = %app, error = %e, "call refused: not authenticated");
+                return Err(e.to_status());
+            }
+        };
+        let span = tracing::info_span!("reply", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty);
+        let result = ReplyService::reply(self, &caller, req)
             .instrument(span.clone())
             .await;
         let _enter = span.enter();
+        let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
+        self.metrics.caller_request(&caller.name, outcome);
         match result {
             Ok(d) => {
                 self.metrics.request(&app, "ok", "0");
@@ -246,26 +283,51 @@ fn to_response(d: Delivered) -> ReplyResponse {
     }
 }
 
-/// The caller: `x-caller` metadata, else the peer's IP address.
-fn caller_of<T>(req: &Request<T>) -> String {
-    if let Some(c) = req
-        .metadata()
-        .get(CALLER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        && !c.is_empty()
-    {
-        return c.chars().take(128).collect();
-    }
-    req.remote_addr()
-        .map(|a| a.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
-        .to_string()
+/// An anonymous caller's `x-caller` label, for logs only: at most 64 characters of
+/// `[A-Za-z0-9._-]` (anything else is dropped).
+fn caller_label<T>(req: &Request<T>) -> Option<String> {
+    let v = req.metadata().get(CALLER_HEADER)?.to_str().ok()?;
+    let label: String = v
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    (!label.is_empty()).then_some(label)
 }
 
-/// The call's deadline from the `grpc-timeout` header (e.g. `500m`, `3S`).
-fn grpc_deadline<T>(req: &Request<T>) -> Option<Instant> {
-    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
-    parse_grpc_timeout(v).map(|d| Instant::now() + d)
+/// The uuid of a reply whose caller gave none: derived from who sent it (the authenticated
+/// caller; an anonymous caller's label), the app and the reply itself, so a call retried by
+/// its caller or a mesh reuses it and Feishu posts it once (its dedupe window is 1 h). A
+/// caller that means to post the same reply twice gives each its own uuid.
+fn derived_uuid(who: &[&[u8]], app: &str, reply: &ValidReply) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut field = |b: &[u8]| {
+        ctx.update(&(b.len() as u64).to_be_bytes());
+        ctx.update(b);
+    };
+    field(b"feishu-reply-gateway/uuid/v1");
+    for w in who {
+        field(w);
+    }
+    field(app.as_bytes());
+    field(reply.message_id.as_bytes());
+    field(reply.msg_type.as_str().as_bytes());
+    field(reply.content.as_bytes());
+    field(&[u8::from(reply.reply_in_thread)]);
+    let digest = ctx.finish();
+    let bytes: [u8; 16] = digest.as_ref()[..16].try_into().expect("32 > 16");
+    uuid::Uuid::new_v8(bytes).to_string()
+}
+
+/// The call's deadline: its `grpc-timeout` header (e.g. `500m`, `3S`), at most `max_call`
+/// from now (also when it has none: no call is held without bound).
+fn call_deadline<T>(req: &Request<T>, max_call: Duration) -> Instant {
+    let asked = req
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    Instant::now() + asked.map_or(max_call, |d| d.min(max_call))
 }
 
 fn parse_grpc_timeout(v: &str) -> Option<Duration> {

@@ -42,6 +42,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod chat_cache;
 pub mod cluster;
 pub mod config;
@@ -49,6 +50,7 @@ pub mod error;
 pub mod fake_feishu;
 pub mod feishu;
 pub mod grpc;
+pub mod listen;
 pub mod metrics;
 pub mod quota;
 pub mod reply;

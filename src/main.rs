@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use feishu_reply_gateway::config::{Config, ConfigError, ServeArgs};
+use feishu_reply_gateway::config::{Config, ServeArgs};
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, WindowMode};
 use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
@@ -177,11 +177,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     let config = match Config::load(&args) {
         Ok(c) => c,
-        Err(e @ ConfigError::NoApp) => {
+        // A configuration the gateway refuses (no app, nobody allowed to call, a bad value)
+        // is a usage error: exit 2, the reason on stderr.
+        Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(2));
         }
-        Err(e) => return Err(e.into()),
     };
     let grpc = TcpListener::bind(config.grpc_addr)
         .await

@@ -32,6 +32,24 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// A configured caller's name, `anonymous` or `unauthenticated` (bounded by the config).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabel {
+    caller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerOutcomeLabels {
+    caller: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PortReasonLabels {
+    port: &'static str,
+    reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RejectionLabels {
     app: String,
@@ -52,7 +70,9 @@ pub struct Metrics {
     rate_rejections: Family<RejectionLabels, Counter>,
     chat_lookups: Family<OutcomeLabel, Counter>,
     quota_keys: Gauge,
-    admission_rejections: Counter,
+    admission_rejections: Family<CallerLabel, Counter>,
+    caller_requests: Family<CallerOutcomeLabels, Counter>,
+    connections_refused: Family<PortReasonLabels, Counter>,
     redis_calls: Family<RedisCallLabels, Counter>,
     redis_up: Gauge,
     redis_fallback: Gauge,
@@ -67,7 +87,7 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 17] = [
+pub const METRIC_NAMES: [&str; 19] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -80,6 +100,8 @@ pub const METRIC_NAMES: [&str; 17] = [
     "feishu_reply_chat_lookups",
     "feishu_reply_quota_keys",
     "feishu_reply_admission_rejections",
+    "feishu_reply_caller_requests",
+    "feishu_reply_connections_refused",
     "feishu_reply_redis_calls",
     "feishu_reply_redis_up",
     "feishu_reply_redis_fallback",
@@ -164,11 +186,23 @@ impl Metrics {
             "Quota keys (chats, users, apps) with sends inside their window",
             quota_keys.clone(),
         );
-        let admission_rejections = Counter::default();
+        let admission_rejections = Family::<CallerLabel, Counter>::default();
         registry.register(
             "feishu_reply_admission_rejections",
-            "Calls refused by per-caller admission control",
+            "Calls refused by per-caller admission control (its rate), by caller",
             admission_rejections.clone(),
+        );
+        let caller_requests = Family::<CallerOutcomeLabels, Counter>::default();
+        registry.register(
+            "feishu_reply_caller_requests",
+            "Reply calls finished, by authenticated caller (configured name, anonymous, or unauthenticated) and outcome",
+            caller_requests.clone(),
+        );
+        let connections_refused = Family::<PortReasonLabels, Counter>::default();
+        registry.register(
+            "feishu_reply_connections_refused",
+            "Connections closed at accept, by port (grpc, metrics) and reason (too_many, accept_error)",
+            connections_refused.clone(),
         );
         let redis_calls = Family::<RedisCallLabels, Counter>::default();
         registry.register(
@@ -214,6 +248,8 @@ impl Metrics {
             chat_lookups,
             quota_keys,
             admission_rejections,
+            caller_requests,
+            connections_refused,
             redis_calls,
             redis_up,
             redis_fallback,
@@ -221,6 +257,17 @@ impl Metrics {
             replicas,
         };
         // Pre-create the series operators alert on, so they read 0 rather than "no data".
+        for port in ["grpc", "metrics"] {
+            for reason in ["too_many", "accept_error"] {
+                let _ = m
+                    .connections_refused
+                    .get_or_create(&PortReasonLabels { port, reason });
+            }
+        }
+        let _ = m.caller_requests.get_or_create(&CallerOutcomeLabels {
+            caller: crate::auth::UNAUTHENTICATED.to_owned(),
+            outcome: "unauthenticated",
+        });
         for r in RetryReason::ALL {
             let _ = m.retries.get_or_create(&ReasonLabel { reason: r.as_str() });
         }
@@ -330,8 +377,34 @@ impl Metrics {
         self.quota_keys.set(n as i64);
     }
 
-    pub fn admission_rejected(&self) {
-        self.admission_rejections.inc();
+    /// Pre-creates a caller's series (0 rather than "no data").
+    pub fn init_caller(&self, caller: &str) {
+        let _ = self.admission_rejections.get_or_create(&CallerLabel {
+            caller: caller.to_owned(),
+        });
+    }
+
+    pub fn admission_rejected(&self, caller: &str) {
+        self.admission_rejections
+            .get_or_create(&CallerLabel {
+                caller: caller.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&PortReasonLabels { port, reason })
+            .inc();
+    }
+
+    pub fn caller_request(&self, caller: &str, outcome: &'static str) {
+        self.caller_requests
+            .get_or_create(&CallerOutcomeLabels {
+                caller: caller.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn redis_call(&self, op: &'static str, ok: bool) {
@@ -363,6 +436,7 @@ mod tests {
     #[test]
     fn every_declared_name_is_exported() {
         let m = Metrics::new();
+        m.init_caller("anonymous");
         m.request("default", "ok", "0");
         m.upstream_latency(Duration::from_millis(3), "ok");
         m.token_refresh("ok");

@@ -44,4 +44,22 @@ pub struct ServeArgs {
     /// may list seed nodes separated by commas) [default: standalone, or the config file's].
     #[arg(long, env = "GATEWAY_REDIS_MODE", value_enum)]
     pub redis_mode: Option<RedisMode>,
+    /// Serve calls that carry no credentials (only when no [callers.*] is configured; then
+    /// `x-caller` is a label, not an identity).
+    #[arg(
+        long,
+        env = "GATEWAY_ALLOW_ANONYMOUS",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_anonymous: bool,
+    /// TLS certificate chain (PEM) of the gRPC port.
+    #[arg(long, env = "GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the gRPC port.
+    #[arg(long, env = "GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) whose client certificates identify callers (mTLS, `tls_identities`).
+    #[arg(long, env = "GATEWAY_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }

@@ -28,6 +28,13 @@ pub enum ConfigError {
          (GATEWAY_EMBEDDED_FAKE=1): replies then go to an embedded fake, not to Feishu"
     )]
     NoApp,
+    #[error(
+        "Feishu apps are configured but no caller is: anyone reaching the gRPC port could post \
+         as them. Configure [callers.<name>] (a bearer token or an mTLS identity, see README \
+         \"Callers\"), or allow unauthenticated callers on purpose with [auth] allow_anonymous = \
+         true (GATEWAY_ALLOW_ANONYMOUS=1)"
+    )]
+    NoCaller,
 }
 
 /// A TOML error that says where (line, column) and what, without quoting the file: the

@@ -13,9 +13,13 @@ use crate::cluster::{ClusterConfig, RedisFailurePolicy, RedisMode};
 use crate::quota::QuotaSpec;
 
 mod args;
+mod auth;
 mod error;
 
 pub use args::ServeArgs;
+pub use auth::{
+    ANONYMOUS, AppGrant, AuthConfig, CallerConfig, CallerLimits, TlsConfig, token_hash,
+};
 pub use error::ConfigError;
 use error::parse_error;
 
@@ -89,9 +93,30 @@ pub struct RetryConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmissionConfig {
-    /// Replies per second one caller (`x-caller` metadata, else its address) may submit.
+    /// Replies per second a configured caller may submit unless its `rate` says otherwise;
+    /// anonymous calls get it per peer address.
     pub per_caller_rps: NonZeroU32,
     pub per_caller_burst: NonZeroU32,
+    /// A configured caller's default queue share (default: a quarter of `[queue] max_total`).
+    pub per_caller_max_queued: usize,
+    /// … and in bytes (default: a quarter of `[queue] max_total_bytes`).
+    pub per_caller_max_queued_bytes: usize,
+}
+
+/// How long and how much clients may hold of the ports (`[server]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Open gRPC connections (lowered to fit the process's descriptor limit).
+    pub max_connections: usize,
+    /// Concurrent streams (calls) per gRPC connection.
+    pub max_streams_per_connection: u32,
+    /// The longest a call is held: calls without a deadline, or with a later one, get this.
+    pub max_call: Duration,
+    /// A new connection must send its first bytes (TLS: finish its handshake) by then; the
+    /// metrics port's request headers too.
+    pub handshake_timeout: Duration,
+    /// Open connections on the metrics port.
+    pub metrics_max_connections: usize,
 }
 
 /// The validated configuration of `serve`.
@@ -101,6 +126,7 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// On SIGTERM, keep sending queued replies this long, then fail the rest with UNAVAILABLE.
     pub shutdown_grace: Duration,
+    pub limits: ServerLimits,
     pub feishu: FeishuConfig,
     /// Configured apps (empty only with `embedded_fake`, or in tests).
     pub apps: Vec<AppConfig>,
@@ -112,6 +138,10 @@ pub struct Config {
     pub queue: QueueConfig,
     pub retry: RetryConfig,
     pub admission: AdmissionConfig,
+    /// Who may call: configured callers, or anonymous callers when allowed.
+    pub auth: AuthConfig,
+    /// TLS (and mTLS) on the gRPC port.
+    pub tls: Option<TlsConfig>,
     /// Cluster mode (quotas shared through Redis); None = single node.
     pub cluster: Option<ClusterConfig>,
 }
@@ -138,6 +168,10 @@ struct FileConfig {
     admission: FileAdmission,
     #[serde(default)]
     cluster: FileCluster,
+    #[serde(default)]
+    callers: BTreeMap<String, auth::FileCaller>,
+    #[serde(default)]
+    auth: auth::FileAuth,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +206,12 @@ struct FileServer {
     grpc_addr: SocketAddr,
     metrics_addr: SocketAddr,
     shutdown_grace_ms: u64,
+    tls: Option<auth::FileTls>,
+    max_connections: usize,
+    max_streams_per_connection: u32,
+    max_call_ms: u64,
+    handshake_timeout_ms: u64,
+    metrics_max_connections: usize,
 }
 
 impl Default for FileServer {
@@ -180,6 +220,12 @@ impl Default for FileServer {
             grpc_addr: ([0, 0, 0, 0], 50051).into(),
             metrics_addr: ([0, 0, 0, 0], 9090).into(),
             shutdown_grace_ms: 25_000,
+            tls: None,
+            max_connections: 1_024,
+            max_streams_per_connection: 100,
+            max_call_ms: 600_000,
+            handshake_timeout_ms: 10_000,
+            metrics_max_connections: 32,
         }
     }
 }
@@ -287,6 +333,8 @@ impl Default for FileRetry {
 struct FileAdmission {
     per_caller_rps: u32,
     per_caller_burst: u32,
+    per_caller_max_queued: Option<usize>,
+    per_caller_max_queued_bytes: Option<usize>,
 }
 
 impl Default for FileAdmission {
@@ -294,6 +342,8 @@ impl Default for FileAdmission {
         Self {
             per_caller_rps: 2_000,
             per_caller_burst: 4_000,
+            per_caller_max_queued: None,
+            per_caller_max_queued_bytes: None,
         }
     }
 }
@@ -318,6 +368,10 @@ impl Config {
                  (FEISHU_APP_ID or [apps.*]): drop one of them"
                     .into(),
             )),
+            // Real apps, nobody configured to call them, anonymous not allowed on purpose.
+            (false, false) if config.auth.callers.is_empty() && !config.auth.allow_anonymous => {
+                Err(ConfigError::NoCaller)
+            }
             _ => Ok(config),
         }
     }
@@ -348,6 +402,8 @@ impl Config {
             retry,
             admission,
             mut cluster,
+            callers,
+            auth,
         } = file;
         let ServeArgs {
             config: _,
@@ -359,6 +415,10 @@ impl Config {
             redis_url,
             redis_mode,
             embedded_fake,
+            allow_anonymous,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
         } = args;
         if let Some(mode) = redis_mode {
             cluster.redis_mode = *mode;
@@ -471,6 +531,74 @@ impl Config {
         let nz = |what: &str, v: u32| {
             NonZeroU32::new(v).ok_or_else(|| invalid(format!("admission.{what} must be > 0")))
         };
+        let admission = AdmissionConfig {
+            per_caller_rps: nz("per_caller_rps", admission.per_caller_rps)?,
+            per_caller_burst: nz("per_caller_burst", admission.per_caller_burst)?,
+            per_caller_max_queued: admission
+                .per_caller_max_queued
+                .unwrap_or(queue.max_total.div_ceil(4)),
+            per_caller_max_queued_bytes: admission
+                .per_caller_max_queued_bytes
+                .unwrap_or(queue.max_total_bytes.div_ceil(4)),
+        };
+        if admission.per_caller_max_queued == 0 || admission.per_caller_max_queued_bytes == 0 {
+            return Err(invalid(
+                "admission.per_caller_max_queued* must be > 0".into(),
+            ));
+        }
+        if server.max_connections == 0
+            || server.max_streams_per_connection == 0
+            || server.max_call_ms == 0
+            || server.handshake_timeout_ms == 0
+            || server.metrics_max_connections == 0
+        {
+            return Err(invalid("server limits must be > 0".into()));
+        }
+        let limits = ServerLimits {
+            max_connections: server.max_connections,
+            max_streams_per_connection: server.max_streams_per_connection,
+            max_call: Duration::from_millis(server.max_call_ms),
+            handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
+            metrics_max_connections: server.metrics_max_connections,
+        };
+        let mut tls = server.tls;
+        if tls_cert.is_some() || tls_key.is_some() || tls_client_ca.is_some() {
+            let t = tls.get_or_insert(auth::FileTls {
+                cert_file: None,
+                key_file: None,
+                client_ca_file: None,
+            });
+            for (slot, v) in [
+                (&mut t.cert_file, tls_cert),
+                (&mut t.key_file, tls_key),
+                (&mut t.client_ca_file, tls_client_ca),
+            ] {
+                if let Some(v) = v {
+                    *slot = Some(v.clone());
+                }
+            }
+        }
+        let (auth, tls) = auth::build(auth::AuthInput {
+            auth,
+            // The demo on the embedded fake takes anonymous calls unless callers are configured.
+            allow_anonymous_override: *allow_anonymous || (*embedded_fake && callers.is_empty()),
+            callers,
+            tls,
+            apps: &app_list,
+            defaults: CallerLimits {
+                rate: admission.per_caller_rps,
+                burst: admission.per_caller_burst,
+                max_queued: admission.per_caller_max_queued,
+                max_queued_bytes: admission.per_caller_max_queued_bytes,
+            },
+            // Anonymous calls are one caller: the whole queue is theirs.
+            anonymous: CallerLimits {
+                rate: admission.per_caller_rps,
+                burst: admission.per_caller_burst,
+                max_queued: queue.max_total,
+                max_queued_bytes: queue.max_total_bytes,
+            },
+        })?;
 
         let cluster = match redis_url.clone().or(cluster.redis_url.clone()) {
             None => None,
@@ -541,6 +669,7 @@ impl Config {
             grpc_addr: grpc_addr.unwrap_or(server.grpc_addr),
             metrics_addr: metrics_addr.unwrap_or(server.metrics_addr),
             shutdown_grace: Duration::from_millis(server.shutdown_grace_ms),
+            limits,
             feishu: FeishuConfig {
                 base_url,
                 connect_timeout: Duration::from_millis(feishu.connect_timeout_ms),
@@ -563,10 +692,9 @@ impl Config {
                 base_delay: Duration::from_millis(retry.base_delay_ms),
                 max_delay: Duration::from_millis(retry.max_delay_ms.max(retry.base_delay_ms)),
             },
-            admission: AdmissionConfig {
-                per_caller_rps: nz("per_caller_rps", admission.per_caller_rps)?,
-                per_caller_burst: nz("per_caller_burst", admission.per_caller_burst)?,
-            },
+            admission,
+            auth,
+            tls,
             cluster,
         })
     }

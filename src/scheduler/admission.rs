@@ -37,6 +37,26 @@ impl Dispatcher {
                 retry_after,
             }));
         }
+        if let Some(share) = self.config.callers.get(job.spec.caller) {
+            let (jobs, bytes) = self.queues.caller_queued(job.spec.caller);
+            let scope = if jobs >= share.max_queued {
+                Some("caller")
+            } else if bytes + job.weight() > share.max_queued_bytes {
+                Some("caller_bytes")
+            } else {
+                None
+            };
+            if let Some(scope) = scope {
+                // The caller's own backlog drains at most at its admission rate.
+                let per_s = f64::from(share.rate.get()).min(self.app_rate_per_sec().max(1.0));
+                let retry_after = Duration::from_secs_f64((jobs as f64 / per_s).clamp(1.0, 600.0));
+                return job.finish(Err(GatewayError::QueueFull {
+                    scope,
+                    queued: jobs,
+                    retry_after,
+                }));
+            }
+        }
         let (ahead, busy) = self.queues.ahead(&job.spec.chat_id);
         if ahead >= q.max_per_chat {
             let chat = self.config.quotas.chat;

@@ -48,6 +48,8 @@ const IDLE_WAKE: Duration = Duration::from_secs(3600);
 /// A reply ready to be queued: validated, its app and chat known.
 #[derive(Debug)]
 pub struct JobSpec {
+    /// Who asked (index into [`SchedulerConfig::callers`]): its queue share applies.
+    pub caller: usize,
     pub app: AppIndex,
     /// Configured app name (logs, metrics).
     pub app_name: Arc<str>,
@@ -136,6 +138,8 @@ pub struct SchedulerConfig {
     /// timeout). A send whose answer has not come back holds its quota slots this long: past
     /// it the call is abandoned, so the request can no longer arrive.
     pub send_timeout: Duration,
+    /// Each caller's limits by [`JobSpec::caller`]; a caller not listed has no share limit.
+    pub callers: Vec<crate::config::CallerLimits>,
 }
 
 impl SchedulerConfig {
@@ -145,6 +149,13 @@ impl SchedulerConfig {
             queue: config.queue.clone(),
             retry: config.retry.clone(),
             send_timeout: config.feishu.request_timeout.saturating_mul(2),
+            callers: config
+                .auth
+                .callers
+                .iter()
+                .map(|c| c.limits)
+                .chain([config.auth.anonymous])
+                .collect(),
         }
     }
 }

@@ -98,6 +98,41 @@ struct ChatQueue {
     scheduled: bool,
 }
 
+/// What the queued jobs hold: in total and per caller.
+#[derive(Default)]
+struct Counts {
+    queued: usize,
+    /// Sum of the queued jobs' [`Job::weight`].
+    bytes: usize,
+    /// Queued jobs and their bytes per caller (index: `JobSpec::caller`).
+    per_caller: Vec<(usize, usize)>,
+}
+
+impl Counts {
+    /// Counts `job` as queued.
+    fn add(&mut self, job: &Job) {
+        let w = job.weight();
+        self.queued += 1;
+        self.bytes += w;
+        let c = job.spec.caller;
+        if self.per_caller.len() <= c {
+            self.per_caller.resize(c + 1, (0, 0));
+        }
+        self.per_caller[c].0 += 1;
+        self.per_caller[c].1 += w;
+    }
+
+    /// Stops counting `job` as queued.
+    fn remove(&mut self, job: &Job) {
+        let w = job.weight();
+        self.queued -= 1;
+        self.bytes -= w;
+        let share = &mut self.per_caller[job.spec.caller];
+        share.0 -= 1;
+        share.1 -= w;
+    }
+}
+
 /// Every chat's queue and the order in which their heads are tried.
 #[derive(Default)]
 pub(super) struct Queues {
@@ -108,9 +143,7 @@ pub(super) struct Queues {
     timers: BinaryHeap<Reverse<(Micros, u64, Arc<str>)>>,
     /// Queued jobs with a deadline: (send_by, job id, chat).
     deadlines: BinaryHeap<Reverse<(Micros, u64, Arc<str>)>>,
-    queued: usize,
-    /// Sum of the queued jobs' [`Job::weight`].
-    queued_bytes: usize,
+    counts: Counts,
     in_flight: usize,
     next_id: u64,
     next_ticket: u64,
@@ -119,7 +152,7 @@ pub(super) struct Queues {
 impl Queues {
     /// Jobs waiting (not in flight).
     pub fn queued(&self) -> usize {
-        self.queued
+        self.counts.queued
     }
 
     pub fn in_flight(&self) -> usize {
@@ -128,7 +161,16 @@ impl Queues {
 
     /// Bytes held by queued jobs.
     pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes
+        self.counts.bytes
+    }
+
+    /// Jobs and bytes `caller` has queued.
+    pub fn caller_queued(&self, caller: usize) -> (usize, usize) {
+        self.counts
+            .per_caller
+            .get(caller)
+            .copied()
+            .unwrap_or((0, 0))
     }
 
     /// Jobs queued in `chat` and whether its head is in flight.
@@ -146,12 +188,11 @@ impl Queues {
         if let Some(send_by) = job.send_by {
             self.deadlines
                 .push(Reverse((send_by, job.id, chat_id.clone())));
-            if self.deadlines.len() > 2 * self.queued + DEADLINE_SLACK {
+            if self.deadlines.len() > 2 * self.counts.queued + DEADLINE_SLACK {
                 self.compact_deadlines();
             }
         }
-        self.queued += 1;
-        self.queued_bytes += job.weight();
+        self.counts.add(&job);
         let chat = self.chats.entry(chat_id.clone()).or_default();
         chat.jobs.push_back(job);
         if !chat.busy && !chat.scheduled {
@@ -229,8 +270,7 @@ impl Queues {
                     break;
                 };
                 let job = chat.jobs.pop_front().expect("front");
-                self.queued -= 1;
-                self.queued_bytes -= job.weight();
+                self.counts.remove(&job);
                 dropped.push((job, why));
             }
             let Some(head) = chat.jobs.front() else {
@@ -256,8 +296,7 @@ impl Queues {
         let chat = self.chats.get_mut(chat_id)?;
         let job = chat.jobs.pop_front()?;
         chat.busy = true;
-        self.queued -= 1;
-        self.queued_bytes -= job.weight();
+        self.counts.remove(&job);
         self.in_flight += 1;
         Some(job)
     }
@@ -271,8 +310,7 @@ impl Queues {
         };
         chat.busy = false;
         if let Some(job) = retry {
-            self.queued += 1;
-            self.queued_bytes += job.weight();
+            self.counts.add(&job);
             chat.jobs.push_front(job);
         }
         if chat.jobs.is_empty() {
@@ -337,8 +375,7 @@ impl Queues {
             };
             if let Some(pos) = chat.jobs.iter().position(|j| j.id == id) {
                 let job = chat.jobs.remove(pos).expect("position is valid");
-                self.queued -= 1;
-                self.queued_bytes -= job.weight();
+                self.counts.remove(&job);
                 expired.push(job);
                 if chat.jobs.is_empty() && !chat.busy {
                     self.chats.remove(&chat_id);
@@ -359,8 +396,9 @@ impl Queues {
         let (gone, kept): (VecDeque<Job>, VecDeque<Job>) =
             chat.jobs.drain(..).partition(|j| j.done.is_closed());
         chat.jobs = kept;
-        self.queued -= gone.len();
-        self.queued_bytes -= gone.iter().map(Job::weight).sum::<usize>();
+        for job in &gone {
+            self.counts.remove(job);
+        }
         if chat.jobs.is_empty() && !chat.busy {
             self.chats.remove(chat_id);
         }
@@ -391,8 +429,7 @@ impl Queues {
             all.extend(chat.jobs.drain(..));
         }
         self.chats.retain(|_, c| c.busy);
-        self.queued = 0;
-        self.queued_bytes = 0;
+        self.counts = Counts::default();
         all
     }
 
@@ -427,6 +464,7 @@ mod tests {
     fn job(chat: &str, n: u32) -> (Job, oneshot::Receiver<JobResult>) {
         let (tx, rx) = oneshot::channel();
         let spec = JobSpec {
+            caller: 0,
             app: 0,
             app_name: "default".into(),
             app_id: "cli".into(),

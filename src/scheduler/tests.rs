@@ -106,6 +106,7 @@ fn scheduler(upstream: Arc<ScriptedUpstream>, tweak: impl FnOnce(&mut Config)) -
 /// A job whose `content` carries its chat id (so the scripted upstream can report it).
 fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
     JobSpec {
+        caller: 0,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_test".into(),

@@ -28,7 +28,13 @@ pub struct TestGateway {
 pub const APP_ID: &str = "cli_test";
 
 /// Config text for one app on the fake; `extra` is appended (more sections, overrides).
+/// Calls are anonymous unless `extra` configures callers.
 pub fn config_for(fake: &FakeFeishu, extra: &str) -> Config {
+    let auth = if extra.contains("[callers.") {
+        ""
+    } else {
+        "[auth]\nallow_anonymous = true"
+    };
     let text = format!(
         r#"
         [feishu]
@@ -41,6 +47,7 @@ pub fn config_for(fake: &FakeFeishu, extra: &str) -> Config {
         [retry]
         base_delay_ms = 20
         max_delay_ms = 200
+        {auth}
         {extra}
         "#,
         fake.base_url()
@@ -69,6 +76,16 @@ pub async fn spawn_gateway(opts: FakeOptions, extra: &str) -> TestGateway {
 }
 
 pub async fn spawn_gateway_on(fake: FakeFeishu, config: Config) -> TestGateway {
+    start_gateway(fake, config, false).await
+}
+
+/// Like [`spawn_gateway_on`], but its `client` connects on first use (plaintext): for a
+/// gateway that speaks TLS, tests build their own channels to `grpc_addr`.
+pub async fn spawn_gateway_lazy(fake: FakeFeishu, config: Config) -> TestGateway {
+    start_gateway(fake, config, true).await
+}
+
+async fn start_gateway(fake: FakeFeishu, config: Config, lazy: bool) -> TestGateway {
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
@@ -81,11 +98,12 @@ pub async fn spawn_gateway_on(fake: FakeFeishu, config: Config) -> TestGateway {
         .await
         .expect("gateway runs");
     });
-    let channel = Channel::from_shared(format!("http://{grpc_addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to gateway");
+    let endpoint = Channel::from_shared(format!("http://{grpc_addr}")).unwrap();
+    let channel = if lazy {
+        endpoint.connect_lazy()
+    } else {
+        endpoint.connect().await.expect("connect to gateway")
+    };
     TestGateway {
         client: ReplyGatewayClient::new(channel.clone()),
         channel,
@@ -228,14 +246,7 @@ impl RedisServer {
     }
 
     fn make_certificates(&self) {
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .current_dir(&self.dir)
-                .output()
-                .expect("openssl on PATH (scripts/test installs it)");
-            assert!(out.status.success(), "openssl {args:?}: {out:?}");
-        };
+        let run = |args: &[&str]| openssl(&self.dir, args);
         std::fs::write(self.dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
         run(&[
             "req",
@@ -506,5 +517,108 @@ pub async fn wait_for_metric(gw: &TestGateway, series: &str, want: f64, within: 
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `openssl` in `dir` (scripts/test installs it).
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl on PATH (scripts/test installs it)");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+/// A throwaway certificate authority in a temporary directory.
+pub struct TestPki {
+    pub dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    /// A new CA (`ca.pem`, `ca.key`) named `name`.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "gw-pki-{name}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={name} test CA"),
+            ],
+        );
+        Self { dir }
+    }
+
+    /// Issues `<stem>.pem` / `<stem>.key` with subjectAltName `san` (e.g. `URI:spiffe://x`).
+    pub fn issue(&self, stem: &str, san: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let ext = format!("{stem}.cnf");
+        std::fs::write(self.dir.join(&ext), format!("subjectAltName={san}\n")).unwrap();
+        let (key, csr, pem) = (
+            format!("{stem}.key"),
+            format!("{stem}.csr"),
+            format!("{stem}.pem"),
+        );
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={stem}"),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+        (self.dir.join(pem), self.dir.join(key))
+    }
+
+    pub fn ca(&self) -> std::path::PathBuf {
+        self.dir.join("ca.pem")
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

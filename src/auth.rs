@@ -1,0 +1,215 @@
+//! Who is calling (DESIGN.md §8): a configured caller proven by a bearer token or an mTLS
+//! client certificate, or an anonymous call where anonymous calls are allowed on purpose.
+//! Admission, queue shares and metrics key on the result, never on a value the caller chose.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tonic::Request;
+use tonic::transport::CertificateDer;
+
+use crate::config::{ANONYMOUS, AppGrant, AuthConfig, CallerLimits, token_hash};
+
+/// Index of a caller: the configured callers in order, then anonymous.
+pub type CallerId = usize;
+
+/// The metadata key of bearer tokens.
+pub const AUTHORIZATION: &str = "authorization";
+
+/// The name unauthenticated calls are counted under in metrics.
+pub const UNAUTHENTICATED: &str = "unauthenticated";
+
+/// Why a call was not authenticated. The messages never quote what the caller sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error(
+        "no credentials: send metadata `authorization: Bearer <token>` or a client certificate"
+    )]
+    Missing,
+    #[error("the authorization metadata is not `Bearer <token>`")]
+    Malformed,
+    #[error("the bearer token is not one of this gateway's callers")]
+    UnknownToken,
+    #[error("the client certificate names no caller of this gateway")]
+    UnknownCertificate,
+    #[error("the bearer token and the client certificate name different callers")]
+    Conflict,
+}
+
+impl AuthError {
+    /// `ErrorInfo.reason`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            AuthError::Missing => "CREDENTIALS_MISSING",
+            AuthError::Malformed | AuthError::UnknownToken | AuthError::UnknownCertificate => {
+                "CREDENTIALS_INVALID"
+            }
+            AuthError::Conflict => "CREDENTIALS_CONFLICT",
+        }
+    }
+}
+
+/// An authenticated call.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub id: CallerId,
+    /// The configured name, or `anonymous`.
+    pub name: Arc<str>,
+    pub anonymous: bool,
+}
+
+/// Decides who a call is from. Built once from the configuration.
+pub struct Authenticator {
+    by_token: HashMap<[u8; 32], CallerId>,
+    by_identity: HashMap<String, CallerId>,
+    grants: Vec<AppGrant>,
+    limits: Vec<CallerLimits>,
+    names: Vec<Arc<str>>,
+    allow_anonymous: bool,
+}
+
+impl Authenticator {
+    pub fn new(config: &AuthConfig) -> Self {
+        let mut by_token = HashMap::new();
+        let mut by_identity = HashMap::new();
+        for (id, c) in config.callers.iter().enumerate() {
+            if let Some(h) = c.token_sha256 {
+                by_token.insert(h, id);
+            }
+            for name in &c.tls_identities {
+                by_identity.insert(name.clone(), id);
+            }
+        }
+        let names = config
+            .callers
+            .iter()
+            .map(|c| Arc::from(c.name.as_str()))
+            .chain([Arc::from(ANONYMOUS)])
+            .collect();
+        Self {
+            by_token,
+            by_identity,
+            grants: config.callers.iter().map(|c| c.apps.clone()).collect(),
+            limits: config
+                .callers
+                .iter()
+                .map(|c| c.limits)
+                .chain([config.anonymous])
+                .collect(),
+            names,
+            allow_anonymous: config.allow_anonymous,
+        }
+    }
+
+    /// Every caller's name by id (anonymous last), for metrics.
+    pub fn names(&self) -> &[Arc<str>] {
+        &self.names
+    }
+
+    /// Every caller's limits by id (anonymous last).
+    pub fn limits(&self) -> &[CallerLimits] {
+        &self.limits
+    }
+
+    fn anonymous(&self) -> Caller {
+        let id = self.names.len() - 1;
+        Caller {
+            id,
+            name: self.names[id].clone(),
+            anonymous: true,
+        }
+    }
+
+    /// Who sent `req`: its bearer token and/or its verified client certificate.
+    pub fn authenticate<T>(&self, req: &Request<T>) -> Result<Caller, AuthError> {
+        if self.allow_anonymous {
+            return Ok(self.anonymous());
+        }
+        let by_token = match req.metadata().get(AUTHORIZATION) {
+            None => None,
+            Some(v) => Some(self.token_caller(v.as_bytes())?),
+        };
+        let by_cert = match req.peer_certs() {
+            Some(certs) if !certs.is_empty() => Some(self.cert_caller(&certs[0])),
+            _ => None,
+        };
+        let id = match (by_token, by_cert) {
+            (None, None) => return Err(AuthError::Missing),
+            (Some(t), None | Some(None)) => t,
+            (None, Some(c)) => c.ok_or(AuthError::UnknownCertificate)?,
+            (Some(t), Some(Some(c))) if t == c => t,
+            (Some(_), Some(Some(_))) => return Err(AuthError::Conflict),
+        };
+        Ok(Caller {
+            id,
+            name: self.names[id].clone(),
+            anonymous: false,
+        })
+    }
+
+    fn token_caller(&self, header: &[u8]) -> Result<CallerId, AuthError> {
+        let token = match header.iter().position(|&b| b == b' ') {
+            Some(i) if header[..i].eq_ignore_ascii_case(b"bearer") => header[i + 1..].trim_ascii(),
+            _ => return Err(AuthError::Malformed),
+        };
+        if token.is_empty() {
+            return Err(AuthError::Malformed);
+        }
+        // Looked up by hash: the lookup's timing says nothing about the token's bytes.
+        self.by_token
+            .get(&token_hash(token))
+            .copied()
+            .ok_or(AuthError::UnknownToken)
+    }
+
+    /// The caller a verified client certificate names (SAN URI or DNS), if any.
+    fn cert_caller(&self, cert: &CertificateDer<'_>) -> Option<CallerId> {
+        let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+        cert.valid_uri_names()
+            .chain(cert.valid_dns_names())
+            .find_map(|n| self.by_identity.get(n).copied())
+    }
+
+    /// Whether `caller` may send as `app`.
+    pub fn allows(&self, caller: &Caller, app: &str) -> bool {
+        caller.anonymous || self.grants.get(caller.id).is_some_and(|g| g.allows(app))
+    }
+}
+
+/// Admission rate limits: one bucket per configured caller, one per peer address for
+/// anonymous calls (so memory grows with addresses, not with what callers write).
+pub struct Admission {
+    callers: Vec<governor::DefaultDirectRateLimiter>,
+    anonymous: governor::DefaultKeyedRateLimiter<IpAddr>,
+}
+
+impl Admission {
+    pub fn new(limits: &[CallerLimits]) -> Self {
+        let quota = |l: &CallerLimits| governor::Quota::per_second(l.rate).allow_burst(l.burst);
+        let (named, anon) = limits.split_at(limits.len() - 1);
+        Self {
+            callers: named
+                .iter()
+                .map(|l| governor::RateLimiter::direct(quota(l)))
+                .collect(),
+            anonymous: governor::RateLimiter::keyed(quota(&anon[0])),
+        }
+    }
+
+    /// Takes one call from `caller`'s bucket; `Err(wait)` when it is empty.
+    pub fn check(&self, caller: &Caller, peer: IpAddr) -> Result<(), std::time::Duration> {
+        use governor::clock::{Clock, DefaultClock};
+        let r = match self.callers.get(caller.id) {
+            Some(l) if !caller.anonymous => l.check(),
+            _ => self.anonymous.check_key(&peer),
+        };
+        r.map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    /// Forgets anonymous buckets that went quiet (bounded memory).
+    pub fn forget_idle(&self) {
+        self.anonymous.retain_recent();
+        self.anonymous.shrink_to_fit();
+    }
+}

@@ -1,0 +1,408 @@
+//! Callers (DESIGN.md §8): bearer tokens and mTLS identities, each caller limited to its apps,
+//! its rate and its queue share; claims a caller writes itself (`x-caller`) count for nothing;
+//! a retried call without a uuid reuses the uuid the gateway derived.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestPki, config_for, metric, spawn_fake, spawn_gateway, spawn_gateway_lazy, text};
+use feishu_reply_gateway::config::token_hash;
+use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
+use feishu_reply_gateway::proto::ReplyRequest;
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_types::StatusExt;
+
+const BILLING_TOKEN: &str = "billing-7f3a9c1e5b2d4f60";
+const OPS_TOKEN: &str = "ops-0b8e2a6c4d1f3e57a9";
+
+fn reason(s: &tonic::Status) -> String {
+    s.get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+fn hex(h: [u8; 32]) -> String {
+    h.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Two apps and two callers: `billing` (app `default` only, a small rate and queue share)
+/// and `ops` (every app).
+fn callers(extra: &str) -> String {
+    format!(
+        r#"
+        [apps.ops]
+        app_id = "cli_ops"
+        app_secret = "ops-secret"
+        [callers.billing]
+        token_sha256 = "{}"
+        apps = ["default"]
+        rate = 1
+        burst = 3
+        max_queued = 2
+        [callers.ops]
+        token_sha256 = "{}"
+        apps = ["*"]
+        {extra}
+        "#,
+        hex(token_hash(BILLING_TOKEN.as_bytes())),
+        hex(token_hash(OPS_TOKEN.as_bytes())),
+    )
+}
+
+fn with_token(req: ReplyRequest, token: &str) -> tonic::Request<ReplyRequest> {
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn calls_without_valid_credentials_are_unauthenticated_and_never_sent() {
+    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    let mut client = gw.client.clone();
+    let s = client.reply(text("om_a1", "oc_a", "x")).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert_eq!(reason(&s), "CREDENTIALS_MISSING");
+    // A claimed name is no identity.
+    let mut r = tonic::Request::new(text("om_a2", "oc_a", "x"));
+    r.metadata_mut().insert("x-caller", "ops".parse().unwrap());
+    assert_eq!(
+        client.reply(r).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    for (header, case) in [
+        ("Bearer not-a-token-of-this-gateway", "unknown token"),
+        ("Basic b3BzOm9wcw==", "another scheme"),
+        ("Bearer ", "empty token"),
+    ] {
+        let mut r = tonic::Request::new(text("om_a3", "oc_a", "x"));
+        r.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        let s = client.reply(r).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unauthenticated, "{case}: {s:?}");
+        assert_eq!(reason(&s), "CREDENTIALS_INVALID", "{case}");
+        assert!(!s.message().contains("not-a-token"), "{case}: {s:?}");
+    }
+    assert!(gw.fake.received().is_empty(), "nothing may reach Feishu");
+    let m = gw.http_get("/metrics").await.1;
+    let series =
+        r#"feishu_reply_caller_requests_total{caller="unauthenticated",outcome="unauthenticated"}"#;
+    assert_eq!(metric(&m, series), Some(5.0), "{m}");
+}
+
+#[tokio::test]
+async fn a_caller_may_send_only_as_its_apps() {
+    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    let mut client = gw.client.clone();
+    let as_ops = ReplyRequest {
+        app: "ops".into(),
+        ..text("om_p1", "oc_p", "x")
+    };
+    let s = client
+        .reply(with_token(as_ops.clone(), BILLING_TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert_eq!(reason(&s), "APP_NOT_ALLOWED");
+    let info = s.get_details_error_info().unwrap();
+    assert_eq!(
+        info.metadata.get("caller").map(String::as_str),
+        Some("billing")
+    );
+    assert!(gw.fake.received().is_empty());
+    // Its own app, and the caller given every app.
+    client
+        .reply(with_token(text("om_p2", "oc_p", "x"), BILLING_TOKEN))
+        .await
+        .unwrap();
+    client.reply(with_token(as_ops, OPS_TOKEN)).await.unwrap();
+    let m = gw.http_get("/metrics").await.1;
+    let denied =
+        r#"feishu_reply_caller_requests_total{caller="billing",outcome="permission_denied"}"#;
+    assert_eq!(metric(&m, denied), Some(1.0), "{m}");
+}
+
+#[tokio::test]
+async fn a_caller_over_its_rate_is_refused_while_others_are_served() {
+    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    let mut client = gw.client.clone();
+    let mut refused = 0;
+    for i in 0..6 {
+        // Whatever it writes in x-caller, it is the same caller.
+        let mut r = with_token(
+            text(&format!("om_r{i}"), &format!("oc_r{i}"), "x"),
+            BILLING_TOKEN,
+        );
+        r.metadata_mut()
+            .insert("x-caller", format!("someone-else-{i}").parse().unwrap());
+        if let Err(s) = client.reply(r).await {
+            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+            assert_eq!(reason(&s), "CALLER_RATE_LIMITED");
+            assert!(
+                s.get_details_retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .is_some()
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3, "burst 3, then 1/s");
+    client
+        .reply(with_token(text("om_r_ops", "oc_r_ops", "x"), OPS_TOKEN))
+        .await
+        .unwrap();
+    let m = gw.http_get("/metrics").await.1;
+    let series = r#"feishu_reply_admission_rejections_total{caller="billing"}"#;
+    assert_eq!(metric(&m, series), Some(3.0), "{m}");
+}
+
+#[tokio::test]
+async fn a_caller_over_its_queue_share_is_refused_while_others_are_served() {
+    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    gw.fake.push_fault(Fault {
+        message_id: Some("om_q0".into()),
+        hold: true,
+        times: 1,
+        ..Fault::default()
+    });
+    let submit = |i: usize| {
+        let mut c = gw.client.clone();
+        tokio::spawn(async move {
+            c.reply(with_token(
+                text(&format!("om_q{i}"), "oc_q", "x"),
+                BILLING_TOKEN,
+            ))
+            .await
+        })
+    };
+    // om_q0 is in flight (held by Feishu), om_q1 and om_q2 wait behind it: billing's share.
+    let mut calls = vec![submit(0)];
+    let t = Instant::now();
+    while gw.fake.received().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "om_q0 never sent");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for i in 1..3 {
+        calls.push(submit(i));
+        let t = Instant::now();
+        while metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued") != Some(i as f64) {
+            assert!(t.elapsed() < Duration::from_secs(10), "om_q{i} not queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Billing's rate (burst 3) is spent too; wait for a token so the share is what refuses.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let s = gw
+        .client
+        .clone()
+        .reply(with_token(text("om_q3", "oc_q3", "x"), BILLING_TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_eq!(reason(&s), "QUEUE_FULL");
+    let scope = s.get_details_error_info().unwrap().metadata["scope"].clone();
+    assert_eq!(scope, "caller");
+    // Another caller is served meanwhile.
+    gw.client
+        .clone()
+        .reply(with_token(text("om_q_ops", "oc_q_ops", "x"), OPS_TOKEN))
+        .await
+        .unwrap();
+    gw.fake.release_held();
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn anonymous_callers_share_one_budget_whatever_they_call_themselves() {
+    // Anonymous (allowed): x-caller is a label; admission keys on the peer, so made-up names
+    // neither bypass the rate nor grow its table.
+    let gw = spawn_gateway(
+        FakeOptions::default(),
+        "[admission]\nper_caller_rps = 1\nper_caller_burst = 3",
+    )
+    .await;
+    let mut refused = 0;
+    for i in 0..6 {
+        let mut r = tonic::Request::new(text(&format!("om_n{i}"), &format!("oc_n{i}"), "x"));
+        r.metadata_mut()
+            .insert("x-caller", format!("random-{i}").parse().unwrap());
+        if let Err(s) = gw.client.clone().reply(r).await {
+            assert_eq!(reason(&s), "CALLER_RATE_LIMITED", "{s:?}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 3);
+    let m = gw.http_get("/metrics").await.1;
+    assert!(
+        !m.contains("random-"),
+        "labels chosen by callers reach no metric"
+    );
+    let series = r#"feishu_reply_caller_requests_total{caller="anonymous",outcome="ok"}"#;
+    assert_eq!(metric(&m, series), Some(3.0), "{m}");
+}
+
+#[tokio::test]
+async fn a_retried_call_without_uuid_is_posted_once() {
+    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    let mut client = gw.client.clone();
+    let req = text("om_u1", "oc_u", "the same words");
+    assert!(req.uuid.is_empty());
+    let first = client
+        .reply(with_token(req.clone(), OPS_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    // The caller (or a mesh) retries after losing the answer.
+    let again = client
+        .reply(with_token(req.clone(), OPS_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.uuid, again.uuid);
+    assert_eq!(first.message_id, again.message_id, "posted once");
+    assert_eq!(gw.fake.stats().deduped, 1);
+    // Another caller, other words, or an explicit uuid are other replies.
+    let other_caller = client
+        .reply(with_token(req.clone(), BILLING_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let other_words = client
+        .reply(with_token(text("om_u1", "oc_u", "other words"), OPS_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let explicit = client
+        .reply(with_token(
+            ReplyRequest {
+                uuid: "caller-chosen-1".into(),
+                ..req
+            },
+            OPS_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(explicit.uuid, "caller-chosen-1");
+    let uuids = [
+        &first.uuid,
+        &other_caller.uuid,
+        &other_words.uuid,
+        &explicit.uuid,
+    ];
+    for (i, a) in uuids.iter().enumerate() {
+        for b in &uuids[i + 1..] {
+            assert_ne!(a, b);
+        }
+    }
+    assert!(uuid::Uuid::parse_str(&first.uuid).is_ok(), "{}", first.uuid);
+}
+
+/// A TLS channel to `gw` trusting `pki`'s CA, with `client` as its certificate if given.
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+) -> Result<ReplyGatewayClient<Channel>, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("127.0.0.1");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(ReplyGatewayClient::new(channel))
+}
+
+#[tokio::test]
+async fn mtls_identities_name_callers() {
+    let server_pki = TestPki::new("server");
+    let (server_cert, server_key) = server_pki.issue("server", "IP:127.0.0.1");
+    let client_pki = TestPki::new("clients");
+    let billing = client_pki.issue("billing", "URI:spiffe://cluster.local/ns/billing/sa/bot");
+    let intruder = client_pki.issue("intruder", "URI:spiffe://cluster.local/ns/x/sa/intruder");
+    let stranger_pki = TestPki::new("stranger");
+    let stranger = stranger_pki.issue("stranger", "URI:spiffe://cluster.local/ns/billing/sa/bot");
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let extra = format!(
+        r#"
+        [server.tls]
+        cert_file = "{}"
+        key_file = "{}"
+        client_ca_file = "{}"
+        [callers.billing]
+        tls_identities = ["spiffe://cluster.local/ns/billing/sa/bot"]
+        apps = ["default"]
+        [callers.ops]
+        token_sha256 = "{}"
+        apps = ["*"]
+        "#,
+        server_cert.display(),
+        server_key.display(),
+        client_pki.ca().display(),
+        hex(token_hash(OPS_TOKEN.as_bytes())),
+    );
+    let config = config_for(&fake, &extra);
+    let gw = spawn_gateway_lazy(fake, config).await;
+    let ca = server_pki.ca();
+
+    let mut c = tls_client(gw.grpc_addr, &ca, Some(billing)).await.unwrap();
+    let ok = c
+        .reply(text("om_t1", "oc_t", "x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ok.message_id.is_empty());
+
+    // TLS without a certificate: a token still works, nothing else does.
+    let mut c = tls_client(gw.grpc_addr, &ca, None).await.unwrap();
+    let s = c.reply(text("om_t2", "oc_t", "x")).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    c.reply(with_token(text("om_t3", "oc_t", "x"), OPS_TOKEN))
+        .await
+        .unwrap();
+
+    // A certificate from the right CA that names nobody, and a token naming someone else.
+    let mut c = tls_client(gw.grpc_addr, &ca, Some(intruder)).await.unwrap();
+    let s = c.reply(text("om_t4", "oc_t", "x")).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    assert_eq!(reason(&s), "CREDENTIALS_INVALID");
+    let billing = client_pki.dir.join("billing.pem");
+    let billing_key = client_pki.dir.join("billing.key");
+    let mut c = tls_client(gw.grpc_addr, &ca, Some((billing, billing_key)))
+        .await
+        .unwrap();
+    let s = c
+        .reply(with_token(text("om_t5", "oc_t", "x"), OPS_TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&s), "CREDENTIALS_CONFLICT", "{s:?}");
+
+    // A certificate from another CA is refused in the handshake: no call gets through.
+    let refused = match tls_client(gw.grpc_addr, &ca, Some(stranger)).await {
+        Err(_) => true,
+        Ok(mut c) => c.reply(text("om_t6", "oc_t", "x")).await.is_err(),
+    };
+    assert!(refused);
+    // Plaintext is not served on a TLS port.
+    assert!(gw.reply(text("om_t7", "oc_t", "x")).await.is_err());
+    let posted: Vec<String> = gw
+        .fake
+        .received()
+        .into_iter()
+        .map(|r| r.message_id)
+        .collect();
+    assert_eq!(posted, ["om_t1", "om_t3"]);
+}
