@@ -125,9 +125,12 @@ struct SendArgs {
     /// Call deadline.
     #[arg(long, default_value_t = 30_000)]
     timeout_ms: u64,
-    /// Caller name (admission control key).
+    /// Caller label for logs when the gateway takes anonymous calls (not an identity).
     #[arg(long, default_value = "feishu-reply-gateway-cli")]
     caller: String,
+    /// Bearer token of a configured caller (sent as `authorization: Bearer …`).
+    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -309,6 +312,12 @@ async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
     req.set_timeout(Duration::from_millis(args.timeout_ms));
     if let Ok(v) = args.caller.parse() {
         req.metadata_mut().insert("x-caller", v);
+    }
+    if let Some(token) = &args.token {
+        let v = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| "the token is not a valid header value")?;
+        req.metadata_mut().insert("authorization", v);
     }
     match client.reply(req).await {
         Ok(resp) => {

@@ -142,6 +142,7 @@ fn serve_refusal(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
         .env_remove("FEISHU_APP_SECRET")
         .env_remove("GATEWAY_CONFIG")
         .env_remove("GATEWAY_EMBEDDED_FAKE")
+        .env_remove("GATEWAY_ALLOW_ANONYMOUS")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     for (k, v) in env {
@@ -188,4 +189,36 @@ fn the_embedded_fake_cannot_be_combined_with_a_real_app() {
     let (code, err) = serve_refusal(&[], &env);
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("cannot be combined"), "{err}");
+}
+
+#[test]
+fn serve_with_apps_but_no_caller_refuses_to_start_unless_anonymous_is_allowed() {
+    // Anyone reaching the port could post as the bot: say so and stop.
+    let real = [
+        ("FEISHU_APP_ID", "cli_real"),
+        ("FEISHU_APP_SECRET", "s3cr3t-value"),
+    ];
+    let (code, err) = serve_refusal(&[], &real);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("[callers.") && err.contains("GATEWAY_ALLOW_ANONYMOUS"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cr3t-value"), "{err}");
+    // Callers and anonymous access together are a contradiction, refused as well.
+    let dir = std::env::temp_dir().join(format!("gw-cli-callers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[callers.bot]\ntoken_sha256 = \"".to_owned() + &"0".repeat(64) + "\"\napps = [\"*\"]\n",
+    )
+    .unwrap();
+    let mut env = real.to_vec();
+    env.push(("GATEWAY_CONFIG", file.to_str().unwrap()));
+    env.push(("GATEWAY_ALLOW_ANONYMOUS", "1"));
+    let (code, err) = serve_refusal(&[], &env);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot be combined"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -140,17 +140,23 @@ fn the_configmap_config_parses_and_its_secret_env_is_provided() {
     let mut secret_vars = Vec::new();
     let text = toml_text
         .lines()
-        .map(|l| match l.trim().strip_prefix("app_secret_env = ") {
-            Some(var) => {
+        .map(|l| {
+            if let Some(var) = l.trim().strip_prefix("app_secret_env = ") {
                 secret_vars.push(var.trim_matches('"').to_owned());
                 "app_secret = \"from-the-secret\"".to_owned()
+            } else if let Some(var) = l.trim().strip_prefix("token_env = ") {
+                secret_vars.push(var.trim_matches('"').to_owned());
+                format!("token_sha256 = \"{}\"", "ab".repeat(32))
+            } else {
+                l.to_owned()
             }
-            None => l.to_owned(),
         })
         .collect::<Vec<_>>()
         .join("\n");
     let config = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert!(!config.apps.is_empty());
+    // Callers are configured: the gateway starts (no anonymous access) and checks tokens.
+    assert!(!config.auth.callers.is_empty() && !config.auth.allow_anonymous);
     assert!(!secret_vars.is_empty());
     for var in secret_vars {
         assert!(
