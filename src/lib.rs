@@ -9,7 +9,11 @@
 //! # Layout
 //! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
 //!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
-//!   file, which may hold secrets).
+//!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`).
+//! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
+//!   which apps it may use, its admission rate buckets.
+//! - [`listen`]: accepting connections within limits (per-port caps, first-bytes deadline,
+//!   accept backoff) and the metrics port's HTTP/1 loop (header read timeout, lifetime).
 //! - [`reply`]: domain: `MsgType`, content validation (no transport types).
 //! - [`quota`]: keyed rolling windows counted by arrival bounds (a send holds its slot until
 //!   its answer); pure, clock passed in, proptested against random network latencies.
@@ -26,7 +30,8 @@
 //!   [`cluster::gate`] the Redis quota gate (lines behind shared keys, failure policy and
 //!   fallback table, heartbeat, state published through a `watch`).
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
-//! - [`grpc`]: proto ↔ domain, admission control (governor), the `ReplyGateway` service.
+//! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
+//!   the `ReplyGateway` service.
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
 //!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the reply endpoint in

@@ -47,7 +47,7 @@ pub fn open_files_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// `wanted` client connections, lowered so that the ports together leave [`FD_RESERVE`]
+/// `wanted` client connections, lowered so that the ports together leave `FD_RESERVE` (128)
 /// descriptors free under `limit`.
 pub fn fit_connections(wanted: usize, share_of_fds: f64, limit: Option<u64>) -> usize {
     match limit {
