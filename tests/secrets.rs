@@ -91,8 +91,12 @@ async fn no_secret_reaches_a_log_line_or_a_status() {
         let mut c = gw.client.clone();
         async move { c.reply(r).await }
     };
-    call(text("om_s1", "oc_s", "x"), CALLER_TOKEN).await.unwrap();
-    let s = call(text("om_s2", "oc_s", "x"), GUESSED_TOKEN).await.unwrap_err();
+    call(text("om_s1", "oc_s", "x"), CALLER_TOKEN)
+        .await
+        .unwrap();
+    let s = call(text("om_s2", "oc_s", "x"), GUESSED_TOKEN)
+        .await
+        .unwrap_err();
     seen.push(status_text(&s));
     let wrong = feishu_reply_gateway::proto::ReplyRequest {
         app: "wrong".into(),
@@ -109,7 +113,9 @@ async fn no_secret_reaches_a_log_line_or_a_status() {
         ))
     });
     gw.fake.revoke_tokens();
-    let s = call(text("om_s4", "oc_s", "x"), CALLER_TOKEN).await.unwrap_err();
+    let s = call(text("om_s4", "oc_s", "x"), CALLER_TOKEN)
+        .await
+        .unwrap_err();
     seen.push(status_text(&s));
     // ... and with an absurd lifetime (it used to panic).
     gw.fake.set_options(|o| {

@@ -4,71 +4,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
-use serde::Deserialize;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
 
+use super::answer::{Envelope, parse_envelope, reply_from, token_from};
 use super::token::{FetchedToken, TokenCache};
 use super::{AppIndex, BoxFuture, SendRequest, SentMessage, Upstream, UpstreamError};
 use crate::config::{AppConfig, FeishuConfig};
 use crate::metrics::Metrics;
 
 const JSON_UTF8: &str = "application/json; charset=utf-8";
-
-/// A tenant_access_token lives at most this long (Feishu issues them for 2 h).
-const MAX_TOKEN_LIFETIME_S: u64 = 7200;
-
-/// Feishu's answer envelope: `{code, msg, data}` (token endpoint: token fields at top level).
-#[derive(Debug, Deserialize)]
-struct Envelope {
-    code: i64,
-    #[serde(default, deserialize_with = "lenient_string")]
-    msg: String,
-    #[serde(default)]
-    data: Option<Value>,
-    #[serde(default)]
-    tenant_access_token: Option<String>,
-    #[serde(default)]
-    expire: Option<u64>,
-    #[serde(default)]
-    error: Option<EnvelopeError>,
-}
-
-/// A string field that may also come as null (empty) or another JSON type (its text).
-fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::String(s) => s,
-        Value::Null => String::new(),
-        other => other.to_string(),
-    })
-}
-
-/// Feishu's `data` of a code-0 reply, read field by field. Code 0 means the reply was posted,
-/// so nothing in `data` may turn it into an error (the caller would retry with a new uuid and
-/// post twice): a missing, null or odd-typed field reads as empty, a number as its digits.
-fn sent_message(data: &Value) -> SentMessage {
-    let field = |name: &str| match data.get(name) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        _ => String::new(),
-    };
-    SentMessage {
-        message_id: field("message_id"),
-        root_id: field("root_id"),
-        parent_id: field("parent_id"),
-        thread_id: field("thread_id"),
-        chat_id: field("chat_id"),
-        msg_type: field("msg_type"),
-        create_time: field("create_time"),
-        log_id: String::new(),
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct EnvelopeError {
-    #[serde(default)]
-    log_id: String,
-}
 
 struct App {
     config: AppConfig,
@@ -140,7 +85,7 @@ impl FeishuClient {
                 .map_err(network_error)?;
             // Any final refusal from the token endpoint means the credentials are bad
             // (10014 app secret invalid, 99991543, …); rate limits and 5xx stay retryable.
-            let (env, _headers, log_id) = read_envelope(resp).await.map_err(|e| match e {
+            let (env, log_id) = read_envelope(resp).await.map_err(|e| match e {
                 UpstreamError::Feishu {
                     code,
                     msg,
@@ -152,23 +97,7 @@ impl FeishuClient {
                 }
                 other => other,
             })?;
-            match (env.code, env.tenant_access_token, env.expire) {
-                (0, Some(value), Some(expire)) => Ok(FetchedToken {
-                    value,
-                    // A tenant_access_token lives at most 2 h; a longer `expire` is not Feishu's.
-                    expires_in: Duration::from_secs(expire.min(MAX_TOKEN_LIFETIME_S)),
-                }),
-                (0, _, _) => Err(UpstreamError::BadResponse {
-                    http: 200,
-                    detail: "token answer without tenant_access_token/expire".into(),
-                    log_id,
-                }),
-                (code, _, _) => Err(UpstreamError::Credentials {
-                    code,
-                    msg: env.msg,
-                    log_id,
-                }),
-            }
+            token_from(env, log_id)
         }
         .await;
         let outcome = match &result {
@@ -200,11 +129,9 @@ impl FeishuClient {
             .await;
         let result = match resp {
             Err(e) => Err(network_error(e)),
-            Ok(resp) => read_envelope(resp).await.map(|(env, _, log_id)| {
-                let mut msg = sent_message(env.data.as_ref().unwrap_or(&Value::Null));
-                msg.log_id = log_id;
-                msg
-            }),
+            Ok(resp) => read_envelope(resp)
+                .await
+                .map(|(env, log_id)| reply_from(env, log_id)),
         };
         self.metrics
             .upstream_latency(started.elapsed(), outcome_label(&result));
@@ -224,7 +151,7 @@ impl FeishuClient {
             .send()
             .await
             .map_err(network_error)?;
-        let (env, _, log_id) = read_envelope(resp).await?;
+        let (env, log_id) = read_envelope(resp).await?;
         env.data
             .as_ref()
             .and_then(|d| d.get("items"))
@@ -346,145 +273,16 @@ async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Result<Vec<u8>,
     Ok(body)
 }
 
-/// Characters of a non-JSON body quoted in an error (a proxy's error page).
-const EXCERPT_CHARS: usize = 120;
-/// Runs of this many token-like characters are masked in an excerpt (a tenant_access_token
-/// is `t-` + 30 hex digits).
-const TOKEN_LIKE_RUN: usize = 16;
-
-/// What an answer that is not Feishu's envelope looked like, safe for a status message and a
-/// log line: JSON is described by its shape (keys and value types, never values: the token
-/// endpoint's answer holds the token); anything else by a short excerpt with token-like runs
-/// masked.
-fn describe_body(body: &[u8]) -> String {
-    fn shape(v: &Value) -> &'static str {
-        match v {
-            Value::Null => "null",
-            Value::Bool(_) => "bool",
-            Value::Number(_) => "number",
-            Value::String(_) => "string",
-            Value::Array(_) => "array",
-            Value::Object(_) => "object",
-        }
-    }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => {
-            let fields: Vec<String> = map
-                .iter()
-                .map(|(k, v)| format!("{k}: {}", shape(v)))
-                .collect();
-            format!("JSON {{{}}}", fields.join(", "))
-        }
-        Ok(other) => format!("JSON {}", shape(&other)),
-        Err(_) => {
-            let text: String = String::from_utf8_lossy(body)
-                .chars()
-                .take(EXCERPT_CHARS)
-                .collect();
-            format!("{} bytes: {:?}", body.len(), mask_token_like(&text))
-        }
-    }
-}
-
-/// `text` with every run of at least [`TOKEN_LIKE_RUN`] letters, digits, `-` or `_` replaced by
-/// `…` (tokens, secrets, ids).
-fn mask_token_like(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut run = String::new();
-    let flush = |run: &mut String, out: &mut String| {
-        if run.chars().count() >= TOKEN_LIKE_RUN {
-            out.push('…');
-        } else {
-            out.push_str(run);
-        }
-        run.clear();
-    };
-    for c in text.chars() {
-        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut run, &mut out);
-    out
-}
-
-/// Reads `{code, msg, data}`; a non-zero code becomes [`UpstreamError::Feishu`].
-async fn read_envelope(
-    resp: reqwest::Response,
-) -> Result<(Envelope, HeaderMap, String), UpstreamError> {
+/// Reads the answer (at most [`MAX_ANSWER_BYTES`]) and classifies it.
+async fn read_envelope(resp: reqwest::Response) -> Result<(Envelope, String), UpstreamError> {
     let http = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let header_log_id = headers
-        .get("x-tt-logid")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let body = read_capped(resp, MAX_ANSWER_BYTES)
-        .await
-        .map_err(|e| e.into_error(http, &header_log_id))?;
-    let env: Envelope = match serde_json::from_slice(&body) {
-        Ok(env) => env,
-        Err(_) => {
-            return Err(UpstreamError::BadResponse {
-                http,
-                detail: format!("not a Feishu answer: {}", describe_body(&body)),
-                log_id: header_log_id,
-            });
-        }
-    };
-    let log_id = if header_log_id.is_empty() {
-        env.error
-            .as_ref()
-            .map(|e| e.log_id.clone())
-            .unwrap_or_default()
-    } else {
-        header_log_id
-    };
-    if env.code != 0 {
-        let retry_after = headers
-            .get("x-ogw-ratelimit-reset")
+    let body = read_capped(resp, MAX_ANSWER_BYTES).await.map_err(|e| {
+        let log_id = headers
+            .get("x-tt-logid")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
-        return Err(UpstreamError::Feishu {
-            http,
-            code: env.code,
-            msg: env.msg,
-            log_id,
-            retry_after,
-        });
-    }
-    if !(200..300).contains(&http) {
-        return Err(UpstreamError::BadResponse {
-            http,
-            detail: "code 0 with a non-2xx status".into(),
-            log_id,
-        });
-    }
-    Ok((env, headers, log_id))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bodies_are_described_without_secrets() {
-        let json = br#"{"code":0,"tenant_access_token":"t-7f1bcd13fc57d46bac21793a18e560","expire":"7200"}"#;
-        assert_eq!(
-            describe_body(json),
-            "JSON {code: number, expire: string, tenant_access_token: string}"
-        );
-        // Cut off mid-answer: not JSON, so an excerpt, with the token masked.
-        let cut = br#"{"code":0,"tenant_access_token":"t-7f1bcd13fc57d46bac2179"#;
-        let d = describe_body(cut);
-        assert!(!d.contains("7f1bcd13"), "{d}");
-        // A proxy's error page stays readable.
-        let html = b"<html><body>502 Bad Gateway</body></html>";
-        assert!(describe_body(html).contains("502 Bad Gateway"));
-    }
+            .unwrap_or_default();
+        e.into_error(http, log_id)
+    })?;
+    parse_envelope(http, &headers, &body)
 }

@@ -2,6 +2,7 @@
 //! fake), the reqwest client behind it, the tenant_access_token cache and the answer classifier.
 //! Nothing here knows about quotas or queues.
 
+pub mod answer;
 pub mod client;
 pub mod error;
 pub mod token;
