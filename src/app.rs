@@ -261,9 +261,14 @@ pub async fn run_with_upstream(
     let grpc = server
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        .add_service(listen::Budgeted::new(
             ReplyGatewayServer::from_arc(service).max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
+            listen::BodyBudget::new(
+                limits.max_reading_bytes,
+                limits.handshake_timeout,
+                metrics.clone(),
+            ),
+        ))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_grpc_rx.await;
         });

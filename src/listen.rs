@@ -7,6 +7,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
+use tonic::codegen::http;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::metrics::Metrics;
@@ -211,6 +213,175 @@ pub async fn serve_http(
             let serving = builder.serve_connection(TokioIo::new(conn), service);
             let _ = tokio::time::timeout(max_lifetime, serving).await;
         });
+    }
+}
+
+/// Bytes of request bodies being read at once, over all connections and streams: a stream
+/// holds what it has received until its request is decoded (or it fails).
+pub struct BodyBudget {
+    left: AtomicUsize,
+    /// A request body must be complete this long after its headers.
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl BodyBudget {
+    pub fn new(bytes: usize, timeout: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            left: AtomicUsize::new(bytes),
+            timeout,
+            metrics,
+        })
+    }
+
+    fn take(&self, n: usize) -> bool {
+        let ok = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(n)
+            })
+            .is_ok();
+        if ok {
+            self.metrics.request_bytes_reading(n as i64);
+        }
+        ok
+    }
+
+    fn give(&self, n: usize) {
+        if n > 0 {
+            self.left.fetch_add(n, Ordering::AcqRel);
+            self.metrics.request_bytes_reading(-(n as i64));
+        }
+    }
+}
+
+/// A gRPC service whose request bodies draw on a [`BodyBudget`] and must arrive in time:
+/// half-sent requests cannot hold memory without bound, nor a handler for long.
+#[derive(Clone)]
+pub struct Budgeted<S> {
+    inner: S,
+    budget: Arc<BodyBudget>,
+}
+
+impl<S> Budgeted<S> {
+    pub fn new(inner: S, budget: Arc<BodyBudget>) -> Self {
+        Self { inner, budget }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Budgeted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tonic::codegen::Service<http::Request<tonic::body::Body>> for Budgeted<S>
+where
+    S: tonic::codegen::Service<http::Request<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let budget = self.budget.clone();
+        let deadline = Box::pin(tokio::time::sleep(budget.timeout));
+        self.inner.call(req.map(|inner| {
+            tonic::body::Body::new(BudgetedBody {
+                inner,
+                budget,
+                held: 0,
+                deadline: Some(deadline),
+            })
+        }))
+    }
+}
+
+struct BudgetedBody {
+    inner: tonic::body::Body,
+    budget: Arc<BodyBudget>,
+    held: usize,
+    /// None once the body ended.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl BudgetedBody {
+    fn release(&mut self) {
+        self.budget.give(std::mem::take(&mut self.held));
+        self.deadline = None;
+    }
+
+    fn fail(&mut self, why: &'static str, status: tonic::Status) -> tonic::Status {
+        self.release();
+        self.budget.metrics.request_body_refused(why);
+        status
+    }
+}
+
+impl Drop for BudgetedBody {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl http_body::Body for BudgetedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !this.budget.take(data.len()) {
+                        return Poll::Ready(Some(Err(this.fail(
+                            "budget",
+                            tonic::Status::resource_exhausted(
+                                "the gateway is reading too many requests at once; retry shortly",
+                            ),
+                        ))));
+                    }
+                    this.held += data.len();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.release();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.release();
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => {
+                let late = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if late {
+                    return Poll::Ready(Some(Err(this.fail(
+                        "timeout",
+                        tonic::Status::deadline_exceeded(
+                            "the request was not received in time (handshake_timeout_ms)",
+                        ),
+                    ))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

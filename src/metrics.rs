@@ -73,6 +73,8 @@ pub struct Metrics {
     admission_rejections: Family<CallerLabel, Counter>,
     caller_requests: Family<CallerOutcomeLabels, Counter>,
     connections_refused: Family<PortReasonLabels, Counter>,
+    request_bodies_refused: Family<ReasonLabel, Counter>,
+    request_bytes_reading: Gauge,
     redis_calls: Family<RedisCallLabels, Counter>,
     redis_up: Gauge,
     redis_fallback: Gauge,
@@ -87,7 +89,7 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 19] = [
+pub const METRIC_NAMES: [&str; 21] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -102,6 +104,8 @@ pub const METRIC_NAMES: [&str; 19] = [
     "feishu_reply_admission_rejections",
     "feishu_reply_caller_requests",
     "feishu_reply_connections_refused",
+    "feishu_reply_request_bodies_refused",
+    "feishu_reply_request_bytes_reading",
     "feishu_reply_redis_calls",
     "feishu_reply_redis_up",
     "feishu_reply_redis_fallback",
@@ -204,6 +208,18 @@ impl Metrics {
             "Connections closed at accept, by port (grpc, metrics) and reason (too_many, accept_error)",
             connections_refused.clone(),
         );
+        let request_bodies_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "feishu_reply_request_bodies_refused",
+            "gRPC requests failed while their body was read, by reason (budget: too many bytes being read at once; timeout: not complete within the handshake timeout)",
+            request_bodies_refused.clone(),
+        );
+        let request_bytes_reading = Gauge::default();
+        registry.register(
+            "feishu_reply_request_bytes_reading",
+            "Bytes of gRPC request bodies received and not yet decoded (bounded by max_reading_bytes)",
+            request_bytes_reading.clone(),
+        );
         let redis_calls = Family::<RedisCallLabels, Counter>::default();
         registry.register(
             "feishu_reply_redis_calls",
@@ -250,6 +266,8 @@ impl Metrics {
             admission_rejections,
             caller_requests,
             connections_refused,
+            request_bodies_refused,
+            request_bytes_reading,
             redis_calls,
             redis_up,
             redis_fallback,
@@ -263,6 +281,11 @@ impl Metrics {
                     .connections_refused
                     .get_or_create(&PortReasonLabels { port, reason });
             }
+        }
+        for reason in ["budget", "timeout"] {
+            let _ = m
+                .request_bodies_refused
+                .get_or_create(&ReasonLabel { reason });
         }
         let _ = m.caller_requests.get_or_create(&CallerOutcomeLabels {
             caller: crate::auth::UNAUTHENTICATED.to_owned(),
@@ -395,6 +418,16 @@ impl Metrics {
     pub fn connection_refused(&self, port: &'static str, reason: &'static str) {
         self.connections_refused
             .get_or_create(&PortReasonLabels { port, reason })
+            .inc();
+    }
+
+    pub fn request_bytes_reading(&self, delta: i64) {
+        self.request_bytes_reading.inc_by(delta);
+    }
+
+    pub fn request_body_refused(&self, reason: &'static str) {
+        self.request_bodies_refused
+            .get_or_create(&ReasonLabel { reason })
             .inc();
     }
 

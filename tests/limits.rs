@@ -129,3 +129,71 @@ async fn no_call_is_held_longer_than_max_call() {
         .collect();
     assert_eq!(posted, ["om_m0"], "the calls that gave up were never sent");
 }
+
+/// Opens an HTTP/2 stream calling Reply and sends `n` bytes of a gRPC message that says it is
+/// 200 000 bytes long, without ending it. Returns its response future (and keeps the stream).
+async fn half_sent(
+    h2: &mut h2::client::SendRequest<bytes::Bytes>,
+    n: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let req = http::Request::post("/feishu.reply.v1.ReplyGateway/Reply")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = h2.send_request(req, false).unwrap();
+    let mut data = vec![0u8, 0, 3, 13, 64]; // uncompressed, length 200 000
+    data.resize(5 + n, b'x');
+    stream.reserve_capacity(data.len());
+    stream.send_data(data.into(), false).unwrap();
+    (resp, stream)
+}
+
+/// The grpc-status a response ends with.
+async fn grpc_status(resp: h2::client::ResponseFuture) -> String {
+    let resp = resp.await.expect("a response");
+    if let Some(s) = resp.headers().get("grpc-status") {
+        return s.to_str().unwrap().to_owned();
+    }
+    let mut body = resp.into_body();
+    while body.data().await.is_some() {}
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    trailers["grpc-status"].to_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn half_sent_requests_hold_bounded_bytes_for_a_bounded_time() {
+    let gw = spawn_gateway(
+        FakeOptions::default(),
+        "[server]\nhandshake_timeout_ms = 1000\nmax_reading_bytes = 150000",
+    )
+    .await;
+    let tcp = TcpStream::connect(gw.grpc_addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    // The first holds 100 kB of the 150 kB budget; the second cannot get its 100 kB.
+    let (first, _keep1) = half_sent(&mut h2, 100_000).await;
+    let t = Instant::now();
+    let reading = "feishu_reply_request_bytes_reading";
+    while metric(&gw.http_get("/metrics").await.1, reading) < Some(100_000.0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the first body never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (second, _keep2) = half_sent(&mut h2, 100_000).await;
+    assert_eq!(grpc_status(second).await, "8", "RESOURCE_EXHAUSTED");
+    // The first never completes: it fails once the body is late, freeing its bytes.
+    assert_eq!(grpc_status(first).await, "4", "DEADLINE_EXCEEDED");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    let m = gw.http_get("/metrics").await.1;
+    assert_eq!(metric(&m, reading), Some(0.0), "{m}");
+    for reason in ["budget", "timeout"] {
+        let series = format!("feishu_reply_request_bodies_refused_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&m, &series), Some(1.0), "{m}");
+    }
+    // The budget is whole again: a request as large as the budget allows goes through.
+    let big = "y".repeat(120_000);
+    gw.reply(text("om_h1", "oc_h", &big)).await.unwrap();
+}

@@ -117,6 +117,9 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// Open connections on the metrics port.
     pub metrics_max_connections: usize,
+    /// Bytes of gRPC request bodies being received at once, over all connections (half-sent
+    /// requests hold what they sent; beyond it a request fails RESOURCE_EXHAUSTED).
+    pub max_reading_bytes: usize,
 }
 
 /// The validated configuration of `serve`.
@@ -212,6 +215,7 @@ struct FileServer {
     max_call_ms: u64,
     handshake_timeout_ms: u64,
     metrics_max_connections: usize,
+    max_reading_bytes: usize,
 }
 
 impl Default for FileServer {
@@ -226,6 +230,7 @@ impl Default for FileServer {
             max_call_ms: 600_000,
             handshake_timeout_ms: 10_000,
             metrics_max_connections: 32,
+            max_reading_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -551,6 +556,7 @@ impl Config {
             || server.max_call_ms == 0
             || server.handshake_timeout_ms == 0
             || server.metrics_max_connections == 0
+            || server.max_reading_bytes == 0
         {
             return Err(invalid("server limits must be > 0".into()));
         }
@@ -560,6 +566,7 @@ impl Config {
             max_call: Duration::from_millis(server.max_call_ms),
             handshake_timeout: Duration::from_millis(server.handshake_timeout_ms),
             metrics_max_connections: server.metrics_max_connections,
+            max_reading_bytes: server.max_reading_bytes,
         };
         let mut tls = server.tls;
         if tls_cert.is_some() || tls_key.is_some() || tls_client_ca.is_some() {
