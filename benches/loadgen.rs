@@ -8,6 +8,7 @@
 //! cargo bench --bench loadgen -- hot         # 50 chats x 40 replies + background: order, drain
 //! cargo bench --bench loadgen -- overhead    # quotas not binding: gateway vs direct HTTP, max replies/s
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
+//! cargo bench --bench loadgen -- memory      # memory attacks on the default limits: peak RSS
 //! cargo bench --bench loadgen -- drive --gateway http://HOST:50051 --rate 40 --seconds 60
 //!                                             # any running gateway: target rate or concurrency
 //! ```
@@ -38,6 +39,8 @@ use tonic::transport::Channel;
 
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
+#[path = "support/memory.rs"]
+mod memory;
 use counting_alloc::allocated;
 
 const BIN: &str = env!("CARGO_BIN_EXE_feishu-reply-gateway");
@@ -126,6 +129,16 @@ enum Scenario {
         #[arg(long, default_value = "loadgen")]
         caller: String,
     },
+    /// Memory attacks (queue flood, half-sent requests, distinct x-caller values) on a gateway
+    /// with the default limits; prints its RSS and peak RSS after each.
+    Memory {
+        #[arg(long, default_value_t = 3000)]
+        floods: usize,
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+        #[arg(long, default_value_t = 200_000)]
+        callers: usize,
+    },
     /// The scheduler with a no-op upstream: enqueue/dispatch cost and memory at depth.
     Depth {
         #[arg(long, default_value_t = 100_000)]
@@ -161,6 +174,15 @@ fn main() {
                 seconds,
             } => overhead(&concurrency, Duration::from_secs(seconds)).await,
             Scenario::Depth { jobs, chats } => depth(jobs, chats).await,
+            Scenario::Memory {
+                floods,
+                connections,
+                callers,
+            } => {
+                let s = stack(&[], "").await;
+                let (pid, port) = (s._gateways[0].0.id(), s.grpc_ports[0]);
+                memory::attacks(s.grpc.clone(), port, pid, floods, connections, callers).await;
+            }
             Scenario::Drive {
                 gateway,
                 rate,
@@ -241,6 +263,8 @@ struct Stack {
     grpc: Channel,
     /// Every gateway: (channel, metrics port).
     gateways: Vec<(Channel, u16)>,
+    /// Every gateway's gRPC port.
+    grpc_ports: Vec<u16>,
     http: reqwest::Client,
     _fake: Proc,
     _gateways: Vec<Proc>,
@@ -267,7 +291,7 @@ async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
     wait_port(fake_port);
     let dir = std::env::temp_dir().join(format!("loadgen-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (mut gateways, mut procs) = (Vec::new(), Vec::new());
+    let (mut gateways, mut procs, mut grpc_ports) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n.max(1) {
         let (grpc_port, metrics_port) = (free_port(), free_port());
         let config = dir.join(format!("gateway{i}.toml"));
@@ -302,11 +326,13 @@ async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
             .await
             .expect("connect gateway");
         gateways.push((grpc, metrics_port));
+        grpc_ports.push(grpc_port);
     }
     Stack {
         fake_port,
         grpc: gateways[0].0.clone(),
         gateways,
+        grpc_ports,
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .build()
@@ -820,6 +846,7 @@ impl Upstream for Instant0 {
 fn job(i: usize, chats: usize) -> JobSpec {
     JobSpec {
         caller: 0,
+        intake: None,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_depth".into(),

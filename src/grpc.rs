@@ -15,6 +15,7 @@ use crate::chat_cache::ChatCache;
 use crate::config::{AppConfig, Config};
 use crate::error::GatewayError;
 use crate::feishu::{SendRequest, Upstream};
+use crate::listen::Intake;
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGateway;
 use crate::proto::{ReplyRequest, ReplyResponse};
@@ -149,6 +150,7 @@ impl ReplyService {
             .get(CHAT_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let intake = req.extensions().get::<Arc<Intake>>().cloned();
         let r = req.into_inner();
         let chat_hint = match header_chat.as_deref() {
             Some(h) if !h.is_empty() && !r.chat_id.is_empty() && h != r.chat_id => {
@@ -176,6 +178,9 @@ impl ReplyService {
         }
         .validate()?;
         let app = self.app_index(&r.app)?;
+        // The validated copy is what is queued; the request's own must not stay behind it for
+        // as long as the reply waits.
+        drop(r);
         let a = &self.apps[app];
         if !self.auth.allows(caller, &a.name) {
             return Err(GatewayError::AppNotAllowed {
@@ -202,6 +207,7 @@ impl ReplyService {
             .record("uuid", &uuid);
         let spec = JobSpec {
             caller: caller.id,
+            intake,
             app,
             app_name: a.name.as_str().into(),
             app_id: a.app_id.as_str().into(),

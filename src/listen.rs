@@ -255,8 +255,34 @@ impl BodyBudget {
     }
 }
 
-/// A gRPC service whose request bodies draw on a [`BodyBudget`] and must arrive in time:
-/// half-sent requests cannot hold memory without bound, nor a handler for long.
+/// The bytes one request took from a [`BodyBudget`], given back when the last holder drops
+/// it: the body while it is read, then the request (its extensions), then the job until the
+/// scheduler has queued it (where the queue's byte bound takes over) or refused it. So the
+/// bytes of requests between the socket and the queue are bounded too, not just of reading.
+#[derive(Debug)]
+pub struct Intake {
+    budget: Arc<BodyBudget>,
+    bytes: AtomicUsize,
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        self.budget.give(*self.bytes.get_mut());
+    }
+}
+
+impl std::fmt::Debug for BodyBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyBudget")
+            .field("left", &self.left.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A gRPC service whose requests draw on a [`BodyBudget`] from their first byte until they
+/// are queued or refused ([`Intake`], in the request's extensions), and whose bodies must
+/// arrive in time: half-sent or piled-up requests cannot hold memory without bound, nor a
+/// handler for long.
 #[derive(Clone)]
 pub struct Budgeted<S> {
     inner: S,
@@ -285,14 +311,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let budget = self.budget.clone();
-        let deadline = Box::pin(tokio::time::sleep(budget.timeout));
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        let intake = Arc::new(Intake {
+            budget: self.budget.clone(),
+            bytes: AtomicUsize::new(0),
+        });
+        req.extensions_mut().insert(intake.clone());
+        let deadline = Box::pin(tokio::time::sleep(self.budget.timeout));
         self.inner.call(req.map(|inner| {
             tonic::body::Body::new(BudgetedBody {
                 inner,
-                budget,
-                held: 0,
+                intake,
                 deadline: Some(deadline),
             })
         }))
@@ -301,28 +330,16 @@ where
 
 struct BudgetedBody {
     inner: tonic::body::Body,
-    budget: Arc<BodyBudget>,
-    held: usize,
+    intake: Arc<Intake>,
     /// None once the body ended.
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl BudgetedBody {
-    fn release(&mut self) {
-        self.budget.give(std::mem::take(&mut self.held));
-        self.deadline = None;
-    }
-
     fn fail(&mut self, why: &'static str, status: tonic::Status) -> tonic::Status {
-        self.release();
-        self.budget.metrics.request_body_refused(why);
+        self.deadline = None;
+        self.intake.budget.metrics.request_body_refused(why);
         status
-    }
-}
-
-impl Drop for BudgetedBody {
-    fn drop(&mut self) {
-        self.release();
     }
 }
 
@@ -338,7 +355,7 @@ impl http_body::Body for BudgetedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    if !this.budget.take(data.len()) {
+                    if !this.intake.budget.take(data.len()) {
                         return Poll::Ready(Some(Err(this.fail(
                             "budget",
                             tonic::Status::resource_exhausted(
@@ -346,16 +363,16 @@ impl http_body::Body for BudgetedBody {
                             ),
                         ))));
                     }
-                    this.held += data.len();
+                    this.intake.bytes.fetch_add(data.len(), Ordering::AcqRel);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
-                this.release();
+                this.deadline = None;
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.release();
+                this.deadline = None;
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {

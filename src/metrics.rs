@@ -217,7 +217,7 @@ impl Metrics {
         let request_bytes_reading = Gauge::default();
         registry.register(
             "feishu_reply_request_bytes_reading",
-            "Bytes of gRPC request bodies received and not yet decoded (bounded by max_reading_bytes)",
+            "Bytes of gRPC requests received and not yet queued or refused (bounded by max_reading_bytes)",
             request_bytes_reading.clone(),
         );
         let redis_calls = Family::<RedisCallLabels, Counter>::default();

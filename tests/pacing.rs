@@ -21,6 +21,7 @@ const PHYSICAL_LIMIT_1030: Duration = Duration::from_secs(60);
 fn job(i: usize) -> JobSpec {
     JobSpec {
         caller: 0,
+        intake: None,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_sim".into(),

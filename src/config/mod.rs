@@ -117,8 +117,11 @@ pub struct ServerLimits {
     pub handshake_timeout: Duration,
     /// Open connections on the metrics port.
     pub metrics_max_connections: usize,
-    /// Bytes of gRPC request bodies being received at once, over all connections (half-sent
-    /// requests hold what they sent; beyond it a request fails RESOURCE_EXHAUSTED).
+    /// Bytes of gRPC requests between the socket and the queue (received, not yet queued or
+    /// refused), over all connections: half-sent or piled-up requests hold what they sent;
+    /// beyond it a request fails RESOURCE_EXHAUSTED. Live memory is a few times this (the
+    /// body, its decoded and validated copies): 8 MiB kept the flood of BENCHMARKS.md under
+    /// the pod's 256 MiB.
     pub max_reading_bytes: usize,
 }
 
@@ -230,7 +233,7 @@ impl Default for FileServer {
             max_call_ms: 600_000,
             handshake_timeout_ms: 10_000,
             metrics_max_connections: 32,
-            max_reading_bytes: 32 * 1024 * 1024,
+            max_reading_bytes: 8 * 1024 * 1024,
         }
     }
 }

@@ -12,6 +12,8 @@ use crate::quota::QuotaKey;
 
 impl Dispatcher {
     pub(super) fn admit(&mut self, mut job: Job) {
+        // From here the queue's bounds count the job: its intake bytes go back.
+        job.spec.intake = None;
         if self.draining_until.is_some() {
             let uuid = job.uuid();
             return job.finish(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));

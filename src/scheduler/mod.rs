@@ -50,6 +50,9 @@ const IDLE_WAKE: Duration = Duration::from_secs(3600);
 pub struct JobSpec {
     /// Who asked (index into [`SchedulerConfig::callers`]): its queue share applies.
     pub caller: usize,
+    /// The request's share of the intake budget, given back once the job is queued or
+    /// refused (`None` for jobs that did not come through gRPC).
+    pub intake: Option<Arc<crate::listen::Intake>>,
     pub app: AppIndex,
     /// Configured app name (logs, metrics).
     pub app_name: Arc<str>,

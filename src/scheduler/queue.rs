@@ -465,6 +465,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         let spec = JobSpec {
             caller: 0,
+            intake: None,
             app: 0,
             app_name: "default".into(),
             app_id: "cli".into(),

@@ -107,6 +107,7 @@ fn scheduler(upstream: Arc<ScriptedUpstream>, tweak: impl FnOnce(&mut Config)) -
 fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
     JobSpec {
         caller: 0,
+        intake: None,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_test".into(),
