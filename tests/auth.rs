@@ -45,6 +45,7 @@ fn callers(extra: &str) -> String {
         [callers.ops]
         token_sha256 = "{}"
         apps = ["*"]
+        max_queued_bytes = 4500
         {extra}
         "#,
         hex(token_hash(BILLING_TOKEN.as_bytes())),
@@ -213,6 +214,47 @@ async fn a_caller_over_its_queue_share_is_refused_while_others_are_served() {
         .unwrap();
     gw.fake.release_held();
     for c in calls {
+        c.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_caller_over_its_byte_share_is_refused() {
+    // ops may have 4500 bytes queued (content + ~1 KiB per job): one 2 KB reply fits, a second
+    // does not, a small one still does.
+    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    gw.fake.push_fault(Fault {
+        message_id: Some("om_b0".into()),
+        hold: true,
+        times: 1,
+        ..Fault::default()
+    });
+    let submit = |id: &str, words: usize| {
+        let mut c = gw.client.clone();
+        let req = text(id, "oc_b", &"w".repeat(words));
+        tokio::spawn(async move { c.reply(with_token(req, OPS_TOKEN)).await })
+    };
+    let head = submit("om_b0", 10);
+    let t = Instant::now();
+    while gw.fake.received().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "om_b0 never sent");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let queued = submit("om_b1", 2000);
+    let t = Instant::now();
+    while metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued") != Some(1.0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "om_b1 not queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let s = submit("om_b2", 2000).await.unwrap().unwrap_err();
+    assert_eq!(reason(&s), "QUEUE_FULL", "{s:?}");
+    assert_eq!(
+        s.get_details_error_info().unwrap().metadata["scope"],
+        "caller_bytes"
+    );
+    let small = submit("om_b3", 10);
+    gw.fake.release_held();
+    for c in [head, queued, small] {
         c.await.unwrap().unwrap();
     }
 }
