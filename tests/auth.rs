@@ -4,9 +4,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestPki, config_for, metric, spawn_fake, spawn_gateway, spawn_gateway_lazy, text};
+use common::{
+    TestPki, config_for, eventually, metric, spawn_fake, spawn_gateway, spawn_gateway_lazy, text,
+};
 use feishu_reply_gateway::config::token_hash;
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
 use feishu_reply_gateway::proto::ReplyRequest;
@@ -181,18 +183,14 @@ async fn a_caller_over_its_queue_share_is_refused_while_others_are_served() {
     };
     // om_q0 is in flight (held by Feishu), om_q1 and om_q2 wait behind it: billing's share.
     let mut calls = vec![submit(0)];
-    let t = Instant::now();
-    while gw.fake.received().is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(10), "om_q0 never sent");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("om_q0 never sent", async || !gw.fake.received().is_empty()).await;
     for i in 1..3 {
         calls.push(submit(i));
-        let t = Instant::now();
-        while metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued") != Some(i as f64) {
-            assert!(t.elapsed() < Duration::from_secs(10), "om_q{i} not queued");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let queued = async || metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued");
+        eventually("a reply not queued", async || {
+            queued().await == Some(i as f64)
+        })
+        .await;
     }
     // Billing's rate (burst 3) is spent too; wait for a token so the share is what refuses.
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -235,17 +233,10 @@ async fn a_caller_over_its_byte_share_is_refused() {
         tokio::spawn(async move { c.reply(with_token(req, OPS_TOKEN)).await })
     };
     let head = submit("om_b0", 10);
-    let t = Instant::now();
-    while gw.fake.received().is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(10), "om_b0 never sent");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let queued = submit("om_b1", 2000);
-    let t = Instant::now();
-    while metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued") != Some(1.0) {
-        assert!(t.elapsed() < Duration::from_secs(10), "om_b1 not queued");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("om_b0 never sent", async || !gw.fake.received().is_empty()).await;
+    let second = submit("om_b1", 2000);
+    let queued = async || metric(&gw.http_get("/metrics").await.1, "feishu_reply_queued");
+    eventually("om_b1 not queued", async || queued().await == Some(1.0)).await;
     let s = submit("om_b2", 2000).await.unwrap().unwrap_err();
     assert_eq!(reason(&s), "QUEUE_FULL", "{s:?}");
     assert_eq!(
@@ -254,7 +245,7 @@ async fn a_caller_over_its_byte_share_is_refused() {
     );
     let small = submit("om_b3", 10);
     gw.fake.release_held();
-    for c in [head, queued, small] {
+    for c in [head, second, small] {
         c.await.unwrap().unwrap();
     }
 }

@@ -246,52 +246,8 @@ impl RedisServer {
     }
 
     fn make_certificates(&self) {
-        let run = |args: &[&str]| openssl(&self.dir, args);
-        std::fs::write(self.dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=feishu-reply-gateway test CA",
-        ]);
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "san.cnf",
-        ]);
+        make_ca(&self.dir, "feishu-reply-gateway");
+        issue_cert(&self.dir, "server", "IP:127.0.0.1");
     }
 
     /// Starts (again) on the same port and waits until it accepts connections.
@@ -544,72 +500,13 @@ impl TestPki {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={name} test CA"),
-            ],
-        );
+        make_ca(&dir, name);
         Self { dir }
     }
 
     /// Issues `<stem>.pem` / `<stem>.key` with subjectAltName `san` (e.g. `URI:spiffe://x`).
     pub fn issue(&self, stem: &str, san: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-        let ext = format!("{stem}.cnf");
-        std::fs::write(self.dir.join(&ext), format!("subjectAltName={san}\n")).unwrap();
-        let (key, csr, pem) = (
-            format!("{stem}.key"),
-            format!("{stem}.csr"),
-            format!("{stem}.pem"),
-        );
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={stem}"),
-            ],
-        );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
-        (self.dir.join(pem), self.dir.join(key))
+        issue_cert(&self.dir, stem, san)
     }
 
     pub fn ca(&self) -> std::path::PathBuf {
@@ -620,5 +517,73 @@ impl TestPki {
 impl Drop for TestPki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A CA in `dir`: `ca.pem`, `ca.key`.
+fn make_ca(dir: &std::path::Path, name: &str) {
+    let subject = format!("/CN={name} test CA");
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", &subject,
+        ],
+    );
+}
+
+/// `<stem>.pem` / `<stem>.key` in `dir`, signed by its CA, with subjectAltName `san`.
+fn issue_cert(
+    dir: &std::path::Path,
+    stem: &str,
+    san: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ext = format!("{stem}.cnf");
+    std::fs::write(dir.join(&ext), format!("subjectAltName={san}\n")).unwrap();
+    let (key, csr, pem) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.pem"),
+    );
+    let subject = format!("/CN={stem}");
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+            &subject,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+    (dir.join(pem), dir.join(key))
+}
+
+/// Polls `cond` every 5 ms until it holds; panics naming `what` after 10 s.
+pub async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !cond().await {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
