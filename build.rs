@@ -6,9 +6,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let well_known = protoc_bin_vendored::include_path()?;
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("gateway_descriptor.bin"))
-        .compile_protos(&["proto/feishu/reply/v1/gateway.proto"], &["proto"])?;
+        // google.rpc.Status is tonic-types' (the same type tonic's rich errors use).
+        .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
+        .compile_protos(
+            &[std::path::Path::new("proto/feishu/reply/v1/gateway.proto")],
+            &[std::path::Path::new("proto"), well_known.as_path()],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

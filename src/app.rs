@@ -20,6 +20,7 @@ use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
 use crate::feishu::{FeishuClient, Upstream};
 use crate::grpc::ReplyService;
+use crate::jobs::{JobStore, Jobs, KEEP_FINISHED, now_ms};
 use crate::listen::{self, PortLimits};
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
@@ -39,6 +40,8 @@ pub enum AppError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("cluster mode: {0}")]
     Cluster(#[from] crate::cluster::ClusterError),
+    #[error("{0}")]
+    Jobs(crate::jobs::StoreError),
 }
 
 /// Largest gRPC request decoded: the largest valid reply content (150 KB of text) plus room
@@ -152,12 +155,37 @@ pub async fn run_with_upstream(
         metrics.clone(),
         store,
     );
-    let service = Arc::new(ReplyService::new(
-        &config,
-        scheduler.clone(),
-        upstream,
-        metrics.clone(),
-    ));
+    let mut service = ReplyService::new(&config, scheduler.clone(), upstream, metrics.clone());
+    let jobs = match &config.data_dir {
+        Some(dir) => {
+            let store = JobStore::open(dir).map_err(AppError::Jobs)?;
+            let jobs = Jobs::new(store, scheduler.clone());
+            service = service.with_jobs(jobs.clone());
+            Some(jobs)
+        }
+        None => None,
+    };
+    let service = Arc::new(service);
+    let expirer = match &jobs {
+        Some(jobs) => {
+            // Jobs a previous process left unfinished go back in line, in their order.
+            jobs.recover(|rec| service.spec_of(rec))
+                .await
+                .map_err(AppError::Jobs)?;
+            let store = jobs.store().clone();
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(600));
+                loop {
+                    tick.tick().await;
+                    let keep = i64::try_from(KEEP_FINISHED.as_millis()).unwrap_or(i64::MAX);
+                    if let Err(e) = store.expire(now_ms() - keep).await {
+                        tracing::warn!(error = %e, "expiring finished jobs failed");
+                    }
+                }
+            }))
+        }
+        None => None,
+    };
     let sweeper = {
         let service = service.clone();
         tokio::spawn(async move {
@@ -309,6 +337,9 @@ pub async fn run_with_upstream(
     sweeper.abort();
     watchdog.abort();
     metrics_server.abort();
+    if let Some(e) = expirer {
+        e.abort();
+    }
     match finished {
         Ok(r) => {
             tracing::info!("drained; bye");

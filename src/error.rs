@@ -33,6 +33,17 @@ pub enum GatewayError {
     Unauthenticated(#[from] crate::auth::AuthError),
     #[error("caller {caller:?} may not send as app {app:?}")]
     AppNotAllowed { caller: String, app: String },
+    #[error("no job {0:?} (unknown, expired, or another caller's)")]
+    JobNotFound(String),
+    #[error("async jobs need a job store: set GATEWAY_DATA_DIR (or [jobs] data_dir)")]
+    NoJobStore,
+    #[error("the job store failed: {0}; retry")]
+    JobStore(String),
+    #[error("the job cannot be cancelled: it is {0}")]
+    NotCancellable(&'static str),
+    /// The job was cancelled (CancelReply) before it was sent.
+    #[error("cancelled before it was sent")]
+    Cancelled,
     #[error("no app named and this gateway has no default app; set `app` in the request")]
     NoDefaultApp,
     #[error("queue full ({scope}: {queued} replies waiting); retry later")]
@@ -83,6 +94,7 @@ impl GatewayError {
             Code::NotFound => "not_found",
             Code::PermissionDenied => "permission_denied",
             Code::Unauthenticated => "unauthenticated",
+            Code::Cancelled => "cancelled",
             Code::FailedPrecondition => "failed_precondition",
             Code::Unavailable => "unavailable",
             Code::ResourceExhausted => "resource_exhausted",
@@ -114,6 +126,10 @@ impl GatewayError {
             GatewayError::UnknownApp(_) => Code::NotFound,
             GatewayError::Unauthenticated(_) => Code::Unauthenticated,
             GatewayError::AppNotAllowed { .. } => Code::PermissionDenied,
+            GatewayError::JobNotFound(_) => Code::NotFound,
+            GatewayError::NoJobStore | GatewayError::NotCancellable(_) => Code::FailedPrecondition,
+            GatewayError::JobStore(_) => Code::Unavailable,
+            GatewayError::Cancelled => Code::Cancelled,
             GatewayError::QueueFull { .. }
             | GatewayError::CallerRateLimited { .. }
             | GatewayError::DeadlineUnreachable { .. } => Code::ResourceExhausted,
@@ -133,6 +149,11 @@ impl GatewayError {
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
             GatewayError::Unauthenticated(e) => e.reason().into(),
             GatewayError::AppNotAllowed { .. } => "APP_NOT_ALLOWED".into(),
+            GatewayError::JobNotFound(_) => "JOB_NOT_FOUND".into(),
+            GatewayError::NoJobStore => "NO_JOB_STORE".into(),
+            GatewayError::JobStore(_) => "JOB_STORE".into(),
+            GatewayError::NotCancellable(_) => "JOB_NOT_CANCELLABLE".into(),
+            GatewayError::Cancelled => "CANCELLED".into(),
             GatewayError::NoDefaultApp => "NO_DEFAULT_APP".into(),
             GatewayError::QueueFull { .. } => "QUEUE_FULL".into(),
             GatewayError::CallerRateLimited { .. } => "CALLER_RATE_LIMITED".into(),
@@ -156,7 +177,9 @@ impl GatewayError {
             GatewayError::QueueFull { retry_after, .. }
             | GatewayError::CallerRateLimited { retry_after, .. } => Some(*retry_after),
             GatewayError::DeadlineUnreachable { earliest_in, .. } => Some(*earliest_in),
-            GatewayError::ShuttingDown { .. } => Some(Duration::from_secs(1)),
+            GatewayError::ShuttingDown { .. } | GatewayError::JobStore(_) => {
+                Some(Duration::from_secs(1))
+            }
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error)
                 if error.retry_reason().is_some() =>
             {

@@ -31,7 +31,9 @@
 //!   fallback table, heartbeat, state published through a `watch`).
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
-//!   the `ReplyGateway` service.
+//!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply).
+//! - [`jobs`]: async reply jobs: the redb store with group commit (`jobs::store`), the stored
+//!   record (`jobs::record`), running jobs through the scheduler, restart recovery.
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
 //!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the reply endpoint in
@@ -55,6 +57,7 @@ pub mod error;
 pub mod fake_feishu;
 pub mod feishu;
 pub mod grpc;
+pub mod jobs;
 pub mod listen;
 pub mod metrics;
 pub mod quota;

@@ -308,6 +308,7 @@ async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
         uuid: args.uuid,
         chat_id: args.chat_id,
         user_id: args.user_id,
+        ttl_s: 0,
     });
     req.set_timeout(Duration::from_millis(args.timeout_ms));
     if let Ok(v) = args.caller.parse() {

@@ -112,6 +112,8 @@ pub enum ValidationError {
     },
     #[error("uuid is {0} characters; Feishu accepts at most 50")]
     UuidTooLong(usize),
+    #[error("ttl_s is {0}; at most 3000 (Feishu dedupes a uuid for an hour)")]
+    Ttl(u32),
 }
 
 impl ValidationError {
@@ -121,6 +123,7 @@ impl ValidationError {
             ValidationError::EmptyMessageId | ValidationError::BadId { .. } => "INVALID_ID",
             ValidationError::MsgType(_) => "INVALID_MSG_TYPE",
             ValidationError::UuidTooLong(_) => "INVALID_UUID",
+            ValidationError::Ttl(_) => "INVALID_TTL",
             ValidationError::TooLarge { .. } => "CONTENT_TOO_LARGE",
             _ => "INVALID_CONTENT",
         }
@@ -133,6 +136,7 @@ impl ValidationError {
             ValidationError::BadId { field, .. } => field,
             ValidationError::MsgType(_) => "msg_type",
             ValidationError::UuidTooLong(_) => "uuid",
+            ValidationError::Ttl(_) => "ttl_s",
             _ => "content",
         }
     }

@@ -95,6 +95,7 @@ fn request() -> impl Strategy<Value = ReplyRequest> {
                     uuid,
                     chat_id,
                     user_id,
+                    ttl_s: 0,
                 }
             },
         )

@@ -53,6 +53,9 @@ pub struct ServeArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub allow_anonymous: bool,
+    /// Directory of the embedded job store (async SubmitReply jobs, single node).
+    #[arg(long, env = "GATEWAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// TLS certificate chain (PEM) of the gRPC port.
     #[arg(long, env = "GATEWAY_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,

@@ -150,6 +150,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Cluster mode (quotas shared through Redis); None = single node.
     pub cluster: Option<ClusterConfig>,
+    /// Where the embedded job store lives (`[jobs] data_dir`, `GATEWAY_DATA_DIR`); None = no
+    /// async API.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 // === file format ===
@@ -178,6 +181,14 @@ struct FileConfig {
     callers: BTreeMap<String, auth::FileCaller>,
     #[serde(default)]
     auth: auth::FileAuth,
+    #[serde(default)]
+    jobs: FileJobs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileJobs {
+    data_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,6 +423,7 @@ impl Config {
             mut cluster,
             callers,
             auth,
+            jobs,
         } = file;
         let ServeArgs {
             config: _,
@@ -427,6 +439,7 @@ impl Config {
             tls_cert,
             tls_key,
             tls_client_ca,
+            data_dir,
         } = args;
         if let Some(mode) = redis_mode {
             cluster.redis_mode = *mode;
@@ -706,6 +719,7 @@ impl Config {
             auth,
             tls,
             cluster,
+            data_dir: data_dir.clone().or(jobs.data_dir),
         })
     }
 

@@ -92,6 +92,13 @@ enum Command {
     Abandoned {
         chat_id: Arc<str>,
     },
+    /// Take the queued job with this uuid out of its chat, if it is still waiting (not sent,
+    /// not in flight); it finishes with `GatewayError::Cancelled`.
+    Cancel {
+        chat_id: Arc<str>,
+        uuid: String,
+        done: oneshot::Sender<bool>,
+    },
     /// Tests: the dispatcher panics (a bug), to check that its death is visible.
     #[cfg(test)]
     Crash,
@@ -298,6 +305,18 @@ impl Scheduler {
         result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
     }
 
+    /// Takes the job with `uuid` out of `chat_id`'s queue if it has not been sent yet; whether
+    /// it was (false: in flight, finished, or unknown).
+    pub async fn cancel(&self, chat_id: Arc<str>, uuid: String) -> bool {
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Cancel {
+            chat_id,
+            uuid,
+            done,
+        });
+        rx.await.unwrap_or(false)
+    }
+
     /// Stops accepting, keeps sending for `grace`, then fails what is left with UNAVAILABLE.
     /// Resolves when nothing is queued or in flight any more.
     pub async fn shutdown(&self, grace: Duration) {
@@ -425,6 +444,18 @@ impl Dispatcher {
                     self.metrics
                         .request(&job.spec.app_name, "cancelled", "none");
                 }
+            }
+            Command::Cancel {
+                chat_id,
+                uuid,
+                done,
+            } => {
+                let job = self.queues.take_queued(&chat_id, &uuid);
+                let found = job.is_some();
+                if let Some(job) = job {
+                    job.finish(Err(GatewayError::Cancelled));
+                }
+                let _ = done.send(found);
             }
         }
     }

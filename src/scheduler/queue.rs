@@ -405,6 +405,18 @@ impl Queues {
         gone.into()
     }
 
+    /// Takes the queued job with `uuid` out of `chat_id` (not one in flight).
+    pub fn take_queued(&mut self, chat_id: &str, uuid: &str) -> Option<Job> {
+        let chat = self.chats.get_mut(chat_id)?;
+        let pos = chat.jobs.iter().position(|j| j.spec.request.uuid == uuid)?;
+        let job = chat.jobs.remove(pos).expect("position is valid");
+        self.counts.remove(&job);
+        if chat.jobs.is_empty() && !chat.busy {
+            self.chats.remove(chat_id);
+        }
+        Some(job)
+    }
+
     /// Keeps only the deadline entries of jobs still queued (amortised: runs when the heap has
     /// grown past twice the queue plus [`DEADLINE_SLACK`]).
     fn compact_deadlines(&mut self) {

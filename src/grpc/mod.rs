@@ -1,6 +1,9 @@
 //! The gRPC face: `feishu.reply.v1.ReplyGateway`. Converts proto ↔ domain with small functions,
 //! applies per-caller admission control, resolves the chat when the caller gave none, and maps
-//! every failure through [`GatewayError::to_status`] (the one error table).
+//! every failure through [`GatewayError::to_status`] (the one error table). The async API
+//! (`SubmitReply`, `GetReply`, `WatchReply`, `CancelReply`) is in `grpc::jobs`.
+
+mod jobs;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,10 +18,11 @@ use crate::chat_cache::ChatCache;
 use crate::config::{AppConfig, Config};
 use crate::error::GatewayError;
 use crate::feishu::{SendRequest, Upstream};
+use crate::jobs::{Jobs, StoredReply};
 use crate::listen::Intake;
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGateway;
-use crate::proto::{ReplyRequest, ReplyResponse};
+use crate::proto::{GetReplyRequest, ReplyJob, ReplyRequest, ReplyResponse, SubmitReplyResponse};
 use crate::reply::{RawReply, Reply as ValidReply, ValidationError};
 use crate::scheduler::{Delivered, JobSpec, Scheduler};
 
@@ -40,6 +44,8 @@ pub struct ReplyService {
     /// The longest a call is held (its deadline is capped at this).
     max_call: Duration,
     metrics: Arc<Metrics>,
+    /// Async jobs (`SubmitReply` …), when a job store is configured.
+    jobs: Option<Arc<Jobs>>,
 }
 
 impl ReplyService {
@@ -69,7 +75,14 @@ impl ReplyService {
             auth,
             max_call: config.limits.max_call,
             metrics,
+            jobs: None,
         }
+    }
+
+    /// Serves the async API from `jobs`.
+    pub fn with_jobs(mut self, jobs: Arc<Jobs>) -> Self {
+        self.jobs = Some(jobs);
+        self
     }
 
     /// Forget admission state of anonymous peers that went quiet (bounded memory).
@@ -139,12 +152,25 @@ impl ReplyService {
         caller: &Caller,
         req: Request<ReplyRequest>,
     ) -> Result<Delivered, GatewayError> {
+        let (spec, _) = self.prepare(caller, req, None).await?;
+        self.scheduler.reply(spec).await
+    }
+
+    /// A request checked and made a scheduler job: admission, validation, authorization,
+    /// the chat resolved, the uuid fixed. With `ttl` (async jobs) the job's deadline is
+    /// now + ttl; else the call's deadline.
+    async fn prepare(
+        &self,
+        caller: &Caller,
+        req: Request<ReplyRequest>,
+        ttl: Option<Duration>,
+    ) -> Result<(JobSpec, StoredReply), GatewayError> {
         let peer = req
             .remote_addr()
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
         self.admit(caller, peer)?;
         let label = caller.anonymous.then(|| caller_label(&req)).flatten();
-        let deadline = Some(call_deadline(&req, self.max_call));
+        let call_deadline = Some(call_deadline(&req, self.max_call));
         let header_chat = req
             .metadata()
             .get(CHAT_HEADER)
@@ -200,11 +226,21 @@ impl ReplyService {
         };
         let chat_id = match reply.chat_id {
             Some(c) => c.into(),
-            None => self.chat_of(app, &reply.message_id, deadline).await?,
+            None => self.chat_of(app, &reply.message_id, call_deadline).await?,
         };
         tracing::Span::current()
             .record("chat_id", &*chat_id)
             .record("uuid", &uuid);
+        let stored = StoredReply {
+            app: a.name.clone(),
+            message_id: reply.message_id.clone(),
+            msg_type: reply.msg_type.as_str().to_owned(),
+            content: String::new(), // filled by the async path only (it stores the job)
+            reply_in_thread: reply.reply_in_thread,
+            uuid: uuid.clone(),
+            chat_id: chat_id.to_string(),
+            user_id: reply.user_id.clone(),
+        };
         let spec = JobSpec {
             caller: caller.id,
             intake,
@@ -220,9 +256,12 @@ impl ReplyService {
                 reply_in_thread: reply.reply_in_thread,
                 uuid,
             },
-            deadline,
+            deadline: match ttl {
+                Some(ttl) => Some(Instant::now() + ttl),
+                None => call_deadline,
+            },
         };
-        self.scheduler.reply(spec).await
+        Ok((spec, stored))
     }
 
     fn app_label(&self, name: &str) -> String {
@@ -233,21 +272,65 @@ impl ReplyService {
     }
 }
 
+impl ReplyService {
+    /// The caller of `req`, or the UNAUTHENTICATED status (counted and logged).
+    fn caller<T>(&self, req: &Request<T>, app: &str) -> Result<Caller, Status> {
+        self.auth.authenticate(req).map_err(|e| {
+            let e = GatewayError::from(e);
+            self.metrics.request(app, e.outcome(), "none");
+            self.metrics.caller_request(UNAUTHENTICATED, e.outcome());
+            tracing::info!(app = %app, error = %e, "call refused: not authenticated");
+            e.to_status()
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl ReplyGateway for ReplyService {
+    type WatchReplyStream = jobs::JobStream;
+
+    async fn submit_reply(
+        &self,
+        req: Request<ReplyRequest>,
+    ) -> Result<Response<SubmitReplyResponse>, Status> {
+        let app = self.app_label(&req.get_ref().app);
+        let caller = self.caller(&req, &app)?;
+        let span = tracing::info_span!("submit", caller = %caller.name, app = %app, chat_id = tracing::field::Empty, uuid = tracing::field::Empty);
+        let result = self.submit(&caller, req).instrument(span.clone()).await;
+        let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
+        self.metrics.caller_request(&caller.name, outcome);
+        if let Err(e) = &result {
+            let _enter = span.enter();
+            tracing::info!(error = %e, reason = %e.reason(), "submit refused");
+        }
+        jobs::answer(result)
+    }
+
+    async fn get_reply(&self, req: Request<GetReplyRequest>) -> Result<Response<ReplyJob>, Status> {
+        let caller = self.caller(&req, "none")?;
+        jobs::answer(self.get(&caller, req.get_ref()))
+    }
+
+    async fn watch_reply(
+        &self,
+        req: Request<GetReplyRequest>,
+    ) -> Result<Response<Self::WatchReplyStream>, Status> {
+        let caller = self.caller(&req, "none")?;
+        jobs::answer(self.watch(&caller, req.get_ref()))
+    }
+
+    async fn cancel_reply(
+        &self,
+        req: Request<GetReplyRequest>,
+    ) -> Result<Response<ReplyJob>, Status> {
+        let caller = self.caller(&req, "none")?;
+        jobs::answer(self.cancel(&caller, req.get_ref()).await)
+    }
+
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
         let r = req.get_ref();
         let app = self.app_label(&r.app);
-        let caller = match self.auth.authenticate(&req) {
-            Ok(c) => c,
-            Err(e) => {
-                let e = GatewayError::from(e);
-                self.metrics.request(&app, e.outcome(), "none");
-                self.metrics.caller_request(UNAUTHENTICATED, e.outcome());
-                tracing::info!(app = %app, error = %e, "call refused: not authenticated");
-                return Err(e.to_status());
-            }
-        };
+        let caller = self.caller(&req, &app)?;
         let span = tracing::info_span!("reply", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty);
         let result = ReplyService::reply(self, &caller, req)
             .instrument(span.clone())
@@ -273,7 +356,8 @@ impl ReplyGateway for ReplyService {
     }
 }
 
-fn to_response(d: Delivered) -> ReplyResponse {
+/// The API's view of a delivered reply.
+pub(crate) fn to_response(d: Delivered) -> ReplyResponse {
     let m = d.message;
     ReplyResponse {
         message_id: m.message_id,

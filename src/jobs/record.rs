@@ -1,0 +1,155 @@
+//! What is stored of an async reply job, and how it reads as a `ReplyJob`.
+
+use serde::{Deserialize, Serialize};
+
+use super::store::StoreError;
+use crate::proto;
+
+/// A job's lifecycle (DESIGN §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    Queued,
+    Sending,
+    Delivered,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Delivered | State::Failed | State::Cancelled)
+    }
+
+    fn proto(self) -> proto::JobState {
+        match self {
+            State::Queued => proto::JobState::Queued,
+            State::Sending => proto::JobState::Sending,
+            State::Delivered => proto::JobState::Delivered,
+            State::Failed => proto::JobState::Failed,
+            State::Cancelled => proto::JobState::Cancelled,
+        }
+    }
+}
+
+/// The reply a job sends, as validated at submit (chat resolved, uuid fixed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredReply {
+    pub app: String,
+    pub message_id: String,
+    pub msg_type: String,
+    pub content: String,
+    pub reply_in_thread: bool,
+    pub uuid: String,
+    pub chat_id: String,
+    pub user_id: Option<String>,
+}
+
+/// A failed job's status, as `Reply` would have returned it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredError {
+    pub code: i32,
+    pub message: String,
+    /// The encoded `google.rpc.Status` with its details (ErrorInfo, RetryInfo…), if any.
+    pub details: Vec<u8>,
+}
+
+/// One job as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Assigned by the store (order of acceptance).
+    pub seq: u64,
+    /// The authenticated caller's name (`anonymous` for anonymous calls).
+    pub caller: String,
+    pub reply: StoredReply,
+    pub state: State,
+    pub attempts: u32,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// Not sent by then, never sent (created + ttl).
+    pub expires_ms: i64,
+    /// The encoded `ReplyResponse` once delivered.
+    pub result: Option<Vec<u8>>,
+    pub error: Option<StoredError>,
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl JobRecord {
+    pub fn job_id(&self) -> String {
+        job_id(self.seq)
+    }
+
+    /// Jobs are the same job when caller, app and uuid are (DESIGN §5).
+    pub fn idempotency_key(&self) -> String {
+        idempotency_key(&self.caller, &self.reply.app, &self.reply.uuid)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a job record serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| StoreError(format!("a stored job is unreadable: {e}")))
+    }
+
+    /// The record as the API shows it.
+    pub fn to_proto(&self) -> proto::ReplyJob {
+        use prost::Message;
+        proto::ReplyJob {
+            job_id: self.job_id(),
+            state: self.state.proto() as i32,
+            result: self
+                .result
+                .as_deref()
+                .and_then(|b| proto::ReplyResponse::decode(b).ok()),
+            error: self.error.as_ref().map(|e| {
+                tonic_types::pb::Status::decode(e.details.as_slice()).unwrap_or(
+                    tonic_types::pb::Status {
+                        code: e.code,
+                        message: e.message.clone(),
+                        details: Vec::new(),
+                    },
+                )
+            }),
+            attempts: self.attempts,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+        }
+    }
+}
+
+pub fn idempotency_key(caller: &str, app: &str, uuid: &str) -> String {
+    format!("{caller}\u{1f}{app}\u{1f}{uuid}")
+}
+
+/// The public id of job `seq`.
+pub fn job_id(seq: u64) -> String {
+    format!("j{seq:016x}")
+}
+
+/// The seq of a public id, if it is one.
+pub fn parse_job_id(id: &str) -> Option<u64> {
+    let hex = id.strip_prefix('j')?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_round_trip() {
+        assert_eq!(parse_job_id(&job_id(42)), Some(42));
+        assert_eq!(parse_job_id("j12"), None);
+        assert_eq!(parse_job_id("x000000000000002a"), None);
+    }
+}

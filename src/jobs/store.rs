@@ -1,0 +1,277 @@
+//! The single-node job store: one redb file under `GATEWAY_DATA_DIR`. Writes go through one
+//! writer thread that commits whatever has piled up in one transaction (group commit: many
+//! concurrent submits share one fsync); a submit is answered after its commit. Reads are
+//! snapshots (redb MVCC) and never wait for the writer.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::record::JobRecord;
+
+/// seq → the job record (JSON).
+const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs_v1");
+/// idempotency key (caller, app, uuid) → seq.
+const IDEM: TableDefinition<&str, u64> = TableDefinition::new("idem_v1");
+
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("job store: {0}")]
+pub struct StoreError(pub String);
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+enum Op {
+    /// Store a new job unless its idempotency key is known; answers (record, duplicate).
+    /// `then` runs on the new record once committed, in the order jobs were stored.
+    Insert {
+        rec: Box<JobRecord>,
+        key: String,
+        then: Option<OnCommit>,
+        done: oneshot::Sender<Result<(JobRecord, bool), StoreError>>,
+    },
+    /// Overwrite a job's record (state changes).
+    Update {
+        rec: Box<JobRecord>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// Remove finished jobs updated before `before_ms` (and their keys).
+    Expire {
+        before_ms: i64,
+        done: oneshot::Sender<Result<usize, StoreError>>,
+    },
+}
+
+/// What runs on a newly stored job after its commit (on the writer thread: keep it short).
+pub type OnCommit = Box<dyn FnOnce(&JobRecord) + Send>;
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct JobStore {
+    db: Arc<Database>,
+    tx: mpsc::Sender<Op>,
+}
+
+impl JobStore {
+    /// Opens (or creates) `dir/jobs.redb` and starts the writer thread.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("jobs.redb");
+        let db =
+            Arc::new(Database::create(&path).map_err(|e| err(format!("{}: {e}", path.display())))?);
+        // Create the tables so that readers find them.
+        let txn = db.begin_write().map_err(err)?;
+        let next_seq = {
+            let jobs = txn.open_table(JOBS).map_err(err)?;
+            txn.open_table(IDEM).map_err(err)?;
+            jobs.last().map_err(err)?.map_or(1, |(k, _)| k.value() + 1)
+        };
+        txn.commit().map_err(err)?;
+        let (tx, rx) = mpsc::channel();
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("job-store".into())
+            .spawn(move || writer(&writer_db, &rx, next_seq))
+            .map_err(err)?;
+        Ok(Self { db, tx })
+    }
+
+    fn send(&self, op: Op) -> Result<(), StoreError> {
+        self.tx
+            .send(op)
+            .map_err(|_| err("the writer thread has stopped"))
+    }
+
+    /// Stores `rec` (its `seq` is assigned) unless a job with `key` exists: then that job
+    /// and `true`. Answers after the commit is on disk; `then` runs on a new job right after
+    /// its commit, new jobs in the order they were stored.
+    pub async fn insert(
+        &self,
+        rec: JobRecord,
+        key: String,
+        then: Option<OnCommit>,
+    ) -> Result<(JobRecord, bool), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Insert {
+            rec: Box::new(rec),
+            key,
+            then,
+            done,
+        })?;
+        rx.await.map_err(|_| err("the writer thread has stopped"))?
+    }
+
+    /// Overwrites a job's record; answers after the commit.
+    pub async fn update(&self, rec: JobRecord) -> Result<(), StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Update {
+            rec: Box::new(rec),
+            done,
+        })?;
+        rx.await.map_err(|_| err("the writer thread has stopped"))?
+    }
+
+    /// Removes finished jobs last updated before `before_ms`; how many.
+    pub async fn expire(&self, before_ms: i64) -> Result<usize, StoreError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Expire { before_ms, done })?;
+        rx.await.map_err(|_| err("the writer thread has stopped"))?
+    }
+
+    /// The job `seq`, if stored.
+    pub fn get(&self, seq: u64) -> Result<Option<JobRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let jobs = txn.open_table(JOBS).map_err(err)?;
+        match jobs.get(seq).map_err(err)? {
+            None => Ok(None),
+            Some(v) => JobRecord::decode(v.value()).map(Some),
+        }
+    }
+
+    /// Jobs not final yet, in the order they were stored (restart recovery).
+    pub fn unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let jobs = txn.open_table(JOBS).map_err(err)?;
+        let mut out = Vec::new();
+        for entry in jobs.iter().map_err(err)? {
+            let (_, v) = entry.map_err(err)?;
+            let rec = JobRecord::decode(v.value())?;
+            if !rec.state.is_final() {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Jobs stored (all states).
+    pub fn len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let jobs = txn.open_table(JOBS).map_err(err)?;
+        jobs.len().map_err(err)
+    }
+
+    /// Whether no job is stored.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        self.len().map(|n| n == 0)
+    }
+}
+
+/// The writer: takes what has piled up, applies it in one transaction, commits (fsync), then
+/// answers everyone in the batch.
+fn writer(db: &Database, rx: &mpsc::Receiver<Op>, mut next_seq: u64) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let seq_before = next_seq;
+        let applied = apply(db, &mut batch, &mut next_seq);
+        match applied {
+            Ok(answers) => {
+                for (op, answer) in batch.into_iter().zip(answers) {
+                    answer_op(op, Ok(answer));
+                }
+            }
+            Err(e) => {
+                next_seq = seq_before;
+                tracing::error!(error = %e, "job store commit failed; the batch is refused");
+                for op in batch {
+                    answer_op(op, Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// What one operation of a committed batch answers.
+enum Answer {
+    Inserted(Box<JobRecord>, bool),
+    Updated,
+    Expired(usize),
+}
+
+fn answer_op(op: Op, answer: Result<Answer, StoreError>) {
+    match (op, answer) {
+        (Op::Insert { done, then, .. }, Ok(Answer::Inserted(rec, dup))) => {
+            if let (false, Some(then)) = (dup, then) {
+                then(&rec);
+            }
+            let _ = done.send(Ok((*rec, dup)));
+        }
+        (Op::Update { done, .. }, Ok(Answer::Updated)) => {
+            let _ = done.send(Ok(()));
+        }
+        (Op::Expire { done, .. }, Ok(Answer::Expired(n))) => {
+            let _ = done.send(Ok(n));
+        }
+        (Op::Insert { done, .. }, Err(e)) => {
+            let _ = done.send(Err(e));
+        }
+        (Op::Update { done, .. }, Err(e)) => {
+            let _ = done.send(Err(e));
+        }
+        (Op::Expire { done, .. }, Err(e)) => {
+            let _ = done.send(Err(e));
+        }
+        (_, Ok(_)) => unreachable!("answers are made per operation kind"),
+    }
+}
+
+fn apply(db: &Database, batch: &mut [Op], next_seq: &mut u64) -> Result<Vec<Answer>, StoreError> {
+    let txn = db.begin_write().map_err(err)?;
+    let mut answers = Vec::with_capacity(batch.len());
+    {
+        let mut jobs = txn.open_table(JOBS).map_err(err)?;
+        let mut idem = txn.open_table(IDEM).map_err(err)?;
+        for op in batch.iter_mut() {
+            match op {
+                Op::Insert { rec, key, .. } => {
+                    let known = idem.get(key.as_str()).map_err(err)?.map(|v| v.value());
+                    if let Some(seq) = known
+                        && let Some(v) = jobs.get(seq).map_err(err)?
+                    {
+                        let known = Box::new(JobRecord::decode(v.value())?);
+                        answers.push(Answer::Inserted(known, true));
+                        continue;
+                    }
+                    rec.seq = *next_seq;
+                    *next_seq += 1;
+                    jobs.insert(rec.seq, rec.encode().as_slice()).map_err(err)?;
+                    idem.insert(key.as_str(), rec.seq).map_err(err)?;
+                    answers.push(Answer::Inserted(rec.clone(), false));
+                }
+                Op::Update { rec, .. } => {
+                    jobs.insert(rec.seq, rec.encode().as_slice()).map_err(err)?;
+                    answers.push(Answer::Updated);
+                }
+                Op::Expire { before_ms, .. } => {
+                    let mut gone = Vec::new();
+                    for entry in jobs.iter().map_err(err)? {
+                        let (k, v) = entry.map_err(err)?;
+                        let rec = JobRecord::decode(v.value())?;
+                        if rec.state.is_final() && rec.updated_ms < *before_ms {
+                            gone.push((k.value(), rec.idempotency_key()));
+                        }
+                    }
+                    for (seq, key) in &gone {
+                        jobs.remove(*seq).map_err(err)?;
+                        idem.remove(key.as_str()).map_err(err)?;
+                    }
+                    answers.push(Answer::Expired(gone.len()));
+                }
+            }
+        }
+    }
+    txn.commit().map_err(err)?;
+    Ok(answers)
+}

@@ -1,0 +1,293 @@
+//! Async jobs (issue 10, single node): SubmitReply answers once the job is stored, the job is
+//! delivered once, GetReply/WatchReply show it, CancelReply stops it before its send, and a
+//! gateway killed with SIGKILL delivers every stored job exactly once after its restart.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{config_for, eventually, spawn_fake, spawn_gateway_on, text};
+use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyJob, ReplyRequest};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const BIN: &str = env!("CARGO_BIN_EXE_feishu-reply-gateway");
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "gw-jobs-{name}-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn get(c: &mut ReplyGatewayClient<Channel>, job_id: &str) -> ReplyJob {
+    c.get_reply(GetReplyRequest {
+        job_id: job_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test]
+async fn submitted_jobs_are_delivered_once_and_readable() {
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let dir = temp_dir("basic");
+    let mut config = config_for(&fake, "");
+    config.data_dir = Some(dir.clone());
+    let gw = spawn_gateway_on(fake, config).await;
+    let mut c = gw.client.clone();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let r = c
+            .submit_reply(text(&format!("om_j{i}"), "oc_j", &format!("job {i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.duplicate);
+        ids.push(r.job_id);
+    }
+    // The same reply again (its uuid derived from the same caller and words): the same job.
+    let again = c
+        .submit_reply(text("om_j0", "oc_j", "job 0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.duplicate);
+    assert_eq!(again.job_id, ids[0]);
+    // Watch the last one to its end.
+    let mut stream = c
+        .watch_reply(GetReplyRequest {
+            job_id: ids[7].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut states = Vec::new();
+    while let Some(job) = stream.message().await.unwrap() {
+        states.push(job.state());
+    }
+    assert_eq!(states.last(), Some(&JobState::Delivered), "{states:?}");
+    for id in &ids {
+        let job = get(&mut c, id).await;
+        assert_eq!(job.state(), JobState::Delivered, "{job:?}");
+        assert!(!job.result.unwrap().message_id.is_empty());
+    }
+    let posted: Vec<String> = gw
+        .fake
+        .received()
+        .into_iter()
+        .filter(|r| !r.deduped)
+        .map(|r| r.message_id)
+        .collect();
+    let want: Vec<String> = (0..8).map(|i| format!("om_j{i}")).collect();
+    assert_eq!(posted, want, "once each, in order");
+    // Unknown and malformed ids.
+    let s = c
+        .get_reply(GetReplyRequest {
+            job_id: "j00000000000fffff".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+    let bad_ttl = ReplyRequest {
+        ttl_s: 4000,
+        ..text("om_jt", "oc_j", "x")
+    };
+    assert_eq!(
+        c.submit_reply(bad_ttl).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_job_is_cancelled_only_before_its_send() {
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let dir = temp_dir("cancel");
+    let mut config = config_for(&fake, "");
+    config.data_dir = Some(dir.clone());
+    let gw = spawn_gateway_on(fake, config).await;
+    gw.fake.push_fault(Fault {
+        message_id: Some("om_c0".into()),
+        hold: true,
+        times: 1,
+        ..Fault::default()
+    });
+    let mut c = gw.client.clone();
+    let first = c
+        .submit_reply(text("om_c0", "oc_c", "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("om_c0 sent", async || !gw.fake.received().is_empty()).await;
+    let second = c
+        .submit_reply(text("om_c1", "oc_c", "b"))
+        .await
+        .unwrap()
+        .into_inner();
+    let req = |id: &str| GetReplyRequest { job_id: id.into() };
+    let s = c.cancel_reply(req(&first.job_id)).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "in flight: {s:?}");
+    let cancelled = c
+        .cancel_reply(req(&second.job_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    gw.fake.release_held();
+    let mut stream = c
+        .watch_reply(req(&first.job_id))
+        .await
+        .unwrap()
+        .into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    assert_eq!(
+        get(&mut c, &first.job_id).await.state(),
+        JobState::Delivered
+    );
+    assert_eq!(
+        get(&mut c, &second.job_id).await.state(),
+        JobState::Cancelled
+    );
+    let posted: Vec<String> = gw
+        .fake
+        .received()
+        .into_iter()
+        .map(|r| r.message_id)
+        .collect();
+    assert_eq!(posted, ["om_c0"], "the cancelled job is never sent");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_gateway(config: &std::path::Path, port: u16) -> Gateway {
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
+        .env("GATEWAY_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("FEISHU_APP_ID")
+        .env_remove("FEISHU_APP_SECRET")
+        .env_remove("GATEWAY_DATA_DIR")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start serve");
+    Gateway(child)
+}
+
+async fn connect(port: u16) -> ReplyGatewayClient<Channel> {
+    let t = Instant::now();
+    loop {
+        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return ReplyGatewayClient::new(ch);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the gateway never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_gateway_delivers_every_stored_job_exactly_once_after_restart() {
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let dir = temp_dir("kill");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"cli_k\"\napp_secret = \"s\"\n\
+             [auth]\nallow_anonymous = true\n[jobs]\ndata_dir = \"{}\"\n",
+            fake.base_url(),
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let gw = start_gateway(&config, port);
+    let mut c = connect(port).await;
+    // 45 jobs to 3 chats: 15 per chat at 5/s is 3 s of backlog.
+    let mut ids = Vec::new();
+    for i in 0..45 {
+        let chat = format!("oc_k{}", i % 3);
+        let r = c
+            .submit_reply(text(&format!("om_k{i:02}"), &chat, &format!("k {i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.job_id);
+    }
+    // Mid-backlog: some posted, most not.
+    eventually("some jobs posted", async || fake.received().len() >= 6).await;
+    drop(gw); // SIGKILL
+    let posted_before = fake.received().len();
+    assert!(posted_before < 45, "killed after the backlog drained");
+    let _gw = start_gateway(&config, port);
+    let mut c = connect(port).await;
+    let t = Instant::now();
+    for id in &ids {
+        loop {
+            let job = get(&mut c, id).await;
+            if job.state() == JobState::Delivered {
+                break;
+            }
+            assert!(
+                !matches!(job.state(), JobState::Failed | JobState::Cancelled),
+                "{job:?}"
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{id} never delivered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Exactly once: one post per uuid; per chat in the order submitted.
+    let received = fake.received();
+    let mut posts: HashMap<String, usize> = HashMap::new();
+    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
+    for r in received.iter().filter(|r| r.code == 0 && !r.deduped) {
+        *posts.entry(r.uuid.clone()).or_default() += 1;
+        per_chat
+            .entry(r.chat_id.clone())
+            .or_default()
+            .push(r.message_id.clone());
+    }
+    assert_eq!(posts.len(), 45, "every job posted");
+    assert!(posts.values().all(|&n| n == 1), "{posts:?}");
+    for (chat, ids) in &per_chat {
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, &sorted, "order in {chat}");
+    }
+    eprintln!(
+        "posted before the kill: {posted_before}; rate rejections: {}",
+        fake.stats().rate_rejections()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
