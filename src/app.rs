@@ -159,7 +159,8 @@ pub async fn run_with_upstream(
     let jobs = match &config.data_dir {
         Some(dir) => {
             let store = JobStore::open(dir).map_err(AppError::Jobs)?;
-            let jobs = Jobs::new(store, scheduler.clone());
+            let jobs = Jobs::new(store, config.max_jobs, scheduler.clone(), metrics.clone());
+            jobs.refresh_metrics(true);
             service = service.with_jobs(jobs.clone());
             Some(jobs)
         }
@@ -172,15 +173,18 @@ pub async fn run_with_upstream(
             jobs.recover(|rec| service.spec_of(rec))
                 .await
                 .map_err(AppError::Jobs)?;
-            let store = jobs.store().clone();
+            let jobs = jobs.clone();
             Some(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(600));
-                loop {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                for n in 0u64.. {
                     tick.tick().await;
-                    let keep = i64::try_from(KEEP_FINISHED.as_millis()).unwrap_or(i64::MAX);
-                    if let Err(e) = store.expire(now_ms() - keep).await {
-                        tracing::warn!(error = %e, "expiring finished jobs failed");
+                    if n % 60 == 0 {
+                        let keep = i64::try_from(KEEP_FINISHED.as_millis()).unwrap_or(i64::MAX);
+                        if let Err(e) = jobs.store().expire(now_ms() - keep).await {
+                            tracing::warn!(error = %e, "expiring finished jobs failed");
+                        }
                     }
+                    jobs.refresh_metrics(true);
                 }
             }))
         }

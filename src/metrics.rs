@@ -75,6 +75,8 @@ pub struct Metrics {
     connections_refused: Family<PortReasonLabels, Counter>,
     request_bodies_refused: Family<ReasonLabel, Counter>,
     request_bytes_reading: Gauge,
+    jobs_stored: Gauge,
+    job_store_bytes: Gauge,
     redis_calls: Family<RedisCallLabels, Counter>,
     redis_up: Gauge,
     redis_fallback: Gauge,
@@ -89,7 +91,7 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 21] = [
+pub const METRIC_NAMES: [&str; 23] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -106,6 +108,8 @@ pub const METRIC_NAMES: [&str; 21] = [
     "feishu_reply_connections_refused",
     "feishu_reply_request_bodies_refused",
     "feishu_reply_request_bytes_reading",
+    "feishu_reply_jobs_stored",
+    "feishu_reply_job_store_bytes",
     "feishu_reply_redis_calls",
     "feishu_reply_redis_up",
     "feishu_reply_redis_fallback",
@@ -220,6 +224,18 @@ impl Metrics {
             "Bytes of gRPC requests received and not yet queued or refused (bounded by max_reading_bytes)",
             request_bytes_reading.clone(),
         );
+        let jobs_stored = Gauge::default();
+        registry.register(
+            "feishu_reply_jobs_stored",
+            "Async jobs in the job store, all states (bounded by [jobs] max_jobs)",
+            jobs_stored.clone(),
+        );
+        let job_store_bytes = Gauge::default();
+        registry.register(
+            "feishu_reply_job_store_bytes",
+            "Size of the job store's file",
+            job_store_bytes.clone(),
+        );
         let redis_calls = Family::<RedisCallLabels, Counter>::default();
         registry.register(
             "feishu_reply_redis_calls",
@@ -268,6 +284,8 @@ impl Metrics {
             connections_refused,
             request_bodies_refused,
             request_bytes_reading,
+            jobs_stored,
+            job_store_bytes,
             redis_calls,
             redis_up,
             redis_fallback,
@@ -423,6 +441,15 @@ impl Metrics {
 
     pub fn request_bytes_reading(&self, delta: i64) {
         self.request_bytes_reading.inc_by(delta);
+    }
+
+    pub fn set_jobs_stored(&self, n: u64) {
+        self.jobs_stored.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_job_store_bytes(&self, n: u64) {
+        self.job_store_bytes
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn request_body_refused(&self, reason: &'static str) {

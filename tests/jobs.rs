@@ -109,6 +109,36 @@ async fn submitted_jobs_are_delivered_once_and_readable() {
 }
 
 #[tokio::test]
+async fn a_full_job_store_refuses_new_jobs() {
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let dir = temp_dir("full");
+    let mut config = config_for(&fake, "");
+    config.data_dir = Some(dir.clone());
+    config.max_jobs = 3;
+    let gw = spawn_gateway_on(fake, config).await;
+    let mut c = gw.client.clone();
+    for i in 0..3 {
+        c.submit_reply(text(&format!("om_f{i}"), "oc_f", "x"))
+            .await
+            .unwrap();
+    }
+    let s = c
+        .submit_reply(text("om_f3", "oc_f", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    let info = tonic_types::StatusExt::get_details_error_info(&s).unwrap();
+    assert_eq!(info.metadata["scope"], "job_store");
+    let m = gw.http_get("/metrics").await.1;
+    assert_eq!(
+        common::metric(&m, "feishu_reply_jobs_stored"),
+        Some(3.0),
+        "{m}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn a_job_is_cancelled_only_before_its_send() {
     let fake = spawn_fake(FakeOptions::default()).await;
     let dir = temp_dir("cancel");

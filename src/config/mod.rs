@@ -153,6 +153,8 @@ pub struct Config {
     /// Where the embedded job store lives (`[jobs] data_dir`, `GATEWAY_DATA_DIR`); None = no
     /// async API.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Jobs the store may hold, all states (finished ones stay 25 h).
+    pub max_jobs: u64,
 }
 
 // === file format ===
@@ -189,6 +191,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields, default)]
 struct FileJobs {
     data_dir: Option<std::path::PathBuf>,
+    max_jobs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -720,6 +723,7 @@ impl Config {
             tls,
             cluster,
             data_dir: data_dir.clone().or(jobs.data_dir),
+            max_jobs: jobs.max_jobs.unwrap_or(1_000_000),
         })
     }
 

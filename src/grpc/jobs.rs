@@ -54,10 +54,7 @@ impl ReplyService {
             result: None,
             error: None,
         };
-        let (stored, duplicate) = jobs
-            .submit(rec, spec)
-            .await
-            .map_err(|e| GatewayError::JobStore(e.0))?;
+        let (stored, duplicate) = jobs.submit(rec, spec).await?;
         Ok(SubmitReplyResponse {
             job_id: stored.job_id(),
             duplicate,

@@ -27,6 +27,9 @@ pub const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600 + 3600);
 /// The jobs of this process: the store and the tasks running them.
 pub struct Jobs {
     store: JobStore,
+    /// Jobs the store may hold (all states); beyond it SubmitReply is RESOURCE_EXHAUSTED.
+    max_jobs: u64,
+    metrics: Arc<crate::metrics::Metrics>,
     scheduler: Scheduler,
     updates: broadcast::Sender<JobRecord>,
     /// The runtime the job tasks run on (a job starts on the store's writer thread).
@@ -35,10 +38,17 @@ pub struct Jobs {
 
 impl Jobs {
     /// Must be called on the runtime the jobs will run on.
-    pub fn new(store: JobStore, scheduler: Scheduler) -> Arc<Self> {
+    pub fn new(
+        store: JobStore,
+        max_jobs: u64,
+        scheduler: Scheduler,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
         let (updates, _) = broadcast::channel(4096);
         Arc::new(Self {
             store,
+            max_jobs,
+            metrics,
             scheduler,
             updates,
             runtime: tokio::runtime::Handle::current(),
@@ -56,13 +66,31 @@ impl Jobs {
         self: &Arc<Self>,
         rec: JobRecord,
         spec: JobSpec,
-    ) -> Result<(JobRecord, bool), StoreError> {
+    ) -> Result<(JobRecord, bool), GatewayError> {
+        let stored = self.store.count();
+        if stored >= self.max_jobs {
+            return Err(GatewayError::QueueFull {
+                scope: "job_store",
+                queued: usize::try_from(stored).unwrap_or(usize::MAX),
+                retry_after: Duration::from_secs(60),
+            });
+        }
         let key = rec.idempotency_key();
         let jobs = self.clone();
         let then: store::OnCommit = Box::new(move |stored: &JobRecord| {
             jobs.start(stored.clone(), spec);
         });
-        self.store.insert(rec, key, Some(then)).await
+        let r = self.store.insert(rec, key, Some(then)).await;
+        self.refresh_metrics(false);
+        r.map_err(|e| GatewayError::JobStore(e.0))
+    }
+
+    /// Exports the store's size (`file`: also its bytes on disk, a syscall).
+    pub fn refresh_metrics(&self, file: bool) {
+        self.metrics.set_jobs_stored(self.store.count());
+        if file {
+            self.metrics.set_job_store_bytes(self.store.file_bytes());
+        }
     }
 
     /// Hands a stored job to the scheduler now (its place in line) and follows it to its end

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -57,6 +58,9 @@ pub type OnCommit = Box<dyn FnOnce(&JobRecord) + Send>;
 pub struct JobStore {
     db: Arc<Database>,
     tx: mpsc::Sender<Op>,
+    /// Jobs stored (kept by the writer).
+    count: Arc<AtomicU64>,
+    path: std::path::PathBuf,
 }
 
 impl JobStore {
@@ -68,19 +72,37 @@ impl JobStore {
             Arc::new(Database::create(&path).map_err(|e| err(format!("{}: {e}", path.display())))?);
         // Create the tables so that readers find them.
         let txn = db.begin_write().map_err(err)?;
-        let next_seq = {
+        let (next_seq, stored) = {
             let jobs = txn.open_table(JOBS).map_err(err)?;
             txn.open_table(IDEM).map_err(err)?;
-            jobs.last().map_err(err)?.map_or(1, |(k, _)| k.value() + 1)
+            let next = jobs.last().map_err(err)?.map_or(1, |(k, _)| k.value() + 1);
+            (next, jobs.len().map_err(err)?)
         };
         txn.commit().map_err(err)?;
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
+        let count = Arc::new(AtomicU64::new(stored));
+        let writer_count = count.clone();
         std::thread::Builder::new()
             .name("job-store".into())
-            .spawn(move || writer(&writer_db, &rx, next_seq))
+            .spawn(move || writer(&writer_db, &rx, next_seq, &writer_count))
             .map_err(err)?;
-        Ok(Self { db, tx })
+        Ok(Self {
+            db,
+            tx,
+            count,
+            path,
+        })
+    }
+
+    /// Jobs stored now (all states).
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Size of the store's file.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
     fn send(&self, op: Op) -> Result<(), StoreError> {
@@ -149,23 +171,11 @@ impl JobStore {
         }
         Ok(out)
     }
-
-    /// Jobs stored (all states).
-    pub fn len(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(err)?;
-        let jobs = txn.open_table(JOBS).map_err(err)?;
-        jobs.len().map_err(err)
-    }
-
-    /// Whether no job is stored.
-    pub fn is_empty(&self) -> Result<bool, StoreError> {
-        self.len().map(|n| n == 0)
-    }
 }
 
 /// The writer: takes what has piled up, applies it in one transaction, commits (fsync), then
 /// answers everyone in the batch.
-fn writer(db: &Database, rx: &mpsc::Receiver<Op>, mut next_seq: u64) {
+fn writer(db: &Database, rx: &mpsc::Receiver<Op>, mut next_seq: u64, count: &AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -178,6 +188,17 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Op>, mut next_seq: u64) {
         let applied = apply(db, &mut batch, &mut next_seq);
         match applied {
             Ok(answers) => {
+                for a in &answers {
+                    match a {
+                        Answer::Inserted(_, false) => {
+                            count.fetch_add(1, Ordering::AcqRel);
+                        }
+                        Answer::Expired(n) => {
+                            count.fetch_sub(*n as u64, Ordering::AcqRel);
+                        }
+                        _ => {}
+                    }
+                }
                 for (op, answer) in batch.into_iter().zip(answers) {
                     answer_op(op, Ok(answer));
                 }
