@@ -9,6 +9,7 @@
 //! cargo bench --bench loadgen -- overhead    # quotas not binding: gateway vs direct HTTP, max replies/s
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
 //! cargo bench --bench loadgen -- memory      # memory attacks on the default limits: peak RSS
+//! cargo bench --bench loadgen -- submit      # durable SubmitReply: submits/s, latency, bytes/job, recovery
 //! cargo bench --bench loadgen -- drive --gateway http://HOST:50051 --rate 40 --seconds 60
 //!                                             # any running gateway: target rate or concurrency
 //! ```
@@ -41,6 +42,8 @@ use tonic::transport::Channel;
 mod counting_alloc;
 #[path = "support/memory.rs"]
 mod memory;
+#[path = "support/submit.rs"]
+mod submit;
 use counting_alloc::allocated;
 
 const BIN: &str = env!("CARGO_BIN_EXE_feishu-reply-gateway");
@@ -139,6 +142,17 @@ enum Scenario {
         #[arg(long, default_value_t = 200_000)]
         callers: usize,
     },
+    /// Durable SubmitReply on the embedded store: submits/s and latency, bytes per job, and
+    /// the restart time with the stored jobs to recover.
+    Submit {
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        concurrency: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Jobs stored before the restart is timed.
+        #[arg(long, default_value_t = 100_000)]
+        recover: usize,
+    },
     /// The scheduler with a no-op upstream: enqueue/dispatch cost and memory at depth.
     Depth {
         #[arg(long, default_value_t = 100_000)]
@@ -174,6 +188,64 @@ fn main() {
                 seconds,
             } => overhead(&concurrency, Duration::from_secs(seconds)).await,
             Scenario::Depth { jobs, chats } => depth(jobs, chats).await,
+            Scenario::Submit {
+                concurrency,
+                seconds,
+                recover,
+            } => {
+                let data = std::env::temp_dir().join(format!("loadgen-jobs-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&data);
+                let extra = format!(
+                    "[jobs]\ndata_dir = \"{}\"\nmax_jobs = 10000000\n\
+                     [quotas]\napp = [{{ limit = 1, window_ms = 3600000 }}]\n\
+                     [queue]\nmax_per_chat = 10000000\nmax_total = 10000000\nmax_total_bytes = 4000000000",
+                    data.display()
+                );
+                let mut s = stack(&[], &extra).await;
+                let port = s.grpc_ports[0];
+                let config = std::env::temp_dir()
+                    .join(format!("loadgen-{}", std::process::id()))
+                    .join("gateway0.toml");
+                let channel = s.grpc.clone();
+                let restart = async |jobs: usize| {
+                    let bytes = std::fs::metadata(data.join("jobs.redb")).map_or(0, |m| m.len());
+                    println!("  store: {jobs} jobs, {} bytes on disk = {:.0} bytes per job", bytes, bytes as f64 / jobs as f64);
+                    let _ = s._gateways[0].0.kill();
+                    let _ = s._gateways[0].0.wait();
+                    let t = Instant::now();
+                    s._gateways[0] = Proc(
+                        Command::new(BIN)
+                            .args(["serve", "--config"])
+                            .arg(&config)
+                            .env("RUST_LOG", "warn")
+                            .stdout(Stdio::null())
+                            .spawn()
+                            .expect("restart gateway"),
+                    );
+                    // Serving = answering a call (the port is bound before recovery).
+                    loop {
+                        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                            .unwrap()
+                            .connect()
+                            .await
+                        {
+                            let mut c = ReplyGatewayClient::new(ch);
+                            let r = c
+                                .get_reply(feishu_reply_gateway::proto::GetReplyRequest {
+                                    job_id: "j0000000000000000".into(),
+                                })
+                                .await;
+                            if matches!(&r, Err(st) if st.code() == tonic::Code::NotFound) {
+                                break;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    t.elapsed()
+                };
+                submit::run(channel, &concurrency, seconds, recover, restart).await;
+                let _ = std::fs::remove_dir_all(&data);
+            }
             Scenario::Memory {
                 floods,
                 connections,
