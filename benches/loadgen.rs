@@ -919,6 +919,7 @@ fn job(i: usize, chats: usize) -> JobSpec {
     JobSpec {
         caller: 0,
         intake: None,
+        on_send: None,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_depth".into(),

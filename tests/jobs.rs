@@ -164,6 +164,8 @@ async fn a_job_is_cancelled_only_before_its_send() {
         .unwrap()
         .into_inner();
     let req = |id: &str| GetReplyRequest { job_id: id.into() };
+    let sending = async || get(&mut c.clone(), &first.job_id).await.state() == JobState::Sending;
+    eventually("the held job shows SENDING", sending).await;
     let s = c.cancel_reply(req(&first.job_id)).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "in flight: {s:?}");
     let cancelled = c

@@ -22,6 +22,7 @@ fn job(i: usize) -> JobSpec {
     JobSpec {
         caller: 0,
         intake: None,
+        on_send: None,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_sim".into(),

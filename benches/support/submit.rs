@@ -24,7 +24,8 @@ async fn closed(channel: &Channel, c: usize, dur: Duration, tag: &str) -> (Histo
                     message_id: format!("om_{tag}w{w}i{i}"),
                     chat_id: format!("oc_{tag}{}", i % 1000),
                     msg_type: "text".into(),
-                    content: r#"{"text":"a durable reply of ordinary length, about a line"}"#.into(),
+                    content: r#"{"text":"a durable reply of ordinary length, about a line"}"#
+                        .into(),
                     ..ReplyRequest::default()
                 };
                 let t = Instant::now();
@@ -44,7 +45,13 @@ async fn closed(channel: &Channel, c: usize, dur: Duration, tag: &str) -> (Histo
 }
 
 /// Runs the measurements against the gateway on `grpc_port` (pid `pid`, config `config`).
-pub async fn run(channel: Channel, levels: &[usize], seconds: u64, recover_jobs: usize, restart: impl AsyncFnOnce(usize) -> Duration) {
+pub async fn run(
+    channel: Channel,
+    levels: &[usize],
+    seconds: u64,
+    recover_jobs: usize,
+    restart: impl AsyncFnOnce(usize) -> Duration,
+) {
     println!("durable SubmitReply, embedded store (redb, group commit):");
     let mut total = 0usize;
     for &c in levels {
@@ -60,9 +67,18 @@ pub async fn run(channel: Channel, levels: &[usize], seconds: u64, recover_jobs:
     let mut c = ReplyGatewayClient::new(channel.clone());
     let _ = &mut c;
     while total < recover_jobs {
-        let (h, _) = closed(&channel, 64, Duration::from_secs(2), &format!("fill{total}")).await;
+        let (h, _) = closed(
+            &channel,
+            64,
+            Duration::from_secs(2),
+            &format!("fill{total}"),
+        )
+        .await;
         total += h.len() as usize;
     }
     let took = restart(total).await;
-    println!("  restart with {total} stored jobs to recover: serving after {:.2} s", took.as_secs_f64());
+    println!(
+        "  restart with {total} stored jobs to recover: serving after {:.2} s",
+        took.as_secs_f64()
+    );
 }

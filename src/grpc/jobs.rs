@@ -176,6 +176,7 @@ impl ReplyService {
         Ok(JobSpec {
             caller,
             intake: None,
+            on_send: None,
             app,
             app_name: a.name.as_str().into(),
             app_id: a.app_id.as_str().into(),

@@ -244,6 +244,7 @@ impl ReplyService {
         let spec = JobSpec {
             caller: caller.id,
             intake,
+            on_send: None,
             app,
             app_name: a.name.as_str().into(),
             app_id: a.app_id.as_str().into(),

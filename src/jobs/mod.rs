@@ -95,14 +95,26 @@ impl Jobs {
 
     /// Hands a stored job to the scheduler now (its place in line) and follows it to its end
     /// in a task of its own.
-    pub fn start(self: &Arc<Self>, rec: JobRecord, spec: JobSpec) {
-        let result = self.scheduler.submit(spec);
+    pub fn start(self: &Arc<Self>, mut rec: JobRecord, mut spec: JobSpec) {
+        let (on_send, sending) = tokio::sync::oneshot::channel();
+        spec.on_send = Some(on_send);
+        let mut result = self.scheduler.submit(spec);
         let jobs = self.clone();
         self.runtime.spawn(async move {
             let uuid = rec.reply.uuid.clone();
-            let result = result
-                .await
-                .unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
+            let result = tokio::select! {
+                biased;
+                Ok(()) = sending => {
+                    if rec.state == State::Queued {
+                        rec.state = State::Sending;
+                        rec.updated_ms = now_ms();
+                        jobs.record(rec.clone()).await;
+                    }
+                    (&mut result).await
+                }
+                r = &mut result => r,
+            };
+            let result = result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
             jobs.finish(rec, result).await;
         });
     }

@@ -53,6 +53,8 @@ pub struct JobSpec {
     /// The request's share of the intake budget, given back once the job is queued or
     /// refused (`None` for jobs that did not come through gRPC).
     pub intake: Option<Arc<crate::listen::Intake>>,
+    /// Told when the job's first attempt starts (async jobs record SENDING).
+    pub on_send: Option<oneshot::Sender<()>>,
     pub app: AppIndex,
     /// Configured app name (logs, metrics).
     pub app_name: Arc<str>,
@@ -548,7 +550,10 @@ impl Dispatcher {
         }
     }
 
-    fn spawn_send(&self, job: Job) {
+    fn spawn_send(&self, mut job: Job) {
+        if let Some(started) = job.spec.on_send.take() {
+            let _ = started.send(());
+        }
         let upstream = self.upstream.clone();
         let metrics = self.metrics.clone();
         let tx = self.tx.clone();

@@ -478,6 +478,7 @@ mod tests {
         let spec = JobSpec {
             caller: 0,
             intake: None,
+            on_send: None,
             app: 0,
             app_name: "default".into(),
             app_id: "cli".into(),

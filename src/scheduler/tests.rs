@@ -108,6 +108,7 @@ fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
     JobSpec {
         caller: 0,
         intake: None,
+        on_send: None,
         app: 0,
         app_name: "default".into(),
         app_id: "cli_test".into(),
