@@ -40,7 +40,7 @@
 //!   `fake_feishu::reply`, quota counters in `fake_feishu::window`);
 //!   [`fake_feishu::sim`] the same Feishu in-process on tokio's clock, for virtual-time tests.
 //! - [`app`]: wiring, metrics/health HTTP port, shutdown sequence.
-//! - `main.rs`: CLI (`serve`, `fake-feishu`, `send`, `probe`).
+//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`, `job get|watch|cancel`).
 //!
 //! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
 //! on loopback; `tests/pacing.rs` proves pacing in virtual time), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),

@@ -1,6 +1,8 @@
 //! `feishu-reply-gateway`: `serve` the gateway, run a `fake-feishu`, or `send` one reply.
 #![forbid(unsafe_code)]
 
+mod client;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -8,10 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use feishu_reply_gateway::config::{Config, ServeArgs};
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, WindowMode};
-use feishu_reply_gateway::proto::ReplyRequest;
-use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
 use tokio::net::TcpListener;
-use tonic_types::StatusExt;
 
 /// mimalloc: the gateway's hot path is allocation-heavy (HTTP/2, JSON, small futures) and
 /// glibc malloc showed up as ~20% of a profile at 12k replies/s (BENCHMARKS.md).
@@ -48,8 +47,11 @@ enum Command {
     Serve(ServeArgs),
     /// Run a fake Feishu (token, reply, get-message endpoints) for tests and demos.
     FakeFeishu(FakeArgs),
-    /// Send one reply through a running gateway and print the result.
-    Send(SendArgs),
+    /// Send one reply through a running gateway and print the result (`--async`: submit it
+    /// as a durable job and print its id).
+    Send(client::SendArgs),
+    /// Look at or cancel an async job: `job get|watch|cancel ID`.
+    Job(client::JobArgs),
     /// Exit 0 when the gateway's health endpoint answers 200 (container HEALTHCHECK; needs
     /// no curl in the image).
     Probe(ProbeArgs),
@@ -97,42 +99,6 @@ struct FakeArgs {
     unlimited: bool,
 }
 
-#[derive(clap::Args)]
-struct SendArgs {
-    /// Gateway address.
-    #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
-    addr: String,
-    #[arg(long)]
-    message_id: String,
-    /// Shorthand for --msg-type text --content '{"text": TEXT}'.
-    #[arg(long, conflicts_with_all = ["msg_type", "content"])]
-    text: Option<String>,
-    #[arg(long)]
-    msg_type: Option<String>,
-    /// Content JSON string.
-    #[arg(long)]
-    content: Option<String>,
-    #[arg(long, default_value = "")]
-    app: String,
-    #[arg(long, default_value = "")]
-    chat_id: String,
-    #[arg(long, default_value = "")]
-    user_id: String,
-    #[arg(long, default_value = "")]
-    uuid: String,
-    #[arg(long)]
-    reply_in_thread: bool,
-    /// Call deadline.
-    #[arg(long, default_value_t = 30_000)]
-    timeout_ms: u64,
-    /// Caller label for logs when the gateway takes anonymous calls (not an identity).
-    #[arg(long, default_value = "feishu-reply-gateway-cli")]
-    caller: String,
-    /// Bearer token of a configured caller (sent as `authorization: Bearer …`).
-    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
@@ -150,7 +116,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::FakeFeishu(args) => fake(args).await,
-            Command::Send(args) => send(args).await,
+            Command::Send(args) => client::send(args).await,
+            Command::Job(args) => client::job(args).await,
             Command::Probe(args) => probe(args),
         }
     });
@@ -284,69 +251,5 @@ fn probe(args: ProbeArgs) -> Result<ExitCode, BoxError> {
     } else {
         eprintln!("{}: HTTP {status}", args.url);
         Ok(ExitCode::FAILURE)
-    }
-}
-
-async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
-    let (msg_type, content) = match (args.text, args.msg_type, args.content) {
-        (Some(text), _, _) => (
-            "text".to_owned(),
-            serde_json::json!({ "text": text }).to_string(),
-        ),
-        (None, Some(t), Some(c)) => (t, c),
-        _ => return Err("give --text, or both --msg-type and --content".into()),
-    };
-    let mut client = ReplyGatewayClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
-    let mut req = tonic::Request::new(ReplyRequest {
-        app: args.app,
-        message_id: args.message_id,
-        msg_type,
-        content,
-        reply_in_thread: args.reply_in_thread,
-        uuid: args.uuid,
-        chat_id: args.chat_id,
-        user_id: args.user_id,
-        ttl_s: 0,
-    });
-    req.set_timeout(Duration::from_millis(args.timeout_ms));
-    if let Ok(v) = args.caller.parse() {
-        req.metadata_mut().insert("x-caller", v);
-    }
-    if let Some(token) = &args.token {
-        let v = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| "the token is not a valid header value")?;
-        req.metadata_mut().insert("authorization", v);
-    }
-    match client.reply(req).await {
-        Ok(resp) => {
-            let r = resp.into_inner();
-            let out = serde_json::json!({
-                "message_id": r.message_id, "root_id": r.root_id, "parent_id": r.parent_id,
-                "thread_id": r.thread_id, "chat_id": r.chat_id, "msg_type": r.msg_type,
-                "create_time": r.create_time, "uuid": r.uuid, "attempts": r.attempts,
-                "queued_ms": r.queued_ms,
-            });
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(status) => {
-            eprintln!("error: {:?}: {}", status.code(), status.message());
-            let d = status.get_error_details();
-            if let Some(info) = d.error_info() {
-                eprintln!("  reason: {}", info.reason);
-                let mut meta: Vec<_> = info.metadata.iter().collect();
-                meta.sort();
-                for (k, v) in meta {
-                    eprintln!("  {k}: {v}");
-                }
-            }
-            if let Some(retry) = d.retry_info().and_then(|r| r.retry_delay) {
-                eprintln!("  retry after: {retry:?}");
-            }
-            Ok(ExitCode::from(2))
-        }
     }
 }

@@ -18,8 +18,10 @@ fn free_port() -> u16 {
 #[test]
 fn serve_on_the_embedded_fake_then_send_then_sigterm() {
     let (grpc, metrics) = (free_port(), free_port());
+    let data = std::env::temp_dir().join(format!("gw-cli-data-{}", std::process::id()));
     let mut serve = Command::new(BIN)
         .args(["serve", "--embedded-fake"])
+        .env("GATEWAY_DATA_DIR", &data)
         .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("GATEWAY_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
         .env_remove("FEISHU_APP_ID")
@@ -62,6 +64,47 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
     assert!(
         stdout.contains("\"attempts\": 1") && stdout.contains("om_fake"),
         "{stdout}"
+    );
+
+    // The same as a durable job: submit, then watch it to its end.
+    let submitted = Command::new(BIN)
+        .args([
+            "send",
+            "--async",
+            "--addr",
+            &format!("http://127.0.0.1:{grpc}"),
+        ])
+        .args([
+            "--message-id",
+            "om_cli_async",
+            "--chat-id",
+            "oc_cli",
+            "--text",
+            "later",
+        ])
+        .output()
+        .unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&submitted.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&submitted.stderr)));
+    let job_id = out["job_id"].as_str().expect("a job id").to_owned();
+    let watched = Command::new(BIN)
+        .args([
+            "job",
+            "watch",
+            &job_id,
+            "--addr",
+            &format!("http://127.0.0.1:{grpc}"),
+        ])
+        .output()
+        .unwrap();
+    let lines = String::from_utf8_lossy(&watched.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(lines.lines().last().unwrap_or("{}")).unwrap();
+    assert_eq!(last["state"], "JOB_STATE_DELIVERED", "{lines}");
+    assert!(
+        last["result"]["message_id"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("om_fake"))
     );
 
     let bad = Command::new(BIN)
@@ -128,6 +171,7 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
         "says loudly it runs on the fake:\n{log}"
     );
     assert!(log.contains("drained"), "{log}");
+    let _ = std::fs::remove_dir_all(&data);
 }
 
 /// `serve` with the given extra args and env, no app in the environment; its exit code and

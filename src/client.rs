@@ -1,0 +1,222 @@
+//! The client commands of the binary: `send` (one reply, or `--async` a durable job) and
+//! `job get|watch|cancel ID`. Errors print their gRPC code, reason and details; exit code 2.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::proto::{GetReplyRequest, ReplyJob, ReplyRequest, ReplyResponse};
+use tonic_types::StatusExt;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(clap::Args)]
+pub struct SendArgs {
+    /// Gateway address.
+    #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    #[arg(long)]
+    message_id: String,
+    /// Shorthand for --msg-type text --content '{"text": TEXT}'.
+    #[arg(long, conflicts_with_all = ["msg_type", "content"])]
+    text: Option<String>,
+    #[arg(long)]
+    msg_type: Option<String>,
+    /// Content JSON string.
+    #[arg(long)]
+    content: Option<String>,
+    #[arg(long, default_value = "")]
+    app: String,
+    #[arg(long, default_value = "")]
+    chat_id: String,
+    #[arg(long, default_value = "")]
+    user_id: String,
+    #[arg(long, default_value = "")]
+    uuid: String,
+    #[arg(long)]
+    reply_in_thread: bool,
+    /// Call deadline.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// Caller label for logs when the gateway takes anonymous calls (not an identity).
+    #[arg(long, default_value = "feishu-reply-gateway-cli")]
+    caller: String,
+    /// Bearer token of a configured caller (sent as `authorization: Bearer …`).
+    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Submit as a durable job (SubmitReply) and print its id instead of waiting.
+    #[arg(long = "async")]
+    asynchronous: bool,
+    /// With --async: fail the job if it is not sent within this many seconds (max 3000).
+    #[arg(long, default_value_t = 0)]
+    ttl_s: u32,
+}
+
+/// `job get|watch|cancel ID`.
+#[derive(clap::Args)]
+pub struct JobArgs {
+    #[command(subcommand)]
+    action: JobAction,
+    /// Gateway address.
+    #[arg(
+        long,
+        env = "GATEWAY_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+    /// Bearer token of a configured caller.
+    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+enum JobAction {
+    /// Print the job's state.
+    Get { job_id: String },
+    /// Print every state change until the job is final.
+    Watch { job_id: String },
+    /// Cancel the job if it has not been sent yet.
+    Cancel { job_id: String },
+}
+
+fn authorize<T>(req: &mut tonic::Request<T>, token: Option<&str>) -> Result<(), BoxError> {
+    if let Some(token) = token {
+        let v = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| "the token is not a valid header value")?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    Ok(())
+}
+
+fn print_status(status: &tonic::Status) -> ExitCode {
+    eprintln!("error: {:?}: {}", status.code(), status.message());
+    let d = status.get_error_details();
+    if let Some(info) = d.error_info() {
+        eprintln!("  reason: {}", info.reason);
+        let mut meta: Vec<_> = info.metadata.iter().collect();
+        meta.sort();
+        for (k, v) in meta {
+            eprintln!("  {k}: {v}");
+        }
+    }
+    if let Some(retry) = d.retry_info().and_then(|r| r.retry_delay) {
+        eprintln!("  retry after: {retry:?}");
+    }
+    ExitCode::from(2)
+}
+
+fn response_json(r: &ReplyResponse) -> serde_json::Value {
+    serde_json::json!({
+        "message_id": r.message_id, "root_id": r.root_id, "parent_id": r.parent_id,
+        "thread_id": r.thread_id, "chat_id": r.chat_id, "msg_type": r.msg_type,
+        "create_time": r.create_time, "uuid": r.uuid, "attempts": r.attempts,
+        "queued_ms": r.queued_ms,
+    })
+}
+
+fn job_json(j: &ReplyJob) -> serde_json::Value {
+    serde_json::json!({
+        "job_id": j.job_id,
+        "state": j.state().as_str_name(),
+        "result": j.result.as_ref().map(response_json),
+        "error": j.error.as_ref().map(|e| serde_json::json!({
+            "code": format!("{:?}", tonic::Code::from(e.code)),
+            "message": e.message,
+        })),
+        "attempts": j.attempts,
+        "created_ms": j.created_ms,
+        "updated_ms": j.updated_ms,
+    })
+}
+
+pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
+    let (msg_type, content) = match (args.text, args.msg_type, args.content) {
+        (Some(text), _, _) => (
+            "text".to_owned(),
+            serde_json::json!({ "text": text }).to_string(),
+        ),
+        (None, Some(t), Some(c)) => (t, c),
+        _ => return Err("give --text, or both --msg-type and --content".into()),
+    };
+    let mut client = ReplyGatewayClient::connect(args.addr.clone())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+    let mut req = tonic::Request::new(ReplyRequest {
+        app: args.app,
+        message_id: args.message_id,
+        msg_type,
+        content,
+        reply_in_thread: args.reply_in_thread,
+        uuid: args.uuid,
+        chat_id: args.chat_id,
+        user_id: args.user_id,
+        ttl_s: args.ttl_s,
+    });
+    req.set_timeout(Duration::from_millis(args.timeout_ms));
+    if let Ok(v) = args.caller.parse() {
+        req.metadata_mut().insert("x-caller", v);
+    }
+    authorize(&mut req, args.token.as_deref())?;
+    if args.asynchronous {
+        return match client.submit_reply(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let out = serde_json::json!({ "job_id": r.job_id, "duplicate": r.duplicate });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(status) => Ok(print_status(&status)),
+        };
+    }
+    match client.reply(req).await {
+        Ok(resp) => {
+            let out = response_json(&resp.into_inner());
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) => Ok(print_status(&status)),
+    }
+}
+
+pub async fn job(args: JobArgs) -> Result<ExitCode, BoxError> {
+    let mut client = ReplyGatewayClient::connect(args.addr.clone())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+    let id = match &args.action {
+        JobAction::Get { job_id } | JobAction::Watch { job_id } | JobAction::Cancel { job_id } => {
+            job_id.clone()
+        }
+    };
+    let mut req = tonic::Request::new(GetReplyRequest { job_id: id });
+    authorize(&mut req, args.token.as_deref())?;
+    let print = |j: &ReplyJob| -> Result<(), BoxError> {
+        println!("{}", serde_json::to_string(&job_json(j))?);
+        Ok(())
+    };
+    let result = match args.action {
+        JobAction::Get { .. } => client.get_reply(req).await.map(|r| print(&r.into_inner())),
+        JobAction::Cancel { .. } => client
+            .cancel_reply(req)
+            .await
+            .map(|r| print(&r.into_inner())),
+        JobAction::Watch { .. } => match client.watch_reply(req).await {
+            Err(s) => Err(s),
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(j)) => print(&j)?,
+                        Ok(None) => break Ok(Ok(())),
+                        Err(s) => break Err(s),
+                    }
+                }
+            }
+        },
+    };
+    match result {
+        Ok(printed) => printed.map(|()| ExitCode::SUCCESS),
+        Err(status) => Ok(print_status(&status)),
+    }
+}
