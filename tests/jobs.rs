@@ -244,6 +244,17 @@ async fn connect(port: u16) -> ReplyGatewayClient<Channel> {
 
 #[tokio::test]
 async fn a_killed_gateway_delivers_every_stored_job_exactly_once_after_restart() {
+    stop_mid_backlog_then_restart(false).await;
+}
+
+#[tokio::test]
+async fn a_gateway_stopped_by_sigterm_leaves_its_jobs_to_the_next_one() {
+    // A rolling deploy: the grace period ends before the backlog does; the rest stays queued
+    // in the store (not failed) and the next process delivers it.
+    stop_mid_backlog_then_restart(true).await;
+}
+
+async fn stop_mid_backlog_then_restart(sigterm: bool) {
     let fake = spawn_fake(FakeOptions::default()).await;
     let dir = temp_dir("kill");
     let config = dir.join("gateway.toml");
@@ -251,6 +262,7 @@ async fn a_killed_gateway_delivers_every_stored_job_exactly_once_after_restart()
         &config,
         format!(
             "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"cli_k\"\napp_secret = \"s\"\n\
+             [server]\nshutdown_grace_ms = 100\n\
              [auth]\nallow_anonymous = true\n[jobs]\ndata_dir = \"{}\"\n",
             fake.base_url(),
             dir.join("data").display()
@@ -276,7 +288,17 @@ async fn a_killed_gateway_delivers_every_stored_job_exactly_once_after_restart()
     }
     // Mid-backlog: some posted, most not.
     eventually("some jobs posted", async || fake.received().len() >= 6).await;
-    drop(gw); // SIGKILL
+    let mut gw = gw;
+    if sigterm {
+        let pid = gw.0.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let t = Instant::now();
+        while gw.0.try_wait().unwrap().is_none() {
+            assert!(t.elapsed() < Duration::from_secs(30), "SIGTERM did not stop it");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    drop(gw); // SIGKILL (when still running)
     let posted_before = fake.received().len();
     assert!(posted_before < 45, "killed after the backlog drained");
     let _gw = start_gateway(&config, port);
