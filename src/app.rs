@@ -170,7 +170,22 @@ pub async fn run_with_upstream(
     let expirer = match &jobs {
         Some(jobs) => {
             // Jobs a previous process left unfinished go back in line, in their order.
-            jobs.recover(|rec| service.spec_of(rec))
+            let hold = SchedulerConfig::from_config(&config).send_timeout;
+            let longest = config
+                .quotas
+                .app
+                .iter()
+                .map(|q| q.window)
+                .max()
+                .unwrap_or_default();
+            let app_id_of = |name: &str| {
+                config
+                    .apps
+                    .iter()
+                    .find(|a| a.name == name)
+                    .map(|a| Arc::<str>::from(a.app_id.as_str()))
+            };
+            jobs.recover(longest + hold, hold, |rec| service.spec_of(rec), app_id_of)
                 .await
                 .map_err(AppError::Jobs)?;
             let jobs = jobs.clone();

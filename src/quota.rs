@@ -438,6 +438,14 @@ impl QuotaTable {
         Some(Ok(()))
     }
 
+    /// A send known only from the past (a previous process's, after a restart) that arrived by
+    /// `arrived_by`, counted in every key. Record past sends oldest first, before new ones.
+    pub fn record_arrived(&mut self, keys: &[QuotaKey], arrived_by: Micros) {
+        for k in keys {
+            self.ring_mut(k).record(arrived_by);
+        }
+    }
+
     /// The send decided at `decided` on `keys` was answered at `answered`: it arrived by then.
     pub fn settle(&mut self, keys: &[QuotaKey], decided: Micros, answered: Micros) {
         for k in keys {

@@ -291,10 +291,19 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
     let mut gw = gw;
     if sigterm {
         let pid = gw.0.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
         let t = Instant::now();
         while gw.0.try_wait().unwrap().is_none() {
-            assert!(t.elapsed() < Duration::from_secs(30), "SIGTERM did not stop it");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "SIGTERM did not stop it"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -196,12 +196,49 @@ impl Jobs {
     }
 
     /// Runs again the jobs a previous process left unfinished, in the order they were
-    /// stored; `spec_of` rebuilds each one's scheduler job (an error fails it).
+    /// stored; `spec_of` rebuilds each one's scheduler job (an error fails it). First, the
+    /// sends of the last `lookback` (the longest quota window and a send's hold) are counted
+    /// in the windows again: the previous process's sends still count at Feishu. A job that
+    /// was being sent counts until `hold` after it started (its request may still arrive).
     pub async fn recover(
         self: &Arc<Self>,
+        lookback: Duration,
+        hold: Duration,
         spec_of: impl Fn(&JobRecord) -> Result<JobSpec, GatewayError>,
+        app_id_of: impl Fn(&str) -> Option<Arc<str>>,
     ) -> Result<usize, StoreError> {
-        let jobs = self.store.unfinished()?;
+        let now = now_ms();
+        let since = now - i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
+        let (jobs, recent) = self.store.recovery_scan(since)?;
+        let instant_of = |ms: i64| {
+            let ago = Duration::from_millis((now - ms).max(0).unsigned_abs());
+            let t = tokio::time::Instant::now();
+            t.checked_sub(ago).unwrap_or(t)
+        };
+        let mut past = Vec::new();
+        for rec in jobs
+            .iter()
+            .filter(|r| r.state == State::Sending)
+            .chain(&recent)
+        {
+            let Some(app_id) = app_id_of(&rec.reply.app) else {
+                continue;
+            };
+            let (at, times) = if rec.state == State::Sending {
+                (instant_of(rec.updated_ms) + hold, 1)
+            } else {
+                (instant_of(rec.updated_ms), rec.attempts.min(6))
+            };
+            for _ in 0..times {
+                past.push(crate::scheduler::PastSend {
+                    app_id: app_id.clone(),
+                    chat_id: rec.reply.chat_id.as_str().into(),
+                    user_id: rec.reply.user_id.as_deref().map(Into::into),
+                    arrived_by: at,
+                });
+            }
+        }
+        self.scheduler.seed(past);
         let n = jobs.len();
         for mut rec in jobs {
             match spec_of(&rec) {

@@ -157,19 +157,25 @@ impl JobStore {
         }
     }
 
-    /// Jobs not final yet, in the order they were stored (restart recovery).
-    pub fn unfinished(&self) -> Result<Vec<JobRecord>, StoreError> {
+    /// For a restart: the jobs not final yet, in the order they were stored, and the final
+    /// ones that were sent (attempted) since `since_ms` (they count in Feishu's windows).
+    pub fn recovery_scan(
+        &self,
+        since_ms: i64,
+    ) -> Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError> {
         let txn = self.db.begin_read().map_err(err)?;
         let jobs = txn.open_table(JOBS).map_err(err)?;
-        let mut out = Vec::new();
+        let (mut unfinished, mut recent) = (Vec::new(), Vec::new());
         for entry in jobs.iter().map_err(err)? {
             let (_, v) = entry.map_err(err)?;
             let rec = JobRecord::decode(v.value())?;
             if !rec.state.is_final() {
-                out.push(rec);
+                unfinished.push(rec);
+            } else if rec.attempts > 0 && rec.updated_ms >= since_ms {
+                recent.push(rec);
             }
         }
-        Ok(out)
+        Ok((unfinished, recent))
     }
 }
 

@@ -6,7 +6,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::queue::Job;
-use super::{CHAT_QUOTA, Dispatcher, FIRST_APP_QUOTA, JobSpec, USER_QUOTA};
+use std::sync::Arc;
+
+use super::gate::QuotaGate;
+use super::{CHAT_QUOTA, Dispatcher, FIRST_APP_QUOTA, JobSpec, PastSend, USER_QUOTA};
 use crate::error::GatewayError;
 use crate::quota::QuotaKey;
 
@@ -102,15 +105,42 @@ impl Dispatcher {
     }
 
     fn keys_of(&self, spec: &JobSpec) -> Vec<QuotaKey> {
+        self.keys_for(&spec.chat_id, spec.user_id.as_ref(), &spec.app_id)
+    }
+
+    fn keys_for(
+        &self,
+        chat: &Arc<str>,
+        user: Option<&Arc<str>>,
+        app_id: &Arc<str>,
+    ) -> Vec<QuotaKey> {
         let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + self.app_quota_count);
-        keys.push(QuotaKey::new(CHAT_QUOTA, spec.chat_id.clone()));
-        if let Some(u) = &spec.user_id {
+        keys.push(QuotaKey::new(CHAT_QUOTA, chat.clone()));
+        if let Some(u) = user {
             keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
         }
         for i in 0..self.app_quota_count {
-            keys.push(QuotaKey::new(FIRST_APP_QUOTA + i, spec.app_id.clone()));
+            keys.push(QuotaKey::new(FIRST_APP_QUOTA + i, app_id.clone()));
         }
         keys
+    }
+
+    /// Counts a previous process's sends in the local table, oldest first (the Redis gate
+    /// knows them already).
+    pub(super) fn seed(&mut self, sends: &mut [PastSend]) {
+        sends.sort_by_key(|s| s.arrived_by);
+        let seeded: Vec<_> = sends
+            .iter()
+            .map(|s| {
+                let keys = self.keys_for(&s.chat_id, s.user_id.as_ref(), &s.app_id);
+                (keys, self.clock.micros(s.arrived_by))
+            })
+            .collect();
+        if let QuotaGate::Local(table) = &mut self.gate {
+            for (keys, at) in &seeded {
+                table.record_arrived(keys, *at);
+            }
+        }
     }
 
     /// The tightest per-second rate of the app quotas (for retry estimates).

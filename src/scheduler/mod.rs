@@ -67,6 +67,17 @@ pub struct JobSpec {
     pub deadline: Option<Instant>,
 }
 
+/// A send made before this process started (known from the job store after a restart): it
+/// counts in the quota windows like one of ours.
+#[derive(Debug, Clone)]
+pub struct PastSend {
+    pub app_id: Arc<str>,
+    pub chat_id: Arc<str>,
+    pub user_id: Option<Arc<str>>,
+    /// The latest it can have reached Feishu.
+    pub arrived_by: Instant,
+}
+
 /// A reply Feishu accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
@@ -101,6 +112,8 @@ enum Command {
         uuid: String,
         done: oneshot::Sender<bool>,
     },
+    /// Sends a previous process made (restart): they count in the local windows.
+    Seed(Vec<PastSend>),
     /// Tests: the dispatcher panics (a bug), to check that its death is visible.
     #[cfg(test)]
     Crash,
@@ -307,6 +320,14 @@ impl Scheduler {
         result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
     }
 
+    /// Counts sends a previous process made in the local windows (single node: after a
+    /// restart they are what Feishu's windows still hold; Redis knows them in cluster mode).
+    pub fn seed(&self, sends: Vec<PastSend>) {
+        if !sends.is_empty() {
+            let _ = self.tx.send(Command::Seed(sends));
+        }
+    }
+
     /// Takes the job with `uuid` out of `chat_id`'s queue if it has not been sent yet; whether
     /// it was (false: in flight, finished, or unknown).
     pub async fn cancel(&self, chat_id: Arc<str>, uuid: String) -> bool {
@@ -441,6 +462,7 @@ impl Dispatcher {
             }
             #[cfg(test)]
             Command::Crash => panic!("dispatcher crash requested by a test"),
+            Command::Seed(mut sends) => self.seed(&mut sends),
             Command::Abandoned { chat_id } => {
                 for job in self.queues.take_abandoned(&chat_id) {
                     self.metrics

@@ -494,3 +494,36 @@ async fn a_dead_dispatcher_is_visible_and_calls_fail_fast() {
         .expect("fails fast");
     assert!(matches!(r, Err(GatewayError::ShuttingDown { .. })), "{r:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn sends_of_a_previous_process_count_in_the_windows() {
+    // After a restart the job store says 5 replies reached oc_s 300 ms ago: the chat's 5/s
+    // window is full until 700 ms from now, so the next reply waits for it.
+    let up = ScriptedUpstream::new(Duration::from_millis(1));
+    let s = scheduler(up.clone(), |_| {});
+    let origin = Instant::now();
+    let past = |at: Instant| super::PastSend {
+        app_id: "cli_test".into(),
+        chat_id: "oc_s".into(),
+        user_id: None,
+        arrived_by: at,
+    };
+    let arrived = origin
+        .checked_sub(Duration::from_millis(300))
+        .unwrap_or(origin);
+    s.seed((0..5).map(|_| past(arrived)).collect());
+    let d = s.submit(job("om_s1", "oc_s", None)).await.unwrap().unwrap();
+    assert_eq!(d.attempts, 1);
+    let sent_at = up.sent()[0].0;
+    assert!(
+        sent_at >= Duration::from_millis(700),
+        "sent {sent_at:?} after the restart, inside the previous process's window"
+    );
+    // Another chat is not held.
+    let t = Instant::now();
+    s.submit(job("om_o1", "oc_other", None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_millis(50));
+}
