@@ -275,12 +275,17 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
     };
     let gw = start_gateway(&config, port);
     let mut c = connect(port).await;
-    // 45 jobs to 3 chats: 15 per chat at 5/s is 3 s of backlog.
+    // 45 jobs to 3 chats: 15 per chat at 5/s is 3 s of backlog (GATEWAY_TEST_JOBS=300 runs
+    // the full size: 100 per chat, 20 s).
+    let n: usize = std::env::var("GATEWAY_TEST_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(45);
     let mut ids = Vec::new();
-    for i in 0..45 {
+    for i in 0..n {
         let chat = format!("oc_k{}", i % 3);
         let r = c
-            .submit_reply(text(&format!("om_k{i:02}"), &chat, &format!("k {i}")))
+            .submit_reply(text(&format!("om_k{i:04}"), &chat, &format!("k {i}")))
             .await
             .unwrap()
             .into_inner();
@@ -309,7 +314,7 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
     }
     drop(gw); // SIGKILL (when still running)
     let posted_before = fake.received().len();
-    assert!(posted_before < 45, "killed after the backlog drained");
+    assert!(posted_before < n, "killed after the backlog drained");
     let _gw = start_gateway(&config, port);
     let mut c = connect(port).await;
     let t = Instant::now();
@@ -341,7 +346,7 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
             .or_default()
             .push(r.message_id.clone());
     }
-    assert_eq!(posts.len(), 45, "every job posted");
+    assert_eq!(posts.len(), n, "every job posted");
     assert!(posts.values().all(|&n| n == 1), "{posts:?}");
     for (chat, ids) in &per_chat {
         let mut sorted = ids.clone();
