@@ -9,7 +9,8 @@
 //! # Layout
 //! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
 //!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
-//!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`).
+//!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`;
+//!   `config::file` the file format and its defaults).
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
 //!   which apps it may use, its admission rate buckets.
 //! - [`listen`]: accepting connections within limits (per-port caps, first-bytes deadline,
@@ -18,7 +19,8 @@
 //! - [`quota`]: keyed rolling windows counted by arrival bounds (a send holds its slot until
 //!   its answer); pure, clock passed in, proptested against random network latencies.
 //! - [`scheduler`]: the async driver (dispatch, sends, a panicking send caught, cancelled
-//!   calls, shutdown drain, its own death made visible); `scheduler::admission` queue bounds
+//!   calls, shutdown drain, its own death made visible); `scheduler::handle` the handle
+//!   callers use (start, submit, reply, cancel, seed past sends, shutdown); `scheduler::admission` queue bounds
 //!   (count and bytes) and deadlines at the door; `scheduler::queue` the per-chat queue
 //!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a runtime); [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table or Redis); `scheduler::outcome` settling a send and its

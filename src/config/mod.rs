@@ -1,20 +1,18 @@
 //! Configuration: the only place that reads the config file and environment overrides. The
 //! result is a validated [`Config`] (non-zero limits, real durations, unique apps).
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-use crate::cluster::{ClusterConfig, RedisFailurePolicy, RedisMode};
+use crate::cluster::{ClusterConfig, RedisMode};
 use crate::quota::QuotaSpec;
 
 mod args;
 mod auth;
 mod error;
+mod file;
 
 pub use args::ServeArgs;
 pub use auth::{
@@ -22,6 +20,7 @@ pub use auth::{
 };
 pub use error::ConfigError;
 use error::parse_error;
+use file::{FileConfig, FileQuota};
 
 /// Feishu's documented base URL (Lark: `https://open.larksuite.com`).
 pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
@@ -155,219 +154,6 @@ pub struct Config {
     pub data_dir: Option<std::path::PathBuf>,
     /// Jobs the store may hold, all states (finished ones stay 25 h).
     pub max_jobs: u64,
-}
-
-// === file format ===
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(default)]
-    server: FileServer,
-    #[serde(default)]
-    feishu: FileFeishu,
-    default_app: Option<String>,
-    #[serde(default)]
-    apps: BTreeMap<String, FileApp>,
-    #[serde(default)]
-    quotas: FileQuotas,
-    #[serde(default)]
-    queue: FileQueue,
-    #[serde(default)]
-    retry: FileRetry,
-    #[serde(default)]
-    admission: FileAdmission,
-    #[serde(default)]
-    cluster: FileCluster,
-    #[serde(default)]
-    callers: BTreeMap<String, auth::FileCaller>,
-    #[serde(default)]
-    auth: auth::FileAuth,
-    #[serde(default)]
-    jobs: FileJobs,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileJobs {
-    data_dir: Option<std::path::PathBuf>,
-    max_jobs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileCluster {
-    redis_url: Option<String>,
-    redis_ca_file: Option<std::path::PathBuf>,
-    redis_mode: RedisMode,
-    key_prefix: String,
-    redis_timeout_ms: u64,
-    on_redis_failure: RedisFailurePolicy,
-    replicas: usize,
-}
-
-impl Default for FileCluster {
-    fn default() -> Self {
-        Self {
-            redis_url: None,
-            redis_ca_file: None,
-            redis_mode: RedisMode::Standalone,
-            key_prefix: "feishu-reply".into(),
-            redis_timeout_ms: 100,
-            on_redis_failure: RedisFailurePolicy::Local,
-            replicas: 3,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileServer {
-    grpc_addr: SocketAddr,
-    metrics_addr: SocketAddr,
-    shutdown_grace_ms: u64,
-    tls: Option<auth::FileTls>,
-    max_connections: usize,
-    max_streams_per_connection: u32,
-    max_call_ms: u64,
-    handshake_timeout_ms: u64,
-    metrics_max_connections: usize,
-    max_reading_bytes: usize,
-}
-
-impl Default for FileServer {
-    fn default() -> Self {
-        Self {
-            grpc_addr: ([0, 0, 0, 0], 50051).into(),
-            metrics_addr: ([0, 0, 0, 0], 9090).into(),
-            shutdown_grace_ms: 25_000,
-            tls: None,
-            max_connections: 1_024,
-            max_streams_per_connection: 100,
-            max_call_ms: 600_000,
-            handshake_timeout_ms: 10_000,
-            metrics_max_connections: 32,
-            max_reading_bytes: 8 * 1024 * 1024,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileFeishu {
-    base_url: String,
-    connect_timeout_ms: u64,
-    request_timeout_ms: u64,
-    token_refresh_before_s: u64,
-}
-
-impl Default for FileFeishu {
-    fn default() -> Self {
-        Self {
-            base_url: FEISHU_BASE_URL.into(),
-            connect_timeout_ms: 3_000,
-            request_timeout_ms: 10_000,
-            token_refresh_before_s: 300,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileApp {
-    app_id: String,
-    /// The secret itself, or…
-    app_secret: Option<String>,
-    /// …the name of an environment variable holding it (keeps secrets out of the file).
-    app_secret_env: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileQuota {
-    limit: u32,
-    window_ms: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileQuotas {
-    chat: FileQuota,
-    user: FileQuota,
-    app: Vec<FileQuota>,
-    safety_margin_ms: u64,
-}
-
-impl Default for FileQuotas {
-    fn default() -> Self {
-        let q = |limit, window_ms| FileQuota { limit, window_ms };
-        Self {
-            chat: q(5, 1_000),
-            user: q(5, 1_000),
-            app: vec![q(50, 1_000), q(1_000, 60_000)],
-            safety_margin_ms: 5,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileQueue {
-    max_per_chat: usize,
-    max_total: usize,
-    max_total_bytes: usize,
-    chat_cache_size: usize,
-    min_send_budget_ms: u64,
-}
-
-impl Default for FileQueue {
-    fn default() -> Self {
-        Self {
-            max_per_chat: 200,
-            max_total: 100_000,
-            max_total_bytes: 64 * 1024 * 1024,
-            chat_cache_size: 100_000,
-            min_send_budget_ms: 20,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileRetry {
-    max_attempts: u32,
-    base_delay_ms: u64,
-    max_delay_ms: u64,
-}
-
-impl Default for FileRetry {
-    fn default() -> Self {
-        Self {
-            max_attempts: 6,
-            base_delay_ms: 200,
-            max_delay_ms: 5_000,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct FileAdmission {
-    per_caller_rps: u32,
-    per_caller_burst: u32,
-    per_caller_max_queued: Option<usize>,
-    per_caller_max_queued_bytes: Option<usize>,
-}
-
-impl Default for FileAdmission {
-    fn default() -> Self {
-        Self {
-            per_caller_rps: 2_000,
-            per_caller_burst: 4_000,
-            per_caller_max_queued: None,
-            per_caller_max_queued_bytes: None,
-        }
-    }
 }
 
 // === impl Config ===
@@ -736,6 +522,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::RedisFailurePolicy;
 
     #[test]
     fn defaults_match_feishu_documentation() {

@@ -1,0 +1,199 @@
+//! The scheduler's handle: starting the dispatcher, and what callers ask of it (submit,
+//! reply, cancel, seed, shutdown, health).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use super::gate::{Clock, QuotaGate};
+use super::queue::{Job, Queues};
+use super::{
+    ClusterState, Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig,
+};
+use crate::cluster::RedisQuota;
+use crate::cluster::gate::RedisGate;
+use crate::error::GatewayError;
+use crate::feishu::Upstream;
+use crate::metrics::Metrics;
+use crate::quota::{QuotaSpec, QuotaTable};
+
+/// Tells the dispatcher when a waiting caller goes away (its future is dropped).
+struct AbandonOnDrop<'a> {
+    tx: &'a mpsc::UnboundedSender<Command>,
+    /// `None` once the result arrived.
+    chat_id: Option<Arc<str>>,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(chat_id) = self.chat_id.take() {
+            let _ = self.tx.send(Command::Abandoned { chat_id });
+        }
+    }
+}
+
+impl Scheduler {
+    /// Starts the dispatcher task on the current runtime.
+    pub fn start(
+        config: SchedulerConfig,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::start_with(config, upstream, metrics, None)
+    }
+
+    /// Starts the dispatcher; with `store`, quota decisions go through Redis (cluster mode).
+    pub fn start_with(
+        config: SchedulerConfig,
+        upstream: Arc<dyn Upstream>,
+        metrics: Arc<Metrics>,
+        store: Option<Arc<RedisQuota>>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (drained_tx, drained) = watch::channel(false);
+        let accepting = Arc::new(AtomicBool::new(true));
+        let mut specs: Vec<QuotaSpec> = vec![config.quotas.chat, config.quotas.user];
+        specs.extend(config.quotas.app.iter().copied());
+        let clock = Clock::starting_now();
+        let (margin, hold) = (config.quotas.safety_margin, config.send_timeout);
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (gate, cluster) = match store {
+            None => (
+                QuotaGate::Local(QuotaTable::new(specs, margin, hold)),
+                watch::channel(ClusterState::Local).1,
+            ),
+            Some(store) => {
+                let mut kinds = vec!["chat".to_owned(), "user".to_owned()];
+                let app_windows = config.quotas.app.iter().map(|q| q.window.as_millis());
+                kinds.extend(app_windows.map(|ms| format!("app:{ms}ms")));
+                let (gate, state) = RedisGate::start(
+                    store,
+                    specs,
+                    kinds,
+                    margin,
+                    hold,
+                    events_tx,
+                    metrics.clone(),
+                    clock,
+                );
+                (QuotaGate::Redis(Box::new(gate)), state)
+            }
+        };
+        let dispatcher = Dispatcher {
+            gate,
+            queues: Queues::default(),
+            app_quota_count: config.quotas.app.len(),
+            config,
+            clock,
+            draining_until: None,
+            upstream,
+            metrics,
+            tx: tx.downgrade(),
+            drained: drained_tx,
+        };
+        let task = tokio::spawn(dispatcher.run(rx, events));
+        let (alive_tx, alive) = watch::channel(true);
+        tokio::spawn(async move {
+            if let Err(e) = task.await
+                && e.is_panic()
+            {
+                tracing::error!(
+                    "the scheduler's dispatcher panicked: no reply can be sent any more; health \
+                     now fails so the process is restarted"
+                );
+                let _ = alive_tx.send(false);
+            }
+        });
+        Self {
+            tx,
+            accepting,
+            drained,
+            cluster,
+            alive,
+        }
+    }
+
+    /// Whether the dispatcher still runs (false after it panicked).
+    pub fn is_alive(&self) -> bool {
+        *self.alive.borrow()
+    }
+
+    /// Resolves when the dispatcher has died (never, while it runs).
+    pub async fn died(&self) {
+        let mut alive = self.alive.clone();
+        let _ = alive.wait_for(|a| !*a).await;
+        if *alive.borrow() {
+            // The sender is gone without a death (the scheduler ended normally).
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Where quota decisions come from right now.
+    pub fn cluster_state(&self) -> ClusterState {
+        *self.cluster.borrow()
+    }
+
+    /// Queues a job; the receiver yields its final result. Refusals (queue full, deadline
+    /// unreachable, shutting down) arrive through the receiver too, at once.
+    pub fn submit(&self, spec: JobSpec) -> oneshot::Receiver<JobResult> {
+        let (done, rx) = oneshot::channel();
+        let uuid = spec.request.uuid.clone();
+        if !self.accepting.load(Ordering::Acquire) {
+            let _ = done.send(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
+            return rx;
+        }
+        let now = Instant::now();
+        let job = Job::new(spec, done, now);
+        if let Err(mpsc::error::SendError(Command::Submit(job))) =
+            self.tx.send(Command::Submit(job))
+        {
+            job.finish(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
+        }
+        rx
+    }
+
+    /// Submits and waits for the result. Dropping the future (the caller cancelled) takes the
+    /// job out of its chat's queue at once, unless it is already being sent.
+    pub async fn reply(&self, spec: JobSpec) -> JobResult {
+        let uuid = spec.request.uuid.clone();
+        let mut guard = AbandonOnDrop {
+            tx: &self.tx,
+            chat_id: Some(spec.chat_id.clone()),
+        };
+        let result = self.submit(spec).await;
+        guard.chat_id = None;
+        result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
+    }
+
+    /// Counts sends a previous process made in the local windows (single node: after a
+    /// restart they are what Feishu's windows still hold; Redis knows them in cluster mode).
+    pub fn seed(&self, sends: Vec<PastSend>) {
+        if !sends.is_empty() {
+            let _ = self.tx.send(Command::Seed(sends));
+        }
+    }
+
+    /// Takes the job with `uuid` out of `chat_id`'s queue if it has not been sent yet; whether
+    /// it was (false: in flight, finished, or unknown).
+    pub async fn cancel(&self, chat_id: Arc<str>, uuid: String) -> bool {
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Cancel {
+            chat_id,
+            uuid,
+            done,
+        });
+        rx.await.unwrap_or(false)
+    }
+
+    /// Stops accepting, keeps sending for `grace`, then fails what is left with UNAVAILABLE.
+    /// Resolves when nothing is queued or in flight any more.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.accepting.store(false, Ordering::Release);
+        let _ = self.tx.send(Command::Shutdown { grace });
+        let mut drained = self.drained.clone();
+        let _ = drained.wait_for(|d| *d).await;
+    }
+}
