@@ -359,3 +359,53 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_job_is_visible_to_its_caller_only() {
+    use feishu_reply_gateway::config::token_hash;
+    let hex = |t: &str| -> String {
+        token_hash(t.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let (a, b) = ("caller-a-token-0123456789", "caller-b-token-0123456789");
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let dir = temp_dir("owner");
+    let extra = format!(
+        "[callers.a]\ntoken_sha256 = \"{}\"\napps = [\"*\"]\n[callers.b]\ntoken_sha256 = \"{}\"\napps = [\"*\"]\n",
+        hex(a),
+        hex(b)
+    );
+    let mut config = config_for(&fake, &extra);
+    config.data_dir = Some(dir.clone());
+    let gw = spawn_gateway_on(fake, config).await;
+    let with = |token: &str, job_id: &str| {
+        let mut r = tonic::Request::new(GetReplyRequest {
+            job_id: job_id.into(),
+        });
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    let mut submit = tonic::Request::new(text("om_o1", "oc_o", "mine"));
+    submit
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {a}").parse().unwrap());
+    let mut c = gw.client.clone();
+    let id = c.submit_reply(submit).await.unwrap().into_inner().job_id;
+    c.get_reply(with(a, &id)).await.unwrap();
+    for s in [
+        c.get_reply(with(b, &id)).await.unwrap_err(),
+        c.cancel_reply(with(b, &id)).await.unwrap_err(),
+        c.watch_reply(with(b, &id)).await.unwrap_err(),
+    ] {
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    }
+    let s = c
+        .get_reply(GetReplyRequest { job_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -302,3 +302,125 @@ fn apply(db: &Database, batch: &mut [Op], next_seq: &mut u64) -> Result<Vec<Answ
     txn.commit().map_err(err)?;
     Ok(answers)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::record::{State, StoredReply};
+
+    fn record(uuid: &str) -> JobRecord {
+        JobRecord {
+            seq: 0,
+            caller: "bot".into(),
+            reply: StoredReply {
+                app: "default".into(),
+                message_id: "om_1".into(),
+                msg_type: "text".into(),
+                content: r#"{"text":"x"}"#.into(),
+                reply_in_thread: false,
+                uuid: uuid.into(),
+                chat_id: "oc_1".into(),
+                user_id: None,
+            },
+            state: State::Queued,
+            attempts: 0,
+            created_ms: 1_000,
+            updated_ms: 1_000,
+            expires_ms: 2_000,
+            result: None,
+            error: None,
+        }
+    }
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("gw-store-{name}-{}", std::process::id()))
+    }
+
+    #[tokio::test]
+    async fn concurrent_inserts_share_commits_and_keep_their_order() {
+        let d = dir("group");
+        let _ = std::fs::remove_dir_all(&d);
+        let store = JobStore::open(&d).unwrap();
+        let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let inserts = (0..200).map(|i| {
+            let (store, order) = (store.clone(), order.clone());
+            async move {
+                let rec = record(&format!("u{i}"));
+                let key = rec.idempotency_key();
+                let then: OnCommit = Box::new(move |r: &JobRecord| order.lock().push(r.seq));
+                store.insert(rec, key, Some(then)).await.unwrap()
+            }
+        });
+        let results = futures_util::future::join_all(inserts).await;
+        let mut seqs: Vec<u64> = results
+            .iter()
+            .map(|(r, dup)| {
+                assert!(!dup);
+                r.seq
+            })
+            .collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs.len(), 200, "distinct seqs");
+        let committed = order.lock().clone();
+        assert!(
+            committed.windows(2).all(|w| w[0] < w[1]),
+            "started in store order"
+        );
+        assert_eq!(store.count(), 200);
+        // The same key again is the first job.
+        let rec = record("u7");
+        let key = rec.idempotency_key();
+        let (again, dup) = store.insert(rec, key, None).await.unwrap();
+        assert!(dup);
+        assert_eq!(again.reply.uuid, "u7");
+        // Reopened (once the writer thread has let go of the file): everything is there.
+        drop(store);
+        let t = std::time::Instant::now();
+        let store = loop {
+            match JobStore::open(&d) {
+                Ok(s) => break s,
+                Err(e) if t.elapsed() > std::time::Duration::from_secs(10) => panic!("{e}"),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            }
+        };
+        assert_eq!(store.count(), 200);
+        let (unfinished, _) = store.recovery_scan(0).unwrap();
+        assert_eq!(unfinished.len(), 200);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_expire_with_their_keys() {
+        let d = dir("expire");
+        let _ = std::fs::remove_dir_all(&d);
+        let store = JobStore::open(&d).unwrap();
+        let (mut done, _) = {
+            let r = record("old");
+            let k = r.idempotency_key();
+            store.insert(r, k, None).await.unwrap()
+        };
+        let (waiting, _) = {
+            let r = record("waiting");
+            let k = r.idempotency_key();
+            store.insert(r, k, None).await.unwrap()
+        };
+        done.state = State::Delivered;
+        done.updated_ms = 5_000;
+        store.update(done.clone()).await.unwrap();
+        assert_eq!(store.expire(4_000).await.unwrap(), 0, "not old enough");
+        assert_eq!(store.expire(6_000).await.unwrap(), 1);
+        assert!(store.get(done.seq).unwrap().is_none());
+        assert!(
+            store.get(waiting.seq).unwrap().is_some(),
+            "unfinished jobs stay"
+        );
+        assert_eq!(store.count(), 1);
+        // Its key went with it: the same uuid is a new job now.
+        let r = record("old");
+        let k = r.idempotency_key();
+        let (_, dup) = store.insert(r, k, None).await.unwrap();
+        assert!(!dup);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
