@@ -161,7 +161,7 @@ async fn grpc_status(resp: h2::client::ResponseFuture) -> String {
 async fn half_sent_requests_hold_bounded_bytes_for_a_bounded_time() {
     let gw = spawn_gateway(
         FakeOptions::default(),
-        "[server]\nhandshake_timeout_ms = 1000\nmax_reading_bytes = 150000",
+        "[server]\nhandshake_timeout_ms = 3000\nmax_reading_bytes = 150000",
     )
     .await;
     let tcp = TcpStream::connect(gw.grpc_addr).await.unwrap();
