@@ -91,12 +91,7 @@ impl Authenticator {
             by_token,
             by_identity,
             grants: config.callers.iter().map(|c| c.apps.clone()).collect(),
-            limits: config
-                .callers
-                .iter()
-                .map(|c| c.limits)
-                .chain([config.anonymous])
-                .collect(),
+            limits: config.limits_by_id(),
             names,
             allow_anonymous: config.allow_anonymous,
         }

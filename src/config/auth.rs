@@ -77,6 +77,18 @@ pub struct AuthConfig {
     pub anonymous: CallerLimits,
 }
 
+impl AuthConfig {
+    /// Every caller's limits by caller id: the configured callers in order, then anonymous.
+    /// The one place that numbering is made (the authenticator and the scheduler share it).
+    pub fn limits_by_id(&self) -> Vec<CallerLimits> {
+        self.callers
+            .iter()
+            .map(|c| c.limits)
+            .chain([self.anonymous])
+            .collect()
+    }
+}
+
 /// `[server.tls]`: the gRPC port speaks TLS; with a client CA, client certificates signed by
 /// it are verified (optional: token callers need none) and name callers by `tls_identities`.
 #[derive(Clone, PartialEq, Eq)]

@@ -158,13 +158,7 @@ impl SchedulerConfig {
             queue: config.queue.clone(),
             retry: config.retry.clone(),
             send_timeout: config.feishu.request_timeout.saturating_mul(2),
-            callers: config
-                .auth
-                .callers
-                .iter()
-                .map(|c| c.limits)
-                .chain([config.auth.anonymous])
-                .collect(),
+            callers: config.auth.limits_by_id(),
         }
     }
 }
