@@ -38,9 +38,9 @@ impl ReplyService {
             s if u64::from(s) <= MAX_TTL.as_secs() => Duration::from_secs(u64::from(s)),
             s => return Err(ValidationError::Ttl(s).into()),
         };
-        let content = req.get_ref().content.clone();
         let (spec, mut reply) = self.prepare(caller, req, Some(ttl)).await?;
-        reply.content = content;
+        // The record keeps exactly what is sent (the validated content).
+        reply.content = spec.request.content.clone();
         let now = now_ms();
         let rec = JobRecord {
             seq: 0,
