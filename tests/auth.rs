@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    TestPki, config_for, eventually, metric, spawn_fake, spawn_gateway, spawn_gateway_lazy, text,
+    TestPki, config_for, eventually, metric, received_ids, spawn_fake, spawn_gateway,
+    spawn_gateway_lazy, text, token_sha256,
 };
-use feishu_reply_gateway::config::token_hash;
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
 use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
@@ -24,10 +24,6 @@ fn reason(s: &tonic::Status) -> String {
     s.get_details_error_info()
         .map(|i| i.reason)
         .unwrap_or_default()
-}
-
-fn hex(h: [u8; 32]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Two apps and two callers: `billing` (app `default` only, a small rate and queue share)
@@ -50,8 +46,8 @@ fn callers(extra: &str) -> String {
         max_queued_bytes = 4500
         {extra}
         "#,
-        hex(token_hash(BILLING_TOKEN.as_bytes())),
-        hex(token_hash(OPS_TOKEN.as_bytes())),
+        token_sha256(BILLING_TOKEN),
+        token_sha256(OPS_TOKEN),
     )
 }
 
@@ -385,7 +381,7 @@ async fn mtls_identities_name_callers() {
         server_cert.display(),
         server_key.display(),
         client_pki.ca().display(),
-        hex(token_hash(OPS_TOKEN.as_bytes())),
+        token_sha256(OPS_TOKEN),
     );
     let config = config_for(&fake, &extra);
     let gw = spawn_gateway_lazy(fake, config).await;
@@ -431,11 +427,6 @@ async fn mtls_identities_name_callers() {
     assert!(refused);
     // Plaintext is not served on a TLS port.
     assert!(gw.reply(text("om_t7", "oc_t", "x")).await.is_err());
-    let posted: Vec<String> = gw
-        .fake
-        .received()
-        .into_iter()
-        .map(|r| r.message_id)
-        .collect();
+    let posted = received_ids(&gw.fake);
     assert_eq!(posted, ["om_t1", "om_t3"]);
 }

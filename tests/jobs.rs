@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{config_for, eventually, spawn_fake, spawn_gateway_on, text};
+use common::{config_for, eventually, received_ids, spawn_fake, spawn_gateway_on, text};
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
 use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyJob, ReplyRequest};
@@ -189,12 +189,7 @@ async fn a_job_is_cancelled_only_before_its_send() {
         get(&mut c, &second.job_id).await.state(),
         JobState::Cancelled
     );
-    let posted: Vec<String> = gw
-        .fake
-        .received()
-        .into_iter()
-        .map(|r| r.message_id)
-        .collect();
+    let posted = received_ids(&gw.fake);
     assert_eq!(posted, ["om_c0"], "the cancelled job is never sent");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -362,20 +357,13 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
 
 #[tokio::test]
 async fn a_job_is_visible_to_its_caller_only() {
-    use feishu_reply_gateway::config::token_hash;
-    let hex = |t: &str| -> String {
-        token_hash(t.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
     let (a, b) = ("caller-a-token-0123456789", "caller-b-token-0123456789");
     let fake = spawn_fake(FakeOptions::default()).await;
     let dir = temp_dir("owner");
     let extra = format!(
         "[callers.a]\ntoken_sha256 = \"{}\"\napps = [\"*\"]\n[callers.b]\ntoken_sha256 = \"{}\"\napps = [\"*\"]\n",
-        hex(a),
-        hex(b)
+        common::token_sha256(a),
+        common::token_sha256(b)
     );
     let mut config = config_for(&fake, &extra);
     config.data_dir = Some(dir.clone());

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config_for, eventually, metric, spawn_gateway, spawn_gateway_with, text};
+use common::{
+    config_for, eventually, metric, received_ids, spawn_gateway, spawn_gateway_with, text,
+};
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -117,12 +119,7 @@ async fn no_call_is_held_longer_than_max_call() {
     assert!(t.elapsed() < Duration::from_secs(15));
     gw.fake.release_held();
     head.await.unwrap().unwrap();
-    let posted: Vec<String> = gw
-        .fake
-        .received()
-        .into_iter()
-        .map(|r| r.message_id)
-        .collect();
+    let posted = received_ids(&gw.fake);
     assert_eq!(posted, ["om_m0"], "the calls that gave up were never sent");
 }
 

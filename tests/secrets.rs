@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{config_for, spawn_fake, spawn_gateway_on, text};
-use feishu_reply_gateway::config::{Config, token_hash};
+use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::FakeOptions;
 use tonic_types::StatusExt;
 
@@ -46,10 +46,6 @@ fn status_text(s: &tonic::Status) -> String {
     out
 }
 
-fn hex(h: [u8; 32]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[tokio::test]
 async fn no_secret_reaches_a_log_line_or_a_status() {
     let logs = Captured::default();
@@ -78,7 +74,7 @@ async fn no_secret_reaches_a_log_line_or_a_status() {
             token_sha256 = "{}"
             apps = ["*"]
             "#,
-            hex(token_hash(CALLER_TOKEN.as_bytes()))
+            common::token_sha256(CALLER_TOKEN)
         ),
     );
     config.apps[0].app_secret = APP_SECRET.into();

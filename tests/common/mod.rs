@@ -587,3 +587,16 @@ pub async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// The message ids of every reply request `fake` received, in arrival order.
+pub fn received_ids(fake: &FakeFeishu) -> Vec<String> {
+    fake.received().into_iter().map(|r| r.message_id).collect()
+}
+
+/// `token_sha256` for a caller's token, as the config file wants it (hex).
+pub fn token_sha256(token: &str) -> String {
+    feishu_reply_gateway::config::token_hash(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
