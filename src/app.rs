@@ -20,7 +20,7 @@ use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
 use crate::feishu::{FeishuClient, Upstream};
 use crate::grpc::ReplyService;
-use crate::jobs::{JobStore, Jobs, KEEP_FINISHED, now_ms};
+use crate::jobs::{Backend, JobStore, Jobs, RedisJobStore};
 use crate::listen::{self, PortLimits};
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
@@ -153,21 +153,35 @@ pub async fn run_with_upstream(
         SchedulerConfig::from_config(&config),
         upstream.clone(),
         metrics.clone(),
-        store,
+        store.clone(),
     );
     let mut service = ReplyService::new(&config, scheduler.clone(), upstream, metrics.clone());
-    let jobs = match &config.data_dir {
-        Some(dir) => {
-            let store = JobStore::open(dir).map_err(AppError::Jobs)?;
-            let jobs = Jobs::new(store, config.max_jobs, scheduler.clone(), metrics.clone());
-            jobs.refresh_metrics(true);
-            service = service.with_jobs(jobs.clone());
-            Some(jobs)
+    // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
+    // when a data dir is set.
+    let backend = match (&store, &config.data_dir, &config.cluster) {
+        (Some(redis), dir, Some(c)) => {
+            if dir.is_some() {
+                tracing::warn!("cluster mode keeps jobs in Redis; the data dir is not used");
+            }
+            Some(Backend::Redis(Arc::new(RedisJobStore::new(
+                redis.clone(),
+                c.jobs,
+            ))))
         }
-        None => None,
+        (_, Some(dir), _) => Some(Backend::Local(
+            JobStore::open(dir).map_err(AppError::Jobs)?,
+        )),
+        _ => None,
     };
+    let jobs = backend.map(|b| {
+        let specs = service.job_specs();
+        Jobs::new(b, config.max_jobs, scheduler.clone(), specs, metrics.clone())
+    });
+    if let Some(jobs) = &jobs {
+        service = service.with_jobs(jobs.clone());
+    }
     let service = Arc::new(service);
-    let expirer = match &jobs {
+    let jobs_task = match &jobs {
         Some(jobs) => {
             // Jobs a previous process left unfinished go back in line, in their order.
             let hold = SchedulerConfig::from_config(&config).send_timeout;
@@ -178,30 +192,10 @@ pub async fn run_with_upstream(
                 .map(|q| q.window)
                 .max()
                 .unwrap_or_default();
-            let app_id_of = |name: &str| {
-                config
-                    .apps
-                    .iter()
-                    .find(|a| a.name == name)
-                    .map(|a| Arc::<str>::from(a.app_id.as_str()))
-            };
-            jobs.recover(longest + hold, hold, |rec| service.spec_of(rec), app_id_of)
+            jobs.recover(longest + hold, hold)
                 .await
                 .map_err(AppError::Jobs)?;
-            let jobs = jobs.clone();
-            Some(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(10));
-                for n in 0u64.. {
-                    tick.tick().await;
-                    if n % 60 == 0 {
-                        let keep = i64::try_from(KEEP_FINISHED.as_millis()).unwrap_or(i64::MAX);
-                        if let Err(e) = jobs.store().expire(now_ms() - keep).await {
-                            tracing::warn!(error = %e, "expiring finished jobs failed");
-                        }
-                    }
-                    jobs.refresh_metrics(true);
-                }
-            }))
+            Some(tokio::spawn(jobs.clone().run()))
         }
         None => None,
     };
@@ -350,14 +344,18 @@ pub async fn run_with_upstream(
     let hard_limit = grace + send_timeout + Duration::from_secs(5);
     let finished = tokio::time::timeout(hard_limit, async {
         drain.await;
+        // Jobs left queued stay in the store; in cluster mode another replica takes them now.
+        if let Some(jobs) = &jobs {
+            jobs.stop(send_timeout).await;
+        }
         grpc.await
     })
     .await;
     sweeper.abort();
     watchdog.abort();
     metrics_server.abort();
-    if let Some(e) = expirer {
-        e.abort();
+    if let Some(t) = jobs_task {
+        t.abort();
     }
     match finished {
         Ok(r) => {

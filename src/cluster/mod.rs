@@ -90,6 +90,8 @@ pub struct ClusterConfig {
     pub on_failure: RedisFailurePolicy,
     /// Replicas assumed for the local share until the heartbeat has observed the real count.
     pub replicas: usize,
+    /// The async job store in Redis: lease, `WAIT`.
+    pub jobs: crate::jobs::RedisJobsConfig,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -102,6 +104,7 @@ impl std::fmt::Debug for ClusterConfig {
             redis_timeout,
             on_failure,
             replicas,
+            jobs,
         } = self;
         f.debug_struct("ClusterConfig")
             .field("redis_url", &redact_url(redis_url))
@@ -111,6 +114,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("redis_timeout", redis_timeout)
             .field("on_failure", on_failure)
             .field("replicas", replicas)
+            .field("jobs", jobs)
             .finish()
     }
 }
@@ -324,15 +328,35 @@ impl RedisQuota {
     }
 
     /// Runs one script call with the timeout; a failure drops the connection (reconnect next).
-    async fn call<T: redis::FromRedisValue>(
+    /// Also used by the cluster job store (`jobs::redis`), which shares this connection.
+    pub(crate) async fn call<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
+        self.timed(op, async |mut c: Conn| inv.invoke_async::<T>(&mut c).await)
+            .await
+    }
+
+    /// Runs one plain command (e.g. `WAIT`) like [`Self::call`].
+    pub(crate) async fn command<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, ClusterError> {
+        self.timed(op, async |mut c: Conn| cmd.query_async::<T>(&mut c).await)
+            .await
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        run: impl AsyncFnOnce(Conn) -> redis::RedisResult<T>,
+    ) -> Result<T, ClusterError> {
         let t = self.config.redis_timeout;
         let result = async {
-            let mut c = self.connection().await?;
-            tokio::time::timeout(t, inv.invoke_async::<T>(&mut c))
+            let c = self.connection().await?;
+            tokio::time::timeout(t, run(c))
                 .await
                 .map_err(|_| ClusterError::Timeout(t))?
                 .map_err(ClusterError::from)

@@ -55,6 +55,8 @@ pub(super) struct FileCluster {
     pub(super) redis_timeout_ms: u64,
     pub(super) on_redis_failure: RedisFailurePolicy,
     pub(super) replicas: usize,
+    pub(super) job_lease_ms: u64,
+    pub(super) jobs_wait_replicas: u32,
 }
 
 impl Default for FileCluster {
@@ -67,6 +69,8 @@ impl Default for FileCluster {
             redis_timeout_ms: 100,
             on_redis_failure: RedisFailurePolicy::Local,
             replicas: 3,
+            job_lease_ms: 10_000,
+            jobs_wait_replicas: 0,
         }
     }
 }

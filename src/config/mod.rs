@@ -440,6 +440,12 @@ impl Config {
                         "cluster.redis_timeout_ms and cluster.replicas must be > 0".into(),
                     ));
                 }
+                if cluster.job_lease_ms < 1000 || cluster.job_lease_ms < 4 * cluster.redis_timeout_ms
+                {
+                    return Err(invalid(
+                        "cluster.job_lease_ms must be at least 1000 and 4 x redis_timeout_ms (a lease is renewed every quarter of it)".into(),
+                    ));
+                }
                 if cluster.key_prefix.is_empty() || cluster.key_prefix.contains(['{', '}']) {
                     return Err(invalid(
                         "cluster.key_prefix must be non-empty and free of '{' '}'".into(),
@@ -473,6 +479,10 @@ impl Config {
                     redis_timeout: Duration::from_millis(cluster.redis_timeout_ms),
                     on_failure: cluster.on_redis_failure,
                     replicas: cluster.replicas,
+                    jobs: crate::jobs::RedisJobsConfig {
+                        lease: Duration::from_millis(cluster.job_lease_ms),
+                        wait_replicas: cluster.jobs_wait_replicas,
+                    },
                 })
             }
         };

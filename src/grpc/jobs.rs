@@ -13,11 +13,14 @@ use tonic::{Request, Response, Status};
 use super::ReplyService;
 use crate::auth::Caller;
 use crate::error::GatewayError;
-use crate::feishu::SendRequest;
 use crate::jobs::{JobRecord, Jobs, MAX_TTL, State, now_ms, parse_job_id};
 use crate::proto::{GetReplyRequest, ReplyJob, ReplyRequest, SubmitReplyResponse};
-use crate::reply::{MsgType, ValidationError};
-use crate::scheduler::JobSpec;
+use crate::reply::ValidationError;
+
+/// How often `WatchReply` reads the store again when no change was seen here.
+const WATCH_REREAD: Duration = Duration::from_millis(250);
+/// How long `CancelReply` waits for the replica running the job (cluster mode) to answer.
+const CANCEL_WAIT: Duration = Duration::from_secs(3);
 
 /// The stream `WatchReply` answers with.
 pub type JobStream = Pin<Box<dyn Stream<Item = Result<ReplyJob, Status>> + Send + 'static>>;
@@ -62,13 +65,13 @@ impl ReplyService {
     }
 
     /// The caller's job `id`.
-    fn job(&self, caller: &Caller, id: &str) -> Result<JobRecord, GatewayError> {
+    async fn job(&self, caller: &Caller, id: &str) -> Result<JobRecord, GatewayError> {
         let not_found = || GatewayError::JobNotFound(id.chars().take(64).collect());
         let seq = parse_job_id(id).ok_or_else(not_found)?;
         let rec = self
             .jobs()?
-            .store()
             .get(seq)
+            .await
             .map_err(|e| GatewayError::JobStore(e.0))?
             .ok_or_else(not_found)?;
         if rec.caller != *caller.name {
@@ -77,15 +80,18 @@ impl ReplyService {
         Ok(rec)
     }
 
-    pub(super) fn get(
+    pub(super) async fn get(
         &self,
         caller: &Caller,
         req: &GetReplyRequest,
     ) -> Result<ReplyJob, GatewayError> {
-        self.job(caller, &req.job_id).map(|r| r.to_proto())
+        self.job(caller, &req.job_id).await.map(|r| r.to_proto())
     }
 
-    pub(super) fn watch(
+    /// Every state change of a job until a final one. Changes made in this process arrive at
+    /// once; the store is read again every [`WATCH_REREAD`] for changes made elsewhere (the
+    /// replica running the job, in cluster mode) or missed.
+    pub(super) async fn watch(
         &self,
         caller: &Caller,
         req: &GetReplyRequest,
@@ -93,38 +99,47 @@ impl ReplyService {
         let jobs = self.jobs()?.clone();
         // Subscribe before reading, so no change falls between the two.
         let updates = jobs.updates();
-        let first = self.job(caller, &req.job_id)?;
+        let first = self.job(caller, &req.job_id).await?;
         let seq = first.seq;
-        let state = (Some(first), updates, jobs, false);
-        Ok(Box::pin(futures_util::stream::unfold(
-            state,
-            move |(pending, mut updates, jobs, done)| async move {
-                if done {
+        struct Watch {
+            pending: Option<JobRecord>,
+            last: Option<(State, i64)>,
+            updates: tokio::sync::broadcast::Receiver<JobRecord>,
+            jobs: Arc<Jobs>,
+        }
+        let state = Watch {
+            pending: Some(first),
+            last: None,
+            updates,
+            jobs,
+        };
+        Ok(Box::pin(futures_util::stream::unfold(state, move |mut w| async move {
+            loop {
+                if matches!(w.last, Some((s, _)) if s.is_final()) {
                     return None;
                 }
-                if let Some(rec) = pending {
-                    let last = rec.state.is_final();
-                    return Some((Ok(rec.to_proto()), (None, updates, jobs, last)));
-                }
-                loop {
-                    match updates.recv().await {
-                        Ok(rec) if rec.seq == seq => {
-                            let last = rec.state.is_final();
-                            return Some((Ok(rec.to_proto()), (None, updates, jobs, last)));
-                        }
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => {
-                            // Missed some changes: the store has the latest.
-                            if let Ok(Some(rec)) = jobs.store().get(seq) {
-                                let last = rec.state.is_final();
-                                return Some((Ok(rec.to_proto()), (None, updates, jobs, last)));
-                            }
-                        }
-                        Err(RecvError::Closed) => return None,
+                if let Some(rec) = w.pending.take() {
+                    // Only changes: a state or time already shown is skipped.
+                    let key = (rec.state, rec.updated_ms);
+                    if w.last.is_some_and(|(s, t)| s == key.0 && t >= key.1) {
+                        continue;
                     }
+                    w.last = Some(key);
+                    return Some((Ok(rec.to_proto()), w));
                 }
-            },
-        )))
+                match tokio::time::timeout(WATCH_REREAD, w.updates.recv()).await {
+                    Ok(Ok(rec)) if rec.seq == seq => w.pending = Some(rec),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(RecvError::Closed)) => return None,
+                    // Lagged, or quiet for a while: the store has the latest.
+                    Ok(Err(RecvError::Lagged(_))) | Err(_) => match w.jobs.get(seq).await {
+                        Ok(Some(rec)) => w.pending = Some(rec),
+                        Ok(None) => return None,
+                        Err(e) => return Some((Err(GatewayError::JobStore(e.0).to_status()), w)),
+                    },
+                }
+            }
+        })))
     }
 
     pub(super) async fn cancel(
@@ -132,67 +147,29 @@ impl ReplyService {
         caller: &Caller,
         req: &GetReplyRequest,
     ) -> Result<ReplyJob, GatewayError> {
-        let rec = self.job(caller, &req.job_id)?;
+        let rec = self.job(caller, &req.job_id).await?;
         let jobs = self.jobs()?.clone();
+        let why = |state| match state {
+            State::Queued | State::Sending => "being sent",
+            State::Delivered => "delivered",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        };
         match rec.state {
             State::Queued => {}
-            State::Sending => return Err(GatewayError::NotCancellable("being sent")),
-            State::Delivered => return Err(GatewayError::NotCancellable("delivered")),
-            State::Failed => return Err(GatewayError::NotCancellable("failed")),
             State::Cancelled => return Ok(rec.to_proto()),
+            s => return Err(GatewayError::NotCancellable(why(s))),
         }
-        match jobs.cancel(rec).await {
+        match jobs.cancel(rec.seq, CANCEL_WAIT).await? {
             Some(rec) => Ok(rec.to_proto()),
-            None => Err(GatewayError::NotCancellable("being sent")),
-        }
-    }
-
-    /// The scheduler job of a stored job (restart recovery).
-    pub fn spec_of(&self, rec: &JobRecord) -> Result<JobSpec, GatewayError> {
-        let r = &rec.reply;
-        let app = self
-            .apps
-            .iter()
-            .position(|a| a.name == r.app)
-            .ok_or_else(|| GatewayError::UnknownApp(r.app.clone()))?;
-        let a = &self.apps[app];
-        let msg_type = MsgType::ALL
-            .into_iter()
-            .find(|m| m.as_str() == r.msg_type)
-            .ok_or_else(|| ValidationError::MsgType(r.msg_type.clone()))?;
-        // A caller removed from the configuration since: its job runs under the anonymous share.
-        let names = self.auth.names();
-        let caller = names
-            .iter()
-            .position(|n| **n == *rec.caller)
-            .unwrap_or(names.len() - 1);
-        let left = rec.expires_ms - now_ms();
-        if left <= 0 {
-            return Err(GatewayError::DeadlineBeforeSend {
-                attempts: rec.attempts,
-                uuid: r.uuid.clone(),
-            });
-        }
-        Ok(JobSpec {
-            caller,
-            intake: None,
-            on_send: None,
-            app,
-            app_name: a.name.as_str().into(),
-            app_id: a.app_id.as_str().into(),
-            chat_id: r.chat_id.as_str().into(),
-            user_id: r.user_id.as_deref().map(Into::into),
-            request: SendRequest {
-                message_id: r.message_id.clone(),
-                content: r.content.clone(),
-                msg_type: msg_type.as_str(),
-                reply_in_thread: r.reply_in_thread,
-                uuid: r.uuid.clone(),
+            // It moved on meanwhile (or another call cancelled it): say where it is.
+            None => match jobs.get(rec.seq).await.ok().flatten() {
+                Some(now) if now.state == State::Cancelled => Ok(now.to_proto()),
+                now => Err(GatewayError::NotCancellable(why(
+                    now.map_or(State::Sending, |r| r.state),
+                ))),
             },
-            deadline: Some(
-                tokio::time::Instant::now() + Duration::from_millis(left.unsigned_abs()),
-            ),
-        })
+        }
     }
 }
 

@@ -79,6 +79,11 @@ impl ReplyService {
         }
     }
 
+    /// What rebuilding a stored job needs (apps, callers by id).
+    pub fn job_specs(&self) -> crate::jobs::Specs {
+        crate::jobs::Specs::new(&self.apps, self.auth.names())
+    }
+
     /// Serves the async API from `jobs`.
     pub fn with_jobs(mut self, jobs: Arc<Jobs>) -> Self {
         self.jobs = Some(jobs);
@@ -309,7 +314,7 @@ impl ReplyGateway for ReplyService {
 
     async fn get_reply(&self, req: Request<GetReplyRequest>) -> Result<Response<ReplyJob>, Status> {
         let caller = self.caller(&req, "none")?;
-        jobs::answer(self.get(&caller, req.get_ref()))
+        jobs::answer(self.get(&caller, req.get_ref()).await)
     }
 
     async fn watch_reply(
@@ -317,7 +322,7 @@ impl ReplyGateway for ReplyService {
         req: Request<GetReplyRequest>,
     ) -> Result<Response<Self::WatchReplyStream>, Status> {
         let caller = self.caller(&req, "none")?;
-        jobs::answer(self.watch(&caller, req.get_ref()))
+        jobs::answer(self.watch(&caller, req.get_ref()).await)
     }
 
     async fn cancel_reply(

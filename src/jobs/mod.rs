@@ -4,17 +4,25 @@
 //! they were accepted, with their uuids, so Feishu dedupes a send whose answer was lost.
 
 pub mod record;
+pub mod redis;
+mod redis_scripts;
+mod runner;
+pub mod spec;
 pub mod store;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast, watch};
 
 use crate::error::GatewayError;
 use crate::scheduler::{JobSpec, Scheduler};
 pub use record::{JobRecord, State, StoredError, StoredReply, job_id, now_ms, parse_job_id};
+pub use redis::{RedisJobStore, RedisJobsConfig};
+pub use spec::Specs;
 pub use store::{JobStore, StoreError};
 
 /// Default and largest ttl of a job: Feishu dedupes a uuid for an hour, so a job must never be
@@ -24,14 +32,36 @@ pub const MAX_TTL: Duration = Duration::from_secs(3000);
 /// Finished jobs stay readable this long.
 pub const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600 + 3600);
 
+/// Where the jobs are stored.
+pub enum Backend {
+    /// The embedded store (single node).
+    Local(JobStore),
+    /// The Redis the replicas share (cluster mode).
+    Redis(Arc<RedisJobStore>),
+}
+
 /// The jobs of this process: the store and the tasks running them.
 pub struct Jobs {
-    store: JobStore,
+    backend: Backend,
     /// Jobs the store may hold (all states); beyond it SubmitReply is RESOURCE_EXHAUSTED.
     max_jobs: u64,
     metrics: Arc<crate::metrics::Metrics>,
     scheduler: Scheduler,
+    specs: Specs,
     updates: broadcast::Sender<JobRecord>,
+    /// Jobs this process runs: seq → (chat, uuid), until their final state is recorded.
+    running: Mutex<HashMap<u64, (Arc<str>, String)>>,
+    /// Told when `running` becomes empty.
+    idle: Notify,
+    /// Held while jobs are started or cancelled, so that a cancel never falls between reading
+    /// a job and handing it to the scheduler.
+    starting: tokio::sync::Mutex<()>,
+    /// A new job of ours was stored (cluster mode: poll now).
+    poke: Notify,
+    /// Set when the process stops: no job starts any more.
+    stopping: watch::Sender<bool>,
+    /// Held by [`Jobs::run`] while it runs.
+    alive: tokio::sync::Mutex<()>,
     /// The runtime the job tasks run on (a job starts on the store's writer thread).
     runtime: tokio::runtime::Handle,
 }
@@ -39,24 +69,28 @@ pub struct Jobs {
 impl Jobs {
     /// Must be called on the runtime the jobs will run on.
     pub fn new(
-        store: JobStore,
+        backend: Backend,
         max_jobs: u64,
         scheduler: Scheduler,
+        specs: Specs,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let (updates, _) = broadcast::channel(4096);
         Arc::new(Self {
-            store,
+            backend,
             max_jobs,
             metrics,
             scheduler,
+            specs,
             updates,
+            running: Mutex::new(HashMap::new()),
+            idle: Notify::new(),
+            starting: tokio::sync::Mutex::new(()),
+            poke: Notify::new(),
+            stopping: watch::Sender::new(false),
+            alive: tokio::sync::Mutex::new(()),
             runtime: tokio::runtime::Handle::current(),
         })
-    }
-
-    pub fn store(&self) -> &JobStore {
-        &self.store
     }
 
     /// Stores `rec` (durably) unless the same caller, app and uuid made a job already, and
@@ -67,29 +101,50 @@ impl Jobs {
         rec: JobRecord,
         spec: JobSpec,
     ) -> Result<(JobRecord, bool), GatewayError> {
-        let stored = self.store.count();
-        if stored >= self.max_jobs {
-            return Err(GatewayError::QueueFull {
-                scope: "job_store",
-                queued: usize::try_from(stored).unwrap_or(usize::MAX),
-                retry_after: Duration::from_secs(60),
-            });
-        }
+        let full = |stored: u64| GatewayError::QueueFull {
+            scope: "job_store",
+            queued: usize::try_from(stored).unwrap_or(usize::MAX),
+            retry_after: Duration::from_secs(60),
+        };
         let key = rec.idempotency_key();
-        let jobs = self.clone();
-        let then: store::OnCommit = Box::new(move |stored: &JobRecord| {
-            jobs.start(stored.clone(), spec);
-        });
-        let r = self.store.insert(rec, key, Some(then)).await;
-        self.refresh_metrics(false);
-        r.map_err(|e| GatewayError::JobStore(e.0))
+        match &self.backend {
+            Backend::Local(store) => {
+                let stored = store.count();
+                if stored >= self.max_jobs {
+                    return Err(full(stored));
+                }
+                let jobs = self.clone();
+                let then: store::OnCommit = Box::new(move |stored: &JobRecord| {
+                    jobs.start(stored.clone(), spec);
+                });
+                let r = store.insert(rec, key, Some(then)).await;
+                self.metrics.set_jobs_stored(store.count());
+                r.map_err(|e| GatewayError::JobStore(e.0))
+            }
+            Backend::Redis(store) => {
+                // The job's owner (this replica, or the one running its chat) picks it up
+                // from the store, in the store's order.
+                drop(spec);
+                match store.submit(&rec, &key, self.max_jobs).await {
+                    Ok(redis::Submitted::New { seq, owner }) => {
+                        if owner == store.replica() {
+                            self.poke.notify_one();
+                        }
+                        Ok((JobRecord { seq, ..rec }, false))
+                    }
+                    Ok(redis::Submitted::Duplicate(known)) => Ok((known, true)),
+                    Ok(redis::Submitted::Full(stored)) => Err(full(stored)),
+                    Err(e) => Err(GatewayError::JobStore(e.0)),
+                }
+            }
+        }
     }
 
-    /// Exports the store's size (`file`: also its bytes on disk, a syscall).
-    pub fn refresh_metrics(&self, file: bool) {
-        self.metrics.set_jobs_stored(self.store.count());
-        if file {
-            self.metrics.set_job_store_bytes(self.store.file_bytes());
+    /// Job `seq`, if stored.
+    pub async fn get(&self, seq: u64) -> Result<Option<JobRecord>, StoreError> {
+        match &self.backend {
+            Backend::Local(store) => store.get(seq),
+            Backend::Redis(store) => Ok(store.get(seq).await?.map(|(rec, _)| rec)),
         }
     }
 
@@ -98,9 +153,13 @@ impl Jobs {
     pub fn start(self: &Arc<Self>, mut rec: JobRecord, mut spec: JobSpec) {
         let (on_send, sending) = tokio::sync::oneshot::channel();
         spec.on_send = Some(on_send);
+        self.running
+            .lock()
+            .insert(rec.seq, (spec.chat_id.clone(), rec.reply.uuid.clone()));
         let mut result = self.scheduler.submit(spec);
         let jobs = self.clone();
         self.runtime.spawn(async move {
+            let seq = rec.seq;
             let uuid = rec.reply.uuid.clone();
             let result = tokio::select! {
                 biased;
@@ -116,7 +175,32 @@ impl Jobs {
             };
             let result = result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
             jobs.finish(rec, result).await;
+            jobs.forget(seq);
         });
+    }
+
+    /// `seq` no longer runs here.
+    fn forget(&self, seq: u64) {
+        let mut running = self.running.lock();
+        running.remove(&seq);
+        if running.is_empty() {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Starts `rec` unless it runs here already or is final; a job that cannot run any more
+    /// (its app is gone, its ttl over) fails.
+    async fn resume(self: &Arc<Self>, mut rec: JobRecord) {
+        if rec.state.is_final() || self.running.lock().contains_key(&rec.seq) {
+            return;
+        }
+        match self.specs.of(&rec) {
+            Ok(spec) => self.start(rec, spec),
+            Err(e) => {
+                self.fail(&mut rec, &e);
+                self.record(rec).await;
+            }
+        }
     }
 
     async fn finish(&self, mut rec: JobRecord, result: crate::scheduler::JobResult) {
@@ -158,36 +242,94 @@ impl Jobs {
         });
     }
 
-    /// Writes a state change and tells watchers. A write that keeps failing is logged: the
-    /// job then runs again after a restart, with its uuid (Feishu posts it once).
-    pub async fn record(&self, rec: JobRecord) {
+    /// Writes a state change and tells watchers. A write that fails is retried for about a
+    /// minute (a Redis failover), then logged: the job then runs again after a restart or
+    /// takeover, with its uuid (Feishu posts it once). In cluster mode nothing is written when
+    /// another replica has taken the job over; false then.
+    pub async fn record(&self, rec: JobRecord) -> bool {
         let mut delay = Duration::from_millis(50);
-        for attempt in 1..=5 {
-            match self.store.update(rec.clone()).await {
-                Ok(()) => break,
-                Err(e) if attempt == 5 => {
+        let mut waited = Duration::ZERO;
+        loop {
+            let written = match &self.backend {
+                Backend::Local(store) => store.update(rec.clone()).await.map(|()| true),
+                Backend::Redis(store) => store.update(&rec).await,
+            };
+            match written {
+                Ok(true) => break,
+                Ok(false) => {
+                    tracing::info!(job = %rec.job_id(), "not recording the job's state: another replica has taken it over");
+                    return false;
+                }
+                Err(e) if waited >= Duration::from_secs(60) => {
                     tracing::error!(job = %rec.job_id(), error = %e, "could not record the job's state");
+                    return false;
                 }
                 Err(_) => {
                     tokio::time::sleep(delay).await;
-                    delay *= 2;
+                    waited += delay;
+                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }
         let _ = self.updates.send(rec);
+        true
     }
 
-    /// Cancels `rec` if the scheduler still holds it unsent; the cancelled record, or None
-    /// when it is already being sent (or finished).
-    pub async fn cancel(&self, mut rec: JobRecord) -> Option<JobRecord> {
-        let chat: Arc<str> = rec.reply.chat_id.as_str().into();
-        if !self.scheduler.cancel(chat, rec.reply.uuid.clone()).await {
-            return None;
+    /// Cancels job `seq` if it is still queued: the cancelled record; None when it is being
+    /// sent or is final (or unknown). In cluster mode a job run by another replica is asked
+    /// of that replica, which answers through the store within `wait`.
+    pub async fn cancel(self: &Arc<Self>, seq: u64, wait: Duration) -> Result<Option<JobRecord>, GatewayError> {
+        let store_err = |e: StoreError| GatewayError::JobStore(e.0);
+        let Backend::Redis(store) = &self.backend else {
+            return self.cancel_here(seq).await.map_err(store_err);
+        };
+        let Some((rec, owner)) = store.get(seq).await.map_err(store_err)? else {
+            return Ok(None);
+        };
+        match owner {
+            _ if rec.state != State::Queued => return Ok(None),
+            None => return Ok(None),
+            Some(o) if o == store.replica() => return self.cancel_here(seq).await.map_err(store_err),
+            Some(_) => {}
+        }
+        if !store.ask_cancel(seq).await.map_err(store_err)? {
+            return Ok(None);
+        }
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            match store.get(seq).await.map_err(store_err)? {
+                Some((rec, _)) if rec.state == State::Cancelled => return Ok(Some(rec)),
+                Some((rec, _)) if rec.state != State::Queued => return Ok(None),
+                None => return Ok(None),
+                Some(_) if tokio::time::Instant::now() >= until => {
+                    return Err(GatewayError::JobStore(
+                        "the replica running the job did not answer the cancel in time; ask again".into(),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Cancels job `seq` run (or about to be run) by this process, if still queued.
+    async fn cancel_here(self: &Arc<Self>, seq: u64) -> Result<Option<JobRecord>, StoreError> {
+        let _starting = self.starting.lock().await;
+        let Some(mut rec) = self.get(seq).await? else {
+            return Ok(None);
+        };
+        if rec.state != State::Queued {
+            return Ok(None);
+        }
+        let queued = self.running.lock().get(&seq).cloned();
+        if let Some((chat, uuid)) = queued
+            && !self.scheduler.cancel(chat, uuid).await
+        {
+            return Ok(None);
         }
         rec.state = State::Cancelled;
         rec.updated_ms = now_ms();
-        self.record(rec.clone()).await;
-        Some(rec)
+        Ok(self.record(rec.clone()).await.then_some(rec))
     }
 
     /// State changes of every job, from now on.
@@ -196,7 +338,7 @@ impl Jobs {
     }
 
     /// Runs again the jobs a previous process left unfinished, in the order they were
-    /// stored; `spec_of` rebuilds each one's scheduler job (an error fails it). First, the
+    /// stored (single node; an app gone or a ttl over fails the job). First, the
     /// sends of the last `lookback` (the longest quota window and a send's hold) are counted
     /// in the windows again: the previous process's sends still count at Feishu. A job that
     /// was being sent counts until `hold` after it started (its request may still arrive).
@@ -204,12 +346,14 @@ impl Jobs {
         self: &Arc<Self>,
         lookback: Duration,
         hold: Duration,
-        spec_of: impl Fn(&JobRecord) -> Result<JobSpec, GatewayError>,
-        app_id_of: impl Fn(&str) -> Option<Arc<str>>,
     ) -> Result<usize, StoreError> {
+        let Backend::Local(store) = &self.backend else {
+            // Cluster mode: the quota windows are in Redis, and jobs are taken over by lease.
+            return Ok(0);
+        };
         let now = now_ms();
         let since = now - i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
-        let (jobs, recent) = self.store.recovery_scan(since)?;
+        let (jobs, recent) = store.recovery_scan(since)?;
         let instant_of = |ms: i64| {
             let ago = Duration::from_millis((now - ms).max(0).unsigned_abs());
             let t = tokio::time::Instant::now();
@@ -221,7 +365,7 @@ impl Jobs {
             .filter(|r| r.state == State::Sending)
             .chain(&recent)
         {
-            let Some(app_id) = app_id_of(&rec.reply.app) else {
+            let Some(app_id) = self.specs.app_id(&rec.reply.app) else {
                 continue;
             };
             let (at, times) = if rec.state == State::Sending {
@@ -240,14 +384,8 @@ impl Jobs {
         }
         self.scheduler.seed(past);
         let n = jobs.len();
-        for mut rec in jobs {
-            match spec_of(&rec) {
-                Ok(spec) => self.start(rec, spec),
-                Err(e) => {
-                    self.fail(&mut rec, &e);
-                    self.record(rec).await;
-                }
-            }
+        for rec in jobs {
+            self.resume(rec).await;
         }
         if n > 0 {
             tracing::info!(jobs = n, "resumed the jobs left unfinished");

@@ -1,0 +1,178 @@
+//! The Lua scripts of the cluster job store. Each runs atomically in Redis. Every key is
+//! `ARGV[1]` (the store's base, `{<prefix>:jobs}`, one hash tag: one slot on Redis Cluster)
+//! followed by a suffix; `KEYS[1]` is always `<base>:seq`, declared so that a cluster client
+//! routes the call to that slot.
+//!
+//! Keys under the base:
+//! - `seq`: the last job number (INCR).
+//! - `job:<seq>`: hash `rec` (the record, JSON), `owner` (replica, while not final), `chat`,
+//!   `idem` (the idempotency key).
+//! - `idem:<key>`: the seq of the job made for (caller, app, uuid).
+//! - `open`, `done`: sorted sets of the jobs not final (score seq) and final (score: when it
+//!   ended, ms).
+//! - `owned:<replica>`: sorted set of the open jobs a replica runs (score seq).
+//! - `chat:<chat>`: hash `owner`, `open`: the replica running that chat's open jobs and how
+//!   many there are. A new job of a chat goes to that replica, so one replica runs a chat's jobs
+//!   in order, and a takeover moves them together.
+//! - `replicas`: sorted set replica → lease end (ms, Redis `TIME`).
+//! - `cancel:<replica>`: list of seqs to cancel, asked from other replicas.
+
+/// Redis `TIME` in ms, as a Lua prelude.
+macro_rules! lua_now_ms {
+    () => {
+        "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    };
+}
+
+/// ARGV: base, idempotency key, record, chat, this replica, max jobs.
+/// Returns {0, seq, rec} for a known key, {-1, stored} when full, {1, seq, owner} when stored.
+pub(super) const SUBMIT_LUA: &str = r#"
+local b = ARGV[1]
+local idem = b .. ':idem:' .. ARGV[2]
+local known = redis.call('GET', idem)
+if known then
+  local rec = redis.call('HGET', b .. ':job:' .. known, 'rec')
+  if rec then return {0, tonumber(known), rec} end
+end
+local stored = redis.call('ZCARD', b .. ':open') + redis.call('ZCARD', b .. ':done')
+if stored >= tonumber(ARGV[6]) then return {-1, stored} end
+local seq = redis.call('INCR', KEYS[1])
+local chat = b .. ':chat:' .. ARGV[4]
+local owner = redis.call('HGET', chat, 'owner')
+if not owner then owner = ARGV[5] end
+redis.call('HSET', chat, 'owner', owner)
+redis.call('HINCRBY', chat, 'open', 1)
+redis.call('HSET', b .. ':job:' .. seq, 'rec', ARGV[3], 'owner', owner, 'chat', ARGV[4], 'idem', ARGV[2])
+redis.call('SET', idem, seq)
+redis.call('ZADD', b .. ':open', seq, seq)
+redis.call('ZADD', b .. ':owned:' .. owner, seq, seq)
+return {1, seq, owner}
+"#;
+
+/// ARGV: base, seq, this replica, record, final (1/0). Writes the record only while this
+/// replica owns the job (a replica whose jobs were taken over writes nothing). A final record
+/// leaves the open sets. Returns 1 when written, 0 when not the owner.
+pub(super) const UPDATE_LUA: &str = concat!(
+    r#"
+local b = ARGV[1]
+local job = b .. ':job:' .. ARGV[2]
+local owner = redis.call('HGET', job, 'owner')
+if owner ~= ARGV[3] then return 0 end
+redis.call('HSET', job, 'rec', ARGV[4])
+if ARGV[5] == '1' then
+"#,
+    lua_now_ms!(),
+    r#"
+  redis.call('HDEL', job, 'owner')
+  redis.call('ZREM', b .. ':open', ARGV[2])
+  redis.call('ZREM', b .. ':owned:' .. owner, ARGV[2])
+  redis.call('ZADD', b .. ':done', now, ARGV[2])
+  local chat = b .. ':chat:' .. (redis.call('HGET', job, 'chat') or '')
+  if redis.call('HINCRBY', chat, 'open', -1) <= 0 then redis.call('DEL', chat) end
+end
+return 1
+"#
+);
+
+/// ARGV: base, this replica, after seq, limit. The jobs this replica owns numbered after
+/// `after` (in order) and the cancels asked of it: {n, seq1, rec1, …, seqn, recn, cancel…}.
+pub(super) const POLL_LUA: &str = r#"
+local b = ARGV[1]
+local seqs = redis.call('ZRANGEBYSCORE', b .. ':owned:' .. ARGV[2], '(' .. ARGV[3], '+inf', 'LIMIT', 0, tonumber(ARGV[4]))
+local out = {#seqs}
+for _, s in ipairs(seqs) do
+  table.insert(out, s)
+  table.insert(out, redis.call('HGET', b .. ':job:' .. s, 'rec') or '')
+end
+local cancels = redis.call('LPOP', b .. ':cancel:' .. ARGV[2], 1000)
+if cancels then
+  for _, s in ipairs(cancels) do table.insert(out, s) end
+end
+return out
+"#;
+
+/// ARGV: base, this replica, lease (ms), new (1: register). Extends this replica's lease.
+/// Returns 0 when the replica was declared dead and its jobs taken (it must drop them), else 1.
+pub(super) const LEASE_LUA: &str = concat!(
+    lua_now_ms!(),
+    r#"
+local reps = ARGV[1] .. ':replicas'
+if ARGV[4] ~= '1' and not redis.call('ZSCORE', reps, ARGV[2]) then return 0 end
+redis.call('ZADD', reps, now + tonumber(ARGV[3]), ARGV[2])
+return 1
+"#
+);
+
+/// ARGV: base, this replica. Takes over the jobs (and chats) of every replica whose lease
+/// has ended: returns {seq1, rec1, …}, each dead replica's jobs in order.
+pub(super) const CLAIM_LUA: &str = concat!(
+    lua_now_ms!(),
+    r#"
+local b = ARGV[1]
+local me = ARGV[2]
+local reps = b .. ':replicas'
+local out = {}
+for _, d in ipairs(redis.call('ZRANGEBYSCORE', reps, '-inf', now)) do
+  if d ~= me then
+    local owned = b .. ':owned:' .. d
+    for _, s in ipairs(redis.call('ZRANGE', owned, 0, -1)) do
+      local job = b .. ':job:' .. s
+      local chat = redis.call('HGET', job, 'chat')
+      if chat then
+        redis.call('HSET', job, 'owner', me)
+        redis.call('HSET', b .. ':chat:' .. chat, 'owner', me)
+        redis.call('ZADD', b .. ':owned:' .. me, s, s)
+        table.insert(out, s)
+        table.insert(out, redis.call('HGET', job, 'rec'))
+      end
+    end
+    redis.call('DEL', owned, b .. ':cancel:' .. d)
+    redis.call('ZREM', reps, d)
+  end
+end
+return out
+"#
+);
+
+/// ARGV: base, this replica. A replica stopping: its lease ends now, so the others take its
+/// jobs at their next claim.
+pub(super) const HANDOFF_LUA: &str = r#"
+if redis.call('ZSCORE', ARGV[1] .. ':replicas', ARGV[2]) then
+  redis.call('ZADD', ARGV[1] .. ':replicas', 0, ARGV[2])
+end
+return 1
+"#;
+
+/// ARGV: base, seq. Asks the job's owner to cancel it: 1 when asked, 0 when it has no owner
+/// (final).
+pub(super) const ASK_CANCEL_LUA: &str = r#"
+local owner = redis.call('HGET', ARGV[1] .. ':job:' .. ARGV[2], 'owner')
+if not owner then return 0 end
+redis.call('RPUSH', ARGV[1] .. ':cancel:' .. owner, ARGV[2])
+return 1
+"#;
+
+/// ARGV: base, seq. {rec, owner} of a job ({} when unknown).
+pub(super) const GET_LUA: &str = r#"
+local v = redis.call('HMGET', ARGV[1] .. ':job:' .. ARGV[2], 'rec', 'owner')
+if not v[1] then return {} end
+return {v[1], v[2] or ''}
+"#;
+
+/// ARGV: base, keep (ms), limit. Removes final jobs that ended more than `keep` ago, with their
+/// idempotency keys; returns {removed, stored}.
+pub(super) const EXPIRE_LUA: &str = concat!(
+    lua_now_ms!(),
+    r#"
+local b = ARGV[1]
+local gone = redis.call('ZRANGEBYSCORE', b .. ':done', '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[3]))
+for _, s in ipairs(gone) do
+  local job = b .. ':job:' .. s
+  local idem = redis.call('HGET', job, 'idem')
+  if idem then redis.call('DEL', b .. ':idem:' .. idem) end
+  redis.call('DEL', job)
+  redis.call('ZREM', b .. ':done', s)
+end
+return {#gone, redis.call('ZCARD', b .. ':open') + redis.call('ZCARD', b .. ':done')}
+"#
+);

@@ -1,0 +1,228 @@
+//! The job store's background work: in cluster mode the lease, takeovers, picking up the jobs
+//! this replica owns and the cancels asked of it; in both modes expiry and the size metrics;
+//! and the hand-off when the process stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Backend, Jobs, KEEP_FINISHED, RedisJobStore, now_ms};
+
+/// How often a replica looks for new jobs of its own (a submit to this replica looks at once).
+const POLL_EVERY: Duration = Duration::from_millis(50);
+/// Jobs read per poll.
+const POLL_BATCH: usize = 512;
+/// How often a replica looks for replicas whose lease ended.
+const CLAIM_EVERY: Duration = Duration::from_millis(500);
+/// How often finished jobs past [`KEEP_FINISHED`] are removed, and the size refreshed.
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+const METRICS_EVERY: Duration = Duration::from_secs(10);
+/// Jobs removed per expiry call (Redis: one script call each).
+const EXPIRE_BATCH: usize = 1000;
+
+impl Jobs {
+    /// Runs the background work until [`Jobs::stop`].
+    pub async fn run(self: Arc<Self>) {
+        let _alive = self.alive.lock().await;
+        let mut stopping = self.stopping.subscribe();
+        let maintain = {
+            let jobs = self.clone();
+            async move { jobs.maintain().await }
+        };
+        let work = async {
+            match &self.backend {
+                Backend::Local(_) => std::future::pending::<()>().await,
+                Backend::Redis(store) => self.run_cluster(store.clone()).await,
+            }
+        };
+        tokio::select! {
+            _ = stopping.wait_for(|s| *s) => {}
+            () = maintain => {}
+            () = work => {}
+        }
+    }
+
+    /// Expiry and size metrics, for ever.
+    async fn maintain(&self) {
+        let mut next_expire = Instant::now();
+        let mut tick = tokio::time::interval(METRICS_EVERY);
+        loop {
+            tick.tick().await;
+            let expire = Instant::now() >= next_expire;
+            if expire {
+                next_expire = Instant::now() + EXPIRE_EVERY;
+            }
+            match &self.backend {
+                Backend::Local(store) => {
+                    if expire {
+                        let keep = i64::try_from(KEEP_FINISHED.as_millis()).unwrap_or(i64::MAX);
+                        if let Err(e) = store.expire(now_ms() - keep).await {
+                            tracing::warn!(error = %e, "expiring finished jobs failed");
+                        }
+                    }
+                    self.metrics.set_jobs_stored(store.count());
+                    self.metrics.set_job_store_bytes(store.file_bytes());
+                }
+                Backend::Redis(store) => {
+                    let limit = if expire { EXPIRE_BATCH } else { 0 };
+                    loop {
+                        match store.expire(KEEP_FINISHED, limit).await {
+                            Ok((gone, stored)) => {
+                                self.metrics.set_jobs_stored(stored);
+                                if gone < EXPIRE_BATCH || limit == 0 {
+                                    break;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "expiring finished jobs failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: hold a lease, take over the jobs of replicas whose lease ended, and run
+    /// the jobs this replica owns, in order.
+    async fn run_cluster(self: &Arc<Self>, store: Arc<RedisJobStore>) {
+        let lease = store.config().lease;
+        let renew_every = lease / 4;
+        let mut registered = false;
+        let mut next_renew = Instant::now();
+        let mut next_claim = Instant::now();
+        let mut after = 0u64;
+        loop {
+            let now = Instant::now();
+            if now >= next_renew {
+                match store.renew(!registered).await {
+                    Ok(true) => {
+                        registered = true;
+                        next_renew = now + renew_every;
+                    }
+                    Ok(false) => {
+                        tracing::warn!(
+                            "this replica's job lease ended and its jobs were taken over; dropping them"
+                        );
+                        self.drop_running().await;
+                        registered = false;
+                        next_renew = now;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "renewing the job lease failed");
+                        next_renew = now + Duration::from_millis(250);
+                    }
+                }
+            }
+            if registered {
+                if now >= next_claim {
+                    next_claim = now + CLAIM_EVERY;
+                    if !self.claim(&store).await {
+                        // Redis may have given us jobs whose records we never read: look
+                        // through every job we own (those running here are skipped).
+                        after = 0;
+                    }
+                }
+                after = self.poll(&store, after).await;
+            }
+            tokio::select! {
+                () = self.poke.notified() => {}
+                () = tokio::time::sleep(POLL_EVERY) => {}
+            }
+        }
+    }
+
+    /// Takes over the jobs of replicas whose lease ended; false when that failed (it may have
+    /// happened in Redis without us hearing the answer).
+    async fn claim(self: &Arc<Self>, store: &RedisJobStore) -> bool {
+        let _starting = self.starting.lock().await;
+        match store.claim().await {
+            Ok(jobs) if jobs.is_empty() => true,
+            Ok(jobs) => {
+                tracing::info!(
+                    jobs = jobs.len(),
+                    "took over the jobs of a replica whose lease ended"
+                );
+                for rec in jobs {
+                    self.resume(rec).await;
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "looking for jobs to take over failed");
+                false
+            }
+        }
+    }
+
+    /// Starts this replica's new jobs (numbered after `after`) and cancels what was asked;
+    /// returns the last job number seen.
+    async fn poll(self: &Arc<Self>, store: &RedisJobStore, mut after: u64) -> u64 {
+        loop {
+            let starting = self.starting.lock().await;
+            let polled = match store.poll(after, POLL_BATCH).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "polling for jobs failed");
+                    return after;
+                }
+            };
+            let n = polled.jobs.len();
+            for rec in polled.jobs {
+                after = after.max(rec.seq);
+                self.resume(rec).await;
+            }
+            drop(starting);
+            for seq in polled.cancels {
+                if let Err(e) = self.cancel_here(seq).await {
+                    tracing::warn!(error = %e, "cancelling a job asked by another replica failed");
+                }
+            }
+            if n < POLL_BATCH {
+                return after;
+            }
+        }
+    }
+
+    /// Cancels every job this process runs (another replica owns them now): queued ones
+    /// leave the scheduler; sends in flight finish, and their results are not written.
+    async fn drop_running(&self) {
+        let running: Vec<_> = self.running.lock().values().cloned().collect();
+        for (chat, uuid) in running {
+            self.scheduler.cancel(chat, uuid).await;
+        }
+    }
+
+    /// The process is stopping and the scheduler has drained: stop starting jobs, wait (at
+    /// most `wait`) for the running ones to record how they ended, then, in cluster mode, end
+    /// the lease so that another replica takes the jobs left queued at once.
+    pub async fn stop(&self, wait: Duration) {
+        self.stopping.send_replace(true);
+        // The background work has ended (no lease renewal can follow the hand-off).
+        drop(self.alive.lock().await);
+        let idle = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.running.lock().is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(wait, idle).await.is_err() {
+            tracing::warn!(
+                jobs = self.running.lock().len(),
+                "jobs still running at shutdown"
+            );
+        }
+        if let Backend::Redis(store) = &self.backend {
+            match store.hand_off().await {
+                Ok(()) => tracing::info!("handed this replica's queued jobs to the others"),
+                Err(e) => tracing::warn!(error = %e, "handing the jobs off failed; they are taken over when the lease ends"),
+            }
+        }
+    }
+}

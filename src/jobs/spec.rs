@@ -1,0 +1,89 @@
+//! A stored job back into a scheduler job: after a restart, a takeover, or a job another
+//! replica stored for a chat this one runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::record::{JobRecord, now_ms};
+use crate::error::GatewayError;
+use crate::feishu::SendRequest;
+use crate::reply::{MsgType, ValidationError};
+use crate::scheduler::JobSpec;
+
+/// What rebuilding a job needs of the configuration: the apps and the callers by id.
+#[derive(Debug, Clone)]
+pub struct Specs {
+    /// (name, app_id) of each app, by index.
+    apps: Vec<(Arc<str>, Arc<str>)>,
+    /// Caller names by id, anonymous last.
+    callers: Vec<Arc<str>>,
+}
+
+impl Specs {
+    pub fn new(apps: &[crate::config::AppConfig], callers: &[Arc<str>]) -> Self {
+        Self {
+            apps: apps
+                .iter()
+                .map(|a| (a.name.as_str().into(), a.app_id.as_str().into()))
+                .collect(),
+            callers: callers.to_vec(),
+        }
+    }
+
+    /// The Feishu app_id of app `name`.
+    pub fn app_id(&self, name: &str) -> Option<Arc<str>> {
+        self.apps
+            .iter()
+            .find(|(n, _)| **n == *name)
+            .map(|(_, id)| id.clone())
+    }
+
+    /// The scheduler job of `rec`; an app no longer configured, or a ttl already over, is an
+    /// error (the job fails with it).
+    pub fn of(&self, rec: &JobRecord) -> Result<JobSpec, GatewayError> {
+        let r = &rec.reply;
+        let app = self
+            .apps
+            .iter()
+            .position(|(n, _)| **n == *r.app)
+            .ok_or_else(|| GatewayError::UnknownApp(r.app.clone()))?;
+        let (app_name, app_id) = self.apps[app].clone();
+        let msg_type = MsgType::ALL
+            .into_iter()
+            .find(|m| m.as_str() == r.msg_type)
+            .ok_or_else(|| ValidationError::MsgType(r.msg_type.clone()))?;
+        // A caller removed from the configuration since: its job runs under the anonymous share.
+        let caller = self
+            .callers
+            .iter()
+            .position(|n| **n == *rec.caller)
+            .unwrap_or(self.callers.len().saturating_sub(1));
+        let left = rec.expires_ms - now_ms();
+        if left <= 0 {
+            return Err(GatewayError::DeadlineBeforeSend {
+                attempts: rec.attempts,
+                uuid: r.uuid.clone(),
+            });
+        }
+        Ok(JobSpec {
+            caller,
+            intake: None,
+            on_send: None,
+            app,
+            app_name,
+            app_id,
+            chat_id: r.chat_id.as_str().into(),
+            user_id: r.user_id.as_deref().map(Into::into),
+            request: SendRequest {
+                message_id: r.message_id.clone(),
+                content: r.content.clone(),
+                msg_type: msg_type.as_str(),
+                reply_in_thread: r.reply_in_thread,
+                uuid: r.uuid.clone(),
+            },
+            deadline: Some(
+                tokio::time::Instant::now() + Duration::from_millis(left.unsigned_abs()),
+            ),
+        })
+    }
+}
