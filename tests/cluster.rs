@@ -13,17 +13,6 @@ use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, Fault};
 use tonic::Code;
 
-/// Redis for a test: the one `.ci/run` started (GATEWAY_TEST_REDIS_URL) or a private one.
-fn shared_redis() -> (String, Option<RedisServer>) {
-    match std::env::var("GATEWAY_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => (url, None),
-        _ => {
-            let r = RedisServer::start();
-            (r.url(), Some(r))
-        }
-    }
-}
-
 /// `extra` goes into `[cluster]` (or starts later sections). Held replies are failed 200 ms
 /// before the caller's deadline (default 20): on a loaded machine the gateway's
 /// DEADLINE_EXCEEDED must beat the client's own timer, which would answer CANCELLED.

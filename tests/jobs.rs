@@ -5,17 +5,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{config_for, eventually, received_ids, spawn_fake, spawn_gateway_on, text};
+use common::{
+    ServeProcess, config_for, connect, eventually, free_port, received_ids, spawn_fake,
+    spawn_gateway_on, text,
+};
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
 use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyJob, ReplyRequest};
 use tonic::Code;
 use tonic::transport::Channel;
-
-const BIN: &str = env!("CARGO_BIN_EXE_feishu-reply-gateway");
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!(
@@ -194,49 +195,6 @@ async fn a_job_is_cancelled_only_before_its_send() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_gateway(config: &std::path::Path, port: u16) -> Gateway {
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
-        .env("GATEWAY_METRICS_ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .env_remove("FEISHU_APP_ID")
-        .env_remove("FEISHU_APP_SECRET")
-        .env_remove("GATEWAY_DATA_DIR")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start serve");
-    Gateway(child)
-}
-
-async fn connect(port: u16) -> ReplyGatewayClient<Channel> {
-    let t = Instant::now();
-    loop {
-        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return ReplyGatewayClient::new(ch);
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the gateway never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_killed_gateway_delivers_every_stored_job_exactly_once_after_restart() {
     stop_mid_backlog_then_restart(false).await;
@@ -264,11 +222,8 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
         ),
     )
     .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let gw = start_gateway(&config, port);
+    let port = free_port();
+    let gw = ServeProcess::start(&config, port);
     let mut c = connect(port).await;
     // 45 jobs to 3 chats: 15 per chat at 5/s is 3 s of backlog (GATEWAY_TEST_JOBS=300 runs
     // the full size: 100 per chat, 20 s).
@@ -278,9 +233,14 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
         .unwrap_or(45);
     let mut ids = Vec::new();
     for i in 0..n {
-        let chat = format!("oc_k{}", i % 3);
+        // The fake puts `om_X_in_NAME` in chat `oc_NAME`: its per-chat counts see our chats.
+        let chat = i % 3;
         let r = c
-            .submit_reply(text(&format!("om_k{i:04}"), &chat, &format!("k {i}")))
+            .submit_reply(text(
+                &format!("om_k{i:04}_in_k{chat}"),
+                &format!("oc_k{chat}"),
+                &format!("k {i}"),
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -290,27 +250,12 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
     eventually("some jobs posted", async || fake.received().len() >= 6).await;
     let mut gw = gw;
     if sigterm {
-        let pid = gw.0.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let t = Instant::now();
-        while gw.0.try_wait().unwrap().is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "SIGTERM did not stop it"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        gw.terminate().await;
     }
     drop(gw); // SIGKILL (when still running)
     let posted_before = fake.received().len();
     assert!(posted_before < n, "killed after the backlog drained");
-    let _gw = start_gateway(&config, port);
+    let _gw = ServeProcess::start(&config, port);
     let mut c = connect(port).await;
     let t = Instant::now();
     for id in &ids {
@@ -342,6 +287,7 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
             .push(r.message_id.clone());
     }
     assert_eq!(posts.len(), n, "every job posted");
+    assert_eq!(per_chat.len(), 3, "{per_chat:?}");
     assert!(posts.values().all(|&n| n == 1), "{posts:?}");
     for (chat, ids) in &per_chat {
         let mut sorted = ids.clone();

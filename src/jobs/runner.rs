@@ -109,6 +109,8 @@ impl Jobs {
                         self.drop_running().await;
                         registered = false;
                         next_renew = now;
+                        // Whatever this replica is given from now on is new to it.
+                        after = 0;
                         continue;
                     }
                     Err(e) => {

@@ -600,3 +600,89 @@ pub fn token_sha256(token: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A free loopback port (for a process that binds it itself).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A `serve` process (killed with SIGKILL when dropped).
+pub struct ServeProcess(std::process::Child);
+
+impl ServeProcess {
+    /// `serve --config config` with gRPC on `port`.
+    pub fn start(config: &std::path::Path, port: u16) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
+            .env("GATEWAY_METRICS_ADDR", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .env_remove("FEISHU_APP_ID")
+            .env_remove("FEISHU_APP_SECRET")
+            .env_remove("GATEWAY_DATA_DIR")
+            .env_remove("GATEWAY_REDIS_URL")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start serve");
+        Self(child)
+    }
+
+    /// SIGTERM, then waits (at most 30 s) for the process to exit.
+    pub async fn terminate(&mut self) {
+        let pid = self.0.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let t = std::time::Instant::now();
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "SIGTERM did not stop it"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A client of the gateway on `port`, once it listens (at most 30 s).
+pub async fn connect(port: u16) -> ReplyGatewayClient<Channel> {
+    let t = std::time::Instant::now();
+    loop {
+        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return ReplyGatewayClient::new(ch);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the gateway never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Redis for a test: the one `scripts/test` started (GATEWAY_TEST_REDIS_URL) or a private one.
+pub fn shared_redis() -> (String, Option<RedisServer>) {
+    match std::env::var("GATEWAY_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => (url, None),
+        _ => {
+            let r = RedisServer::start();
+            (r.url(), Some(r))
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Async jobs in cluster mode (issue 10): jobs live in the shared Redis; a replica killed with
+//! SIGKILL loses none of them (another takes them over when its lease ends, reusing their
+//! uuids); a rolling restart under submit load loses and doubles nothing; the same uuid on two
+//! replicas is one job; any replica answers GetReply, WatchReply and CancelReply for any job.
+//! Real `serve` processes (or in-process gateways), a real redis-server, the fake Feishu over
+//! HTTP.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{
+    ServeProcess, connect, eventually, free_port, shared_redis, spawn_fake, spawn_gateway_on,
+    text,
+};
+use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyJob, ReplyRequest};
+use tonic::transport::Channel;
+
+/// Lease of the replicas in these tests.
+const LEASE: Duration = Duration::from_secs(2);
+
+fn unique(name: &str) -> String {
+    format!("{name}-{}-{:x}", std::process::id(), rand::random::<u32>())
+}
+
+/// A config file for replicas sharing `redis_url` under `prefix`.
+fn cluster_file(fake: &FakeFeishu, redis_url: &str, prefix: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(unique("gw-cjobs"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"cli_c\"\napp_secret = \"s\"\n\
+             [server]\nshutdown_grace_ms = 100\n[auth]\nallow_anonymous = true\n\
+             [cluster]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n\
+             redis_timeout_ms = 250\njob_lease_ms = {}\n",
+            fake.base_url(),
+            LEASE.as_millis()
+        ),
+    )
+    .unwrap();
+    (file, dir)
+}
+
+async fn get(c: &mut ReplyGatewayClient<Channel>, job_id: &str) -> ReplyJob {
+    c.get_reply(GetReplyRequest {
+        job_id: job_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Waits until every job is DELIVERED (read through `c`), failing on a final other state.
+async fn all_delivered(c: &mut ReplyGatewayClient<Channel>, ids: &[String], within: Duration) {
+    let t = Instant::now();
+    for id in ids {
+        loop {
+            let job = get(c, id).await;
+            if job.state() == JobState::Delivered {
+                break;
+            }
+            assert!(
+                !matches!(job.state(), JobState::Failed | JobState::Cancelled),
+                "{job:?}"
+            );
+            assert!(t.elapsed() < within, "{id} not delivered: {job:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Posts per uuid (successes, not deduped) and message ids per chat in the order posted.
+fn posts(fake: &FakeFeishu) -> (HashMap<String, usize>, HashMap<String, Vec<String>>) {
+    let mut by_uuid: HashMap<String, usize> = HashMap::new();
+    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
+    for r in fake.received().iter().filter(|r| r.code == 0 && !r.deduped) {
+        *by_uuid.entry(r.uuid.clone()).or_default() += 1;
+        per_chat
+            .entry(r.chat_id.clone())
+            .or_default()
+            .push(r.message_id.clone());
+    }
+    (by_uuid, per_chat)
+}
+
+/// Message ids (`om_<n>_in_<chat>`, numbered in submit order) posted in each of `chats`
+/// chats in order.
+fn assert_in_order(per_chat: &HashMap<String, Vec<String>>, chats: usize) {
+    assert_eq!(per_chat.len(), chats, "{per_chat:?}");
+    for (chat, ids) in per_chat {
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, &sorted, "order in {chat}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_replica_s_jobs_are_delivered_once_by_the_others() {
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let (file, dir) = cluster_file(&fake, &url, &unique("kill"));
+    let ports = [free_port(), free_port(), free_port()];
+    let a = ServeProcess::start(&file, ports[0]);
+    let _b = ServeProcess::start(&file, ports[1]);
+    let _c = ServeProcess::start(&file, ports[2]);
+    let mut to_a = connect(ports[0]).await;
+    let mut to_b = connect(ports[1]).await;
+    let mut to_c = connect(ports[2]).await;
+    // 45 jobs to 3 chats through A: 3 s of backlog at 5/s per chat.
+    let n = 45;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let chat = i % 3;
+        let r = to_a
+            .submit_reply(text(
+                &format!("om_ck{i:04}_in_ck{chat}"),
+                &format!("oc_ck{chat}"),
+                &format!("ck {i}"),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.job_id);
+    }
+    // Watch the last job from C: it sees it through to DELIVERED although A dies.
+    let mut watch = to_c
+        .watch_reply(GetReplyRequest {
+            job_id: ids[n - 1].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    eventually("some jobs posted", async || fake.received().len() >= 6).await;
+    drop(a); // SIGKILL
+    let killed = Instant::now();
+    let posted_before = posts(&fake).0.len();
+    assert!(posted_before < n, "killed after the backlog drained");
+    // The rest: after the lease, at 5/s per chat (12+ left in each), and a few seconds.
+    all_delivered(&mut to_b, &ids, LEASE + Duration::from_secs(15)).await;
+    let took = killed.elapsed();
+    let (by_uuid, per_chat) = posts(&fake);
+    assert_eq!(by_uuid.len(), n, "every job posted");
+    assert!(by_uuid.values().all(|&k| k == 1), "{by_uuid:?}");
+    assert_in_order(&per_chat, 3);
+    let mut seen = Vec::new();
+    while let Some(job) = watch.message().await.unwrap() {
+        seen.push(job.state());
+    }
+    assert_eq!(seen.last(), Some(&JobState::Delivered), "{seen:?}");
+    eprintln!(
+        "posted before the kill: {posted_before}; the rest delivered {took:?} after it (lease {LEASE:?}); rate rejections: {}",
+        fake.stats().rate_rejections()
+    );
+    assert_eq!(fake.stats().rate_rejections(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_submit_load_loses_and_doubles_nothing() {
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let (file, dir) = cluster_file(&fake, &url, &unique("roll"));
+    let ports = [free_port(), free_port(), free_port()];
+    let mut replicas: Vec<ServeProcess> =
+        ports.iter().map(|&p| ServeProcess::start(&file, p)).collect();
+    for &p in &ports {
+        connect(p).await;
+    }
+    // A steady submitter: 4 chats, ~50 jobs/s (they drain at 20/s: each replica stops with a
+    // backlog), round-robin over the 3 replicas (so each chat's jobs go through all of them); a
+    // submit that fails (its replica is stopping) goes to the next one with the same uuid.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let submitter = tokio::spawn(async move {
+        let mut clients: Vec<Option<ReplyGatewayClient<Channel>>> = vec![None, None, None];
+        let mut ids = Vec::new();
+        let mut next = 0usize;
+        for i in 0usize.. {
+            if *stop_rx.borrow_and_update() {
+                break;
+            }
+            let mut req: ReplyRequest = text(
+                &format!("om_r{i:05}_in_r{}", i % 4),
+                &format!("oc_r{}", i % 4),
+                &format!("r {i}"),
+            );
+            req.uuid = format!("roll-{i}");
+            let t = Instant::now();
+            let job_id = loop {
+                assert!(t.elapsed() < Duration::from_secs(30), "no replica took job {i}");
+                next = (next + 1) % 3;
+                let client = match &mut clients[next] {
+                    Some(c) => c,
+                    slot => match Channel::from_shared(format!("http://127.0.0.1:{}", ports[next]))
+                        .unwrap()
+                        .connect_timeout(Duration::from_millis(200))
+                        .connect()
+                        .await
+                    {
+                        Ok(ch) => slot.insert(ReplyGatewayClient::new(ch)),
+                        Err(_) => continue,
+                    },
+                };
+                match client.submit_reply(req.clone()).await {
+                    Ok(r) => break r.into_inner().job_id,
+                    Err(_) => {
+                        clients[next] = None;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            };
+            ids.push(job_id);
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        ids
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, &port) in ports.iter().enumerate() {
+        replicas[i].terminate().await;
+        replicas[i] = ServeProcess::start(&file, port);
+        connect(port).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop_tx.send(true).unwrap();
+    let ids = submitter.await.unwrap();
+    let mut c = connect(ports[0]).await;
+    all_delivered(&mut c, &ids, Duration::from_secs(60)).await;
+    let (by_uuid, per_chat) = posts(&fake);
+    assert_eq!(by_uuid.len(), ids.len(), "every job posted");
+    assert!(by_uuid.values().all(|&k| k == 1), "{by_uuid:?}");
+    assert_in_order(&per_chat, 4);
+    eprintln!(
+        "{} jobs submitted across a rolling restart; rate rejections: {}",
+        ids.len(),
+        fake.stats().rate_rejections()
+    );
+    drop(replicas);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn any_replica_dedupes_watches_and_cancels_any_job() {
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique("any");
+    let config = || {
+        common::config_for(
+            &fake,
+            &format!("[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nredis_timeout_ms = 250\n"),
+        )
+    };
+    let a = spawn_gateway_on(fake.clone(), config()).await;
+    let b = spawn_gateway_on(fake.clone(), config()).await;
+    let (mut to_a, mut to_b) = (a.client.clone(), b.client.clone());
+
+    // The same uuid through A then B: one job, one post; B watches it to the end.
+    let mut req = text("om_same", "oc_same", "once");
+    req.uuid = "same-uuid-1".into();
+    let first = to_a.submit_reply(req.clone()).await.unwrap().into_inner();
+    let again = to_b.submit_reply(req).await.unwrap().into_inner();
+    assert!(!first.duplicate);
+    assert!(again.duplicate);
+    assert_eq!(again.job_id, first.job_id);
+    let mut watch = to_b
+        .watch_reply(GetReplyRequest {
+            job_id: first.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(job) = watch.message().await.unwrap() {
+        seen.push(job.state());
+    }
+    assert_eq!(seen.last(), Some(&JobState::Delivered), "{seen:?}");
+
+    // Ten jobs for one chat through A (2 s at 5/s); B cancels the last while it is queued and
+    // cannot cancel the first, which is sent.
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let r = to_a
+            .submit_reply(text(&format!("om_h{i:02}_in_hot"), "oc_hot", &format!("h {i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(r.job_id);
+    }
+    let cancelled = to_b
+        .cancel_reply(GetReplyRequest {
+            job_id: ids[9].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), JobState::Cancelled);
+    eventually("the first job sent", async || {
+        get(&mut to_b, &ids[0]).await.state() == JobState::Delivered
+    })
+    .await;
+    let refused = to_b
+        .cancel_reply(GetReplyRequest {
+            job_id: ids[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    all_delivered(&mut to_b, &ids[..9], Duration::from_secs(20)).await;
+    assert_eq!(get(&mut to_a, &ids[9]).await.state(), JobState::Cancelled);
+
+    // One chat's jobs submitted through A and B in turn (2 s of backlog): one replica runs
+    // them all, so they are posted in the order the store took them.
+    let mut turns = Vec::new();
+    for i in 0..10 {
+        let to = if i % 2 == 0 { &mut to_a } else { &mut to_b };
+        let r = to
+            .submit_reply(text(&format!("om_t{i:02}_in_turns"), "oc_turns", &format!("t {i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        turns.push(r.job_id);
+    }
+    all_delivered(&mut to_a, &turns, Duration::from_secs(20)).await;
+
+    let (by_uuid, per_chat) = posts(&fake);
+    assert_eq!(by_uuid.get("same-uuid-1"), Some(&1));
+    assert_eq!(by_uuid.len(), 1 + 9 + 10, "the cancelled job is never sent");
+    assert_in_order(&per_chat, 3);
+}
