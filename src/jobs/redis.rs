@@ -95,7 +95,7 @@ fn record(seq: u64, bytes: &[u8]) -> Result<JobRecord, StoreError> {
     Ok(rec)
 }
 
-/// `{seq, rec}` pairs as the poll and claim scripts return them.
+/// `{seq, rec}` pairs as the poll script returns them.
 fn pairs(values: &[Value], what: &str) -> Result<Vec<JobRecord>, StoreError> {
     values
         .chunks(2)
@@ -251,13 +251,12 @@ impl RedisJobStore {
         Ok(n == 1)
     }
 
-    /// Takes over the jobs of replicas whose lease ended: their records, each replica's in
-    /// order.
-    pub async fn claim(&self) -> Result<Vec<JobRecord>, StoreError> {
+    /// Takes over the jobs of replicas whose lease ended; how many. They are this replica's
+    /// now: [`Self::poll`] from the start finds them.
+    pub async fn claim(&self) -> Result<u64, StoreError> {
         let mut inv = self.invoke(&self.claim);
         inv.arg(&self.replica);
-        let v: Vec<Value> = self.redis.call("job_claim", inv).await.map_err(store_err)?;
-        pairs(&v, "claim")
+        self.redis.call("job_claim", inv).await.map_err(store_err)
     }
 
     /// Ends this replica's lease now (it is stopping): the others take its jobs.

@@ -5,15 +5,16 @@
 //!
 //! Keys under the base:
 //! - `seq`: the last job number (INCR).
-//! - `job:<seq>`: hash `rec` (the record, JSON), `owner` (replica, while not final), `chat`,
-//!   `idem` (the idempotency key).
+//! - `job:<seq>`: hash `rec` (the record, JSON), `chat`, `idem` (the idempotency key).
 //! - `idem:<key>`: the seq of the job made for (caller, app, uuid).
 //! - `open`, `done`: sorted sets of the jobs not final (score seq) and final (score: when it
 //!   ended, ms).
-//! - `owned:<replica>`: sorted set of the open jobs a replica runs (score seq).
+//! - `owned:<replica>`: sorted set of the open jobs a replica runs (score seq). A job's owner
+//!   is the replica whose set holds it; writes are fenced on that.
 //! - `chat:<chat>`: hash `owner`, `open`: the replica running that chat's open jobs and how
-//!   many there are. A new job of a chat goes to that replica, so one replica runs a chat's jobs
-//!   in order, and a takeover moves them together.
+//!   many there are; `chats:<replica>`: the chats a replica runs. A new job of a chat goes to
+//!   that replica, so one replica runs a chat's jobs in order, and a takeover moves them
+//!   together.
 //! - `replicas`: sorted set replica → lease end (ms, Redis `TIME`).
 //! - `cancel:<replica>`: list of seqs to cancel, asked from other replicas.
 
@@ -39,10 +40,13 @@ if stored >= tonumber(ARGV[6]) then return {-1, stored} end
 local seq = redis.call('INCR', KEYS[1])
 local chat = b .. ':chat:' .. ARGV[4]
 local owner = redis.call('HGET', chat, 'owner')
-if not owner then owner = ARGV[5] end
-redis.call('HSET', chat, 'owner', owner)
+if not owner then
+  owner = ARGV[5]
+  redis.call('HSET', chat, 'owner', owner)
+  redis.call('SADD', b .. ':chats:' .. owner, ARGV[4])
+end
 redis.call('HINCRBY', chat, 'open', 1)
-redis.call('HSET', b .. ':job:' .. seq, 'rec', ARGV[3], 'owner', owner, 'chat', ARGV[4], 'idem', ARGV[2])
+redis.call('HSET', b .. ':job:' .. seq, 'rec', ARGV[3], 'chat', ARGV[4], 'idem', ARGV[2])
 redis.call('SET', idem, seq)
 redis.call('ZADD', b .. ':open', seq, seq)
 redis.call('ZADD', b .. ':owned:' .. owner, seq, seq)
@@ -55,20 +59,23 @@ return {1, seq, owner}
 pub(super) const UPDATE_LUA: &str = concat!(
     r#"
 local b = ARGV[1]
+local owned = b .. ':owned:' .. ARGV[3]
+if not redis.call('ZSCORE', owned, ARGV[2]) then return 0 end
 local job = b .. ':job:' .. ARGV[2]
-local owner = redis.call('HGET', job, 'owner')
-if owner ~= ARGV[3] then return 0 end
 redis.call('HSET', job, 'rec', ARGV[4])
 if ARGV[5] == '1' then
 "#,
     lua_now_ms!(),
     r#"
-  redis.call('HDEL', job, 'owner')
   redis.call('ZREM', b .. ':open', ARGV[2])
-  redis.call('ZREM', b .. ':owned:' .. owner, ARGV[2])
+  redis.call('ZREM', owned, ARGV[2])
   redis.call('ZADD', b .. ':done', now, ARGV[2])
-  local chat = b .. ':chat:' .. (redis.call('HGET', job, 'chat') or '')
-  if redis.call('HINCRBY', chat, 'open', -1) <= 0 then redis.call('DEL', chat) end
+  local c = redis.call('HGET', job, 'chat') or ''
+  local chat = b .. ':chat:' .. c
+  if redis.call('HINCRBY', chat, 'open', -1) <= 0 then
+    redis.call('DEL', chat)
+    redis.call('SREM', b .. ':chats:' .. ARGV[3], c)
+  end
 end
 return 1
 "#
@@ -103,34 +110,31 @@ return 1
 "#
 );
 
-/// ARGV: base, this replica. Takes over the jobs (and chats) of every replica whose lease
-/// has ended: returns {seq1, rec1, …}, each dead replica's jobs in order.
+/// ARGV: base, this replica. Takes over the jobs and chats of every replica whose lease has
+/// ended (a set union and one write per chat, not per job); returns how many jobs it took.
+/// The taker then reads its jobs from the start (POLL) and runs the new ones in order.
 pub(super) const CLAIM_LUA: &str = concat!(
     lua_now_ms!(),
     r#"
 local b = ARGV[1]
 local me = ARGV[2]
 local reps = b .. ':replicas'
-local out = {}
+local mine = b .. ':owned:' .. me
+local taken = 0
 for _, d in ipairs(redis.call('ZRANGEBYSCORE', reps, '-inf', now)) do
   if d ~= me then
     local owned = b .. ':owned:' .. d
-    for _, s in ipairs(redis.call('ZRANGE', owned, 0, -1)) do
-      local job = b .. ':job:' .. s
-      local chat = redis.call('HGET', job, 'chat')
-      if chat then
-        redis.call('HSET', job, 'owner', me)
-        redis.call('HSET', b .. ':chat:' .. chat, 'owner', me)
-        redis.call('ZADD', b .. ':owned:' .. me, s, s)
-        table.insert(out, s)
-        table.insert(out, redis.call('HGET', job, 'rec'))
-      end
+    taken = taken + redis.call('ZCARD', owned)
+    redis.call('ZUNIONSTORE', mine, 2, mine, owned)
+    for _, c in ipairs(redis.call('SMEMBERS', b .. ':chats:' .. d)) do
+      redis.call('HSET', b .. ':chat:' .. c, 'owner', me)
+      redis.call('SADD', b .. ':chats:' .. me, c)
     end
-    redis.call('DEL', owned, b .. ':cancel:' .. d)
+    redis.call('DEL', owned, b .. ':chats:' .. d, b .. ':cancel:' .. d)
     redis.call('ZREM', reps, d)
   end
 end
-return out
+return taken
 "#
 );
 
@@ -146,17 +150,25 @@ return 1
 /// ARGV: base, seq. Asks the job's owner to cancel it: 1 when asked, 0 when it has no owner
 /// (final).
 pub(super) const ASK_CANCEL_LUA: &str = r#"
-local owner = redis.call('HGET', ARGV[1] .. ':job:' .. ARGV[2], 'owner')
+local b = ARGV[1]
+if not redis.call('ZSCORE', b .. ':open', ARGV[2]) then return 0 end
+local chat = redis.call('HGET', b .. ':job:' .. ARGV[2], 'chat')
+local owner = chat and redis.call('HGET', b .. ':chat:' .. chat, 'owner')
 if not owner then return 0 end
 redis.call('RPUSH', ARGV[1] .. ':cancel:' .. owner, ARGV[2])
 return 1
 "#;
 
-/// ARGV: base, seq. {rec, owner} of a job ({} when unknown).
+/// ARGV: base, seq. {rec, owner} of a job ({} when unknown; owner '' once final).
 pub(super) const GET_LUA: &str = r#"
-local v = redis.call('HMGET', ARGV[1] .. ':job:' .. ARGV[2], 'rec', 'owner')
+local b = ARGV[1]
+local v = redis.call('HMGET', b .. ':job:' .. ARGV[2], 'rec', 'chat')
 if not v[1] then return {} end
-return {v[1], v[2] or ''}
+local owner = ''
+if v[2] and redis.call('ZSCORE', b .. ':open', ARGV[2]) then
+  owner = redis.call('HGET', b .. ':chat:' .. v[2], 'owner') or ''
+end
+return {v[1], owner}
 "#;
 
 /// ARGV: base, keep (ms), limit. Removes final jobs that ended more than `keep` ago, with their

@@ -122,9 +122,10 @@ impl Jobs {
             if registered {
                 if now >= next_claim {
                     next_claim = now + CLAIM_EVERY;
-                    if !self.claim(&store).await {
-                        // Redis may have given us jobs whose records we never read: look
-                        // through every job we own (those running here are skipped).
+                    if self.claim(&store).await {
+                        // Jobs numbered before `after` are ours now (or may be, when the
+                        // answer was lost): look through every job we own; those running here
+                        // are skipped.
                         after = 0;
                     }
                 }
@@ -137,25 +138,18 @@ impl Jobs {
         }
     }
 
-    /// Takes over the jobs of replicas whose lease ended; false when that failed (it may have
-    /// happened in Redis without us hearing the answer).
-    async fn claim(self: &Arc<Self>, store: &RedisJobStore) -> bool {
-        let _starting = self.starting.lock().await;
+    /// Takes over the jobs of replicas whose lease ended; true when it took some, or may have
+    /// (the call failed: Redis may have done it without us hearing the answer).
+    async fn claim(&self, store: &RedisJobStore) -> bool {
         match store.claim().await {
-            Ok(jobs) if jobs.is_empty() => true,
+            Ok(0) => false,
             Ok(jobs) => {
-                tracing::info!(
-                    jobs = jobs.len(),
-                    "took over the jobs of a replica whose lease ended"
-                );
-                for rec in jobs {
-                    self.resume(rec).await;
-                }
+                tracing::info!(jobs, "took over the jobs of a replica whose lease ended");
                 true
             }
             Err(e) => {
                 tracing::debug!(error = %e, "looking for jobs to take over failed");
-                false
+                true
             }
         }
     }

@@ -629,16 +629,21 @@ impl ServeProcess {
         Self(child)
     }
 
-    /// SIGTERM, then waits (at most 30 s) for the process to exit.
-    pub async fn terminate(&mut self) {
+    /// Sends `signal` (`TERM`, `STOP`, `CONT`…).
+    pub fn signal(&self, signal: &str) {
         let pid = self.0.id().to_string();
         assert!(
             std::process::Command::new("kill")
-                .args(["-TERM", &pid])
+                .args([&format!("-{signal}"), &pid])
                 .status()
                 .unwrap()
                 .success()
         );
+    }
+
+    /// SIGTERM, then waits (at most 30 s) for the process to exit.
+    pub async fn terminate(&mut self) {
+        self.signal("TERM");
         let t = std::time::Instant::now();
         while self.0.try_wait().unwrap().is_none() {
             assert!(
