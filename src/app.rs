@@ -168,14 +168,18 @@ pub async fn run_with_upstream(
                 c.jobs,
             ))))
         }
-        (_, Some(dir), _) => Some(Backend::Local(
-            JobStore::open(dir).map_err(AppError::Jobs)?,
-        )),
+        (_, Some(dir), _) => Some(Backend::Local(JobStore::open(dir).map_err(AppError::Jobs)?)),
         _ => None,
     };
     let jobs = backend.map(|b| {
         let specs = service.job_specs();
-        Jobs::new(b, config.max_jobs, scheduler.clone(), specs, metrics.clone())
+        Jobs::new(
+            b,
+            config.max_jobs,
+            scheduler.clone(),
+            specs,
+            metrics.clone(),
+        )
     });
     if let Some(jobs) = &jobs {
         service = service.with_jobs(jobs.clone());

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    RedisCluster, RedisServer, TestGateway, max_in_window, metric, spawn_fake, spawn_gateway_on,
-    text, wait_for_metric,
+    RedisCluster, RedisServer, TestGateway, max_in_window, metric, shared_redis, spawn_fake,
+    spawn_gateway_on, text, wait_for_metric,
 };
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, Fault};

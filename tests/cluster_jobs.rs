@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
-    ServeProcess, connect, eventually, free_port, shared_redis, spawn_fake, spawn_gateway_on,
-    text,
+    ServeProcess, connect, eventually, free_port, shared_redis, spawn_fake, spawn_gateway_on, text,
 };
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
@@ -172,8 +171,10 @@ async fn a_rolling_restart_under_submit_load_loses_and_doubles_nothing() {
     let fake = spawn_fake(FakeOptions::default()).await;
     let (file, dir) = cluster_file(&fake, &url, &unique("roll"));
     let ports = [free_port(), free_port(), free_port()];
-    let mut replicas: Vec<ServeProcess> =
-        ports.iter().map(|&p| ServeProcess::start(&file, p)).collect();
+    let mut replicas: Vec<ServeProcess> = ports
+        .iter()
+        .map(|&p| ServeProcess::start(&file, p))
+        .collect();
     for &p in &ports {
         connect(p).await;
     }
@@ -197,7 +198,10 @@ async fn a_rolling_restart_under_submit_load_loses_and_doubles_nothing() {
             req.uuid = format!("roll-{i}");
             let t = Instant::now();
             let job_id = loop {
-                assert!(t.elapsed() < Duration::from_secs(30), "no replica took job {i}");
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "no replica took job {i}"
+                );
                 next = (next + 1) % 3;
                 let client = match &mut clients[next] {
                     Some(c) => c,
@@ -256,7 +260,9 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
     let config = || {
         common::config_for(
             &fake,
-            &format!("[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nredis_timeout_ms = 250\n"),
+            &format!(
+                "[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nredis_timeout_ms = 250\n"
+            ),
         )
     };
     let a = spawn_gateway_on(fake.clone(), config()).await;
@@ -289,7 +295,11 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
     let mut ids = Vec::new();
     for i in 0..10 {
         let r = to_a
-            .submit_reply(text(&format!("om_h{i:02}_in_hot"), "oc_hot", &format!("h {i}")))
+            .submit_reply(text(
+                &format!("om_h{i:02}_in_hot"),
+                "oc_hot",
+                &format!("h {i}"),
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -313,7 +323,11 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
         })
         .await
         .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
     all_delivered(&mut to_b, &ids[..9], Duration::from_secs(20)).await;
     assert_eq!(get(&mut to_a, &ids[9]).await.state(), JobState::Cancelled);
 
@@ -323,7 +337,11 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
     for i in 0..10 {
         let to = if i % 2 == 0 { &mut to_a } else { &mut to_b };
         let r = to
-            .submit_reply(text(&format!("om_t{i:02}_in_turns"), "oc_turns", &format!("t {i}")))
+            .submit_reply(text(
+                &format!("om_t{i:02}_in_turns"),
+                "oc_turns",
+                &format!("t {i}"),
+            ))
             .await
             .unwrap()
             .into_inner();
@@ -375,7 +393,12 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
         .await
         .unwrap()
         .into_inner();
-    all_delivered(&mut to_a, std::slice::from_ref(&late.job_id), Duration::from_secs(15)).await;
+    all_delivered(
+        &mut to_a,
+        std::slice::from_ref(&late.job_id),
+        Duration::from_secs(15),
+    )
+    .await;
     // …and wrote nothing over what B recorded.
     for id in &ids {
         let job = get(&mut to_a, id).await;
@@ -464,7 +487,10 @@ async fn the_store_fences_a_replica_whose_jobs_were_taken() {
     assert_eq!(b.claim().await.unwrap(), 2);
     assert_eq!(b.claim().await.unwrap(), 0, "taken once");
     let taken = b.poll(0, 10).await.unwrap().jobs;
-    assert_eq!(taken.iter().map(|r| r.seq).collect::<Vec<_>>(), [seq, seq + 1]);
+    assert_eq!(
+        taken.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [seq, seq + 1]
+    );
     // A's writes are refused; B's land; A learns it lost its lease.
     let mut sending = JobRecord { seq, ..rec.clone() };
     sending.state = State::Sending;
@@ -473,11 +499,17 @@ async fn the_store_fences_a_replica_whose_jobs_were_taken() {
     delivered.state = State::Delivered;
     assert!(b.update(&delivered).await.unwrap());
     assert_eq!(a.get(seq).await.unwrap().unwrap().0.state, State::Delivered);
-    assert!(!a.renew(false).await.unwrap(), "A was told its jobs are gone");
+    assert!(
+        !a.renew(false).await.unwrap(),
+        "A was told its jobs are gone"
+    );
     // A cancel asked of a job goes to its runner, B.
     assert!(a.ask_cancel(seq + 1).await.unwrap());
     assert_eq!(b.poll(seq + 1, 10).await.unwrap().cancels, [seq + 1]);
-    assert!(!a.ask_cancel(seq).await.unwrap(), "a final job has no runner");
+    assert!(
+        !a.ask_cancel(seq).await.unwrap(),
+        "a final job has no runner"
+    );
     // The duplicate key answers the stored job.
     let Submitted::Duplicate(known) = b.submit(&rec, "k-fence-1", 100).await.unwrap() else {
         panic!("a duplicate")

@@ -440,7 +440,8 @@ impl Config {
                         "cluster.redis_timeout_ms and cluster.replicas must be > 0".into(),
                     ));
                 }
-                if cluster.job_lease_ms < 1000 || cluster.job_lease_ms < 4 * cluster.redis_timeout_ms
+                if cluster.job_lease_ms < 1000
+                    || cluster.job_lease_ms < 4 * cluster.redis_timeout_ms
                 {
                     return Err(invalid(
                         "cluster.job_lease_ms must be at least 1000 and 4 x redis_timeout_ms (a lease is renewed every quarter of it)".into(),

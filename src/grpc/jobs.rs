@@ -113,33 +113,38 @@ impl ReplyService {
             updates,
             jobs,
         };
-        Ok(Box::pin(futures_util::stream::unfold(state, move |mut w| async move {
-            loop {
-                if matches!(w.last, Some((s, _)) if s.is_final()) {
-                    return None;
-                }
-                if let Some(rec) = w.pending.take() {
-                    // Only changes: a state or time already shown is skipped.
-                    let key = (rec.state, rec.updated_ms);
-                    if w.last.is_some_and(|(s, t)| s == key.0 && t >= key.1) {
-                        continue;
+        Ok(Box::pin(futures_util::stream::unfold(
+            state,
+            move |mut w| async move {
+                loop {
+                    if matches!(w.last, Some((s, _)) if s.is_final()) {
+                        return None;
                     }
-                    w.last = Some(key);
-                    return Some((Ok(rec.to_proto()), w));
+                    if let Some(rec) = w.pending.take() {
+                        // Only changes: a state or time already shown is skipped.
+                        let key = (rec.state, rec.updated_ms);
+                        if w.last.is_some_and(|(s, t)| s == key.0 && t >= key.1) {
+                            continue;
+                        }
+                        w.last = Some(key);
+                        return Some((Ok(rec.to_proto()), w));
+                    }
+                    match tokio::time::timeout(WATCH_REREAD, w.updates.recv()).await {
+                        Ok(Ok(rec)) if rec.seq == seq => w.pending = Some(rec),
+                        Ok(Ok(_)) => {}
+                        Ok(Err(RecvError::Closed)) => return None,
+                        // Lagged, or quiet for a while: the store has the latest.
+                        Ok(Err(RecvError::Lagged(_))) | Err(_) => match w.jobs.get(seq).await {
+                            Ok(Some(rec)) => w.pending = Some(rec),
+                            Ok(None) => return None,
+                            Err(e) => {
+                                return Some((Err(GatewayError::JobStore(e.0).to_status()), w));
+                            }
+                        },
+                    }
                 }
-                match tokio::time::timeout(WATCH_REREAD, w.updates.recv()).await {
-                    Ok(Ok(rec)) if rec.seq == seq => w.pending = Some(rec),
-                    Ok(Ok(_)) => {}
-                    Ok(Err(RecvError::Closed)) => return None,
-                    // Lagged, or quiet for a while: the store has the latest.
-                    Ok(Err(RecvError::Lagged(_))) | Err(_) => match w.jobs.get(seq).await {
-                        Ok(Some(rec)) => w.pending = Some(rec),
-                        Ok(None) => return None,
-                        Err(e) => return Some((Err(GatewayError::JobStore(e.0).to_status()), w)),
-                    },
-                }
-            }
-        })))
+            },
+        )))
     }
 
     pub(super) async fn cancel(
@@ -166,7 +171,7 @@ impl ReplyService {
             None => match jobs.get(rec.seq).await.ok().flatten() {
                 Some(now) if now.state == State::Cancelled => Ok(now.to_proto()),
                 now => Err(GatewayError::NotCancellable(why(
-                    now.map_or(State::Sending, |r| r.state),
+                    now.map_or(State::Sending, |r| r.state)
                 ))),
             },
         }

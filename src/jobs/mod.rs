@@ -132,7 +132,7 @@ impl Jobs {
                         }
                         Ok((JobRecord { seq, ..rec }, false))
                     }
-                    Ok(redis::Submitted::Duplicate(known)) => Ok((known, true)),
+                    Ok(redis::Submitted::Duplicate(known)) => Ok((*known, true)),
                     Ok(redis::Submitted::Full(stored)) => Err(full(stored)),
                     Err(e) => Err(GatewayError::JobStore(e.0)),
                 }
@@ -278,7 +278,11 @@ impl Jobs {
     /// Cancels job `seq` if it is still queued: the cancelled record; None when it is being
     /// sent or is final (or unknown). In cluster mode a job run by another replica is asked
     /// of that replica, which answers through the store within `wait`.
-    pub async fn cancel(self: &Arc<Self>, seq: u64, wait: Duration) -> Result<Option<JobRecord>, GatewayError> {
+    pub async fn cancel(
+        self: &Arc<Self>,
+        seq: u64,
+        wait: Duration,
+    ) -> Result<Option<JobRecord>, GatewayError> {
         let store_err = |e: StoreError| GatewayError::JobStore(e.0);
         let Backend::Redis(store) = &self.backend else {
             return self.cancel_here(seq).await.map_err(store_err);
@@ -289,7 +293,9 @@ impl Jobs {
         match owner {
             _ if rec.state != State::Queued => return Ok(None),
             None => return Ok(None),
-            Some(o) if o == store.replica() => return self.cancel_here(seq).await.map_err(store_err),
+            Some(o) if o == store.replica() => {
+                return self.cancel_here(seq).await.map_err(store_err);
+            }
             Some(_) => {}
         }
         if !store.ask_cancel(seq).await.map_err(store_err)? {
@@ -304,7 +310,8 @@ impl Jobs {
                 None => return Ok(None),
                 Some(_) if tokio::time::Instant::now() >= until => {
                     return Err(GatewayError::JobStore(
-                        "the replica running the job did not answer the cancel in time; ask again".into(),
+                        "the replica running the job did not answer the cancel in time; ask again"
+                            .into(),
                     ));
                 }
                 Some(_) => {}

@@ -25,7 +25,7 @@ pub enum Submitted {
     /// Stored as job `seq`, run by `owner`.
     New { seq: u64, owner: String },
     /// The same caller, app and uuid made this job already.
-    Duplicate(JobRecord),
+    Duplicate(Box<JobRecord>),
     /// The store holds `stored` jobs, its bound.
     Full(u64),
 }
@@ -101,7 +101,9 @@ fn pairs(values: &[Value], what: &str) -> Result<Vec<JobRecord>, StoreError> {
         .chunks(2)
         .map(|p| match p {
             [s, r] => {
-                let seq = int(s).and_then(|s| u64::try_from(s).ok()).ok_or(bad(what))?;
+                let seq = int(s)
+                    .and_then(|s| u64::try_from(s).ok())
+                    .ok_or(bad(what))?;
                 record(seq, text(r).ok_or(bad(what))?)
             }
             _ => Err(bad(what)),
@@ -161,7 +163,11 @@ impl RedisJobStore {
             .arg(&rec.reply.chat_id)
             .arg(&self.replica)
             .arg(max_jobs);
-        let v: Vec<Value> = self.redis.call("job_submit", inv).await.map_err(store_err)?;
+        let v: Vec<Value> = self
+            .redis
+            .call("job_submit", inv)
+            .await
+            .map_err(store_err)?;
         let seq = || {
             v.get(1)
                 .and_then(int)
@@ -177,9 +183,10 @@ impl RedisJobStore {
                     .map(|o| String::from_utf8_lossy(o).into_owned())
                     .ok_or(bad("submit"))?,
             },
-            Some(0) => {
-                Submitted::Duplicate(record(seq()?, v.get(2).and_then(text).ok_or(bad("submit"))?)?)
-            }
+            Some(0) => Submitted::Duplicate(Box::new(record(
+                seq()?,
+                v.get(2).and_then(text).ok_or(bad("submit"))?,
+            )?)),
             Some(-1) => Submitted::Full(seq()?),
             _ => return Err(bad("submit")),
         };
@@ -216,7 +223,11 @@ impl RedisJobStore {
             .arg(&self.replica)
             .arg(rec.encode())
             .arg(u8::from(rec.state.is_final()));
-        let n: i64 = self.redis.call("job_update", inv).await.map_err(store_err)?;
+        let n: i64 = self
+            .redis
+            .call("job_update", inv)
+            .await
+            .map_err(store_err)?;
         Ok(n == 1)
     }
 
@@ -263,7 +274,11 @@ impl RedisJobStore {
     pub async fn hand_off(&self) -> Result<(), StoreError> {
         let mut inv = self.invoke(&self.handoff);
         inv.arg(&self.replica);
-        let _: i64 = self.redis.call("job_handoff", inv).await.map_err(store_err)?;
+        let _: i64 = self
+            .redis
+            .call("job_handoff", inv)
+            .await
+            .map_err(store_err)?;
         Ok(())
     }
 
@@ -271,7 +286,11 @@ impl RedisJobStore {
     pub async fn ask_cancel(&self, seq: u64) -> Result<bool, StoreError> {
         let mut inv = self.invoke(&self.ask_cancel);
         inv.arg(seq);
-        let n: i64 = self.redis.call("job_cancel", inv).await.map_err(store_err)?;
+        let n: i64 = self
+            .redis
+            .call("job_cancel", inv)
+            .await
+            .map_err(store_err)?;
         Ok(n == 1)
     }
 
@@ -297,7 +316,11 @@ impl RedisJobStore {
         let mut inv = self.invoke(&self.expire);
         inv.arg(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX))
             .arg(limit);
-        let v: Vec<i64> = self.redis.call("job_expire", inv).await.map_err(store_err)?;
+        let v: Vec<i64> = self
+            .redis
+            .call("job_expire", inv)
+            .await
+            .map_err(store_err)?;
         match v.as_slice() {
             [gone, stored] => Ok((
                 usize::try_from(*gone).unwrap_or(0),

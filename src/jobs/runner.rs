@@ -217,7 +217,9 @@ impl Jobs {
         if let Backend::Redis(store) = &self.backend {
             match store.hand_off().await {
                 Ok(()) => tracing::info!("handed this replica's queued jobs to the others"),
-                Err(e) => tracing::warn!(error = %e, "handing the jobs off failed; they are taken over when the lease ends"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "handing the jobs off failed; they are taken over when the lease ends")
+                }
             }
         }
     }
