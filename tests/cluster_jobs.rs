@@ -516,3 +516,35 @@ async fn the_store_fences_a_replica_whose_jobs_were_taken() {
     };
     assert_eq!((known.seq, known.state), (seq, State::Delivered));
 }
+
+#[tokio::test]
+async fn a_submit_no_redis_replica_confirmed_is_unavailable_and_safe_to_repeat() {
+    // `jobs_wait_replicas = 1` on a Redis with no replica: WAIT sees none, so the submit is
+    // not confirmed (UNAVAILABLE, JOB_STORE); the same submit again finds the same job.
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique("wait");
+    let config = common::config_for(
+        &fake,
+        &format!(
+            "[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nredis_timeout_ms = 250\n\
+             jobs_wait_replicas = 1\n"
+        ),
+    );
+    let gw = spawn_gateway_on(fake.clone(), config).await;
+    let mut c = gw.client.clone();
+    let mut req = text("om_w_in_w", "oc_w", "w");
+    req.uuid = "wait-1".into();
+    for _ in 0..2 {
+        let e = c.submit_reply(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        let reason = tonic_types::StatusExt::get_details_error_info(&e).map(|i| i.reason);
+        assert_eq!(reason.as_deref(), Some("JOB_STORE"), "{e:?}");
+        assert!(e.message().contains("replicas confirmed"), "{e:?}");
+    }
+    // The write did reach the primary: the job runs, once.
+    eventually("the unconfirmed job is posted", async || {
+        posts(&fake).0.get("wait-1") == Some(&1)
+    })
+    .await;
+}

@@ -161,6 +161,15 @@ impl ClusterError {
     }
 }
 
+/// Which connection a call goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Quota decisions, settles, heartbeats.
+    Quota,
+    /// The job store.
+    Jobs,
+}
+
 /// What Redis decided for one send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -224,6 +233,9 @@ impl ConnectionLike for Conn {
 pub struct RedisQuota {
     client: Client,
     conn: Mutex<Option<Conn>>,
+    /// The job store's own connection (`Lane::Jobs`): its `WAIT` blocks the connection it is
+    /// sent on, which must not hold up quota decisions.
+    jobs_conn: Mutex<Option<Conn>>,
     config: ClusterConfig,
     decide: redis::Script,
     replay: redis::Script,
@@ -272,6 +284,7 @@ impl RedisQuota {
         Ok(Self {
             client,
             conn: Mutex::new(None),
+            jobs_conn: Mutex::new(None),
             decide: redis::Script::new(DECIDE_LUA),
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
@@ -307,8 +320,15 @@ impl RedisQuota {
         }
     }
 
-    async fn connection(&self) -> Result<Conn, ClusterError> {
-        if let Some(c) = self.conn.lock().clone() {
+    fn slot(&self, lane: Lane) -> &Mutex<Option<Conn>> {
+        match lane {
+            Lane::Quota => &self.conn,
+            Lane::Jobs => &self.jobs_conn,
+        }
+    }
+
+    async fn connection(&self, lane: Lane) -> Result<Conn, ClusterError> {
+        if let Some(c) = self.slot(lane).lock().clone() {
             return Ok(c);
         }
         let t = self.config.redis_timeout;
@@ -323,39 +343,54 @@ impl RedisQuota {
         let c = tokio::time::timeout(t, connect)
             .await
             .map_err(|_| ClusterError::Timeout(t))??;
-        *self.conn.lock() = Some(c.clone());
+        *self.slot(lane).lock() = Some(c.clone());
         Ok(c)
     }
 
     /// Runs one script call with the timeout; a failure drops the connection (reconnect next).
-    /// Also used by the cluster job store (`jobs::redis`), which shares this connection.
-    pub(crate) async fn call<T: redis::FromRedisValue>(
+    async fn call<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        self.timed(op, async |mut c: Conn| inv.invoke_async::<T>(&mut c).await)
-            .await
+        self.call_on(Lane::Quota, op, inv).await
     }
 
-    /// Runs one plain command (e.g. `WAIT`) like [`Self::call`].
-    pub(crate) async fn command<T: redis::FromRedisValue>(
+    /// [`Self::call`] on the connection of `lane` (the job store uses its own).
+    pub(crate) async fn call_on<T: redis::FromRedisValue>(
         &self,
+        lane: Lane,
+        op: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, ClusterError> {
+        self.timed(lane, op, async |mut c: Conn| {
+            inv.invoke_async::<T>(&mut c).await
+        })
+        .await
+    }
+
+    /// Runs one plain command (e.g. `WAIT`) like [`Self::call_on`].
+    pub(crate) async fn command_on<T: redis::FromRedisValue>(
+        &self,
+        lane: Lane,
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, ClusterError> {
-        self.timed(op, async |mut c: Conn| cmd.query_async::<T>(&mut c).await)
-            .await
+        self.timed(lane, op, async |mut c: Conn| {
+            cmd.query_async::<T>(&mut c).await
+        })
+        .await
     }
 
     async fn timed<T>(
         &self,
+        lane: Lane,
         op: &'static str,
         run: impl AsyncFnOnce(Conn) -> redis::RedisResult<T>,
     ) -> Result<T, ClusterError> {
         let t = self.config.redis_timeout;
         let result = async {
-            let c = self.connection().await?;
+            let c = self.connection(lane).await?;
             tokio::time::timeout(t, run(c))
                 .await
                 .map_err(|_| ClusterError::Timeout(t))?
@@ -364,7 +399,7 @@ impl RedisQuota {
         .await;
         self.metrics.redis_call(op, result.is_ok());
         if result.is_err() {
-            *self.conn.lock() = None;
+            *self.slot(lane).lock() = None;
         }
         result
     }

@@ -447,6 +447,11 @@ impl Config {
                         "cluster.job_lease_ms must be at least 1000 and 4 x redis_timeout_ms (a lease is renewed every quarter of it)".into(),
                     ));
                 }
+                if cluster.jobs_wait_replicas > 0 && cluster.redis_mode == RedisMode::Cluster {
+                    return Err(invalid(
+                        "cluster.jobs_wait_replicas needs redis_mode = \"standalone\" (WAIT must reach the primary that took the write)".into(),
+                    ));
+                }
                 if cluster.key_prefix.is_empty() || cluster.key_prefix.contains(['{', '}']) {
                     return Err(invalid(
                         "cluster.key_prefix must be non-empty and free of '{' '}'".into(),

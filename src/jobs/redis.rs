@@ -17,7 +17,7 @@ use super::redis_scripts::{
     UPDATE_LUA,
 };
 use super::store::StoreError;
-use crate::cluster::{ClusterError, RedisQuota};
+use crate::cluster::{ClusterError, Lane, RedisQuota};
 
 /// How a submit went.
 #[derive(Debug)]
@@ -165,7 +165,7 @@ impl RedisJobStore {
             .arg(max_jobs);
         let v: Vec<Value> = self
             .redis
-            .call("job_submit", inv)
+            .call_on(Lane::Jobs, "job_submit", inv)
             .await
             .map_err(store_err)?;
         let seq = || {
@@ -190,21 +190,25 @@ impl RedisJobStore {
             Some(-1) => Submitted::Full(seq()?),
             _ => return Err(bad("submit")),
         };
-        if let (Submitted::New { .. }, n @ 1..) = (&submitted, self.config.wait_replicas) {
+        if let (Submitted::New { .. } | Submitted::Duplicate(_), n @ 1..) =
+            (&submitted, self.config.wait_replicas)
+        {
             self.wait_for_replicas(n).await?;
         }
         Ok(submitted)
     }
 
-    /// `WAIT n`: the write reached `n` Redis replicas (or the submit is not confirmed).
+    /// `WAIT n`: this connection's writes reached `n` Redis replicas (or the submit is not
+    /// confirmed: the caller submits again with the same uuid, which finds the job).
     async fn wait_for_replicas(&self, n: u32) -> Result<(), StoreError> {
         let timeout = self.redis.config().redis_timeout;
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let mut cmd = redis::cmd("WAIT");
-        cmd.arg(n).arg(ms.saturating_sub(ms / 4).max(1));
+        // Redis checks blocked clients' timeouts about every 100 ms: leave room for that.
+        cmd.arg(n).arg((ms / 2).max(1));
         let acked: i64 = self
             .redis
-            .command("job_wait", &cmd)
+            .command_on(Lane::Jobs, "job_wait", &cmd)
             .await
             .map_err(store_err)?;
         if acked < i64::from(n) {
@@ -225,7 +229,7 @@ impl RedisJobStore {
             .arg(u8::from(rec.state.is_final()));
         let n: i64 = self
             .redis
-            .call("job_update", inv)
+            .call_on(Lane::Jobs, "job_update", inv)
             .await
             .map_err(store_err)?;
         Ok(n == 1)
@@ -236,7 +240,11 @@ impl RedisJobStore {
     pub async fn poll(&self, after: u64, limit: usize) -> Result<Polled, StoreError> {
         let mut inv = self.invoke(&self.poll);
         inv.arg(&self.replica).arg(after).arg(limit);
-        let v: Vec<Value> = self.redis.call("job_poll", inv).await.map_err(store_err)?;
+        let v: Vec<Value> = self
+            .redis
+            .call_on(Lane::Jobs, "job_poll", inv)
+            .await
+            .map_err(store_err)?;
         let n = v
             .first()
             .and_then(int)
@@ -258,7 +266,11 @@ impl RedisJobStore {
         inv.arg(&self.replica)
             .arg(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX))
             .arg(u8::from(register));
-        let n: i64 = self.redis.call("job_lease", inv).await.map_err(store_err)?;
+        let n: i64 = self
+            .redis
+            .call_on(Lane::Jobs, "job_lease", inv)
+            .await
+            .map_err(store_err)?;
         Ok(n == 1)
     }
 
@@ -267,7 +279,10 @@ impl RedisJobStore {
     pub async fn claim(&self) -> Result<u64, StoreError> {
         let mut inv = self.invoke(&self.claim);
         inv.arg(&self.replica);
-        self.redis.call("job_claim", inv).await.map_err(store_err)
+        self.redis
+            .call_on(Lane::Jobs, "job_claim", inv)
+            .await
+            .map_err(store_err)
     }
 
     /// Ends this replica's lease now (it is stopping): the others take its jobs.
@@ -276,7 +291,7 @@ impl RedisJobStore {
         inv.arg(&self.replica);
         let _: i64 = self
             .redis
-            .call("job_handoff", inv)
+            .call_on(Lane::Jobs, "job_handoff", inv)
             .await
             .map_err(store_err)?;
         Ok(())
@@ -288,7 +303,7 @@ impl RedisJobStore {
         inv.arg(seq);
         let n: i64 = self
             .redis
-            .call("job_cancel", inv)
+            .call_on(Lane::Jobs, "job_cancel", inv)
             .await
             .map_err(store_err)?;
         Ok(n == 1)
@@ -298,7 +313,11 @@ impl RedisJobStore {
     pub async fn get(&self, seq: u64) -> Result<Option<(JobRecord, Option<String>)>, StoreError> {
         let mut inv = self.invoke(&self.get);
         inv.arg(seq);
-        let v: Vec<Value> = self.redis.call("job_get", inv).await.map_err(store_err)?;
+        let v: Vec<Value> = self
+            .redis
+            .call_on(Lane::Jobs, "job_get", inv)
+            .await
+            .map_err(store_err)?;
         match v.as_slice() {
             [] => Ok(None),
             [rec, owner] => {
@@ -318,7 +337,7 @@ impl RedisJobStore {
             .arg(limit);
         let v: Vec<i64> = self
             .redis
-            .call("job_expire", inv)
+            .call_on(Lane::Jobs, "job_expire", inv)
             .await
             .map_err(store_err)?;
         match v.as_slice() {
