@@ -10,6 +10,7 @@
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
 //! cargo bench --bench loadgen -- memory      # memory attacks on the default limits: peak RSS
 //! cargo bench --bench loadgen -- submit      # durable SubmitReply: submits/s, latency, bytes/job, recovery
+//!     [--redis URL]                          # … with the jobs in Redis (recovery = a takeover)
 //! cargo bench --bench loadgen -- drive --gateway http://HOST:50051 --rate 40 --seconds 60
 //!                                             # any running gateway: target rate or concurrency
 //! ```
@@ -152,6 +153,9 @@ enum Scenario {
         /// Jobs stored before the restart is timed.
         #[arg(long, default_value_t = 100_000)]
         recover: usize,
+        /// Store the jobs in this Redis (cluster mode) instead of the embedded store.
+        #[arg(long)]
+        redis: Option<String>,
     },
     /// The scheduler with a no-op upstream: enqueue/dispatch cost and memory at depth.
     Depth {
@@ -192,58 +196,35 @@ fn main() {
                 concurrency,
                 seconds,
                 recover,
+                redis: Some(url),
+            } => submit_redis(&url, &concurrency, seconds, recover).await,
+            Scenario::Submit {
+                concurrency,
+                seconds,
+                recover,
+                redis: None,
             } => {
                 let data = std::env::temp_dir().join(format!("loadgen-jobs-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&data);
                 let extra = format!(
-                    "[jobs]\ndata_dir = \"{}\"\nmax_jobs = 10000000\n\
-                     [quotas]\napp = [{{ limit = 1, window_ms = 3600000 }}]\n\
-                     [queue]\nmax_per_chat = 10000000\nmax_total = 10000000\nmax_total_bytes = 4000000000",
+                    "[jobs]\ndata_dir = \"{}\"\nmax_jobs = 10000000\n{HELD}",
                     data.display()
                 );
                 let mut s = stack(&[], &extra).await;
                 let port = s.grpc_ports[0];
-                let config = std::env::temp_dir()
-                    .join(format!("loadgen-{}", std::process::id()))
-                    .join("gateway0.toml");
                 let channel = s.grpc.clone();
                 let restart = async |jobs: usize| {
                     let bytes = std::fs::metadata(data.join("jobs.redb")).map_or(0, |m| m.len());
                     println!("  store: {jobs} jobs, {} bytes on disk = {:.0} bytes per job", bytes, bytes as f64 / jobs as f64);
-                    let _ = s._gateways[0].0.kill();
-                    let _ = s._gateways[0].0.wait();
-                    let t = Instant::now();
-                    s._gateways[0] = Proc(
-                        Command::new(BIN)
-                            .args(["serve", "--config"])
-                            .arg(&config)
-                            .env("RUST_LOG", "warn")
-                            .stdout(Stdio::null())
-                            .spawn()
-                            .expect("restart gateway"),
-                    );
+                    let t = s.restart_first();
                     // Serving = answering a call (the port is bound before recovery).
-                    loop {
-                        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-                            .unwrap()
-                            .connect()
-                            .await
-                        {
-                            let mut c = ReplyGatewayClient::new(ch);
-                            let r = c
-                                .get_reply(feishu_reply_gateway::proto::GetReplyRequest {
-                                    job_id: "j0000000000000000".into(),
-                                })
-                                .await;
-                            if matches!(&r, Err(st) if st.code() == tonic::Code::NotFound) {
-                                break;
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    t.elapsed()
+                    wait_job_api(port).await;
+                    println!(
+                        "  restart with {jobs} stored jobs to recover: serving after {:.2} s",
+                        t.elapsed().as_secs_f64()
+                    );
                 };
-                submit::run(channel, &concurrency, seconds, recover, restart).await;
+                submit::run("embedded store (redb, group commit)", channel, &concurrency, seconds, recover, restart).await;
                 let _ = std::fs::remove_dir_all(&data);
             }
             Scenario::Memory {
@@ -415,6 +396,27 @@ async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
 }
 
 impl Stack {
+    /// Kills the first gateway (SIGKILL) and starts it again with its config; when it started.
+    fn restart_first(&mut self) -> Instant {
+        let _ = self._gateways[0].0.kill();
+        let _ = self._gateways[0].0.wait();
+        let config = std::env::temp_dir()
+            .join(format!("loadgen-{}", std::process::id()))
+            .join("gateway0.toml");
+        let t = Instant::now();
+        self._gateways[0] = Proc(
+            Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "warn")
+                .env_remove("GATEWAY_REDIS_URL")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("restart gateway"),
+        );
+        t
+    }
+
     /// Sum over every gateway of one metric series (0 when absent).
     async fn gateway_metric(&self, series: &str) -> f64 {
         let mut sum = 0.0;
@@ -678,6 +680,106 @@ async fn hot(chats: usize, per_chat: usize, background: usize, pipelined: bool) 
 }
 
 /// Quotas that never bind (1 ms windows keep rings small).
+/// Jobs held in their queues (one send an hour per app) and room for millions: only storing
+/// them is measured.
+const HELD: &str = "[quotas]\napp = [{ limit = 1, window_ms = 3600000 }]\n\
+                    [queue]\nmax_per_chat = 10000000\nmax_total = 10000000\nmax_total_bytes = 4000000000\n";
+
+/// Waits until the gateway on `port` answers the job API (it is bound before it recovers).
+async fn wait_job_api(port: u16) {
+    loop {
+        if let Ok(ch) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            let r = ReplyGatewayClient::new(ch)
+                .get_reply(feishu_reply_gateway::proto::GetReplyRequest {
+                    job_id: "j0000000000000000".into(),
+                })
+                .await;
+            if matches!(&r, Err(st) if st.code() == tonic::Code::NotFound) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `loadgen submit --redis URL`: jobs in Redis; bytes per job from Redis `used_memory`; the
+/// recovery is a takeover: the only gateway is killed and a new one (a new replica) takes its
+/// jobs once their lease ends.
+async fn submit_redis(url: &str, levels: &[usize], seconds: u64, recover: usize) {
+    const LEASE_MS: u64 = 1000;
+    let prefix = format!("bench-jobs-{}", std::process::id());
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let used_memory = async |conn: &mut redis::aio::MultiplexedConnection| -> u64 {
+        let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await.unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = used_memory(&mut conn).await;
+    let extra = format!(
+        "[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\njob_lease_ms = {LEASE_MS}\n\
+         redis_timeout_ms = 250\n[jobs]\nmax_jobs = 10000000\n{HELD}"
+    );
+    let mut s = stack(&[], &extra).await;
+    let (port, metrics_port) = (s.grpc_ports[0], s.gateways[0].1);
+    let channel = s.grpc.clone();
+    let restart = async |jobs: usize| {
+        let after = used_memory(&mut conn).await;
+        println!(
+            "  store: {jobs} jobs, Redis used_memory +{} bytes = {:.0} bytes per job",
+            after.saturating_sub(before),
+            after.saturating_sub(before) as f64 / jobs as f64
+        );
+        let t = s.restart_first();
+        wait_job_api(port).await;
+        let serving = t.elapsed();
+        // Taken over = every job queued in the new process's scheduler.
+        let running = "feishu_reply_jobs_running ";
+        loop {
+            let text = match s
+                .http
+                .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+                .send()
+                .await
+            {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            let n = text
+                .lines()
+                .find_map(|l| l.strip_prefix(running)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if n as usize >= jobs {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        println!(
+            "  kill -9 with {jobs} jobs, new replica: serving after {:.2} s; every job taken over and queued after {:.2} s (lease {LEASE_MS} ms)",
+            serving.as_secs_f64(),
+            t.elapsed().as_secs_f64()
+        );
+    };
+    submit::run("Redis (cluster mode)", channel, levels, seconds, recover, restart).await;
+    // Leave the shared Redis as it was.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}:jobs}}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    for chunk in keys.chunks(1000) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+    }
+}
+
 const UNBOUND: &str = "[quotas]\nchat = { limit = 1000, window_ms = 1 }\nuser = { limit = 1000, window_ms = 1 }\napp = [{ limit = 100000, window_ms = 1 }]\nsafety_margin_ms = 0\n[queue]\nmax_per_chat = 100000\nmax_total = 1000000\n";
 
 async fn overhead(levels: &[usize], seconds: Duration) {

@@ -77,6 +77,9 @@ pub struct Metrics {
     request_bytes_reading: Gauge,
     jobs_stored: Gauge,
     job_store_bytes: Gauge,
+    jobs_running: Gauge,
+    job_takeovers: Counter,
+    job_leases_lost: Counter,
     redis_calls: Family<RedisCallLabels, Counter>,
     redis_up: Gauge,
     redis_fallback: Gauge,
@@ -91,7 +94,7 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 23] = [
+pub const METRIC_NAMES: [&str; 26] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -110,6 +113,9 @@ pub const METRIC_NAMES: [&str; 23] = [
     "feishu_reply_request_bytes_reading",
     "feishu_reply_jobs_stored",
     "feishu_reply_job_store_bytes",
+    "feishu_reply_jobs_running",
+    "feishu_reply_job_takeovers",
+    "feishu_reply_job_leases_lost",
     "feishu_reply_redis_calls",
     "feishu_reply_redis_up",
     "feishu_reply_redis_fallback",
@@ -236,6 +242,24 @@ impl Metrics {
             "Size of the job store's file",
             job_store_bytes.clone(),
         );
+        let jobs_running = Gauge::default();
+        registry.register(
+            "feishu_reply_jobs_running",
+            "Async jobs this process runs (queued here or being sent)",
+            jobs_running.clone(),
+        );
+        let job_takeovers = Counter::default();
+        registry.register(
+            "feishu_reply_job_takeovers",
+            "Async jobs this replica took over from replicas whose job lease ended (cluster mode)",
+            job_takeovers.clone(),
+        );
+        let job_leases_lost = Counter::default();
+        registry.register(
+            "feishu_reply_job_leases_lost",
+            "Times this replica found its job lease ended and its jobs taken over (it was stalled or cut off from Redis longer than job_lease_ms)",
+            job_leases_lost.clone(),
+        );
         let redis_calls = Family::<RedisCallLabels, Counter>::default();
         registry.register(
             "feishu_reply_redis_calls",
@@ -286,6 +310,9 @@ impl Metrics {
             request_bytes_reading,
             jobs_stored,
             job_store_bytes,
+            jobs_running,
+            job_takeovers,
+            job_leases_lost,
             redis_calls,
             redis_up,
             redis_fallback,
@@ -450,6 +477,18 @@ impl Metrics {
     pub fn set_job_store_bytes(&self, n: u64) {
         self.job_store_bytes
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_jobs_running(&self, n: usize) {
+        self.jobs_running.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn jobs_taken_over(&self, n: u64) {
+        self.job_takeovers.inc_by(n);
+    }
+
+    pub fn job_lease_lost(&self) {
+        self.job_leases_lost.inc();
     }
 
     pub fn request_body_refused(&self, reason: &'static str) {

@@ -1,6 +1,7 @@
-//! `loadgen submit`: durable SubmitReply on the embedded store. Jobs are held (the app quota
-//! allows one send an hour) so only storing is measured: submits/s and latency at a few
-//! concurrency levels, bytes per stored job, and the restart time with every job to recover.
+//! `loadgen submit`: durable SubmitReply on the embedded store, or on Redis (`--redis URL`).
+//! Jobs are held (the app quota allows one send an hour) so only storing is measured:
+//! submits/s and latency at a few concurrency levels, bytes per stored job, and the time to
+//! recover every job after a `kill -9` (a restart; in Redis, a takeover).
 
 use std::time::{Duration, Instant};
 
@@ -44,15 +45,17 @@ async fn closed(channel: &Channel, c: usize, dur: Duration, tag: &str) -> (Histo
     (all, rate)
 }
 
-/// Runs the measurements against the gateway on `grpc_port` (pid `pid`, config `config`).
+/// Runs the measurements through `channel`; `restart(jobs)` kills the gateway, recovers and
+/// prints what it measured.
 pub async fn run(
+    title: &str,
     channel: Channel,
     levels: &[usize],
     seconds: u64,
     recover_jobs: usize,
-    restart: impl AsyncFnOnce(usize) -> Duration,
+    restart: impl AsyncFnOnce(usize),
 ) {
-    println!("durable SubmitReply, embedded store (redb, group commit):");
+    println!("durable SubmitReply, {title}:");
     let mut total = 0usize;
     for &c in levels {
         let (h, rate) = closed(&channel, c, Duration::from_secs(seconds), &format!("c{c}")).await;
@@ -64,8 +67,6 @@ pub async fn run(
         );
     }
     // Fill up to `recover_jobs`, then restart and time it.
-    let mut c = ReplyGatewayClient::new(channel.clone());
-    let _ = &mut c;
     while total < recover_jobs {
         let (h, _) = closed(
             &channel,
@@ -76,9 +77,5 @@ pub async fn run(
         .await;
         total += h.len() as usize;
     }
-    let took = restart(total).await;
-    println!(
-        "  restart with {total} stored jobs to recover: serving after {:.2} s",
-        took.as_secs_f64()
-    );
+    restart(total).await;
 }

@@ -153,9 +153,11 @@ impl Jobs {
     pub fn start(self: &Arc<Self>, mut rec: JobRecord, mut spec: JobSpec) {
         let (on_send, sending) = tokio::sync::oneshot::channel();
         spec.on_send = Some(on_send);
-        self.running
-            .lock()
-            .insert(rec.seq, (spec.chat_id.clone(), rec.reply.uuid.clone()));
+        {
+            let mut running = self.running.lock();
+            running.insert(rec.seq, (spec.chat_id.clone(), rec.reply.uuid.clone()));
+            self.metrics.set_jobs_running(running.len());
+        }
         let mut result = self.scheduler.submit(spec);
         let jobs = self.clone();
         self.runtime.spawn(async move {
@@ -183,6 +185,7 @@ impl Jobs {
     fn forget(&self, seq: u64) {
         let mut running = self.running.lock();
         running.remove(&seq);
+        self.metrics.set_jobs_running(running.len());
         if running.is_empty() {
             self.idle.notify_waiters();
         }

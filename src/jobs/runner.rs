@@ -106,6 +106,7 @@ impl Jobs {
                         tracing::warn!(
                             "this replica's job lease ended and its jobs were taken over; dropping them"
                         );
+                        self.metrics.job_lease_lost();
                         self.drop_running().await;
                         registered = false;
                         next_renew = now;
@@ -144,6 +145,7 @@ impl Jobs {
         match store.claim().await {
             Ok(0) => false,
             Ok(jobs) => {
+                self.metrics.jobs_taken_over(jobs);
                 tracing::info!(jobs, "took over the jobs of a replica whose lease ended");
                 true
             }
