@@ -204,7 +204,8 @@ fn main() {
                 recover,
                 redis: None,
             } => {
-                let data = std::env::temp_dir().join(format!("loadgen-jobs-{}", std::process::id()));
+                let data =
+                    std::env::temp_dir().join(format!("loadgen-jobs-{}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&data);
                 let extra = format!(
                     "[jobs]\ndata_dir = \"{}\"\nmax_jobs = 10000000\n{HELD}",
@@ -215,7 +216,11 @@ fn main() {
                 let channel = s.grpc.clone();
                 let restart = async |jobs: usize| {
                     let bytes = std::fs::metadata(data.join("jobs.redb")).map_or(0, |m| m.len());
-                    println!("  store: {jobs} jobs, {} bytes on disk = {:.0} bytes per job", bytes, bytes as f64 / jobs as f64);
+                    println!(
+                        "  store: {jobs} jobs, {} bytes on disk = {:.0} bytes per job",
+                        bytes,
+                        bytes as f64 / jobs as f64
+                    );
                     let t = s.restart_first();
                     // Serving = answering a call (the port is bound before recovery).
                     wait_job_api(port).await;
@@ -224,7 +229,15 @@ fn main() {
                         t.elapsed().as_secs_f64()
                     );
                 };
-                submit::run("embedded store (redb, group commit)", channel, &concurrency, seconds, recover, restart).await;
+                submit::run(
+                    "embedded store (redb, group commit)",
+                    channel,
+                    &concurrency,
+                    seconds,
+                    recover,
+                    restart,
+                )
+                .await;
                 let _ = std::fs::remove_dir_all(&data);
             }
             Scenario::Memory {
@@ -404,7 +417,7 @@ impl Stack {
             .join(format!("loadgen-{}", std::process::id()))
             .join("gateway0.toml");
         let t = Instant::now();
-        self._gateways[0] = Proc(
+        let new = Proc(
             Command::new(BIN)
                 .args(["serve", "--config"])
                 .arg(&config)
@@ -414,6 +427,8 @@ impl Stack {
                 .spawn()
                 .expect("restart gateway"),
         );
+        // The old one is gone: nothing left for its Drop to stop.
+        std::mem::forget(std::mem::replace(&mut self._gateways[0], new));
         t
     }
 
@@ -718,7 +733,11 @@ async fn submit_redis(url: &str, levels: &[usize], seconds: u64, recover: usize)
         .await
         .expect("connect to redis");
     let used_memory = async |conn: &mut redis::aio::MultiplexedConnection| -> u64 {
-        let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(conn)
+            .await
+            .unwrap();
         info.lines()
             .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
             .unwrap_or(0)
@@ -738,11 +757,16 @@ async fn submit_redis(url: &str, levels: &[usize], seconds: u64, recover: usize)
             after.saturating_sub(before),
             after.saturating_sub(before) as f64 / jobs as f64
         );
+        // Taken over = every open job is queued in the new process.
+        let running = "feishu_reply_jobs_running ";
+        let held: usize = redis::cmd("ZCARD")
+            .arg(format!("{{{prefix}:jobs}}:open"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         let t = s.restart_first();
         wait_job_api(port).await;
         let serving = t.elapsed();
-        // Taken over = every job queued in the new process's scheduler.
-        let running = "feishu_reply_jobs_running ";
         loop {
             let text = match s
                 .http
@@ -757,18 +781,27 @@ async fn submit_redis(url: &str, levels: &[usize], seconds: u64, recover: usize)
                 .lines()
                 .find_map(|l| l.strip_prefix(running)?.trim().parse::<f64>().ok())
                 .unwrap_or(0.0);
-            if n as usize >= jobs {
+            if n as usize >= held {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         println!(
-            "  kill -9 with {jobs} jobs, new replica: serving after {:.2} s; every job taken over and queued after {:.2} s (lease {LEASE_MS} ms)",
+            "  kill -9 with {held} jobs queued, new replica: serving after {:.2} s; every job taken over and queued after {:.2} s (lease {LEASE_MS} ms)",
             serving.as_secs_f64(),
             t.elapsed().as_secs_f64()
         );
     };
-    submit::run("Redis (cluster mode)", channel, levels, seconds, recover, restart).await;
+    submit::run(
+        "Redis (cluster mode)",
+        channel,
+        levels,
+        seconds,
+        recover,
+        restart,
+    )
+    .await;
+    drop(s);
     // Leave the shared Redis as it was.
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{{{prefix}:jobs}}*"))

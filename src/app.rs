@@ -199,6 +199,7 @@ pub async fn run_with_upstream(
             jobs.recover(longest + hold, hold)
                 .await
                 .map_err(AppError::Jobs)?;
+            jobs.register().await;
             Some(tokio::spawn(jobs.clone().run()))
         }
         None => None,

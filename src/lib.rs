@@ -27,15 +27,20 @@
 //!   retries (and which keys a rate refusal counts in).
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
 //! - [`error`]: `GatewayError` and the one error → gRPC status table.
-//! - [`cluster`]: the Redis store (standalone or Redis Cluster, TLS; Lua scripts in
+//! - [`cluster`]: the Redis connection (standalone or Redis Cluster, TLS; a second one, `Lane::Jobs`,
+//!   for the job store) and the quota store (Lua scripts in
 //!   `cluster::scripts`: decide, settle in batches, release, block, replay, heartbeat);
 //!   [`cluster::gate`] the Redis quota gate (lines behind shared keys, failure policy and
 //!   fallback table, heartbeat, state published through a `watch`).
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
 //!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply).
-//! - [`jobs`]: async reply jobs: the redb store with group commit (`jobs::store`), the stored
-//!   record (`jobs::record`), running jobs through the scheduler, restart recovery.
+//! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
+//!   `jobs::store` the embedded redb store with group commit (single node); `jobs::redis` the
+//!   cluster store in the shared Redis (one runner per chat, leases, takeover, fenced writes;
+//!   its Lua scripts and key layout in `jobs::redis_scripts`); `jobs::runner` the background
+//!   work (lease, takeover, polling a replica's jobs, expiry, hand-off at shutdown);
+//!   `jobs::record` the stored record; `jobs::spec` a stored job back into a scheduler job.
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
 //!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the reply endpoint in

@@ -207,6 +207,14 @@ fn applying_the_manifests_overwrites_no_secret_and_redis_is_locked_down() {
         "{redis}"
     );
     assert!(redis.contains("\"noeviction\""), "{redis}");
+    // Jobs are accepted work: on disk (AOF, fsync before every answer) on a volume that
+    // outlives the pod.
+    assert!(
+        redis.contains("\"--appendonly\", \"yes\", \"--appendfsync\", \"always\""),
+        "{redis}"
+    );
+    assert!(redis.contains("volumeClaimTemplates:"), "{redis}");
+    assert!(!redis.contains("emptyDir"), "{redis}");
     assert!(!redis.contains("volatile-ttl") && !redis.contains("allkeys-"));
     // Who may talk to the gateway and to Redis is declared.
     let netpol = read("deploy/k8s/networkpolicy.yaml");

@@ -45,6 +45,11 @@ if not owner then
   redis.call('HSET', chat, 'owner', owner)
   redis.call('SADD', b .. ':chats:' .. owner, ARGV[4])
 end
+-- Every owner of a job is in the lease set, so its jobs are taken over once it is gone (a
+-- replica submitting while stopping, or before its first lease, counts as gone already).
+if not redis.call('ZSCORE', b .. ':replicas', owner) then
+  redis.call('ZADD', b .. ':replicas', 0, owner)
+end
 redis.call('HINCRBY', chat, 'open', 1)
 redis.call('HSET', b .. ':job:' .. seq, 'rec', ARGV[3], 'chat', ARGV[4], 'idem', ARGV[2])
 redis.call('SET', idem, seq)

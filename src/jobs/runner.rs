@@ -43,6 +43,16 @@ impl Jobs {
         }
     }
 
+    /// Cluster mode: takes this replica's first lease, so that the jobs submitted to it are
+    /// its own from the start (a failure is logged; the background work retries).
+    pub async fn register(&self) {
+        if let Backend::Redis(store) = &self.backend
+            && let Err(e) = store.renew(true).await
+        {
+            tracing::warn!(error = %e, "taking the job lease failed; retrying in the background");
+        }
+    }
+
     /// Expiry and size metrics, for ever.
     async fn maintain(&self) {
         let mut next_expire = Instant::now();
