@@ -515,6 +515,16 @@ async fn the_store_fences_a_replica_whose_jobs_were_taken() {
         panic!("a duplicate")
     };
     assert_eq!((known.seq, known.state), (seq, State::Delivered));
+    // A replica without a lease (stopping, or not registered yet) that stores a job: the job
+    // is taken over like any other, never left to a runner nobody watches.
+    let c = store();
+    let mut other = rec.clone();
+    other.reply.chat_id = "oc_g".into();
+    let Submitted::New { owner, .. } = c.submit(&other, "k-fence-3", 100).await.unwrap() else {
+        panic!("a new job")
+    };
+    assert_eq!(owner, c.replica());
+    assert_eq!(b.claim().await.unwrap(), 1, "taken over");
 }
 
 #[tokio::test]
