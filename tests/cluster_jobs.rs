@@ -418,7 +418,7 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
 }
 
 #[tokio::test]
-async fn the_store_fences_a_replica_whose_jobs_were_taken() {
+async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
     use feishu_reply_gateway::cluster::{ClusterConfig, RedisFailurePolicy, RedisMode, RedisQuota};
     use feishu_reply_gateway::jobs::redis::{RedisJobStore, RedisJobsConfig, Submitted};
     use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply};
@@ -525,6 +525,20 @@ async fn the_store_fences_a_replica_whose_jobs_were_taken() {
     };
     assert_eq!(owner, c.replica());
     assert_eq!(b.claim().await.unwrap(), 1, "taken over");
+    // Bounded: 3 jobs stored, a bound of 3 refuses the next.
+    assert!(matches!(
+        b.submit(&rec, "k-fence-4", 3).await.unwrap(),
+        Submitted::Full(3)
+    ));
+    // Expiry removes final jobs with their keys, and only them.
+    let (gone, stored) = b.expire(Duration::ZERO, 100).await.unwrap();
+    assert_eq!((gone, stored), (1, 2));
+    assert!(b.get(seq).await.unwrap().is_none());
+    assert!(b.get(seq + 1).await.unwrap().is_some(), "open jobs stay");
+    let Submitted::New { seq: again, .. } = b.submit(&rec, "k-fence-1", 100).await.unwrap() else {
+        panic!("its key expired with it: a new job")
+    };
+    assert!(again > seq + 2);
 }
 
 #[tokio::test]
