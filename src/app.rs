@@ -199,7 +199,9 @@ pub async fn run_with_upstream(
             jobs.recover(longest + hold, hold)
                 .await
                 .map_err(AppError::Jobs)?;
-            jobs.register().await;
+            // In cluster mode the first lease is taken in the background (a Redis that does not
+            // answer must not hold up serving); a job submitted before it is taken over by
+            // another replica, or run here once the lease is taken.
             Some(tokio::spawn(jobs.clone().run()))
         }
         None => None,

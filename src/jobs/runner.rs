@@ -18,6 +18,8 @@ const CLAIM_EVERY: Duration = Duration::from_millis(500);
 /// How often finished jobs past [`KEEP_FINISHED`] are removed, and the size refreshed.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 const METRICS_EVERY: Duration = Duration::from_secs(10);
+/// Longest pause between rounds while Redis fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Jobs removed per expiry call (Redis: one script call each).
 const EXPIRE_BATCH: usize = 1000;
 
@@ -40,16 +42,6 @@ impl Jobs {
             _ = stopping.wait_for(|s| *s) => {}
             () = maintain => {}
             () = work => {}
-        }
-    }
-
-    /// Cluster mode: takes this replica's first lease, so that the jobs submitted to it are
-    /// its own from the start (a failure is logged; the background work retries).
-    pub async fn register(&self) {
-        if let Backend::Redis(store) = &self.backend
-            && let Err(e) = store.renew(true).await
-        {
-            tracing::warn!(error = %e, "taking the job lease failed; retrying in the background");
         }
     }
 
@@ -104,8 +96,12 @@ impl Jobs {
         let mut next_renew = Instant::now();
         let mut next_claim = Instant::now();
         let mut after = 0u64;
+        // Consecutive failed rounds: while Redis is unreachable, ask it less and less often
+        // (every connection attempt costs, and the quota gate has its own heartbeat).
+        let mut failures = 0u32;
         loop {
             let now = Instant::now();
+            let mut failed = false;
             if now >= next_renew {
                 match store.renew(!registered).await {
                     Ok(true) => {
@@ -126,11 +122,12 @@ impl Jobs {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "renewing the job lease failed");
-                        next_renew = now + Duration::from_millis(250);
+                        failed = true;
+                        next_renew = now + backoff(failures + 1);
                     }
                 }
             }
-            if registered {
+            if registered && !failed {
                 if now >= next_claim {
                     next_claim = now + CLAIM_EVERY;
                     if self.claim(&store).await {
@@ -140,11 +137,16 @@ impl Jobs {
                         after = 0;
                     }
                 }
-                after = self.poll(&store, after).await;
+                match self.poll(&store, after).await {
+                    Ok(last) => after = last,
+                    Err(()) => failed = true,
+                }
             }
+            failures = if failed { failures + 1 } else { 0 };
+            let pause = if failed { backoff(failures) } else { POLL_EVERY };
             tokio::select! {
                 () = self.poke.notified() => {}
-                () = tokio::time::sleep(POLL_EVERY) => {}
+                () = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -167,15 +169,16 @@ impl Jobs {
     }
 
     /// Starts this replica's new jobs (numbered after `after`) and cancels what was asked;
-    /// returns the last job number seen.
-    async fn poll(self: &Arc<Self>, store: &RedisJobStore, mut after: u64) -> u64 {
+    /// returns the last job number seen (Err: Redis failed; the jobs read before it are
+    /// started, and skipped when read again).
+    async fn poll(self: &Arc<Self>, store: &RedisJobStore, mut after: u64) -> Result<u64, ()> {
         loop {
             let starting = self.starting.lock().await;
             let polled = match store.poll(after, POLL_BATCH).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(error = %e, "polling for jobs failed");
-                    return after;
+                    return Err(());
                 }
             };
             let n = polled.jobs.len();
@@ -190,7 +193,7 @@ impl Jobs {
                 }
             }
             if n < POLL_BATCH {
-                return after;
+                return Ok(after);
             }
         }
     }
@@ -235,4 +238,10 @@ impl Jobs {
             }
         }
     }
+}
+
+/// Pause after `failures` failed rounds in a row: 250 ms, doubling, at most [`MAX_BACKOFF`].
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(5);
+    (Duration::from_millis(250) * (1 << exp)).min(MAX_BACKOFF)
 }
