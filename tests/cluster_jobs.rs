@@ -499,10 +499,20 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
     delivered.state = State::Delivered;
     assert!(b.update(&delivered).await.unwrap());
     assert_eq!(a.get(seq).await.unwrap().unwrap().0.state, State::Delivered);
+    // A submit by A puts A in the lease set again; still, its next renewal tells it that its
+    // jobs are gone (then it registers anew).
+    let mut elsewhere = rec.clone();
+    elsewhere.reply.chat_id = "oc_e".into();
+    assert!(matches!(
+        a.submit(&elsewhere, "k-fence-0", 100).await.unwrap(),
+        Submitted::New { .. }
+    ));
     assert!(
         !a.renew(false).await.unwrap(),
         "A was told its jobs are gone"
     );
+    assert!(a.renew(true).await.unwrap());
+    assert!(a.renew(false).await.unwrap(), "told once");
     // A cancel asked of a job goes to its runner, B.
     assert!(a.ask_cancel(seq + 1).await.unwrap());
     assert_eq!(b.poll(seq + 1, 10).await.unwrap().cancels, [seq + 1]);
@@ -515,8 +525,9 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
         panic!("a duplicate")
     };
     assert_eq!((known.seq, known.state), (seq, State::Delivered));
-    // A replica without a lease (stopping, or not registered yet) that stores a job: the job
-    // is taken over like any other, never left to a runner nobody watches.
+    // A replica without a lease (not registered yet, or its jobs taken) that stores a job: it
+    // holds the job for one lease (time to take its lease), then the job is taken over like
+    // any other, never left to a runner nobody watches.
     let c = store();
     let mut other = rec.clone();
     other.reply.chat_id = "oc_g".into();
@@ -524,21 +535,27 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
         panic!("a new job")
     };
     assert_eq!(owner, c.replica());
+    assert_eq!(
+        b.claim().await.unwrap(),
+        0,
+        "within the lease the submit gave it"
+    );
+    c.hand_off().await.unwrap();
     assert_eq!(b.claim().await.unwrap(), 1, "taken over");
-    // Bounded: 3 jobs stored, a bound of 3 refuses the next.
+    // Bounded: 4 jobs stored, a bound of 4 refuses the next.
     assert!(matches!(
-        b.submit(&rec, "k-fence-4", 3).await.unwrap(),
-        Submitted::Full(3)
+        b.submit(&rec, "k-fence-4", 4).await.unwrap(),
+        Submitted::Full(4)
     ));
     // Expiry removes final jobs with their keys, and only them.
     let (gone, stored) = b.expire(Duration::ZERO, 100).await.unwrap();
-    assert_eq!((gone, stored), (1, 2));
+    assert_eq!((gone, stored), (1, 3));
     assert!(b.get(seq).await.unwrap().is_none());
     assert!(b.get(seq + 1).await.unwrap().is_some(), "open jobs stay");
     let Submitted::New { seq: again, .. } = b.submit(&rec, "k-fence-1", 100).await.unwrap() else {
         panic!("its key expired with it: a new job")
     };
-    assert!(again > seq + 2);
+    assert!(again > seq + 3);
 }
 
 #[tokio::test]

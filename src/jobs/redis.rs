@@ -162,7 +162,8 @@ impl RedisJobStore {
             .arg(rec.encode())
             .arg(&rec.reply.chat_id)
             .arg(&self.replica)
-            .arg(max_jobs);
+            .arg(max_jobs)
+            .arg(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX));
         let v: Vec<Value> = self
             .redis
             .call_on(Lane::Jobs, "job_submit", inv)

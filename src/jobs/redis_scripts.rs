@@ -15,7 +15,8 @@
 //!   many there are; `chats:<replica>`: the chats a replica runs. A new job of a chat goes to
 //!   that replica, so one replica runs a chat's jobs in order, and a takeover moves them
 //!   together.
-//! - `replicas`: sorted set replica → lease end (ms, Redis `TIME`).
+//! - `replicas`: sorted set replica → lease end (ms, Redis `TIME`); `lost:<replica>`: set
+//!   when its jobs were taken over, until it renews (and learns it).
 //! - `cancel:<replica>`: list of seqs to cancel, asked from other replicas.
 
 /// Redis `TIME` in ms, as a Lua prelude.
@@ -25,7 +26,7 @@ macro_rules! lua_now_ms {
     };
 }
 
-/// ARGV: base, idempotency key, record, chat, this replica, max jobs.
+/// ARGV: base, idempotency key, record, chat, this replica, max jobs, lease (ms).
 /// Returns {0, seq, rec} for a known key, {-1, stored} when full, {1, seq, owner} when stored.
 pub(super) const SUBMIT_LUA: &str = r#"
 local b = ARGV[1]
@@ -45,10 +46,13 @@ if not owner then
   redis.call('HSET', chat, 'owner', owner)
   redis.call('SADD', b .. ':chats:' .. owner, ARGV[4])
 end
--- Every owner of a job is in the lease set, so its jobs are taken over once it is gone (a
--- replica submitting while stopping, or before its first lease, counts as gone already).
+-- Every owner of a job is in the lease set, so its jobs are taken over once it is gone. A
+-- replica not in it (before its first lease, or after its jobs were taken) gets one lease
+-- from now: it takes it over in time if it is alive, and loses the job if not.
 if not redis.call('ZSCORE', b .. ':replicas', owner) then
-  redis.call('ZADD', b .. ':replicas', 0, owner)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', b .. ':replicas', now + tonumber(ARGV[7]), owner)
 end
 redis.call('HINCRBY', chat, 'open', 1)
 redis.call('HSET', b .. ':job:' .. seq, 'rec', ARGV[3], 'chat', ARGV[4], 'idem', ARGV[2])
@@ -109,7 +113,8 @@ pub(super) const LEASE_LUA: &str = concat!(
     lua_now_ms!(),
     r#"
 local reps = ARGV[1] .. ':replicas'
-if ARGV[4] ~= '1' and not redis.call('ZSCORE', reps, ARGV[2]) then return 0 end
+local lost = redis.call('DEL', ARGV[1] .. ':lost:' .. ARGV[2]) == 1
+if ARGV[4] ~= '1' and (lost or not redis.call('ZSCORE', reps, ARGV[2])) then return 0 end
 redis.call('ZADD', reps, now + tonumber(ARGV[3]), ARGV[2])
 return 1
 "#
@@ -137,6 +142,8 @@ for _, d in ipairs(redis.call('ZRANGEBYSCORE', reps, '-inf', now)) do
     end
     redis.call('DEL', owned, b .. ':chats:' .. d, b .. ':cancel:' .. d)
     redis.call('ZREM', reps, d)
+    -- Told at its next renewal, even if it is in the lease set again by then.
+    redis.call('SET', b .. ':lost:' .. d, 1, 'PX', 86400000)
   end
 end
 return taken

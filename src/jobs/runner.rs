@@ -143,7 +143,11 @@ impl Jobs {
                 }
             }
             failures = if failed { failures + 1 } else { 0 };
-            let pause = if failed { backoff(failures) } else { POLL_EVERY };
+            let pause = if failed {
+                backoff(failures)
+            } else {
+                POLL_EVERY
+            };
             tokio::select! {
                 () = self.poke.notified() => {}
                 () = tokio::time::sleep(pause) => {}
