@@ -360,14 +360,10 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(n: usize) -> Self {
+        // Ports below the ephemeral range: one picked by binding :0 and released could be
+        // taken by any outgoing connection (other tests open many) before redis-server binds it.
         let ports: Vec<u16> = (0..n)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .unwrap()
-                    .local_addr()
-                    .unwrap()
-                    .port()
-            })
+            .map(|i| port_outside_ephemeral_range(i as u64 + 1))
             .collect();
         let dir =
             std::env::temp_dir().join(format!("frg-cluster-{}-{}", ports[0], std::process::id()));
@@ -601,10 +597,11 @@ pub fn token_sha256(token: &str) -> String {
         .collect()
 }
 
-/// A free loopback port (for a process that binds it itself).
+/// A free loopback port for a process that binds it itself: below the ephemeral range, so
+/// no outgoing connection takes it meanwhile.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
+    port_outside_ephemeral_range(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// A `serve` process (killed with SIGKILL when dropped).
