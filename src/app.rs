@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::budget::Budgets;
 use crate::cluster::RedisQuota;
 use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
@@ -81,11 +82,11 @@ async fn embedded_fake(config: &mut Config) -> Result<FakeFeishu, AppError> {
         .await
         .map_err(AppError::Fake)?;
     config.feishu.base_url = fake.base_url();
-    config.apps = vec![AppConfig {
-        name: DEFAULT_APP_NAME.into(),
-        app_id: "cli_fake_embedded".into(),
-        app_secret: "fake-secret".into(),
-    }];
+    config.apps = vec![AppConfig::new(
+        DEFAULT_APP_NAME,
+        "cli_fake_embedded",
+        "fake-secret",
+    )];
     config.default_app = Some(DEFAULT_APP_NAME.into());
     tracing::warn!(
         fake = %fake.base_url(),
@@ -114,34 +115,6 @@ pub async fn run(
         (false, false) => None,
     };
     let metrics = Arc::new(Metrics::new());
-    let upstream: Arc<dyn Upstream> = Arc::new(FeishuClient::new(
-        &config.feishu,
-        &config.apps,
-        metrics.clone(),
-    )?);
-    run_with_upstream(
-        config,
-        upstream,
-        metrics,
-        grpc_listener,
-        metrics_listener,
-        shutdown,
-    )
-    .await
-}
-
-/// [`run`] with the upstream given (tests and benches may stand in their own).
-pub async fn run_with_upstream(
-    config: Config,
-    upstream: Arc<dyn Upstream>,
-    metrics: Arc<Metrics>,
-    grpc_listener: TcpListener,
-    metrics_listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), AppError> {
-    for a in &config.apps {
-        metrics.init_app(&a.name);
-    }
     let store = match &config.cluster {
         Some(c) => {
             tracing::info!(redis = %crate::cluster::redact_url(&c.redis_url), policy = ?c.on_failure, "cluster mode: quotas shared through Redis");
@@ -149,6 +122,54 @@ pub async fn run_with_upstream(
         }
         None => None,
     };
+    let budgets = Arc::new(Budgets::new(&config.apps, store.clone(), metrics.clone()));
+    let upstream: Arc<dyn Upstream> = Arc::new(
+        FeishuClient::new(&config.feishu, &config.apps, metrics.clone())?
+            .with_budgets(budgets.clone()),
+    );
+    run_with_upstream(
+        config,
+        Shared {
+            upstream,
+            metrics,
+            store,
+            budgets: Some(budgets),
+        },
+        grpc_listener,
+        metrics_listener,
+        shutdown,
+    )
+    .await
+}
+
+/// What [`run`] builds before serving, given to [`run_with_upstream`] (tests and benches may
+/// stand in their own upstream).
+pub struct Shared {
+    pub upstream: Arc<dyn Upstream>,
+    pub metrics: Arc<Metrics>,
+    /// The Redis connection in cluster mode (quotas, jobs, budgets).
+    pub store: Option<Arc<RedisQuota>>,
+    /// The apps' call budgets, when the upstream counts against them.
+    pub budgets: Option<Arc<Budgets>>,
+}
+
+/// [`run`] with the upstream given (tests and benches may stand in their own).
+pub async fn run_with_upstream(
+    config: Config,
+    shared: Shared,
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AppError> {
+    let Shared {
+        upstream,
+        metrics,
+        store,
+        budgets,
+    } = shared;
+    for a in &config.apps {
+        metrics.init_app(&a.name);
+    }
     let scheduler = Scheduler::start_with(
         SchedulerConfig::from_config(&config),
         upstream.clone(),
@@ -156,6 +177,9 @@ pub async fn run_with_upstream(
         store.clone(),
     );
     let mut service = ReplyService::new(&config, scheduler.clone(), upstream, metrics.clone());
+    if let Some(b) = budgets.filter(|b| b.any()) {
+        service = service.with_budgets(b);
+    }
     // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
     // when a data dir is set.
     let backend = match (&store, &config.data_dir, &config.cluster) {

@@ -167,6 +167,7 @@ impl GatewayError {
                 UpstreamError::Network { .. } => "UPSTREAM_NETWORK".into(),
                 UpstreamError::BadResponse { http, .. } if *http >= 500 => "UPSTREAM_5XX".into(),
                 UpstreamError::BadResponse { .. } => "UPSTREAM_BAD_RESPONSE".into(),
+                UpstreamError::BudgetSpent { .. } => "APP_BUDGET_SPENT".into(),
             },
         }
     }
@@ -179,6 +180,13 @@ impl GatewayError {
             GatewayError::DeadlineUnreachable { earliest_in, .. } => Some(*earliest_in),
             GatewayError::ShuttingDown { .. } | GatewayError::JobStore(_) => {
                 Some(Duration::from_secs(1))
+            }
+            GatewayError::Upstream {
+                error: UpstreamError::BudgetSpent { reset_in, .. },
+                ..
+            }
+            | GatewayError::ChatLookup(UpstreamError::BudgetSpent { reset_in, .. }) => {
+                Some(*reset_in)
             }
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error)
                 if error.retry_reason().is_some() =>
@@ -201,6 +209,9 @@ impl GatewayError {
             }
             if !e.log_id().is_empty() {
                 meta.insert("log_id".to_owned(), e.log_id().to_owned());
+            }
+            if let UpstreamError::BudgetSpent { app, .. } = e {
+                meta.insert("app".to_owned(), app.clone());
             }
         }
         match self {
@@ -253,6 +264,7 @@ fn upstream_code(e: &UpstreamError) -> Code {
             }
         }
         UpstreamError::Network { .. } | UpstreamError::BadResponse { .. } => Code::Unknown,
+        UpstreamError::BudgetSpent { .. } => Code::ResourceExhausted,
     }
 }
 

@@ -57,6 +57,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod chat_cache;
 pub mod cluster;
 pub mod config;

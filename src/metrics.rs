@@ -39,6 +39,11 @@ struct CallerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabel {
+    app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallerOutcomeLabels {
     caller: String,
     outcome: &'static str,
@@ -78,6 +83,10 @@ pub struct Metrics {
     jobs_stored: Gauge,
     job_store_bytes: Gauge,
     jobs_running: Gauge,
+    app_budget_calls: Family<AppLabel, Gauge>,
+    app_budget_used: Family<AppLabel, Gauge>,
+    app_budget_remaining: Family<AppLabel, Gauge>,
+    app_budget_refusals: Family<AppLabel, Counter>,
     job_takeovers: Counter,
     job_leases_lost: Counter,
     redis_calls: Family<RedisCallLabels, Counter>,
@@ -94,7 +103,7 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 26] = [
+pub const METRIC_NAMES: [&str; 30] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -114,6 +123,10 @@ pub const METRIC_NAMES: [&str; 26] = [
     "feishu_reply_jobs_stored",
     "feishu_reply_job_store_bytes",
     "feishu_reply_jobs_running",
+    "feishu_reply_app_budget_calls",
+    "feishu_reply_app_budget_used",
+    "feishu_reply_app_budget_remaining",
+    "feishu_reply_app_budget_refusals",
     "feishu_reply_job_takeovers",
     "feishu_reply_job_leases_lost",
     "feishu_reply_redis_calls",
@@ -248,6 +261,30 @@ impl Metrics {
             "Async jobs this process runs (queued here or being sent)",
             jobs_running.clone(),
         );
+        let app_budget_calls = Family::<AppLabel, Gauge>::default();
+        registry.register(
+            "feishu_reply_app_budget_calls",
+            "Feishu calls an app may make per budget period ([apps.NAME.budget] calls)",
+            app_budget_calls.clone(),
+        );
+        let app_budget_used = Family::<AppLabel, Gauge>::default();
+        registry.register(
+            "feishu_reply_app_budget_used",
+            "Feishu calls an app made this budget period (shared count in cluster mode, as last seen)",
+            app_budget_used.clone(),
+        );
+        let app_budget_remaining = Family::<AppLabel, Gauge>::default();
+        registry.register(
+            "feishu_reply_app_budget_remaining",
+            "Feishu calls an app may still make this budget period",
+            app_budget_remaining.clone(),
+        );
+        let app_budget_refusals = Family::<AppLabel, Counter>::default();
+        registry.register(
+            "feishu_reply_app_budget_refusals",
+            "Feishu calls not made because the app's budget was spent (APP_BUDGET_SPENT)",
+            app_budget_refusals.clone(),
+        );
         let job_takeovers = Counter::default();
         registry.register(
             "feishu_reply_job_takeovers",
@@ -311,6 +348,10 @@ impl Metrics {
             jobs_stored,
             job_store_bytes,
             jobs_running,
+            app_budget_calls,
+            app_budget_used,
+            app_budget_remaining,
+            app_budget_refusals,
             job_takeovers,
             job_leases_lost,
             redis_calls,
@@ -481,6 +522,27 @@ impl Metrics {
 
     pub fn set_jobs_running(&self, n: usize) {
         self.jobs_running.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// An app's budget: its limit and the calls made this period.
+    pub fn set_app_budget(&self, app: &str, calls: u64, used: u64) {
+        let label = AppLabel {
+            app: app.to_owned(),
+        };
+        let g = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.app_budget_calls.get_or_create(&label).set(g(calls));
+        self.app_budget_used.get_or_create(&label).set(g(used));
+        self.app_budget_remaining
+            .get_or_create(&label)
+            .set(g(calls.saturating_sub(used)));
+    }
+
+    pub fn app_budget_refused(&self, app: &str) {
+        self.app_budget_refusals
+            .get_or_create(&AppLabel {
+                app: app.to_owned(),
+            })
+            .inc();
     }
 
     pub fn jobs_taken_over(&self, n: u64) {

@@ -19,7 +19,7 @@ pub(super) struct FileConfig {
     pub(super) feishu: FileFeishu,
     pub(super) default_app: Option<String>,
     #[serde(default)]
-    pub(super) apps: BTreeMap<String, FileApp>,
+    pub(super) apps: BTreeMap<String, super::apps::FileApp>,
     #[serde(default)]
     pub(super) quotas: FileQuotas,
     #[serde(default)]
@@ -125,16 +125,6 @@ impl Default for FileFeishu {
             token_refresh_before_s: 300,
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct FileApp {
-    pub(super) app_id: String,
-    /// The secret itself, or…
-    pub(super) app_secret: Option<String>,
-    /// …the name of an environment variable holding it (keeps secrets out of the file).
-    pub(super) app_secret_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

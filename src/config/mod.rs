@@ -9,11 +9,13 @@ use std::time::Duration;
 use crate::cluster::{ClusterConfig, RedisMode};
 use crate::quota::QuotaSpec;
 
+mod apps;
 mod args;
 mod auth;
 mod error;
 mod file;
 
+pub use apps::{AppConfig, BudgetConfig, BudgetPeriod, DEFAULT_APP_NAME, DEFAULT_BUDGET_TIME_ZONE};
 pub use args::ServeArgs;
 pub use auth::{
     ANONYMOUS, AppGrant, AuthConfig, CallerConfig, CallerLimits, TlsConfig, token_hash,
@@ -24,35 +26,17 @@ use file::{FileConfig, FileQuota};
 
 /// Feishu's documented base URL (Lark: `https://open.larksuite.com`).
 pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
-/// The app name used for `FEISHU_APP_ID` / `FEISHU_APP_SECRET` and for requests with no `app`.
-pub const DEFAULT_APP_NAME: &str = "default";
-
-/// One Feishu app (custom app credentials).
-#[derive(Clone, PartialEq, Eq)]
-pub struct AppConfig {
-    /// The name callers use in `ReplyRequest.app`.
-    pub name: String,
-    pub app_id: String,
-    pub app_secret: String,
-}
-
-impl std::fmt::Debug for AppConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppConfig")
-            .field("name", &self.name)
-            .field("app_id", &self.app_id)
-            .field("app_secret", &"<redacted>")
-            .finish()
-    }
-}
 
 /// Upstream quotas (DESIGN.md §2). Every window is widened by `safety_margin`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaConfig {
     pub chat: QuotaSpec,
     pub user: QuotaSpec,
-    /// Applied per app_id, all of them (Feishu: 50/s and 1000/min on the reply endpoint).
+    /// Applied per app_id, to every app without its own (Feishu: 50/s and 1000/min on the
+    /// reply endpoint).
     pub app: Vec<QuotaSpec>,
+    /// Apps with their own app quotas (`[apps.NAME] quotas`), by app_id, each once.
+    pub per_app: Vec<(String, Vec<QuotaSpec>)>,
     pub safety_margin: Duration,
 }
 
@@ -235,51 +219,7 @@ impl Config {
         }
         let invalid = |m: String| ConfigError::Invalid(m);
 
-        let mut app_list = Vec::new();
-        for (name, a) in apps {
-            let secret = match (a.app_secret, a.app_secret_env) {
-                (Some(s), None) => s,
-                (None, Some(var)) => std::env::var(&var).map_err(|_| {
-                    invalid(format!(
-                        "apps.{name}.app_secret_env names {var}, which is not set"
-                    ))
-                })?,
-                _ => {
-                    return Err(invalid(format!(
-                        "apps.{name}: give exactly one of app_secret, app_secret_env"
-                    )));
-                }
-            };
-            app_list.push(AppConfig {
-                name,
-                app_id: a.app_id,
-                app_secret: secret,
-            });
-        }
-        match (app_id, app_secret) {
-            (Some(id), Some(secret)) => {
-                app_list.retain(|a| a.name != DEFAULT_APP_NAME);
-                app_list.push(AppConfig {
-                    name: DEFAULT_APP_NAME.into(),
-                    app_id: id.clone(),
-                    app_secret: secret.clone(),
-                });
-            }
-            (None, None) => {}
-            _ => {
-                return Err(invalid(
-                    "FEISHU_APP_ID and FEISHU_APP_SECRET go together: set both or neither".into(),
-                ));
-            }
-        }
-        for a in &app_list {
-            if a.app_id.is_empty() || a.app_secret.is_empty() {
-                return Err(invalid(format!(
-                    "app {}: app_id and app_secret must not be empty",
-                    a.name
-                )));
-            }
-        }
+        let app_list = apps::apps(apps, (app_id.as_ref(), app_secret.as_ref()))?;
         let default_app = match default_app {
             Some(d) if app_list.iter().any(|a| a.name == d) => Some(d),
             Some(d) => {
@@ -294,14 +234,7 @@ impl Config {
             None => None,
         };
 
-        let spec = |what: &str, q: FileQuota| -> Result<QuotaSpec, ConfigError> {
-            let limit = NonZeroU32::new(q.limit)
-                .ok_or_else(|| invalid(format!("quotas.{what}.limit must be > 0")))?;
-            if q.window_ms == 0 {
-                return Err(invalid(format!("quotas.{what}.window_ms must be > 0")));
-            }
-            Ok(QuotaSpec::new(limit, Duration::from_millis(q.window_ms)))
-        };
+        let spec = |what: &str, q: FileQuota| apps::quota_spec(&format!("quotas.{what}"), q);
         let quotas = QuotaConfig {
             chat: spec("chat", quotas.chat)?,
             user: spec("user", quotas.user)?,
@@ -311,6 +244,17 @@ impl Config {
                 .map(|q| spec("app", *q))
                 .collect::<Result<_, _>>()?,
             safety_margin: Duration::from_millis(quotas.safety_margin_ms),
+            per_app: {
+                let mut per_app: Vec<(String, Vec<QuotaSpec>)> = Vec::new();
+                for a in &app_list {
+                    if let Some(q) = &a.quotas
+                        && !per_app.iter().any(|(id, _)| *id == a.app_id)
+                    {
+                        per_app.push((a.app_id.clone(), q.clone()));
+                    }
+                }
+                per_app
+            },
         };
 
         let base_url = feishu_base_url

@@ -26,6 +26,8 @@ pub struct FeishuClient {
     base_url: String,
     apps: Vec<App>,
     metrics: Arc<Metrics>,
+    /// Each call takes one from its app's budget first (`[apps.NAME.budget]`).
+    budgets: Option<Arc<crate::budget::Budgets>>,
 }
 
 impl FeishuClient {
@@ -55,20 +57,37 @@ impl FeishuClient {
                 })
                 .collect(),
             metrics,
+            budgets: None,
         })
+    }
+
+    /// Counts every call against the apps' budgets, refusing those past them.
+    pub fn with_budgets(mut self, budgets: Arc<crate::budget::Budgets>) -> Self {
+        self.budgets = Some(budgets);
+        self
+    }
+
+    /// Takes one call from `app`'s budget (Err: spent, the call is not made).
+    async fn spend(&self, app: AppIndex) -> Result<(), UpstreamError> {
+        match &self.budgets {
+            Some(b) => b.spend(app).await,
+            None => Ok(()),
+        }
     }
 
     /// A valid token for `app`, fetched once for all concurrent callers when needed.
     async fn token(&self, app: AppIndex) -> Result<Arc<str>, UpstreamError> {
         let a = &self.apps[app];
-        let (token, fetched) = a.token.get(|| self.fetch_token(&a.config)).await?;
+        let (token, fetched) = a.token.get(|| self.fetch_token(app)).await?;
         if fetched {
             tracing::info!(app = %a.config.name, app_id = %a.config.app_id, "tenant_access_token refreshed");
         }
         Ok(token)
     }
 
-    async fn fetch_token(&self, app: &AppConfig) -> Result<FetchedToken, UpstreamError> {
+    async fn fetch_token(&self, index: AppIndex) -> Result<FetchedToken, UpstreamError> {
+        self.spend(index).await?;
+        let app = &self.apps[index].config;
         let url = format!(
             "{}/open-apis/auth/v3/tenant_access_token/internal",
             self.base_url
@@ -111,9 +130,11 @@ impl FeishuClient {
 
     async fn post_reply(
         &self,
+        app: AppIndex,
         token: &str,
         req: &SendRequest,
     ) -> Result<SentMessage, UpstreamError> {
+        self.spend(app).await?;
         let url = format!(
             "{}/open-apis/im/v1/messages/{}/reply",
             self.base_url, req.message_id
@@ -140,9 +161,11 @@ impl FeishuClient {
 
     async fn get_message_chat(
         &self,
+        app: AppIndex,
         token: &str,
         message_id: &str,
     ) -> Result<String, UpstreamError> {
+        self.spend(app).await?;
         let url = format!("{}/open-apis/im/v1/messages/{}", self.base_url, message_id);
         let resp = self
             .http
@@ -201,7 +224,10 @@ impl Upstream for FeishuClient {
         app: AppIndex,
         req: &'a SendRequest,
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
-        Box::pin(self.with_token(app, move |t| async move { self.post_reply(&t, req).await }))
+        Box::pin(self.with_token(
+            app,
+            move |t| async move { self.post_reply(app, &t, req).await },
+        ))
     }
 
     fn message_chat<'a>(
@@ -210,7 +236,7 @@ impl Upstream for FeishuClient {
         message_id: &'a str,
     ) -> BoxFuture<'a, Result<String, UpstreamError>> {
         Box::pin(self.with_token(app, move |t| async move {
-            self.get_message_chat(&t, message_id).await
+            self.get_message_chat(app, &t, message_id).await
         }))
     }
 }

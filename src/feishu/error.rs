@@ -79,6 +79,14 @@ pub enum UpstreamError {
     /// No usable answer: connect error, timeout, connection reset.
     #[error("network error talking to Feishu ({kind}): {detail}")]
     Network { kind: &'static str, detail: String },
+    /// The app's call budget for this period is spent: the call was not made.
+    #[error("the Feishu call budget of app {app} is spent ({calls} calls per {period}); it resets in {} s", reset_in.as_secs())]
+    BudgetSpent {
+        app: String,
+        calls: u64,
+        period: &'static str,
+        reset_in: Duration,
+    },
     /// An answer that is not Feishu's JSON envelope (e.g. a proxy's HTML 502).
     #[error("unexpected answer from Feishu (HTTP {http}): {detail}")]
     BadResponse {
@@ -105,7 +113,9 @@ impl UpstreamError {
             UpstreamError::BadResponse { http, .. } if *http >= 500 => {
                 Some(RetryReason::ServerError)
             }
-            UpstreamError::BadResponse { .. } | UpstreamError::Credentials { .. } => None,
+            UpstreamError::BadResponse { .. }
+            | UpstreamError::Credentials { .. }
+            | UpstreamError::BudgetSpent { .. } => None,
         }
     }
 
@@ -127,7 +137,7 @@ impl UpstreamError {
             UpstreamError::Feishu { log_id, .. }
             | UpstreamError::Credentials { log_id, .. }
             | UpstreamError::BadResponse { log_id, .. } => log_id,
-            UpstreamError::Network { .. } => "",
+            UpstreamError::Network { .. } | UpstreamError::BudgetSpent { .. } => "",
         }
     }
 

@@ -46,6 +46,8 @@ pub struct ReplyService {
     metrics: Arc<Metrics>,
     /// Async jobs (`SubmitReply` …), when a job store is configured.
     jobs: Option<Arc<Jobs>>,
+    /// Apps' call budgets, checked at the door.
+    budgets: Option<Arc<crate::budget::Budgets>>,
 }
 
 impl ReplyService {
@@ -76,7 +78,14 @@ impl ReplyService {
             max_call: config.limits.max_call,
             metrics,
             jobs: None,
+            budgets: None,
         }
+    }
+
+    /// Refuses calls for apps whose call budget is spent, before they are queued.
+    pub fn with_budgets(mut self, budgets: Arc<crate::budget::Budgets>) -> Self {
+        self.budgets = Some(budgets);
+        self
     }
 
     /// What rebuilding a stored job needs (apps, callers by id).
@@ -229,6 +238,14 @@ impl ReplyService {
                 derived_uuid(&who, &a.name, &reply)
             }
         };
+        // An app whose call budget is known to be spent: fail now, not after the queue.
+        if let Some(b) = &self.budgets {
+            b.check(app).map_err(|error| GatewayError::Upstream {
+                error,
+                attempts: 0,
+                uuid: uuid.clone(),
+            })?;
+        }
         let chat_id = match reply.chat_id {
             Some(c) => c.into(),
             None => self.chat_of(app, &reply.message_id, call_deadline).await?,

@@ -24,7 +24,7 @@ impl Dispatcher {
         let q = &self.config.queue;
         let queued = self.queues.queued();
         if queued >= q.max_total {
-            let per_s = self.app_rate_per_sec().max(1.0);
+            let per_s = self.app_rate_per_sec(&job.spec.app_id).max(1.0);
             let retry_after = Duration::from_secs_f64((queued as f64 / per_s).clamp(1.0, 600.0));
             return job.finish(Err(GatewayError::QueueFull {
                 scope: "gateway",
@@ -34,7 +34,7 @@ impl Dispatcher {
         }
         let bytes = self.queues.queued_bytes();
         if bytes + job.weight() > q.max_total_bytes {
-            let per_s = self.app_rate_per_sec().max(1.0);
+            let per_s = self.app_rate_per_sec(&job.spec.app_id).max(1.0);
             let retry_after = Duration::from_secs_f64((queued as f64 / per_s).clamp(1.0, 600.0));
             return job.finish(Err(GatewayError::QueueFull {
                 scope: "bytes",
@@ -53,7 +53,8 @@ impl Dispatcher {
             };
             if let Some(scope) = scope {
                 // The caller's own backlog drains at most at its admission rate.
-                let per_s = f64::from(share.rate.get()).min(self.app_rate_per_sec().max(1.0));
+                let per_s = f64::from(share.rate.get())
+                    .min(self.app_rate_per_sec(&job.spec.app_id).max(1.0));
                 let retry_after = Duration::from_secs_f64((jobs as f64 / per_s).clamp(1.0, 600.0));
                 return job.finish(Err(GatewayError::QueueFull {
                     scope,
@@ -114,13 +115,14 @@ impl Dispatcher {
         user: Option<&Arc<str>>,
         app_id: &Arc<str>,
     ) -> Vec<QuotaKey> {
-        let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + self.app_quota_count);
+        let apps = self.layout.app_quotas(app_id);
+        let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + apps.len());
         keys.push(QuotaKey::new(CHAT_QUOTA, chat.clone()));
         if let Some(u) = user {
             keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
         }
-        for i in 0..self.app_quota_count {
-            keys.push(QuotaKey::new(FIRST_APP_QUOTA + i, app_id.clone()));
+        for quota in apps {
+            keys.push(QuotaKey::new(quota, app_id.clone()));
         }
         keys
     }
@@ -143,13 +145,8 @@ impl Dispatcher {
         }
     }
 
-    /// The tightest per-second rate of the app quotas (for retry estimates).
-    fn app_rate_per_sec(&self) -> f64 {
-        self.config
-            .quotas
-            .app
-            .iter()
-            .map(|q| f64::from(q.limit.get()) / q.window.as_secs_f64())
-            .fold(f64::INFINITY, f64::min)
+    /// The tightest per-second rate of `app_id`'s quotas (for retry estimates).
+    fn app_rate_per_sec(&self, app_id: &str) -> f64 {
+        self.layout.app_rate_per_sec(app_id)
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::gate::{Clock, QuotaGate};
+use super::layout::QuotaLayout;
 use super::queue::{Job, Queues};
 use super::{
     ClusterState, Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig,
@@ -18,7 +19,7 @@ use crate::cluster::gate::RedisGate;
 use crate::error::GatewayError;
 use crate::feishu::Upstream;
 use crate::metrics::Metrics;
-use crate::quota::{QuotaSpec, QuotaTable};
+use crate::quota::QuotaTable;
 
 /// Tells the dispatcher when a waiting caller goes away (its future is dropped).
 struct AbandonOnDrop<'a> {
@@ -55,8 +56,8 @@ impl Scheduler {
         let (tx, rx) = mpsc::unbounded_channel();
         let (drained_tx, drained) = watch::channel(false);
         let accepting = Arc::new(AtomicBool::new(true));
-        let mut specs: Vec<QuotaSpec> = vec![config.quotas.chat, config.quotas.user];
-        specs.extend(config.quotas.app.iter().copied());
+        let layout = Arc::new(QuotaLayout::new(&config.quotas));
+        let specs = layout.specs.clone();
         let clock = Clock::starting_now();
         let (margin, hold) = (config.quotas.safety_margin, config.send_timeout);
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -66,9 +67,7 @@ impl Scheduler {
                 watch::channel(ClusterState::Local).1,
             ),
             Some(store) => {
-                let mut kinds = vec!["chat".to_owned(), "user".to_owned()];
-                let app_windows = config.quotas.app.iter().map(|q| q.window.as_millis());
-                kinds.extend(app_windows.map(|ms| format!("app:{ms}ms")));
+                let kinds = layout.kinds.clone();
                 let (gate, state) = RedisGate::start(
                     store,
                     specs,
@@ -85,7 +84,7 @@ impl Scheduler {
         let dispatcher = Dispatcher {
             gate,
             queues: Queues::default(),
-            app_quota_count: config.quotas.app.len(),
+            layout,
             config,
             clock,
             draining_until: None,

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 mod admission;
 pub mod gate;
 mod handle;
+mod layout;
 mod outcome;
 mod queue;
 
@@ -172,7 +173,8 @@ struct Dispatcher {
     /// Where quota decisions come from: the local table, or Redis.
     gate: QuotaGate,
     queues: Queues,
-    app_quota_count: usize,
+    /// Which quotas each job's keys are in (per-app lists included).
+    layout: Arc<layout::QuotaLayout>,
     clock: Clock,
     draining_until: Option<Instant>,
     upstream: Arc<dyn Upstream>,

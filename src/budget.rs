@@ -1,0 +1,252 @@
+//! Calendar call budgets (`[apps.NAME.budget]`). Feishu's free edition allows an app 10 000
+//! API calls a month, all APIs together, counted from the 1st in China time; past it the app
+//! cannot send at all. Every call the gateway makes for an app (token, reply, message lookup)
+//! first takes one call from the app's budget: in Redis when the replicas share one (one
+//! script, atomic across replicas), else in this process. A spent budget refuses the call
+//! before it is made, with the time until the period resets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{Span, Timestamp, ToSpan, Zoned};
+use parking_lot::Mutex;
+
+use crate::cluster::{Lane, RedisQuota};
+use crate::config::{AppConfig, BudgetConfig, BudgetPeriod};
+use crate::feishu::{AppIndex, UpstreamError};
+use crate::metrics::Metrics;
+
+/// Takes one call if the count is below the limit. KEYS[1] = the app's counter for the period;
+/// ARGV[1] = limit, ARGV[2] = when the key may go (ms since the epoch). Returns {1, used} when
+/// taken, {0, used} when spent.
+const SPEND_LUA: &str = r#"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used >= tonumber(ARGV[1]) then return {0, used} end
+used = redis.call('INCR', KEYS[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return {1, used}
+"#;
+
+/// The period `now` falls in: [start, end) in the budget's time zone.
+pub fn period_of(now: Timestamp, b: &BudgetConfig) -> (Zoned, Zoned) {
+    let here = now.to_zoned(b.time_zone.clone());
+    let start = match b.period {
+        BudgetPeriod::Day => here.start_of_day(),
+        BudgetPeriod::Month => here.first_of_month().and_then(|d| d.start_of_day()),
+    }
+    .unwrap_or_else(|_| here.clone());
+    let length: Span = match b.period {
+        BudgetPeriod::Day => 1.day(),
+        BudgetPeriod::Month => 1.month(),
+    };
+    let end = start.checked_add(length).unwrap_or_else(|_| here.clone());
+    (start, end)
+}
+
+fn period_name(p: BudgetPeriod) -> &'static str {
+    match p {
+        BudgetPeriod::Day => "day",
+        BudgetPeriod::Month => "month",
+    }
+}
+
+/// One app's budget and what this process knows of it.
+struct AppBudget {
+    name: String,
+    app_id: String,
+    config: BudgetConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The period counted now (its start, as a timestamp); None before the first call.
+    start: Option<Timestamp>,
+    end: Option<Timestamp>,
+    /// Calls counted in this period: this process's (local), or the shared count last seen.
+    used: u64,
+    /// Calls taken here while Redis did not answer (cluster mode).
+    unshared: u64,
+}
+
+/// Every app's budget; apps without one are never refused.
+pub struct Budgets {
+    apps: Vec<Option<AppBudget>>,
+    redis: Option<Arc<RedisQuota>>,
+    spend: redis::Script,
+    metrics: Arc<Metrics>,
+}
+
+impl Budgets {
+    pub fn new(apps: &[AppConfig], redis: Option<Arc<RedisQuota>>, metrics: Arc<Metrics>) -> Self {
+        let apps = apps
+            .iter()
+            .map(|a| {
+                a.budget.clone().map(|config| {
+                    metrics.set_app_budget(&a.name, config.calls, 0);
+                    AppBudget {
+                        name: a.name.clone(),
+                        app_id: a.app_id.clone(),
+                        config,
+                        state: Mutex::new(State::default()),
+                    }
+                })
+            })
+            .collect();
+        Self {
+            apps,
+            redis,
+            spend: redis::Script::new(SPEND_LUA),
+            metrics,
+        }
+    }
+
+    /// Whether any app has a budget.
+    pub fn any(&self) -> bool {
+        self.apps.iter().any(Option::is_some)
+    }
+
+    /// Refuses at once when this process already knows the budget of `app` is spent for the
+    /// current period (no call is made to find out).
+    pub fn check(&self, app: AppIndex) -> Result<(), UpstreamError> {
+        let Some(Some(b)) = self.apps.get(app) else {
+            return Ok(());
+        };
+        let now = Timestamp::now();
+        let state = b.state.lock();
+        match (state.end, state.used + state.unshared >= b.config.calls) {
+            (Some(end), true) if now < end => Err(self.refuse(b, now, end)),
+            _ => Ok(()),
+        }
+    }
+
+    /// A refusal: counted, with the time until the period resets.
+    fn refuse(&self, b: &AppBudget, now: Timestamp, end: Timestamp) -> UpstreamError {
+        self.metrics.app_budget_refused(&b.name);
+        let reset_in = end
+            .duration_since(now)
+            .try_into()
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_secs(1));
+        UpstreamError::BudgetSpent {
+            app: b.name.clone(),
+            calls: b.config.calls,
+            period: period_name(b.config.period),
+            reset_in,
+        }
+    }
+
+    /// Takes one call from `app`'s budget before a Feishu call, or refuses it.
+    pub async fn spend(&self, app: AppIndex) -> Result<(), UpstreamError> {
+        let Some(Some(b)) = self.apps.get(app) else {
+            return Ok(());
+        };
+        let now = Timestamp::now();
+        let (start, end) = period_of(now, &b.config);
+        let (start, end) = (start.timestamp(), end.timestamp());
+        {
+            let mut state = b.state.lock();
+            if state.start != Some(start) {
+                *state = State {
+                    start: Some(start),
+                    end: Some(end),
+                    ..State::default()
+                };
+            }
+        }
+        let Some(redis) = &self.redis else {
+            // One process: count here.
+            let mut state = b.state.lock();
+            if state.used >= b.config.calls {
+                return Err(self.refuse(b, now, end));
+            }
+            state.used += 1;
+            self.metrics
+                .set_app_budget(&b.name, b.config.calls, state.used);
+            return Ok(());
+        };
+        let key = redis.key_name("budget", &format!("{}:{}", b.app_id, start.as_second()));
+        // The counter outlives its period by a day (then Redis drops it).
+        let expire_at = end.as_millisecond() + 86_400_000;
+        let mut inv = self.spend.prepare_invoke();
+        inv.key(&key).arg(b.config.calls).arg(expire_at);
+        let answer: Result<Vec<u64>, _> = redis.call_on(Lane::Quota, "budget", inv).await;
+        let mut state = b.state.lock();
+        match answer.as_deref() {
+            Ok([taken, used]) => {
+                state.used = *used;
+                state.unshared = 0;
+                self.metrics.set_app_budget(&b.name, b.config.calls, *used);
+                if *taken == 1 {
+                    Ok(())
+                } else {
+                    Err(self.refuse(b, now, end))
+                }
+            }
+            _ => {
+                // Redis did not answer: this replica may take its share of what was left at
+                // the last count it saw (the others do the same), never more.
+                let left = b.config.calls.saturating_sub(state.used);
+                let share = left / u64::try_from(redis.replicas().max(1)).unwrap_or(1);
+                if state.unshared >= share {
+                    return Err(self.refuse(b, now, end));
+                }
+                state.unshared += 1;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(period: BudgetPeriod) -> BudgetConfig {
+        BudgetConfig {
+            calls: 10,
+            period,
+            time_zone: jiff::tz::TimeZone::get("Asia/Shanghai").unwrap(),
+            time_zone_name: "Asia/Shanghai".into(),
+        }
+    }
+
+    #[test]
+    fn periods_follow_the_calendar_in_the_budget_s_time_zone() {
+        // 2026-11-30 16:30 UTC is 2026-12-01 00:30 in Shanghai: December's budget.
+        let now: Timestamp = "2026-11-30T16:30:00Z".parse().unwrap();
+        let (start, end) = period_of(now, &budget(BudgetPeriod::Month));
+        assert_eq!(start.timestamp(), "2026-11-30T16:00:00Z".parse().unwrap());
+        assert_eq!(end.timestamp(), "2026-12-31T16:00:00Z".parse().unwrap());
+        // Half an hour earlier it is still November there.
+        let (start, _) = period_of(
+            "2026-11-30T15:30:00Z".parse().unwrap(),
+            &budget(BudgetPeriod::Month),
+        );
+        assert_eq!(start.timestamp(), "2026-10-31T16:00:00Z".parse().unwrap());
+        // Days run midnight to midnight, Shanghai time.
+        let (start, end) = period_of(now, &budget(BudgetPeriod::Day));
+        assert_eq!(start.timestamp(), "2026-11-30T16:00:00Z".parse().unwrap());
+        assert_eq!(end.timestamp(), "2026-12-01T16:00:00Z".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_local_budget_refuses_the_call_after_the_last_with_the_time_to_reset() {
+        let mut app = AppConfig::new("bot", "cli_b", "s");
+        app.budget = Some(budget(BudgetPeriod::Day));
+        let budgets = Budgets::new(&[app], None, Arc::new(Metrics::new()));
+        for _ in 0..10 {
+            budgets.spend(0).await.unwrap();
+        }
+        budgets.check(0).unwrap_err();
+        match budgets.spend(0).await {
+            Err(UpstreamError::BudgetSpent {
+                reset_in, calls, ..
+            }) => {
+                assert_eq!(calls, 10);
+                assert!(reset_in > Duration::ZERO && reset_in <= Duration::from_secs(86_400));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
