@@ -10,7 +10,10 @@
 //! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
 //!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
 //!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`;
-//!   `config::file` the file format and its defaults).
+//!   `config::file` the file format and its defaults; `config::apps` apps with their own
+//!   quotas and budgets).
+//! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
+//!   one first (in Redis across replicas, else in the process); spent = refused until the reset.
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
 //!   which apps it may use, its admission rate buckets.
 //! - [`listen`]: accepting connections within limits (per-port caps, first-bytes deadline,
@@ -22,7 +25,8 @@
 //!   calls, shutdown drain, its own death made visible); `scheduler::handle` the handle
 //!   callers use (start, submit, reply, cancel, seed past sends, shutdown); `scheduler::admission` queue bounds
 //!   (count and bytes) and deadlines at the door; `scheduler::queue` the per-chat queue
-//!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a runtime); [`scheduler::gate`] the quota seam
+//!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a runtime);
+//!   `scheduler::layout` which quotas a job counts in (per-app lists); [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table or Redis); `scheduler::outcome` settling a send and its
 //!   retries (and which keys a rate refusal counts in).
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
