@@ -535,6 +535,8 @@ impl Metrics {
         self.app_budget_remaining
             .get_or_create(&label)
             .set(g(calls.saturating_sub(used)));
+        // The refusal counter exists (at 0) as soon as the app has a budget.
+        let _ = self.app_budget_refusals.get_or_create(&label);
     }
 
     pub fn app_budget_refused(&self, app: &str) {
@@ -603,6 +605,7 @@ mod tests {
         m.token_refresh("ok");
         m.rate_rejection("default", RetryReason::RateLimited);
         m.chat_lookup("hit");
+        m.set_app_budget("default", 10, 1);
         let text = m.encode();
         for name in METRIC_NAMES {
             assert!(

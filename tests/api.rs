@@ -362,7 +362,12 @@ async fn concurrent_first_calls_share_one_token_fetch() {
 
 #[tokio::test]
 async fn health_reflection_and_probes_are_served() {
-    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    // With a budget, so that the budget metrics (per app with one) are among those exported.
+    let gw = spawn_gateway(
+        FakeOptions::default(),
+        "[apps.default.budget]\ncalls = 1000000\nperiod = \"month\"\n",
+    )
+    .await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(gw.channel.clone());
     let s = health
         .check(tonic_health::pb::HealthCheckRequest {

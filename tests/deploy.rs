@@ -35,7 +35,12 @@ fn metric_tokens(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_metric_named_in_deploy_and_readme_is_exported() {
-    let gw = common::spawn_gateway(FakeOptions::default(), "").await;
+    // With a budget: its metrics exist for apps that have one.
+    let gw = common::spawn_gateway(
+        FakeOptions::default(),
+        "[apps.default.budget]\ncalls = 1000000\nperiod = \"month\"\n",
+    )
+    .await;
     gw.reply(common::text("om_d", "oc_d", "x")).await.unwrap();
     let (_, scrape) = gw.http_get("/metrics").await;
     let mut exported = BTreeSet::new();
