@@ -326,7 +326,13 @@ async fn replies_parked_by_the_local_fallback_go_out_as_soon_as_redis_is_back() 
 async fn cluster_mode_speaks_tls_to_redis_and_checks_its_certificate() {
     let redis = RedisServer::start_tls();
     let fake = spawn_fake(FakeOptions::default()).await;
-    let ca = format!("redis_ca_file = \"{}\"", redis.ca_file().display());
+    // A generous Redis timeout: a TLS handshake on a loaded machine (two connections at start,
+    // quotas and jobs) can take longer than the default 100 ms, and this test is about
+    // certificates, not timeouts.
+    let ca = format!(
+        "redis_ca_file = \"{}\"\nredis_timeout_ms = 1000",
+        redis.ca_file().display()
+    );
     let trusted = spawn_gateway_on(
         fake.clone(),
         cluster_config(&fake, &redis.url(), &unique_prefix("tls"), &ca),

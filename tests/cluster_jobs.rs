@@ -7,12 +7,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
-    ServeProcess, connect, eventually, free_port, shared_redis, spawn_fake, spawn_gateway_on, text,
+    ServeProcess, assert_in_order, connect, eventually, free_port, posts, shared_redis, spawn_fake,
+    spawn_gateway_on, text,
 };
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
@@ -74,31 +74,6 @@ async fn all_delivered(c: &mut ReplyGatewayClient<Channel>, ids: &[String], with
     }
 }
 
-/// Posts per uuid (successes, not deduped) and message ids per chat in the order posted.
-fn posts(fake: &FakeFeishu) -> (HashMap<String, usize>, HashMap<String, Vec<String>>) {
-    let mut by_uuid: HashMap<String, usize> = HashMap::new();
-    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
-    for r in fake.received().iter().filter(|r| r.code == 0 && !r.deduped) {
-        *by_uuid.entry(r.uuid.clone()).or_default() += 1;
-        per_chat
-            .entry(r.chat_id.clone())
-            .or_default()
-            .push(r.message_id.clone());
-    }
-    (by_uuid, per_chat)
-}
-
-/// Message ids (`om_<n>_in_<chat>`, numbered in submit order) posted in each of `chats`
-/// chats in order.
-fn assert_in_order(per_chat: &HashMap<String, Vec<String>>, chats: usize) {
-    assert_eq!(per_chat.len(), chats, "{per_chat:?}");
-    for (chat, ids) in per_chat {
-        let mut sorted = ids.clone();
-        sorted.sort();
-        assert_eq!(ids, &sorted, "order in {chat}");
-    }
-}
-
 #[tokio::test]
 async fn a_killed_replica_s_jobs_are_delivered_once_by_the_others() {
     let (url, _redis) = shared_redis();
@@ -111,26 +86,9 @@ async fn a_killed_replica_s_jobs_are_delivered_once_by_the_others() {
     let mut to_a = connect(ports[0]).await;
     let mut to_b = connect(ports[1]).await;
     let mut to_c = connect(ports[2]).await;
-    // 45 jobs to 3 chats through A: 3 s of backlog at 5/s per chat (GATEWAY_TEST_JOBS=300
-    // runs the size: 20 s).
-    let n: usize = std::env::var("GATEWAY_TEST_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(45);
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let chat = i % 3;
-        let r = to_a
-            .submit_reply(text(
-                &format!("om_ck{i:04}_in_ck{chat}"),
-                &format!("oc_ck{chat}"),
-                &format!("ck {i}"),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        ids.push(r.job_id);
-    }
+    // 45 jobs to 3 chats through A: 3 s of backlog at 5/s per chat.
+    let n = common::backlog_jobs();
+    let ids = common::submit_backlog(&mut to_a, "ck", n).await;
     // Watch the last job from C: it sees it through to DELIVERED although A dies.
     let mut watch = to_c
         .watch_reply(GetReplyRequest {
@@ -368,20 +326,7 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
     let _b = ServeProcess::start(&file, ports[1]);
     let mut to_a = connect(ports[0]).await;
     let mut to_b = connect(ports[1]).await;
-    let mut ids = Vec::new();
-    for i in 0..30 {
-        let chat = i % 3;
-        let r = to_a
-            .submit_reply(text(
-                &format!("om_p{i:04}_in_p{chat}"),
-                &format!("oc_p{chat}"),
-                &format!("p {i}"),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        ids.push(r.job_id);
-    }
+    let ids = common::submit_backlog(&mut to_a, "p", 30).await;
     eventually("some jobs posted", async || fake.received().len() >= 6).await;
     a.signal("STOP");
     all_delivered(&mut to_b, &ids, LEASE + Duration::from_secs(15)).await;

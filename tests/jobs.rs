@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -224,27 +223,9 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
     let port = free_port();
     let gw = ServeProcess::start(&config, port);
     let mut c = connect(port).await;
-    // 45 jobs to 3 chats: 15 per chat at 5/s is 3 s of backlog (GATEWAY_TEST_JOBS=300 runs
-    // the full size: 100 per chat, 20 s).
-    let n: usize = std::env::var("GATEWAY_TEST_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(45);
-    let mut ids = Vec::new();
-    for i in 0..n {
-        // The fake puts `om_X_in_NAME` in chat `oc_NAME`: its per-chat counts see our chats.
-        let chat = i % 3;
-        let r = c
-            .submit_reply(text(
-                &format!("om_k{i:04}_in_k{chat}"),
-                &format!("oc_k{chat}"),
-                &format!("k {i}"),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        ids.push(r.job_id);
-    }
+    // 45 jobs to 3 chats: 15 per chat at 5/s is 3 s of backlog.
+    let n = common::backlog_jobs();
+    let ids = common::submit_backlog(&mut c, "k", n).await;
     // Mid-backlog: some posted, most not.
     eventually("some jobs posted", async || fake.received().len() >= 6).await;
     let mut gw = gw;
@@ -275,24 +256,10 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
         }
     }
     // Exactly once: one post per uuid; per chat in the order submitted.
-    let received = fake.received();
-    let mut posts: HashMap<String, usize> = HashMap::new();
-    let mut per_chat: HashMap<String, Vec<String>> = HashMap::new();
-    for r in received.iter().filter(|r| r.code == 0 && !r.deduped) {
-        *posts.entry(r.uuid.clone()).or_default() += 1;
-        per_chat
-            .entry(r.chat_id.clone())
-            .or_default()
-            .push(r.message_id.clone());
-    }
+    let (posts, per_chat) = common::posts(&fake);
     assert_eq!(posts.len(), n, "every job posted");
-    assert_eq!(per_chat.len(), 3, "{per_chat:?}");
     assert!(posts.values().all(|&n| n == 1), "{posts:?}");
-    for (chat, ids) in &per_chat {
-        let mut sorted = ids.clone();
-        sorted.sort();
-        assert_eq!(ids, &sorted, "order in {chat}");
-    }
+    common::assert_in_order(&per_chat, 3);
     eprintln!(
         "posted before the kill: {posted_before}; rate rejections: {}",
         fake.stats().rate_rejections()

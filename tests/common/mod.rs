@@ -688,3 +688,66 @@ pub fn shared_redis() -> (String, Option<RedisServer>) {
         }
     }
 }
+
+/// Jobs for the backlog tests: 45 (3 s at 5/s over 3 chats), or `GATEWAY_TEST_JOBS` (300 is
+/// the size: 20 s).
+pub fn backlog_jobs() -> usize {
+    std::env::var("GATEWAY_TEST_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(45)
+}
+
+/// Submits `n` jobs round-robin to 3 chats `oc_<tag>0..2`, messages `om_<tag><i>_in_<tag><c>`
+/// (the fake puts them in those chats, numbered in submit order); their ids.
+pub async fn submit_backlog(
+    c: &mut ReplyGatewayClient<Channel>,
+    tag: &str,
+    n: usize,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let chat = i % 3;
+        let r = c
+            .submit_reply(text(
+                &format!("om_{tag}{i:04}_in_{tag}{chat}"),
+                &format!("oc_{tag}{chat}"),
+                &format!("{tag} {i}"),
+            ))
+            .await
+            .expect("submit")
+            .into_inner();
+        ids.push(r.job_id);
+    }
+    ids
+}
+
+/// Posts at the fake: successes (not deduped) per uuid, and message ids per chat in the order
+/// posted.
+pub fn posts(
+    fake: &FakeFeishu,
+) -> (
+    std::collections::HashMap<String, usize>,
+    std::collections::HashMap<String, Vec<String>>,
+) {
+    let mut by_uuid = std::collections::HashMap::<String, usize>::new();
+    let mut per_chat = std::collections::HashMap::<String, Vec<String>>::new();
+    for r in fake.received().iter().filter(|r| r.code == 0 && !r.deduped) {
+        *by_uuid.entry(r.uuid.clone()).or_default() += 1;
+        per_chat
+            .entry(r.chat_id.clone())
+            .or_default()
+            .push(r.message_id.clone());
+    }
+    (by_uuid, per_chat)
+}
+
+/// Message ids (numbered in submit order) posted in each of `chats` chats in order.
+pub fn assert_in_order(per_chat: &std::collections::HashMap<String, Vec<String>>, chats: usize) {
+    assert_eq!(per_chat.len(), chats, "{per_chat:?}");
+    for (chat, ids) in per_chat {
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, &sorted, "order in {chat}");
+    }
+}
