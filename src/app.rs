@@ -24,6 +24,7 @@ use crate::grpc::ReplyService;
 use crate::jobs::{Backend, JobStore, Jobs, RedisJobStore};
 use crate::listen::{self, PortLimits};
 use crate::metrics::Metrics;
+use crate::proto::reply_admin_server::ReplyAdminServer;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
 use crate::scheduler::{ClusterState, Scheduler, SchedulerConfig};
 
@@ -180,6 +181,9 @@ pub async fn run_with_upstream(
     if let Some(b) = budgets.filter(|b| b.any()) {
         service = service.with_budgets(b);
     }
+    if let Some(redis) = &store {
+        service = service.with_redis(redis.clone());
+    }
     // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
     // when a data dir is set.
     let backend = match (&store, &config.data_dir, &config.cluster) {
@@ -333,6 +337,7 @@ pub async fn run_with_upstream(
     let grpc = server
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(ReplyAdminServer::from_arc(service.clone()))
         .add_service(listen::Budgeted::new(
             ReplyGatewayServer::from_arc(service).max_decoding_message_size(MAX_REQUEST_BYTES),
             listen::BodyBudget::new(

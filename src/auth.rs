@@ -64,6 +64,8 @@ pub struct Authenticator {
     by_token: HashMap<[u8; 32], CallerId>,
     by_identity: HashMap<String, CallerId>,
     grants: Vec<AppGrant>,
+    /// May use the admin service, by caller id.
+    admins: Vec<bool>,
     limits: Vec<CallerLimits>,
     names: Vec<Arc<str>>,
     allow_anonymous: bool,
@@ -91,10 +93,20 @@ impl Authenticator {
             by_token,
             by_identity,
             grants: config.callers.iter().map(|c| c.apps.clone()).collect(),
+            admins: config.callers.iter().map(|c| c.admin).collect(),
             limits: config.limits_by_id(),
             names,
             allow_anonymous: config.allow_anonymous,
         }
+    }
+
+    /// May `caller` use the admin service? Configured callers with `admin = true`, and
+    /// anyone when anonymous calls are allowed (no credentials are checked at all then).
+    pub fn is_admin(&self, caller: &Caller) -> bool {
+        if caller.anonymous {
+            return self.allow_anonymous;
+        }
+        self.admins.get(caller.id).copied().unwrap_or(false)
     }
 
     /// Every caller's name by id (anonymous last), for metrics.

@@ -4,8 +4,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use feishu_reply_gateway::proto::reply_admin_client::ReplyAdminClient;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
-use feishu_reply_gateway::proto::{GetReplyRequest, ReplyJob, ReplyRequest, ReplyResponse};
+use feishu_reply_gateway::proto::{
+    GetReplyRequest, InspectChatRequest, ReplyJob, ReplyRequest, ReplyResponse,
+};
 use tonic_types::StatusExt;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -217,6 +220,71 @@ pub async fn job(args: JobArgs) -> Result<ExitCode, BoxError> {
     };
     match result {
         Ok(printed) => printed.map(|()| ExitCode::SUCCESS),
+        Err(status) => Ok(print_status(&status)),
+    }
+}
+
+/// `inspect chat ID`.
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    #[command(subcommand)]
+    what: InspectWhat,
+    /// Gateway address (in cluster mode, the replica running the chat: route by x-chat-id).
+    #[arg(
+        long,
+        env = "GATEWAY_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+    /// Bearer token of a caller with `admin = true`.
+    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+enum InspectWhat {
+    /// A chat's queue and the quotas that hold it.
+    Chat { chat_id: String },
+}
+
+pub async fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
+    let mut client = ReplyAdminClient::connect(args.addr.clone())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+    let InspectWhat::Chat { chat_id } = args.what;
+    let mut req = tonic::Request::new(InspectChatRequest {
+        chat_id: chat_id.clone(),
+    });
+    authorize(&mut req, args.token.as_deref())?;
+    req.metadata_mut().insert(
+        "x-chat-id",
+        chat_id
+            .parse()
+            .map_err(|_| "the chat id is not a valid header value")?,
+    );
+    match client.inspect_chat(req).await {
+        Ok(r) => {
+            let c = r.into_inner();
+            let quotas: Vec<_> = c
+                .quotas
+                .iter()
+                .map(|q| {
+                    serde_json::json!({
+                        "kind": q.kind, "id": q.id, "limit": q.limit, "window_ms": q.window_ms,
+                        "used": q.used, "frees_in_ms": q.frees_in_ms,
+                    })
+                })
+                .collect();
+            let out = serde_json::json!({
+                "chat_id": c.chat_id, "queued": c.queued, "queued_bytes": c.queued_bytes,
+                "busy": c.busy, "head_age_ms": c.head_age_ms, "next_try_in_ms": c.next_try_in_ms,
+                "held_by": c.held_by, "frees_in_ms": c.frees_in_ms, "source": c.source,
+                "quotas": quotas,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Err(status) => Ok(print_status(&status)),
     }
 }

@@ -31,6 +31,10 @@ pub enum GatewayError {
     UnknownApp(String),
     #[error("{0}")]
     Unauthenticated(#[from] crate::auth::AuthError),
+    #[error(
+        "caller {0} may not use the admin service (set admin = true in its [callers.*] section)"
+    )]
+    NotAdmin(String),
     #[error("caller {caller:?} may not send as app {app:?}")]
     AppNotAllowed { caller: String, app: String },
     #[error("no job {0:?} (unknown, expired, or another caller's)")]
@@ -125,7 +129,9 @@ impl GatewayError {
             GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
             GatewayError::UnknownApp(_) => Code::NotFound,
             GatewayError::Unauthenticated(_) => Code::Unauthenticated,
-            GatewayError::AppNotAllowed { .. } => Code::PermissionDenied,
+            GatewayError::AppNotAllowed { .. } | GatewayError::NotAdmin(_) => {
+                Code::PermissionDenied
+            }
             GatewayError::JobNotFound(_) => Code::NotFound,
             GatewayError::NoJobStore | GatewayError::NotCancellable(_) => Code::FailedPrecondition,
             GatewayError::JobStore(_) => Code::Unavailable,
@@ -149,6 +155,7 @@ impl GatewayError {
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
             GatewayError::Unauthenticated(e) => e.reason().into(),
             GatewayError::AppNotAllowed { .. } => "APP_NOT_ALLOWED".into(),
+            GatewayError::NotAdmin(_) => "NOT_ADMIN".into(),
             GatewayError::JobNotFound(_) => "JOB_NOT_FOUND".into(),
             GatewayError::NoJobStore => "NO_JOB_STORE".into(),
             GatewayError::JobStore(_) => "JOB_STORE".into(),

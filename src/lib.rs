@@ -26,7 +26,8 @@
 //!   callers use (start, submit, reply, cancel, seed past sends, shutdown); `scheduler::admission` queue bounds
 //!   (count and bytes) and deadlines at the door; `scheduler::queue` the per-chat queue
 //!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a runtime);
-//!   `scheduler::layout` which quotas a job counts in (per-app lists); [`scheduler::gate`] the quota seam
+//!   `scheduler::layout` which quotas a job counts in (per-app lists); [`scheduler::inspect`]
+//!   one chat's queue and the quotas holding it; [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table or Redis); `scheduler::outcome` settling a send and its
 //!   retries (and which keys a rate refusal counts in).
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
@@ -38,7 +39,8 @@
 //!   fallback table, heartbeat, state published through a `watch`).
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
-//!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply).
+//!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply;
+//!   `grpc::admin`: the `ReplyAdmin` service, InspectChat).
 //! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
 //!   `jobs::store` the embedded redb store with group commit (single node); `jobs::redis` the
 //!   cluster store in the shared Redis (one runner per chat, leases, takeover, fenced writes;
@@ -51,7 +53,7 @@
 //!   `fake_feishu::reply`, quota counters in `fake_feishu::window`);
 //!   [`fake_feishu::sim`] the same Feishu in-process on tokio's clock, for virtual-time tests.
 //! - [`app`]: wiring, metrics/health HTTP port, shutdown sequence.
-//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`, `job get|watch|cancel`).
+//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`, `job get|watch|cancel`, `inspect chat`).
 //!
 //! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
 //! on loopback; `tests/pacing.rs` proves pacing in virtual time), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),

@@ -52,6 +52,8 @@ enum Command {
     Send(client::SendArgs),
     /// Look at or cancel an async job: `job get|watch|cancel ID`.
     Job(client::JobArgs),
+    /// Why is a reply slow: `inspect chat ID` (queue, and the quota that holds it).
+    Inspect(client::InspectArgs),
     /// Exit 0 when the gateway's health endpoint answers 200 (container HEALTHCHECK; needs
     /// no curl in the image).
     Probe(ProbeArgs),
@@ -118,6 +120,7 @@ fn main() -> ExitCode {
             Command::FakeFeishu(args) => fake(args).await,
             Command::Send(args) => client::send(args).await,
             Command::Job(args) => client::job(args).await,
+            Command::Inspect(args) => client::inspect(args).await,
             Command::Probe(args) => probe(args),
         }
     });

@@ -316,6 +316,26 @@ impl QuotaTable {
         &self.specs
     }
 
+    /// One key as known at `now`: the sends that still count in its window (in flight ones
+    /// included) and when it has room for one more (≤ `now`: it has room now).
+    pub fn usage(&self, key: &QuotaKey, now: Micros) -> (u32, Micros) {
+        let span = self.spans[key.quota];
+        let floor = floor_plus(self.floor, span);
+        match self.keys[key.quota].get(&key.hash) {
+            None => (0, floor),
+            Some(ring) => {
+                let used = ring
+                    .entries()
+                    .filter(|&slot| latest_arrival(slot, self.hold, now).saturating_add(span) > now)
+                    .count();
+                (
+                    u32::try_from(used).unwrap_or(u32::MAX),
+                    ring.ready_at(span, self.hold, now).max(floor),
+                )
+            }
+        }
+    }
+
     /// The earliest instant, as known at `now`, at which every key has room at the same time
     /// (≤ `now` = ready).
     pub fn ready_at(&self, keys: &[QuotaKey], now: Micros) -> Micros {

@@ -34,7 +34,9 @@ pub mod gate;
 mod scripts;
 
 use crate::quota::micros;
-use scripts::{BLOCK_LUA, DECIDE_LUA, HEARTBEAT_LUA, RELEASE_LUA, REPLAY_LUA, SETTLE_LUA};
+use scripts::{
+    BLOCK_LUA, DECIDE_LUA, HEARTBEAT_LUA, INSPECT_LUA, RELEASE_LUA, REPLAY_LUA, SETTLE_LUA,
+};
 
 /// Lost decisions remembered for release (each a few hundred bytes).
 const MAX_UNKNOWN: usize = 10_000;
@@ -591,6 +593,34 @@ impl RedisQuota {
         }
         let _: i64 = self.call("replay", inv).await?;
         Ok(())
+    }
+
+    /// The shared counts of `keys` (introspection; nothing is changed): per key, the sends in
+    /// its window and when it has room for one more.
+    pub async fn inspect(&self, keys: &[SharedKey]) -> Result<Vec<(u32, Duration)>, ClusterError> {
+        let script = redis::Script::new(INSPECT_LUA);
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(&k.name);
+        }
+        for k in keys {
+            inv.arg(k.limit).arg(k.span_us);
+        }
+        let v: Vec<i64> = self.call("inspect", inv).await?;
+        if v.len() != 2 * keys.len() {
+            return Err(ClusterError::Protocol(format!(
+                "inspect returned {} values",
+                v.len()
+            )));
+        }
+        Ok(v.chunks(2)
+            .map(|p| {
+                (
+                    u32::try_from(p[0]).unwrap_or(u32::MAX),
+                    Duration::from_micros(u64::try_from(p[1]).unwrap_or(0)),
+                )
+            })
+            .collect())
     }
 
     /// Announces this replica and learns how many are alive.

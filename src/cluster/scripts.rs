@@ -108,3 +108,24 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 5000)
 redis.call('PEXPIRE', KEYS[1], 60000)
 return redis.call('ZCARD', KEYS[1])
 "#;
+
+/// Reads keys without changing them (introspection): ARGV[2i-1] = limit, ARGV[2i] = span (µs)
+/// of KEYS[i]. Returns {used, frees_in_us} per key, counted like DECIDE counts.
+pub(super) const INSPECT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[2 * i - 1])
+  local span = tonumber(ARGV[2 * i])
+  local live = redis.call('ZRANGEBYSCORE', KEYS[i], '(' .. (now - span), '+inf', 'WITHSCORES')
+  local c = #live / 2
+  local frees = 0
+  if c >= limit then
+    frees = math.max(0, math.min(tonumber(live[2 * (c - limit) + 2]) + span - now, span))
+  end
+  table.insert(out, c)
+  table.insert(out, frees)
+end
+return out
+"#;

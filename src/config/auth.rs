@@ -52,6 +52,8 @@ pub struct CallerConfig {
     pub tls_identities: Vec<String>,
     pub apps: AppGrant,
     pub limits: CallerLimits,
+    /// May use the admin service (introspection).
+    pub admin: bool,
 }
 
 impl std::fmt::Debug for CallerConfig {
@@ -62,6 +64,7 @@ impl std::fmt::Debug for CallerConfig {
             .field("tls_identities", &self.tls_identities)
             .field("apps", &self.apps)
             .field("limits", &self.limits)
+            .field("admin", &self.admin)
             .finish()
     }
 }
@@ -120,6 +123,8 @@ pub(super) struct FileCaller {
     burst: Option<u32>,
     max_queued: Option<usize>,
     max_queued_bytes: Option<usize>,
+    #[serde(default)]
+    admin: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -311,6 +316,7 @@ pub(super) fn build(input: AuthInput<'_>) -> Result<(AuthConfig, Option<TlsConfi
             tls_identities: c.tls_identities,
             apps,
             limits,
+            admin: c.admin,
         });
     }
     let allow_anonymous = input.auth.allow_anonymous || input.allow_anonymous_override;

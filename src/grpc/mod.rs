@@ -3,6 +3,7 @@
 //! every failure through [`GatewayError::to_status`] (the one error table). The async API
 //! (`SubmitReply`, `GetReply`, `WatchReply`, `CancelReply`) is in `grpc::jobs`.
 
+mod admin;
 mod jobs;
 
 use std::net::IpAddr;
@@ -48,6 +49,8 @@ pub struct ReplyService {
     jobs: Option<Arc<Jobs>>,
     /// Apps' call budgets, checked at the door.
     budgets: Option<Arc<crate::budget::Budgets>>,
+    /// Cluster mode: where the shared quota counts are (introspection reads them).
+    redis: Option<Arc<crate::cluster::RedisQuota>>,
 }
 
 impl ReplyService {
@@ -79,7 +82,14 @@ impl ReplyService {
             metrics,
             jobs: None,
             budgets: None,
+            redis: None,
         }
+    }
+
+    /// Cluster mode: introspection reads the shared quota counts from this Redis.
+    pub fn with_redis(mut self, redis: Arc<crate::cluster::RedisQuota>) -> Self {
+        self.redis = Some(redis);
+        self
     }
 
     /// Refuses calls for apps whose call budget is spent, before they are queued.

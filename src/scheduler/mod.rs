@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 mod admission;
 pub mod gate;
 mod handle;
+pub mod inspect;
 mod layout;
 mod outcome;
 mod queue;
@@ -114,6 +115,11 @@ enum Command {
     },
     /// Sends a previous process made (restart): they count in the local windows.
     Seed(Vec<PastSend>),
+    /// Introspection: one chat as it stands.
+    InspectChat {
+        chat_id: Arc<str>,
+        done: oneshot::Sender<inspect::ChatSnapshot>,
+    },
     /// Tests: the dispatcher panics (a bug), to check that its death is visible.
     #[cfg(test)]
     Crash,
@@ -295,6 +301,9 @@ impl Dispatcher {
                     job.finish(Err(GatewayError::Cancelled));
                 }
                 let _ = done.send(found);
+            }
+            Command::InspectChat { chat_id, done } => {
+                let _ = done.send(self.inspect_chat(&chat_id));
             }
         }
     }

@@ -77,6 +77,15 @@ impl Job {
     }
 }
 
+/// One chat's queue, read for introspection ([`Queues::chat`]).
+pub(super) struct ChatView<'a> {
+    pub queued: usize,
+    pub bytes: usize,
+    pub busy: bool,
+    pub head: Option<&'a Job>,
+    pub next_try: Option<Micros>,
+}
+
 /// Why a queued job left without being sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Dropped {
@@ -454,6 +463,26 @@ impl Queues {
         let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
         let d = self.deadlines.peek().map(|Reverse((t, _, _))| *t);
         [t, d].into_iter().flatten().min()
+    }
+
+    /// One chat as it stands (introspection): its waiting jobs and their bytes, whether its
+    /// head is being sent or decided, the head job, and when it is tried next (a timer; None
+    /// when runnable now, busy, or waiting in a gate's line).
+    pub fn chat(&self, chat_id: &str) -> Option<ChatView<'_>> {
+        let q = self.chats.get(chat_id)?;
+        let next_try = self
+            .timers
+            .iter()
+            .filter(|Reverse((_, ticket, chat))| **chat == *chat_id && *ticket == q.ticket)
+            .map(|Reverse((at, _, _))| *at)
+            .min();
+        Some(ChatView {
+            queued: q.jobs.len(),
+            bytes: q.jobs.iter().map(Job::weight).sum(),
+            busy: q.busy,
+            head: q.jobs.front(),
+            next_try,
+        })
     }
 
     /// Returns the memory of a burst of chats once they are gone.
