@@ -32,8 +32,8 @@
 //!   retries (and which keys a rate refusal counts in).
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
 //! - [`error`]: `GatewayError` and the one error → gRPC status table.
-//! - [`cluster`]: the Redis connection (standalone or Redis Cluster, TLS; a second one, `Lane::Jobs`,
-//!   for the job store) and the quota store (Lua scripts in
+//! - [`cluster`]: Redis: `cluster::conn` the connections (standalone or Redis Cluster, TLS;
+//!   one per lane: quotas, and the job store) and the quota store (Lua scripts in
 //!   `cluster::scripts`: decide, settle in batches, release, block, replay, heartbeat);
 //!   [`cluster::gate`] the Redis quota gate (lines behind shared keys, failure policy and
 //!   fallback table, heartbeat, state published through a `watch`).

@@ -33,6 +33,12 @@ async fn fill(gw: &TestGateway, chat: &str) -> Vec<tokio::task::JoinHandle<()>> 
         }));
     }
     eventually("five posted", async || gw.fake.received().len() >= 5).await;
+    // …and the other two queued (their calls may reach the gateway after the first five went).
+    let chat = format!("oc_{chat}");
+    eventually("two waiting", async || {
+        inspect(gw, &chat).await.is_ok_and(|s| s.queued == 2)
+    })
+    .await;
     calls
 }
 

@@ -13,9 +13,8 @@
 //! below what one Redis shard serves, and the chat quota must be shared by all apps, so no
 //! finer tag (e.g. per app) is possible.
 //!
-//! Connections: one multiplexed connection to a single endpoint (`redis_mode = standalone`), or
-//! the Redis Cluster client (`cluster`: slot map, MOVED/ASK), either over TLS for `rediss://`
-//! (system roots, or the `redis_ca_file` PEM).
+//! Connections (`cluster::conn`): a single endpoint or a Redis Cluster, TLS for `rediss://`
+//! (system roots, or the `redis_ca_file` PEM), one per [`Lane`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,15 +22,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
+mod conn;
 pub mod gate;
 mod scripts;
+
+use conn::Connections;
+pub use conn::Lane;
 
 use crate::quota::micros;
 use scripts::{
@@ -163,15 +163,6 @@ impl ClusterError {
     }
 }
 
-/// Which connection a call goes on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lane {
-    /// Quota decisions, settles, heartbeats.
-    Quota,
-    /// The job store.
-    Jobs,
-}
-
 /// What Redis decided for one send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -189,55 +180,9 @@ pub struct SharedKey {
     pub span_us: u64,
 }
 
-/// A Redis endpoint or a Redis Cluster (one per process: variant sizes do not matter).
-#[allow(clippy::large_enum_variant)]
-enum Client {
-    Standalone(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
-}
-
-/// A connection to either (cheap to clone: both multiplex one socket per node).
-#[derive(Clone)]
-enum Conn {
-    Standalone(MultiplexedConnection),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Standalone(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Standalone(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
 /// The shared quota store.
 pub struct RedisQuota {
-    client: Client,
-    conn: Mutex<Option<Conn>>,
-    /// The job store's own connection (`Lane::Jobs`): its `WAIT` blocks the connection it is
-    /// sent on, which must not hold up quota decisions.
-    jobs_conn: Mutex<Option<Conn>>,
+    conns: Connections,
     config: ClusterConfig,
     decide: redis::Script,
     replay: redis::Script,
@@ -261,32 +206,8 @@ pub struct RedisQuota {
 impl RedisQuota {
     /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
     pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
-        let certs = |pem: &Vec<u8>| redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(pem.clone()),
-        };
-        let client = match (config.redis_mode, &config.redis_ca_pem) {
-            (RedisMode::Standalone, None) => {
-                Client::Standalone(redis::Client::open(config.redis_url.as_str())?)
-            }
-            (RedisMode::Standalone, Some(pem)) => Client::Standalone(
-                redis::Client::build_with_tls(config.redis_url.as_str(), certs(pem))?,
-            ),
-            (RedisMode::Cluster, ca) => {
-                let nodes = config.redis_url.split(',').map(str::trim);
-                let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
-                    .connection_timeout(config.redis_timeout)
-                    .response_timeout(config.redis_timeout);
-                if let Some(pem) = ca {
-                    b = b.certs(certs(pem));
-                }
-                Client::Cluster(b.build()?)
-            }
-        };
         Ok(Self {
-            client,
-            conn: Mutex::new(None),
-            jobs_conn: Mutex::new(None),
+            conns: Connections::new(&config, metrics.clone())?,
             decide: redis::Script::new(DECIDE_LUA),
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
@@ -322,88 +243,33 @@ impl RedisQuota {
         }
     }
 
-    fn slot(&self, lane: Lane) -> &Mutex<Option<Conn>> {
-        match lane {
-            Lane::Quota => &self.conn,
-            Lane::Jobs => &self.jobs_conn,
-        }
-    }
-
-    async fn connection(&self, lane: Lane) -> Result<Conn, ClusterError> {
-        if let Some(c) = self.slot(lane).lock().clone() {
-            return Ok(c);
-        }
-        let t = self.config.redis_timeout;
-        let connect = async {
-            Ok::<_, redis::RedisError>(match &self.client {
-                Client::Standalone(c) => {
-                    Conn::Standalone(c.get_multiplexed_async_connection().await?)
-                }
-                Client::Cluster(c) => Conn::Cluster(c.get_async_connection().await?),
-            })
-        };
-        let c = tokio::time::timeout(t, connect)
-            .await
-            .map_err(|_| ClusterError::Timeout(t))??;
-        *self.slot(lane).lock() = Some(c.clone());
-        Ok(c)
-    }
-
     /// Runs one script call with the timeout; a failure drops the connection (reconnect next).
     async fn call<T: redis::FromRedisValue>(
         &self,
         op: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        self.call_on(Lane::Quota, op, inv).await
+        self.conns.call_on(Lane::Quota, op, inv).await
     }
 
-    /// [`Self::call`] on the connection of `lane` (the job store uses its own).
+    /// [`Self::call`] on the connection of `lane` (the job store and budgets use this one).
     pub(crate) async fn call_on<T: redis::FromRedisValue>(
         &self,
         lane: Lane,
         op: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        self.timed(lane, op, async |mut c: Conn| {
-            inv.invoke_async::<T>(&mut c).await
-        })
-        .await
+        self.conns.call_on(lane, op, inv).await
     }
 
-    /// Runs one plain command (e.g. `WAIT`) like [`Self::call_on`].
+    /// One plain command (e.g. `WAIT`) like [`Self::call_on`].
     pub(crate) async fn command_on<T: redis::FromRedisValue>(
         &self,
         lane: Lane,
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, ClusterError> {
-        self.timed(lane, op, async |mut c: Conn| {
-            cmd.query_async::<T>(&mut c).await
-        })
-        .await
-    }
-
-    async fn timed<T>(
-        &self,
-        lane: Lane,
-        op: &'static str,
-        run: impl AsyncFnOnce(Conn) -> redis::RedisResult<T>,
-    ) -> Result<T, ClusterError> {
-        let t = self.config.redis_timeout;
-        let result = async {
-            let c = self.connection(lane).await?;
-            tokio::time::timeout(t, run(c))
-                .await
-                .map_err(|_| ClusterError::Timeout(t))?
-                .map_err(ClusterError::from)
-        }
-        .await;
-        self.metrics.redis_call(op, result.is_ok());
-        if result.is_err() {
-            *self.slot(lane).lock() = None;
-        }
-        result
+        self.conns.command_on(lane, op, cmd).await
     }
 
     /// One atomic decision for all `keys` (one round trip). A grant holds its slots for

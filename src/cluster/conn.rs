@@ -1,0 +1,186 @@
+//! The connections to Redis: one multiplexed connection to a single endpoint
+//! (`redis_mode = standalone`) or the Redis Cluster client (slot map, MOVED/ASK), either over
+//! TLS for `rediss://`. Two of them, by [`Lane`]: quota decisions never wait behind the job
+//! store's calls (its `WAIT` blocks the connection it is sent on). Every call has the timeout;
+//! a failure drops the connection (the next call connects again).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use super::{ClusterConfig, ClusterError, RedisMode};
+use crate::metrics::Metrics;
+
+/// Which connection a call goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Quota decisions, settles, heartbeats.
+    Quota,
+    /// The job store.
+    Jobs,
+}
+
+/// A Redis endpoint or a Redis Cluster (one per process: variant sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum Client {
+    Standalone(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A connection to either (cheap to clone: both multiplex one socket per node).
+#[derive(Clone)]
+enum Conn {
+    Standalone(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Standalone(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Both lanes' connections, made on first use.
+pub(super) struct Connections {
+    client: Client,
+    quota: Mutex<Option<Conn>>,
+    jobs: Mutex<Option<Conn>>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Connections {
+    /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
+    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
+        let certs = |pem: &Vec<u8>| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        };
+        let client = match (config.redis_mode, &config.redis_ca_pem) {
+            (RedisMode::Standalone, None) => {
+                Client::Standalone(redis::Client::open(config.redis_url.as_str())?)
+            }
+            (RedisMode::Standalone, Some(pem)) => Client::Standalone(
+                redis::Client::build_with_tls(config.redis_url.as_str(), certs(pem))?,
+            ),
+            (RedisMode::Cluster, ca) => {
+                let nodes = config.redis_url.split(',').map(str::trim);
+                let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(config.redis_timeout)
+                    .response_timeout(config.redis_timeout);
+                if let Some(pem) = ca {
+                    b = b.certs(certs(pem));
+                }
+                Client::Cluster(b.build()?)
+            }
+        };
+        Ok(Self {
+            client,
+            quota: Mutex::new(None),
+            jobs: Mutex::new(None),
+            timeout: config.redis_timeout,
+            metrics,
+        })
+    }
+
+    fn slot(&self, lane: Lane) -> &Mutex<Option<Conn>> {
+        match lane {
+            Lane::Quota => &self.quota,
+            Lane::Jobs => &self.jobs,
+        }
+    }
+
+    async fn connection(&self, lane: Lane) -> Result<Conn, ClusterError> {
+        if let Some(c) = self.slot(lane).lock().clone() {
+            return Ok(c);
+        }
+        let t = self.timeout;
+        let connect = async {
+            Ok::<_, redis::RedisError>(match &self.client {
+                Client::Standalone(c) => {
+                    Conn::Standalone(c.get_multiplexed_async_connection().await?)
+                }
+                Client::Cluster(c) => Conn::Cluster(c.get_async_connection().await?),
+            })
+        };
+        let c = tokio::time::timeout(t, connect)
+            .await
+            .map_err(|_| ClusterError::Timeout(t))??;
+        *self.slot(lane).lock() = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs one script call on `lane`'s connection.
+    pub async fn call_on<T: redis::FromRedisValue>(
+        &self,
+        lane: Lane,
+        op: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, ClusterError> {
+        self.timed(lane, op, async |mut c: Conn| {
+            inv.invoke_async::<T>(&mut c).await
+        })
+        .await
+    }
+
+    /// Runs one plain command on `lane`'s connection.
+    pub async fn command_on<T: redis::FromRedisValue>(
+        &self,
+        lane: Lane,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, ClusterError> {
+        self.timed(lane, op, async |mut c: Conn| {
+            cmd.query_async::<T>(&mut c).await
+        })
+        .await
+    }
+
+    async fn timed<T>(
+        &self,
+        lane: Lane,
+        op: &'static str,
+        run: impl AsyncFnOnce(Conn) -> redis::RedisResult<T>,
+    ) -> Result<T, ClusterError> {
+        let t = self.timeout;
+        let result = async {
+            let c = self.connection(lane).await?;
+            tokio::time::timeout(t, run(c))
+                .await
+                .map_err(|_| ClusterError::Timeout(t))?
+                .map_err(ClusterError::from)
+        }
+        .await;
+        self.metrics.redis_call(op, result.is_ok());
+        if result.is_err() {
+            *self.slot(lane).lock() = None;
+        }
+        result
+    }
+}
