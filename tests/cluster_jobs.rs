@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{
-    ServeProcess, assert_in_order, connect, eventually, free_port, posts, shared_redis, spawn_fake,
-    spawn_gateway_on, text,
+    ServeProcess, assert_in_order, connect, eventually, free_port, get_job, posts, shared_redis,
+    spawn_fake, spawn_gateway_on, text,
 };
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
-use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyJob, ReplyRequest};
+use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyRequest};
 use tonic::transport::Channel;
 
 /// Lease of the replicas in these tests.
@@ -46,21 +46,12 @@ fn cluster_file(fake: &FakeFeishu, redis_url: &str, prefix: &str) -> (PathBuf, P
     (file, dir)
 }
 
-async fn get(c: &mut ReplyGatewayClient<Channel>, job_id: &str) -> ReplyJob {
-    c.get_reply(GetReplyRequest {
-        job_id: job_id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 /// Waits until every job is DELIVERED (read through `c`), failing on a final other state.
 async fn all_delivered(c: &mut ReplyGatewayClient<Channel>, ids: &[String], within: Duration) {
     let t = Instant::now();
     for id in ids {
         loop {
-            let job = get(c, id).await;
+            let job = get_job(c, id).await;
             if job.state() == JobState::Delivered {
                 break;
             }
@@ -90,13 +81,7 @@ async fn a_killed_replica_s_jobs_are_delivered_once_by_the_others() {
     let n = common::backlog_jobs();
     let ids = common::submit_backlog(&mut to_a, "ck", n).await;
     // Watch the last job from C: it sees it through to DELIVERED although A dies.
-    let mut watch = to_c
-        .watch_reply(GetReplyRequest {
-            job_id: ids[n - 1].clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = common::watch_job(&mut to_c, &ids[n - 1]).await;
     eventually("some jobs posted", async || fake.received().len() >= 6).await;
     drop(a); // SIGKILL
     let killed = Instant::now();
@@ -110,10 +95,7 @@ async fn a_killed_replica_s_jobs_are_delivered_once_by_the_others() {
     assert_eq!(by_uuid.len(), n, "every job posted");
     assert!(by_uuid.values().all(|&k| k == 1), "{by_uuid:?}");
     assert_in_order(&per_chat, 3);
-    let mut seen = Vec::new();
-    while let Some(job) = watch.message().await.unwrap() {
-        seen.push(job.state());
-    }
+    let seen = common::watched_states(&mut watch).await;
     assert_eq!(seen.last(), Some(&JobState::Delivered), "{seen:?}");
     eprintln!(
         "posted before the kill: {posted_before}; the rest delivered {took:?} after it (lease {LEASE:?}); rate rejections: {}",
@@ -235,17 +217,7 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
     assert!(!first.duplicate);
     assert!(again.duplicate);
     assert_eq!(again.job_id, first.job_id);
-    let mut watch = to_b
-        .watch_reply(GetReplyRequest {
-            job_id: first.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = Vec::new();
-    while let Some(job) = watch.message().await.unwrap() {
-        seen.push(job.state());
-    }
+    let seen = common::watched_states(&mut common::watch_job(&mut to_b, &first.job_id).await).await;
     assert_eq!(seen.last(), Some(&JobState::Delivered), "{seen:?}");
 
     // Ten jobs for one chat through A (2 s at 5/s); B cancels the last while it is queued and
@@ -272,7 +244,7 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
         .into_inner();
     assert_eq!(cancelled.state(), JobState::Cancelled);
     eventually("the first job sent", async || {
-        get(&mut to_b, &ids[0]).await.state() == JobState::Delivered
+        get_job(&mut to_b, &ids[0]).await.state() == JobState::Delivered
     })
     .await;
     let refused = to_b
@@ -287,7 +259,10 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
         "{refused:?}"
     );
     all_delivered(&mut to_b, &ids[..9], Duration::from_secs(20)).await;
-    assert_eq!(get(&mut to_a, &ids[9]).await.state(), JobState::Cancelled);
+    assert_eq!(
+        get_job(&mut to_a, &ids[9]).await.state(),
+        JobState::Cancelled
+    );
 
     // One chat's jobs submitted through A and B in turn (2 s of backlog): one replica runs
     // them all, so they are posted in the order the store took them.
@@ -346,7 +321,7 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
     .await;
     // …and wrote nothing over what B recorded.
     for id in &ids {
-        let job = get(&mut to_a, id).await;
+        let job = get_job(&mut to_a, id).await;
         assert_eq!(job.state(), JobState::Delivered, "{job:?}");
         assert!(job.updated_ms <= woke_ms, "written after A woke: {job:?}");
     }

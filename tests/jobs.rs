@@ -7,14 +7,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    ServeProcess, config_for, connect, eventually, free_port, received_ids, spawn_fake,
+    ServeProcess, config_for, connect, eventually, free_port, get_job, received_ids, spawn_fake,
     spawn_gateway_on, text,
 };
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
-use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
-use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyJob, ReplyRequest};
+use feishu_reply_gateway::proto::{GetReplyRequest, JobState, ReplyRequest};
 use tonic::Code;
-use tonic::transport::Channel;
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!(
@@ -24,15 +22,6 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     ));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-async fn get(c: &mut ReplyGatewayClient<Channel>, job_id: &str) -> ReplyJob {
-    c.get_reply(GetReplyRequest {
-        job_id: job_id.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
 }
 
 #[tokio::test]
@@ -62,20 +51,10 @@ async fn submitted_jobs_are_delivered_once_and_readable() {
     assert!(again.duplicate);
     assert_eq!(again.job_id, ids[0]);
     // Watch the last one to its end.
-    let mut stream = c
-        .watch_reply(GetReplyRequest {
-            job_id: ids[7].clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut states = Vec::new();
-    while let Some(job) = stream.message().await.unwrap() {
-        states.push(job.state());
-    }
+    let states = common::watched_states(&mut common::watch_job(&mut c, &ids[7]).await).await;
     assert_eq!(states.last(), Some(&JobState::Delivered), "{states:?}");
     for id in &ids {
-        let job = get(&mut c, id).await;
+        let job = get_job(&mut c, id).await;
         assert_eq!(job.state(), JobState::Delivered, "{job:?}");
         assert!(!job.result.unwrap().message_id.is_empty());
     }
@@ -163,7 +142,8 @@ async fn a_job_is_cancelled_only_before_its_send() {
         .unwrap()
         .into_inner();
     let req = |id: &str| GetReplyRequest { job_id: id.into() };
-    let sending = async || get(&mut c.clone(), &first.job_id).await.state() == JobState::Sending;
+    let sending =
+        async || get_job(&mut c.clone(), &first.job_id).await.state() == JobState::Sending;
     eventually("the held job shows SENDING", sending).await;
     let s = c.cancel_reply(req(&first.job_id)).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "in flight: {s:?}");
@@ -181,11 +161,11 @@ async fn a_job_is_cancelled_only_before_its_send() {
         .into_inner();
     while stream.message().await.unwrap().is_some() {}
     assert_eq!(
-        get(&mut c, &first.job_id).await.state(),
+        get_job(&mut c, &first.job_id).await.state(),
         JobState::Delivered
     );
     assert_eq!(
-        get(&mut c, &second.job_id).await.state(),
+        get_job(&mut c, &second.job_id).await.state(),
         JobState::Cancelled
     );
     let posted = received_ids(&gw.fake);
@@ -240,7 +220,7 @@ async fn stop_mid_backlog_then_restart(sigterm: bool) {
     let t = Instant::now();
     for id in &ids {
         loop {
-            let job = get(&mut c, id).await;
+            let job = get_job(&mut c, id).await;
             if job.state() == JobState::Delivered {
                 break;
             }

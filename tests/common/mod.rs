@@ -8,7 +8,9 @@ use std::time::Duration;
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
-use feishu_reply_gateway::proto::{ReplyRequest, ReplyResponse};
+use feishu_reply_gateway::proto::{
+    GetReplyRequest, JobState, ReplyJob, ReplyRequest, ReplyResponse,
+};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -750,4 +752,36 @@ pub fn assert_in_order(per_chat: &std::collections::HashMap<String, Vec<String>>
         sorted.sort();
         assert_eq!(ids, &sorted, "order in {chat}");
     }
+}
+
+/// Job `job_id` as `GetReply` shows it.
+pub async fn get_job(c: &mut ReplyGatewayClient<Channel>, job_id: &str) -> ReplyJob {
+    c.get_reply(GetReplyRequest {
+        job_id: job_id.into(),
+    })
+    .await
+    .expect("GetReply")
+    .into_inner()
+}
+
+/// Opens `WatchReply` on job `job_id`.
+pub async fn watch_job(
+    c: &mut ReplyGatewayClient<Channel>,
+    job_id: &str,
+) -> tonic::Streaming<ReplyJob> {
+    c.watch_reply(GetReplyRequest {
+        job_id: job_id.into(),
+    })
+    .await
+    .expect("WatchReply")
+    .into_inner()
+}
+
+/// The states a watch streams until it ends.
+pub async fn watched_states(watch: &mut tonic::Streaming<ReplyJob>) -> Vec<JobState> {
+    let mut seen = Vec::new();
+    while let Some(job) = watch.message().await.expect("a state") {
+        seen.push(job.state());
+    }
+    seen
 }
