@@ -55,12 +55,10 @@ pub struct SendArgs {
     ttl_s: u32,
 }
 
-/// `job get|watch|cancel ID`.
+/// Which gateway the `job` and `inspect` commands talk to, and as whom.
 #[derive(clap::Args)]
-pub struct JobArgs {
-    #[command(subcommand)]
-    action: JobAction,
-    /// Gateway address.
+struct GatewayArgs {
+    /// Gateway address (for `inspect chat` in cluster mode: the replica the chat's calls go to).
     #[arg(
         long,
         env = "GATEWAY_URL",
@@ -68,9 +66,18 @@ pub struct JobArgs {
         global = true
     )]
     addr: String,
-    /// Bearer token of a configured caller.
+    /// Bearer token of a configured caller (`inspect`: one with `admin = true`).
     #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+}
+
+/// `job get|watch|cancel ID`.
+#[derive(clap::Args)]
+pub struct JobArgs {
+    #[command(subcommand)]
+    action: JobAction,
+    #[command(flatten)]
+    gateway: GatewayArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -184,16 +191,16 @@ pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
 }
 
 pub async fn job(args: JobArgs) -> Result<ExitCode, BoxError> {
-    let mut client = ReplyGatewayClient::connect(args.addr.clone())
+    let mut client = ReplyGatewayClient::connect(args.gateway.addr.clone())
         .await
-        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+        .map_err(|e| format!("connecting to {}: {e}", args.gateway.addr))?;
     let id = match &args.action {
         JobAction::Get { job_id } | JobAction::Watch { job_id } | JobAction::Cancel { job_id } => {
             job_id.clone()
         }
     };
     let mut req = tonic::Request::new(GetReplyRequest { job_id: id });
-    authorize(&mut req, args.token.as_deref())?;
+    authorize(&mut req, args.gateway.token.as_deref())?;
     let print = |j: &ReplyJob| -> Result<(), BoxError> {
         println!("{}", serde_json::to_string(&job_json(j))?);
         Ok(())
@@ -229,17 +236,8 @@ pub async fn job(args: JobArgs) -> Result<ExitCode, BoxError> {
 pub struct InspectArgs {
     #[command(subcommand)]
     what: InspectWhat,
-    /// Gateway address (in cluster mode, the replica running the chat: route by x-chat-id).
-    #[arg(
-        long,
-        env = "GATEWAY_URL",
-        default_value = "http://127.0.0.1:50051",
-        global = true
-    )]
-    addr: String,
-    /// Bearer token of a caller with `admin = true`.
-    #[arg(long, env = "GATEWAY_TOKEN", hide_env_values = true, global = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    gateway: GatewayArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -249,14 +247,14 @@ enum InspectWhat {
 }
 
 pub async fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
-    let mut client = ReplyAdminClient::connect(args.addr.clone())
+    let mut client = ReplyAdminClient::connect(args.gateway.addr.clone())
         .await
-        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+        .map_err(|e| format!("connecting to {}: {e}", args.gateway.addr))?;
     let InspectWhat::Chat { chat_id } = args.what;
     let mut req = tonic::Request::new(InspectChatRequest {
         chat_id: chat_id.clone(),
     });
-    authorize(&mut req, args.token.as_deref())?;
+    authorize(&mut req, args.gateway.token.as_deref())?;
     req.metadata_mut().insert(
         "x-chat-id",
         chat_id
