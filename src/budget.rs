@@ -142,18 +142,23 @@ impl Budgets {
             return Ok(());
         };
         let now = Timestamp::now();
-        let (start, end) = period_of(now, &b.config);
-        let (start, end) = (start.timestamp(), end.timestamp());
-        {
+        let (start, end) = {
             let mut state = b.state.lock();
-            if state.start != Some(start) {
-                *state = State {
-                    start: Some(start),
-                    end: Some(end),
-                    ..State::default()
-                };
+            match (state.start, state.end) {
+                // The period counted still runs: no calendar arithmetic on this path.
+                (Some(start), Some(end)) if start <= now && now < end => (start, end),
+                _ => {
+                    let (start, end) = period_of(now, &b.config);
+                    let (start, end) = (start.timestamp(), end.timestamp());
+                    *state = State {
+                        start: Some(start),
+                        end: Some(end),
+                        ..State::default()
+                    };
+                    (start, end)
+                }
             }
-        }
+        };
         let Some(redis) = &self.redis else {
             // One process: count here.
             let mut state = b.state.lock();
