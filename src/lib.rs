@@ -77,6 +77,7 @@ pub mod metrics;
 pub mod quota;
 pub mod reply;
 pub mod scheduler;
+pub mod telemetry;
 
 /// Generated gRPC types of `feishu.reply.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use feishu_reply_gateway::config::{Config, ServeArgs};
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, WindowMode};
+use feishu_reply_gateway::telemetry::{LogFormat, Telemetry};
 use tokio::net::TcpListener;
 
 /// mimalloc: the gateway's hot path is allocation-heavy (HTTP/2, JSON, small futures) and
@@ -33,12 +34,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -103,7 +98,6 @@ struct FakeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -115,14 +109,18 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        match cli.command {
+        // Only the gateway exports traces; the CLI tools just log.
+        let telemetry = Telemetry::init(cli.log_format, matches!(cli.command, Command::Serve(_)));
+        let result = match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::FakeFeishu(args) => fake(args).await,
             Command::Send(args) => client::send(args).await,
             Command::Job(args) => client::job(args).await,
             Command::Inspect(args) => client::inspect(args).await,
             Command::Probe(args) => probe(args),
-        }
+        };
+        telemetry.shutdown();
+        result
     });
     match result {
         Ok(code) => code,
@@ -130,18 +128,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 

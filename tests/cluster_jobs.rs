@@ -382,6 +382,7 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
             uuid: "fence-1".into(),
             chat_id: "oc_f".into(),
             user_id: None,
+            traceparent: None,
         },
         state: State::Queued,
         attempts: 0,

@@ -37,6 +37,7 @@ fn job(i: usize) -> JobSpec {
             uuid: format!("uuid-{i}"),
         },
         deadline: None,
+        span: tracing::Span::none(),
     }
 }
 

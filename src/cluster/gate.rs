@@ -12,11 +12,12 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::{ClusterError, Decision, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaKey, QuotaSpec, QuotaTable};
-use crate::scheduler::gate::{Clock, GateEvent, Grant, Verdict, ask_table};
+use crate::scheduler::gate::{Clock, GateEvent, Grant, Head, Verdict, ask_table};
 
 /// Decisions in flight per line. Measured (tests/cluster.rs, 3 replicas): 1 probe → 1.24 Redis
 /// decisions per send, ~26 s drain; 3 probes → 1.78 per send, ~25 s. One is kept.
@@ -168,16 +169,14 @@ impl RedisGate {
         keys.iter().map(|k| self.shared_key(k)).collect()
     }
 
-    /// May the head job of `chat` (id `job_id`, quota `keys`) go now? `cache` keeps the
-    /// job's Redis key names between asks.
-    pub fn ask(
-        &mut self,
-        chat: &Arc<str>,
-        job_id: u64,
-        keys: &[QuotaKey],
-        cache: &mut Option<Arc<[SharedKey]>>,
-        now: Instant,
-    ) -> Verdict {
+    /// May `chat`'s head job go now?
+    pub fn ask(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
+        let Head {
+            id: job_id,
+            keys,
+            shared_keys: cache,
+            span,
+        } = head;
         match (&self.mode, self.store.config().on_failure) {
             (Mode::Up, _) => {}
             // Replaying: local sends made now would miss the snapshot being written to Redis,
@@ -217,8 +216,14 @@ impl RedisGate {
             self.hold,
             chat.clone(),
         );
+        let span = tracing::info_span!(parent: span, "redis.decide", otel.kind = "client", keys = shared.len(), granted = tracing::field::Empty, otel.status_code = tracing::field::Empty);
         tokio::spawn(async move {
-            let result = store.try_acquire(&shared, hold).await;
+            let result = store
+                .try_acquire(&shared, hold)
+                .instrument(span.clone())
+                .await;
+            record_decision(&span, &result);
+            drop(span);
             let _ = events.send(GateEvent::Decided {
                 chat_id: chat,
                 job_id,
@@ -503,5 +508,20 @@ async fn monitor(
             HOLD_RECHECK
         };
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// Puts Redis's answer on the decision's span.
+fn record_decision(span: &tracing::Span, result: &Result<Decision, ClusterError>) {
+    match result {
+        Ok(Decision::Granted { .. }) => {
+            span.record("granted", true);
+        }
+        Ok(Decision::Wait { .. }) => {
+            span.record("granted", false);
+        }
+        Err(_) => {
+            span.record("otel.status_code", "ERROR");
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
+use tracing::Instrument;
 
 use super::answer::{Envelope, parse_envelope, reply_from, token_from};
 use super::token::{FetchedToken, TokenCache};
@@ -93,6 +94,7 @@ impl FeishuClient {
             self.base_url
         );
         let body = serde_json::json!({ "app_id": app.app_id, "app_secret": app.app_secret });
+        let span = tracing::info_span!("feishu.token", otel.kind = "client", app = %app.name, outcome = tracing::field::Empty, feishu.code = tracing::field::Empty, feishu.log_id = tracing::field::Empty);
         let result = async {
             let resp = self
                 .http
@@ -118,6 +120,7 @@ impl FeishuClient {
             })?;
             token_from(env, log_id)
         }
+        .instrument(span.clone())
         .await;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -125,6 +128,14 @@ impl FeishuClient {
             Err(_) => "error",
         };
         self.metrics.token_refresh(outcome);
+        span.record("outcome", outcome);
+        if let Err(e) = &result {
+            if let Some(code) = e.code() {
+                span.record("feishu.code", code);
+            }
+            span.record("feishu.log_id", e.log_id())
+                .record("otel.status_code", "ERROR");
+        }
         result
     }
 

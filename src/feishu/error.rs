@@ -150,6 +150,16 @@ impl UpstreamError {
             _ => None,
         }
     }
+
+    /// The HTTP status Feishu answered with, when it answered.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            UpstreamError::Feishu { http, .. } | UpstreamError::BadResponse { http, .. } => {
+                Some(*http)
+            }
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -272,6 +272,7 @@ impl ReplyService {
             uuid: uuid.clone(),
             chat_id: chat_id.to_string(),
             user_id: reply.user_id.clone(),
+            traceparent: crate::telemetry::traceparent(&tracing::Span::current()),
         };
         let spec = JobSpec {
             caller: caller.id,
@@ -293,6 +294,7 @@ impl ReplyService {
                 Some(ttl) => Some(Instant::now() + ttl),
                 None => call_deadline,
             },
+            span: tracing::Span::current(),
         };
         Ok((spec, stored))
     }
@@ -328,11 +330,13 @@ impl ReplyGateway for ReplyService {
     ) -> Result<Response<SubmitReplyResponse>, Status> {
         let app = self.app_label(&req.get_ref().app);
         let caller = self.caller(&req, &app)?;
-        let span = tracing::info_span!("submit", caller = %caller.name, app = %app, chat_id = tracing::field::Empty, uuid = tracing::field::Empty);
+        let span = tracing::info_span!("SubmitReply", otel.kind = "server", caller = %caller.name, app = %app, chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty);
+        crate::telemetry::continue_trace(&span, req.metadata());
         let result = self.submit(&caller, req).instrument(span.clone()).await;
         let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
         self.metrics.caller_request(&caller.name, outcome);
         if let Err(e) = &result {
+            span.record("otel.status_code", "ERROR");
             let _enter = span.enter();
             tracing::info!(error = %e, reason = %e.reason(), "submit refused");
         }
@@ -364,7 +368,8 @@ impl ReplyGateway for ReplyService {
         let r = req.get_ref();
         let app = self.app_label(&r.app);
         let caller = self.caller(&req, &app)?;
-        let span = tracing::info_span!("reply", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty);
+        let span = tracing::info_span!("Reply", otel.kind = "server", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty, grpc.code = tracing::field::Empty);
+        crate::telemetry::continue_trace(&span, req.metadata());
         let result = ReplyService::reply(self, &caller, req)
             .instrument(span.clone())
             .await;
@@ -383,7 +388,10 @@ impl ReplyGateway for ReplyService {
                     .map_or_else(|| "none".to_owned(), |c| c.to_string());
                 self.metrics.request(&app, e.outcome(), &code);
                 tracing::info!(error = %e, reason = %e.reason(), "reply refused or failed");
-                Err(e.to_status())
+                let status = e.to_status();
+                span.record("otel.status_code", "ERROR")
+                    .record("grpc.code", status.code() as i32);
+                Err(status)
             }
         }
     }

@@ -153,6 +153,8 @@ impl Jobs {
     pub fn start(self: &Arc<Self>, mut rec: JobRecord, mut spec: JobSpec) {
         let (on_send, sending) = tokio::sync::oneshot::channel();
         spec.on_send = Some(on_send);
+        // The job outlives the submit call: its waits and attempts get a span of their own.
+        spec.span = spec::job_span(&rec);
         {
             let mut running = self.running.lock();
             running.insert(rec.seq, (spec.chat_id.clone(), rec.reply.uuid.clone()));

@@ -42,6 +42,10 @@ pub struct StoredReply {
     pub uuid: String,
     pub chat_id: String,
     pub user_id: Option<String>,
+    /// The submit call's W3C `traceparent`, when traced: the replica that runs the job
+    /// continues that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A failed job's status, as `Reply` would have returned it.

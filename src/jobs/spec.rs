@@ -10,6 +10,17 @@ use crate::feishu::SendRequest;
 use crate::reply::{MsgType, ValidationError};
 use crate::scheduler::JobSpec;
 
+/// The span an async job's queue waits and attempts belong to, while it runs on this replica:
+/// a child of the submit call's span when that was traced (whichever replica took it).
+pub fn job_span(rec: &JobRecord) -> tracing::Span {
+    let r = &rec.reply;
+    let span = tracing::info_span!(parent: None, "reply_job", otel.kind = "consumer", job_seq = rec.seq, caller = %rec.caller, app = %r.app, chat_id = %r.chat_id, uuid = %r.uuid);
+    if let Some(tp) = &r.traceparent {
+        crate::telemetry::continue_from(&span, tp);
+    }
+    span
+}
+
 /// What rebuilding a job needs of the configuration: the apps and the callers by id.
 #[derive(Debug, Clone)]
 pub struct Specs {
@@ -84,6 +95,8 @@ impl Specs {
             deadline: Some(
                 tokio::time::Instant::now() + Duration::from_millis(left.unsigned_abs()),
             ),
+            // Set when the job starts (`Jobs::start`).
+            span: tracing::Span::none(),
         })
     }
 }

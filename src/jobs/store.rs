@@ -321,6 +321,7 @@ mod tests {
                 uuid: uuid.into(),
                 chat_id: "oc_1".into(),
                 user_id: None,
+                traceparent: None,
             },
             state: State::Queued,
             attempts: 0,

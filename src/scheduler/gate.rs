@@ -77,6 +77,16 @@ pub enum GateEvent {
     Replayed(Result<(), String>),
 }
 
+/// The head job a gate is asked about.
+pub struct Head<'a> {
+    pub id: u64,
+    pub keys: &'a [QuotaKey],
+    /// Cluster mode: its Redis key names, built on the first ask and kept for the next.
+    pub shared_keys: &'a mut Option<Arc<[SharedKey]>>,
+    /// The job's span: a Redis decision is a `redis.decide` span under it.
+    pub span: &'a tracing::Span,
+}
+
 /// A decision of a local table (single node, or the Redis gate's fallback).
 pub fn ask_table(table: &mut QuotaTable, clock: Clock, keys: &[QuotaKey], now: Instant) -> Verdict {
     let now_m = clock.micros(now);
@@ -108,19 +118,11 @@ impl QuotaGate {
         }
     }
 
-    /// May the head job `job_id` of `chat` (quota `keys`) be sent now?
-    pub fn ask(
-        &mut self,
-        clock: Clock,
-        chat: &Arc<str>,
-        job_id: u64,
-        keys: &[QuotaKey],
-        cache: &mut Option<Arc<[SharedKey]>>,
-        now: Instant,
-    ) -> Verdict {
+    /// May `chat`'s head job be sent now?
+    pub fn ask(&mut self, clock: Clock, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
         match self {
-            QuotaGate::Local(t) => ask_table(t, clock, keys, now),
-            QuotaGate::Redis(g) => g.ask(chat, job_id, keys, cache, now),
+            QuotaGate::Local(t) => ask_table(t, clock, head.keys, now),
+            QuotaGate::Redis(g) => g.ask(chat, head, now),
         }
     }
 

@@ -147,7 +147,7 @@ impl Scheduler {
         let now = Instant::now();
         let job = Job::new(spec, done, now);
         if let Err(mpsc::error::SendError(Command::Submit(job))) =
-            self.tx.send(Command::Submit(job))
+            self.tx.send(Command::Submit(Box::new(job)))
         {
             job.finish(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
         }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use crate::cluster::gate::ClusterState;
 use crate::cluster::gate::Decided;
@@ -29,8 +30,9 @@ pub mod inspect;
 mod layout;
 mod outcome;
 mod queue;
+mod spans;
 
-use gate::{Clock, GateEvent, Grant, QuotaGate, Verdict};
+use gate::{Clock, GateEvent, Grant, Head, QuotaGate, Verdict};
 use queue::{Dropped, Job, Queues};
 
 /// Quota ids in the [`QuotaTable`]: chat, user, then the app quotas in config order.
@@ -66,6 +68,9 @@ pub struct JobSpec {
     pub request: SendRequest,
     /// The caller's deadline, if it set one.
     pub deadline: Option<Instant>,
+    /// The span the job's queue waits and attempts are children of: the gRPC call's, or
+    /// `reply_job` for a job this process did not take the submit of (`Span::none()`: none).
+    pub span: tracing::Span,
 }
 
 /// A send made before this process started (known from the job store after a restart): it
@@ -92,7 +97,7 @@ pub struct Delivered {
 pub type JobResult = Result<Delivered, GatewayError>;
 
 enum Command {
-    Submit(Job),
+    Submit(Box<Job>),
     SendDone {
         job: Box<Job>,
         result: Attempt,
@@ -271,7 +276,7 @@ impl Dispatcher {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Submit(job) => self.admit(job),
+            Command::Submit(job) => self.admit(*job),
             Command::SendDone {
                 job,
                 result,
@@ -325,9 +330,12 @@ impl Dispatcher {
             let verdict = self.gate.ask(
                 self.clock,
                 &chat_id,
-                head.id,
-                &head.keys,
-                &mut head.shared_keys,
+                Head {
+                    id: head.id,
+                    keys: &head.keys,
+                    shared_keys: &mut head.shared_keys,
+                    span: &head.spec.span,
+                },
                 now,
             );
             match verdict {
@@ -404,12 +412,14 @@ impl Dispatcher {
         let metrics = self.metrics.clone();
         let tx = self.tx.clone();
         let send_timeout = self.config.send_timeout;
+        let span = spans::attempt(&job.spec, job.attempts);
         tokio::spawn(async move {
             metrics.in_flight(1);
             // A panic in the call must not take the job with it (its chat would stay busy
             // and its caller would never hear back).
             let call = AssertUnwindSafe(upstream.reply(job.spec.app, &job.spec.request));
-            let result = match tokio::time::timeout(send_timeout, call.catch_unwind()).await {
+            let call = tokio::time::timeout(send_timeout, call.catch_unwind());
+            let result = match call.instrument(span.clone()).await {
                 Ok(Ok(r)) => Attempt::Answered(r),
                 Ok(Err(panic)) => Attempt::Panicked(panic_message(panic.as_ref())),
                 Err(_) => Attempt::Answered(Err(UpstreamError::Network {
@@ -418,6 +428,8 @@ impl Dispatcher {
                 })),
             };
             let answered = Instant::now();
+            spans::record_attempt(&span, &result);
+            drop(span);
             metrics.in_flight(-1);
             match tx.upgrade() {
                 Some(tx) => {

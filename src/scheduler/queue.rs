@@ -42,11 +42,14 @@ pub(super) struct Job {
     /// Cluster mode: the Redis names of `keys`, built on the first decision and reused by
     /// every later one (line checks, retries).
     pub shared_keys: Option<Arc<[SharedKey]>>,
+    /// Open while the job waits in the queue (`queue_wait`), closed when it is taken to send.
+    pub wait: tracing::Span,
 }
 
 impl Job {
     pub fn new(spec: JobSpec, done: oneshot::Sender<JobResult>, now: Instant) -> Self {
         Self {
+            wait: super::spans::queue_wait(&spec, 1),
             id: 0,
             keys: Vec::new(),
             send_by: None,
@@ -303,7 +306,8 @@ impl Queues {
     /// Takes `chat`'s head out to be sent; the chat is busy until [`Self::sent`].
     pub fn pop_for_send(&mut self, chat_id: &str) -> Option<Job> {
         let chat = self.chats.get_mut(chat_id)?;
-        let job = chat.jobs.pop_front()?;
+        let mut job = chat.jobs.pop_front()?;
+        job.wait = tracing::Span::none();
         chat.busy = true;
         self.counts.remove(&job);
         self.in_flight += 1;
@@ -318,7 +322,8 @@ impl Queues {
             return;
         };
         chat.busy = false;
-        if let Some(job) = retry {
+        if let Some(mut job) = retry {
+            job.wait = super::spans::queue_wait(&job.spec, job.attempts + 1);
             self.counts.add(&job);
             chat.jobs.push_front(job);
         }
@@ -521,6 +526,7 @@ mod tests {
                 uuid: format!("{chat}-{n}"),
             },
             deadline: None,
+            span: tracing::Span::none(),
         };
         (Job::new(spec, tx, Instant::now()), rx)
     }

@@ -122,6 +122,7 @@ fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
             uuid: format!("uuid-{message_id}"),
         },
         deadline: deadline.map(|d| Instant::now() + d),
+        span: tracing::Span::none(),
     }
 }
 

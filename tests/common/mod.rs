@@ -612,7 +612,18 @@ pub struct ServeProcess(std::process::Child);
 impl ServeProcess {
     /// `serve --config config` with gRPC on `port`.
     pub fn start(config: &std::path::Path, port: u16) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"))
+        Self::start_with(config, port, &[])
+    }
+
+    /// [`ServeProcess::start`] with `env` set on top (an `OTEL_*` from the test's own
+    /// environment is never inherited).
+    pub fn start_with(config: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Self {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"));
+        for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("OTEL_"))
+        {
+            cmd.env_remove(k);
+        }
+        let child = cmd
             .args(["serve", "--config"])
             .arg(config)
             .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
@@ -622,6 +633,7 @@ impl ServeProcess {
             .env_remove("FEISHU_APP_SECRET")
             .env_remove("GATEWAY_DATA_DIR")
             .env_remove("GATEWAY_REDIS_URL")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("start serve");
