@@ -109,6 +109,26 @@ impl Authenticator {
         self.admins.get(caller.id).copied().unwrap_or(false)
     }
 
+    /// The caller named `name` (`anonymous` included): its id, limits, apps (None: any)
+    /// and whether it is an admin.
+    pub fn describe(&self, name: &str) -> Option<CallerView> {
+        let id = self.names.iter().position(|n| **n == *name)?;
+        let anonymous = id + 1 == self.names.len();
+        Some(CallerView {
+            id,
+            limits: self.limits[id],
+            apps: match self.grants.get(id) {
+                Some(AppGrant::Only(names)) => Some(names.clone()),
+                _ => None,
+            },
+            admin: if anonymous {
+                self.allow_anonymous
+            } else {
+                self.admins[id]
+            },
+        })
+    }
+
     /// Every caller's name by id (anonymous last), for metrics.
     pub fn names(&self) -> &[Arc<str>] {
         &self.names
@@ -182,6 +202,17 @@ impl Authenticator {
     pub fn allows(&self, caller: &Caller, app: &str) -> bool {
         caller.anonymous || self.grants.get(caller.id).is_some_and(|g| g.allows(app))
     }
+}
+
+/// A configured caller as [`Authenticator::describe`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerView {
+    /// Its id ([`crate::scheduler::JobSpec::caller`]).
+    pub id: CallerId,
+    pub limits: CallerLimits,
+    /// The apps it may use; None: any.
+    pub apps: Option<Vec<String>>,
+    pub admin: bool,
 }
 
 /// Admission rate limits: one bucket per configured caller, one per peer address for

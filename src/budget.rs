@@ -69,6 +69,18 @@ struct State {
     unshared: u64,
 }
 
+/// An app's budget as it stands now (introspection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetView {
+    pub calls: u64,
+    pub period: &'static str,
+    pub time_zone: String,
+    /// Calls counted in the current period: Redis's shared count in cluster mode (this
+    /// process's last sight of it when Redis does not answer), else this process's.
+    pub used: u64,
+    pub resets_in: Duration,
+}
+
 /// Every app's budget; apps without one are never refused.
 pub struct Budgets {
     apps: Vec<Option<AppBudget>>,
@@ -134,6 +146,41 @@ impl Budgets {
             period: period_name(b.config.period),
             reset_in,
         }
+    }
+
+    /// `app`'s budget now (None: it has none).
+    pub async fn view(&self, app: AppIndex) -> Option<BudgetView> {
+        let Some(Some(b)) = self.apps.get(app) else {
+            return None;
+        };
+        let now = Timestamp::now();
+        let (start, end) = period_of(now, &b.config);
+        let (start, end) = (start.timestamp(), end.timestamp());
+        let seen = {
+            let state = b.state.lock();
+            if state.start == Some(start) {
+                state.used + state.unshared
+            } else {
+                0
+            }
+        };
+        let used = match &self.redis {
+            None => seen,
+            Some(redis) => {
+                let key = redis.key_name("budget", &format!("{}:{}", b.app_id, start.as_second()));
+                redis
+                    .command_on::<Option<u64>>(Lane::Quota, "budget", redis::cmd("GET").arg(&key))
+                    .await
+                    .map_or(seen, Option::unwrap_or_default)
+            }
+        };
+        Some(BudgetView {
+            calls: b.config.calls,
+            period: period_name(b.config.period),
+            time_zone: b.config.time_zone_name.clone(),
+            used: used.min(b.config.calls),
+            resets_in: end.duration_since(now).try_into().unwrap_or(Duration::ZERO),
+        })
     }
 
     /// Takes one call from `app`'s budget before a Feishu call, or refuses it.

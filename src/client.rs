@@ -7,7 +7,8 @@ use std::time::Duration;
 use feishu_reply_gateway::proto::reply_admin_client::ReplyAdminClient;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
 use feishu_reply_gateway::proto::{
-    GetReplyRequest, InspectChatRequest, ReplyJob, ReplyRequest, ReplyResponse,
+    GetReplyRequest, InspectAppRequest, InspectCallerRequest, InspectChatRequest, ReplyJob,
+    ReplyRequest, ReplyResponse,
 };
 use tonic_types::StatusExt;
 
@@ -244,42 +245,86 @@ pub struct InspectArgs {
 enum InspectWhat {
     /// A chat's queue and the quotas that hold it.
     Chat { chat_id: String },
+    /// An app's quota windows, call budget and queued replies (by configured name).
+    App { name: String },
+    /// A caller's rate, queue share and how much of it is used (by configured name).
+    Caller { name: String },
+}
+
+fn quotas_json(quotas: &[feishu_reply_gateway::proto::QuotaState]) -> Vec<serde_json::Value> {
+    quotas
+        .iter()
+        .map(|q| {
+            serde_json::json!({
+                "kind": q.kind, "id": q.id, "limit": q.limit, "window_ms": q.window_ms,
+                "used": q.used, "frees_in_ms": q.frees_in_ms,
+            })
+        })
+        .collect()
 }
 
 pub async fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
     let mut client = ReplyAdminClient::connect(args.gateway.addr.clone())
         .await
         .map_err(|e| format!("connecting to {}: {e}", args.gateway.addr))?;
-    let InspectWhat::Chat { chat_id } = args.what;
-    let mut req = tonic::Request::new(InspectChatRequest {
-        chat_id: chat_id.clone(),
-    });
-    authorize(&mut req, args.gateway.token.as_deref())?;
-    req.metadata_mut().insert(
-        "x-chat-id",
-        chat_id
-            .parse()
-            .map_err(|_| "the chat id is not a valid header value")?,
-    );
-    match client.inspect_chat(req).await {
-        Ok(r) => {
-            let c = r.into_inner();
-            let quotas: Vec<_> = c
-                .quotas
-                .iter()
-                .map(|q| {
-                    serde_json::json!({
-                        "kind": q.kind, "id": q.id, "limit": q.limit, "window_ms": q.window_ms,
-                        "used": q.used, "frees_in_ms": q.frees_in_ms,
-                    })
-                })
-                .collect();
-            let out = serde_json::json!({
-                "chat_id": c.chat_id, "queued": c.queued, "queued_bytes": c.queued_bytes,
-                "busy": c.busy, "head_age_ms": c.head_age_ms, "next_try_in_ms": c.next_try_in_ms,
-                "held_by": c.held_by, "frees_in_ms": c.frees_in_ms, "source": c.source,
-                "quotas": quotas,
+    let token = args.gateway.token.as_deref();
+    let answer = match args.what {
+        InspectWhat::Chat { chat_id } => {
+            let mut req = tonic::Request::new(InspectChatRequest {
+                chat_id: chat_id.clone(),
             });
+            authorize(&mut req, token)?;
+            req.metadata_mut().insert(
+                "x-chat-id",
+                chat_id
+                    .parse()
+                    .map_err(|_| "the chat id is not a valid header value")?,
+            );
+            client.inspect_chat(req).await.map(|r| {
+                let c = r.into_inner();
+                serde_json::json!({
+                    "chat_id": c.chat_id, "queued": c.queued, "queued_bytes": c.queued_bytes,
+                    "busy": c.busy, "head_age_ms": c.head_age_ms,
+                    "next_try_in_ms": c.next_try_in_ms, "held_by": c.held_by,
+                    "frees_in_ms": c.frees_in_ms, "source": c.source,
+                    "quotas": quotas_json(&c.quotas),
+                })
+            })
+        }
+        InspectWhat::App { name } => {
+            let mut req = tonic::Request::new(InspectAppRequest { app: name });
+            authorize(&mut req, token)?;
+            client.inspect_app(req).await.map(|r| {
+                let a = r.into_inner();
+                let budget = a.budget.map(|b| {
+                    serde_json::json!({
+                        "calls": b.calls, "period": b.period, "time_zone": b.time_zone,
+                        "used": b.used, "remaining": b.remaining, "resets_in_ms": b.resets_in_ms,
+                    })
+                });
+                serde_json::json!({
+                    "app": a.app, "app_id": a.app_id, "queued": a.queued,
+                    "queued_bytes": a.queued_bytes, "source": a.source,
+                    "quotas": quotas_json(&a.quotas), "budget": budget,
+                })
+            })
+        }
+        InspectWhat::Caller { name } => {
+            let mut req = tonic::Request::new(InspectCallerRequest { caller: name });
+            authorize(&mut req, token)?;
+            client.inspect_caller(req).await.map(|r| {
+                let c = r.into_inner();
+                serde_json::json!({
+                    "caller": c.caller, "rate": c.rate, "burst": c.burst,
+                    "queued": c.queued, "max_queued": c.max_queued,
+                    "queued_bytes": c.queued_bytes, "max_queued_bytes": c.max_queued_bytes,
+                    "apps": c.apps, "admin": c.admin,
+                })
+            })
+        }
+    };
+    match answer {
+        Ok(out) => {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(ExitCode::SUCCESS)
         }

@@ -29,6 +29,8 @@ pub enum GatewayError {
     Invalid(#[from] ValidationError),
     #[error("unknown app {0:?}: not in this gateway's configuration")]
     UnknownApp(String),
+    #[error("unknown caller {0:?}: not in this gateway's configuration")]
+    UnknownCaller(String),
     #[error("{0}")]
     Unauthenticated(#[from] crate::auth::AuthError),
     #[error(
@@ -127,7 +129,7 @@ impl GatewayError {
     pub fn code(&self) -> Code {
         match self {
             GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
-            GatewayError::UnknownApp(_) => Code::NotFound,
+            GatewayError::UnknownApp(_) | GatewayError::UnknownCaller(_) => Code::NotFound,
             GatewayError::Unauthenticated(_) => Code::Unauthenticated,
             GatewayError::AppNotAllowed { .. } | GatewayError::NotAdmin(_) => {
                 Code::PermissionDenied
@@ -153,6 +155,7 @@ impl GatewayError {
         match self {
             GatewayError::Invalid(v) => v.reason().into(),
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
+            GatewayError::UnknownCaller(_) => "UNKNOWN_CALLER".into(),
             GatewayError::Unauthenticated(e) => e.reason().into(),
             GatewayError::AppNotAllowed { .. } => "APP_NOT_ALLOWED".into(),
             GatewayError::NotAdmin(_) => "NOT_ADMIN".into(),
@@ -439,6 +442,16 @@ mod tests {
             GatewayError::UnknownApp("x".into()),
             Code::NotFound,
             "UNKNOWN_APP",
+            false,
+        );
+    }
+
+    #[test]
+    fn unknown_caller_is_not_found() {
+        check(
+            GatewayError::UnknownCaller("x".into()),
+            Code::NotFound,
+            "UNKNOWN_CALLER",
             false,
         );
     }

@@ -47,7 +47,8 @@ enum Command {
     Send(client::SendArgs),
     /// Look at or cancel an async job: `job get|watch|cancel ID`.
     Job(client::JobArgs),
-    /// Why is a reply slow: `inspect chat ID` (queue, and the quota that holds it).
+    /// Why is a reply slow: `inspect chat ID` (queue, and the quota that holds it), `inspect app
+    /// NAME` (windows, budget), `inspect caller NAME` (rate, queue share).
     Inspect(client::InspectArgs),
     /// Exit 0 when the gateway's health endpoint answers 200 (container HEALTHCHECK; needs
     /// no curl in the image).

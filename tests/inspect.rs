@@ -1,6 +1,8 @@
 //! Introspection (issue 11): `InspectChat` (and `inspect chat` on the command line) names the
 //! quota that holds a waiting chat and when it frees, from this process's counts on a single
-//! node and from Redis's shared counts in cluster mode; only admin callers may ask.
+//! node and from Redis's shared counts in cluster mode; `InspectApp` shows an app's windows,
+//! budget and queue, `InspectCaller` a caller's rate and queue share; only admin callers may
+//! ask.
 
 mod common;
 
@@ -9,8 +11,11 @@ use common::{
     token_sha256,
 };
 use feishu_reply_gateway::fake_feishu::FakeOptions;
+use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_admin_client::ReplyAdminClient;
-use feishu_reply_gateway::proto::{ChatState, InspectChatRequest};
+use feishu_reply_gateway::proto::{
+    AppState, ChatState, InspectAppRequest, InspectCallerRequest, InspectChatRequest,
+};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -149,4 +154,183 @@ async fn only_admin_callers_may_inspect() {
     assert_eq!(e.get_details_error_info().unwrap().reason, "NOT_ADMIN");
     let e = ask(None).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+}
+
+/// An app of its own: 3 replies a minute, a budget of 50 calls a day.
+const METERED: &str = "[apps.metered]\napp_id = \"cli_metered\"\napp_secret = \"s\"\n\
+                       quotas = [{ limit = 3, window_ms = 60000 }]\n\
+                       [apps.metered.budget]\ncalls = 50\nperiod = \"day\"\n";
+
+/// 5 replies of the metered app to 5 chats (calls left running) sent with `token`: 3 go, 2
+/// wait for the app's minute window.
+async fn fill_app(gw: &TestGateway, token: Option<&str>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut calls = Vec::new();
+    for i in 0..5 {
+        let mut c = gw.client.clone();
+        let mut req = tonic::Request::new(ReplyRequest {
+            app: "metered".into(),
+            ..text(&format!("om_m{i}"), &format!("oc_m{i}"), "m")
+        });
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        calls.push(tokio::spawn(async move {
+            let _ = c.reply(req).await;
+        }));
+    }
+    eventually("three posted", async || gw.fake.received().len() >= 3).await;
+    calls
+}
+
+async fn inspect_app(
+    gw: &TestGateway,
+    app: &str,
+    token: Option<&str>,
+) -> Result<AppState, tonic::Status> {
+    let mut req = tonic::Request::new(InspectAppRequest { app: app.into() });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    ReplyAdminClient::new(gw.channel.clone())
+        .inspect_app(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The metered app after [`fill_app`]: its window full and holding two, 4 calls of its budget
+/// spent (a token and 3 replies).
+async fn assert_metered(gw: &TestGateway, source: &str, token: Option<&str>) {
+    let mut a = AppState::default();
+    eventually("two waiting for the app", async || {
+        a = inspect_app(gw, "metered", token).await.unwrap();
+        a.queued == 2
+    })
+    .await;
+    assert_eq!(
+        (a.app.as_str(), a.app_id.as_str()),
+        ("metered", "cli_metered")
+    );
+    assert_eq!(a.source, source, "{a:?}");
+    let [q] = &a.quotas[..] else {
+        panic!("its own list only: {a:?}")
+    };
+    assert_eq!(
+        (q.kind.as_str(), q.id.as_str()),
+        ("app:60000ms", "cli_metered")
+    );
+    assert_eq!((q.used, q.limit), (3, 3), "{a:?}");
+    assert!(q.frees_in_ms > 0 && q.frees_in_ms <= 60_005, "{a:?}");
+    let b = a.budget.expect("a budget");
+    assert_eq!((b.calls, b.used, b.remaining), (50, 4, 46), "{b:?}");
+    assert_eq!(
+        (b.period.as_str(), b.time_zone.as_str()),
+        ("day", "Asia/Shanghai")
+    );
+    assert!(b.resets_in_ms > 0 && b.resets_in_ms <= 86_400_000, "{b:?}");
+}
+
+#[tokio::test]
+async fn an_app_shows_its_windows_budget_and_queue() {
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let gw = spawn_gateway_on(fake.clone(), config_for(&fake, METERED)).await;
+    let calls = fill_app(&gw, None).await;
+    assert_metered(&gw, "local", None).await;
+    // The default app has no budget and nothing queued.
+    let d = inspect_app(&gw, "default", None).await.unwrap();
+    assert_eq!((d.queued, &d.budget), (0, &None), "{d:?}");
+    for name in ["nope", ""] {
+        let e = inspect_app(&gw, name, None).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{name:?}: {e:?}");
+        assert_eq!(e.get_details_error_info().unwrap().reason, "UNKNOWN_APP");
+    }
+    for c in calls {
+        c.abort();
+    }
+}
+
+#[tokio::test]
+async fn in_cluster_mode_an_app_s_counts_and_budget_come_from_redis() {
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = format!("inspect-{}-{:x}", std::process::id(), rand::random::<u32>());
+    let config = config_for(
+        &fake,
+        &format!("{METERED}[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n"),
+    );
+    let gw = spawn_gateway_on(fake.clone(), config).await;
+    let calls = fill_app(&gw, None).await;
+    assert_metered(&gw, "redis", None).await;
+    for c in calls {
+        c.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_caller_shows_its_rate_and_queue_share() {
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let (ops, bot) = ("ops-token-0123456789abcdef", "bot-token-0123456789abcdef");
+    let config = config_for(
+        &fake,
+        &format!(
+            "{METERED}[callers.ops]\ntoken_sha256 = \"{}\"\napps = [\"*\"]\nadmin = true\n\
+             [callers.bot]\ntoken_sha256 = \"{}\"\napps = [\"metered\"]\nrate = 40\n\
+             burst = 60\nmax_queued = 7\n",
+            token_sha256(ops),
+            token_sha256(bot)
+        ),
+    );
+    let gw = spawn_gateway_on(fake.clone(), config).await;
+    let calls = fill_app(&gw, Some(bot)).await;
+    assert_metered(&gw, "local", Some(ops)).await;
+    let ask = async |name: &str| {
+        let mut req = tonic::Request::new(InspectCallerRequest {
+            caller: name.into(),
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {ops}").parse().unwrap());
+        ReplyAdminClient::new(gw.channel.clone())
+            .inspect_caller(req)
+            .await
+            .map(|r| r.into_inner())
+    };
+    let c = ask("bot").await.unwrap();
+    assert_eq!(
+        (c.rate, c.burst, c.max_queued, c.queued),
+        (40, 60, 7, 2),
+        "{c:?}"
+    );
+    assert!(
+        c.queued_bytes > 0 && c.queued_bytes <= c.max_queued_bytes,
+        "{c:?}"
+    );
+    assert_eq!((c.apps, c.admin), (vec!["metered".to_owned()], false));
+    let o = ask("ops").await.unwrap();
+    assert_eq!((o.queued, o.apps.len(), o.admin), (0, 0, true), "{o:?}");
+    let e = ask("nobody").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.get_details_error_info().unwrap().reason, "UNKNOWN_CALLER");
+    // The CLI's `inspect caller`.
+    let addr = format!("http://{}", gw.grpc_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"))
+            .args(["inspect", "caller", "bot", "--addr", &addr, "--token", ops])
+            .env_remove("GATEWAY_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (v["queued"].as_u64(), v["max_queued"].as_u64()),
+        (Some(2), Some(7)),
+        "{stdout}"
+    );
+    for c in calls {
+        c.abort();
+    }
 }

@@ -9,33 +9,33 @@ use tonic::{Request, Response, Status};
 use super::ReplyService;
 use crate::error::GatewayError;
 use crate::proto::reply_admin_server::ReplyAdmin;
-use crate::proto::{ChatState, InspectChatRequest, QuotaState};
-use crate::scheduler::inspect::ChatSnapshot;
+use crate::proto::{
+    AppState, Budget, CallerState, ChatState, InspectAppRequest, InspectCallerRequest,
+    InspectChatRequest, QuotaState,
+};
+use crate::scheduler::inspect::{self as snapshot, ChatSnapshot};
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The dispatcher went away (shutting down): no answer.
+fn gone() -> GatewayError {
+    GatewayError::ShuttingDown {
+        attempts: 0,
+        uuid: String::new(),
+    }
+}
+
 impl ReplyService {
-    async fn inspect_chat(&self, chat_id: &str) -> Result<ChatState, GatewayError> {
-        if chat_id.is_empty() || chat_id.len() > 128 {
-            return Err(crate::reply::ValidationError::BadId {
-                field: "chat_id",
-                why: "give the chat id (at most 128 bytes)".into(),
-            }
-            .into());
-        }
-        let chat: Arc<str> = chat_id.into();
-        let snap: ChatSnapshot =
-            self.scheduler
-                .inspect_chat(chat)
-                .await
-                .ok_or(GatewayError::ShuttingDown {
-                    attempts: 0,
-                    uuid: String::new(),
-                })?;
-        let mut quotas: Vec<QuotaState> = snap
-            .quotas
+    /// `quotas` as the API shows them, with Redis's shared counts for `shared` in cluster mode
+    /// (when it answers), and where the counts came from.
+    async fn counted(
+        &self,
+        quotas: &[snapshot::QuotaState],
+        shared: Option<&[crate::cluster::SharedKey]>,
+    ) -> (Vec<QuotaState>, &'static str) {
+        let mut quotas: Vec<QuotaState> = quotas
             .iter()
             .map(|q| QuotaState {
                 kind: q.kind.clone(),
@@ -46,22 +46,90 @@ impl ReplyService {
                 frees_in_ms: ms(q.frees_in),
             })
             .collect();
-        let mut source = "local";
-        // Cluster mode: the shared counts are in Redis (when it answers).
-        if let (Some(keys), Some(redis)) = (&snap.shared, &self.redis) {
+        if let (Some(keys), Some(redis)) = (shared, &self.redis) {
             match redis.inspect(keys).await {
-                Ok(shared) => {
-                    for (q, (used, frees_in)) in quotas.iter_mut().zip(shared) {
+                Ok(counts) => {
+                    for (q, (used, frees_in)) in quotas.iter_mut().zip(counts) {
                         q.used = used;
                         q.frees_in_ms = ms(frees_in);
                     }
-                    source = "redis";
+                    return (quotas, "redis");
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "inspect: redis did not answer; local counts")
                 }
             }
         }
+        (quotas, "local")
+    }
+
+    async fn inspect_app(&self, name: &str) -> Result<AppState, GatewayError> {
+        let unknown = || GatewayError::UnknownApp(name.chars().take(64).collect());
+        let app = self.app_index(name).map_err(|_| unknown())?;
+        let a = &self.apps[app];
+        if a.name != name {
+            // app_index maps "" to the default app; an app is named here.
+            return Err(unknown());
+        }
+        let snap = self
+            .scheduler
+            .inspect_app(app, a.app_id.as_str().into())
+            .await
+            .ok_or_else(gone)?;
+        let (quotas, source) = self.counted(&snap.quotas, snap.shared.as_deref()).await;
+        let budget = match &self.budgets {
+            Some(b) => b.view(app).await.map(|v| Budget {
+                calls: v.calls,
+                period: v.period.into(),
+                time_zone: v.time_zone,
+                used: v.used,
+                remaining: v.calls - v.used,
+                resets_in_ms: ms(v.resets_in),
+            }),
+            None => None,
+        };
+        Ok(AppState {
+            app: a.name.clone(),
+            app_id: a.app_id.clone(),
+            quotas,
+            source: source.into(),
+            queued: u32::try_from(snap.queued).unwrap_or(u32::MAX),
+            queued_bytes: u64::try_from(snap.queued_bytes).unwrap_or(u64::MAX),
+            budget,
+        })
+    }
+
+    async fn inspect_caller(&self, name: &str) -> Result<CallerState, GatewayError> {
+        let c = self
+            .auth
+            .describe(name)
+            .ok_or_else(|| GatewayError::UnknownCaller(name.chars().take(64).collect()))?;
+        let (queued, bytes) = self.scheduler.caller_queued(c.id).await.ok_or_else(gone)?;
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        Ok(CallerState {
+            caller: name.to_owned(),
+            rate: c.limits.rate.get(),
+            burst: c.limits.burst.get(),
+            max_queued: n(c.limits.max_queued),
+            queued: n(queued),
+            max_queued_bytes: n(c.limits.max_queued_bytes),
+            queued_bytes: n(bytes),
+            apps: c.apps.unwrap_or_default(),
+            admin: c.admin,
+        })
+    }
+
+    async fn inspect_chat(&self, chat_id: &str) -> Result<ChatState, GatewayError> {
+        if chat_id.is_empty() || chat_id.len() > 128 {
+            return Err(crate::reply::ValidationError::BadId {
+                field: "chat_id",
+                why: "give the chat id (at most 128 bytes)".into(),
+            }
+            .into());
+        }
+        let chat: Arc<str> = chat_id.into();
+        let snap: ChatSnapshot = self.scheduler.inspect_chat(chat).await.ok_or_else(gone)?;
+        let (quotas, source) = self.counted(&snap.quotas, snap.shared.as_deref()).await;
         let held = quotas
             .iter()
             .filter(|q| q.frees_in_ms > 0)
@@ -81,6 +149,15 @@ impl ReplyService {
             source: source.into(),
         })
     }
+
+    /// The caller of `req` if it may use the admin service, else the status to answer.
+    fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let caller = self.caller(req, "none")?;
+        if !self.auth.is_admin(&caller) {
+            return Err(GatewayError::NotAdmin(caller.name.to_string()).to_status());
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -89,11 +166,30 @@ impl ReplyAdmin for ReplyService {
         &self,
         req: Request<InspectChatRequest>,
     ) -> Result<Response<ChatState>, Status> {
-        let caller = self.caller(&req, "none")?;
-        if !self.auth.is_admin(&caller) {
-            return Err(GatewayError::NotAdmin(caller.name.to_string()).to_status());
-        }
+        self.admin(&req)?;
         ReplyService::inspect_chat(self, &req.get_ref().chat_id)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
+    }
+
+    async fn inspect_app(
+        &self,
+        req: Request<InspectAppRequest>,
+    ) -> Result<Response<AppState>, Status> {
+        self.admin(&req)?;
+        ReplyService::inspect_app(self, &req.get_ref().app)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.to_status())
+    }
+
+    async fn inspect_caller(
+        &self,
+        req: Request<InspectCallerRequest>,
+    ) -> Result<Response<CallerState>, Status> {
+        self.admin(&req)?;
+        ReplyService::inspect_caller(self, &req.get_ref().caller)
             .await
             .map(Response::new)
             .map_err(|e| e.to_status())

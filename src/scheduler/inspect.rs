@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::gate::QuotaGate;
 use super::{CHAT_QUOTA, Command, Dispatcher, Scheduler};
 use crate::cluster::SharedKey;
+use crate::feishu::AppIndex;
 use crate::quota::QuotaKey;
 
 /// One chat, now.
@@ -29,6 +30,18 @@ pub struct ChatSnapshot {
     pub quotas: Vec<QuotaState>,
     /// Cluster mode: the same quotas' Redis keys, where the shared counts are.
     pub shared: Option<Vec<SharedKey>>,
+}
+
+/// One app, now.
+#[derive(Debug, Clone, Default)]
+pub struct AppSnapshot {
+    /// Its app quotas, as this process counts them.
+    pub quotas: Vec<QuotaState>,
+    /// Cluster mode: the same quotas' Redis keys.
+    pub shared: Option<Vec<SharedKey>>,
+    /// Its replies queued here, and their bytes.
+    pub queued: usize,
+    pub queued_bytes: usize,
 }
 
 /// One quota key.
@@ -55,26 +68,7 @@ impl Dispatcher {
             Some(head) if !head.keys.is_empty() => head.keys.clone(),
             _ => vec![QuotaKey::new(CHAT_QUOTA, chat_id.clone())],
         };
-        let table = self.gate.table();
-        let quotas = keys
-            .iter()
-            .map(|k| {
-                let spec = self.layout.specs[k.quota];
-                let (used, ready_at) = table.usage(k, at);
-                QuotaState {
-                    kind: self.layout.kinds[k.quota].clone(),
-                    id: k.id.to_string(),
-                    limit: spec.limit.get(),
-                    window: spec.window,
-                    used,
-                    frees_in: Duration::from_micros(ready_at.saturating_sub(at)),
-                }
-            })
-            .collect();
-        let shared = match &self.gate {
-            QuotaGate::Redis(g) => Some(g.shared_keys(&keys)),
-            QuotaGate::Local(_) => None,
-        };
+        let (quotas, shared) = self.quota_states(&keys, now);
         let Some(v) = view else {
             return ChatSnapshot {
                 quotas,
@@ -96,7 +90,69 @@ impl Dispatcher {
     }
 }
 
+impl Dispatcher {
+    pub(super) fn inspect_app(&self, app: AppIndex, app_id: &Arc<str>) -> AppSnapshot {
+        let keys: Vec<QuotaKey> = self
+            .layout
+            .app_quotas(app_id)
+            .map(|q| QuotaKey::new(q, app_id.clone()))
+            .collect();
+        let (quotas, shared) = self.quota_states(&keys, Instant::now());
+        let (queued, queued_bytes) = self.queues.app_queued(app);
+        AppSnapshot {
+            quotas,
+            shared,
+            queued,
+            queued_bytes,
+        }
+    }
+
+    /// `keys` as this process counts them, and their Redis keys in cluster mode.
+    fn quota_states(
+        &self,
+        keys: &[QuotaKey],
+        now: Instant,
+    ) -> (Vec<QuotaState>, Option<Vec<SharedKey>>) {
+        let at = self.clock.micros(now);
+        let table = self.gate.table();
+        let quotas = keys
+            .iter()
+            .map(|k| {
+                let spec = self.layout.specs[k.quota];
+                let (used, ready_at) = table.usage(k, at);
+                QuotaState {
+                    kind: self.layout.kinds[k.quota].clone(),
+                    id: k.id.to_string(),
+                    limit: spec.limit.get(),
+                    window: spec.window,
+                    used,
+                    frees_in: Duration::from_micros(ready_at.saturating_sub(at)),
+                }
+            })
+            .collect();
+        let shared = match &self.gate {
+            QuotaGate::Redis(g) => Some(g.shared_keys(keys)),
+            QuotaGate::Local(_) => None,
+        };
+        (quotas, shared)
+    }
+}
+
 impl Scheduler {
+    /// App `app` (Feishu `app_id`) as the dispatcher sees it now (None: the dispatcher is gone).
+    pub async fn inspect_app(&self, app: AppIndex, app_id: Arc<str>) -> Option<AppSnapshot> {
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::InspectApp { app, app_id, done });
+        rx.await.ok()
+    }
+
+    /// Replies and bytes caller `caller` has queued here (None: the dispatcher is gone).
+    pub async fn caller_queued(&self, caller: usize) -> Option<(usize, usize)> {
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::InspectCaller { caller, done });
+        rx.await.ok()
+    }
+
     /// Chat `chat_id` as the dispatcher sees it now (None: the dispatcher is gone).
     pub async fn inspect_chat(&self, chat_id: Arc<str>) -> Option<ChatSnapshot> {
         let (done, rx) = oneshot::channel();

@@ -125,6 +125,17 @@ enum Command {
         chat_id: Arc<str>,
         done: oneshot::Sender<inspect::ChatSnapshot>,
     },
+    /// Introspection: one app's quota windows and queued replies.
+    InspectApp {
+        app: AppIndex,
+        app_id: Arc<str>,
+        done: oneshot::Sender<inspect::AppSnapshot>,
+    },
+    /// Introspection: one caller's queued replies and their bytes.
+    InspectCaller {
+        caller: usize,
+        done: oneshot::Sender<(usize, usize)>,
+    },
     /// Tests: the dispatcher panics (a bug), to check that its death is visible.
     #[cfg(test)]
     Crash,
@@ -309,6 +320,12 @@ impl Dispatcher {
             }
             Command::InspectChat { chat_id, done } => {
                 let _ = done.send(self.inspect_chat(&chat_id));
+            }
+            Command::InspectApp { app, app_id, done } => {
+                let _ = done.send(self.inspect_app(app, &app_id));
+            }
+            Command::InspectCaller { caller, done } => {
+                let _ = done.send(self.queues.caller_queued(caller));
             }
         }
     }

@@ -110,7 +110,7 @@ struct ChatQueue {
     scheduled: bool,
 }
 
-/// What the queued jobs hold: in total and per caller.
+/// What the queued jobs hold: in total, per caller and per app.
 #[derive(Default)]
 struct Counts {
     queued: usize,
@@ -118,6 +118,16 @@ struct Counts {
     bytes: usize,
     /// Queued jobs and their bytes per caller (index: `JobSpec::caller`).
     per_caller: Vec<(usize, usize)>,
+    /// … and per app (index: `JobSpec::app`).
+    per_app: Vec<(usize, usize)>,
+}
+
+/// Entry `i` of a per-caller or per-app count, grown on first use.
+fn share(v: &mut Vec<(usize, usize)>, i: usize) -> &mut (usize, usize) {
+    if v.len() <= i {
+        v.resize(i + 1, (0, 0));
+    }
+    &mut v[i]
 }
 
 impl Counts {
@@ -126,12 +136,13 @@ impl Counts {
         let w = job.weight();
         self.queued += 1;
         self.bytes += w;
-        let c = job.spec.caller;
-        if self.per_caller.len() <= c {
-            self.per_caller.resize(c + 1, (0, 0));
+        for s in [
+            share(&mut self.per_caller, job.spec.caller),
+            share(&mut self.per_app, job.spec.app),
+        ] {
+            s.0 += 1;
+            s.1 += w;
         }
-        self.per_caller[c].0 += 1;
-        self.per_caller[c].1 += w;
     }
 
     /// Stops counting `job` as queued.
@@ -139,9 +150,13 @@ impl Counts {
         let w = job.weight();
         self.queued -= 1;
         self.bytes -= w;
-        let share = &mut self.per_caller[job.spec.caller];
-        share.0 -= 1;
-        share.1 -= w;
+        for s in [
+            share(&mut self.per_caller, job.spec.caller),
+            share(&mut self.per_app, job.spec.app),
+        ] {
+            s.0 -= 1;
+            s.1 -= w;
+        }
     }
 }
 
@@ -183,6 +198,11 @@ impl Queues {
             .get(caller)
             .copied()
             .unwrap_or((0, 0))
+    }
+
+    /// Jobs and bytes of app `app` queued.
+    pub fn app_queued(&self, app: usize) -> (usize, usize) {
+        self.counts.per_app.get(app).copied().unwrap_or((0, 0))
     }
 
     /// Jobs queued in `chat` and whether its head is in flight.
