@@ -26,6 +26,7 @@ use crate::listen::{self, PortLimits};
 use crate::metrics::Metrics;
 use crate::proto::reply_admin_server::ReplyAdminServer;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
+use crate::reload::{Live, ReloadSource};
 use crate::scheduler::{ClusterState, Scheduler, SchedulerConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +103,7 @@ async fn embedded_fake(config: &mut Config) -> Result<FakeFeishu, AppError> {
 /// stop accepting → keep sending for the grace period → fail the rest with UNAVAILABLE).
 pub async fn run(
     mut config: Config,
+    reload: Option<ReloadSource>,
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
@@ -135,6 +137,7 @@ pub async fn run(
             metrics,
             store,
             budgets: Some(budgets),
+            reload,
         },
         grpc_listener,
         metrics_listener,
@@ -152,6 +155,8 @@ pub struct Shared {
     pub store: Option<Arc<RedisQuota>>,
     /// The apps' call budgets, when the upstream counts against them.
     pub budgets: Option<Arc<Budgets>>,
+    /// Live reload (SIGHUP, file changes); None: the configuration is read once.
+    pub reload: Option<ReloadSource>,
 }
 
 /// [`run`] with the upstream given (tests and benches may stand in their own).
@@ -167,6 +172,7 @@ pub async fn run_with_upstream(
         metrics,
         store,
         budgets,
+        reload,
     } = shared;
     for a in &config.apps {
         metrics.init_app(&a.name);
@@ -177,9 +183,15 @@ pub async fn run_with_upstream(
         metrics.clone(),
         store.clone(),
     );
-    let mut service = ReplyService::new(&config, scheduler.clone(), upstream, metrics.clone());
-    if let Some(b) = budgets.filter(|b| b.any()) {
-        service = service.with_budgets(b);
+    let mut service = ReplyService::new(
+        &config,
+        scheduler.clone(),
+        upstream.clone(),
+        metrics.clone(),
+    );
+    // Checked at the door even when no app has a budget yet: a reload may give one one.
+    if let Some(b) = &budgets {
+        service = service.with_budgets(b.clone());
     }
     if let Some(redis) = &store {
         service = service.with_redis(redis.clone());
@@ -233,6 +245,25 @@ pub async fn run_with_upstream(
             Some(tokio::spawn(jobs.clone().run()))
         }
         None => None,
+    };
+    let reloader = match (reload, config.embedded_fake) {
+        (Some(_), true) => {
+            tracing::info!("--embedded-fake: the configuration is not reloaded");
+            None
+        }
+        (Some(source), false) => {
+            let live = Arc::new(Live::new(
+                config.clone(),
+                service.clone(),
+                scheduler.clone(),
+                upstream.clone(),
+                budgets.clone(),
+                jobs.clone(),
+                metrics.clone(),
+            ));
+            Some(tokio::spawn(crate::reload::watch(live, source)))
+        }
+        (None, _) => None,
     };
     let sweeper = {
         let service = service.clone();
@@ -390,6 +421,9 @@ pub async fn run_with_upstream(
     sweeper.abort();
     watchdog.abort();
     metrics_server.abort();
+    if let Some(t) = reloader {
+        t.abort();
+    }
     if let Some(t) = jobs_task {
         t.abort();
     }

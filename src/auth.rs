@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tonic::Request;
 use tonic::transport::CertificateDer;
 
-use crate::config::{ANONYMOUS, AppGrant, AuthConfig, CallerLimits, token_hash};
+use crate::config::{ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerLimits, token_hash};
 
 /// Index of a caller: the configured callers in order, then anonymous.
 pub type CallerId = usize;
@@ -75,7 +75,8 @@ impl Authenticator {
     pub fn new(config: &AuthConfig) -> Self {
         let mut by_token = HashMap::new();
         let mut by_identity = HashMap::new();
-        for (id, c) in config.callers.iter().enumerate() {
+        for (i, c) in config.callers.iter().enumerate() {
+            let id = i + 1; // after anonymous (ANONYMOUS_ID)
             if let Some(h) = c.token_sha256 {
                 by_token.insert(h, id);
             }
@@ -83,17 +84,22 @@ impl Authenticator {
                 by_identity.insert(name.clone(), id);
             }
         }
-        let names = config
-            .callers
-            .iter()
-            .map(|c| Arc::from(c.name.as_str()))
-            .chain([Arc::from(ANONYMOUS)])
+        let names = [Arc::from(ANONYMOUS)]
+            .into_iter()
+            .chain(config.callers.iter().map(|c| Arc::from(c.name.as_str())))
             .collect();
         Self {
             by_token,
             by_identity,
-            grants: config.callers.iter().map(|c| c.apps.clone()).collect(),
-            admins: config.callers.iter().map(|c| c.admin).collect(),
+            // Anonymous calls may use any app; `is_admin` decides theirs from allow_anonymous.
+            grants: [AppGrant::All]
+                .into_iter()
+                .chain(config.callers.iter().map(|c| c.apps.clone()))
+                .collect(),
+            admins: [false]
+                .into_iter()
+                .chain(config.callers.iter().map(|c| c.admin))
+                .collect(),
             limits: config.limits_by_id(),
             names,
             allow_anonymous: config.allow_anonymous,
@@ -113,7 +119,7 @@ impl Authenticator {
     /// and whether it is an admin.
     pub fn describe(&self, name: &str) -> Option<CallerView> {
         let id = self.names.iter().position(|n| **n == *name)?;
-        let anonymous = id + 1 == self.names.len();
+        let anonymous = id == ANONYMOUS_ID;
         Some(CallerView {
             id,
             limits: self.limits[id],
@@ -129,21 +135,20 @@ impl Authenticator {
         })
     }
 
-    /// Every caller's name by id (anonymous last), for metrics.
+    /// Every caller's name by id (anonymous first), for metrics.
     pub fn names(&self) -> &[Arc<str>] {
         &self.names
     }
 
-    /// Every caller's limits by id (anonymous last).
+    /// Every caller's limits by id (anonymous first).
     pub fn limits(&self) -> &[CallerLimits] {
         &self.limits
     }
 
     fn anonymous(&self) -> Caller {
-        let id = self.names.len() - 1;
         Caller {
-            id,
-            name: self.names[id].clone(),
+            id: ANONYMOUS_ID,
+            name: self.names[ANONYMOUS_ID].clone(),
             anonymous: true,
         }
     }
@@ -218,20 +223,46 @@ pub struct CallerView {
 /// Admission rate limits: one bucket per configured caller, one per peer address for
 /// anonymous calls (so memory grows with addresses, not with what callers write).
 pub struct Admission {
-    callers: Vec<governor::DefaultDirectRateLimiter>,
-    anonymous: governor::DefaultKeyedRateLimiter<IpAddr>,
+    callers: Vec<Arc<governor::DefaultDirectRateLimiter>>,
+    /// The limits each bucket was made with (by caller id).
+    limits: Vec<CallerLimits>,
+    anonymous: Arc<governor::DefaultKeyedRateLimiter<IpAddr>>,
+}
+
+fn bucket(l: &CallerLimits) -> governor::Quota {
+    governor::Quota::per_second(l.rate).allow_burst(l.burst)
 }
 
 impl Admission {
     pub fn new(limits: &[CallerLimits]) -> Self {
-        let quota = |l: &CallerLimits| governor::Quota::per_second(l.rate).allow_burst(l.burst);
-        let (named, anon) = limits.split_at(limits.len() - 1);
         Self {
-            callers: named
+            // By caller id; the anonymous entry is never used (anonymous calls are limited per
+            // peer address below).
+            callers: limits
                 .iter()
-                .map(|l| governor::RateLimiter::direct(quota(l)))
+                .map(|l| Arc::new(governor::RateLimiter::direct(bucket(l))))
                 .collect(),
-            anonymous: governor::RateLimiter::keyed(quota(&anon[0])),
+            limits: limits.to_vec(),
+            anonymous: Arc::new(governor::RateLimiter::keyed(bucket(&limits[ANONYMOUS_ID]))),
+        }
+    }
+
+    /// The buckets for `limits` after a live reload: a caller whose limits stay keeps its
+    /// bucket (a reload is no way around a rate limit); changed and new ones start full.
+    pub fn next(&self, limits: &[CallerLimits]) -> Self {
+        let keep = |id: usize| self.limits.get(id) == Some(&limits[id]);
+        Self {
+            callers: (0..limits.len())
+                .map(|id| match keep(id) {
+                    true => self.callers[id].clone(),
+                    false => Arc::new(governor::RateLimiter::direct(bucket(&limits[id]))),
+                })
+                .collect(),
+            limits: limits.to_vec(),
+            anonymous: match keep(ANONYMOUS_ID) {
+                true => self.anonymous.clone(),
+                false => Arc::new(governor::RateLimiter::keyed(bucket(&limits[ANONYMOUS_ID]))),
+            },
         }
     }
 

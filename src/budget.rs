@@ -58,7 +58,7 @@ struct AppBudget {
     state: Mutex<State>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct State {
     /// The period counted now (its start, as a timestamp); None before the first call.
     start: Option<Timestamp>,
@@ -83,7 +83,8 @@ pub struct BudgetView {
 
 /// Every app's budget; apps without one are never refused.
 pub struct Budgets {
-    apps: Vec<Option<AppBudget>>,
+    /// By app index; replaced whole by a live reload ([`Budgets::reconfigure`]).
+    apps: parking_lot::RwLock<Arc<[Option<Arc<AppBudget>>]>>,
     redis: Option<Arc<RedisQuota>>,
     spend: redis::Script,
     metrics: Arc<Metrics>,
@@ -96,17 +97,17 @@ impl Budgets {
             .map(|a| {
                 a.budget.clone().map(|config| {
                     metrics.set_app_budget(&a.name, config.calls, 0);
-                    AppBudget {
+                    Arc::new(AppBudget {
                         name: a.name.clone(),
                         app_id: a.app_id.clone(),
                         config,
                         state: Mutex::new(State::default()),
-                    }
+                    })
                 })
             })
             .collect();
         Self {
-            apps,
+            apps: parking_lot::RwLock::new(apps),
             redis,
             spend: redis::Script::new(SPEND_LUA),
             metrics,
@@ -115,19 +116,65 @@ impl Budgets {
 
     /// Whether any app has a budget.
     pub fn any(&self) -> bool {
-        self.apps.iter().any(Option::is_some)
+        self.apps.read().iter().any(Option::is_some)
+    }
+
+    /// `app`'s budget in the configuration running now.
+    fn app(&self, app: AppIndex) -> Option<Arc<AppBudget>> {
+        self.apps.read().get(app).cloned().flatten()
+    }
+
+    /// A live reload: `apps` replaces the apps, slot for slot. A budget that stays the same
+    /// keeps its count; a changed one keeps the count of the period running when the app_id,
+    /// period and time zone stay (only the number of calls changed).
+    pub fn reconfigure(&self, apps: &[AppConfig]) {
+        let mut current = self.apps.write();
+        let next: Arc<[Option<Arc<AppBudget>>]> = apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let config = a.budget.clone().filter(|_| !a.removed)?;
+                let old = current.get(i).cloned().flatten();
+                if let Some(old) = &old
+                    && old.config == config
+                    && old.app_id == a.app_id
+                    && old.name == a.name
+                {
+                    return Some(old.clone());
+                }
+                let state = match &old {
+                    Some(o)
+                        if o.app_id == a.app_id
+                            && o.config.period == config.period
+                            && o.config.time_zone_name == config.time_zone_name =>
+                    {
+                        o.state.lock().clone()
+                    }
+                    _ => State::default(),
+                };
+                self.metrics
+                    .set_app_budget(&a.name, config.calls, state.used.min(config.calls));
+                Some(Arc::new(AppBudget {
+                    name: a.name.clone(),
+                    app_id: a.app_id.clone(),
+                    config,
+                    state: Mutex::new(state),
+                }))
+            })
+            .collect();
+        *current = next;
     }
 
     /// Refuses at once when this process already knows the budget of `app` is spent for the
     /// current period (no call is made to find out).
     pub fn check(&self, app: AppIndex) -> Result<(), UpstreamError> {
-        let Some(Some(b)) = self.apps.get(app) else {
+        let Some(b) = self.app(app) else {
             return Ok(());
         };
         let now = Timestamp::now();
         let state = b.state.lock();
         match (state.end, state.used + state.unshared >= b.config.calls) {
-            (Some(end), true) if now < end => Err(self.refuse(b, now, end)),
+            (Some(end), true) if now < end => Err(self.refuse(&b, now, end)),
             _ => Ok(()),
         }
     }
@@ -150,9 +197,7 @@ impl Budgets {
 
     /// `app`'s budget now (None: it has none).
     pub async fn view(&self, app: AppIndex) -> Option<BudgetView> {
-        let Some(Some(b)) = self.apps.get(app) else {
-            return None;
-        };
+        let b = self.app(app)?;
         let now = Timestamp::now();
         let (start, end) = period_of(now, &b.config);
         let (start, end) = (start.timestamp(), end.timestamp());
@@ -185,7 +230,7 @@ impl Budgets {
 
     /// Takes one call from `app`'s budget before a Feishu call, or refuses it.
     pub async fn spend(&self, app: AppIndex) -> Result<(), UpstreamError> {
-        let Some(Some(b)) = self.apps.get(app) else {
+        let Some(b) = self.app(app) else {
             return Ok(());
         };
         let now = Timestamp::now();
@@ -210,7 +255,7 @@ impl Budgets {
             // One process: count here.
             let mut state = b.state.lock();
             if state.used >= b.config.calls {
-                return Err(self.refuse(b, now, end));
+                return Err(self.refuse(&b, now, end));
             }
             state.used += 1;
             self.metrics
@@ -232,7 +277,7 @@ impl Budgets {
                 if *taken == 1 {
                     Ok(())
                 } else {
-                    Err(self.refuse(b, now, end))
+                    Err(self.refuse(&b, now, end))
                 }
             }
             _ => {
@@ -241,7 +286,7 @@ impl Budgets {
                 let left = b.config.calls.saturating_sub(state.used);
                 let share = left / u64::try_from(redis.replicas().max(1)).unwrap_or(1);
                 if state.unshared >= share {
-                    return Err(self.refuse(b, now, end));
+                    return Err(self.refuse(&b, now, end));
                 }
                 state.unshared += 1;
                 Ok(())

@@ -31,6 +31,14 @@ pub enum GatewayError {
     UnknownApp(String),
     #[error("unknown caller {0:?}: not in this gateway's configuration")]
     UnknownCaller(String),
+    #[error(
+        "app {app:?} was removed from the gateway's configuration while this reply waited; it was not sent (uuid {uuid})"
+    )]
+    AppRemoved {
+        app: String,
+        attempts: u32,
+        uuid: String,
+    },
     #[error("{0}")]
     Unauthenticated(#[from] crate::auth::AuthError),
     #[error(
@@ -129,7 +137,9 @@ impl GatewayError {
     pub fn code(&self) -> Code {
         match self {
             GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
-            GatewayError::UnknownApp(_) | GatewayError::UnknownCaller(_) => Code::NotFound,
+            GatewayError::UnknownApp(_)
+            | GatewayError::UnknownCaller(_)
+            | GatewayError::AppRemoved { .. } => Code::NotFound,
             GatewayError::Unauthenticated(_) => Code::Unauthenticated,
             GatewayError::AppNotAllowed { .. } | GatewayError::NotAdmin(_) => {
                 Code::PermissionDenied
@@ -156,6 +166,7 @@ impl GatewayError {
             GatewayError::Invalid(v) => v.reason().into(),
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
             GatewayError::UnknownCaller(_) => "UNKNOWN_CALLER".into(),
+            GatewayError::AppRemoved { .. } => "APP_REMOVED".into(),
             GatewayError::Unauthenticated(e) => e.reason().into(),
             GatewayError::AppNotAllowed { .. } => "APP_NOT_ALLOWED".into(),
             GatewayError::NotAdmin(_) => "NOT_ADMIN".into(),
@@ -229,6 +240,15 @@ impl GatewayError {
             | GatewayError::DeadlineBeforeSend { attempts, uuid }
             | GatewayError::ShuttingDown { attempts, uuid }
             | GatewayError::Internal { attempts, uuid } => {
+                meta.insert("attempts".to_owned(), attempts.to_string());
+                meta.insert("uuid".to_owned(), uuid.clone());
+            }
+            GatewayError::AppRemoved {
+                app,
+                attempts,
+                uuid,
+            } => {
+                meta.insert("app".to_owned(), app.clone());
                 meta.insert("attempts".to_owned(), attempts.to_string());
                 meta.insert("uuid".to_owned(), uuid.clone());
             }

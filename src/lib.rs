@@ -75,6 +75,7 @@ pub mod jobs;
 pub mod listen;
 pub mod metrics;
 pub mod quota;
+pub mod reload;
 pub mod reply;
 pub mod scheduler;
 pub mod telemetry;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use feishu_reply_gateway::config::{Config, ServeArgs};
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, WindowMode};
+use feishu_reply_gateway::reload::ReloadSource;
 use feishu_reply_gateway::telemetry::{LogFormat, Telemetry};
 use tokio::net::TcpListener;
 
@@ -150,7 +151,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, BoxError> {
     let metrics = TcpListener::bind(config.metrics_addr)
         .await
         .map_err(|e| format!("binding metrics address {}: {e}", config.metrics_addr))?;
-    feishu_reply_gateway::app::run(config, grpc, metrics, shutdown_signal()).await?;
+    let reload = ReloadSource {
+        file: args.config.clone(),
+        load: std::sync::Arc::new(move || Config::load(&args)),
+        sighup: true,
+    };
+    feishu_reply_gateway::app::run(config, Some(reload), grpc, metrics, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

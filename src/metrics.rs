@@ -94,6 +94,8 @@ pub struct Metrics {
     redis_fallback: Gauge,
     redis_fallback_switches: Counter,
     replicas: Gauge,
+    config_generation: Gauge,
+    config_reloads: Family<OutcomeLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,7 +105,7 @@ struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 30] = [
+pub const METRIC_NAMES: [&str; 32] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -134,6 +136,8 @@ pub const METRIC_NAMES: [&str; 30] = [
     "feishu_reply_redis_fallback",
     "feishu_reply_redis_fallback_switches",
     "feishu_reply_cluster_replicas",
+    "feishu_reply_config_generation",
+    "feishu_reply_config_reloads",
 ];
 
 impl Default for Metrics {
@@ -297,6 +301,18 @@ impl Metrics {
             "Times this replica found its job lease ended and its jobs taken over (it was stalled or cut off from Redis longer than job_lease_ms)",
             job_leases_lost.clone(),
         );
+        let config_generation = Gauge::default();
+        registry.register(
+            "feishu_reply_config_generation",
+            "Configuration running: 0 as started, +1 per reload applied",
+            config_generation.clone(),
+        );
+        let config_reloads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "feishu_reply_config_reloads",
+            "Configuration reloads by outcome: applied, needs_restart (applied, but some changed settings wait for a restart), invalid (refused; the running configuration stays)",
+            config_reloads.clone(),
+        );
         let redis_calls = Family::<RedisCallLabels, Counter>::default();
         registry.register(
             "feishu_reply_redis_calls",
@@ -359,7 +375,12 @@ impl Metrics {
             redis_fallback,
             redis_fallback_switches,
             replicas,
+            config_generation,
+            config_reloads,
         };
+        for outcome in ["applied", "needs_restart", "invalid"] {
+            let _ = m.config_reloads.get_or_create(&OutcomeLabel { outcome });
+        }
         // Pre-create the series operators alert on, so they read 0 rather than "no data".
         for port in ["grpc", "metrics"] {
             for reason in ["too_many", "accept_error"] {
@@ -487,6 +508,16 @@ impl Metrics {
     }
 
     /// Pre-creates a caller's series (0 rather than "no data").
+    /// A reload ended with `outcome` (`applied`, `needs_restart`, `invalid`); `generation`
+    /// is the configuration running after it.
+    pub fn config_reloaded(&self, outcome: &'static str, generation: u64) {
+        self.config_reloads
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        self.config_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
     pub fn init_caller(&self, caller: &str) {
         let _ = self.admission_rejections.get_or_create(&CallerLabel {
             caller: caller.to_owned(),

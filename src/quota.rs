@@ -283,6 +283,8 @@ pub struct QuotaTable {
     /// No key may send before `floor + span` (0 = no floor): set when this table takes over
     /// from another source of truth whose sends it cannot see (Redis down → local quotas).
     floor: Micros,
+    /// Added to every window (see [`QuotaTable::new`]), µs.
+    margin: Micros,
 }
 
 impl QuotaTable {
@@ -302,7 +304,39 @@ impl QuotaTable {
             keys,
             ids: None,
             floor: 0,
+            margin: micros(margin),
         }
+    }
+
+    /// Adds quotas after the existing ones (a live reload changed an app's quotas: the old
+    /// ids stay for the sends still in flight on them). Returns the first new id.
+    pub fn add_quotas(&mut self, specs: &[QuotaSpec]) -> QuotaId {
+        let first = self.specs.len();
+        for s in specs {
+            self.specs.push(*s);
+            self.spans.push(micros(s.window) + self.margin);
+            self.keys.push(PreHashedMap::default());
+            if let Some(ids) = &mut self.ids {
+                ids.push(PreHashedMap::default());
+            }
+        }
+        first
+    }
+
+    /// Key `to` starts with the sends `from` has counted (a quota replaced by a live reload):
+    /// the newest that its limit holds, in flight ones still in flight, and the same back-off.
+    pub fn copy_key(&mut self, from: &QuotaKey, to: &QuotaKey) {
+        let Some(ring) = self.keys[from.quota].get(&from.hash) else {
+            return;
+        };
+        let (entries, not_before): (Vec<Micros>, Micros) =
+            (ring.entries().collect(), ring.not_before);
+        let to = self.ring_mut(to);
+        // Oldest first: a smaller ring ends up with the newest.
+        for e in entries {
+            to.record(e);
+        }
+        to.not_before = to.not_before.max(not_before);
     }
 
     /// Also remember each key's id (costs the id's memory), so [`Self::live_entries`] can

@@ -146,6 +146,22 @@ impl RedisGate {
         (gate, state_rx)
     }
 
+    /// Adds quotas after a live reload changed an app's list (`kinds`: their Redis names).
+    pub fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
+        self.full_specs.extend_from_slice(specs);
+        self.kinds.extend_from_slice(kinds);
+        let local = matches!(self.mode, Mode::Down)
+            && self.store.config().on_failure == RedisFailurePolicy::Local;
+        if local {
+            // On the fallback: this replica's share, as `down` made the others.
+            let replicas = self.store.replicas();
+            let scaled: Vec<QuotaSpec> = specs.iter().map(|s| share_of(s, replicas)).collect();
+            self.table.add_quotas(&scaled);
+        } else {
+            self.table.add_quotas(specs);
+        }
+    }
+
     /// The local table (fallback quotas; admission bounds).
     pub fn table(&self) -> &QuotaTable {
         &self.table
@@ -397,10 +413,7 @@ impl RedisGate {
         let scaled: Vec<QuotaSpec> = self
             .full_specs
             .iter()
-            .map(|s| {
-                let share = (s.limit.get() as usize / replicas).max(1) as u32;
-                QuotaSpec::new(NonZeroU32::new(share).expect("max(1)"), s.window)
-            })
+            .map(|s| share_of(s, replicas))
             .collect();
         if policy == RedisFailurePolicy::Local {
             // keep_ids: its sends are replayed into Redis by key name on recovery.
@@ -509,6 +522,12 @@ async fn monitor(
         };
         tokio::time::sleep(pause).await;
     }
+}
+
+/// One replica's share of `s` while Redis is down (at least 1).
+fn share_of(s: &QuotaSpec, replicas: usize) -> QuotaSpec {
+    let share = (s.limit.get() as usize / replicas.max(1)).max(1) as u32;
+    QuotaSpec::new(NonZeroU32::new(share).expect("max(1)"), s.window)
 }
 
 /// Puts Redis's answer on the decision's span.

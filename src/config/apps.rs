@@ -29,6 +29,10 @@ pub struct AppConfig {
     pub quotas: Option<Vec<QuotaSpec>>,
     /// Feishu calls this app may make per calendar period.
     pub budget: Option<BudgetConfig>,
+    /// Where the secret was read from (`app_secret_file`): watched for live reload.
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Removed by a reload: kept in its slot (app indexes stay stable), refused by name.
+    pub removed: bool,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -39,6 +43,8 @@ impl std::fmt::Debug for AppConfig {
             .field("app_secret", &"<redacted>")
             .field("quotas", &self.quotas)
             .field("budget", &self.budget)
+            .field("secret_file", &self.secret_file)
+            .field("removed", &self.removed)
             .finish()
     }
 }
@@ -56,6 +62,8 @@ impl AppConfig {
             app_secret: secret.into(),
             quotas: None,
             budget: None,
+            secret_file: None,
+            removed: false,
         }
     }
 }
@@ -85,8 +93,10 @@ pub(super) struct FileApp {
     pub(super) app_id: String,
     /// The secret itself, or…
     pub(super) app_secret: Option<String>,
-    /// …the name of an environment variable holding it (keeps secrets out of the file).
+    /// …the name of an environment variable holding it (keeps secrets out of the file), or…
     pub(super) app_secret_env: Option<String>,
+    /// …a file holding it (a mounted Kubernetes Secret: rotated by a live reload).
+    pub(super) app_secret_file: Option<std::path::PathBuf>,
     pub(super) quotas: Option<Vec<FileQuota>>,
     pub(super) budget: Option<FileBudget>,
 }
@@ -141,16 +151,27 @@ pub(super) fn apps(
     let invalid = |m: String| ConfigError::Invalid(m);
     let mut list = Vec::new();
     for (name, a) in file {
-        let secret = match (a.app_secret, a.app_secret_env) {
-            (Some(s), None) => s,
-            (None, Some(var)) => std::env::var(&var).map_err(|_| {
+        let secret_file = a.app_secret_file.clone();
+        let secret = match (a.app_secret, a.app_secret_env, a.app_secret_file) {
+            (Some(s), None, None) => s,
+            (None, Some(var), None) => std::env::var(&var).map_err(|_| {
                 invalid(format!(
                     "apps.{name}.app_secret_env names {var}, which is not set"
                 ))
             })?,
+            (None, None, Some(path)) => std::fs::read_to_string(&path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                // The error names the path only: never the file's content.
+                .map_err(|e| {
+                    invalid(format!(
+                        "apps.{name}.app_secret_file {}: {}",
+                        path.display(),
+                        e.kind()
+                    ))
+                })?,
             _ => {
                 return Err(invalid(format!(
-                    "apps.{name}: give exactly one of app_secret, app_secret_env"
+                    "apps.{name}: give exactly one of app_secret, app_secret_env, app_secret_file"
                 )));
             }
         };
@@ -173,6 +194,8 @@ pub(super) fn apps(
             app_secret: secret,
             quotas,
             budget,
+            secret_file,
+            removed: false,
             name,
         });
     }

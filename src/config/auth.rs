@@ -12,6 +12,9 @@ use super::{AppConfig, ConfigError};
 /// The caller name anonymous calls are counted under (metrics, queue share).
 pub const ANONYMOUS: &str = "anonymous";
 
+/// The caller id of anonymous calls; configured callers follow from 1.
+pub const ANONYMOUS_ID: usize = 0;
+
 /// Which apps a caller may send as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppGrant {
@@ -81,13 +84,14 @@ pub struct AuthConfig {
 }
 
 impl AuthConfig {
-    /// Every caller's limits by caller id: the configured callers in order, then anonymous.
-    /// The one place that numbering is made (the authenticator and the scheduler share it).
+    /// Every caller's limits by caller id: anonymous (id [`ANONYMOUS_ID`]), then the
+    /// configured callers in order. The one place that numbering is made (the authenticator
+    /// and the scheduler share it). Anonymous comes first so that callers added by a reload
+    /// (appended) leave every id in use where it was.
     pub fn limits_by_id(&self) -> Vec<CallerLimits> {
-        self.callers
-            .iter()
-            .map(|c| c.limits)
-            .chain([self.anonymous])
+        [self.anonymous]
+            .into_iter()
+            .chain(self.callers.iter().map(|c| c.limits))
             .collect()
     }
 }

@@ -14,11 +14,13 @@ mod args;
 mod auth;
 mod error;
 mod file;
+pub mod live;
 
 pub use apps::{AppConfig, BudgetConfig, BudgetPeriod, DEFAULT_APP_NAME, DEFAULT_BUDGET_TIME_ZONE};
 pub use args::ServeArgs;
 pub use auth::{
-    ANONYMOUS, AppGrant, AuthConfig, CallerConfig, CallerLimits, TlsConfig, token_hash,
+    ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerConfig, CallerLimits, TlsConfig,
+    token_hash,
 };
 pub use error::ConfigError;
 use error::parse_error;

@@ -18,14 +18,16 @@ const JSON_UTF8: &str = "application/json; charset=utf-8";
 
 struct App {
     config: AppConfig,
-    token: TokenCache,
+    token: Arc<TokenCache>,
 }
 
 /// Talks HTTP to Feishu (or to anything at `base_url` that speaks like it).
 pub struct FeishuClient {
     http: reqwest::Client,
     base_url: String,
-    apps: Vec<App>,
+    /// By app index; replaced whole by a live reload (`Upstream::reconfigure`).
+    apps: parking_lot::RwLock<Arc<[Arc<App>]>>,
+    token_refresh_before: Duration,
     metrics: Arc<Metrics>,
     /// Each call takes one from its app's budget first (`[apps.NAME.budget]`).
     budgets: Option<Arc<crate::budget::Budgets>>,
@@ -50,13 +52,17 @@ impl FeishuClient {
         Ok(Self {
             http,
             base_url: cfg.base_url.clone(),
-            apps: apps
-                .iter()
-                .map(|a| App {
-                    config: a.clone(),
-                    token: TokenCache::new(cfg.token_refresh_before),
-                })
-                .collect(),
+            apps: parking_lot::RwLock::new(
+                apps.iter()
+                    .map(|a| {
+                        Arc::new(App {
+                            config: a.clone(),
+                            token: Arc::new(TokenCache::new(cfg.token_refresh_before)),
+                        })
+                    })
+                    .collect(),
+            ),
+            token_refresh_before: cfg.token_refresh_before,
             metrics,
             budgets: None,
         })
@@ -76,9 +82,14 @@ impl FeishuClient {
         }
     }
 
+    /// App `app` of the configuration running now.
+    fn app(&self, app: AppIndex) -> Arc<App> {
+        self.apps.read()[app].clone()
+    }
+
     /// A valid token for `app`, fetched once for all concurrent callers when needed.
     async fn token(&self, app: AppIndex) -> Result<Arc<str>, UpstreamError> {
-        let a = &self.apps[app];
+        let a = self.app(app);
         let (token, fetched) = a.token.get(|| self.fetch_token(app)).await?;
         if fetched {
             tracing::info!(app = %a.config.name, app_id = %a.config.app_id, "tenant_access_token refreshed");
@@ -88,7 +99,7 @@ impl FeishuClient {
 
     async fn fetch_token(&self, index: AppIndex) -> Result<FetchedToken, UpstreamError> {
         self.spend(index).await?;
-        let app = &self.apps[index].config;
+        let app = &self.app(index).config;
         let url = format!(
             "{}/open-apis/auth/v3/tenant_access_token/internal",
             self.base_url
@@ -210,8 +221,9 @@ impl FeishuClient {
         let token = self.token(app).await?;
         match call(token.clone()).await {
             Err(e) if e.is_token_invalid() => {
-                tracing::warn!(app = %self.apps[app].config.name, log_id = %e.log_id(), error = %e, "token refused; refreshing and retrying once");
-                self.apps[app].token.invalidate(&token);
+                let a = self.app(app);
+                tracing::warn!(app = %a.config.name, log_id = %e.log_id(), error = %e, "token refused; refreshing and retrying once");
+                a.token.invalidate(&token);
                 let token = self.token(app).await?;
                 call(token).await
             }
@@ -249,6 +261,31 @@ impl Upstream for FeishuClient {
         Box::pin(self.with_token(app, move |t| async move {
             self.get_message_chat(app, &t, message_id).await
         }))
+    }
+
+    fn reconfigure(&self, apps: &[AppConfig]) {
+        let mut current = self.apps.write();
+        let next: Arc<[Arc<App>]> = apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                // Same credentials: the token is still good. New ones: fetch with them.
+                let token = match current.get(i) {
+                    Some(old)
+                        if old.config.app_id == a.app_id
+                            && old.config.app_secret == a.app_secret =>
+                    {
+                        old.token.clone()
+                    }
+                    _ => Arc::new(TokenCache::new(self.token_refresh_before)),
+                };
+                Arc::new(App {
+                    config: a.clone(),
+                    token,
+                })
+            })
+            .collect();
+        *current = next;
     }
 }
 

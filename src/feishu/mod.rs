@@ -62,4 +62,10 @@ pub trait Upstream: Send + Sync + 'static {
         app: AppIndex,
         message_id: &'a str,
     ) -> BoxFuture<'a, Result<String, UpstreamError>>;
+
+    /// A live reload: `apps` replaces the apps, slot for slot (see `config::live`). An app
+    /// whose app_id and secret stay keeps its token.
+    fn reconfigure(&self, apps: &[crate::config::AppConfig]) {
+        let _ = apps;
+    }
 }

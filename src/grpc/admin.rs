@@ -65,8 +65,9 @@ impl ReplyService {
 
     async fn inspect_app(&self, name: &str) -> Result<AppState, GatewayError> {
         let unknown = || GatewayError::UnknownApp(name.chars().take(64).collect());
-        let app = self.app_index(name).map_err(|_| unknown())?;
-        let a = &self.apps[app];
+        let door = self.door();
+        let app = door.app_index(name).map_err(|_| unknown())?;
+        let a = &door.apps[app];
         if a.name != name {
             // app_index maps "" to the default app; an app is named here.
             return Err(unknown());
@@ -101,6 +102,7 @@ impl ReplyService {
 
     async fn inspect_caller(&self, name: &str) -> Result<CallerState, GatewayError> {
         let c = self
+            .door()
             .auth
             .describe(name)
             .ok_or_else(|| GatewayError::UnknownCaller(name.chars().take(64).collect()))?;
@@ -153,7 +155,7 @@ impl ReplyService {
     /// The caller of `req` if it may use the admin service, else the status to answer.
     fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let caller = self.caller(req, "none")?;
-        if !self.auth.is_admin(&caller) {
+        if !self.door().auth.is_admin(&caller) {
             return Err(GatewayError::NotAdmin(caller.name.to_string()).to_status());
         }
         Ok(())

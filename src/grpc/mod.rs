@@ -35,13 +35,11 @@ pub const CHAT_HEADER: &str = "x-chat-id";
 
 /// Everything a Reply call needs; shared by all calls.
 pub struct ReplyService {
-    apps: Vec<AppConfig>,
-    default_app: Option<usize>,
+    /// The apps and callers running now; a live reload replaces it ([`ReplyService::reload`]).
+    door: parking_lot::RwLock<Arc<Door>>,
     scheduler: Scheduler,
     upstream: Arc<dyn Upstream>,
     chats: ChatCache,
-    auth: Authenticator,
-    admission: Admission,
     /// The longest a call is held (its deadline is capped at this).
     max_call: Duration,
     metrics: Arc<Metrics>,
@@ -53,6 +51,47 @@ pub struct ReplyService {
     redis: Option<Arc<crate::cluster::RedisQuota>>,
 }
 
+/// What the door checks against, replaced whole by a live reload: the apps (by index, removed
+/// ones kept as tombstones), who may call, and their admission buckets.
+pub(crate) struct Door {
+    pub(crate) apps: Vec<AppConfig>,
+    default_app: Option<usize>,
+    pub(crate) auth: Authenticator,
+    admission: Admission,
+}
+
+impl Door {
+    fn new(config: &Config, admission: Option<&Admission>) -> Self {
+        let apps = config.apps.clone();
+        let default_app = config
+            .default_app
+            .as_deref()
+            .and_then(|d| apps.iter().position(|a| a.name == d && !a.removed));
+        let auth = Authenticator::new(&config.auth);
+        let admission = match admission {
+            Some(running) => running.next(auth.limits()),
+            None => Admission::new(auth.limits()),
+        };
+        Self {
+            apps,
+            default_app,
+            auth,
+            admission,
+        }
+    }
+
+    /// The index of app `name` (the default app for ""); a removed app is unknown.
+    pub(crate) fn app_index(&self, name: &str) -> Result<usize, GatewayError> {
+        if name.is_empty() {
+            return self.default_app.ok_or(GatewayError::NoDefaultApp);
+        }
+        self.apps
+            .iter()
+            .position(|a| a.name == name && !a.removed)
+            .ok_or_else(|| GatewayError::UnknownApp(name.chars().take(64).collect()))
+    }
+}
+
 impl ReplyService {
     /// The service for `config`'s apps, callers and limits.
     pub fn new(
@@ -61,23 +100,15 @@ impl ReplyService {
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let apps = config.apps.clone();
-        let default_app = config
-            .default_app
-            .as_deref()
-            .and_then(|d| apps.iter().position(|a| a.name == d));
-        let auth = Authenticator::new(&config.auth);
-        for name in auth.names() {
+        let door = Door::new(config, None);
+        for name in door.auth.names() {
             metrics.init_caller(name);
         }
         Self {
-            apps,
-            default_app,
+            door: parking_lot::RwLock::new(Arc::new(door)),
             scheduler,
             upstream,
             chats: ChatCache::new(config.queue.chat_cache_size),
-            admission: Admission::new(auth.limits()),
-            auth,
             max_call: config.limits.max_call,
             metrics,
             jobs: None,
@@ -98,9 +129,26 @@ impl ReplyService {
         self
     }
 
+    /// The apps and callers running now.
+    pub(crate) fn door(&self) -> Arc<Door> {
+        self.door.read().clone()
+    }
+
+    /// A live reload: `config` (lined up with the running one, see `config::live`) becomes
+    /// the door's apps, callers and buckets.
+    pub fn reload(&self, config: &Config) {
+        let mut door = self.door.write();
+        let next = Door::new(config, Some(&door.admission));
+        for name in next.auth.names() {
+            self.metrics.init_caller(name);
+        }
+        *door = Arc::new(next);
+    }
+
     /// What rebuilding a stored job needs (apps, callers by id).
     pub fn job_specs(&self) -> crate::jobs::Specs {
-        crate::jobs::Specs::new(&self.apps, self.auth.names())
+        let door = self.door();
+        crate::jobs::Specs::new(&door.apps, door.auth.names())
     }
 
     /// Serves the async API from `jobs`.
@@ -111,21 +159,11 @@ impl ReplyService {
 
     /// Forget admission state of anonymous peers that went quiet (bounded memory).
     pub fn forget_idle_callers(&self) {
-        self.admission.forget_idle();
-    }
-
-    fn app_index(&self, name: &str) -> Result<usize, GatewayError> {
-        if name.is_empty() {
-            return self.default_app.ok_or(GatewayError::NoDefaultApp);
-        }
-        self.apps
-            .iter()
-            .position(|a| a.name == name)
-            .ok_or_else(|| GatewayError::UnknownApp(name.chars().take(64).collect()))
+        self.door().admission.forget_idle();
     }
 
     fn admit(&self, caller: &Caller, peer: IpAddr) -> Result<(), GatewayError> {
-        self.admission.check(caller, peer).map_err(|wait| {
+        self.door().admission.check(caller, peer).map_err(|wait| {
             self.metrics.admission_rejected(&caller.name);
             GatewayError::CallerRateLimited {
                 caller: caller.name.to_string(),
@@ -227,12 +265,13 @@ impl ReplyService {
             user_id: &r.user_id,
         }
         .validate()?;
-        let app = self.app_index(&r.app)?;
+        let door = self.door();
+        let app = door.app_index(&r.app)?;
         // The validated copy is what is queued; the request's own must not stay behind it for
         // as long as the reply waits.
         drop(r);
-        let a = &self.apps[app];
-        if !self.auth.allows(caller, &a.name) {
+        let a = &door.apps[app];
+        if !door.auth.allows(caller, &a.name) {
             return Err(GatewayError::AppNotAllowed {
                 caller: caller.name.to_string(),
                 app: a.name.clone(),
@@ -300,8 +339,9 @@ impl ReplyService {
     }
 
     fn app_label(&self, name: &str) -> String {
-        match self.app_index(name) {
-            Ok(i) => self.apps[i].name.clone(),
+        let door = self.door();
+        match door.app_index(name) {
+            Ok(i) => door.apps[i].name.clone(),
             Err(_) => "unknown".into(),
         }
     }
@@ -310,7 +350,7 @@ impl ReplyService {
 impl ReplyService {
     /// The caller of `req`, or the UNAUTHENTICATED status (counted and logged).
     fn caller<T>(&self, req: &Request<T>, app: &str) -> Result<Caller, Status> {
-        self.auth.authenticate(req).map_err(|e| {
+        self.door().auth.authenticate(req).map_err(|e| {
             let e = GatewayError::from(e);
             self.metrics.request(app, e.outcome(), "none");
             self.metrics.caller_request(UNAUTHENTICATED, e.outcome());

@@ -47,7 +47,8 @@ pub struct Jobs {
     max_jobs: u64,
     metrics: Arc<crate::metrics::Metrics>,
     scheduler: Scheduler,
-    specs: Specs,
+    /// Replaced by a live reload ([`Jobs::reconfigure`]).
+    specs: parking_lot::RwLock<Specs>,
     updates: broadcast::Sender<JobRecord>,
     /// Jobs this process runs: seq → (chat, uuid), until their final state is recorded.
     running: Mutex<HashMap<u64, (Arc<str>, String)>>,
@@ -81,7 +82,7 @@ impl Jobs {
             max_jobs,
             metrics,
             scheduler,
-            specs,
+            specs: parking_lot::RwLock::new(specs),
             updates,
             running: Mutex::new(HashMap::new()),
             idle: Notify::new(),
@@ -138,6 +139,11 @@ impl Jobs {
                 }
             }
         }
+    }
+
+    /// A live reload: stored jobs are rebuilt against these apps and callers from now on.
+    pub fn reconfigure(&self, specs: Specs) {
+        *self.specs.write() = specs;
     }
 
     /// Job `seq`, if stored.
@@ -199,7 +205,8 @@ impl Jobs {
         if rec.state.is_final() || self.running.lock().contains_key(&rec.seq) {
             return;
         }
-        match self.specs.of(&rec) {
+        let spec = self.specs.read().of(&rec);
+        match spec {
             Ok(spec) => self.start(rec, spec),
             Err(e) => {
                 self.fail(&mut rec, &e);
@@ -377,7 +384,7 @@ impl Jobs {
             .filter(|r| r.state == State::Sending)
             .chain(&recent)
         {
-            let Some(app_id) = self.specs.app_id(&rec.reply.app) else {
+            let Some(app_id) = self.specs.read().app_id(&rec.reply.app) else {
                 continue;
             };
             let (at, times) = if rec.state == State::Sending {

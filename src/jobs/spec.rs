@@ -24,9 +24,9 @@ pub fn job_span(rec: &JobRecord) -> tracing::Span {
 /// What rebuilding a job needs of the configuration: the apps and the callers by id.
 #[derive(Debug, Clone)]
 pub struct Specs {
-    /// (name, app_id) of each app, by index.
-    apps: Vec<(Arc<str>, Arc<str>)>,
-    /// Caller names by id, anonymous last.
+    /// (name, app_id) of each app, by index (None: removed by a live reload).
+    apps: Vec<Option<(Arc<str>, Arc<str>)>>,
+    /// Caller names by id, anonymous first.
     callers: Vec<Arc<str>>,
 }
 
@@ -35,7 +35,7 @@ impl Specs {
         Self {
             apps: apps
                 .iter()
-                .map(|a| (a.name.as_str().into(), a.app_id.as_str().into()))
+                .map(|a| (!a.removed).then(|| (a.name.as_str().into(), a.app_id.as_str().into())))
                 .collect(),
             callers: callers.to_vec(),
         }
@@ -45,6 +45,7 @@ impl Specs {
     pub fn app_id(&self, name: &str) -> Option<Arc<str>> {
         self.apps
             .iter()
+            .flatten()
             .find(|(n, _)| **n == *name)
             .map(|(_, id)| id.clone())
     }
@@ -53,12 +54,16 @@ impl Specs {
     /// error (the job fails with it).
     pub fn of(&self, rec: &JobRecord) -> Result<JobSpec, GatewayError> {
         let r = &rec.reply;
-        let app = self
+        let (app, (app_name, app_id)) = self
             .apps
             .iter()
-            .position(|(n, _)| **n == *r.app)
+            .enumerate()
+            .find_map(|(i, a)| {
+                a.as_ref()
+                    .filter(|(n, _)| **n == *r.app)
+                    .map(|a| (i, a.clone()))
+            })
             .ok_or_else(|| GatewayError::UnknownApp(r.app.clone()))?;
-        let (app_name, app_id) = self.apps[app].clone();
         let msg_type = MsgType::ALL
             .into_iter()
             .find(|m| m.as_str() == r.msg_type)
@@ -68,7 +73,7 @@ impl Specs {
             .callers
             .iter()
             .position(|n| **n == *rec.caller)
-            .unwrap_or(self.callers.len().saturating_sub(1));
+            .unwrap_or(crate::config::ANONYMOUS_ID);
         let left = rec.expires_ms - now_ms();
         if left <= 0 {
             return Err(GatewayError::DeadlineBeforeSend {

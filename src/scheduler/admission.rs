@@ -9,6 +9,7 @@ use super::queue::Job;
 use std::sync::Arc;
 
 use super::gate::QuotaGate;
+use super::layout::QuotaLayout;
 use super::{CHAT_QUOTA, Dispatcher, FIRST_APP_QUOTA, JobSpec, PastSend, USER_QUOTA};
 use crate::error::GatewayError;
 use crate::quota::QuotaKey;
@@ -20,6 +21,12 @@ impl Dispatcher {
         if self.draining_until.is_some() {
             let uuid = job.uuid();
             return job.finish(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
+        }
+        // Checked at the door under the configuration of its call: a reload may have removed
+        // the app since.
+        if self.removed_apps.contains_key(&job.spec.app) {
+            let e = self.app_removed(&job);
+            return job.finish(Err(e));
         }
         let q = &self.config.queue;
         let queued = self.queues.queued();
@@ -75,6 +82,7 @@ impl Dispatcher {
             }));
         }
         job.keys = self.keys_of(&job.spec);
+        job.keys_gen = self.layout_gen;
         let now = Instant::now();
         if let Some(deadline) = job.spec.deadline {
             let send_by = deadline.checked_sub(q.min_send_budget).unwrap_or(deadline);
@@ -105,26 +113,8 @@ impl Dispatcher {
         self.queues.push(job);
     }
 
-    fn keys_of(&self, spec: &JobSpec) -> Vec<QuotaKey> {
-        self.keys_for(&spec.chat_id, spec.user_id.as_ref(), &spec.app_id)
-    }
-
-    fn keys_for(
-        &self,
-        chat: &Arc<str>,
-        user: Option<&Arc<str>>,
-        app_id: &Arc<str>,
-    ) -> Vec<QuotaKey> {
-        let apps = self.layout.app_quotas(app_id);
-        let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + apps.len());
-        keys.push(QuotaKey::new(CHAT_QUOTA, chat.clone()));
-        if let Some(u) = user {
-            keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
-        }
-        for quota in apps {
-            keys.push(QuotaKey::new(quota, app_id.clone()));
-        }
-        keys
+    pub(super) fn keys_of(&self, spec: &JobSpec) -> Vec<QuotaKey> {
+        keys_for(&self.layout, spec)
     }
 
     /// Counts a previous process's sends in the local table, oldest first (the Redis gate
@@ -134,7 +124,7 @@ impl Dispatcher {
         let seeded: Vec<_> = sends
             .iter()
             .map(|s| {
-                let keys = self.keys_for(&s.chat_id, s.user_id.as_ref(), &s.app_id);
+                let keys = keys_in(&self.layout, &s.chat_id, s.user_id.as_ref(), &s.app_id);
                 (keys, self.clock.micros(s.arrived_by))
             })
             .collect();
@@ -149,4 +139,27 @@ impl Dispatcher {
     fn app_rate_per_sec(&self, app_id: &str) -> f64 {
         self.layout.app_rate_per_sec(app_id)
     }
+}
+
+/// The quota keys a job counts in under `layout`.
+pub(super) fn keys_for(layout: &QuotaLayout, spec: &JobSpec) -> Vec<QuotaKey> {
+    keys_in(layout, &spec.chat_id, spec.user_id.as_ref(), &spec.app_id)
+}
+
+fn keys_in(
+    layout: &QuotaLayout,
+    chat: &Arc<str>,
+    user: Option<&Arc<str>>,
+    app_id: &Arc<str>,
+) -> Vec<QuotaKey> {
+    let apps = layout.app_quotas(app_id);
+    let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + apps.len());
+    keys.push(QuotaKey::new(CHAT_QUOTA, chat.clone()));
+    if let Some(u) = user {
+        keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
+    }
+    for quota in apps {
+        keys.push(QuotaKey::new(quota, app_id.clone()));
+    }
+    keys
 }

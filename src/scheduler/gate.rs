@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::cluster::gate::RedisGate;
 use crate::cluster::{ClusterError, Decision, SharedKey};
-use crate::quota::{Micros, QuotaKey, QuotaTable, micros};
+use crate::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable, micros};
 
 /// Quota instants start this far from zero, so "a window before now" is representable from
 /// the first moment (quota arithmetic saturates at zero).
@@ -116,6 +116,22 @@ impl QuotaGate {
             QuotaGate::Local(t) => t,
             QuotaGate::Redis(g) => g.table_mut(),
         }
+    }
+
+    /// Adds quotas (a live reload changed an app's list): `kinds` name them in Redis keys.
+    pub fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
+        match self {
+            QuotaGate::Local(t) => {
+                t.add_quotas(specs);
+            }
+            QuotaGate::Redis(g) => g.add_quotas(specs, kinds),
+        }
+    }
+
+    /// Key `to` starts with what `from` counted here (see [`QuotaTable::copy_key`]); in
+    /// Redis a quota of the same kind is the same key already.
+    pub fn copy_key(&mut self, from: &QuotaKey, to: &QuotaKey) {
+        self.table_mut().copy_key(from, to);
     }
 
     /// May `chat`'s head job be sent now?

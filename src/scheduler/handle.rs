@@ -85,6 +85,8 @@ impl Scheduler {
             gate,
             queues: Queues::default(),
             layout,
+            layout_gen: 0,
+            removed_apps: Default::default(),
             config,
             clock,
             draining_until: None,

@@ -7,9 +7,18 @@ use std::sync::Arc;
 
 use super::{CHAT_QUOTA, FIRST_APP_QUOTA, USER_QUOTA};
 use crate::config::QuotaConfig;
-use crate::quota::QuotaSpec;
+use crate::quota::{QuotaId, QuotaSpec};
 
-#[derive(Debug)]
+/// A quota a live reload replaced, for one app: the sends `app_id` counted in `from` count in
+/// `to` from now on (same kind: same window).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Moved {
+    pub from: QuotaId,
+    pub to: QuotaId,
+    pub app_id: Arc<str>,
+}
+
+#[derive(Debug, Clone)]
 pub(super) struct QuotaLayout {
     /// Every quota, by id.
     pub specs: Vec<QuotaSpec>,
@@ -55,6 +64,61 @@ impl QuotaLayout {
         }
     }
 
+    /// The layout after a live reload changed the app quota lists in `q` (the chat and user
+    /// quotas only change with a restart). Ids never change meaning: a list that stays keeps
+    /// its ids, a changed list gets new ids after the existing ones (sends in flight settle on
+    /// the old). Returns it with, for each of `app_ids` whose list changed, which old quota's
+    /// sends each new one starts with.
+    pub fn next(&self, q: &QuotaConfig, app_ids: &[Arc<str>]) -> (Self, Vec<Moved>) {
+        let mut specs = self.specs.clone();
+        let mut kinds = self.kinds.clone();
+        let mut place = |list: &[QuotaSpec], was: Option<&Range<usize>>| match was {
+            Some(r) if specs[r.clone()] == *list => r.clone(),
+            _ => {
+                let start = specs.len();
+                specs.extend_from_slice(list);
+                kinds.extend(
+                    list.iter()
+                        .map(|s| format!("app:{}ms", s.window.as_millis())),
+                );
+                start..specs.len()
+            }
+        };
+        let default_app = place(&q.app, Some(&self.default_app));
+        let per_app: HashMap<Arc<str>, Range<usize>> = q
+            .per_app
+            .iter()
+            .map(|(id, list)| {
+                let id: Arc<str> = id.as_str().into();
+                let r = place(list, self.per_app.get(&id));
+                (id, r)
+            })
+            .collect();
+        let next = Self {
+            specs,
+            kinds,
+            default_app,
+            per_app,
+        };
+        let mut moved = Vec::new();
+        for id in app_ids {
+            let (was, now) = (self.app_quotas(id), next.app_quotas(id));
+            if was == now {
+                continue;
+            }
+            for to in now {
+                if let Some(from) = was.clone().find(|&f| self.kinds[f] == next.kinds[to]) {
+                    moved.push(Moved {
+                        from,
+                        to,
+                        app_id: id.clone(),
+                    });
+                }
+            }
+        }
+        (next, moved)
+    }
+
     /// The quota ids an app's sends count in.
     pub fn app_quotas(&self, app_id: &str) -> Range<usize> {
         self.per_app
@@ -69,5 +133,74 @@ impl QuotaLayout {
             .iter()
             .map(|q| f64::from(q.limit.get()) / q.window.as_secs_f64())
             .fold(f64::INFINITY, f64::min)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    fn spec(limit: u32, ms: u64) -> QuotaSpec {
+        QuotaSpec::new(NonZeroU32::new(limit).unwrap(), Duration::from_millis(ms))
+    }
+
+    fn quotas(app: Vec<QuotaSpec>, per_app: Vec<(&str, Vec<QuotaSpec>)>) -> QuotaConfig {
+        QuotaConfig {
+            chat: spec(5, 1000),
+            user: spec(5, 1000),
+            app,
+            per_app: per_app
+                .into_iter()
+                .map(|(id, l)| (id.to_owned(), l))
+                .collect(),
+            safety_margin: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_lists_and_appends_changed_ones_with_their_sends() {
+        let default = vec![spec(50, 1000), spec(1000, 60_000)];
+        let old = QuotaLayout::new(&quotas(
+            default.clone(),
+            vec![("cli_b", vec![spec(2, 1000)])],
+        ));
+        let ids: Vec<Arc<str>> = ["cli_a", "cli_b", "cli_c"].map(Arc::from).to_vec();
+        // cli_b's list is unchanged; cli_c gets a list of its own (from the default one).
+        let same = quotas(
+            default.clone(),
+            vec![
+                ("cli_b", vec![spec(2, 1000)]),
+                ("cli_c", vec![spec(10, 1000)]),
+            ],
+        );
+        let (next, moved) = old.next(&same, &ids);
+        assert_eq!(next.app_quotas("cli_a"), old.app_quotas("cli_a"));
+        assert_eq!(next.app_quotas("cli_b"), old.app_quotas("cli_b"));
+        let c = next.app_quotas("cli_c");
+        assert_eq!(c, 5..6);
+        assert_eq!(next.kinds[5], "app:1000ms");
+        // Its 1 s window starts with what it counted in the default 1 s window.
+        assert_eq!(
+            moved,
+            [Moved {
+                from: 2,
+                to: 5,
+                app_id: "cli_c".into()
+            }]
+        );
+        // The default list changes: every app on it moves; ids in use keep their meaning.
+        let lower = quotas(vec![spec(40, 1000)], vec![("cli_b", vec![spec(2, 1000)])]);
+        let (third, moved) = next.next(&lower, &ids);
+        assert_eq!(third.specs[..6], next.specs[..]);
+        assert_eq!(third.app_quotas("cli_a"), 6..7);
+        assert_eq!(third.app_quotas("cli_c"), 6..7);
+        let mut from: Vec<_> = moved
+            .iter()
+            .map(|m| (m.app_id.to_string(), m.from, m.to))
+            .collect();
+        from.sort();
+        assert_eq!(from, [("cli_a".into(), 2, 6), ("cli_c".into(), 5, 6)]);
     }
 }

@@ -30,6 +30,7 @@ pub mod inspect;
 mod layout;
 mod outcome;
 mod queue;
+pub mod reconfigure;
 mod spans;
 
 use gate::{Clock, GateEvent, Grant, Head, QuotaGate, Verdict};
@@ -136,6 +137,8 @@ enum Command {
         caller: usize,
         done: oneshot::Sender<(usize, usize)>,
     },
+    /// A live reload (answered once applied).
+    Reconfigure(Box<reconfigure::Reconfigure>, oneshot::Sender<()>),
     /// Tests: the dispatcher panics (a bug), to check that its death is visible.
     #[cfg(test)]
     Crash,
@@ -197,6 +200,10 @@ struct Dispatcher {
     queues: Queues,
     /// Which quotas each job's keys are in (per-app lists included).
     layout: Arc<layout::QuotaLayout>,
+    /// Bumped when a live reload changes `layout` (see `Job::keys_gen`).
+    layout_gen: u64,
+    /// Apps a live reload removed (index → name): their replies are not sent any more.
+    removed_apps: std::collections::HashMap<AppIndex, String>,
     clock: Clock,
     draining_until: Option<Instant>,
     upstream: Arc<dyn Upstream>,
@@ -326,6 +333,10 @@ impl Dispatcher {
             }
             Command::InspectCaller { caller, done } => {
                 let _ = done.send(self.queues.caller_queued(caller));
+            }
+            Command::Reconfigure(r, done) => {
+                self.reconfigure(*r);
+                let _ = done.send(());
             }
         }
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
+use super::gate::Grant;
 use super::queue::Job;
 use super::{Attempt, Delivered, Dispatcher, FIRST_APP_QUOTA};
 use crate::error::GatewayError;
@@ -29,8 +30,31 @@ impl Dispatcher {
         };
         if let Some(grant) = job.grant.take() {
             let refused = |k: &QuotaKey| refused.is_some_and(|r| refused_by(r, k));
+            let local = match &grant {
+                Grant::Local { decided } => Some(*decided),
+                Grant::Shared { .. } => None,
+            };
             self.gate
                 .settle(self.clock, grant, &job.keys, refused, answered);
+            if job.keys_gen != self.layout_gen {
+                // A reload replaced quotas of its app while it was out: the new ones started
+                // with a copy of its slot, settled here too (only those: a slot is settled
+                // once per key).
+                let fresh = self.keys_of(&job.spec);
+                let copies: Vec<QuotaKey> = fresh
+                    .iter()
+                    .filter(|k| !job.keys.contains(k))
+                    .cloned()
+                    .collect();
+                if let Some(decided) = local {
+                    let grant = Grant::Local { decided };
+                    self.gate
+                        .settle(self.clock, grant, &copies, refused, answered);
+                }
+                job.keys = fresh;
+                job.shared_keys = None;
+                job.keys_gen = self.layout_gen;
+            }
         }
         let chat_id = job.spec.chat_id.clone();
         let now = Instant::now();
@@ -47,6 +71,12 @@ impl Dispatcher {
                 None
             }
             Err(error) => match error.retry_reason() {
+                // Its app was removed by a reload while it was out: not tried again.
+                Some(_) if self.removed_apps.contains_key(&job.spec.app) => {
+                    let e = self.app_removed(&job);
+                    job.finish(Err(e));
+                    None
+                }
                 Some(reason) => self.plan_retry(job, error, reason, now),
                 None => {
                     tracing::info!(message_id = %job.spec.request.message_id, chat_id = %chat_id, uuid = %job.spec.request.uuid, log_id = %error.log_id(), %error, "reply failed");

@@ -44,12 +44,15 @@ pub(super) struct Job {
     pub shared_keys: Option<Arc<[SharedKey]>>,
     /// Open while the job waits in the queue (`queue_wait`), closed when it is taken to send.
     pub wait: tracing::Span,
+    /// The quota layout generation `keys` were made in (a live reload can change them).
+    pub keys_gen: u64,
 }
 
 impl Job {
     pub fn new(spec: JobSpec, done: oneshot::Sender<JobResult>, now: Instant) -> Self {
         Self {
             wait: super::spans::queue_wait(&spec, 1),
+            keys_gen: 0,
             id: 0,
             keys: Vec::new(),
             send_by: None,
@@ -466,6 +469,30 @@ impl Queues {
             .into_iter()
             .filter(|Reverse((_, id, _))| live.contains(id))
             .collect();
+    }
+
+    /// Takes out the queued jobs `pred` picks (a live reload removed their app); jobs in
+    /// flight finish on their own.
+    pub fn remove_where(&mut self, pred: impl Fn(&Job) -> bool) -> Vec<Job> {
+        let mut out = Vec::new();
+        for chat in self.chats.values_mut() {
+            let (gone, kept): (VecDeque<Job>, VecDeque<Job>) = std::mem::take(&mut chat.jobs)
+                .into_iter()
+                .partition(|j| pred(j));
+            chat.jobs = kept;
+            out.extend(gone);
+        }
+        for job in &out {
+            self.counts.remove(job);
+        }
+        self.chats.retain(|_, c| c.busy || !c.jobs.is_empty());
+        out
+    }
+
+    /// Every queued job, to change in place (not what orders or counts them: their quota
+    /// keys after a live reload).
+    pub fn jobs_mut(&mut self) -> impl Iterator<Item = &mut Job> {
+        self.chats.values_mut().flat_map(|c| c.jobs.iter_mut())
     }
 
     /// Takes out every queued job (shutdown).

@@ -94,7 +94,7 @@ async fn start_gateway(fake: FakeFeishu, config: Config, lazy: bool) -> TestGate
     let metrics_addr = metrics.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        feishu_reply_gateway::app::run(config, grpc, metrics, async {
+        feishu_reply_gateway::app::run(config, None, grpc, metrics, async {
             let _ = rx.await;
         })
         .await
