@@ -251,6 +251,11 @@ impl FakeFeishu {
         format!("http://{}", self.addr)
     }
 
+    /// Time since the fake started (the clock of [`Received::at_ms`]).
+    pub fn elapsed(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.shared.inner.lock().received.iter().cloned().collect()
     }

@@ -1,0 +1,318 @@
+//! Live configuration (issue 11): a `serve` process reloads its configuration on SIGHUP and
+//! when its config file changes (as Kubernetes changes a mounted ConfigMap: a `..data` symlink
+//! swap), without dropping a queued reply: a new app serves, a rotated secret is used, a
+//! changed app quota paces from then on (counting the sends made under the old one), a
+//! removed app fails its queued replies `APP_REMOVED`, and a broken file changes nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{
+    ServeProcess, connect, eventually, free_port, max_in_window, metric, spawn_fake, text,
+};
+use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
+use feishu_reply_gateway::proto::ReplyRequest;
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+fn dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "gw-reload-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config(fake: &FakeFeishu, apps: &str) -> String {
+    format!(
+        "[feishu]\nbase_url = \"{}\"\nrequest_timeout_ms = 2000\n[server]\nshutdown_grace_ms = 100\n\
+         [auth]\nallow_anonymous = true\n[retry]\nbase_delay_ms = 20\nmax_delay_ms = 200\n{apps}",
+        fake.base_url()
+    )
+}
+
+fn app(name: &str, id: &str, secret: &str, extra: &str) -> String {
+    format!("[apps.{name}]\napp_id = \"{id}\"\napp_secret = \"{secret}\"\n{extra}\n")
+}
+
+fn to_app(app: &str, message_id: &str, chat: &str) -> ReplyRequest {
+    ReplyRequest {
+        app: app.into(),
+        ..text(message_id, chat, "r")
+    }
+}
+
+/// The gateway's metrics text (its metrics port is `port`).
+async fn metrics(port: u16) -> String {
+    // reqwest is built without a default TLS provider (the gateway picks ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn counter(port: u16, series: &str) -> f64 {
+    metric(&metrics(port).await, series).unwrap_or(0.0)
+}
+
+fn start(file: &Path) -> (ServeProcess, u16, u16) {
+    let (port, mport) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{mport}");
+    let p = ServeProcess::start_with(file, port, &[("GATEWAY_METRICS_ADDR", addr.as_str())]);
+    (p, port, mport)
+}
+
+/// `n` replies of app `app` to `chats` chats, each call in its own task (results in order).
+fn send_all(
+    client: &ReplyGatewayClient<Channel>,
+    app: &str,
+    tag: &str,
+    n: usize,
+    chats: usize,
+) -> Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>> {
+    (0..n)
+        .map(|i| {
+            let mut c = client.clone();
+            let req = to_app(
+                app,
+                &format!("om_{tag}{i}_in_{tag}{}", i % chats),
+                &format!("oc_{tag}{}", i % chats),
+            );
+            tokio::spawn(async move { c.reply(req).await.map(|_| ()) })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_load_adds_an_app_rotates_a_secret_and_raises_a_quota_dropping_nothing() {
+    let fake = spawn_fake(FakeOptions {
+        apps: vec![
+            ("cli_a".into(), "sa1".into()),
+            ("cli_b".into(), "sb".into()),
+        ],
+        ..FakeOptions::default()
+    })
+    .await;
+    let d = dir("hup");
+    let file = d.join("gateway.toml");
+    let slow = "quotas = [{ limit = 4, window_ms = 1000 }]";
+    std::fs::write(&file, config(&fake, &app("a", "cli_a", "sa1", slow))).unwrap();
+    let (gw, port, mport) = start(&file);
+    let mut c = connect(port).await;
+    // b is not configured yet.
+    let e = c.reply(to_app("b", "om_b0", "oc_b0")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // 24 replies of a over 6 chats: 6 s of backlog at 4/s.
+    let calls = send_all(&c, "a", "q", 24, 6);
+    eventually("a few posted", async || fake.received().len() >= 5).await;
+    // Feishu takes both secrets while the operator rotates.
+    fake.set_options(|o| o.apps.push(("cli_a".into(), "sa2".into())));
+    let fast = "quotas = [{ limit = 12, window_ms = 1000 }]";
+    std::fs::write(
+        &file,
+        config(
+            &fake,
+            &format!(
+                "{}{}",
+                app("a", "cli_a", "sa2", fast),
+                app("b", "cli_b", "sb", "")
+            ),
+        ),
+    )
+    .unwrap();
+    let reload_at_ms = fake_now_ms(&fake);
+    gw.signal("HUP");
+    let t = Instant::now();
+    // The new app serves (the door learns it last, after everything it needs).
+    eventually("app b serves", async || {
+        c.reply(to_app("b", "om_b1", "oc_b1")).await.is_ok()
+    })
+    .await;
+    eprintln!("app b served {:?} after SIGHUP", t.elapsed());
+    assert!(counter(mport, "feishu_reply_config_generation").await >= 1.0);
+    assert!(
+        counter(
+            mport,
+            "feishu_reply_config_reloads_total{outcome=\"applied\"}"
+        )
+        .await
+            >= 1.0
+    );
+
+    // Nothing queued was dropped: every reply of a delivered, each posted once.
+    for call in calls {
+        call.await.unwrap().expect("delivered across the reload");
+    }
+    let a_posts: Vec<_> = fake
+        .received()
+        .into_iter()
+        .filter(|r| r.app_id == "cli_a")
+        .collect();
+    assert_eq!(a_posts.len(), 24, "each posted once");
+    let mut uuids: Vec<_> = a_posts.iter().map(|r| r.uuid.clone()).collect();
+    uuids.sort();
+    uuids.dedup();
+    assert_eq!(uuids.len(), 24);
+    let times: Vec<f64> = a_posts.iter().map(|r| r.at_ms).collect();
+    let before: Vec<f64> = times
+        .iter()
+        .copied()
+        .filter(|&t| t < reload_at_ms)
+        .collect();
+    // The old quota held before the reload, the new one after, and the two together never
+    // more than the new one: the sends made under the old quota counted in the new.
+    assert!(max_in_window(&before, 1000.0) <= 4, "{before:?}");
+    assert!(max_in_window(&times, 1000.0) <= 12, "{times:?}");
+    assert!(
+        max_in_window(&times, 1000.0) > 4,
+        "the raised quota was never used: {times:?}"
+    );
+    assert_eq!(fake.stats().rate_rejections(), 0);
+
+    // The old secret stops working at Feishu and its token is revoked: the gateway gets a new
+    // token with the rotated secret.
+    fake.set_options(|o| o.apps.retain(|(id, s)| !(id == "cli_a" && s == "sa1")));
+    fake.revoke_tokens();
+    c.reply(to_app("a", "om_after", "oc_after"))
+        .await
+        .expect("a token fetched with the rotated secret");
+}
+
+/// Milliseconds since the fake started (its `Received::at_ms` clock).
+fn fake_now_ms(fake: &FakeFeishu) -> f64 {
+    fake.elapsed().as_secs_f64() * 1000.0
+}
+
+/// A Kubernetes ConfigMap volume: `gateway.toml` → `..data/gateway.toml`, `..data` → a
+/// versioned directory, swapped atomically on update.
+struct ConfigMap {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl ConfigMap {
+    fn new(text: &str) -> Self {
+        let mut m = Self {
+            dir: dir("cm"),
+            version: 0,
+        };
+        m.update(text);
+        std::os::unix::fs::symlink("..data/gateway.toml", m.file()).unwrap();
+        m
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("gateway.toml")
+    }
+
+    fn update(&mut self, text: &str) {
+        self.version += 1;
+        let v = format!("..v{}", self.version);
+        std::fs::create_dir_all(self.dir.join(&v)).unwrap();
+        std::fs::write(self.dir.join(&v).join("gateway.toml"), text).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&v, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_update_removes_an_app_failing_its_queue_and_a_broken_one_changes_nothing() {
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let a = app("a", "cli_a", "sa", "");
+    // c sends 1 a minute: of 3 replies, 2 wait.
+    let c_app = app(
+        "c",
+        "cli_c",
+        "sc",
+        "quotas = [{ limit = 1, window_ms = 60000 }]",
+    );
+    let mut cm = ConfigMap::new(&config(&fake, &format!("{a}{c_app}")));
+    let (_gw, port, mport) = start(&cm.file());
+    let mut c = connect(port).await;
+    c.reply(to_app("a", "om_a0", "oc_a0")).await.unwrap();
+    let calls = send_all(&c, "c", "rm", 3, 3);
+    eventually("c's first posted", async || {
+        fake.received().iter().any(|r| r.app_id == "cli_c")
+    })
+    .await;
+    // The two others are queued (not refused at the door) before c goes.
+    let mut admin = feishu_reply_gateway::proto::reply_admin_client::ReplyAdminClient::connect(
+        format!("http://127.0.0.1:{port}"),
+    )
+    .await
+    .unwrap();
+    eventually("two of c queued", async || {
+        admin
+            .inspect_app(feishu_reply_gateway::proto::InspectAppRequest { app: "c".into() })
+            .await
+            .is_ok_and(|s| s.into_inner().queued == 2)
+    })
+    .await;
+
+    // No SIGHUP: the volume update alone reloads.
+    cm.update(&config(&fake, &a));
+    let mut results = Vec::new();
+    for call in calls {
+        results.push(call.await.unwrap());
+    }
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    for e in results.into_iter().filter_map(Result::err) {
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        let info = e.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "APP_REMOVED", "{e:?}");
+        assert_eq!(info.metadata["app"], "c");
+        assert!(!info.metadata["uuid"].is_empty());
+    }
+    assert_eq!(
+        fake.received()
+            .iter()
+            .filter(|r| r.app_id == "cli_c")
+            .count(),
+        1,
+        "the removed app's queued replies were not sent"
+    );
+    let e = c.reply(to_app("c", "om_c9", "oc_c9")).await.unwrap_err();
+    assert_eq!(
+        e.get_details_error_info().unwrap().reason,
+        "UNKNOWN_APP",
+        "{e:?}"
+    );
+    let generation = counter(mport, "feishu_reply_config_generation").await;
+    assert!(generation >= 1.0);
+
+    // A broken update is refused; the running configuration stays.
+    cm.update("[apps.a\napp_id = ");
+    eventually("the broken file refused", async || {
+        counter(
+            mport,
+            "feishu_reply_config_reloads_total{outcome=\"invalid\"}",
+        )
+        .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(
+        counter(mport, "feishu_reply_config_generation").await,
+        generation
+    );
+    c.reply(to_app("a", "om_a1", "oc_a1"))
+        .await
+        .expect("still serving the running configuration");
+}
