@@ -11,7 +11,13 @@
 //!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
 //!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`;
 //!   `config::file` the file format and its defaults; `config::apps` apps with their own
-//!   quotas and budgets).
+//!   quotas and budgets; [`config::live`] a reloaded config lined up with the running one:
+//!   stable app and caller slots, restart-only settings).
+//! - [`reload`]: live reload (SIGHUP, a watch on the config and secret directories): applies a
+//!   new config to the Feishu client, budgets, dispatcher, job runner and door, in that order;
+//!   refuses a broken one; `feishu_reply_config_*` metrics.
+//! - [`telemetry`]: logs, and OpenTelemetry traces over OTLP when `OTEL_*` asks (the W3C
+//!   `traceparent` of a call continued; trace ids as metric exemplars).
 //! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
 //!   one first (in Redis across replicas, else in the process); spent = refused until the reset.
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
@@ -26,8 +32,11 @@
 //!   callers use (start, submit, reply, cancel, seed past sends, shutdown); `scheduler::admission` queue bounds
 //!   (count and bytes) and deadlines at the door; `scheduler::queue` the per-chat queue
 //!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a runtime);
-//!   `scheduler::layout` which quotas a job counts in (per-app lists); [`scheduler::inspect`]
-//!   one chat's queue and the quotas holding it; [`scheduler::gate`] the quota seam
+//!   `scheduler::layout` which quotas a job counts in (per-app lists; a reload appends changed
+//!   lists); [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's
+//!   windows and queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares,
+//!   quota lists with their sends carried over, removed apps failing `APP_REMOVED`);
+//!   `scheduler::spans` the `queue_wait` and `feishu.reply` spans; [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table or Redis); `scheduler::outcome` settling a send and its
 //!   retries (and which keys a rate refusal counts in).
 //! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
@@ -40,7 +49,8 @@
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
 //!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply;
-//!   `grpc::admin`: the `ReplyAdmin` service, InspectChat).
+//!   `grpc::admin`: the `ReplyAdmin` service, InspectChat, InspectApp, InspectCaller; the
+//!   door's apps and callers in one `Door` a reload replaces).
 //! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
 //!   `jobs::store` the embedded redb store with group commit (single node); `jobs::redis` the
 //!   cluster store in the shared Redis (one runner per chat, leases, takeover, fenced writes;
@@ -53,7 +63,7 @@
 //!   `fake_feishu::reply`, quota counters in `fake_feishu::window`);
 //!   [`fake_feishu::sim`] the same Feishu in-process on tokio's clock, for virtual-time tests.
 //! - [`app`]: wiring, metrics/health HTTP port, shutdown sequence.
-//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`, `job get|watch|cancel`, `inspect chat`).
+//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`, `job get|watch|cancel`, `inspect chat|app|caller`).
 //!
 //! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
 //! on loopback; `tests/pacing.rs` proves pacing in virtual time), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),

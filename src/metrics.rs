@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
 use crate::feishu::RetryReason;
@@ -20,6 +21,13 @@ pub struct RequestLabels {
     pub outcome: String,
     /// Feishu's code ("0" on success), or "none" when Feishu gave none.
     pub code: String,
+}
+
+/// An exemplar's label: the trace of one observation (OpenMetrics exemplars; Grafana links
+/// them to the trace). Only set while traces are exported.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabel {
+    pub trace_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -65,8 +73,8 @@ struct RejectionLabels {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    upstream_latency: Family<OutcomeLabel, Histogram>,
-    queue_wait: Histogram,
+    upstream_latency: Family<OutcomeLabel, HistogramWithExemplars<TraceLabel>>,
+    queue_wait: HistogramWithExemplars<TraceLabel>,
     queued: Gauge,
     queued_bytes: Gauge,
     in_flight: Gauge,
@@ -155,15 +163,16 @@ impl Metrics {
             "Reply calls finished, by app, outcome (gRPC code in snake case or ok) and Feishu code",
             requests.clone(),
         );
-        let upstream_latency = Family::<OutcomeLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.005, 2.0, 12))
-        });
+        let upstream_latency =
+            Family::<OutcomeLabel, HistogramWithExemplars<TraceLabel>>::new_with_constructor(
+                || HistogramWithExemplars::new(exponential_buckets(0.005, 2.0, 12)),
+            );
         registry.register(
             "feishu_reply_upstream_latency_seconds",
             "Duration of one HTTP call to Feishu's reply endpoint, by outcome",
             upstream_latency.clone(),
         );
-        let queue_wait = Histogram::new(exponential_buckets(0.001, 2.5, 14));
+        let queue_wait = HistogramWithExemplars::new(exponential_buckets(0.001, 2.5, 14));
         registry.register(
             "feishu_reply_queue_wait_seconds",
             "Time a reply waited in the gateway before its first send",
@@ -452,14 +461,24 @@ impl Metrics {
             .inc();
     }
 
-    pub fn upstream_latency(&self, d: Duration, outcome: &'static str) {
+    /// One reply attempt's latency; `trace_id` (when traced) becomes its bucket's exemplar.
+    pub fn upstream_latency(&self, d: Duration, outcome: &'static str, trace_id: Option<String>) {
         self.upstream_latency
             .get_or_create(&OutcomeLabel { outcome })
-            .observe(d.as_secs_f64());
+            .observe(
+                d.as_secs_f64(),
+                trace_id.map(|trace_id| TraceLabel { trace_id }),
+                None,
+            );
     }
 
-    pub fn queue_wait(&self, d: Duration) {
-        self.queue_wait.observe(d.as_secs_f64());
+    /// One reply's wait before its first send; `trace_id` as for [`Self::upstream_latency`].
+    pub fn queue_wait(&self, d: Duration, trace_id: Option<String>) {
+        self.queue_wait.observe(
+            d.as_secs_f64(),
+            trace_id.map(|trace_id| TraceLabel { trace_id }),
+            None,
+        );
     }
 
     pub fn set_queued(&self, n: usize) {
@@ -632,7 +651,12 @@ mod tests {
         let m = Metrics::new();
         m.init_caller("anonymous");
         m.request("default", "ok", "0");
-        m.upstream_latency(Duration::from_millis(3), "ok");
+        m.upstream_latency(Duration::from_millis(3), "ok", None);
+        m.upstream_latency(
+            Duration::from_millis(3),
+            "ok",
+            Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        );
         m.token_refresh("ok");
         m.rate_rejection("default", RetryReason::RateLimited);
         m.chat_lookup("hit");
@@ -648,6 +672,11 @@ mod tests {
             text.contains(
                 "feishu_reply_requests_total{app=\"default\",outcome=\"ok\",code=\"0\"} 1"
             )
+        );
+        // An observation with a trace is its bucket's exemplar (OpenMetrics).
+        assert!(
+            text.contains("# {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 0.003"),
+            "{text}"
         );
     }
 }

@@ -12,7 +12,7 @@
 //!
 //! Order of application: the Feishu client and the budgets learn the new apps first, then
 //! the dispatcher (quotas, shares, removed apps: their queued replies fail `APP_REMOVED`), then
-//! the job store's view, and last the door (who may call, which apps exist). A call that
+//! the job runner's view of stored jobs, and last the door (who may call, which apps exist). A call that
 //! passes the old door meets a dispatcher that already knows everything it needs.
 
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::budget::Budgets;
 use crate::config::live::line_up;
-use crate::config::{Config, ConfigError};
+use crate::config::{ANONYMOUS, Config, ConfigError};
 use crate::feishu::Upstream;
 use crate::grpc::ReplyService;
 use crate::jobs::Jobs;
@@ -153,10 +153,14 @@ impl Live {
                 removed_apps: removed.clone(),
             })
             .await;
-        self.service.reload(&config);
         if let Some(jobs) = &self.jobs {
-            jobs.reconfigure(self.service.job_specs());
+            let callers: Vec<Arc<str>> = std::iter::once(ANONYMOUS)
+                .chain(config.auth.callers.iter().map(|c| c.name.as_str()))
+                .map(Arc::from)
+                .collect();
+            jobs.reconfigure(crate::jobs::Specs::new(&config.apps, &callers));
         }
+        self.service.reload(&config);
         let live_apps = config.apps.iter().filter(|a| !a.removed).count();
         let removed_names: Vec<&str> = removed.iter().map(|(_, n)| n.as_str()).collect();
         tracing::info!(

@@ -32,6 +32,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether spans are exported (set once, by [`Telemetry::init`]): skips trace lookups when not.
+static TRACES_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The trace id of `span` when traces are exported and it is sampled (a metric exemplar).
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    if !TRACES_ON.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| sc.trace_id().to_string())
+}
+
 /// The installed logging and tracing; [`Telemetry::shutdown`] sends the spans still buffered.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -82,6 +96,7 @@ impl Telemetry {
             .with(otel)
             .init();
         if provider.is_some() {
+            TRACES_ON.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("OpenTelemetry traces on (OTLP/gRPC, from the OTEL_* environment)");
         }
         if let Some(e) = error {

@@ -7,10 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{
-    ServeProcess, connect, eventually, free_port, max_in_window, metric, spawn_fake, text,
+    ServeProcess, connect, eventually, free_port, max_in_window, metric, metrics_text, spawn_fake,
+    text,
 };
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
 use feishu_reply_gateway::proto::ReplyRequest;
@@ -48,21 +49,8 @@ fn to_app(app: &str, message_id: &str, chat: &str) -> ReplyRequest {
     }
 }
 
-/// The gateway's metrics text (its metrics port is `port`).
-async fn metrics(port: u16) -> String {
-    // reqwest is built without a default TLS provider (the gateway picks ring).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .and_then(|r| r.error_for_status())
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn counter(port: u16, series: &str) -> f64 {
-    metric(&metrics(port).await, series).unwrap_or(0.0)
+    metric(&metrics_text(port).await, series).unwrap_or(0.0)
 }
 
 fn start(file: &Path) -> (ServeProcess, u16, u16) {

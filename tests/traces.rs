@@ -153,12 +153,13 @@ fn traced<T>(msg: T) -> Request<T> {
     req
 }
 
-fn otel_env(endpoint: &str) -> [(&str, &str); 3] {
+fn otel_env<'a>(endpoint: &'a str, metrics_addr: &'a str) -> [(&'a str, &'a str); 4] {
     [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
         ("OTEL_SERVICE_NAME", "gw-under-test"),
         // Export every 50 ms (default 5 s) so the test does not wait.
         ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("GATEWAY_METRICS_ADDR", metrics_addr),
     ]
 }
 
@@ -188,8 +189,9 @@ async fn a_retried_reply_is_one_trace_under_the_caller_s_span() {
         ..Fault::default()
     });
     let (file, _dir) = config_file(&fake, "");
-    let port = free_port();
-    let _gw = ServeProcess::start_with(&file, port, &otel_env(&endpoint));
+    let (port, mport) = (free_port(), free_port());
+    let maddr = format!("127.0.0.1:{mport}");
+    let _gw = ServeProcess::start_with(&file, port, &otel_env(&endpoint, &maddr));
     let mut c = connect(port).await;
     c.reply(traced(text("om_t1_in_traced", "oc_traced", "hi")))
         .await
@@ -241,6 +243,20 @@ async fn a_retried_reply_is_one_trace_under_the_caller_s_span() {
     };
     assert_eq!(hex(&token.parent_span_id), hex(&attempts[0].span_id));
     assert_eq!(attr(token, "outcome").as_deref(), Some("ok"));
+    // The latency and queue wait histograms carry the trace as exemplars (Grafana's links
+    // from a panel to the trace).
+    let text = common::metrics_text(mport).await;
+    let exemplar = format!("# {{trace_id=\"{TRACE_ID}\"}}");
+    for histogram in [
+        "feishu_reply_upstream_latency_seconds_bucket",
+        "feishu_reply_queue_wait_seconds_bucket",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(histogram) && l.contains(&exemplar)),
+            "{histogram} has no exemplar of the trace:\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,7 +270,8 @@ async fn an_async_job_in_cluster_mode_continues_the_submit_s_trace() {
         &format!("[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n"),
     );
     let port = free_port();
-    let _gw = ServeProcess::start_with(&file, port, &otel_env(&endpoint));
+    let maddr = format!("127.0.0.1:{}", free_port());
+    let _gw = ServeProcess::start_with(&file, port, &otel_env(&endpoint, &maddr));
     let mut c = connect(port).await;
     let id = c
         .submit_reply(traced(text("om_j1_in_job", "oc_job", "hi")))

@@ -176,8 +176,11 @@ impl FeishuClient {
                 .await
                 .map(|(env, log_id)| reply_from(env, log_id)),
         };
-        self.metrics
-            .upstream_latency(started.elapsed(), outcome_label(&result));
+        self.metrics.upstream_latency(
+            started.elapsed(),
+            outcome_label(&result),
+            crate::telemetry::trace_id(&tracing::Span::current()),
+        );
         result
     }
 

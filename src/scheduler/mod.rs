@@ -392,7 +392,10 @@ impl Dispatcher {
         job.attempts += 1;
         if job.first_send_at.is_none() {
             job.first_send_at = Some(now);
-            self.metrics.queue_wait(now - job.accepted_at);
+            self.metrics.queue_wait(
+                now - job.accepted_at,
+                crate::telemetry::trace_id(&job.spec.span),
+            );
         }
         self.spawn_send(job);
     }

@@ -459,6 +459,19 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The metrics text of a gateway process whose metrics port is `port`.
+pub async fn metrics_text(port: u16) -> String {
+    // reqwest is built without a default TLS provider (the gateway picks ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Polls `/metrics` until `series` has value `want` (bounded): waiting for a state, not
 /// timing it.
 pub async fn wait_for_metric(gw: &TestGateway, series: &str, want: f64, within: Duration) -> bool {
