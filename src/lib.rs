@@ -57,7 +57,8 @@
 //!   its Lua scripts and key layout in `jobs::redis_scripts`); `jobs::runner` the background
 //!   work (lease, takeover, polling a replica's jobs, expiry, hand-off at shutdown);
 //!   `jobs::record` the stored record; `jobs::spec` a stored job back into a scheduler job.
-//! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names.
+//! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names (`metrics::labels` their label
+//!   sets and the list of names).
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
 //!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the reply endpoint in
 //!   `fake_feishu::reply`, quota counters in `fake_feishu::window`);

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
@@ -14,60 +13,13 @@ use prometheus_client::registry::Registry;
 
 use crate::feishu::RetryReason;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub app: String,
-    /// ok, invalid_argument, not_found, resource_exhausted, deadline_exceeded, unavailable, …
-    pub outcome: String,
-    /// Feishu's code ("0" on success), or "none" when Feishu gave none.
-    pub code: String,
-}
+mod labels;
 
-/// An exemplar's label: the trace of one observation (OpenMetrics exemplars; Grafana links
-/// them to the trace). Only set while traces are exported.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TraceLabel {
-    pub trace_id: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
-    reason: &'static str,
-}
-
-/// A configured caller's name, `anonymous` or `unauthenticated` (bounded by the config).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CallerLabel {
-    caller: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct AppLabel {
-    app: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CallerOutcomeLabels {
-    caller: String,
-    outcome: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PortReasonLabels {
-    port: &'static str,
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RejectionLabels {
-    app: String,
-    reason: &'static str,
-}
+use labels::{
+    AppLabel, CallerLabel, CallerOutcomeLabels, OutcomeLabel, PortReasonLabels, ReasonLabel,
+    RedisCallLabels, RejectionLabels,
+};
+pub use labels::{METRIC_NAMES, RequestLabels, TraceLabel};
 
 /// Every metric, registered once.
 pub struct Metrics {
@@ -105,48 +57,6 @@ pub struct Metrics {
     config_generation: Gauge,
     config_reloads: Family<OutcomeLabel, Counter>,
 }
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RedisCallLabels {
-    op: &'static str,
-    outcome: &'static str,
-}
-
-/// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 32] = [
-    "feishu_reply_requests",
-    "feishu_reply_upstream_latency_seconds",
-    "feishu_reply_queue_wait_seconds",
-    "feishu_reply_queued",
-    "feishu_reply_queued_bytes",
-    "feishu_reply_in_flight",
-    "feishu_reply_retries",
-    "feishu_reply_token_refreshes",
-    "feishu_reply_upstream_rate_rejections",
-    "feishu_reply_chat_lookups",
-    "feishu_reply_quota_keys",
-    "feishu_reply_admission_rejections",
-    "feishu_reply_caller_requests",
-    "feishu_reply_connections_refused",
-    "feishu_reply_request_bodies_refused",
-    "feishu_reply_request_bytes_reading",
-    "feishu_reply_jobs_stored",
-    "feishu_reply_job_store_bytes",
-    "feishu_reply_jobs_running",
-    "feishu_reply_app_budget_calls",
-    "feishu_reply_app_budget_used",
-    "feishu_reply_app_budget_remaining",
-    "feishu_reply_app_budget_refusals",
-    "feishu_reply_job_takeovers",
-    "feishu_reply_job_leases_lost",
-    "feishu_reply_redis_calls",
-    "feishu_reply_redis_up",
-    "feishu_reply_redis_fallback",
-    "feishu_reply_redis_fallback_switches",
-    "feishu_reply_cluster_replicas",
-    "feishu_reply_config_generation",
-    "feishu_reply_config_reloads",
-];
 
 impl Default for Metrics {
     fn default() -> Self {
