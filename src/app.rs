@@ -261,7 +261,7 @@ pub async fn run_with_upstream(
                 jobs.clone(),
                 metrics.clone(),
             ));
-            Some(tokio::spawn(crate::reload::watch(live, source)))
+            Some(crate::reload::start(live, source))
         }
         (None, _) => None,
     };

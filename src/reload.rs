@@ -203,9 +203,12 @@ fn check(c: Config) -> Result<Config, ConfigError> {
     Ok(c)
 }
 
-/// Reloads on SIGHUP and on changes to the watched files, until the process ends.
-pub async fn watch(live: Arc<Live>, source: ReloadSource) {
-    let (tx, mut rx) = mpsc::channel::<&'static str>(16);
+/// Reloads on SIGHUP and on changes to the watched files, until the task is aborted. SIGHUP
+/// and the file watch are set up here, before the task starts: from this call on a SIGHUP
+/// reloads (its default action, ending the process, could otherwise hit a gateway already
+/// serving) and no change is missed.
+pub fn start(live: Arc<Live>, source: ReloadSource) -> tokio::task::JoinHandle<()> {
+    let (tx, rx) = mpsc::channel::<&'static str>(16);
     #[cfg(unix)]
     if source.sighup {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -222,10 +225,21 @@ pub async fn watch(live: Arc<Live>, source: ReloadSource) {
             }
         }
     }
+    // The files are watched from here on, too.
     let mut watched = Watched::default();
     let mut files = source.file.iter().cloned().collect::<Vec<_>>();
     files.extend(live.secret_files());
     watched.set(&files, &tx);
+    tokio::spawn(watch(live, source, watched, tx, rx))
+}
+
+async fn watch(
+    live: Arc<Live>,
+    source: ReloadSource,
+    mut watched: Watched,
+    tx: mpsc::Sender<&'static str>,
+    mut rx: mpsc::Receiver<&'static str>,
+) {
     while let Some(why) = rx.recv().await {
         // One reload for a burst of events.
         tokio::time::sleep(SETTLE).await;

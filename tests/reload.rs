@@ -106,6 +106,8 @@ async fn sighup_under_load_adds_an_app_rotates_a_secret_and_raises_a_quota_dropp
     eventually("a few posted", async || fake.received().len() >= 5).await;
     // Feishu takes both secrets while the operator rotates.
     fake.set_options(|o| o.apps.push(("cli_a".into(), "sa2".into())));
+    // Everything the fake saw before this instant was sent under the old quota.
+    let reload_at_ms = fake_now_ms(&fake);
     let fast = "quotas = [{ limit = 12, window_ms = 1000 }]";
     std::fs::write(
         &file,
@@ -119,7 +121,6 @@ async fn sighup_under_load_adds_an_app_rotates_a_secret_and_raises_a_quota_dropp
         ),
     )
     .unwrap();
-    let reload_at_ms = fake_now_ms(&fake);
     gw.signal("HUP");
     let t = Instant::now();
     // The new app serves (the door learns it last, after everything it needs).
