@@ -7,6 +7,7 @@
 //!     [--cold-connection-ms 80] [--inbound-jitter-ms 50] [--replicas 3 --redis URL] [--runs 10]
 //! cargo bench --bench loadgen -- hot         # 50 chats x 40 replies + background: order, drain
 //! cargo bench --bench loadgen -- overhead    # quotas not binding: gateway vs direct HTTP, max replies/s
+//!     [--log info] [--otlp]                  # … with the gateway's spans made / exported
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
 //! cargo bench --bench loadgen -- memory      # memory attacks on the default limits: peak RSS
 //! cargo bench --bench loadgen -- submit      # durable SubmitReply: submits/s, latency, bytes/job, recovery
@@ -104,6 +105,13 @@ enum Scenario {
         concurrency: Vec<usize>,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// The gateway's RUST_LOG (`info`, the default in production, makes its spans).
+        #[arg(long, default_value = "warn")]
+        log: String,
+        /// Export the gateway's traces (every call sampled) to an OTLP collector in this
+        /// process, and count the spans it receives.
+        #[arg(long)]
+        otlp: bool,
     },
     /// Drive a gateway at a target rate (open loop) or a fixed concurrency (closed loop).
     ///
@@ -190,7 +198,26 @@ fn main() {
             Scenario::Overhead {
                 concurrency,
                 seconds,
-            } => overhead(&concurrency, Duration::from_secs(seconds)).await,
+                log,
+                otlp,
+            } => {
+                let sink = otlp.then(otlp_sink::start);
+                {
+                    let mut env = GATEWAY_ENV.lock().unwrap();
+                    env.push(("RUST_LOG".into(), log));
+                    if let Some((endpoint, _)) = &sink {
+                        env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.clone()));
+                        env.push(("OTEL_TRACES_SAMPLER".into(), "always_on".into()));
+                    }
+                }
+                overhead(&concurrency, Duration::from_secs(seconds)).await;
+                if let Some((_, spans)) = sink {
+                    println!(
+                        "OTLP collector received {} spans",
+                        spans.load(Ordering::Relaxed)
+                    );
+                }
+            }
             Scenario::Depth { jobs, chats } => depth(jobs, chats).await,
             Scenario::Submit {
                 concurrency,
@@ -341,6 +368,10 @@ async fn stack(fake_args: &[&str], config_extra: &str) -> Stack {
     stack_n(fake_args, config_extra, 1).await
 }
 
+/// Environment every gateway process of a stack gets (the `overhead` scenario's `--log` and
+/// `--otlp`): set before the stack starts.
+static GATEWAY_ENV: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
 /// Starts `fake-feishu` and `n` gateway processes (each with `config_extra`; give them a
 /// `[cluster]` section to share quotas).
 async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
@@ -381,6 +412,7 @@ async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
                 .env_remove("FEISHU_APP_SECRET")
                 .env_remove("GATEWAY_REDIS_URL")
                 .env_remove("GATEWAY_ALLOW_ANONYMOUS")
+                .envs(GATEWAY_ENV.lock().unwrap().clone())
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("start gateway"),
@@ -1131,4 +1163,53 @@ async fn depth(jobs: usize, chats: usize) {
         d.as_nanos() as f64 / jobs as f64,
         jobs as f64 / d.as_secs_f64()
     );
+}
+
+/// An OTLP trace collector that only counts what it receives (`overhead --otlp`).
+mod otlp_sink {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+
+    struct Count(Arc<AtomicUsize>);
+
+    #[tonic::async_trait]
+    impl TraceService for Count {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = req
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(n, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Starts the collector on a loopback port: its endpoint and the span count.
+    pub fn start() -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let spans = Arc::new(AtomicUsize::new(0));
+        let svc = TraceServiceServer::new(Count(spans.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (format!("http://{addr}"), spans)
+    }
 }

@@ -129,15 +129,17 @@ async fn sighup_under_load_adds_an_app_rotates_a_secret_and_raises_a_quota_dropp
     })
     .await;
     eprintln!("app b served {:?} after SIGHUP", t.elapsed());
-    assert!(counter(mport, "feishu_reply_config_generation").await >= 1.0);
-    assert!(
-        counter(
-            mport,
-            "feishu_reply_config_reloads_total{outcome=\"applied\"}"
-        )
-        .await
-            >= 1.0
-    );
+    // The metrics follow once the reload is done.
+    eventually("the reload counted", async || {
+        counter(mport, "feishu_reply_config_generation").await >= 1.0
+            && counter(
+                mport,
+                "feishu_reply_config_reloads_total{outcome=\"applied\"}",
+            )
+            .await
+                >= 1.0
+    })
+    .await;
 
     // Nothing queued was dropped: every reply of a delivered, each posted once.
     for call in calls {
@@ -277,14 +279,19 @@ async fn a_configmap_update_removes_an_app_failing_its_queue_and_a_broken_one_ch
         1,
         "the removed app's queued replies were not sent"
     );
+    // The reload is complete (the door is the last to learn it) when the generation moves;
+    // from then on c is unknown. (A call racing the reload may meet APP_REMOVED instead.)
+    eventually("the reload complete", async || {
+        counter(mport, "feishu_reply_config_generation").await >= 1.0
+    })
+    .await;
+    let generation = counter(mport, "feishu_reply_config_generation").await;
     let e = c.reply(to_app("c", "om_c9", "oc_c9")).await.unwrap_err();
     assert_eq!(
         e.get_details_error_info().unwrap().reason,
         "UNKNOWN_APP",
         "{e:?}"
     );
-    let generation = counter(mport, "feishu_reply_config_generation").await;
-    assert!(generation >= 1.0);
 
     // A broken update is refused; the running configuration stays.
     cm.update("[apps.a\napp_id = ");

@@ -362,42 +362,21 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start(n: usize) -> Self {
-        // Ports below the ephemeral range: one picked by binding :0 and released could be
-        // taken by any outgoing connection (other tests open many) before redis-server binds it.
-        let ports: Vec<u16> = (0..n)
-            .map(|i| port_outside_ephemeral_range(i as u64 + 1))
-            .collect();
-        let dir =
-            std::env::temp_dir().join(format!("frg-cluster-{}-{}", ports[0], std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "frg-cluster-{}-{}",
+            std::process::id(),
+            port_outside_ephemeral_range(0)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut children = Vec::new();
-        for p in &ports {
-            let child = std::process::Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &p.to_string()])
-                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
-                .arg(format!("nodes-{p}.conf"))
-                .args(["--save", "", "--appendonly", "no", "--dir"])
-                .arg(&dir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("redis-server on PATH");
-            children.push(child);
-        }
-        let c = Self {
-            ports,
+        let mut c = Self {
+            ports: Vec::new(),
             dir,
-            children,
+            children: Vec::new(),
         };
-        for p in &c.ports {
-            let t = std::time::Instant::now();
-            while std::net::TcpStream::connect(("127.0.0.1", *p)).is_err() {
-                assert!(
-                    t.elapsed() < Duration::from_secs(10),
-                    "redis-server did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        for i in 0..n {
+            let (port, child) = c.start_node(i as u64);
+            c.ports.push(port);
+            c.children.push(child);
         }
         let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = std::process::Command::new("redis-cli")
@@ -427,6 +406,70 @@ impl RedisCluster {
         }
         c
     }
+}
+
+impl RedisCluster {
+    /// Starts one node on a port below the ephemeral range. Another test process may take
+    /// the same port between our check and redis-server's bind: a node that exits without
+    /// listening is started again on another port (its log says why).
+    fn start_node(&self, i: u64) -> (u16, std::process::Child) {
+        for attempt in 0..5u64 {
+            let p = port_outside_ephemeral_range(1 + i + attempt * 1000);
+            let log = self.dir.join(format!("node-{p}.log"));
+            let mut child = std::process::Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &p.to_string()])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(format!("nodes-{p}.conf"))
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&self.dir)
+                .arg("--logfile")
+                .arg(&log)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH");
+            let t = std::time::Instant::now();
+            loop {
+                // Ours answering, not another test's server on the same port.
+                if redis_pid_on(p) == Some(child.id()) {
+                    return (p, child);
+                }
+                if child.try_wait().unwrap().is_some() {
+                    eprintln!(
+                        "redis-server on {p} exited (attempt {attempt}): {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "redis-server on {p} did not start: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("redis-server did not start on any of 5 ports");
+    }
+}
+
+/// The process id of the redis-server answering on `port` (`INFO server`), if one does.
+fn redis_pid_on(port: u16) -> Option<u32> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    s.write_all(b"INFO server\r\n").ok()?;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.contains("process_id:") || !text[text.find("process_id:")?..].contains('\n') {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let rest = &text[text.find("process_id:")? + "process_id:".len()..];
+    rest.lines().next()?.trim().parse().ok()
 }
 
 impl Drop for RedisCluster {
