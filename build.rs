@@ -11,6 +11,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("gateway_descriptor.bin"))
         // google.rpc.Status is tonic-types' (the same type tonic's rich errors use).
         .extern_path(".google.rpc.Status", "::tonic_types::pb::Status")
+        // The admin answers print as JSON on the command line (`inspect`), field for field.
+        .message_attribute(".feishu.reply.v1.ChatState", "#[derive(serde::Serialize)]")
+        .message_attribute(".feishu.reply.v1.QuotaState", "#[derive(serde::Serialize)]")
+        .message_attribute(".feishu.reply.v1.AppState", "#[derive(serde::Serialize)]")
+        .message_attribute(".feishu.reply.v1.Budget", "#[derive(serde::Serialize)]")
+        .message_attribute(
+            ".feishu.reply.v1.CallerState",
+            "#[derive(serde::Serialize)]",
+        )
         .compile_protos(
             &[std::path::Path::new("proto/feishu/reply/v1/gateway.proto")],
             &[std::path::Path::new("proto"), well_known.as_path()],

@@ -251,18 +251,6 @@ enum InspectWhat {
     Caller { name: String },
 }
 
-fn quotas_json(quotas: &[feishu_reply_gateway::proto::QuotaState]) -> Vec<serde_json::Value> {
-    quotas
-        .iter()
-        .map(|q| {
-            serde_json::json!({
-                "kind": q.kind, "id": q.id, "limit": q.limit, "window_ms": q.window_ms,
-                "used": q.used, "frees_in_ms": q.frees_in_ms,
-            })
-        })
-        .collect()
-}
-
 pub async fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
     let mut client = ReplyAdminClient::connect(args.gateway.addr.clone())
         .await
@@ -280,52 +268,31 @@ pub async fn inspect(args: InspectArgs) -> Result<ExitCode, BoxError> {
                     .parse()
                     .map_err(|_| "the chat id is not a valid header value")?,
             );
-            client.inspect_chat(req).await.map(|r| {
-                let c = r.into_inner();
-                serde_json::json!({
-                    "chat_id": c.chat_id, "queued": c.queued, "queued_bytes": c.queued_bytes,
-                    "busy": c.busy, "head_age_ms": c.head_age_ms,
-                    "next_try_in_ms": c.next_try_in_ms, "held_by": c.held_by,
-                    "frees_in_ms": c.frees_in_ms, "source": c.source,
-                    "quotas": quotas_json(&c.quotas),
-                })
-            })
+            client
+                .inspect_chat(req)
+                .await
+                .map(|r| serde_json::to_value(r.into_inner()))
         }
         InspectWhat::App { name } => {
             let mut req = tonic::Request::new(InspectAppRequest { app: name });
             authorize(&mut req, token)?;
-            client.inspect_app(req).await.map(|r| {
-                let a = r.into_inner();
-                let budget = a.budget.map(|b| {
-                    serde_json::json!({
-                        "calls": b.calls, "period": b.period, "time_zone": b.time_zone,
-                        "used": b.used, "remaining": b.remaining, "resets_in_ms": b.resets_in_ms,
-                    })
-                });
-                serde_json::json!({
-                    "app": a.app, "app_id": a.app_id, "queued": a.queued,
-                    "queued_bytes": a.queued_bytes, "source": a.source,
-                    "quotas": quotas_json(&a.quotas), "budget": budget,
-                })
-            })
+            client
+                .inspect_app(req)
+                .await
+                .map(|r| serde_json::to_value(r.into_inner()))
         }
         InspectWhat::Caller { name } => {
             let mut req = tonic::Request::new(InspectCallerRequest { caller: name });
             authorize(&mut req, token)?;
-            client.inspect_caller(req).await.map(|r| {
-                let c = r.into_inner();
-                serde_json::json!({
-                    "caller": c.caller, "rate": c.rate, "burst": c.burst,
-                    "queued": c.queued, "max_queued": c.max_queued,
-                    "queued_bytes": c.queued_bytes, "max_queued_bytes": c.max_queued_bytes,
-                    "apps": c.apps, "admin": c.admin,
-                })
-            })
+            client
+                .inspect_caller(req)
+                .await
+                .map(|r| serde_json::to_value(r.into_inner()))
         }
     };
     match answer {
         Ok(out) => {
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            println!("{}", serde_json::to_string_pretty(&out?)?);
             Ok(ExitCode::SUCCESS)
         }
         Err(status) => Ok(print_status(&status)),

@@ -150,7 +150,13 @@ impl Live {
                     .iter()
                     .map(|a| a.app_id.as_str().into())
                     .collect(),
-                removed_apps: removed.clone(),
+                removed_apps: config
+                    .apps
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| a.removed)
+                    .map(|(i, a)| (i, a.name.clone()))
+                    .collect(),
             })
             .await;
         if let Some(jobs) = &self.jobs {

@@ -104,16 +104,21 @@ async fn a_waiting_chat_names_its_quota_on_a_single_node_and_on_the_command_line
     }
 }
 
-#[tokio::test]
-async fn in_cluster_mode_the_counts_come_from_redis() {
-    let (url, _redis) = shared_redis();
+/// A gateway with `extra` in cluster mode on the Redis at `url` (keys of its own).
+async fn clustered(extra: &str, url: &str) -> TestGateway {
     let fake = spawn_fake(FakeOptions::default()).await;
     let prefix = format!("inspect-{}-{:x}", std::process::id(), rand::random::<u32>());
     let config = config_for(
         &fake,
-        &format!("{SLOW_CHAT}[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n"),
+        &format!("{extra}[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n"),
     );
-    let gw = spawn_gateway_on(fake.clone(), config).await;
+    spawn_gateway_on(fake, config).await
+}
+
+#[tokio::test]
+async fn in_cluster_mode_the_counts_come_from_redis() {
+    let (url, _redis) = shared_redis();
+    let gw = clustered(SLOW_CHAT, &url).await;
     let calls = fill(&gw, "shared").await;
     let s = inspect(&gw, "oc_shared").await.unwrap();
     assert_held_by_the_chat(&s, "oc_shared", "redis");
@@ -253,13 +258,7 @@ async fn an_app_shows_its_windows_budget_and_queue() {
 #[tokio::test]
 async fn in_cluster_mode_an_app_s_counts_and_budget_come_from_redis() {
     let (url, _redis) = shared_redis();
-    let fake = spawn_fake(FakeOptions::default()).await;
-    let prefix = format!("inspect-{}-{:x}", std::process::id(), rand::random::<u32>());
-    let config = config_for(
-        &fake,
-        &format!("{METERED}[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n"),
-    );
-    let gw = spawn_gateway_on(fake.clone(), config).await;
+    let gw = clustered(METERED, &url).await;
     let calls = fill_app(&gw, None).await;
     assert_metered(&gw, "redis", None).await;
     for c in calls {

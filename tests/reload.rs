@@ -2,7 +2,8 @@
 //! when its config file changes (as Kubernetes changes a mounted ConfigMap: a `..data` symlink
 //! swap), without dropping a queued reply: a new app serves, a rotated secret is used, a
 //! changed app quota paces from then on (counting the sends made under the old one), a
-//! removed app fails its queued replies `APP_REMOVED`, and a broken file changes nothing.
+//! removed app fails its queued replies `APP_REMOVED` (and serves again when added back), and
+//! a broken file changes nothing.
 
 mod common;
 
@@ -311,4 +312,14 @@ async fn a_configmap_update_removes_an_app_failing_its_queue_and_a_broken_one_ch
     c.reply(to_app("a", "om_a1", "oc_a1"))
         .await
         .expect("still serving the running configuration");
+
+    // c added back (same app_id, now on the default quotas): it serves again.
+    cm.update(&config(
+        &fake,
+        &format!("{a}{}", app("c", "cli_c", "sc", "")),
+    ));
+    eventually("c serves again", async || {
+        c.reply(to_app("c", "om_c10", "oc_c10")).await.is_ok()
+    })
+    .await;
 }

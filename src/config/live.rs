@@ -2,7 +2,8 @@
 //! change). Apps and callers keep their slots: the running process numbers them (queued
 //! replies carry an app index and a caller id), so an app or caller that stays keeps its
 //! number, a removed one leaves a tombstone in its slot (an app marked `removed`, a caller no
-//! credential names), and new ones are appended. Settings only a restart can change (ports,
+//! credential names), and new ones are appended. An app is the same app when its name and
+//! app_id stay. Settings only a restart can change (ports,
 //! TLS, Redis, the job store, the queue bounds, Feishu's address and timeouts, the chat and
 //! user quotas) keep their running values and are named in [`LinedUp::needs_restart`].
 
@@ -26,7 +27,12 @@ pub fn line_up(old: &Config, new: Config) -> LinedUp {
     let mut removed_apps = Vec::new();
     let mut apps: Vec<AppConfig> = Vec::with_capacity(old.apps.len() + fresh.len());
     for (slot, o) in old.apps.iter().enumerate() {
-        match fresh.iter().position(|n| n.name == o.name) {
+        // Same name and app_id: the same app. A name now on another app_id is another app
+        // (its queued replies must not go out as the new one): the old slot is removed.
+        match fresh
+            .iter()
+            .position(|n| n.name == o.name && n.app_id == o.app_id)
+        {
             Some(i) => apps.push(fresh.remove(i)),
             None => {
                 if !o.removed {
@@ -164,6 +170,28 @@ mod tests {
         assert_eq!(again.removed_apps, [2]);
         assert!(!again.config.apps[1].removed);
         assert_eq!(again.config.apps[1].name, "b");
+    }
+
+    #[test]
+    fn a_name_moved_to_another_app_id_is_another_app() {
+        let old = config(BASE);
+        let new = config(&BASE.replace("cli_b", "cli_b2"));
+        let l = line_up(&old, new);
+        let apps: Vec<_> = l
+            .config
+            .apps
+            .iter()
+            .map(|a| (a.name.as_str(), a.app_id.as_str(), a.removed))
+            .collect();
+        assert_eq!(
+            apps,
+            [
+                ("a", "cli_a", false),
+                ("b", "cli_b", true),
+                ("b", "cli_b2", false)
+            ]
+        );
+        assert_eq!(l.removed_apps, [1]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub struct Reconfigure {
     pub callers: Vec<CallerLimits>,
     /// Every app's Feishu app_id, by index (removed ones included: their keys stay).
     pub app_ids: Vec<Arc<str>>,
-    /// Apps removed by this reload: (index, name).
+    /// Every app removed (by this reload or before, and not added back): (index, name).
     pub removed_apps: Vec<(AppIndex, String)>,
 }
 
@@ -36,9 +36,8 @@ impl Scheduler {
 impl Dispatcher {
     pub(super) fn reconfigure(&mut self, r: Reconfigure) {
         self.config.callers = r.callers;
-        for (app, name) in r.removed_apps {
-            self.removed_apps.insert(app, name);
-        }
+        // The whole set: an app added back under its old name and app_id is live again.
+        self.removed_apps = r.removed_apps.into_iter().collect();
         if !self.removed_apps.is_empty() {
             let removed = &self.removed_apps;
             let gone = self
