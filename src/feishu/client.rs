@@ -236,12 +236,7 @@ impl FeishuClient {
 }
 
 fn outcome_label<T>(r: &Result<T, UpstreamError>) -> &'static str {
-    match r {
-        Ok(_) => "ok",
-        Err(UpstreamError::Network { .. }) => "network",
-        Err(e) if e.retry_reason().is_some() => "retryable",
-        Err(_) => "error",
-    }
+    r.as_ref().map_or_else(UpstreamError::outcome, |_| "ok")
 }
 
 impl Upstream for FeishuClient {

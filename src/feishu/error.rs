@@ -151,6 +151,15 @@ impl UpstreamError {
         }
     }
 
+    /// How a failed call ended, for metrics and spans: `network`, `retryable` or `error`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            UpstreamError::Network { .. } => "network",
+            e if e.retry_reason().is_some() => "retryable",
+            _ => "error",
+        }
+    }
+
     /// The HTTP status Feishu answered with, when it answered.
     pub fn http_status(&self) -> Option<u16> {
         match self {

@@ -49,11 +49,7 @@ pub(super) fn record_attempt(span: &tracing::Span, result: &Attempt) {
             if !e.log_id().is_empty() {
                 span.record("feishu.log_id", e.log_id());
             }
-            let outcome = match e.retry_reason() {
-                Some(_) => "retryable",
-                None => "failed",
-            };
-            span.record("outcome", outcome)
+            span.record("outcome", e.outcome())
                 .record("error", tracing::field::display(e))
                 .record("otel.status_code", "ERROR");
         }
