@@ -154,8 +154,9 @@ impl ReplyService {
 
     /// The caller of `req` if it may use the admin service, else the status to answer.
     fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let caller = self.caller(req, "none")?;
-        if !self.door().auth.is_admin(&caller) {
+        let door = self.door();
+        let caller = self.caller(&door, req, "none")?;
+        if !door.auth.is_admin(&caller) {
             return Err(GatewayError::NotAdmin(caller.name.to_string()).to_status());
         }
         Ok(())

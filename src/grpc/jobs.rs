@@ -32,6 +32,7 @@ impl ReplyService {
 
     pub(super) async fn submit(
         &self,
+        door: &super::Door,
         caller: &Caller,
         req: Request<ReplyRequest>,
     ) -> Result<SubmitReplyResponse, GatewayError> {
@@ -41,7 +42,7 @@ impl ReplyService {
             s if u64::from(s) <= MAX_TTL.as_secs() => Duration::from_secs(u64::from(s)),
             s => return Err(ValidationError::Ttl(s).into()),
         };
-        let (spec, mut reply) = self.prepare(caller, req, Some(ttl)).await?;
+        let (spec, mut reply) = self.prepare(door, caller, req, Some(ttl)).await?;
         // The record keeps exactly what is sent (the validated content).
         reply.content = spec.request.content.clone();
         let now = now_ms();

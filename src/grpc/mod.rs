@@ -80,6 +80,14 @@ impl Door {
         }
     }
 
+    /// App `name`'s configured name for metrics and logs (`unknown` when it has none).
+    fn app_label(&self, name: &str) -> String {
+        match self.app_index(name) {
+            Ok(i) => self.apps[i].name.clone(),
+            Err(_) => "unknown".into(),
+        }
+    }
+
     /// The index of app `name` (the default app for ""); a removed app is unknown.
     pub(crate) fn app_index(&self, name: &str) -> Result<usize, GatewayError> {
         if name.is_empty() {
@@ -162,8 +170,8 @@ impl ReplyService {
         self.door().admission.forget_idle();
     }
 
-    fn admit(&self, caller: &Caller, peer: IpAddr) -> Result<(), GatewayError> {
-        self.door().admission.check(caller, peer).map_err(|wait| {
+    fn admit(&self, door: &Door, caller: &Caller, peer: IpAddr) -> Result<(), GatewayError> {
+        door.admission.check(caller, peer).map_err(|wait| {
             self.metrics.admission_rejected(&caller.name);
             GatewayError::CallerRateLimited {
                 caller: caller.name.to_string(),
@@ -211,18 +219,21 @@ impl ReplyService {
 
     async fn reply(
         &self,
+        door: &Door,
         caller: &Caller,
         req: Request<ReplyRequest>,
     ) -> Result<Delivered, GatewayError> {
-        let (spec, _) = self.prepare(caller, req, None).await?;
+        let (spec, _) = self.prepare(door, caller, req, None).await?;
         self.scheduler.reply(spec).await
     }
 
     /// A request checked and made a scheduler job: admission, validation, authorization,
     /// the chat resolved, the uuid fixed. With `ttl` (async jobs) the job's deadline is
-    /// now + ttl; else the call's deadline.
+    /// now + ttl; else the call's deadline. `door`: the apps and callers the call is checked
+    /// against (one snapshot for the whole call).
     async fn prepare(
         &self,
+        door: &Door,
         caller: &Caller,
         req: Request<ReplyRequest>,
         ttl: Option<Duration>,
@@ -230,7 +241,7 @@ impl ReplyService {
         let peer = req
             .remote_addr()
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        self.admit(caller, peer)?;
+        self.admit(door, caller, peer)?;
         let label = caller.anonymous.then(|| caller_label(&req)).flatten();
         let call_deadline = Some(call_deadline(&req, self.max_call));
         let header_chat = req
@@ -265,7 +276,6 @@ impl ReplyService {
             user_id: &r.user_id,
         }
         .validate()?;
-        let door = self.door();
         let app = door.app_index(&r.app)?;
         // The validated copy is what is queued; the request's own must not stay behind it for
         // as long as the reply waits.
@@ -337,20 +347,12 @@ impl ReplyService {
         };
         Ok((spec, stored))
     }
-
-    fn app_label(&self, name: &str) -> String {
-        let door = self.door();
-        match door.app_index(name) {
-            Ok(i) => door.apps[i].name.clone(),
-            Err(_) => "unknown".into(),
-        }
-    }
 }
 
 impl ReplyService {
     /// The caller of `req`, or the UNAUTHENTICATED status (counted and logged).
-    fn caller<T>(&self, req: &Request<T>, app: &str) -> Result<Caller, Status> {
-        self.door().auth.authenticate(req).map_err(|e| {
+    fn caller<T>(&self, door: &Door, req: &Request<T>, app: &str) -> Result<Caller, Status> {
+        door.auth.authenticate(req).map_err(|e| {
             let e = GatewayError::from(e);
             self.metrics.request(app, e.outcome(), "none");
             self.metrics.caller_request(UNAUTHENTICATED, e.outcome());
@@ -368,11 +370,15 @@ impl ReplyGateway for ReplyService {
         &self,
         req: Request<ReplyRequest>,
     ) -> Result<Response<SubmitReplyResponse>, Status> {
-        let app = self.app_label(&req.get_ref().app);
-        let caller = self.caller(&req, &app)?;
+        let door = self.door();
+        let app = door.app_label(&req.get_ref().app);
+        let caller = self.caller(&door, &req, &app)?;
         let span = tracing::info_span!("SubmitReply", otel.kind = "server", caller = %caller.name, app = %app, chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty);
         crate::telemetry::continue_trace(&span, req.metadata());
-        let result = self.submit(&caller, req).instrument(span.clone()).await;
+        let result = self
+            .submit(&door, &caller, req)
+            .instrument(span.clone())
+            .await;
         let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
         self.metrics.caller_request(&caller.name, outcome);
         if let Err(e) = &result {
@@ -384,7 +390,7 @@ impl ReplyGateway for ReplyService {
     }
 
     async fn get_reply(&self, req: Request<GetReplyRequest>) -> Result<Response<ReplyJob>, Status> {
-        let caller = self.caller(&req, "none")?;
+        let caller = self.caller(&self.door(), &req, "none")?;
         jobs::answer(self.get(&caller, req.get_ref()).await)
     }
 
@@ -392,7 +398,7 @@ impl ReplyGateway for ReplyService {
         &self,
         req: Request<GetReplyRequest>,
     ) -> Result<Response<Self::WatchReplyStream>, Status> {
-        let caller = self.caller(&req, "none")?;
+        let caller = self.caller(&self.door(), &req, "none")?;
         jobs::answer(self.watch(&caller, req.get_ref()).await)
     }
 
@@ -400,17 +406,18 @@ impl ReplyGateway for ReplyService {
         &self,
         req: Request<GetReplyRequest>,
     ) -> Result<Response<ReplyJob>, Status> {
-        let caller = self.caller(&req, "none")?;
+        let caller = self.caller(&self.door(), &req, "none")?;
         jobs::answer(self.cancel(&caller, req.get_ref()).await)
     }
 
     async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
         let r = req.get_ref();
-        let app = self.app_label(&r.app);
-        let caller = self.caller(&req, &app)?;
+        let door = self.door();
+        let app = door.app_label(&r.app);
+        let caller = self.caller(&door, &req, &app)?;
         let span = tracing::info_span!("Reply", otel.kind = "server", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty, grpc.code = tracing::field::Empty);
         crate::telemetry::continue_trace(&span, req.metadata());
-        let result = ReplyService::reply(self, &caller, req)
+        let result = ReplyService::reply(self, &door, &caller, req)
             .instrument(span.clone())
             .await;
         let _enter = span.enter();
