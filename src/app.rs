@@ -16,7 +16,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::budget::Budgets;
-use crate::cluster::RedisQuota;
+use crate::cluster::gate::RedisGate;
+use crate::cluster::{RedisBudgetCounter, RedisQuota, SharedRedis};
 use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
 use crate::feishu::{FeishuClient, Upstream};
@@ -27,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::proto::reply_admin_server::ReplyAdminServer;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
 use crate::reload::{Live, ReloadSource};
-use crate::scheduler::{ClusterState, Scheduler, SchedulerConfig};
+use crate::scheduler::{QuotaSource, Scheduler, SchedulerConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -120,15 +121,19 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let store = match &config.cluster {
         Some(c) => {
-            tracing::info!(redis = %crate::cluster::redact_url(&c.redis_url), policy = ?c.on_failure, "cluster mode: quotas shared through Redis");
-            Some(Arc::new(RedisQuota::new(c.clone(), metrics.clone())?))
+            tracing::info!(redis = %crate::config::redact_url(&c.redis_url), policy = ?c.on_failure, "cluster mode: quotas shared through Redis");
+            let redis = Arc::new(SharedRedis::new(c.clone(), metrics.clone())?);
+            Some(Arc::new(RedisQuota::new(redis, metrics.clone())))
         }
         None => None,
     };
-    let budgets = Arc::new(Budgets::new(&config.apps, store.clone(), metrics.clone()));
+    let counter = store.clone().map(|s| {
+        Arc::new(RedisBudgetCounter::new(s)) as Arc<dyn crate::budget::SharedCounter>
+    });
+    let budgets = Arc::new(Budgets::new(&config.apps, counter, metrics.clone()));
     let upstream: Arc<dyn Upstream> = Arc::new(
         FeishuClient::new(&config.feishu, &config.apps, metrics.clone())?
-            .with_budgets(budgets.clone()),
+            .with_meter(budgets.clone()),
     );
     run_with_upstream(
         config,
@@ -181,7 +186,9 @@ pub async fn run_with_upstream(
         SchedulerConfig::from_config(&config),
         upstream.clone(),
         metrics.clone(),
-        store.clone(),
+        store
+            .clone()
+            .map(|s| RedisGate::starter(s, metrics.clone())),
     );
     let mut service = ReplyService::new(
         &config,
@@ -204,7 +211,7 @@ pub async fn run_with_upstream(
                 tracing::warn!("cluster mode keeps jobs in Redis; the data dir is not used");
             }
             Some(Backend::Redis(Arc::new(RedisJobStore::new(
-                redis.clone(),
+                redis.shared().clone(),
                 c.jobs,
             ))))
         }
@@ -475,14 +482,14 @@ fn probe_router(probe: Arc<Probe>) -> Router {
                 if !p.ready.load(Ordering::Acquire) {
                     return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
                 }
-                match p.scheduler.cluster_state() {
-                    ClusterState::Local => (StatusCode::OK, "ready\n"),
-                    ClusterState::Shared => (StatusCode::OK, "ready (quotas shared through redis)\n"),
-                    ClusterState::Fallback => (
+                match p.scheduler.quota_source() {
+                    QuotaSource::Local => (StatusCode::OK, "ready\n"),
+                    QuotaSource::Shared => (StatusCode::OK, "ready (quotas shared through redis)\n"),
+                    QuotaSource::Fallback => (
                         StatusCode::OK,
                         "ready, degraded: redis unavailable, local quotas at this replica's share\n",
                     ),
-                    ClusterState::Holding => (
+                    QuotaSource::Holding => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "not ready: redis unavailable and on_redis_failure = fail_closed\n",
                     ),

@@ -18,7 +18,7 @@ pub type CallerId = usize;
 pub const AUTHORIZATION: &str = "authorization";
 
 /// The name unauthenticated calls are counted under in metrics.
-pub const UNAUTHENTICATED: &str = "unauthenticated";
+pub const UNAUTHENTICATED: &str = crate::metrics::UNAUTHENTICATED_CALLER;
 
 /// Why a call was not authenticated. The messages never quote what the caller sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -212,7 +212,7 @@ impl Authenticator {
 /// A configured caller as [`Authenticator::describe`] shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallerView {
-    /// Its id ([`crate::scheduler::JobSpec::caller`]).
+    /// Its id (the scheduler's `JobSpec::caller`).
     pub id: CallerId,
     pub limits: CallerLimits,
     /// The apps it may use; None: any.

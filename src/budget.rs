@@ -1,9 +1,10 @@
 //! Calendar call budgets (`[apps.NAME.budget]`). Feishu's free edition allows an app 10 000
 //! API calls a month, all APIs together, counted from the 1st in China time; past it the app
 //! cannot send at all. Every call the gateway makes for an app (token, reply, message lookup)
-//! first takes one call from the app's budget: in Redis when the replicas share one (one
-//! script, atomic across replicas), else in this process. A spent budget refuses the call
-//! before it is made, with the time until the period resets.
+//! first takes one call from the app's budget: in a [`SharedCounter`] when the replicas
+//! share one (Redis: `cluster::RedisBudgetCounter`, atomic across replicas), else in this
+//! process. A spent budget refuses the call before it is made, with the time until the
+//! period resets. The Feishu client is charged through [`crate::feishu::CallMeter`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,21 +12,11 @@ use std::time::Duration;
 use jiff::{Span, Timestamp, ToSpan, Zoned};
 use parking_lot::Mutex;
 
-use crate::cluster::{Lane, RedisQuota};
-use crate::config::{AppConfig, BudgetConfig, BudgetPeriod};
-use crate::feishu::{AppIndex, UpstreamError};
-use crate::metrics::Metrics;
+use futures_util::future::BoxFuture;
 
-/// Takes one call if the count is below the limit. KEYS[1] = the app's counter for the period;
-/// ARGV[1] = limit, ARGV[2] = when the key may go (ms since the epoch). Returns {1, used} when
-/// taken, {0, used} when spent.
-const SPEND_LUA: &str = r#"
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-if used >= tonumber(ARGV[1]) then return {0, used} end
-used = redis.call('INCR', KEYS[1])
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-return {1, used}
-"#;
+use crate::config::{AppConfig, BudgetConfig, BudgetPeriod};
+use crate::feishu::{AppIndex, CallMeter, UpstreamError};
+use crate::metrics::Metrics;
 
 /// The period `now` falls in: [start, end) in the budget's time zone.
 pub fn period_of(now: Timestamp, b: &BudgetConfig) -> (Zoned, Zoned) {
@@ -48,6 +39,32 @@ fn period_name(p: BudgetPeriod) -> &'static str {
         BudgetPeriod::Day => "day",
         BudgetPeriod::Month => "month",
     }
+}
+
+/// Where the replicas' shared budget counts live (cluster mode). Counters are named by the
+/// app's Feishu app_id and the start of the period (seconds since the epoch).
+pub trait SharedCounter: Send + Sync {
+    /// Takes one call from the counter if fewer than `limit` were taken; the counter may be
+    /// forgotten after `expire_at_ms` (ms since the epoch). `Some((taken, used))`, or None
+    /// when the store did not answer.
+    fn spend<'a>(
+        &'a self,
+        app_id: &'a str,
+        period_start_s: i64,
+        limit: u64,
+        expire_at_ms: i64,
+    ) -> BoxFuture<'a, Option<(bool, u64)>>;
+
+    /// The counter's value (`Ok(None)`: nothing taken this period; Err: no answer).
+    fn used<'a>(
+        &'a self,
+        app_id: &'a str,
+        period_start_s: i64,
+    ) -> BoxFuture<'a, Result<Option<u64>, ()>>;
+
+    /// Replicas sharing the budgets (each takes its share of what is left while the counter
+    /// does not answer).
+    fn replicas(&self) -> usize;
 }
 
 /// One app's budget and what this process knows of it.
@@ -85,13 +102,17 @@ pub struct BudgetView {
 pub struct Budgets {
     /// By app index; replaced whole by a live reload ([`Budgets::reconfigure`]).
     apps: parking_lot::RwLock<Arc<[Option<Arc<AppBudget>>]>>,
-    redis: Option<Arc<RedisQuota>>,
-    spend: redis::Script,
+    shared: Option<Arc<dyn SharedCounter>>,
     metrics: Arc<Metrics>,
 }
 
 impl Budgets {
-    pub fn new(apps: &[AppConfig], redis: Option<Arc<RedisQuota>>, metrics: Arc<Metrics>) -> Self {
+    /// Budgets counted in `shared` (cluster mode), else in this process.
+    pub fn new(
+        apps: &[AppConfig],
+        shared: Option<Arc<dyn SharedCounter>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let apps = apps
             .iter()
             .map(|a| {
@@ -108,8 +129,7 @@ impl Budgets {
             .collect();
         Self {
             apps: parking_lot::RwLock::new(apps),
-            redis,
-            spend: redis::Script::new(SPEND_LUA),
+            shared,
             metrics,
         }
     }
@@ -209,15 +229,12 @@ impl Budgets {
                 0
             }
         };
-        let used = match &self.redis {
+        let used = match &self.shared {
             None => seen,
-            Some(redis) => {
-                let key = redis.key_name("budget", &format!("{}:{}", b.app_id, start.as_second()));
-                redis
-                    .command_on::<Option<u64>>(Lane::Quota, "budget", redis::cmd("GET").arg(&key))
-                    .await
-                    .map_or(seen, Option::unwrap_or_default)
-            }
+            Some(shared) => shared
+                .used(&b.app_id, start.as_second())
+                .await
+                .map_or(seen, Option::unwrap_or_default),
         };
         Some(BudgetView {
             calls: b.config.calls,
@@ -251,7 +268,7 @@ impl Budgets {
                 }
             }
         };
-        let Some(redis) = &self.redis else {
+        let Some(shared) = &self.shared else {
             // One process: count here.
             let mut state = b.state.lock();
             if state.used >= b.config.calls {
@@ -262,29 +279,28 @@ impl Budgets {
                 .set_app_budget(&b.name, b.config.calls, state.used);
             return Ok(());
         };
-        let key = redis.key_name("budget", &format!("{}:{}", b.app_id, start.as_second()));
-        // The counter outlives its period by a day (then Redis drops it).
+        // The counter outlives its period by a day (then the store drops it).
         let expire_at = end.as_millisecond() + 86_400_000;
-        let mut inv = self.spend.prepare_invoke();
-        inv.key(&key).arg(b.config.calls).arg(expire_at);
-        let answer: Result<Vec<u64>, _> = redis.call_on(Lane::Quota, "budget", inv).await;
+        let answer = shared
+            .spend(&b.app_id, start.as_second(), b.config.calls, expire_at)
+            .await;
         let mut state = b.state.lock();
-        match answer.as_deref() {
-            Ok([taken, used]) => {
-                state.used = *used;
+        match answer {
+            Some((taken, used)) => {
+                state.used = used;
                 state.unshared = 0;
-                self.metrics.set_app_budget(&b.name, b.config.calls, *used);
-                if *taken == 1 {
+                self.metrics.set_app_budget(&b.name, b.config.calls, used);
+                if taken {
                     Ok(())
                 } else {
                     Err(self.refuse(&b, now, end))
                 }
             }
-            _ => {
-                // Redis did not answer: this replica may take its share of what was left at
-                // the last count it saw (the others do the same), never more.
+            None => {
+                // The store did not answer: this replica may take its share of what was left
+                // at the last count it saw (the others do the same), never more.
                 let left = b.config.calls.saturating_sub(state.used);
-                let share = left / u64::try_from(redis.replicas().max(1)).unwrap_or(1);
+                let share = left / u64::try_from(shared.replicas().max(1)).unwrap_or(1);
                 if state.unshared >= share {
                     return Err(self.refuse(&b, now, end));
                 }
@@ -292,6 +308,12 @@ impl Budgets {
                 Ok(())
             }
         }
+    }
+}
+
+impl CallMeter for Budgets {
+    fn charge(&self, app: AppIndex) -> BoxFuture<'_, Result<(), UpstreamError>> {
+        Box::pin(self.spend(app))
     }
 }
 

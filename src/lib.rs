@@ -86,6 +86,7 @@ pub mod jobs;
 pub mod listen;
 pub mod metrics;
 pub mod quota;
+pub mod redis_conn;
 pub mod reload;
 pub mod reply;
 pub mod scheduler;

@@ -36,7 +36,7 @@ use crate::scheduler::reconfigure::Reconfigure;
 /// symlink swap: several events each).
 const SETTLE: Duration = Duration::from_millis(200);
 
-/// How [`crate::app::run`] reloads: where the configuration comes from and what triggers it.
+/// How the gateway (`app::run`) reloads: where the configuration comes from and what triggers it.
 pub struct ReloadSource {
     /// Reads the configuration again (the same file, environment and flags as at start).
     pub load: Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>,

@@ -339,7 +339,8 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
 
 #[tokio::test]
 async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
-    use feishu_reply_gateway::cluster::{ClusterConfig, RedisFailurePolicy, RedisMode, RedisQuota};
+    use feishu_reply_gateway::config::{ClusterConfig, RedisFailurePolicy, RedisMode};
+    use feishu_reply_gateway::redis_conn::SharedRedis;
     use feishu_reply_gateway::jobs::redis::{RedisJobStore, RedisJobsConfig, Submitted};
     use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply};
     let (url, _redis) = shared_redis();
@@ -357,7 +358,7 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
         };
         let metrics = std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new());
         RedisJobStore::new(
-            std::sync::Arc::new(RedisQuota::new(config, metrics).unwrap()),
+            std::sync::Arc::new(SharedRedis::new(config, metrics).unwrap()),
             config_jobs(),
         )
     };

@@ -1,5 +1,4 @@
-//! The Redis quota gate: the dispatcher's [`QuotaGate`](crate::scheduler::gate::QuotaGate) in
-//! cluster mode. Decisions go to Redis (one script call per send, answered later through a
+//! The Redis quota gate: the dispatcher's [`SharedGate`] in cluster mode. Decisions go to Redis (one script call per send, answered later through a
 //! [`GateEvent`]); chats waiting on one shared key line up behind a probe; when Redis cannot
 //! be reached the failure policy applies (this replica's share of every quota, or hold) until
 //! a heartbeat reaches it again. Its state is published through a `watch` channel.
@@ -17,7 +16,10 @@ use tracing::Instrument;
 use super::{ClusterError, Decision, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaKey, QuotaSpec, QuotaTable};
-use crate::scheduler::gate::{Clock, GateEvent, Grant, Head, Verdict, ask_table};
+use crate::scheduler::gate::{
+    Clock, Decided, GateEvent, GateSetup, Grant, Head, Opaque, QuotaSource, SharedGate,
+    StartSharedGate, Verdict, ask_table,
+};
 
 /// Decisions in flight per line. Measured (tests/cluster.rs, 3 replicas): 1 probe → 1.24 Redis
 /// decisions per send, ~26 s drain; 3 probes → 1.78 per send, ~25 s. One is kept.
@@ -37,19 +39,6 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// Up to this much jitter on a line's reopening, so replicas waiting on one key do not wake in
 /// lockstep (µs).
 const LINE_JITTER_US: u64 = 2_000;
-
-/// Where quota decisions come from (see [`crate::scheduler::Scheduler::cluster_state`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClusterState {
-    /// Single node: local quotas.
-    Local,
-    /// Cluster mode, Redis answering.
-    Shared,
-    /// Redis down: local quotas scaled to this replica's share.
-    Fallback,
-    /// Redis down, policy fail_closed: holding jobs.
-    Holding,
-}
 
 /// The gate's relation to Redis.
 enum Mode {
@@ -80,16 +69,16 @@ impl Line {
     }
 }
 
-/// What happens to a chat after Redis answered a decision for its head job.
-pub enum Decided {
-    /// Recorded: send the head job.
-    Send(Grant),
-    /// Parked in the line of the key that refused; [`RedisGate::pump`] releases it.
-    InLine,
-    /// Ask again at this instant (Redis refused these keys with an error).
-    RetryAt(Instant),
-    /// Ask again now (Redis is off, or the head changed and the grant was given back).
-    AskAgain,
+/// A decision Redis answered, for [`SharedGate::decided`].
+struct Answer {
+    keys: Arc<[SharedKey]>,
+    result: Result<Decision, ClusterError>,
+}
+
+/// A grant Redis recorded: the send's keys and its member in them.
+struct SharedGrant {
+    keys: Arc<[SharedKey]>,
+    member: String,
 }
 
 /// The Redis gate (see the module doc).
@@ -106,26 +95,36 @@ pub struct RedisGate {
     /// How long a grant holds its slots before its answer is settled (the send timeout).
     hold: Duration,
     lines: HashMap<String, Line>,
-    state: watch::Sender<ClusterState>,
+    state: watch::Sender<QuotaSource>,
     events: mpsc::UnboundedSender<GateEvent>,
     metrics: Arc<Metrics>,
     clock: Clock,
 }
 
 impl RedisGate {
+    /// How the scheduler starts a Redis gate on `store`.
+    pub fn starter(store: Arc<RedisQuota>, metrics: Arc<Metrics>) -> StartSharedGate {
+        Box::new(move |setup| {
+            let (gate, state) = Self::start(store, setup, metrics);
+            (Box::new(gate) as Box<dyn SharedGate>, state)
+        })
+    }
+
     /// Starts the heartbeat and the settler; events for the dispatcher go to `events`.
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Arc<RedisQuota>,
-        specs: Vec<QuotaSpec>,
-        kinds: Vec<String>,
-        margin: Duration,
-        hold: Duration,
-        events: mpsc::UnboundedSender<GateEvent>,
+        setup: GateSetup,
         metrics: Arc<Metrics>,
-        clock: Clock,
-    ) -> (Self, watch::Receiver<ClusterState>) {
-        let (state, state_rx) = watch::channel(ClusterState::Shared);
+    ) -> (Self, watch::Receiver<QuotaSource>) {
+        let GateSetup {
+            specs,
+            kinds,
+            margin,
+            hold,
+            events,
+            clock,
+        } = setup;
+        let (state, state_rx) = watch::channel(QuotaSource::Shared);
         metrics.set_redis_state(true, false);
         tokio::spawn(monitor(store.clone(), events.downgrade(), state_rx.clone()));
         tokio::spawn(RedisQuota::run_settler(Arc::downgrade(&store)));
@@ -147,7 +146,7 @@ impl RedisGate {
     }
 
     /// Adds quotas after a live reload changed an app's list (`kinds`: their Redis names).
-    pub fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
+    fn add_specs(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
         self.full_specs.extend_from_slice(specs);
         self.kinds.extend_from_slice(kinds);
         let local = matches!(self.mode, Mode::Down)
@@ -162,21 +161,13 @@ impl RedisGate {
         }
     }
 
-    /// The local table (fallback quotas; admission bounds).
-    pub fn table(&self) -> &QuotaTable {
-        &self.table
-    }
-
-    pub fn table_mut(&mut self) -> &mut QuotaTable {
-        &mut self.table
-    }
-
     fn shared_key(&self, k: &QuotaKey) -> SharedKey {
-        SharedKey {
-            name: self.store.key_name(&self.kinds[k.quota], &k.id),
-            limit: self.full_specs[k.quota].limit.get(),
-            span_us: self.table.span(k.quota),
-        }
+        self.store.shared_key(
+            &self.kinds[k.quota],
+            &k.id,
+            self.full_specs[k.quota].limit.get(),
+            self.table.span(k.quota),
+        )
     }
 
     /// The Redis side of `keys`: named by each quota's kind (never its position in the config,
@@ -186,11 +177,11 @@ impl RedisGate {
     }
 
     /// May `chat`'s head job go now?
-    pub fn ask(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
+    fn ask_head(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
         let Head {
             id: job_id,
             keys,
-            shared_keys: cache,
+            memo,
             span,
         } = head;
         match (&self.mode, self.store.config().on_failure) {
@@ -204,9 +195,17 @@ impl RedisGate {
                 return ask_table(&mut self.table, self.clock, keys, now);
             }
         }
-        let shared = match cache {
-            Some(k) => k.clone(),
-            None => cache.insert(self.shared_keys(keys).into()).clone(),
+        let cached = memo
+            .as_ref()
+            .and_then(|m| m.downcast_ref::<Arc<[SharedKey]>>())
+            .cloned();
+        let shared = match cached {
+            Some(k) => k,
+            None => {
+                let k: Arc<[SharedKey]> = self.shared_keys(keys).into();
+                *memo = Some(Opaque::new(k.clone()));
+                k
+            }
         };
         // Behind a closed line, or another chat is probing it: wait in that line.
         let blocked = shared.iter().find(|k| {
@@ -243,8 +242,10 @@ impl RedisGate {
             let _ = events.send(GateEvent::Decided {
                 chat_id: chat,
                 job_id,
-                keys: shared,
-                result,
+                answer: Opaque::new(Answer {
+                    keys: shared,
+                    result,
+                }),
             });
         });
         Verdict::Asked
@@ -252,11 +253,10 @@ impl RedisGate {
 
     /// Redis answered the decision for `chat`'s job; `head` says whether that job is still the
     /// chat's head (`None`: the chat has no job left).
-    pub fn decided(
+    fn decided_answer(
         &mut self,
         chat: &Arc<str>,
-        keys: Arc<[SharedKey]>,
-        result: Result<Decision, ClusterError>,
+        Answer { keys, result }: Answer,
         head: Option<bool>,
         now: Instant,
     ) -> Decided {
@@ -292,7 +292,7 @@ impl RedisGate {
         }
         match result {
             Ok(Decision::Granted { member }) if head == Some(true) => {
-                Decided::Send(Grant::Shared { keys, member })
+                Decided::Send(Grant::Shared(Opaque::new(SharedGrant { keys, member })))
             }
             // The head changed meanwhile (deadline, cancel) or is gone: nothing is sent for
             // this grant, so give the slot back.
@@ -329,10 +329,9 @@ impl RedisGate {
 
     /// A granted send was answered at `answered`: it counts until then in `counted` (indexes
     /// into `keys`), and not at all in the others (a rate refusal, see the scheduler).
-    pub fn settle_shared(
+    fn settle_grant(
         &self,
-        keys: &[SharedKey],
-        member: String,
+        SharedGrant { keys, member }: SharedGrant,
         counted: &[usize],
         refused: &[usize],
         answered: Instant,
@@ -347,7 +346,7 @@ impl RedisGate {
     }
 
     /// Feishu refused a send for rate on `keys`: every replica backs off for `wait`.
-    pub fn block(&self, keys: &[QuotaKey], wait: Duration) {
+    fn block_keys(&self, keys: &[QuotaKey], wait: Duration) {
         if !matches!(self.mode, Mode::Up) {
             return;
         }
@@ -362,7 +361,7 @@ impl RedisGate {
     }
 
     /// Lines whose time has come: their first waiters may ask (and become the next probes).
-    pub fn pump(&mut self, now: Instant) -> Vec<Arc<str>> {
+    fn pump_lines(&mut self, now: Instant) -> Vec<Arc<str>> {
         let mut release = Vec::new();
         self.lines.retain(|_, line| {
             if line.until > now {
@@ -381,7 +380,7 @@ impl RedisGate {
     }
 
     /// The earliest instant a line needs attention.
-    pub fn next_wake(&self) -> Option<Instant> {
+    fn lines_wake(&self) -> Option<Instant> {
         self.lines
             .values()
             .filter(|l| l.probes.len() < LINE_PROBES && !l.waiters.is_empty())
@@ -391,9 +390,9 @@ impl RedisGate {
 
     fn publish(&self) {
         let state = match (&self.mode, self.store.config().on_failure) {
-            (Mode::Up, _) => ClusterState::Shared,
-            (_, RedisFailurePolicy::FailClosed) => ClusterState::Holding,
-            _ => ClusterState::Fallback,
+            (Mode::Up, _) => QuotaSource::Shared,
+            (_, RedisFailurePolicy::FailClosed) => QuotaSource::Holding,
+            _ => QuotaSource::Fallback,
         };
         self.state.send_replace(state);
         let up = matches!(self.mode, Mode::Up | Mode::Replaying);
@@ -427,7 +426,7 @@ impl RedisGate {
 
     /// The heartbeat reached Redis (`true`) or not. Returns true when the gate is back on
     /// Redis (every waiting chat should ask again).
-    pub fn health(&mut self, up: bool) -> bool {
+    fn heartbeat(&mut self, up: bool) -> bool {
         match (&self.mode, up) {
             (Mode::Up, false) => {
                 self.down("heartbeat failed");
@@ -467,7 +466,7 @@ impl RedisGate {
 
     /// The local sends were written back to Redis (or that failed). Returns true when the gate
     /// is back on Redis.
-    pub fn replayed(&mut self, result: Result<(), String>) -> bool {
+    fn replay_done(&mut self, result: Result<(), String>) -> bool {
         if !matches!(self.mode, Mode::Replaying) {
             return false;
         }
@@ -497,17 +496,77 @@ impl RedisGate {
     }
 }
 
+// === impl SharedGate ===
+
+impl SharedGate for RedisGate {
+    fn table(&self) -> &QuotaTable {
+        &self.table
+    }
+
+    fn table_mut(&mut self) -> &mut QuotaTable {
+        &mut self.table
+    }
+
+    fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
+        self.add_specs(specs, kinds);
+    }
+
+    fn ask(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
+        self.ask_head(chat, head, now)
+    }
+
+    fn decided(
+        &mut self,
+        chat: &Arc<str>,
+        answer: Opaque,
+        head: Option<bool>,
+        now: Instant,
+    ) -> Decided {
+        match answer.downcast::<Answer>() {
+            Ok(answer) => self.decided_answer(chat, answer, head, now),
+            // Not one of this gate's answers (cannot happen): ask again.
+            Err(_) => Decided::AskAgain,
+        }
+    }
+
+    fn settle(&self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant) {
+        if let Ok(grant) = grant.downcast::<SharedGrant>() {
+            self.settle_grant(grant, counted, refused, answered);
+        }
+    }
+
+    fn block(&self, keys: &[QuotaKey], wait: Duration) {
+        self.block_keys(keys, wait);
+    }
+
+    fn pump(&mut self, now: Instant) -> Vec<Arc<str>> {
+        self.pump_lines(now)
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        self.lines_wake()
+    }
+
+    fn health(&mut self, up: bool) -> bool {
+        self.heartbeat(up)
+    }
+
+    fn replayed(&mut self, result: Result<(), String>) -> bool {
+        self.replay_done(result)
+    }
+}
+
 /// Heartbeat: tells the dispatcher whether Redis answers. Every second while the gate uses
 /// Redis; every `HOLD_RECHECK` while it does not — whichever noticed the trouble (a failed
 /// decision or a failed heartbeat), so a failed decision alone cannot leave it off Redis.
 async fn monitor(
     store: Arc<RedisQuota>,
     events: mpsc::WeakUnboundedSender<GateEvent>,
-    state: watch::Receiver<ClusterState>,
+    state: watch::Receiver<QuotaSource>,
 ) {
     loop {
         let ok = store.beat().await.is_ok();
-        let shared = *state.borrow() == ClusterState::Shared;
+        let shared = *state.borrow() == QuotaSource::Shared;
         let Some(events) = events.upgrade() else {
             return;
         };

@@ -13,8 +13,7 @@
 //! below what one Redis shard serves, and the chat quota must be shared by all apps, so no
 //! finer tag (e.g. per app) is possible.
 //!
-//! Connections (`cluster::conn`): a single endpoint or a Redis Cluster, TLS for `rediss://`
-//! (system roots, or the `redis_ca_file` PEM), one per [`Lane`].
+//! Connections: [`crate::redis_conn`] (shared with the job store).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -24,14 +23,15 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+pub use crate::config::{ClusterConfig, RedisFailurePolicy, RedisMode, redact_url};
 use crate::metrics::Metrics;
 
-mod conn;
+mod budget;
 pub mod gate;
 mod scripts;
 
-use conn::Connections;
-pub use conn::Lane;
+pub use crate::redis_conn::{ClusterError, Lane, SharedRedis};
+pub use budget::RedisBudgetCounter;
 
 use crate::quota::micros;
 use scripts::{
@@ -55,114 +55,6 @@ struct Settle {
     answered: Instant,
 }
 
-/// What to do while Redis does not answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RedisFailurePolicy {
-    /// Keep sending with local quotas scaled to this replica's share (limit ÷ replicas).
-    Local,
-    /// Hold jobs until Redis is back (or their deadline passes).
-    FailClosed,
-}
-
-/// How `redis_url` is spoken to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum RedisMode {
-    /// One endpoint: a standalone Redis, a primary behind a stable name, or a cluster proxy.
-    #[default]
-    Standalone,
-    /// Redis Cluster protocol (slot map, MOVED/ASK redirects); `redis_url` lists one or more
-    /// seed nodes separated by commas.
-    Cluster,
-}
-
-/// `[cluster]` settings (Debug hides the Redis password).
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClusterConfig {
-    /// `redis://` or `rediss://` (TLS; server certificate checked against the system roots,
-    /// or `redis_ca_pem`).
-    pub redis_url: String,
-    pub redis_mode: RedisMode,
-    /// PEM root certificate(s) to trust instead of the system roots (a private CA).
-    pub redis_ca_pem: Option<Vec<u8>>,
-    pub key_prefix: String,
-    /// Timeout of every Redis call: an outage costs a request at most this much.
-    pub redis_timeout: Duration,
-    pub on_failure: RedisFailurePolicy,
-    /// Replicas assumed for the local share until the heartbeat has observed the real count.
-    pub replicas: usize,
-    /// The async job store in Redis: lease, `WAIT`.
-    pub jobs: crate::jobs::RedisJobsConfig,
-}
-
-impl std::fmt::Debug for ClusterConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Self {
-            redis_url,
-            redis_mode,
-            redis_ca_pem,
-            key_prefix,
-            redis_timeout,
-            on_failure,
-            replicas,
-            jobs,
-        } = self;
-        f.debug_struct("ClusterConfig")
-            .field("redis_url", &redact_url(redis_url))
-            .field("redis_mode", redis_mode)
-            .field("redis_ca_pem", &redis_ca_pem.as_ref().map(Vec::len))
-            .field("key_prefix", key_prefix)
-            .field("redis_timeout", redis_timeout)
-            .field("on_failure", on_failure)
-            .field("replicas", replicas)
-            .field("jobs", jobs)
-            .finish()
-    }
-}
-
-/// `url` with its credentials replaced by `***`, for each URL of a comma-separated list.
-pub fn redact_url(url: &str) -> String {
-    let one = |u: &str| match (u.find("://"), u.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &u[..scheme], &u[at..]),
-        _ => u.to_owned(),
-    };
-    url.split(',')
-        .map(|u| one(u.trim()))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("redis answered something unexpected: {0}")]
-    Protocol(String),
-}
-
-impl ClusterError {
-    /// Redis could not be reached or did not answer in time (as opposed to an error it
-    /// answered about the keys of one call: a wrong type, a script error, a bad value).
-    pub fn is_outage(&self) -> bool {
-        match self {
-            ClusterError::Timeout(_) => true,
-            ClusterError::Protocol(_) => false,
-            // ERR (a script error such as WRONGTYPE on one key), an unknown error code, an
-            // answer of the wrong shape: about this call's data. Everything else (I/O,
-            // LOADING, READONLY, MOVED to a node we cannot use, auth, …): Redis is not usable.
-            ClusterError::Redis(e) => !matches!(
-                e.kind(),
-                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
-                    | redis::ErrorKind::Extension
-                    | redis::ErrorKind::UnexpectedReturnType
-            ),
-        }
-    }
-}
-
 /// What Redis decided for one send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -182,8 +74,7 @@ pub struct SharedKey {
 
 /// The shared quota store.
 pub struct RedisQuota {
-    conns: Connections,
-    config: ClusterConfig,
+    redis: Arc<SharedRedis>,
     decide: redis::Script,
     replay: redis::Script,
     heartbeat: redis::Script,
@@ -204,10 +95,9 @@ pub struct RedisQuota {
 }
 
 impl RedisQuota {
-    /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
-    pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
-        Ok(Self {
-            conns: Connections::new(&config, metrics.clone())?,
+    /// The quota store on `redis` (connections made on first use).
+    pub fn new(redis: Arc<SharedRedis>, metrics: Arc<Metrics>) -> Self {
+        Self {
             decide: redis::Script::new(DECIDE_LUA),
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
@@ -220,25 +110,39 @@ impl RedisQuota {
             replica_id: uuid::Uuid::new_v4().simple().to_string(),
             observed_replicas: AtomicUsize::new(0),
             next_member: AtomicU64::new(0),
-            config,
+            redis,
             metrics,
-        })
+        }
     }
 
     pub fn config(&self) -> &ClusterConfig {
-        &self.config
+        self.redis.config()
+    }
+
+    /// The connections this store uses.
+    pub fn shared(&self) -> &Arc<SharedRedis> {
+        &self.redis
     }
 
     /// Redis key of a quota of `kind` (`chat`, `user`, `app:<window>ms`) and id `id` (one hash
     /// tag for all: see the module doc).
     pub fn key_name(&self, kind: &str, id: &str) -> String {
-        format!("{{{}}}:{kind}:{id}", self.config.key_prefix)
+        format!("{{{}}}:{kind}:{id}", self.config().key_prefix)
+    }
+
+    /// One key of a decision: quota `kind` of `id`, its limit and span (window + margin, µs).
+    pub fn shared_key(&self, kind: &str, id: &str, limit: u32, span_us: u64) -> SharedKey {
+        SharedKey {
+            name: self.key_name(kind, id),
+            limit,
+            span_us,
+        }
     }
 
     /// Replicas to share the quotas with in local fallback: the observed count, else configured.
     pub fn replicas(&self) -> usize {
         match self.observed_replicas.load(Ordering::Relaxed) {
-            0 => self.config.replicas.max(1),
+            0 => self.config().replicas.max(1),
             n => n,
         }
     }
@@ -249,27 +153,7 @@ impl RedisQuota {
         op: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        self.conns.call_on(Lane::Quota, op, inv).await
-    }
-
-    /// [`Self::call`] on the connection of `lane` (the job store and budgets use this one).
-    pub(crate) async fn call_on<T: redis::FromRedisValue>(
-        &self,
-        lane: Lane,
-        op: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<T, ClusterError> {
-        self.conns.call_on(lane, op, inv).await
-    }
-
-    /// One plain command (e.g. `WAIT`) like [`Self::call_on`].
-    pub(crate) async fn command_on<T: redis::FromRedisValue>(
-        &self,
-        lane: Lane,
-        op: &'static str,
-        cmd: &redis::Cmd,
-    ) -> Result<T, ClusterError> {
-        self.conns.command_on(lane, op, cmd).await
+        self.redis.call_on(Lane::Quota, op, inv).await
     }
 
     /// One atomic decision for all `keys` (one round trip). A grant holds its slots for
@@ -492,7 +376,7 @@ impl RedisQuota {
     /// Announces this replica and learns how many are alive.
     pub async fn beat(&self) -> Result<usize, ClusterError> {
         let mut inv = self.heartbeat.prepare_invoke();
-        inv.key(format!("{{{}}}:replicas", self.config.key_prefix))
+        inv.key(format!("{{{}}}:replicas", self.config().key_prefix))
             .arg(&self.replica_id);
         let n: i64 = self.call("heartbeat", inv).await?;
         let n = usize::try_from(n.max(1)).unwrap_or(1);

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::cluster::RedisMode;
+use super::cluster::RedisMode;
 
 /// Flags and environment overrides of `serve` (env wins over the file, flags win over env).
 #[derive(Debug, Clone, Default, clap::Args)]

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::FEISHU_BASE_URL;
 use super::auth;
-use crate::cluster::{RedisFailurePolicy, RedisMode};
+use super::cluster::{RedisFailurePolicy, RedisMode};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

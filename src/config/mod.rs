@@ -6,12 +6,12 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::cluster::{ClusterConfig, RedisMode};
 use crate::quota::QuotaSpec;
 
 mod apps;
 mod args;
 mod auth;
+mod cluster;
 mod error;
 mod file;
 pub mod live;
@@ -22,6 +22,7 @@ pub use auth::{
     ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerConfig, CallerLimits, TlsConfig,
     token_hash,
 };
+pub use cluster::{ClusterConfig, RedisFailurePolicy, RedisJobsConfig, RedisMode, redact_url};
 pub use error::ConfigError;
 use error::parse_error;
 use file::{FileConfig, FileQuota};
@@ -358,86 +359,7 @@ impl Config {
             },
         })?;
 
-        let cluster = match redis_url.clone().or(cluster.redis_url.clone()) {
-            None => None,
-            Some(url) => {
-                let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
-                if nodes
-                    .iter()
-                    .any(|n| !(n.starts_with("redis://") || n.starts_with("rediss://")))
-                {
-                    return Err(invalid(
-                        "cluster.redis_url must start with redis:// or rediss://".into(),
-                    ));
-                }
-                if nodes.len() > 1 && cluster.redis_mode == RedisMode::Standalone {
-                    return Err(invalid(
-                        "cluster.redis_url lists several nodes: set redis_mode = \"cluster\" (Redis Cluster seed nodes)".into(),
-                    ));
-                }
-                let tls = nodes[0].starts_with("rediss://");
-                if nodes.iter().any(|n| n.starts_with("rediss://") != tls) {
-                    return Err(invalid(
-                        "cluster.redis_url mixes redis:// and rediss:// nodes".into(),
-                    ));
-                }
-                if cluster.redis_timeout_ms == 0 || cluster.replicas == 0 {
-                    return Err(invalid(
-                        "cluster.redis_timeout_ms and cluster.replicas must be > 0".into(),
-                    ));
-                }
-                if cluster.job_lease_ms < 1000
-                    || cluster.job_lease_ms < 4 * cluster.redis_timeout_ms
-                {
-                    return Err(invalid(
-                        "cluster.job_lease_ms must be at least 1000 and 4 x redis_timeout_ms (a lease is renewed every quarter of it)".into(),
-                    ));
-                }
-                if cluster.jobs_wait_replicas > 0 && cluster.redis_mode == RedisMode::Cluster {
-                    return Err(invalid(
-                        "cluster.jobs_wait_replicas needs redis_mode = \"standalone\" (WAIT must reach the primary that took the write)".into(),
-                    ));
-                }
-                if cluster.key_prefix.is_empty() || cluster.key_prefix.contains(['{', '}']) {
-                    return Err(invalid(
-                        "cluster.key_prefix must be non-empty and free of '{' '}'".into(),
-                    ));
-                }
-                let redis_ca_pem = match &cluster.redis_ca_file {
-                    None => None,
-                    Some(_) if !tls => {
-                        return Err(invalid(
-                            "cluster.redis_ca_file is for TLS: use a rediss:// redis_url".into(),
-                        ));
-                    }
-                    Some(path) => {
-                        let pem = std::fs::read(path).map_err(|e| {
-                            invalid(format!("cluster.redis_ca_file {}: {e}", path.display()))
-                        })?;
-                        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-                            return Err(invalid(format!(
-                                "cluster.redis_ca_file {}: no PEM certificate in it",
-                                path.display()
-                            )));
-                        }
-                        Some(pem)
-                    }
-                };
-                Some(ClusterConfig {
-                    redis_url: url,
-                    redis_mode: cluster.redis_mode,
-                    redis_ca_pem,
-                    key_prefix: cluster.key_prefix,
-                    redis_timeout: Duration::from_millis(cluster.redis_timeout_ms),
-                    on_failure: cluster.on_redis_failure,
-                    replicas: cluster.replicas,
-                    jobs: crate::jobs::RedisJobsConfig {
-                        lease: Duration::from_millis(cluster.job_lease_ms),
-                        wait_replicas: cluster.jobs_wait_replicas,
-                    },
-                })
-            }
-        };
+        let cluster = cluster::build(cluster, redis_url.clone())?;
 
         Ok(Config {
             grpc_addr: grpc_addr.unwrap_or(server.grpc_addr),
@@ -484,7 +406,6 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::RedisFailurePolicy;
 
     #[test]
     fn defaults_match_feishu_documentation() {

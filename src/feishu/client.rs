@@ -10,7 +10,7 @@ use tracing::Instrument;
 
 use super::answer::{Envelope, parse_envelope, reply_from, token_from};
 use super::token::{FetchedToken, TokenCache};
-use super::{AppIndex, BoxFuture, SendRequest, SentMessage, Upstream, UpstreamError};
+use super::{AppIndex, BoxFuture, CallMeter, SendRequest, SentMessage, Upstream, UpstreamError};
 use crate::config::{AppConfig, FeishuConfig};
 use crate::metrics::Metrics;
 
@@ -29,8 +29,8 @@ pub struct FeishuClient {
     apps: parking_lot::RwLock<Arc<[Arc<App>]>>,
     token_refresh_before: Duration,
     metrics: Arc<Metrics>,
-    /// Each call takes one from its app's budget first (`[apps.NAME.budget]`).
-    budgets: Option<Arc<crate::budget::Budgets>>,
+    /// Charged before each call (the apps' budgets, `[apps.NAME.budget]`).
+    meter: Option<Arc<dyn CallMeter>>,
 }
 
 impl FeishuClient {
@@ -64,20 +64,20 @@ impl FeishuClient {
             ),
             token_refresh_before: cfg.token_refresh_before,
             metrics,
-            budgets: None,
+            meter: None,
         })
     }
 
-    /// Counts every call against the apps' budgets, refusing those past them.
-    pub fn with_budgets(mut self, budgets: Arc<crate::budget::Budgets>) -> Self {
-        self.budgets = Some(budgets);
+    /// Charges every call to `meter` first (the apps' budgets), refusing those it refuses.
+    pub fn with_meter(mut self, meter: Arc<dyn CallMeter>) -> Self {
+        self.meter = Some(meter);
         self
     }
 
-    /// Takes one call from `app`'s budget (Err: spent, the call is not made).
+    /// Charges one call of `app` (Err: refused, the call is not made).
     async fn spend(&self, app: AppIndex) -> Result<(), UpstreamError> {
-        match &self.budgets {
-            Some(b) => b.spend(app).await,
+        match &self.meter {
+            Some(m) => m.charge(app).await,
             None => Ok(()),
         }
     }

@@ -175,6 +175,18 @@ impl UpstreamError {
 mod tests {
     use super::*;
 
+    #[test]
+    fn retry_reasons_are_the_labels_the_metrics_pre_create() {
+        let all: Vec<&str> = RetryReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(all, crate::metrics::RETRY_REASONS);
+        let rate: Vec<&str> = RetryReason::ALL
+            .iter()
+            .filter(|r| r.is_rate_rejection())
+            .map(|r| r.as_str())
+            .collect();
+        assert_eq!(rate, crate::metrics::RATE_REJECTION_REASONS);
+    }
+
     fn feishu(http: u16, code: i64) -> UpstreamError {
         UpstreamError::Feishu {
             http,

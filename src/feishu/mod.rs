@@ -47,6 +47,13 @@ pub struct SentMessage {
     pub log_id: String,
 }
 
+/// Charged before every call the client makes for an app (token, reply, lookup); an error
+/// refuses the call before it is made. The domain's call budgets implement it
+/// (`budget::Budgets`), so this module knows no budget.
+pub trait CallMeter: Send + Sync {
+    fn charge(&self, app: AppIndex) -> BoxFuture<'_, Result<(), UpstreamError>>;
+}
+
 /// The upstream the scheduler sends through: real Feishu or a stand-in.
 pub trait Upstream: Send + Sync + 'static {
     /// POST one reply (token handling included). Errors are classified by [`UpstreamError`].

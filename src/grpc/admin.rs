@@ -28,14 +28,10 @@ fn gone() -> GatewayError {
 }
 
 impl ReplyService {
-    /// `quotas` as the API shows them, with Redis's shared counts for `shared` in cluster mode
-    /// (when it answers), and where the counts came from.
-    async fn counted(
-        &self,
-        quotas: &[snapshot::QuotaState],
-        shared: Option<&[crate::cluster::SharedKey]>,
-    ) -> (Vec<QuotaState>, &'static str) {
-        let mut quotas: Vec<QuotaState> = quotas
+    /// `quotas` as the API shows them, with Redis's shared counts in cluster mode (when it
+    /// answers), and where the counts came from.
+    async fn counted(&self, local: &[snapshot::QuotaState]) -> (Vec<QuotaState>, &'static str) {
+        let mut quotas: Vec<QuotaState> = local
             .iter()
             .map(|q| QuotaState {
                 kind: q.kind.clone(),
@@ -46,8 +42,12 @@ impl ReplyService {
                 frees_in_ms: ms(q.frees_in),
             })
             .collect();
-        if let (Some(keys), Some(redis)) = (shared, &self.redis) {
-            match redis.inspect(keys).await {
+        if let Some(redis) = &self.redis {
+            let keys: Vec<_> = local
+                .iter()
+                .map(|q| redis.shared_key(&q.kind, &q.id, q.limit, q.span_us))
+                .collect();
+            match redis.inspect(&keys).await {
                 Ok(counts) => {
                     for (q, (used, frees_in)) in quotas.iter_mut().zip(counts) {
                         q.used = used;
@@ -77,7 +77,7 @@ impl ReplyService {
             .inspect_app(app, a.app_id.as_str().into())
             .await
             .ok_or_else(gone)?;
-        let (quotas, source) = self.counted(&snap.quotas, snap.shared.as_deref()).await;
+        let (quotas, source) = self.counted(&snap.quotas).await;
         let budget = match &self.budgets {
             Some(b) => b.view(app).await.map(|v| Budget {
                 calls: v.calls,
@@ -131,7 +131,7 @@ impl ReplyService {
         }
         let chat: Arc<str> = chat_id.into();
         let snap: ChatSnapshot = self.scheduler.inspect_chat(chat).await.ok_or_else(gone)?;
-        let (quotas, source) = self.counted(&snap.quotas, snap.shared.as_deref()).await;
+        let (quotas, source) = self.counted(&snap.quotas).await;
         let held = quotas
             .iter()
             .filter(|q| q.frees_in_ms > 0)

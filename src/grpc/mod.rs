@@ -325,7 +325,7 @@ impl ReplyService {
         };
         let spec = JobSpec {
             caller: caller.id,
-            intake,
+            intake: intake.map(|i| i as Arc<dyn std::any::Any + Send + Sync>),
             on_send: None,
             app,
             app_name: a.name.as_str().into(),

@@ -17,7 +17,8 @@ use super::redis_scripts::{
     UPDATE_LUA,
 };
 use super::store::StoreError;
-use crate::cluster::{ClusterError, Lane, RedisQuota};
+use crate::redis_conn::{ClusterError, Lane, SharedRedis};
+pub use crate::config::RedisJobsConfig;
 
 /// How a submit went.
 #[derive(Debug)]
@@ -37,17 +38,8 @@ pub struct Polled {
     pub cancels: Vec<u64>,
 }
 
-/// Settings of the cluster job store (`[cluster]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RedisJobsConfig {
-    /// A replica not renewing its lease for this long loses its jobs to another one.
-    pub lease: Duration,
-    /// Replicas that must have a submit (`WAIT`) before it is answered; 0 = none.
-    pub wait_replicas: u32,
-}
-
 pub struct RedisJobStore {
-    redis: Arc<RedisQuota>,
+    redis: Arc<SharedRedis>,
     base: String,
     seq_key: String,
     replica: String,
@@ -114,7 +106,7 @@ fn pairs(values: &[Value], what: &str) -> Result<Vec<JobRecord>, StoreError> {
 impl RedisJobStore {
     /// The store on `redis` (its connection is shared with the quota store), under the
     /// configured key prefix.
-    pub fn new(redis: Arc<RedisQuota>, config: RedisJobsConfig) -> Self {
+    pub fn new(redis: Arc<SharedRedis>, config: RedisJobsConfig) -> Self {
         let base = format!("{{{}:jobs}}", redis.config().key_prefix);
         Self {
             seq_key: format!("{base}:seq"),

@@ -3,6 +3,23 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 
+/// `reason` values of `feishu_reply_retries_total` (the upstream's retry reasons, each
+/// pre-created so it reads 0 before its first retry).
+pub const RETRY_REASONS: [&str; 5] = [
+    "rate_limited_230020",
+    "being_sent_230049",
+    "frequency_limit_429",
+    "server_error_5xx",
+    "network",
+];
+
+/// The retry reasons that are rate rejections (`feishu_reply_upstream_rate_rejections_total`,
+/// pre-created per app for the alerts).
+pub const RATE_REJECTION_REASONS: [&str; 2] = ["rate_limited_230020", "frequency_limit_429"];
+
+/// The `caller` label of calls whose caller could not be authenticated.
+pub const UNAUTHENTICATED_CALLER: &str = "unauthenticated";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub app: String,

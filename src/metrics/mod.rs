@@ -11,15 +11,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::Registry;
 
-use crate::feishu::RetryReason;
-
 mod labels;
 
 use labels::{
     AppLabel, CallerLabel, CallerOutcomeLabels, OutcomeLabel, PortReasonLabels, ReasonLabel,
     RedisCallLabels, RejectionLabels,
 };
-pub use labels::{METRIC_NAMES, RequestLabels, TraceLabel};
+pub use labels::{
+    METRIC_NAMES, RATE_REJECTION_REASONS, RETRY_REASONS, RequestLabels, TraceLabel,
+    UNAUTHENTICATED_CALLER,
+};
 
 /// Every metric, registered once.
 pub struct Metrics {
@@ -314,11 +315,11 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason });
         }
         let _ = m.caller_requests.get_or_create(&CallerOutcomeLabels {
-            caller: crate::auth::UNAUTHENTICATED.to_owned(),
+            caller: UNAUTHENTICATED_CALLER.to_owned(),
             outcome: "unauthenticated",
         });
-        for r in RetryReason::ALL {
-            let _ = m.retries.get_or_create(&ReasonLabel { reason: r.as_str() });
+        for reason in RETRY_REASONS {
+            let _ = m.retries.get_or_create(&ReasonLabel { reason });
         }
         for op in [
             "decide",
@@ -342,13 +343,10 @@ impl Metrics {
 
     /// Pre-creates an app's alerting series (rate rejections read 0, not "no data").
     pub fn init_app(&self, app: &str) {
-        for reason in RetryReason::ALL
-            .into_iter()
-            .filter(|r| r.is_rate_rejection())
-        {
+        for reason in RATE_REJECTION_REASONS {
             let _ = self.rate_rejections.get_or_create(&RejectionLabels {
                 app: app.to_owned(),
-                reason: reason.as_str(),
+                reason,
             });
         }
     }
@@ -403,12 +401,9 @@ impl Metrics {
         self.in_flight.inc_by(delta);
     }
 
-    pub fn retry(&self, reason: RetryReason) {
-        self.retries
-            .get_or_create(&ReasonLabel {
-                reason: reason.as_str(),
-            })
-            .inc();
+    /// One retry, by its reason (one of [`RETRY_REASONS`]).
+    pub fn retry(&self, reason: &'static str) {
+        self.retries.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn token_refresh(&self, outcome: &'static str) {
@@ -417,11 +412,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn rate_rejection(&self, app: &str, reason: RetryReason) {
+    /// Feishu refused one of `app`'s sends for rate (`reason`: one of
+    /// [`RATE_REJECTION_REASONS`]).
+    pub fn rate_rejection(&self, app: &str, reason: &'static str) {
         self.rate_rejections
             .get_or_create(&RejectionLabels {
                 app: app.to_owned(),
-                reason: reason.as_str(),
+                reason,
             })
             .inc();
     }
@@ -568,7 +565,7 @@ mod tests {
             Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         );
         m.token_refresh("ok");
-        m.rate_rejection("default", RetryReason::RateLimited);
+        m.rate_rejection("default", "rate_limited_230020");
         m.chat_lookup("hit");
         m.set_app_budget("default", 10, 1);
         let text = m.encode();

@@ -1,16 +1,57 @@
 //! The quota seam: before sending a chat's head job the dispatcher asks a [`QuotaGate`], and
 //! it tells the gate how each send ended. Single node: the local [`QuotaTable`]. Cluster mode:
-//! the Redis gate ([`crate::cluster::gate::RedisGate`]), which owns its failure policy and
-//! answers some questions later, through a [`GateEvent`].
+//! a [`SharedGate`] (quotas the replicas share; `app.rs` wires Redis's), which owns its
+//! failure policy and answers some questions later, through a [`GateEvent`]. What a shared
+//! gate needs to remember about a job, a grant or an answer travels as an [`Opaque`] value
+//! the dispatcher only hands back: nothing here knows how the shared quotas are stored.
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::cluster::gate::RedisGate;
-use crate::cluster::{ClusterError, Decision, SharedKey};
 use crate::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable, micros};
+
+/// A value a shared gate gives the dispatcher to hand back later, unopened (a job's shared
+/// key names, a grant, a decision's answer).
+pub struct Opaque(Box<dyn Any + Send>);
+
+impl Opaque {
+    pub fn new<T: Any + Send>(value: T) -> Self {
+        Self(Box::new(value))
+    }
+
+    /// The value, if it is a `T`.
+    pub fn downcast_ref<T: Any>(&self) -> Option<&T> {
+        self.0.downcast_ref()
+    }
+
+    /// The value, if it is a `T` (else the same `Opaque` back).
+    pub fn downcast<T: Any>(self) -> Result<T, Self> {
+        self.0.downcast().map(|b| *b).map_err(Self)
+    }
+}
+
+impl std::fmt::Debug for Opaque {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opaque")
+    }
+}
+
+/// Where quota decisions come from (see [`super::Scheduler::quota_source`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaSource {
+    /// Single node: local quotas.
+    Local,
+    /// Cluster mode, the shared store answering.
+    Shared,
+    /// The shared store is down: local quotas scaled to this replica's share.
+    Fallback,
+    /// The shared store is down, policy fail_closed: holding jobs.
+    Holding,
+}
 
 /// Quota instants start this far from zero, so "a window before now" is representable from
 /// the first moment (quota arithmetic saturates at zero).
@@ -39,15 +80,12 @@ impl Clock {
 }
 
 /// A send the quotas recorded; settled when its answer comes back.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Grant {
     /// In the local table, decided at this instant.
     Local { decided: Micros },
-    /// In Redis, under `member` in every key.
-    Shared {
-        keys: Arc<[SharedKey]>,
-        member: String,
-    },
+    /// In the shared gate's store (what it needs to settle it).
+    Shared(Opaque),
 }
 
 /// What the gate says about a chat's head job.
@@ -56,38 +94,106 @@ pub enum Verdict {
     Send(Grant),
     /// Not before this instant: ask again then.
     WaitUntil(Instant),
-    /// Redis was asked; the answer comes as [`GateEvent::Decided`] (the chat waits, busy).
+    /// The shared store was asked; the answer comes as [`GateEvent::Decided`] (the chat
+    /// waits, busy).
     Asked,
     /// Parked in a line behind a shared key; the gate's `pump` releases it.
     InLine,
 }
 
-/// What the Redis gate's tasks report to the dispatcher.
+/// What a shared gate's tasks report to the dispatcher.
 pub enum GateEvent {
-    /// Redis answered a decision for the head job `job_id` of `chat_id`.
+    /// The shared store answered a decision for the head job `job_id` of `chat_id`
+    /// (`answer`: for [`SharedGate::decided`]).
     Decided {
         chat_id: Arc<str>,
         job_id: u64,
-        keys: Arc<[SharedKey]>,
-        result: Result<Decision, ClusterError>,
+        answer: Opaque,
     },
-    /// The heartbeat reached Redis (true) or not (false).
+    /// The heartbeat reached the shared store (true) or not (false).
     Health(bool),
-    /// Local sends were written back to Redis after an outage (or that failed).
+    /// Local sends were written back to the shared store after an outage (or that failed).
     Replayed(Result<(), String>),
 }
+
+/// What happens to a chat after the shared store answered a decision for its head job.
+pub enum Decided {
+    /// Recorded: send the head job.
+    Send(Grant),
+    /// Parked in the line of the key that refused; [`SharedGate::pump`] releases it.
+    InLine,
+    /// Ask again at this instant (the store refused these keys with an error).
+    RetryAt(Instant),
+    /// Ask again now (the store is off, or the head changed and the grant was given back).
+    AskAgain,
+}
+
+/// Quotas the replicas share (cluster mode). Keeps a local [`QuotaTable`] for its fallback
+/// and for admission's bounds.
+pub trait SharedGate: Send {
+    /// The local table (fallback quotas; admission bounds).
+    fn table(&self) -> &QuotaTable;
+    fn table_mut(&mut self) -> &mut QuotaTable;
+    /// Adds quotas after a live reload changed an app's list (`kinds`: their names).
+    fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]);
+    /// May `chat`'s head job go now?
+    fn ask(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict;
+    /// The store answered the decision for `chat`'s job; `head` says whether that job is
+    /// still the chat's head (`None`: the chat has no job left).
+    fn decided(
+        &mut self,
+        chat: &Arc<str>,
+        answer: Opaque,
+        head: Option<bool>,
+        now: Instant,
+    ) -> Decided;
+    /// The send granted by `grant` was answered at `answered`: it counts until then in the
+    /// keys `counted` (indexes into the job's keys), and not at all in `refused`.
+    fn settle(&self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant);
+    /// Feishu refused a send for rate on `keys`: every replica backs off for `wait`.
+    fn block(&self, keys: &[QuotaKey], wait: Duration);
+    /// Chats released from lines that may ask now.
+    fn pump(&mut self, now: Instant) -> Vec<Arc<str>>;
+    /// The earliest instant a line needs attention.
+    fn next_wake(&self) -> Option<Instant>;
+    /// The heartbeat reached the store (`true`) or not. True when the gate is back on the
+    /// store (every waiting chat should ask again).
+    fn health(&mut self, up: bool) -> bool;
+    /// The local sends were written back (or that failed). True when the gate is back on
+    /// the store.
+    fn replayed(&mut self, result: Result<(), String>) -> bool;
+}
+
+/// What a shared gate is started with (by the dispatcher, which owns the events channel and
+/// the clock).
+pub struct GateSetup {
+    /// Every quota's spec, by quota id.
+    pub specs: Vec<QuotaSpec>,
+    /// Every quota's kind (`chat`, `user`, `app:<window>ms`), by quota id.
+    pub kinds: Vec<String>,
+    pub margin: Duration,
+    /// How long a grant holds its slots before its answer is settled (the send timeout).
+    pub hold: Duration,
+    pub events: mpsc::UnboundedSender<GateEvent>,
+    pub clock: Clock,
+}
+
+/// Starts a shared gate (wired by `app.rs`); with it, the gate's published
+/// [`QuotaSource`].
+pub type StartSharedGate =
+    Box<dyn FnOnce(GateSetup) -> (Box<dyn SharedGate>, watch::Receiver<QuotaSource>) + Send>;
 
 /// The head job a gate is asked about.
 pub struct Head<'a> {
     pub id: u64,
     pub keys: &'a [QuotaKey],
-    /// Cluster mode: its Redis key names, built on the first ask and kept for the next.
-    pub shared_keys: &'a mut Option<Arc<[SharedKey]>>,
-    /// The job's span: a Redis decision is a `redis.decide` span under it.
+    /// Cluster mode: what the shared gate keeps of the job between asks (its key names).
+    pub memo: &'a mut Option<Opaque>,
+    /// The job's span: a shared decision is a span under it.
     pub span: &'a tracing::Span,
 }
 
-/// A decision of a local table (single node, or the Redis gate's fallback).
+/// A decision of a local table (single node, or a shared gate's fallback).
 pub fn ask_table(table: &mut QuotaTable, clock: Clock, keys: &[QuotaKey], now: Instant) -> Verdict {
     let now_m = clock.micros(now);
     match table.try_acquire(keys, now_m) {
@@ -99,7 +205,7 @@ pub fn ask_table(table: &mut QuotaTable, clock: Clock, keys: &[QuotaKey], now: I
 /// The dispatcher's one source of quota decisions.
 pub enum QuotaGate {
     Local(QuotaTable),
-    Redis(Box<RedisGate>),
+    Shared(Box<dyn SharedGate>),
 }
 
 impl QuotaGate {
@@ -107,29 +213,29 @@ impl QuotaGate {
     pub fn table(&self) -> &QuotaTable {
         match self {
             QuotaGate::Local(t) => t,
-            QuotaGate::Redis(g) => g.table(),
+            QuotaGate::Shared(g) => g.table(),
         }
     }
 
     fn table_mut(&mut self) -> &mut QuotaTable {
         match self {
             QuotaGate::Local(t) => t,
-            QuotaGate::Redis(g) => g.table_mut(),
+            QuotaGate::Shared(g) => g.table_mut(),
         }
     }
 
-    /// Adds quotas (a live reload changed an app's list): `kinds` name them in Redis keys.
+    /// Adds quotas (a live reload changed an app's list): `kinds` name them in shared keys.
     pub fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
         match self {
             QuotaGate::Local(t) => {
                 t.add_quotas(specs);
             }
-            QuotaGate::Redis(g) => g.add_quotas(specs, kinds),
+            QuotaGate::Shared(g) => g.add_quotas(specs, kinds),
         }
     }
 
-    /// Key `to` starts with what `from` counted here (see [`QuotaTable::copy_key`]); in
-    /// Redis a quota of the same kind is the same key already.
+    /// Key `to` starts with what `from` counted here (see [`QuotaTable::copy_key`]); in the
+    /// shared store a quota of the same kind is the same key already.
     pub fn copy_key(&mut self, from: &QuotaKey, to: &QuotaKey) {
         self.table_mut().copy_key(from, to);
     }
@@ -138,7 +244,7 @@ impl QuotaGate {
     pub fn ask(&mut self, clock: Clock, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
         match self {
             QuotaGate::Local(t) => ask_table(t, clock, head.keys, now),
-            QuotaGate::Redis(g) => g.ask(chat, head, now),
+            QuotaGate::Shared(g) => g.ask(chat, head, now),
         }
     }
 
@@ -163,9 +269,9 @@ impl QuotaGate {
                 t.settle(&pick(&counted), decided, clock.micros(answered));
                 t.unrecord(&pick(&refused), decided);
             }
-            Grant::Shared { keys, member } => {
-                if let QuotaGate::Redis(g) = self {
-                    g.settle_shared(&keys, member, &counted, &refused, answered);
+            Grant::Shared(grant) => {
+                if let QuotaGate::Shared(g) = self {
+                    g.settle(grant, &counted, &refused, answered);
                 }
             }
         }
@@ -178,7 +284,7 @@ impl QuotaGate {
         for k in keys {
             self.table_mut().block_until(k, until);
         }
-        if let QuotaGate::Redis(g) = self {
+        if let QuotaGate::Shared(g) = self {
             g.block(keys, wait);
         }
     }
@@ -187,14 +293,14 @@ impl QuotaGate {
     pub fn pump(&mut self, now: Instant) -> Vec<Arc<str>> {
         match self {
             QuotaGate::Local(_) => Vec::new(),
-            QuotaGate::Redis(g) => g.pump(now),
+            QuotaGate::Shared(g) => g.pump(now),
         }
     }
 
     pub fn next_wake(&self) -> Option<Instant> {
         match self {
             QuotaGate::Local(_) => None,
-            QuotaGate::Redis(g) => g.next_wake(),
+            QuotaGate::Shared(g) => g.next_wake(),
         }
     }
 

@@ -8,14 +8,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::gate::{Clock, QuotaGate};
+use super::gate::{Clock, GateSetup, QuotaGate, QuotaSource, StartSharedGate};
 use super::layout::QuotaLayout;
 use super::queue::{Job, Queues};
 use super::{
-    ClusterState, Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig,
+    Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig,
 };
-use crate::cluster::RedisQuota;
-use crate::cluster::gate::RedisGate;
 use crate::error::GatewayError;
 use crate::feishu::Upstream;
 use crate::metrics::Metrics;
@@ -46,12 +44,13 @@ impl Scheduler {
         Self::start_with(config, upstream, metrics, None)
     }
 
-    /// Starts the dispatcher; with `store`, quota decisions go through Redis (cluster mode).
+    /// Starts the dispatcher; with `shared`, quota decisions go through the gate it starts
+    /// (cluster mode: quotas the replicas share).
     pub fn start_with(
         config: SchedulerConfig,
         upstream: Arc<dyn Upstream>,
         metrics: Arc<Metrics>,
-        store: Option<Arc<RedisQuota>>,
+        shared: Option<StartSharedGate>,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let (drained_tx, drained) = watch::channel(false);
@@ -61,24 +60,21 @@ impl Scheduler {
         let clock = Clock::starting_now();
         let (margin, hold) = (config.quotas.safety_margin, config.send_timeout);
         let (events_tx, events) = mpsc::unbounded_channel();
-        let (gate, cluster) = match store {
+        let (gate, quota_source) = match shared {
             None => (
                 QuotaGate::Local(QuotaTable::new(specs, margin, hold)),
-                watch::channel(ClusterState::Local).1,
+                watch::channel(QuotaSource::Local).1,
             ),
-            Some(store) => {
-                let kinds = layout.kinds.clone();
-                let (gate, state) = RedisGate::start(
-                    store,
+            Some(start) => {
+                let (gate, state) = start(GateSetup {
                     specs,
-                    kinds,
+                    kinds: layout.kinds.clone(),
                     margin,
                     hold,
-                    events_tx,
-                    metrics.clone(),
+                    events: events_tx,
                     clock,
-                );
-                (QuotaGate::Redis(Box::new(gate)), state)
+                });
+                (QuotaGate::Shared(gate), state)
             }
         };
         let dispatcher = Dispatcher {
@@ -112,7 +108,7 @@ impl Scheduler {
             tx,
             accepting,
             drained,
-            cluster,
+            quota_source,
             alive,
         }
     }
@@ -133,8 +129,8 @@ impl Scheduler {
     }
 
     /// Where quota decisions come from right now.
-    pub fn cluster_state(&self) -> ClusterState {
-        *self.cluster.borrow()
+    pub fn quota_source(&self) -> QuotaSource {
+        *self.quota_source.borrow()
     }
 
     /// Queues a job; the receiver yields its final result. Refusals (queue full, deadline

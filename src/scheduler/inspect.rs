@@ -7,9 +7,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::gate::QuotaGate;
 use super::{CHAT_QUOTA, Command, Dispatcher, Scheduler};
-use crate::cluster::SharedKey;
 use crate::feishu::AppIndex;
 use crate::quota::QuotaKey;
 
@@ -26,10 +24,9 @@ pub struct ChatSnapshot {
     /// When its head is tried next (None: right away, busy, or parked behind a shared key).
     pub next_try_in: Option<Duration>,
     /// The quotas the head job counts in (the chat's own quota when nothing waits), as this
-    /// process counts them.
+    /// process counts them (cluster mode: the admin service asks the shared store for its
+    /// counts of the same quotas).
     pub quotas: Vec<QuotaState>,
-    /// Cluster mode: the same quotas' Redis keys, where the shared counts are.
-    pub shared: Option<Vec<SharedKey>>,
 }
 
 /// One app, now.
@@ -37,8 +34,6 @@ pub struct ChatSnapshot {
 pub struct AppSnapshot {
     /// Its app quotas, as this process counts them.
     pub quotas: Vec<QuotaState>,
-    /// Cluster mode: the same quotas' Redis keys.
-    pub shared: Option<Vec<SharedKey>>,
     /// Its replies queued here, and their bytes.
     pub queued: usize,
     pub queued_bytes: usize,
@@ -53,6 +48,8 @@ pub struct QuotaState {
     pub id: String,
     pub limit: u32,
     pub window: Duration,
+    /// The span a send counts in (window + safety margin), µs.
+    pub span_us: u64,
     /// Sends counting in its window now (in flight ones included).
     pub used: u32,
     /// When it has room for one more (zero: now).
@@ -68,11 +65,10 @@ impl Dispatcher {
             Some(head) if !head.keys.is_empty() => head.keys.clone(),
             _ => vec![QuotaKey::new(CHAT_QUOTA, chat_id.clone())],
         };
-        let (quotas, shared) = self.quota_states(&keys, now);
+        let quotas = self.quota_states(&keys, now);
         let Some(v) = view else {
             return ChatSnapshot {
                 quotas,
-                shared,
                 ..ChatSnapshot::default()
             };
         };
@@ -85,7 +81,6 @@ impl Dispatcher {
                 .next_try
                 .map(|t| Duration::from_micros(t.saturating_sub(at))),
             quotas,
-            shared,
         }
     }
 }
@@ -97,25 +92,20 @@ impl Dispatcher {
             .app_quotas(app_id)
             .map(|q| QuotaKey::new(q, app_id.clone()))
             .collect();
-        let (quotas, shared) = self.quota_states(&keys, Instant::now());
+        let quotas = self.quota_states(&keys, Instant::now());
         let (queued, queued_bytes) = self.queues.app_queued(app);
         AppSnapshot {
             quotas,
-            shared,
             queued,
             queued_bytes,
         }
     }
 
-    /// `keys` as this process counts them, and their Redis keys in cluster mode.
-    fn quota_states(
-        &self,
-        keys: &[QuotaKey],
-        now: Instant,
-    ) -> (Vec<QuotaState>, Option<Vec<SharedKey>>) {
+    /// `keys` as this process counts them.
+    fn quota_states(&self, keys: &[QuotaKey], now: Instant) -> Vec<QuotaState> {
         let at = self.clock.micros(now);
         let table = self.gate.table();
-        let quotas = keys
+        keys
             .iter()
             .map(|k| {
                 let spec = self.layout.specs[k.quota];
@@ -125,16 +115,12 @@ impl Dispatcher {
                     id: k.id.to_string(),
                     limit: spec.limit.get(),
                     window: spec.window,
+                    span_us: table.span(k.quota),
                     used,
                     frees_in: Duration::from_micros(ready_at.saturating_sub(at)),
                 }
             })
-            .collect();
-        let shared = match &self.gate {
-            QuotaGate::Redis(g) => Some(g.shared_keys(keys)),
-            QuotaGate::Local(_) => None,
-        };
-        (quotas, shared)
+            .collect()
     }
 }
 

@@ -16,8 +16,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub use crate::cluster::gate::ClusterState;
-use crate::cluster::gate::Decided;
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
 use crate::error::GatewayError;
 use crate::feishu::{AppIndex, SendRequest, SentMessage, Upstream, UpstreamError};
@@ -33,7 +31,8 @@ mod queue;
 pub mod reconfigure;
 mod spans;
 
-use gate::{Clock, GateEvent, Grant, Head, QuotaGate, Verdict};
+pub use gate::QuotaSource;
+use gate::{Clock, Decided, GateEvent, Grant, Head, QuotaGate, Verdict};
 use queue::{Dropped, Job, Queues};
 
 /// Quota ids in the [`QuotaTable`]: chat, user, then the app quotas in config order.
@@ -54,9 +53,9 @@ const IDLE_WAKE: Duration = Duration::from_secs(3600);
 pub struct JobSpec {
     /// Who asked (index into [`SchedulerConfig::callers`]): its queue share applies.
     pub caller: usize,
-    /// The request's share of the intake budget, given back once the job is queued or
-    /// refused (`None` for jobs that did not come through gRPC).
-    pub intake: Option<Arc<crate::listen::Intake>>,
+    /// The request's share of the intake budget (a guard the transport gives), dropped once
+    /// the job is queued or refused (`None` for jobs that did not come through gRPC).
+    pub intake: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// Told when the job's first attempt starts (async jobs record SENDING).
     pub on_send: Option<oneshot::Sender<()>>,
     pub app: AppIndex,
@@ -158,7 +157,7 @@ pub struct Scheduler {
     tx: mpsc::UnboundedSender<Command>,
     accepting: Arc<AtomicBool>,
     drained: watch::Receiver<bool>,
-    cluster: watch::Receiver<ClusterState>,
+    quota_source: watch::Receiver<QuotaSource>,
     /// False once the dispatcher task died (a panic): nothing is sent any more.
     alive: watch::Receiver<bool>,
 }
@@ -195,7 +194,7 @@ impl SchedulerConfig {
 /// turns their results back into queue and gate changes.
 struct Dispatcher {
     config: SchedulerConfig,
-    /// Where quota decisions come from: the local table, or Redis.
+    /// Where quota decisions come from: the local table, or the shared gate.
     gate: QuotaGate,
     queues: Queues,
     /// Which quotas each job's keys are in (per-app lists included).
@@ -361,7 +360,7 @@ impl Dispatcher {
                 Head {
                     id: head.id,
                     keys: &head.keys,
-                    shared_keys: &mut head.shared_keys,
+                    memo: &mut head.gate_memo,
                     span: &head.spec.span,
                 },
                 now,
@@ -369,7 +368,7 @@ impl Dispatcher {
             match verdict {
                 Verdict::Send(grant) => self.start_send(&chat_id, now, grant),
                 Verdict::WaitUntil(at) => self.queues.schedule_at(&chat_id, self.clock.micros(at)),
-                // Waits (busy) for Redis's answer: `gate_event`.
+                // Waits (busy) for the shared store's answer: `gate_event`.
                 Verdict::Asked => self.queues.mark_busy(&chat_id),
                 // Parked behind a shared key; `gate.pump` schedules it again.
                 Verdict::InLine => self.queues.park(&chat_id),
@@ -400,9 +399,9 @@ impl Dispatcher {
         self.spawn_send(job);
     }
 
-    /// The Redis gate reported back.
+    /// The shared gate reported back.
     fn gate_event(&mut self, ev: GateEvent) {
-        let QuotaGate::Redis(gate) = &mut self.gate else {
+        let QuotaGate::Shared(gate) = &mut self.gate else {
             return;
         };
         let now = Instant::now();
@@ -412,11 +411,10 @@ impl Dispatcher {
             GateEvent::Decided {
                 chat_id,
                 job_id,
-                keys,
-                result,
+                answer,
             } => {
                 let head = self.queues.decided(&chat_id, job_id);
-                match gate.decided(&chat_id, keys, result, head, now) {
+                match gate.decided(&chat_id, answer, head, now) {
                     Decided::Send(grant) => self.start_send(&chat_id, now, grant),
                     Decided::InLine => self.queues.park(&chat_id),
                     Decided::RetryAt(at) => {
@@ -429,7 +427,7 @@ impl Dispatcher {
             }
         };
         if recovered {
-            // Back on Redis: chats parked on a local-quota timer (the fallback's floor can
+            // Back on the shared store: chats parked on a local-quota timer (the fallback's floor can
             // park them for a whole minute window) or a hold recheck ask Redis now instead.
             self.queues.wake_all();
         }

@@ -32,7 +32,7 @@ impl Dispatcher {
             let refused = |k: &QuotaKey| refused.is_some_and(|r| refused_by(r, k));
             let local = match &grant {
                 Grant::Local { decided } => Some(*decided),
-                Grant::Shared { .. } => None,
+                Grant::Shared(_) => None,
             };
             self.gate
                 .settle(self.clock, grant, &job.keys, refused, answered);
@@ -52,7 +52,7 @@ impl Dispatcher {
                         .settle(self.clock, grant, &copies, refused, answered);
                 }
                 job.keys = fresh;
-                job.shared_keys = None;
+                job.gate_memo = None;
                 job.keys_gen = self.layout_gen;
             }
         }
@@ -116,11 +116,12 @@ impl Dispatcher {
         reason: RetryReason,
         now: Instant,
     ) -> Option<Job> {
-        self.metrics.retry(reason);
+        self.metrics.retry(reason.as_str());
         if reason.is_rate_rejection() {
             // We kept our quotas and Feishu still said "too fast": someone else spends them.
             // Treat the keys as spent for a window (or Feishu's reset) so we back off as one.
-            self.metrics.rate_rejection(&job.spec.app_name, reason);
+            self.metrics
+                .rate_rejection(&job.spec.app_name, reason.as_str());
             tracing::warn!(app = %job.spec.app_name, chat_id = %job.spec.chat_id, log_id = %error.log_id(), code = ?error.code(), "unexpected upstream rate rejection; cooling the quota down");
             let keys: Vec<QuotaKey> = job
                 .keys

@@ -10,9 +10,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::gate::Grant;
+use super::gate::{Grant, Opaque};
 use super::{JobResult, JobSpec};
-use crate::cluster::SharedKey;
 use crate::quota::{Micros, QuotaKey};
 
 /// Deadline entries allowed beyond the queued jobs before the heap is compacted (entries of
@@ -39,9 +38,10 @@ pub(super) struct Job {
     pub done: oneshot::Sender<JobResult>,
     /// The quota grant of the attempt in flight (settled at its answer).
     pub grant: Option<Grant>,
-    /// Cluster mode: the Redis names of `keys`, built on the first decision and reused by
-    /// every later one (line checks, retries).
-    pub shared_keys: Option<Arc<[SharedKey]>>,
+    /// Cluster mode: what the shared gate keeps of `keys` (their names in the shared
+    /// store), made at the first decision and reused by every later one (line checks,
+    /// retries).
+    pub gate_memo: Option<Opaque>,
     /// Open while the job waits in the queue (`queue_wait`), closed when it is taken to send.
     pub wait: tracing::Span,
     /// The quota layout generation `keys` were made in (a live reload can change them).
@@ -63,7 +63,7 @@ impl Job {
             spec,
             done,
             grant: None,
-            shared_keys: None,
+            gate_memo: None,
         }
     }
 

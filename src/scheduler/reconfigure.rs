@@ -65,7 +65,7 @@ impl Dispatcher {
             let (layout, generation) = (self.layout.clone(), self.layout_gen);
             for job in self.queues.jobs_mut() {
                 job.keys = super::admission::keys_for(&layout, &job.spec);
-                job.shared_keys = None;
+                job.gate_memo = None;
                 job.keys_gen = generation;
             }
             tracing::info!(

@@ -1,8 +1,9 @@
-//! The connections to Redis: one multiplexed connection to a single endpoint
+//! The connections to the shared Redis, for both Redis backends (the quota gate in `cluster`,
+//! the job store in `jobs::redis`): one multiplexed connection to a single endpoint
 //! (`redis_mode = standalone`) or the Redis Cluster client (slot map, MOVED/ASK), either over
 //! TLS for `rediss://`. Two of them, by [`Lane`]: quota decisions never wait behind the job
 //! store's calls (its `WAIT` blocks the connection it is sent on). Every call has the timeout;
-//! a failure drops the connection (the next call connects again).
+//! a failure drops the connection (the next call connects again). Knows no key and no script.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,8 +13,80 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use super::{ClusterConfig, ClusterError, RedisMode};
+use crate::config::{ClusterConfig, RedisMode};
 use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+impl ClusterError {
+    /// Redis could not be reached or did not answer in time (as opposed to an error it
+    /// answered about the keys of one call: a wrong type, a script error, a bad value).
+    pub fn is_outage(&self) -> bool {
+        match self {
+            ClusterError::Timeout(_) => true,
+            ClusterError::Protocol(_) => false,
+            // ERR (a script error such as WRONGTYPE on one key), an unknown error code, an
+            // answer of the wrong shape: about this call's data. Everything else (I/O,
+            // LOADING, READONLY, MOVED to a node we cannot use, auth, …): Redis is not usable.
+            ClusterError::Redis(e) => !matches!(
+                e.kind(),
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                    | redis::ErrorKind::Extension
+                    | redis::ErrorKind::UnexpectedReturnType
+            ),
+        }
+    }
+}
+
+/// The shared Redis of cluster mode: its settings and both lanes' connections (one per
+/// process, shared by the quota gate, the budgets and the job store).
+pub struct SharedRedis {
+    conns: Connections,
+    config: ClusterConfig,
+}
+
+impl SharedRedis {
+    /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
+    pub fn new(config: ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
+        Ok(Self {
+            conns: Connections::new(&config, metrics)?,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// Runs one script call on `lane`'s connection, with the timeout; a failure drops the
+    /// connection (the next call connects again).
+    pub async fn call_on<T: redis::FromRedisValue>(
+        &self,
+        lane: Lane,
+        op: &'static str,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, ClusterError> {
+        self.conns.call_on(lane, op, inv).await
+    }
+
+    /// One plain command (e.g. `WAIT`) like [`Self::call_on`].
+    pub async fn command_on<T: redis::FromRedisValue>(
+        &self,
+        lane: Lane,
+        op: &'static str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, ClusterError> {
+        self.conns.command_on(lane, op, cmd).await
+    }
+}
 
 /// Which connection a call goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +140,7 @@ impl ConnectionLike for Conn {
 }
 
 /// Both lanes' connections, made on first use.
-pub(super) struct Connections {
+struct Connections {
     client: Client,
     quota: Mutex<Option<Conn>>,
     jobs: Mutex<Option<Conn>>,
