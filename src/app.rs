@@ -226,6 +226,7 @@ pub async fn run_with_upstream(
             scheduler.clone(),
             specs,
             metrics.clone(),
+            Arc::new(crate::grpc::JobAnswers),
         )
     });
     if let Some(jobs) = &jobs {

@@ -78,7 +78,6 @@ pub mod budget;
 pub mod chat_cache;
 pub mod cluster;
 pub mod config;
-pub mod error;
 pub mod fake_feishu;
 pub mod feishu;
 pub mod grpc;

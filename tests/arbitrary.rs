@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{TestGateway, spawn_gateway};
-use feishu_reply_gateway::error::ERROR_DOMAIN;
+use feishu_reply_gateway::grpc::ERROR_DOMAIN;
 use feishu_reply_gateway::fake_feishu::FakeOptions;
 use feishu_reply_gateway::proto::ReplyRequest;
 use proptest::prelude::*;

@@ -7,7 +7,8 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::ReplyService;
-use crate::error::GatewayError;
+use super::CallError;
+use crate::scheduler::GatewayError;
 use crate::proto::reply_admin_server::ReplyAdmin;
 use crate::proto::{
     AppState, Budget, CallerState, ChatState, InspectAppRequest, InspectCallerRequest,
@@ -100,12 +101,12 @@ impl ReplyService {
         })
     }
 
-    async fn inspect_caller(&self, name: &str) -> Result<CallerState, GatewayError> {
+    async fn inspect_caller(&self, name: &str) -> Result<CallerState, CallError> {
         let c = self
             .door()
             .auth
             .describe(name)
-            .ok_or_else(|| GatewayError::UnknownCaller(name.chars().take(64).collect()))?;
+            .ok_or_else(|| CallError::UnknownCaller(name.chars().take(64).collect()))?;
         let (queued, bytes) = self.scheduler.caller_queued(c.id).await.ok_or_else(gone)?;
         let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         Ok(CallerState {
@@ -121,7 +122,7 @@ impl ReplyService {
         })
     }
 
-    async fn inspect_chat(&self, chat_id: &str) -> Result<ChatState, GatewayError> {
+    async fn inspect_chat(&self, chat_id: &str) -> Result<ChatState, CallError> {
         if chat_id.is_empty() || chat_id.len() > 128 {
             return Err(crate::reply::ValidationError::BadId {
                 field: "chat_id",
@@ -157,7 +158,7 @@ impl ReplyService {
         let door = self.door();
         let caller = self.caller(&door, req, "none")?;
         if !door.auth.is_admin(&caller) {
-            return Err(GatewayError::NotAdmin(caller.name.to_string()).to_status());
+            return Err(CallError::NotAdmin(caller.name.to_string()).to_status());
         }
         Ok(())
     }
@@ -184,7 +185,7 @@ impl ReplyAdmin for ReplyService {
         ReplyService::inspect_app(self, &req.get_ref().app)
             .await
             .map(Response::new)
-            .map_err(|e| e.to_status())
+            .map_err(|e| CallError::from(e).to_status())
     }
 
     async fn inspect_caller(

@@ -10,12 +10,12 @@ use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use super::ReplyService;
+use super::{CallError, ReplyService, to_response};
 use crate::auth::Caller;
-use crate::error::GatewayError;
-use crate::jobs::{JobRecord, Jobs, MAX_TTL, State, now_ms, parse_job_id};
-use crate::proto::{GetReplyRequest, ReplyJob, ReplyRequest, SubmitReplyResponse};
+use crate::jobs::{JobRecord, Jobs, MAX_TTL, State, StoredError, now_ms, parse_job_id};
+use crate::proto::{self, GetReplyRequest, ReplyJob, ReplyRequest, SubmitReplyResponse};
 use crate::reply::ValidationError;
+use crate::scheduler::{Delivered, GatewayError};
 
 /// How often `WatchReply` reads the store again when no change was seen here.
 const WATCH_REREAD: Duration = Duration::from_millis(250);
@@ -35,7 +35,7 @@ impl ReplyService {
         door: &super::Door,
         caller: &Caller,
         req: Request<ReplyRequest>,
-    ) -> Result<SubmitReplyResponse, GatewayError> {
+    ) -> Result<SubmitReplyResponse, CallError> {
         let jobs = self.jobs()?.clone();
         let ttl = match req.get_ref().ttl_s {
             0 => MAX_TTL,
@@ -85,8 +85,8 @@ impl ReplyService {
         &self,
         caller: &Caller,
         req: &GetReplyRequest,
-    ) -> Result<ReplyJob, GatewayError> {
-        self.job(caller, &req.job_id).await.map(|r| r.to_proto())
+    ) -> Result<ReplyJob, CallError> {
+        Ok(self.job(caller, &req.job_id).await.map(|r| r.to_proto())?)
     }
 
     /// Every state change of a job until a final one. Changes made in this process arrive at
@@ -96,7 +96,7 @@ impl ReplyService {
         &self,
         caller: &Caller,
         req: &GetReplyRequest,
-    ) -> Result<JobStream, GatewayError> {
+    ) -> Result<JobStream, CallError> {
         let jobs = self.jobs()?.clone();
         // Subscribe before reading, so no change falls between the two.
         let updates = jobs.updates();
@@ -139,7 +139,7 @@ impl ReplyService {
                             Ok(Some(rec)) => w.pending = Some(rec),
                             Ok(None) => return None,
                             Err(e) => {
-                                return Some((Err(GatewayError::JobStore(e.0).to_status()), w));
+                                return Some((Err(CallError::from(GatewayError::JobStore(e.0)).to_status()), w));
                             }
                         },
                     }
@@ -152,7 +152,7 @@ impl ReplyService {
         &self,
         caller: &Caller,
         req: &GetReplyRequest,
-    ) -> Result<ReplyJob, GatewayError> {
+    ) -> Result<ReplyJob, CallError> {
         let rec = self.job(caller, &req.job_id).await?;
         let jobs = self.jobs()?.clone();
         let why = |state| match state {
@@ -164,7 +164,7 @@ impl ReplyService {
         match rec.state {
             State::Queued => {}
             State::Cancelled => return Ok(rec.to_proto()),
-            s => return Err(GatewayError::NotCancellable(why(s))),
+            s => return Err(GatewayError::NotCancellable(why(s)).into()),
         }
         match jobs.cancel(rec.seq, CANCEL_WAIT).await? {
             Some(rec) => Ok(rec.to_proto()),
@@ -173,13 +173,76 @@ impl ReplyService {
                 Some(now) if now.state == State::Cancelled => Ok(now.to_proto()),
                 now => Err(GatewayError::NotCancellable(why(
                     now.map_or(State::Sending, |r| r.state)
-                ))),
+                ))
+                .into()),
             },
         }
     }
 }
 
 /// Wraps a handler result as the RPC's.
-pub(super) fn answer<T>(r: Result<T, GatewayError>) -> Result<Response<T>, Status> {
+pub(super) fn answer<T>(r: Result<T, CallError>) -> Result<Response<T>, Status> {
     r.map(Response::new).map_err(|e| e.to_status())
+}
+
+/// A job's end in the API's terms, for its record ([`crate::jobs::Answers`]): the encoded
+/// `ReplyResponse`, or the status `Reply` would have failed with.
+pub struct JobAnswers;
+
+impl crate::jobs::Answers for JobAnswers {
+    fn delivered(&self, d: Delivered) -> Vec<u8> {
+        use prost::Message;
+        to_response(d).encode_to_vec()
+    }
+
+    fn failed(&self, e: &GatewayError) -> StoredError {
+        let status = CallError::from(e.clone()).to_status();
+        StoredError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: status.details().to_vec(),
+        }
+    }
+}
+
+/// A stored job as the API shows it.
+pub trait ToProto {
+    fn to_proto(&self) -> ReplyJob;
+}
+
+impl ToProto for JobRecord {
+    fn to_proto(&self) -> proto::ReplyJob {
+        use prost::Message;
+        proto::ReplyJob {
+            job_id: self.job_id(),
+            state: state(self.state) as i32,
+            result: self
+                .result
+                .as_deref()
+                .and_then(|b| proto::ReplyResponse::decode(b).ok()),
+            error: self.error.as_ref().map(|e| {
+                tonic_types::pb::Status::decode(e.details.as_slice()).unwrap_or(
+                    tonic_types::pb::Status {
+                        code: e.code,
+                        message: e.message.clone(),
+                        details: Vec::new(),
+                    },
+                )
+            }),
+            attempts: self.attempts,
+            created_ms: self.created_ms,
+            updated_ms: self.updated_ms,
+        }
+    }
+}
+
+/// A job's lifecycle state in the API.
+fn state(s: State) -> proto::JobState {
+    match s {
+        State::Queued => proto::JobState::Queued,
+        State::Sending => proto::JobState::Sending,
+        State::Delivered => proto::JobState::Delivered,
+        State::Failed => proto::JobState::Failed,
+        State::Cancelled => proto::JobState::Cancelled,
+    }
 }

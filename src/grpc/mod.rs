@@ -4,6 +4,7 @@
 //! (`SubmitReply`, `GetReply`, `WatchReply`, `CancelReply`) is in `grpc::jobs`.
 
 mod admin;
+mod status;
 mod jobs;
 
 use std::net::IpAddr;
@@ -17,7 +18,9 @@ use tracing::Instrument;
 use crate::auth::{Admission, Authenticator, Caller, UNAUTHENTICATED};
 use crate::chat_cache::ChatCache;
 use crate::config::{AppConfig, Config};
-use crate::error::GatewayError;
+use crate::scheduler::GatewayError;
+pub use jobs::JobAnswers;
+pub use status::{CallError, ERROR_DOMAIN};
 use crate::feishu::{SendRequest, Upstream};
 use crate::jobs::{Jobs, StoredReply};
 use crate::listen::Intake;
@@ -170,10 +173,10 @@ impl ReplyService {
         self.door().admission.forget_idle();
     }
 
-    fn admit(&self, door: &Door, caller: &Caller, peer: IpAddr) -> Result<(), GatewayError> {
+    fn admit(&self, door: &Door, caller: &Caller, peer: IpAddr) -> Result<(), CallError> {
         door.admission.check(caller, peer).map_err(|wait| {
             self.metrics.admission_rejected(&caller.name);
-            GatewayError::CallerRateLimited {
+            CallError::CallerRateLimited {
                 caller: caller.name.to_string(),
                 retry_after: wait.max(Duration::from_millis(1)),
             }
@@ -222,9 +225,9 @@ impl ReplyService {
         door: &Door,
         caller: &Caller,
         req: Request<ReplyRequest>,
-    ) -> Result<Delivered, GatewayError> {
+    ) -> Result<Delivered, CallError> {
         let (spec, _) = self.prepare(door, caller, req, None).await?;
-        self.scheduler.reply(spec).await
+        Ok(self.scheduler.reply(spec).await?)
     }
 
     /// A request checked and made a scheduler job: admission, validation, authorization,
@@ -237,7 +240,7 @@ impl ReplyService {
         caller: &Caller,
         req: Request<ReplyRequest>,
         ttl: Option<Duration>,
-    ) -> Result<(JobSpec, StoredReply), GatewayError> {
+    ) -> Result<(JobSpec, StoredReply), CallError> {
         let peer = req
             .remote_addr()
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
@@ -282,7 +285,7 @@ impl ReplyService {
         drop(r);
         let a = &door.apps[app];
         if !door.auth.allows(caller, &a.name) {
-            return Err(GatewayError::AppNotAllowed {
+            return Err(CallError::AppNotAllowed {
                 caller: caller.name.to_string(),
                 app: a.name.clone(),
             });
@@ -353,7 +356,7 @@ impl ReplyService {
     /// The caller of `req`, or the UNAUTHENTICATED status (counted and logged).
     fn caller<T>(&self, door: &Door, req: &Request<T>, app: &str) -> Result<Caller, Status> {
         door.auth.authenticate(req).map_err(|e| {
-            let e = GatewayError::from(e);
+            let e = CallError::from(e);
             self.metrics.request(app, e.outcome(), "none");
             self.metrics.caller_request(UNAUTHENTICATED, e.outcome());
             tracing::info!(app = %app, error = %e, "call refused: not authenticated");
@@ -445,7 +448,7 @@ impl ReplyGateway for ReplyService {
 }
 
 /// The API's view of a delivered reply.
-pub(crate) fn to_response(d: Delivered) -> ReplyResponse {
+fn to_response(d: Delivered) -> ReplyResponse {
     let m = d.message;
     ReplyResponse {
         message_id: m.message_id,

@@ -15,11 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use prost::Message;
 use tokio::sync::{Notify, broadcast, watch};
 
-use crate::error::GatewayError;
-use crate::scheduler::{JobSpec, Scheduler};
+use crate::scheduler::GatewayError;
+use crate::scheduler::{Delivered, JobSpec, Scheduler};
 pub use record::{JobRecord, State, StoredError, StoredReply, job_id, now_ms, parse_job_id};
 pub use redis::{RedisJobStore, RedisJobsConfig};
 pub use spec::Specs;
@@ -31,6 +30,16 @@ pub const MAX_TTL: Duration = Duration::from_secs(3000);
 
 /// Finished jobs stay readable this long.
 pub const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600 + 3600);
+
+/// How a job's end is written into its record: in the API's own terms (the encoded answer,
+/// the error's status), so GetReply shows what Reply would have returned. The api layer
+/// provides it (`grpc::JobAnswers`): nothing here knows gRPC.
+pub trait Answers: Send + Sync {
+    /// The stored answer of a delivered reply.
+    fn delivered(&self, d: Delivered) -> Vec<u8>;
+    /// A failed job's stored status.
+    fn failed(&self, e: &GatewayError) -> StoredError;
+}
 
 /// Where the jobs are stored.
 pub enum Backend {
@@ -47,6 +56,7 @@ pub struct Jobs {
     max_jobs: u64,
     metrics: Arc<crate::metrics::Metrics>,
     scheduler: Scheduler,
+    answers: Arc<dyn Answers>,
     /// Replaced by a live reload ([`Jobs::reconfigure`]).
     specs: parking_lot::RwLock<Specs>,
     updates: broadcast::Sender<JobRecord>,
@@ -75,6 +85,7 @@ impl Jobs {
         scheduler: Scheduler,
         specs: Specs,
         metrics: Arc<crate::metrics::Metrics>,
+        answers: Arc<dyn Answers>,
     ) -> Arc<Self> {
         let (updates, _) = broadcast::channel(4096);
         Arc::new(Self {
@@ -82,6 +93,7 @@ impl Jobs {
             max_jobs,
             metrics,
             scheduler,
+            answers,
             specs: parking_lot::RwLock::new(specs),
             updates,
             running: Mutex::new(HashMap::new()),
@@ -221,7 +233,7 @@ impl Jobs {
             Ok(d) => {
                 rec.state = State::Delivered;
                 rec.attempts = d.attempts;
-                rec.result = Some(crate::grpc::to_response(d).encode_to_vec());
+                rec.result = Some(self.answers.delivered(d));
             }
             // CancelReply recorded it.
             Err(GatewayError::Cancelled) => return,
@@ -237,7 +249,6 @@ impl Jobs {
 
     /// Marks `rec` failed with `e`'s status.
     pub fn fail(&self, rec: &mut JobRecord, e: &GatewayError) {
-        let status = e.to_status();
         rec.state = State::Failed;
         rec.updated_ms = now_ms();
         if let GatewayError::Upstream { attempts, .. }
@@ -247,11 +258,7 @@ impl Jobs {
         {
             rec.attempts = *attempts;
         }
-        rec.error = Some(StoredError {
-            code: status.code() as i32,
-            message: status.message().to_owned(),
-            details: status.details().to_vec(),
-        });
+        rec.error = Some(self.answers.failed(e));
     }
 
     /// Writes a state change and tells watchers. A write that fails is retried for about a

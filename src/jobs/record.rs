@@ -1,9 +1,8 @@
-//! What is stored of an async reply job, and how it reads as a `ReplyJob`.
+//! What is stored of an async reply job (the api layer shows it as a `ReplyJob`).
 
 use serde::{Deserialize, Serialize};
 
 use super::store::StoreError;
-use crate::proto;
 
 /// A job's lifecycle (DESIGN §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,15 +19,6 @@ impl State {
         matches!(self, State::Delivered | State::Failed | State::Cancelled)
     }
 
-    fn proto(self) -> proto::JobState {
-        match self {
-            State::Queued => proto::JobState::Queued,
-            State::Sending => proto::JobState::Sending,
-            State::Delivered => proto::JobState::Delivered,
-            State::Failed => proto::JobState::Failed,
-            State::Cancelled => proto::JobState::Cancelled,
-        }
-    }
 }
 
 /// The reply a job sends, as validated at submit (chat resolved, uuid fixed).
@@ -100,31 +90,6 @@ impl JobRecord {
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         serde_json::from_slice(bytes)
             .map_err(|e| StoreError(format!("a stored job is unreadable: {e}")))
-    }
-
-    /// The record as the API shows it.
-    pub fn to_proto(&self) -> proto::ReplyJob {
-        use prost::Message;
-        proto::ReplyJob {
-            job_id: self.job_id(),
-            state: self.state.proto() as i32,
-            result: self
-                .result
-                .as_deref()
-                .and_then(|b| proto::ReplyResponse::decode(b).ok()),
-            error: self.error.as_ref().map(|e| {
-                tonic_types::pb::Status::decode(e.details.as_slice()).unwrap_or(
-                    tonic_types::pb::Status {
-                        code: e.code,
-                        message: e.message.clone(),
-                        details: Vec::new(),
-                    },
-                )
-            }),
-            attempts: self.attempts,
-            created_ms: self.created_ms,
-            updated_ms: self.updated_ms,
-        }
     }
 }
 

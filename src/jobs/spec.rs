@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::record::{JobRecord, now_ms};
-use crate::error::GatewayError;
+use crate::scheduler::GatewayError;
 use crate::feishu::SendRequest;
 use crate::reply::{MsgType, ValidationError};
 use crate::scheduler::JobSpec;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::gate::QuotaGate;
 use super::layout::QuotaLayout;
 use super::{CHAT_QUOTA, Dispatcher, FIRST_APP_QUOTA, JobSpec, PastSend, USER_QUOTA};
-use crate::error::GatewayError;
+use super::GatewayError;
 use crate::quota::QuotaKey;
 
 impl Dispatcher {

@@ -14,7 +14,7 @@ use super::queue::{Job, Queues};
 use super::{
     Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig,
 };
-use crate::error::GatewayError;
+use super::GatewayError;
 use crate::feishu::Upstream;
 use crate::metrics::Metrics;
 use crate::quota::QuotaTable;

@@ -17,11 +17,11 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
-use crate::error::GatewayError;
 use crate::feishu::{AppIndex, SendRequest, SentMessage, Upstream, UpstreamError};
 use crate::metrics::Metrics;
 
 mod admission;
+mod error;
 pub mod gate;
 mod handle;
 pub mod inspect;
@@ -31,6 +31,7 @@ mod queue;
 pub mod reconfigure;
 mod spans;
 
+pub use error::GatewayError;
 pub use gate::QuotaSource;
 use gate::{Clock, Decided, GateEvent, Grant, Head, QuotaGate, Verdict};
 use queue::{Dropped, Job, Queues};

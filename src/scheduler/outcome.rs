@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::gate::Grant;
 use super::queue::Job;
 use super::{Attempt, Delivered, Dispatcher, FIRST_APP_QUOTA};
-use crate::error::GatewayError;
+use super::GatewayError;
 use crate::feishu::{RetryReason, UpstreamError};
 use crate::quota::{QuotaKey, micros};
 

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::{Command, Dispatcher, Scheduler};
 use crate::config::{CallerLimits, QuotaConfig};
-use crate::error::GatewayError;
+use super::GatewayError;
 use crate::feishu::AppIndex;
 use crate::quota::QuotaKey;
 

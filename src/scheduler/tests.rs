@@ -403,10 +403,8 @@ async fn a_panicking_send_fails_its_job_internal_and_frees_its_chat() {
         .expect("answered")
         .expect("not dropped");
     match boom {
-        Err(e @ GatewayError::Internal { .. }) => {
-            assert_eq!(e.code(), tonic::Code::Internal);
-            assert_eq!(e.to_status().code(), tonic::Code::Internal);
-        }
+        // INTERNAL in the API (its row in `grpc::status`).
+        Err(GatewayError::Internal { .. }) => {}
         other => panic!("{other:?}"),
     }
     // The chat is not left busy: the next reply goes out.

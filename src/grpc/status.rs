@@ -1,6 +1,8 @@
-//! Every way a reply can fail, and the **one** table that maps each to a gRPC status with
-//! `google.rpc.ErrorInfo` (reason `FEISHU_<code>` or a gateway reason) and, where waiting helps,
-//! `google.rpc.RetryInfo`. DESIGN.md §5 is the contract; one unit test per row below.
+//! The **one** table that maps every failure to a gRPC status with `google.rpc.ErrorInfo`
+//! (reason `FEISHU_<code>` or a gateway reason) and, where waiting helps,
+//! `google.rpc.RetryInfo`: the domain's [`GatewayError`] and the door's own failures
+//! (authentication, authorization, admission), together a [`CallError`]. DESIGN.md §5 is the
+//! contract; one unit test per row below.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -8,8 +10,9 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::auth::AuthError;
 use crate::feishu::UpstreamError;
-use crate::reply::ValidationError;
+use crate::scheduler::GatewayError;
 
 /// `ErrorInfo.domain` of every error this gateway returns.
 pub const ERROR_DOMAIN: &str = "feishu-reply-gateway";
@@ -22,85 +25,35 @@ const FAILED_PRECONDITION_CODES: [i64; 10] = [
     230011, 230019, 230022, 230028, 230054, 230071, 230072, 230075, 230111, 232009,
 ];
 
-/// Why a reply call failed.
+/// Why a call failed: in the domain, or at the door.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum GatewayError {
+pub enum CallError {
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
     #[error("{0}")]
-    Invalid(#[from] ValidationError),
-    #[error("unknown app {0:?}: not in this gateway's configuration")]
-    UnknownApp(String),
+    Unauthenticated(#[from] AuthError),
     #[error("unknown caller {0:?}: not in this gateway's configuration")]
     UnknownCaller(String),
-    #[error(
-        "app {app:?} was removed from the gateway's configuration while this reply waited; it was not sent (uuid {uuid})"
-    )]
-    AppRemoved {
-        app: String,
-        attempts: u32,
-        uuid: String,
-    },
-    #[error("{0}")]
-    Unauthenticated(#[from] crate::auth::AuthError),
     #[error(
         "caller {0} may not use the admin service (set admin = true in its [callers.*] section)"
     )]
     NotAdmin(String),
     #[error("caller {caller:?} may not send as app {app:?}")]
     AppNotAllowed { caller: String, app: String },
-    #[error("no job {0:?} (unknown, expired, or another caller's)")]
-    JobNotFound(String),
-    #[error("async jobs need a job store: set GATEWAY_DATA_DIR (or [jobs] data_dir)")]
-    NoJobStore,
-    #[error("the job store failed: {0}; retry")]
-    JobStore(String),
-    #[error("the job cannot be cancelled: it is {0}")]
-    NotCancellable(&'static str),
-    /// The job was cancelled (CancelReply) before it was sent.
-    #[error("cancelled before it was sent")]
-    Cancelled,
-    #[error("no app named and this gateway has no default app; set `app` in the request")]
-    NoDefaultApp,
-    #[error("queue full ({scope}: {queued} replies waiting); retry later")]
-    QueueFull {
-        scope: &'static str,
-        queued: usize,
-        retry_after: Duration,
-    },
     #[error("caller {caller:?} exceeds its admission rate; retry later")]
     CallerRateLimited {
         caller: String,
         retry_after: Duration,
     },
-    #[error(
-        "cannot be sent before its deadline: the earliest send is in {earliest_in:?}, the deadline in {deadline_in:?}"
-    )]
-    DeadlineUnreachable {
-        earliest_in: Duration,
-        deadline_in: Duration,
-    },
-    #[error(
-        "deadline reached before the reply was sent (attempts so far: {attempts}); it will not be sent"
-    )]
-    DeadlineBeforeSend { attempts: u32, uuid: String },
-    #[error("{error} (after {attempts} attempts, uuid {uuid})")]
-    Upstream {
-        error: UpstreamError,
-        attempts: u32,
-        uuid: String,
-    },
-    #[error("looking up the chat of the message failed: {0}")]
-    ChatLookup(UpstreamError),
-    #[error("the gateway is shutting down; not sent")]
-    ShuttingDown { attempts: u32, uuid: String },
-    /// A bug in the gateway while sending (a panic). The attempt may or may not have been
-    /// posted; retrying with the same uuid is safe (Feishu dedupes it for an hour).
-    #[error(
-        "internal error while sending (after {attempts} attempts); it may have been posted: retry with uuid {uuid}"
-    )]
-    Internal { attempts: u32, uuid: String },
 }
 
-impl GatewayError {
+impl From<crate::reply::ValidationError> for CallError {
+    fn from(e: crate::reply::ValidationError) -> Self {
+        CallError::Gateway(e.into())
+    }
+}
+
+impl CallError {
     /// Snake-case gRPC code, for the `outcome` metric label.
     pub fn outcome(&self) -> &'static str {
         match self.code() {
@@ -120,37 +73,41 @@ impl GatewayError {
 
     /// Feishu's code, if Feishu gave one.
     pub fn feishu_code(&self) -> Option<i64> {
-        match self {
-            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => error.code(),
-            _ => None,
-        }
+        self.gateway().and_then(GatewayError::feishu_code)
     }
 
     fn upstream(&self) -> Option<&UpstreamError> {
+        self.gateway().and_then(GatewayError::upstream)
+    }
+
+    fn gateway(&self) -> Option<&GatewayError> {
         match self {
-            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => Some(error),
+            CallError::Gateway(e) => Some(e),
             _ => None,
         }
     }
 
     /// The gRPC code: the table of DESIGN.md §5.
     pub fn code(&self) -> Code {
-        match self {
-            GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
-            GatewayError::UnknownApp(_)
-            | GatewayError::UnknownCaller(_)
-            | GatewayError::AppRemoved { .. } => Code::NotFound,
-            GatewayError::Unauthenticated(_) => Code::Unauthenticated,
-            GatewayError::AppNotAllowed { .. } | GatewayError::NotAdmin(_) => {
-                Code::PermissionDenied
+        let e = match self {
+            CallError::Unauthenticated(_) => return Code::Unauthenticated,
+            CallError::UnknownCaller(_) => return Code::NotFound,
+            CallError::AppNotAllowed { .. } | CallError::NotAdmin(_) => {
+                return Code::PermissionDenied;
             }
+            CallError::CallerRateLimited { .. } => return Code::ResourceExhausted,
+            CallError::Gateway(e) => e,
+        };
+        match e {
+            GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
+            GatewayError::UnknownApp(_) | GatewayError::AppRemoved { .. } => Code::NotFound,
             GatewayError::JobNotFound(_) => Code::NotFound,
             GatewayError::NoJobStore | GatewayError::NotCancellable(_) => Code::FailedPrecondition,
             GatewayError::JobStore(_) => Code::Unavailable,
             GatewayError::Cancelled => Code::Cancelled,
-            GatewayError::QueueFull { .. }
-            | GatewayError::CallerRateLimited { .. }
-            | GatewayError::DeadlineUnreachable { .. } => Code::ResourceExhausted,
+            GatewayError::QueueFull { .. } | GatewayError::DeadlineUnreachable { .. } => {
+                Code::ResourceExhausted
+            }
             GatewayError::DeadlineBeforeSend { .. } => Code::DeadlineExceeded,
             GatewayError::ShuttingDown { .. } => Code::Unavailable,
             GatewayError::Internal { .. } => Code::Internal,
@@ -162,14 +119,18 @@ impl GatewayError {
 
     /// `ErrorInfo.reason`.
     pub fn reason(&self) -> String {
-        match self {
+        let e = match self {
+            CallError::Unauthenticated(e) => return e.reason().into(),
+            CallError::UnknownCaller(_) => return "UNKNOWN_CALLER".into(),
+            CallError::AppNotAllowed { .. } => return "APP_NOT_ALLOWED".into(),
+            CallError::NotAdmin(_) => return "NOT_ADMIN".into(),
+            CallError::CallerRateLimited { .. } => return "CALLER_RATE_LIMITED".into(),
+            CallError::Gateway(e) => e,
+        };
+        match e {
             GatewayError::Invalid(v) => v.reason().into(),
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
-            GatewayError::UnknownCaller(_) => "UNKNOWN_CALLER".into(),
             GatewayError::AppRemoved { .. } => "APP_REMOVED".into(),
-            GatewayError::Unauthenticated(e) => e.reason().into(),
-            GatewayError::AppNotAllowed { .. } => "APP_NOT_ALLOWED".into(),
-            GatewayError::NotAdmin(_) => "NOT_ADMIN".into(),
             GatewayError::JobNotFound(_) => "JOB_NOT_FOUND".into(),
             GatewayError::NoJobStore => "NO_JOB_STORE".into(),
             GatewayError::JobStore(_) => "JOB_STORE".into(),
@@ -177,7 +138,6 @@ impl GatewayError {
             GatewayError::Cancelled => "CANCELLED".into(),
             GatewayError::NoDefaultApp => "NO_DEFAULT_APP".into(),
             GatewayError::QueueFull { .. } => "QUEUE_FULL".into(),
-            GatewayError::CallerRateLimited { .. } => "CALLER_RATE_LIMITED".into(),
             GatewayError::DeadlineUnreachable { .. } => "DEADLINE_UNREACHABLE".into(),
             GatewayError::DeadlineBeforeSend { .. } => "DEADLINE_BEFORE_SEND".into(),
             GatewayError::ShuttingDown { .. } => "SHUTTING_DOWN".into(),
@@ -195,9 +155,13 @@ impl GatewayError {
 
     /// When waiting helps, how long (RetryInfo).
     pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            GatewayError::QueueFull { retry_after, .. }
-            | GatewayError::CallerRateLimited { retry_after, .. } => Some(*retry_after),
+        let e = match self {
+            CallError::CallerRateLimited { retry_after, .. } => return Some(*retry_after),
+            CallError::Gateway(e) => e,
+            _ => return None,
+        };
+        match e {
+            GatewayError::QueueFull { retry_after, .. } => Some(*retry_after),
             GatewayError::DeadlineUnreachable { earliest_in, .. } => Some(*earliest_in),
             GatewayError::ShuttingDown { .. } | GatewayError::JobStore(_) => {
                 Some(Duration::from_secs(1))
@@ -235,30 +199,35 @@ impl GatewayError {
                 meta.insert("app".to_owned(), app.clone());
             }
         }
-        match self {
-            GatewayError::Upstream { attempts, uuid, .. }
+        match self.gateway() {
+            Some(
+                GatewayError::Upstream { attempts, uuid, .. }
             | GatewayError::DeadlineBeforeSend { attempts, uuid }
             | GatewayError::ShuttingDown { attempts, uuid }
-            | GatewayError::Internal { attempts, uuid } => {
+                | GatewayError::Internal { attempts, uuid },
+            ) => {
                 meta.insert("attempts".to_owned(), attempts.to_string());
                 meta.insert("uuid".to_owned(), uuid.clone());
             }
-            GatewayError::AppRemoved {
+            Some(GatewayError::AppRemoved {
                 app,
                 attempts,
                 uuid,
-            } => {
+            }) => {
                 meta.insert("app".to_owned(), app.clone());
                 meta.insert("attempts".to_owned(), attempts.to_string());
                 meta.insert("uuid".to_owned(), uuid.clone());
             }
-            GatewayError::CallerRateLimited { caller, .. } => {
-                meta.insert("caller".to_owned(), caller.clone());
-            }
-            GatewayError::QueueFull { scope, .. } => {
+            Some(GatewayError::QueueFull { scope, .. }) => {
                 meta.insert("scope".to_owned(), (*scope).to_owned());
             }
-            GatewayError::AppNotAllowed { caller, app } => {
+            _ => {}
+        }
+        match self {
+            CallError::CallerRateLimited { caller, .. } => {
+                meta.insert("caller".to_owned(), caller.clone());
+            }
+            CallError::AppNotAllowed { caller, app } => {
                 meta.insert("caller".to_owned(), caller.clone());
                 meta.insert("app".to_owned(), app.clone());
             }
@@ -269,7 +238,7 @@ impl GatewayError {
         if let Some(d) = self.retry_after() {
             details.set_retry_info(Some(d));
         }
-        if let GatewayError::Invalid(v) = self {
+        if let Some(GatewayError::Invalid(v)) = self.gateway() {
             details.add_bad_request_violation(v.field(), v.to_string());
         }
         Status::with_error_details(self.code(), self.to_string(), details)
@@ -301,6 +270,7 @@ fn upstream_code(e: &UpstreamError) -> Code {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reply::ValidationError;
 
     fn feishu(http: u16, code: i64) -> UpstreamError {
         UpstreamError::Feishu {
@@ -312,15 +282,16 @@ mod tests {
         }
     }
 
-    fn upstream(e: UpstreamError) -> GatewayError {
-        GatewayError::Upstream {
+    fn upstream(e: UpstreamError) -> CallError {
+        CallError::Gateway(GatewayError::Upstream {
             error: e,
             attempts: 3,
             uuid: "u-1".into(),
-        }
+        })
     }
 
-    fn check(e: GatewayError, code: Code, reason: &str, retry: bool) {
+    fn check(e: impl Into<CallError>, code: Code, reason: &str, retry: bool) {
+        let e = e.into();
         let s = e.to_status();
         assert_eq!(s.code(), code, "{e}");
         let info = s.get_details_error_info().expect("ErrorInfo");
@@ -335,7 +306,9 @@ mod tests {
 
     #[test]
     fn local_validation_is_invalid_argument() {
-        let e = GatewayError::Invalid(ValidationError::NotObject(crate::reply::MsgType::Text));
+        let e = CallError::from(GatewayError::Invalid(ValidationError::NotObject(
+            crate::reply::MsgType::Text,
+        )));
         check(e.clone(), Code::InvalidArgument, "INVALID_CONTENT", false);
         let bad = e.to_status().get_error_details();
         assert_eq!(
@@ -425,7 +398,7 @@ mod tests {
             retry_after: Duration::from_secs(40),
         };
         check(q, Code::ResourceExhausted, "QUEUE_FULL", true);
-        let a = GatewayError::CallerRateLimited {
+        let a = CallError::CallerRateLimited {
             caller: "svc".into(),
             retry_after: Duration::from_millis(5),
         };
@@ -469,7 +442,7 @@ mod tests {
     #[test]
     fn unknown_caller_is_not_found() {
         check(
-            GatewayError::UnknownCaller("x".into()),
+            CallError::UnknownCaller("x".into()),
             Code::NotFound,
             "UNKNOWN_CALLER",
             false,
@@ -478,10 +451,10 @@ mod tests {
 
     #[test]
     fn a_panic_while_sending_is_internal_with_the_uuid_to_retry_with() {
-        let e = GatewayError::Internal {
+        let e = CallError::from(GatewayError::Internal {
             attempts: 1,
             uuid: "u-1".into(),
-        };
+        });
         check(e.clone(), Code::Internal, "INTERNAL", false);
         let info = e.to_status().get_details_error_info().unwrap();
         assert_eq!(info.metadata.get("uuid").map(String::as_str), Some("u-1"));

@@ -1,0 +1,99 @@
+//! Why a call failed, in the domain's terms: validation, apps, queues, deadlines, Feishu's
+//! answer, the job store. The api layer adds the door's own failures and maps every one to a
+//! gRPC status (`grpc::status`, the one table).
+
+use std::time::Duration;
+
+use crate::feishu::UpstreamError;
+use crate::reply::ValidationError;
+
+/// Why a reply call failed (the door's own failures, authentication and admission, are the
+/// api layer's).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
+    #[error("unknown app {0:?}: not in this gateway's configuration")]
+    UnknownApp(String),
+    #[error(
+        "app {app:?} was removed from the gateway's configuration while this reply waited; it was not sent (uuid {uuid})"
+    )]
+    AppRemoved {
+        app: String,
+        attempts: u32,
+        uuid: String,
+    },
+    #[error("no job {0:?} (unknown, expired, or another caller's)")]
+    JobNotFound(String),
+    #[error("async jobs need a job store: set GATEWAY_DATA_DIR (or [jobs] data_dir)")]
+    NoJobStore,
+    #[error("the job store failed: {0}; retry")]
+    JobStore(String),
+    #[error("the job cannot be cancelled: it is {0}")]
+    NotCancellable(&'static str),
+    /// The job was cancelled (CancelReply) before it was sent.
+    #[error("cancelled before it was sent")]
+    Cancelled,
+    #[error("no app named and this gateway has no default app; set `app` in the request")]
+    NoDefaultApp,
+    #[error("queue full ({scope}: {queued} replies waiting); retry later")]
+    QueueFull {
+        scope: &'static str,
+        queued: usize,
+        retry_after: Duration,
+    },
+    #[error(
+        "cannot be sent before its deadline: the earliest send is in {earliest_in:?}, the deadline in {deadline_in:?}"
+    )]
+    DeadlineUnreachable {
+        earliest_in: Duration,
+        deadline_in: Duration,
+    },
+    #[error(
+        "deadline reached before the reply was sent (attempts so far: {attempts}); it will not be sent"
+    )]
+    DeadlineBeforeSend { attempts: u32, uuid: String },
+    #[error("{error} (after {attempts} attempts, uuid {uuid})")]
+    Upstream {
+        error: UpstreamError,
+        attempts: u32,
+        uuid: String,
+    },
+    #[error("looking up the chat of the message failed: {0}")]
+    ChatLookup(UpstreamError),
+    #[error("the gateway is shutting down; not sent")]
+    ShuttingDown { attempts: u32, uuid: String },
+    /// A bug in the gateway while sending (a panic). The attempt may or may not have been
+    /// posted; retrying with the same uuid is safe (Feishu dedupes it for an hour).
+    #[error(
+        "internal error while sending (after {attempts} attempts); it may have been posted: retry with uuid {uuid}"
+    )]
+    Internal { attempts: u32, uuid: String },
+}
+
+impl GatewayError {
+    /// Feishu's code, if Feishu gave one.
+    pub fn feishu_code(&self) -> Option<i64> {
+        self.upstream().and_then(UpstreamError::code)
+    }
+
+    /// Feishu's (or the network's) failure, if that is what it was.
+    pub fn upstream(&self) -> Option<&UpstreamError> {
+        match self {
+            GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => Some(error),
+            _ => None,
+        }
+    }
+
+    /// The attempts made and the uuid they carried, for failures after sending began.
+    pub fn attempts(&self) -> Option<u32> {
+        match self {
+            GatewayError::Upstream { attempts, .. }
+            | GatewayError::DeadlineBeforeSend { attempts, .. }
+            | GatewayError::ShuttingDown { attempts, .. }
+            | GatewayError::Internal { attempts, .. }
+            | GatewayError::AppRemoved { attempts, .. } => Some(*attempts),
+            _ => None,
+        }
+    }
+}
