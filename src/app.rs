@@ -127,9 +127,9 @@ pub async fn run(
         }
         None => None,
     };
-    let counter = store.clone().map(|s| {
-        Arc::new(RedisBudgetCounter::new(s)) as Arc<dyn crate::budget::SharedCounter>
-    });
+    let counter = store
+        .clone()
+        .map(|s| Arc::new(RedisBudgetCounter::new(s)) as Arc<dyn crate::budget::SharedCounter>);
     let budgets = Arc::new(Budgets::new(&config.apps, counter, metrics.clone()));
     let upstream: Arc<dyn Upstream> = Arc::new(
         FeishuClient::new(&config.feishu, &config.apps, metrics.clone())?

@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{TestGateway, spawn_gateway};
-use feishu_reply_gateway::grpc::ERROR_DOMAIN;
 use feishu_reply_gateway::fake_feishu::FakeOptions;
+use feishu_reply_gateway::grpc::ERROR_DOMAIN;
 use feishu_reply_gateway::proto::ReplyRequest;
 use proptest::prelude::*;
 use tonic::Code;

@@ -340,9 +340,9 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
 #[tokio::test]
 async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
     use feishu_reply_gateway::config::{ClusterConfig, RedisFailurePolicy, RedisMode};
-    use feishu_reply_gateway::redis_conn::SharedRedis;
     use feishu_reply_gateway::jobs::redis::{RedisJobStore, RedisJobsConfig, Submitted};
     use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply};
+    use feishu_reply_gateway::redis_conn::SharedRedis;
     let (url, _redis) = shared_redis();
     let prefix = unique("fence");
     let store = || {

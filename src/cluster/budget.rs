@@ -52,8 +52,11 @@ impl SharedCounter for RedisBudgetCounter {
             inv.key(self.key(app_id, period_start_s))
                 .arg(limit)
                 .arg(expire_at_ms);
-            let answer: Result<Vec<u64>, _> =
-                self.redis.shared().call_on(Lane::Quota, "budget", inv).await;
+            let answer: Result<Vec<u64>, _> = self
+                .redis
+                .shared()
+                .call_on(Lane::Quota, "budget", inv)
+                .await;
             match answer.as_deref() {
                 Ok([taken, used]) => Some((*taken == 1, *used)),
                 _ => None,

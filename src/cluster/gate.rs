@@ -145,22 +145,6 @@ impl RedisGate {
         (gate, state_rx)
     }
 
-    /// Adds quotas after a live reload changed an app's list (`kinds`: their Redis names).
-    fn add_specs(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
-        self.full_specs.extend_from_slice(specs);
-        self.kinds.extend_from_slice(kinds);
-        let local = matches!(self.mode, Mode::Down)
-            && self.store.config().on_failure == RedisFailurePolicy::Local;
-        if local {
-            // On the fallback: this replica's share, as `down` made the others.
-            let replicas = self.store.replicas();
-            let scaled: Vec<QuotaSpec> = specs.iter().map(|s| share_of(s, replicas)).collect();
-            self.table.add_quotas(&scaled);
-        } else {
-            self.table.add_quotas(specs);
-        }
-    }
-
     fn shared_key(&self, k: &QuotaKey) -> SharedKey {
         self.store.shared_key(
             &self.kinds[k.quota],
@@ -176,8 +160,174 @@ impl RedisGate {
         keys.iter().map(|k| self.shared_key(k)).collect()
     }
 
+    /// Forgets a granted send that will not leave (the slot would stay spent for a window).
+    pub fn release(&self, keys: Arc<[SharedKey]>, member: String) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.release(&keys, &member).await {
+                tracing::debug!(error = %e, "releasing an unused grant failed; retried at the next heartbeat");
+                store.release_later(keys.to_vec(), member);
+            }
+        });
+    }
+
+    /// Redis answered the decision for `chat`'s job; `head` says whether that job is still the
+    /// chat's head (`None`: the chat has no job left).
+    fn decided_answer(
+        &mut self,
+        chat: &Arc<str>,
+        Answer { keys, result }: Answer,
+        head: Option<bool>,
+        now: Instant,
+    ) -> Decided {
+        // Lines first: whatever happens to the chat, its probes must be handed on.
+        let refused_on = match &result {
+            Ok(Decision::Wait { wait, key }) => {
+                let jitter = Duration::from_micros(rand::rng().random_range(0..=LINE_JITTER_US));
+                Some((keys[*key].name.clone(), now + *wait + jitter))
+            }
+            _ => None,
+        };
+        for k in keys.iter() {
+            match &refused_on {
+                Some((name, until)) if *name == k.name => {
+                    let line = self.lines.entry(name.clone()).or_insert_with(|| Line {
+                        until: *until,
+                        waiters: VecDeque::new(),
+                        probes: Vec::new(),
+                    });
+                    line.until = line.until.max(*until);
+                    line.drop_probe(chat);
+                    if head.is_some() {
+                        // The refused chat keeps its place at the front of the line.
+                        line.waiters.push_front(chat.clone());
+                    }
+                }
+                _ => {
+                    if let Some(line) = self.lines.get_mut(&k.name) {
+                        line.drop_probe(chat);
+                    }
+                }
+            }
+        }
+        match result {
+            Ok(Decision::Granted { member }) if head == Some(true) => {
+                Decided::Send(Grant::Shared(Opaque::new(SharedGrant { keys, member })))
+            }
+            // The head changed meanwhile (deadline, cancel) or is gone: nothing is sent for
+            // this grant, so give the slot back.
+            Ok(Decision::Granted { member }) => {
+                self.release(keys, member);
+                Decided::AskAgain
+            }
+            Ok(Decision::Wait { .. }) => Decided::InLine,
+            // Redis is unreachable: the failure policy, for every chat.
+            Err(e) if e.is_outage() => {
+                self.down(&e.to_string());
+                Decided::AskAgain
+            }
+            // Redis answered with an error about these keys (wrong type, a script error): only
+            // the jobs that use them wait, and ask again a little later.
+            Err(e) => {
+                let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+                tracing::warn!(error = %e, keys = ?names, "Redis refused a quota decision; the job asks again");
+                Decided::RetryAt(now + KEY_ERROR_RETRY)
+            }
+        }
+    }
+
+    /// A granted send was answered at `answered`: it counts until then in `counted` (indexes
+    /// into `keys`), and not at all in the others (a rate refusal, see the scheduler).
+    fn settle_grant(
+        &self,
+        SharedGrant { keys, member }: SharedGrant,
+        counted: &[usize],
+        refused: &[usize],
+        answered: Instant,
+    ) {
+        let pick =
+            |idx: &[usize]| -> Vec<SharedKey> { idx.iter().map(|&i| keys[i].clone()).collect() };
+        self.store
+            .settle_later(pick(counted), member.clone(), answered);
+        if !refused.is_empty() {
+            self.release(pick(refused).into(), member);
+        }
+    }
+
+    fn publish(&self) {
+        let state = match (&self.mode, self.store.config().on_failure) {
+            (Mode::Up, _) => QuotaSource::Shared,
+            (_, RedisFailurePolicy::FailClosed) => QuotaSource::Holding,
+            _ => QuotaSource::Fallback,
+        };
+        self.state.send_replace(state);
+        let up = matches!(self.mode, Mode::Up | Mode::Replaying);
+        self.metrics
+            .set_redis_state(up, !matches!(self.mode, Mode::Up));
+    }
+
+    fn down(&mut self, error: &str) {
+        if !matches!(self.mode, Mode::Up) {
+            return;
+        }
+        self.mode = Mode::Down;
+        let replicas = self.store.replicas();
+        let policy = self.store.config().on_failure;
+        // This replica's share of every quota; nothing local before the Redis-era sends have
+        // left their windows (the floor), so the two sources never add up within a window.
+        let scaled: Vec<QuotaSpec> = self
+            .full_specs
+            .iter()
+            .map(|s| share_of(s, replicas))
+            .collect();
+        if policy == RedisFailurePolicy::Local {
+            // keep_ids: its sends are replayed into Redis by key name on recovery.
+            self.table = QuotaTable::new(scaled, self.margin, self.hold).keep_ids();
+            self.table.set_floor(self.clock.micros(Instant::now()));
+        }
+        tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
+        self.metrics.redis_fallback_switch();
+        self.publish();
+    }
+
+    fn back_up(&mut self) {
+        self.mode = Mode::Up;
+        // The fallback's table (scaled, floored) is done with: admission's lower bounds come
+        // from a clean one again, so no call is refused for a floor that no longer applies.
+        self.table = QuotaTable::new(self.full_specs.clone(), self.margin, self.hold);
+        self.publish();
+    }
+}
+
+// === impl SharedGate ===
+
+impl SharedGate for RedisGate {
+    fn table(&self) -> &QuotaTable {
+        &self.table
+    }
+
+    fn table_mut(&mut self) -> &mut QuotaTable {
+        &mut self.table
+    }
+
+    /// Adds quotas after a live reload changed an app's list (`kinds`: their Redis names).
+    fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
+        self.full_specs.extend_from_slice(specs);
+        self.kinds.extend_from_slice(kinds);
+        let local = matches!(self.mode, Mode::Down)
+            && self.store.config().on_failure == RedisFailurePolicy::Local;
+        if local {
+            // On the fallback: this replica's share, as `down` made the others.
+            let replicas = self.store.replicas();
+            let scaled: Vec<QuotaSpec> = specs.iter().map(|s| share_of(s, replicas)).collect();
+            self.table.add_quotas(&scaled);
+        } else {
+            self.table.add_quotas(specs);
+        }
+    }
+
     /// May `chat`'s head job go now?
-    fn ask_head(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
+    fn ask(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
         let Head {
             id: job_id,
             keys,
@@ -251,102 +401,28 @@ impl RedisGate {
         Verdict::Asked
     }
 
-    /// Redis answered the decision for `chat`'s job; `head` says whether that job is still the
-    /// chat's head (`None`: the chat has no job left).
-    fn decided_answer(
+    fn decided(
         &mut self,
         chat: &Arc<str>,
-        Answer { keys, result }: Answer,
+        answer: Opaque,
         head: Option<bool>,
         now: Instant,
     ) -> Decided {
-        // Lines first: whatever happens to the chat, its probes must be handed on.
-        let refused_on = match &result {
-            Ok(Decision::Wait { wait, key }) => {
-                let jitter = Duration::from_micros(rand::rng().random_range(0..=LINE_JITTER_US));
-                Some((keys[*key].name.clone(), now + *wait + jitter))
-            }
-            _ => None,
-        };
-        for k in keys.iter() {
-            match &refused_on {
-                Some((name, until)) if *name == k.name => {
-                    let line = self.lines.entry(name.clone()).or_insert_with(|| Line {
-                        until: *until,
-                        waiters: VecDeque::new(),
-                        probes: Vec::new(),
-                    });
-                    line.until = line.until.max(*until);
-                    line.drop_probe(chat);
-                    if head.is_some() {
-                        // The refused chat keeps its place at the front of the line.
-                        line.waiters.push_front(chat.clone());
-                    }
-                }
-                _ => {
-                    if let Some(line) = self.lines.get_mut(&k.name) {
-                        line.drop_probe(chat);
-                    }
-                }
-            }
-        }
-        match result {
-            Ok(Decision::Granted { member }) if head == Some(true) => {
-                Decided::Send(Grant::Shared(Opaque::new(SharedGrant { keys, member })))
-            }
-            // The head changed meanwhile (deadline, cancel) or is gone: nothing is sent for
-            // this grant, so give the slot back.
-            Ok(Decision::Granted { member }) => {
-                self.release(keys, member);
-                Decided::AskAgain
-            }
-            Ok(Decision::Wait { .. }) => Decided::InLine,
-            // Redis is unreachable: the failure policy, for every chat.
-            Err(e) if e.is_outage() => {
-                self.down(&e.to_string());
-                Decided::AskAgain
-            }
-            // Redis answered with an error about these keys (wrong type, a script error): only
-            // the jobs that use them wait, and ask again a little later.
-            Err(e) => {
-                let names: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
-                tracing::warn!(error = %e, keys = ?names, "Redis refused a quota decision; the job asks again");
-                Decided::RetryAt(now + KEY_ERROR_RETRY)
-            }
+        match answer.downcast::<Answer>() {
+            Ok(answer) => self.decided_answer(chat, answer, head, now),
+            // Not one of this gate's answers (cannot happen): ask again.
+            Err(_) => Decided::AskAgain,
         }
     }
 
-    /// Forgets a granted send that will not leave (the slot would stay spent for a window).
-    pub fn release(&self, keys: Arc<[SharedKey]>, member: String) {
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.release(&keys, &member).await {
-                tracing::debug!(error = %e, "releasing an unused grant failed; retried at the next heartbeat");
-                store.release_later(keys.to_vec(), member);
-            }
-        });
-    }
-
-    /// A granted send was answered at `answered`: it counts until then in `counted` (indexes
-    /// into `keys`), and not at all in the others (a rate refusal, see the scheduler).
-    fn settle_grant(
-        &self,
-        SharedGrant { keys, member }: SharedGrant,
-        counted: &[usize],
-        refused: &[usize],
-        answered: Instant,
-    ) {
-        let pick =
-            |idx: &[usize]| -> Vec<SharedKey> { idx.iter().map(|&i| keys[i].clone()).collect() };
-        self.store
-            .settle_later(pick(counted), member.clone(), answered);
-        if !refused.is_empty() {
-            self.release(pick(refused).into(), member);
+    fn settle(&self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant) {
+        if let Ok(grant) = grant.downcast::<SharedGrant>() {
+            self.settle_grant(grant, counted, refused, answered);
         }
     }
 
     /// Feishu refused a send for rate on `keys`: every replica backs off for `wait`.
-    fn block_keys(&self, keys: &[QuotaKey], wait: Duration) {
+    fn block(&self, keys: &[QuotaKey], wait: Duration) {
         if !matches!(self.mode, Mode::Up) {
             return;
         }
@@ -361,7 +437,7 @@ impl RedisGate {
     }
 
     /// Lines whose time has come: their first waiters may ask (and become the next probes).
-    fn pump_lines(&mut self, now: Instant) -> Vec<Arc<str>> {
+    fn pump(&mut self, now: Instant) -> Vec<Arc<str>> {
         let mut release = Vec::new();
         self.lines.retain(|_, line| {
             if line.until > now {
@@ -380,7 +456,7 @@ impl RedisGate {
     }
 
     /// The earliest instant a line needs attention.
-    fn lines_wake(&self) -> Option<Instant> {
+    fn next_wake(&self) -> Option<Instant> {
         self.lines
             .values()
             .filter(|l| l.probes.len() < LINE_PROBES && !l.waiters.is_empty())
@@ -388,45 +464,9 @@ impl RedisGate {
             .min()
     }
 
-    fn publish(&self) {
-        let state = match (&self.mode, self.store.config().on_failure) {
-            (Mode::Up, _) => QuotaSource::Shared,
-            (_, RedisFailurePolicy::FailClosed) => QuotaSource::Holding,
-            _ => QuotaSource::Fallback,
-        };
-        self.state.send_replace(state);
-        let up = matches!(self.mode, Mode::Up | Mode::Replaying);
-        self.metrics
-            .set_redis_state(up, !matches!(self.mode, Mode::Up));
-    }
-
-    fn down(&mut self, error: &str) {
-        if !matches!(self.mode, Mode::Up) {
-            return;
-        }
-        self.mode = Mode::Down;
-        let replicas = self.store.replicas();
-        let policy = self.store.config().on_failure;
-        // This replica's share of every quota; nothing local before the Redis-era sends have
-        // left their windows (the floor), so the two sources never add up within a window.
-        let scaled: Vec<QuotaSpec> = self
-            .full_specs
-            .iter()
-            .map(|s| share_of(s, replicas))
-            .collect();
-        if policy == RedisFailurePolicy::Local {
-            // keep_ids: its sends are replayed into Redis by key name on recovery.
-            self.table = QuotaTable::new(scaled, self.margin, self.hold).keep_ids();
-            self.table.set_floor(self.clock.micros(Instant::now()));
-        }
-        tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
-        self.metrics.redis_fallback_switch();
-        self.publish();
-    }
-
     /// The heartbeat reached Redis (`true`) or not. Returns true when the gate is back on
     /// Redis (every waiting chat should ask again).
-    fn heartbeat(&mut self, up: bool) -> bool {
+    fn health(&mut self, up: bool) -> bool {
         match (&self.mode, up) {
             (Mode::Up, false) => {
                 self.down("heartbeat failed");
@@ -466,7 +506,7 @@ impl RedisGate {
 
     /// The local sends were written back to Redis (or that failed). Returns true when the gate
     /// is back on Redis.
-    fn replay_done(&mut self, result: Result<(), String>) -> bool {
+    fn replayed(&mut self, result: Result<(), String>) -> bool {
         if !matches!(self.mode, Mode::Replaying) {
             return false;
         }
@@ -485,74 +525,6 @@ impl RedisGate {
                 false
             }
         }
-    }
-
-    fn back_up(&mut self) {
-        self.mode = Mode::Up;
-        // The fallback's table (scaled, floored) is done with: admission's lower bounds come
-        // from a clean one again, so no call is refused for a floor that no longer applies.
-        self.table = QuotaTable::new(self.full_specs.clone(), self.margin, self.hold);
-        self.publish();
-    }
-}
-
-// === impl SharedGate ===
-
-impl SharedGate for RedisGate {
-    fn table(&self) -> &QuotaTable {
-        &self.table
-    }
-
-    fn table_mut(&mut self) -> &mut QuotaTable {
-        &mut self.table
-    }
-
-    fn add_quotas(&mut self, specs: &[QuotaSpec], kinds: &[String]) {
-        self.add_specs(specs, kinds);
-    }
-
-    fn ask(&mut self, chat: &Arc<str>, head: Head<'_>, now: Instant) -> Verdict {
-        self.ask_head(chat, head, now)
-    }
-
-    fn decided(
-        &mut self,
-        chat: &Arc<str>,
-        answer: Opaque,
-        head: Option<bool>,
-        now: Instant,
-    ) -> Decided {
-        match answer.downcast::<Answer>() {
-            Ok(answer) => self.decided_answer(chat, answer, head, now),
-            // Not one of this gate's answers (cannot happen): ask again.
-            Err(_) => Decided::AskAgain,
-        }
-    }
-
-    fn settle(&self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant) {
-        if let Ok(grant) = grant.downcast::<SharedGrant>() {
-            self.settle_grant(grant, counted, refused, answered);
-        }
-    }
-
-    fn block(&self, keys: &[QuotaKey], wait: Duration) {
-        self.block_keys(keys, wait);
-    }
-
-    fn pump(&mut self, now: Instant) -> Vec<Arc<str>> {
-        self.pump_lines(now)
-    }
-
-    fn next_wake(&self) -> Option<Instant> {
-        self.lines_wake()
-    }
-
-    fn health(&mut self, up: bool) -> bool {
-        self.heartbeat(up)
-    }
-
-    fn replayed(&mut self, result: Result<(), String>) -> bool {
-        self.replay_done(result)
     }
 }
 

@@ -100,7 +100,7 @@ pub(super) fn build(
     redis_url: Option<String>,
 ) -> Result<Option<ClusterConfig>, ConfigError> {
     let invalid = |m: String| ConfigError::Invalid(m);
-Ok(match redis_url.or(cluster.redis_url.clone()) {
+    Ok(match redis_url.or(cluster.redis_url.clone()) {
         None => None,
         Some(url) => {
             let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
@@ -128,9 +128,7 @@ Ok(match redis_url.or(cluster.redis_url.clone()) {
                     "cluster.redis_timeout_ms and cluster.replicas must be > 0".into(),
                 ));
             }
-            if cluster.job_lease_ms < 1000
-                || cluster.job_lease_ms < 4 * cluster.redis_timeout_ms
-            {
+            if cluster.job_lease_ms < 1000 || cluster.job_lease_ms < 4 * cluster.redis_timeout_ms {
                 return Err(invalid(
                     "cluster.job_lease_ms must be at least 1000 and 4 x redis_timeout_ms (a lease is renewed every quarter of it)".into(),
                 ));

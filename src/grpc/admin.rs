@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::ReplyService;
 use super::CallError;
-use crate::scheduler::GatewayError;
+use super::ReplyService;
 use crate::proto::reply_admin_server::ReplyAdmin;
 use crate::proto::{
     AppState, Budget, CallerState, ChatState, InspectAppRequest, InspectCallerRequest,
     InspectChatRequest, QuotaState,
 };
+use crate::scheduler::GatewayError;
 use crate::scheduler::inspect::{self as snapshot, ChatSnapshot};
 
 fn ms(d: Duration) -> u64 {

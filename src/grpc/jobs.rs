@@ -139,7 +139,10 @@ impl ReplyService {
                             Ok(Some(rec)) => w.pending = Some(rec),
                             Ok(None) => return None,
                             Err(e) => {
-                                return Some((Err(CallError::from(GatewayError::JobStore(e.0)).to_status()), w));
+                                return Some((
+                                    Err(CallError::from(GatewayError::JobStore(e.0)).to_status()),
+                                    w,
+                                ));
                             }
                         },
                     }

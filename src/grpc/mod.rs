@@ -4,8 +4,8 @@
 //! (`SubmitReply`, `GetReply`, `WatchReply`, `CancelReply`) is in `grpc::jobs`.
 
 mod admin;
-mod status;
 mod jobs;
+mod status;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -18,9 +18,6 @@ use tracing::Instrument;
 use crate::auth::{Admission, Authenticator, Caller, UNAUTHENTICATED};
 use crate::chat_cache::ChatCache;
 use crate::config::{AppConfig, Config};
-use crate::scheduler::GatewayError;
-pub use jobs::JobAnswers;
-pub use status::{CallError, ERROR_DOMAIN};
 use crate::feishu::{SendRequest, Upstream};
 use crate::jobs::{Jobs, StoredReply};
 use crate::listen::Intake;
@@ -28,7 +25,10 @@ use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGateway;
 use crate::proto::{GetReplyRequest, ReplyJob, ReplyRequest, ReplyResponse, SubmitReplyResponse};
 use crate::reply::{RawReply, Reply as ValidReply, ValidationError};
+use crate::scheduler::GatewayError;
 use crate::scheduler::{Delivered, JobSpec, Scheduler};
+pub use jobs::JobAnswers;
+pub use status::{CallError, ERROR_DOMAIN};
 
 /// gRPC metadata naming the calling service: a label for logs when calls are anonymous (never
 /// an identity, never a metric or admission key).

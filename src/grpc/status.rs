@@ -202,8 +202,8 @@ impl CallError {
         match self.gateway() {
             Some(
                 GatewayError::Upstream { attempts, uuid, .. }
-            | GatewayError::DeadlineBeforeSend { attempts, uuid }
-            | GatewayError::ShuttingDown { attempts, uuid }
+                | GatewayError::DeadlineBeforeSend { attempts, uuid }
+                | GatewayError::ShuttingDown { attempts, uuid }
                 | GatewayError::Internal { attempts, uuid },
             ) => {
                 meta.insert("attempts".to_owned(), attempts.to_string());

@@ -18,7 +18,6 @@ impl State {
     pub fn is_final(self) -> bool {
         matches!(self, State::Delivered | State::Failed | State::Cancelled)
     }
-
 }
 
 /// The reply a job sends, as validated at submit (chat resolved, uuid fixed).

@@ -17,8 +17,8 @@ use super::redis_scripts::{
     UPDATE_LUA,
 };
 use super::store::StoreError;
-use crate::redis_conn::{ClusterError, Lane, SharedRedis};
 pub use crate::config::RedisJobsConfig;
+use crate::redis_conn::{ClusterError, Lane, SharedRedis};
 
 /// How a submit went.
 #[derive(Debug)]

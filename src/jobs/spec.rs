@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::record::{JobRecord, now_ms};
-use crate::scheduler::GatewayError;
 use crate::feishu::SendRequest;
 use crate::reply::{MsgType, ValidationError};
+use crate::scheduler::GatewayError;
 use crate::scheduler::JobSpec;
 
 /// The span an async job's queue waits and attempts belong to, while it runs on this replica:

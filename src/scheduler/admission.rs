@@ -8,10 +8,10 @@ use tokio::time::Instant;
 use super::queue::Job;
 use std::sync::Arc;
 
+use super::GatewayError;
 use super::gate::QuotaGate;
 use super::layout::QuotaLayout;
 use super::{CHAT_QUOTA, Dispatcher, FIRST_APP_QUOTA, JobSpec, PastSend, USER_QUOTA};
-use super::GatewayError;
 use crate::quota::QuotaKey;
 
 impl Dispatcher {

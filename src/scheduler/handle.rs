@@ -8,13 +8,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::GatewayError;
 use super::gate::{Clock, GateSetup, QuotaGate, QuotaSource, StartSharedGate};
 use super::layout::QuotaLayout;
 use super::queue::{Job, Queues};
-use super::{
-    Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig,
-};
-use super::GatewayError;
+use super::{Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig};
 use crate::feishu::Upstream;
 use crate::metrics::Metrics;
 use crate::quota::QuotaTable;

@@ -105,8 +105,7 @@ impl Dispatcher {
     fn quota_states(&self, keys: &[QuotaKey], now: Instant) -> Vec<QuotaState> {
         let at = self.clock.micros(now);
         let table = self.gate.table();
-        keys
-            .iter()
+        keys.iter()
             .map(|k| {
                 let spec = self.layout.specs[k.quota];
                 let (used, ready_at) = table.usage(k, at);

@@ -6,10 +6,10 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
+use super::GatewayError;
 use super::gate::Grant;
 use super::queue::Job;
 use super::{Attempt, Delivered, Dispatcher, FIRST_APP_QUOTA};
-use super::GatewayError;
 use crate::feishu::{RetryReason, UpstreamError};
 use crate::quota::{QuotaKey, micros};
 

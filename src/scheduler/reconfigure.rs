@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use super::GatewayError;
 use super::{Command, Dispatcher, Scheduler};
 use crate::config::{CallerLimits, QuotaConfig};
-use super::GatewayError;
 use crate::feishu::AppIndex;
 use crate::quota::QuotaKey;
 
