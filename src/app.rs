@@ -22,7 +22,7 @@ use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
 use crate::feishu::{FeishuClient, Upstream};
 use crate::grpc::ReplyService;
-use crate::jobs::{Backend, JobStore, Jobs, RedisJobStore};
+use crate::jobs::{JobStore, Jobs, RedisJobStore};
 use crate::listen::{self, PortLimits};
 use crate::metrics::Metrics;
 use crate::proto::reply_admin_server::ReplyAdminServer;
@@ -205,19 +205,19 @@ pub async fn run_with_upstream(
     }
     // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
     // when a data dir is set.
-    let backend = match (&store, &config.data_dir, &config.cluster) {
-        (Some(redis), dir, Some(c)) => {
-            if dir.is_some() {
-                tracing::warn!("cluster mode keeps jobs in Redis; the data dir is not used");
+    let backend =
+        match (&store, &config.data_dir, &config.cluster) {
+            (Some(redis), dir, Some(c)) => {
+                if dir.is_some() {
+                    tracing::warn!("cluster mode keeps jobs in Redis; the data dir is not used");
+                }
+                Some(Arc::new(RedisJobStore::new(redis.shared().clone(), c.jobs))
+                    as Arc<dyn crate::jobs::Store>)
             }
-            Some(Backend::Redis(Arc::new(RedisJobStore::new(
-                redis.shared().clone(),
-                c.jobs,
-            ))))
-        }
-        (_, Some(dir), _) => Some(Backend::Local(JobStore::open(dir).map_err(AppError::Jobs)?)),
-        _ => None,
-    };
+            (_, Some(dir), _) => Some(Arc::new(JobStore::open(dir).map_err(AppError::Jobs)?)
+                as Arc<dyn crate::jobs::Store>),
+            _ => None,
+        };
     let jobs = backend.map(|b| {
         let specs = service.job_specs();
         Jobs::new(

@@ -7,6 +7,7 @@ pub mod record;
 pub mod redis;
 mod redis_scripts;
 mod runner;
+pub mod seam;
 pub mod spec;
 pub mod store;
 
@@ -21,6 +22,7 @@ use crate::scheduler::GatewayError;
 use crate::scheduler::{Delivered, JobSpec, Scheduler};
 pub use record::{JobRecord, State, StoredError, StoredReply, job_id, now_ms, parse_job_id};
 pub use redis::{RedisJobStore, RedisJobsConfig};
+pub use seam::{JobStore as Store, Leases, OnCommit, Owner, Polled, Stored};
 pub use spec::Specs;
 pub use store::{JobStore, StoreError};
 
@@ -41,17 +43,10 @@ pub trait Answers: Send + Sync {
     fn failed(&self, e: &GatewayError) -> StoredError;
 }
 
-/// Where the jobs are stored.
-pub enum Backend {
-    /// The embedded store (single node).
-    Local(JobStore),
-    /// The Redis the replicas share (cluster mode).
-    Redis(Arc<RedisJobStore>),
-}
-
 /// The jobs of this process: the store and the tasks running them.
 pub struct Jobs {
-    backend: Backend,
+    /// Where they are kept (`app.rs` picks it: [`JobStore`] or [`RedisJobStore`]).
+    store: Arc<dyn Store>,
     /// Jobs the store may hold (all states); beyond it SubmitReply is RESOURCE_EXHAUSTED.
     max_jobs: u64,
     metrics: Arc<crate::metrics::Metrics>,
@@ -80,7 +75,7 @@ pub struct Jobs {
 impl Jobs {
     /// Must be called on the runtime the jobs will run on.
     pub fn new(
-        backend: Backend,
+        store: Arc<dyn Store>,
         max_jobs: u64,
         scheduler: Scheduler,
         specs: Specs,
@@ -89,7 +84,7 @@ impl Jobs {
     ) -> Arc<Self> {
         let (updates, _) = broadcast::channel(4096);
         Arc::new(Self {
-            backend,
+            store,
             max_jobs,
             metrics,
             scheduler,
@@ -120,36 +115,25 @@ impl Jobs {
             retry_after: Duration::from_secs(60),
         };
         let key = rec.idempotency_key();
-        match &self.backend {
-            Backend::Local(store) => {
-                let stored = store.count();
-                if stored >= self.max_jobs {
-                    return Err(full(stored));
+        let jobs = self.clone();
+        // A store only this process uses starts the job at once, in store order; a shared
+        // store's jobs are picked up by their owner's poll.
+        let start: OnCommit = Box::new(move |stored: &JobRecord| {
+            jobs.start(stored.clone(), spec);
+        });
+        let stored = self.store.submit(rec, key, self.max_jobs, start).await;
+        if let Some(n) = self.store.count() {
+            self.metrics.set_jobs_stored(n);
+        }
+        match stored.map_err(|e| GatewayError::JobStore(e.0))? {
+            Stored::New { rec, runs_here } => {
+                if runs_here && self.store.leases().is_some() {
+                    self.poke.notify_one();
                 }
-                let jobs = self.clone();
-                let then: store::OnCommit = Box::new(move |stored: &JobRecord| {
-                    jobs.start(stored.clone(), spec);
-                });
-                let r = store.insert(rec, key, Some(then)).await;
-                self.metrics.set_jobs_stored(store.count());
-                r.map_err(|e| GatewayError::JobStore(e.0))
+                Ok((rec, false))
             }
-            Backend::Redis(store) => {
-                // The job's owner (this replica, or the one running its chat) picks it up
-                // from the store, in the store's order.
-                drop(spec);
-                match store.submit(&rec, &key, self.max_jobs).await {
-                    Ok(redis::Submitted::New { seq, owner }) => {
-                        if owner == store.replica() {
-                            self.poke.notify_one();
-                        }
-                        Ok((JobRecord { seq, ..rec }, false))
-                    }
-                    Ok(redis::Submitted::Duplicate(known)) => Ok((*known, true)),
-                    Ok(redis::Submitted::Full(stored)) => Err(full(stored)),
-                    Err(e) => Err(GatewayError::JobStore(e.0)),
-                }
-            }
+            Stored::Duplicate(known) => Ok((known, true)),
+            Stored::Full(stored) => Err(full(stored)),
         }
     }
 
@@ -160,10 +144,7 @@ impl Jobs {
 
     /// Job `seq`, if stored.
     pub async fn get(&self, seq: u64) -> Result<Option<JobRecord>, StoreError> {
-        match &self.backend {
-            Backend::Local(store) => store.get(seq),
-            Backend::Redis(store) => Ok(store.get(seq).await?.map(|(rec, _)| rec)),
-        }
+        Ok(self.store.get(seq).await?.map(|(rec, _)| rec))
     }
 
     /// Hands a stored job to the scheduler now (its place in line) and follows it to its end
@@ -269,10 +250,7 @@ impl Jobs {
         let mut delay = Duration::from_millis(50);
         let mut waited = Duration::ZERO;
         loop {
-            let written = match &self.backend {
-                Backend::Local(store) => store.update(rec.clone()).await.map(|()| true),
-                Backend::Redis(store) => store.update(&rec).await,
-            };
+            let written = self.store.update(rec.clone()).await;
             match written {
                 Ok(true) => break,
                 Ok(false) => {
@@ -303,27 +281,27 @@ impl Jobs {
         wait: Duration,
     ) -> Result<Option<JobRecord>, GatewayError> {
         let store_err = |e: StoreError| GatewayError::JobStore(e.0);
-        let Backend::Redis(store) = &self.backend else {
+        let Some(leases) = self.store.leases() else {
             return self.cancel_here(seq).await.map_err(store_err);
         };
-        let Some((rec, owner)) = store.get(seq).await.map_err(store_err)? else {
+        let Some((rec, owner)) = self.store.get(seq).await.map_err(store_err)? else {
             return Ok(None);
         };
         match owner {
             _ if rec.state != State::Queued => return Ok(None),
-            None => return Ok(None),
-            Some(o) if o == store.replica() => {
+            Owner::Nobody => return Ok(None),
+            Owner::Here => {
                 return self.cancel_here(seq).await.map_err(store_err);
             }
-            Some(_) => {}
+            Owner::Elsewhere => {}
         }
-        if !store.ask_cancel(seq).await.map_err(store_err)? {
+        if !leases.ask_cancel(seq).await.map_err(store_err)? {
             return Ok(None);
         }
         let until = tokio::time::Instant::now() + wait;
         loop {
             tokio::time::sleep(Duration::from_millis(25)).await;
-            match store.get(seq).await.map_err(store_err)? {
+            match self.store.get(seq).await.map_err(store_err)? {
                 Some((rec, _)) if rec.state == State::Cancelled => return Ok(Some(rec)),
                 Some((rec, _)) if rec.state != State::Queued => return Ok(None),
                 None => return Ok(None),
@@ -373,13 +351,13 @@ impl Jobs {
         lookback: Duration,
         hold: Duration,
     ) -> Result<usize, StoreError> {
-        let Backend::Local(store) = &self.backend else {
-            // Cluster mode: the quota windows are in Redis, and jobs are taken over by lease.
-            return Ok(0);
-        };
         let now = now_ms();
         let since = now - i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
-        let (jobs, recent) = store.recovery_scan(since)?;
+        let Some(scan) = self.store.recovery_scan(since) else {
+            // A shared store: the quota windows are shared too, and jobs move by lease.
+            return Ok(0);
+        };
+        let (jobs, recent) = scan?;
         let instant_of = |ms: i64| {
             let ago = Duration::from_millis((now - ms).max(0).unsigned_abs());
             let t = tokio::time::Instant::now();

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::record::JobRecord;
@@ -16,6 +17,8 @@ use super::redis_scripts::{
     ASK_CANCEL_LUA, CLAIM_LUA, EXPIRE_LUA, GET_LUA, HANDOFF_LUA, LEASE_LUA, POLL_LUA, SUBMIT_LUA,
     UPDATE_LUA,
 };
+pub use super::seam::Polled;
+use super::seam::{JobStore, Leases, OnCommit, Owner, Stored};
 use super::store::StoreError;
 pub use crate::config::RedisJobsConfig;
 use crate::redis_conn::{ClusterError, Lane, SharedRedis};
@@ -29,13 +32,6 @@ pub enum Submitted {
     Duplicate(Box<JobRecord>),
     /// The store holds `stored` jobs, its bound.
     Full(u64),
-}
-
-/// What a poll found: new jobs this replica owns (in order) and the cancels asked of it.
-#[derive(Debug, Default)]
-pub struct Polled {
-    pub jobs: Vec<JobRecord>,
-    pub cancels: Vec<u64>,
 }
 
 pub struct RedisJobStore {
@@ -340,5 +336,102 @@ impl RedisJobStore {
             )),
             _ => Err(bad("expire")),
         }
+    }
+}
+
+// === impl JobStore ===
+
+impl JobStore for RedisJobStore {
+    fn submit(
+        &self,
+        rec: JobRecord,
+        key: String,
+        max_jobs: u64,
+        _start: OnCommit,
+    ) -> BoxFuture<'_, Result<Stored, StoreError>> {
+        // The job's owner (this replica, or the one running its chat) picks it up from the
+        // store, in the store's order.
+        Box::pin(async move {
+            Ok(
+                match RedisJobStore::submit(self, &rec, &key, max_jobs).await? {
+                    Submitted::New { seq, owner } => Stored::New {
+                        rec: JobRecord { seq, ..rec },
+                        runs_here: owner == self.replica,
+                    },
+                    Submitted::Duplicate(known) => Stored::Duplicate(*known),
+                    Submitted::Full(stored) => Stored::Full(stored),
+                },
+            )
+        })
+    }
+
+    fn get(&self, seq: u64) -> BoxFuture<'_, Result<Option<(JobRecord, Owner)>, StoreError>> {
+        Box::pin(async move {
+            Ok(RedisJobStore::get(self, seq).await?.map(|(rec, owner)| {
+                let owner = match owner {
+                    None => Owner::Nobody,
+                    Some(o) if o == self.replica => Owner::Here,
+                    Some(_) => Owner::Elsewhere,
+                };
+                (rec, owner)
+            }))
+        })
+    }
+
+    fn update(&self, rec: JobRecord) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { RedisJobStore::update(self, &rec).await })
+    }
+
+    fn expire(
+        &self,
+        keep: Duration,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<(usize, u64), StoreError>> {
+        Box::pin(RedisJobStore::expire(self, keep, limit))
+    }
+
+    fn count(&self) -> Option<u64> {
+        None
+    }
+
+    fn file_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    fn recovery_scan(
+        &self,
+        _since_ms: i64,
+    ) -> Option<Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>> {
+        None
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+}
+
+impl Leases for RedisJobStore {
+    fn lease(&self) -> Duration {
+        self.config.lease
+    }
+
+    fn renew(&self, register: bool) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(RedisJobStore::renew(self, register))
+    }
+
+    fn claim(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(RedisJobStore::claim(self))
+    }
+
+    fn poll(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Polled, StoreError>> {
+        Box::pin(RedisJobStore::poll(self, after, limit))
+    }
+
+    fn ask_cancel(&self, seq: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(RedisJobStore::ask_cancel(self, seq))
+    }
+
+    fn hand_off(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(RedisJobStore::hand_off(self))
     }
 }

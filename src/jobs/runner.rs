@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Backend, Jobs, KEEP_FINISHED, RedisJobStore, now_ms};
+use super::{Jobs, KEEP_FINISHED, Leases};
 
 /// How often a replica looks for new jobs of its own (a submit to this replica looks at once).
 const POLL_EVERY: Duration = Duration::from_millis(50);
@@ -33,9 +33,9 @@ impl Jobs {
             async move { jobs.maintain().await }
         };
         let work = async {
-            match &self.backend {
-                Backend::Local(_) => std::future::pending::<()>().await,
-                Backend::Redis(store) => self.run_cluster(store.clone()).await,
+            match self.store.leases() {
+                None => std::future::pending::<()>().await,
+                Some(leases) => self.run_cluster(leases).await,
             }
         };
         tokio::select! {
@@ -55,42 +55,31 @@ impl Jobs {
             if expire {
                 next_expire = Instant::now() + EXPIRE_EVERY;
             }
-            match &self.backend {
-                Backend::Local(store) => {
-                    if expire {
-                        let keep = i64::try_from(KEEP_FINISHED.as_millis()).unwrap_or(i64::MAX);
-                        if let Err(e) = store.expire(now_ms() - keep).await {
-                            tracing::warn!(error = %e, "expiring finished jobs failed");
+            let limit = if expire { EXPIRE_BATCH } else { 0 };
+            loop {
+                match self.store.expire(KEEP_FINISHED, limit).await {
+                    Ok((gone, stored)) => {
+                        self.metrics.set_jobs_stored(stored);
+                        if gone < EXPIRE_BATCH || limit == 0 {
+                            break;
                         }
                     }
-                    self.metrics.set_jobs_stored(store.count());
-                    self.metrics.set_job_store_bytes(store.file_bytes());
-                }
-                Backend::Redis(store) => {
-                    let limit = if expire { EXPIRE_BATCH } else { 0 };
-                    loop {
-                        match store.expire(KEEP_FINISHED, limit).await {
-                            Ok((gone, stored)) => {
-                                self.metrics.set_jobs_stored(stored);
-                                if gone < EXPIRE_BATCH || limit == 0 {
-                                    break;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "expiring finished jobs failed");
-                                break;
-                            }
-                        }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "expiring finished jobs failed");
+                        break;
                     }
                 }
+            }
+            if let Some(bytes) = self.store.file_bytes() {
+                self.metrics.set_job_store_bytes(bytes);
             }
         }
     }
 
     /// Cluster mode: hold a lease, take over the jobs of replicas whose lease ended, and run
     /// the jobs this replica owns, in order.
-    async fn run_cluster(self: &Arc<Self>, store: Arc<RedisJobStore>) {
-        let lease = store.config().lease;
+    async fn run_cluster(self: &Arc<Self>, store: &dyn Leases) {
+        let lease = store.lease();
         let renew_every = lease / 4;
         let mut registered = false;
         let mut next_renew = Instant::now();
@@ -130,14 +119,14 @@ impl Jobs {
             if registered && !failed {
                 if now >= next_claim {
                     next_claim = now + CLAIM_EVERY;
-                    if self.claim(&store).await {
+                    if self.claim(store).await {
                         // Jobs numbered before `after` are ours now (or may be, when the
                         // answer was lost): look through every job we own; those running here
                         // are skipped.
                         after = 0;
                     }
                 }
-                match self.poll(&store, after).await {
+                match self.poll(store, after).await {
                     Ok(last) => after = last,
                     Err(()) => failed = true,
                 }
@@ -157,7 +146,7 @@ impl Jobs {
 
     /// Takes over the jobs of replicas whose lease ended; true when it took some, or may have
     /// (the call failed: Redis may have done it without us hearing the answer).
-    async fn claim(&self, store: &RedisJobStore) -> bool {
+    async fn claim(&self, store: &dyn Leases) -> bool {
         match store.claim().await {
             Ok(0) => false,
             Ok(jobs) => {
@@ -175,7 +164,7 @@ impl Jobs {
     /// Starts this replica's new jobs (numbered after `after`) and cancels what was asked;
     /// returns the last job number seen (Err: Redis failed; the jobs read before it are
     /// started, and skipped when read again).
-    async fn poll(self: &Arc<Self>, store: &RedisJobStore, mut after: u64) -> Result<u64, ()> {
+    async fn poll(self: &Arc<Self>, store: &dyn Leases, mut after: u64) -> Result<u64, ()> {
         loop {
             let starting = self.starting.lock().await;
             let polled = match store.poll(after, POLL_BATCH).await {
@@ -233,7 +222,7 @@ impl Jobs {
                 "jobs still running at shutdown"
             );
         }
-        if let Backend::Redis(store) = &self.backend {
+        if let Some(store) = self.store.leases() {
             match store.hand_off().await {
                 Ok(()) => tracing::info!("handed this replica's queued jobs to the others"),
                 Err(e) => {

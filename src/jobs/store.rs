@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
+use futures_util::future::BoxFuture;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::record::JobRecord;
+pub use super::seam::OnCommit;
+use super::seam::{JobStore as Store, Leases, Owner, Stored};
 
 /// seq → the job record (JSON).
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs_v1");
@@ -49,9 +52,6 @@ enum Op {
         done: oneshot::Sender<Result<usize, StoreError>>,
     },
 }
-
-/// What runs on a newly stored job after its commit (on the writer thread: keep it short).
-pub type OnCommit = Box<dyn FnOnce(&JobRecord) + Send>;
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -176,6 +176,75 @@ impl JobStore {
             }
         }
         Ok((unfinished, recent))
+    }
+}
+
+// === impl JobStore ===
+
+impl Store for JobStore {
+    fn submit(
+        &self,
+        rec: JobRecord,
+        key: String,
+        max_jobs: u64,
+        start: OnCommit,
+    ) -> BoxFuture<'_, Result<Stored, StoreError>> {
+        Box::pin(async move {
+            let stored = self.count();
+            if stored >= max_jobs {
+                return Ok(Stored::Full(stored));
+            }
+            Ok(match self.insert(rec, key, Some(start)).await? {
+                (rec, false) => Stored::New {
+                    rec,
+                    runs_here: true,
+                },
+                (rec, true) => Stored::Duplicate(rec),
+            })
+        })
+    }
+
+    fn get(&self, seq: u64) -> BoxFuture<'_, Result<Option<(JobRecord, Owner)>, StoreError>> {
+        let found = JobStore::get(self, seq).map(|r| r.map(|rec| (rec, Owner::Here)));
+        Box::pin(std::future::ready(found))
+    }
+
+    fn update(&self, rec: JobRecord) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move { JobStore::update(self, rec).await.map(|()| true) })
+    }
+
+    fn expire(
+        &self,
+        keep: std::time::Duration,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<(usize, u64), StoreError>> {
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok((0, self.count()));
+            }
+            let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+            let gone = JobStore::expire(self, super::now_ms() - keep).await?;
+            Ok((gone, self.count()))
+        })
+    }
+
+    fn count(&self) -> Option<u64> {
+        Some(JobStore::count(self))
+    }
+
+    fn file_bytes(&self) -> Option<u64> {
+        Some(JobStore::file_bytes(self))
+    }
+
+    fn recovery_scan(
+        &self,
+        since_ms: i64,
+    ) -> Option<Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>> {
+        Some(JobStore::recovery_scan(self, since_ms))
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
     }
 }
 
