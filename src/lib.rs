@@ -7,69 +7,96 @@
 //! posts), and maps every failure to a precise gRPC status. See README.md and DESIGN notes.
 //!
 //! # Layout
-//! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
-//!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
-//!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`;
-//!   `config::file` the file format and its defaults; `config::apps` apps with their own
-//!   quotas and budgets; [`config::live`] a reloaded config lined up with the running one:
-//!   stable app and caller slots, restart-only settings).
+//! In layers, top to bottom; a module uses its own layer and those below it, never above
+//! (ARCHITECTURE.md; checked by `tests/architecture.rs`).
+//!
+//! **Entry.**
+//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`,
+//!   `job get|watch|cancel`, `inspect chat|app|caller`).
+//! - [`app`]: wiring (the only place that picks local or Redis quotas, the redb or Redis job
+//!   store, the Redis budget counter, the embedded fake), metrics/health port, shutdown.
 //! - [`reload`]: live reload (SIGHUP, a watch on the config and secret directories): applies a
 //!   new config to the Feishu client, budgets, dispatcher, job runner and door, in that order;
 //!   refuses a broken one; `feishu_reply_config_*` metrics.
-//! - [`telemetry`]: logs, and OpenTelemetry traces over OTLP when `OTEL_*` asks (the W3C
-//!   `traceparent` of a call continued; trace ids as metric exemplars).
-//! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
-//!   one first (in Redis across replicas, else in the process); spent = refused until the reset.
+//!
+//! **Api.**
+//! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
+//!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply,
+//!   and `JobAnswers`, a job's end in the API's terms; `grpc::admin`: the `ReplyAdmin`
+//!   service, InspectChat, InspectApp, InspectCaller; the door's apps and callers in one
+//!   `Door` a reload replaces); `grpc::status` the one error → gRPC status table
+//!   ([`grpc::CallError`]: the domain's error or the door's own).
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
 //!   which apps it may use, its admission rate buckets.
 //! - [`listen`]: accepting connections within limits (per-port caps, first-bytes deadline,
 //!   accept backoff) and the metrics port's HTTP/1 loop (header read timeout, lifetime).
-//! - [`reply`]: domain: `MsgType`, content validation (no transport types).
-//! - [`quota`]: keyed rolling windows counted by arrival bounds (a send holds its slot until
-//!   its answer); pure, clock passed in, proptested against random network latencies.
-//! - [`scheduler`]: the async driver (dispatch, sends, a panicking send caught, cancelled
-//!   calls, shutdown drain, its own death made visible); `scheduler::handle` the handle
-//!   callers use (start, submit, reply, cancel, seed past sends, shutdown); `scheduler::admission` queue bounds
-//!   (count and bytes) and deadlines at the door; `scheduler::queue` the per-chat queue
-//!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a runtime);
-//!   `scheduler::layout` which quotas a job counts in (per-app lists; a reload appends changed
-//!   lists); [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's
-//!   windows and queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares,
-//!   quota lists with their sends carried over, removed apps failing `APP_REMOVED`);
-//!   `scheduler::spans` the `queue_wait` and `feishu.reply` spans; [`scheduler::gate`] the quota seam
-//!   (`QuotaGate`: the local table or Redis); `scheduler::outcome` settling a send and its
-//!   retries (and which keys a rate refusal counts in).
-//! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification.
-//! - [`error`]: `GatewayError` and the one error → gRPC status table.
-//! - [`cluster`]: Redis: `cluster::conn` the connections (standalone or Redis Cluster, TLS;
-//!   one per lane: quotas, and the job store) and the quota store (Lua scripts in
-//!   `cluster::scripts`: decide, settle in batches, release, block, replay, heartbeat);
-//!   [`cluster::gate`] the Redis quota gate (lines behind shared keys, failure policy and
-//!   fallback table, heartbeat, state published through a `watch`).
-//! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
-//! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
-//!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply;
-//!   `grpc::admin`: the `ReplyAdmin` service, InspectChat, InspectApp, InspectCaller; the
-//!   door's apps and callers in one `Door` a reload replaces).
+//! - [`proto`]: the generated `feishu.reply.v1` types.
+//!
+//! **Backends.**
+//! - [`cluster`]: the Redis quota store (Lua scripts in `cluster::scripts`: decide, settle in
+//!   batches, release, block, replay, heartbeat); [`cluster::gate`] the Redis gate, the
+//!   scheduler's `SharedGate` in cluster mode (lines behind shared keys, failure policy and
+//!   fallback table, heartbeat, state published through a `watch`); `cluster::budget` the
+//!   budgets' counter in Redis.
 //! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
-//!   `jobs::store` the embedded redb store with group commit (single node); `jobs::redis` the
-//!   cluster store in the shared Redis (one runner per chat, leases, takeover, fenced writes;
-//!   its Lua scripts and key layout in `jobs::redis_scripts`); `jobs::runner` the background
-//!   work (lease, takeover, polling a replica's jobs, expiry, hand-off at shutdown);
-//!   `jobs::record` the stored record; `jobs::spec` a stored job back into a scheduler job.
-//! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names (`metrics::labels` their label
-//!   sets and the list of names).
+//!   [`jobs::seam`] the job store seam (`JobStore`, and `Leases` for a store the replicas
+//!   share); `jobs::store` the embedded redb store with group commit (single node);
+//!   `jobs::redis` the cluster store in the shared Redis (one runner per chat, leases,
+//!   takeover, fenced writes; its Lua scripts and key layout in `jobs::redis_scripts`);
+//!   `jobs::runner` the background work (lease, takeover, polling a replica's jobs, expiry,
+//!   hand-off at shutdown); `jobs::record` the stored record; `jobs::spec` a stored job back
+//!   into a scheduler job.
+//! - [`redis_conn`]: the connections to the shared Redis (standalone or Redis Cluster, TLS;
+//!   one per lane: quotas, and the job store), shared by both Redis backends.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
 //!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the reply endpoint in
 //!   `fake_feishu::reply`, quota counters in `fake_feishu::window`);
 //!   [`fake_feishu::sim`] the same Feishu in-process on tokio's clock, for virtual-time tests.
-//! - [`app`]: wiring, metrics/health HTTP port, shutdown sequence.
-//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`, `job get|watch|cancel`, `inspect chat|app|caller`).
+//!
+//! **Domain.**
+//! - [`scheduler`]: the async driver (dispatch, sends, a panicking send caught, cancelled
+//!   calls, shutdown drain, its own death made visible); `scheduler::error` `GatewayError`, the
+//!   domain's failures; `scheduler::handle` the handle callers use (start, submit, reply,
+//!   cancel, seed past sends, shutdown); `scheduler::admission` queue bounds (count and bytes)
+//!   and deadlines at the door; `scheduler::queue` the per-chat queue machine as plain state
+//!   (fairness, order, timers, deadlines; unit-tested without a runtime); `scheduler::layout`
+//!   which quotas a job counts in (per-app lists; a reload appends changed lists);
+//!   [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's windows and
+//!   queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares, quota lists
+//!   with their sends carried over, removed apps failing `APP_REMOVED`); `scheduler::spans`
+//!   the `queue_wait` and `feishu.reply` spans; [`scheduler::gate`] the quota seam
+//!   (`QuotaGate`: the local table, or a `SharedGate`; opaque memo, grant and answer);
+//!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
+//!   counts in).
+//! - [`reply`]: `MsgType`, content validation (no transport types).
+//! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
+//!   one first (through `feishu::CallMeter`; across replicas through a `SharedCounter`, else
+//!   in the process); spent = refused until the reset.
+//! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
+//!
+//! **Upstream.**
+//! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification, the
+//!   `CallMeter` hook every call is charged to.
+//!
+//! **Foundation.**
+//! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
+//!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
+//!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`;
+//!   `config::cluster` `[cluster]` as plain data; `config::file` the file format and its
+//!   defaults; `config::apps` apps with their own quotas and budgets; [`config::live`] a
+//!   reloaded config lined up with the running one: stable app and caller slots, restart-only
+//!   settings).
+//! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names (`metrics::labels` their label
+//!   sets, label values and the list of names).
+//! - [`telemetry`]: logs, and OpenTelemetry traces over OTLP when `OTEL_*` asks (the W3C
+//!   `traceparent` of a call continued; trace ids as metric exemplars).
+//! - [`quota`]: keyed rolling windows counted by arrival bounds (a send holds its slot until
+//!   its answer); pure, clock passed in, proptested against random network latencies.
 //!
 //! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
 //! on loopback; `tests/pacing.rs` proves pacing in virtual time), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),
 //! `deploy/` (image, k8s, dashboard, alerts; `deploy/check.sh`), `scripts/test` (the test
-//! command), `.ci/run` (CI).
+//! command), `.ci/run` (CI), ARCHITECTURE.md (the layers and seams).
 #![forbid(unsafe_code)]
 
 pub mod app;

@@ -1,6 +1,6 @@
 //! The gRPC face: `feishu.reply.v1.ReplyGateway`. Converts proto ↔ domain with small functions,
 //! applies per-caller admission control, resolves the chat when the caller gave none, and maps
-//! every failure through [`GatewayError::to_status`] (the one error table). The async API
+//! every failure through [`CallError::to_status`] (the one error table, `grpc::status`). The async API
 //! (`SubmitReply`, `GetReply`, `WatchReply`, `CancelReply`) is in `grpc::jobs`.
 
 mod admin;

@@ -18,7 +18,7 @@ use super::redis_scripts::{
     UPDATE_LUA,
 };
 pub use super::seam::Polled;
-use super::seam::{JobStore, Leases, OnCommit, Owner, Stored};
+use super::seam::{JobStore, Leases, OnCommit, Owner, RecoveryScan, Stored};
 use super::store::StoreError;
 pub use crate::config::RedisJobsConfig;
 use crate::redis_conn::{ClusterError, Lane, SharedRedis};
@@ -398,10 +398,7 @@ impl JobStore for RedisJobStore {
         None
     }
 
-    fn recovery_scan(
-        &self,
-        _since_ms: i64,
-    ) -> Option<Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>> {
+    fn recovery_scan(&self, _since_ms: i64) -> Option<Result<RecoveryScan, StoreError>> {
         None
     }
 

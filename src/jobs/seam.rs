@@ -13,6 +13,10 @@ use super::store::StoreError;
 /// job starts here, in store order; keep it short).
 pub type OnCommit = Box<dyn FnOnce(&JobRecord) + Send>;
 
+/// What a restart resumes: the jobs not final yet, in store order, and the final ones
+/// attempted lately (they count in Feishu's windows).
+pub type RecoveryScan = (Vec<JobRecord>, Vec<JobRecord>);
+
 /// How a submit went.
 #[derive(Debug)]
 pub enum Stored {
@@ -79,10 +83,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// For a restart (a store only this process uses): the jobs not final yet, in store
     /// order, and the final ones attempted since `since_ms` (they count in Feishu's
     /// windows). None: a shared store, whose jobs move between replicas by lease.
-    fn recovery_scan(
-        &self,
-        since_ms: i64,
-    ) -> Option<Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>>;
+    fn recovery_scan(&self, since_ms: i64) -> Option<Result<RecoveryScan, StoreError>>;
 
     /// A shared store's leases; None for a store only this process uses.
     fn leases(&self) -> Option<&dyn Leases>;

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::record::JobRecord;
 pub use super::seam::OnCommit;
-use super::seam::{JobStore as Store, Leases, Owner, Stored};
+use super::seam::{JobStore as Store, Leases, Owner, RecoveryScan, Stored};
 
 /// seq → the job record (JSON).
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs_v1");
@@ -236,10 +236,7 @@ impl Store for JobStore {
         Some(JobStore::file_bytes(self))
     }
 
-    fn recovery_scan(
-        &self,
-        since_ms: i64,
-    ) -> Option<Result<(Vec<JobRecord>, Vec<JobRecord>), StoreError>> {
+    fn recovery_scan(&self, since_ms: i64) -> Option<Result<RecoveryScan, StoreError>> {
         Some(JobStore::recovery_scan(self, since_ms))
     }
 
