@@ -74,7 +74,11 @@ impl SharedRedis {
         op: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        self.conns.call_on(lane, op, inv).await
+        self.conns
+            .timed(lane, op, async |mut c: Conn| {
+                inv.invoke_async::<T>(&mut c).await
+            })
+            .await
     }
 
     /// One plain command (e.g. `WAIT`) like [`Self::call_on`].
@@ -84,7 +88,11 @@ impl SharedRedis {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, ClusterError> {
-        self.conns.command_on(lane, op, cmd).await
+        self.conns
+            .timed(lane, op, async |mut c: Conn| {
+                cmd.query_async::<T>(&mut c).await
+            })
+            .await
     }
 }
 
@@ -150,7 +158,7 @@ struct Connections {
 
 impl Connections {
     /// Parses the URL; connects lazily (a Redis outage at startup is an outage, not a crash).
-    pub fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
+    fn new(config: &ClusterConfig, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
         let certs = |pem: &Vec<u8>| redis::TlsCertificates {
             client_tls: None,
             root_cert: Some(pem.clone()),
@@ -207,32 +215,6 @@ impl Connections {
             .map_err(|_| ClusterError::Timeout(t))??;
         *self.slot(lane).lock() = Some(c.clone());
         Ok(c)
-    }
-
-    /// Runs one script call on `lane`'s connection.
-    pub async fn call_on<T: redis::FromRedisValue>(
-        &self,
-        lane: Lane,
-        op: &'static str,
-        inv: redis::ScriptInvocation<'_>,
-    ) -> Result<T, ClusterError> {
-        self.timed(lane, op, async |mut c: Conn| {
-            inv.invoke_async::<T>(&mut c).await
-        })
-        .await
-    }
-
-    /// Runs one plain command on `lane`'s connection.
-    pub async fn command_on<T: redis::FromRedisValue>(
-        &self,
-        lane: Lane,
-        op: &'static str,
-        cmd: &redis::Cmd,
-    ) -> Result<T, ClusterError> {
-        self.timed(lane, op, async |mut c: Conn| {
-            cmd.query_async::<T>(&mut c).await
-        })
-        .await
     }
 
     async fn timed<T>(
