@@ -117,7 +117,7 @@ impl Dispatcher {
         keys_for(&self.layout, spec)
     }
 
-    /// Counts a previous process's sends in the local table, oldest first (the Redis gate
+    /// Counts a previous process's sends in the local table, oldest first (a shared gate
     /// knows them already).
     pub(super) fn seed(&mut self, sends: &mut [PastSend]) {
         sends.sort_by_key(|s| s.arrived_by);

@@ -164,7 +164,7 @@ impl Scheduler {
     }
 
     /// Counts sends a previous process made in the local windows (single node: after a
-    /// restart they are what Feishu's windows still hold; Redis knows them in cluster mode).
+    /// restart they are what Feishu's windows still hold; the shared store knows them in cluster mode).
     pub fn seed(&self, sends: Vec<PastSend>) {
         if !sends.is_empty() {
             let _ = self.tx.send(Command::Seed(sends));

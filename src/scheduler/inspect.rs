@@ -17,7 +17,7 @@ pub struct ChatSnapshot {
     /// Jobs waiting (the head included while it is being decided).
     pub queued: usize,
     pub queued_bytes: usize,
-    /// Its head is being sent, or decided by Redis, now.
+    /// Its head is being sent, or decided by the shared gate, now.
     pub busy: bool,
     /// How long its head job has waited.
     pub head_age: Option<Duration>,

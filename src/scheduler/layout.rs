@@ -22,7 +22,7 @@ pub(super) struct Moved {
 pub(super) struct QuotaLayout {
     /// Every quota, by id.
     pub specs: Vec<QuotaSpec>,
-    /// Each quota's kind in Redis key names (`chat`, `user`, `app:<window>ms`): a key is
+    /// Each quota's kind as shared stores name it (`chat`, `user`, `app:<window>ms`): a key is
     /// (kind, id), and an app_id uses one list, so two lists never share a key.
     pub kinds: Vec<String>,
     default_app: Range<usize>,

@@ -429,7 +429,7 @@ impl Dispatcher {
         };
         if recovered {
             // Back on the shared store: chats parked on a local-quota timer (the fallback's floor can
-            // park them for a whole minute window) or a hold recheck ask Redis now instead.
+            // park them for a whole minute window) or a hold recheck ask the shared store now instead.
             self.queues.wake_all();
         }
     }

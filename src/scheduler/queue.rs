@@ -257,13 +257,14 @@ impl Queues {
         }
     }
 
-    /// `chat` waits in a line outside (a Redis gate's): scheduled, with no entry here until
+    /// `chat` waits in a line outside (a shared gate's): scheduled, with no entry here until
     /// the line lets it go ([`Self::schedule_now`]).
     pub fn park(&mut self, chat_id: &Arc<str>) {
         self.bump_ticket(chat_id);
     }
 
-    /// `chat`'s head is being decided elsewhere (Redis): nothing else of it runs meanwhile.
+    /// `chat`'s head is being decided elsewhere (the shared gate): nothing else of it runs
+    /// meanwhile.
     pub fn mark_busy(&mut self, chat_id: &Arc<str>) {
         if let Some(c) = self.chats.get_mut(chat_id) {
             c.busy = true;
@@ -365,7 +366,7 @@ impl Queues {
         chat.jobs.front().map(|j| j.id == job_id)
     }
 
-    /// `chat`'s head waits until `at` (e.g. Redis refused its keys with an error).
+    /// `chat`'s head waits until `at` (e.g. the shared store refused its keys with an error).
     pub fn retry_head_at(&mut self, chat_id: &Arc<str>, at: Micros) {
         if let Some(head) = self.head_mut(chat_id) {
             head.not_before = at;
