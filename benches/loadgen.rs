@@ -1099,6 +1099,7 @@ fn job(i: usize, chats: usize) -> JobSpec {
             reply_in_thread: false,
             uuid: format!("u{i}"),
         },
+        caller_uuid: None,
         deadline: None,
         span: tracing::Span::none(),
     }

@@ -332,6 +332,44 @@ async fn a_retried_call_without_uuid_is_posted_once() {
     assert!(uuid::Uuid::parse_str(&first.uuid).is_ok(), "{}", first.uuid);
 }
 
+#[tokio::test]
+async fn two_callers_giving_the_same_explicit_uuid_each_get_their_reply_posted() {
+    // Issue 18: an explicit uuid went to Feishu as given, so a caller could suppress another
+    // caller's reply by reusing its uuid (Feishu dedupes a uuid for an hour).
+    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    let mut client = gw.client.clone();
+    let ask = |words: &str| ReplyRequest {
+        uuid: "shared-uuid-1".into(),
+        ..text("om_s1", "oc_s", words)
+    };
+    let ops = client
+        .reply(with_token(ask("from ops"), OPS_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let billing = client
+        .reply(with_token(ask("from billing"), BILLING_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(ops.message_id, billing.message_id, "both posted");
+    assert_eq!(gw.fake.stats().deduped, 0);
+    // Each caller is told the uuid it gave, and its own retry is still posted once.
+    assert_eq!(ops.uuid, "shared-uuid-1");
+    assert_eq!(billing.uuid, "shared-uuid-1");
+    let again = client
+        .reply(with_token(ask("from ops"), OPS_TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.message_id, ops.message_id, "a retry is posted once");
+    assert_eq!(gw.fake.stats().deduped, 1);
+    let sent: std::collections::HashSet<String> =
+        gw.fake.received().into_iter().map(|r| r.uuid).collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(!sent.contains("shared-uuid-1"), "{sent:?}");
+}
+
 /// A TLS channel to `gw` trusting `pki`'s CA, with `client` as its certificate if given.
 async fn tls_client(
     addr: std::net::SocketAddr,

@@ -283,7 +283,11 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
     all_delivered(&mut to_a, &turns, Duration::from_secs(20)).await;
 
     let (by_uuid, per_chat) = posts(&fake);
-    assert_eq!(by_uuid.get("same-uuid-1"), Some(&1));
+    assert_eq!(
+        common::posts_to(&fake, "om_same"),
+        1,
+        "same-uuid-1 posted once"
+    );
     assert_eq!(by_uuid.len(), 1 + 9 + 10, "the cancelled job is never sent");
     assert_in_order(&per_chat, 3);
 }
@@ -381,6 +385,7 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
             content: r#"{"text":"f"}"#.into(),
             reply_in_thread: false,
             uuid: "fence-1".into(),
+            feishu_uuid: None,
             chat_id: "oc_f".into(),
             user_id: None,
             traceparent: None,
@@ -507,7 +512,7 @@ async fn a_submit_no_redis_replica_confirmed_is_unavailable_and_safe_to_repeat()
     }
     // The write did reach the primary: the job runs, once.
     eventually("the unconfirmed job is posted", async || {
-        posts(&fake).0.get("wait-1") == Some(&1)
+        common::posts_to(&fake, "om_w_in_w") == 1
     })
     .await;
 }

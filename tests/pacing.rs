@@ -36,6 +36,7 @@ fn job(i: usize) -> JobSpec {
             reply_in_thread: false,
             uuid: format!("uuid-{i}"),
         },
+        caller_uuid: None,
         deadline: None,
         span: tracing::Span::none(),
     }

@@ -290,15 +290,19 @@ impl ReplyService {
                 app: a.name.clone(),
             });
         }
-        let uuid = match reply.uuid.take() {
-            Some(u) => u,
-            None => {
-                let who = [
-                    caller.name.as_bytes(),
-                    label.as_deref().unwrap_or("").as_bytes(),
-                ];
-                derived_uuid(&who, &a.name, &reply)
+        let who = [
+            caller.name.as_bytes(),
+            label.as_deref().unwrap_or("").as_bytes(),
+        ];
+        // The caller's uuid (given, or derived from the reply), and the one Feishu gets when
+        // that differs: an explicit uuid is made the caller's own, so two callers giving the
+        // same one cannot suppress each other's reply.
+        let (uuid, feishu_uuid) = match reply.uuid.take() {
+            Some(u) => {
+                let own = explicit_uuid(&who, &a.name, &u);
+                (u, Some(own))
             }
+            None => (derived_uuid(&who, &a.name, &reply), None),
         };
         // An app whose call budget is known to be spent: fail now, not after the queue.
         if let Some(b) = &self.budgets {
@@ -322,6 +326,7 @@ impl ReplyService {
             content: String::new(), // filled by the async path only (it stores the job)
             reply_in_thread: reply.reply_in_thread,
             uuid: uuid.clone(),
+            feishu_uuid: feishu_uuid.clone(),
             chat_id: chat_id.to_string(),
             user_id: reply.user_id.clone(),
             traceparent: crate::telemetry::traceparent(&tracing::Span::current()),
@@ -340,8 +345,9 @@ impl ReplyService {
                 content: reply.content,
                 msg_type: reply.msg_type.as_str(),
                 reply_in_thread: reply.reply_in_thread,
-                uuid,
+                uuid: feishu_uuid.clone().unwrap_or_else(|| uuid.clone()),
             },
+            caller_uuid: feishu_uuid.map(|_| uuid),
             deadline: match ttl {
                 Some(ttl) => Some(Instant::now() + ttl),
                 None => call_deadline,
@@ -481,20 +487,35 @@ fn caller_label<T>(req: &Request<T>) -> Option<String> {
 /// its caller or a mesh reuses it and Feishu posts it once (its dedupe window is 1 h). A
 /// caller that means to post the same reply twice gives each its own uuid.
 fn derived_uuid(who: &[&[u8]], app: &str, reply: &ValidReply) -> String {
+    let thread = [u8::from(reply.reply_in_thread)];
+    let mut fields: Vec<&[u8]> = vec![b"feishu-reply-gateway/uuid/v1"];
+    fields.extend_from_slice(who);
+    fields.extend_from_slice(&[
+        app.as_bytes(),
+        reply.message_id.as_bytes(),
+        reply.msg_type.as_str().as_bytes(),
+        reply.content.as_bytes(),
+        &thread,
+    ]);
+    uuid_of(&fields)
+}
+
+/// The uuid Feishu gets for a uuid the caller gave: derived from who gave it and for which
+/// app, so it is that caller's own (the caller is still told the uuid it gave).
+fn explicit_uuid(who: &[&[u8]], app: &str, given: &str) -> String {
+    let mut fields: Vec<&[u8]> = vec![b"feishu-reply-gateway/explicit-uuid/v1"];
+    fields.extend_from_slice(who);
+    fields.extend_from_slice(&[app.as_bytes(), given.as_bytes()]);
+    uuid_of(&fields)
+}
+
+/// A v8 uuid from the SHA-256 of `fields`, each length-prefixed.
+fn uuid_of(fields: &[&[u8]]) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut field = |b: &[u8]| {
-        ctx.update(&(b.len() as u64).to_be_bytes());
-        ctx.update(b);
-    };
-    field(b"feishu-reply-gateway/uuid/v1");
-    for w in who {
-        field(w);
+    for f in fields {
+        ctx.update(&(f.len() as u64).to_be_bytes());
+        ctx.update(f);
     }
-    field(app.as_bytes());
-    field(reply.message_id.as_bytes());
-    field(reply.msg_type.as_str().as_bytes());
-    field(reply.content.as_bytes());
-    field(&[u8::from(reply.reply_in_thread)]);
     let digest = ctx.finish();
     let bytes: [u8; 16] = digest.as_ref()[..16].try_into().expect("32 > 16");
     uuid::Uuid::new_v8(bytes).to_string()

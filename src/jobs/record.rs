@@ -28,7 +28,11 @@ pub struct StoredReply {
     pub msg_type: String,
     pub content: String,
     pub reply_in_thread: bool,
+    /// The uuid the caller gave or was given (idempotency, cancel, what it is told).
     pub uuid: String,
+    /// The uuid Feishu gets, when it differs: derived from an explicit `uuid` and its caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feishu_uuid: Option<String>,
     pub chat_id: String,
     pub user_id: Option<String>,
     /// The submit call's W3C `traceparent`, when traced: the replica that runs the job

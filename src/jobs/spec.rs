@@ -95,8 +95,9 @@ impl Specs {
                 content: r.content.clone(),
                 msg_type: msg_type.as_str(),
                 reply_in_thread: r.reply_in_thread,
-                uuid: r.uuid.clone(),
+                uuid: r.feishu_uuid.clone().unwrap_or_else(|| r.uuid.clone()),
             },
+            caller_uuid: r.feishu_uuid.as_ref().map(|_| r.uuid.clone()),
             deadline: Some(
                 tokio::time::Instant::now() + Duration::from_millis(left.unsigned_abs()),
             ),

@@ -385,6 +385,7 @@ mod tests {
                 content: r#"{"text":"x"}"#.into(),
                 reply_in_thread: false,
                 uuid: uuid.into(),
+                feishu_uuid: None,
                 chat_id: "oc_1".into(),
                 user_id: None,
                 traceparent: None,

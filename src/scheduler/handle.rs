@@ -135,7 +135,10 @@ impl Scheduler {
     /// unreachable, shutting down) arrive through the receiver too, at once.
     pub fn submit(&self, spec: JobSpec) -> oneshot::Receiver<JobResult> {
         let (done, rx) = oneshot::channel();
-        let uuid = spec.request.uuid.clone();
+        let uuid = spec
+            .caller_uuid
+            .clone()
+            .unwrap_or_else(|| spec.request.uuid.clone());
         if !self.accepting.load(Ordering::Acquire) {
             let _ = done.send(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
             return rx;
@@ -153,7 +156,10 @@ impl Scheduler {
     /// Submits and waits for the result. Dropping the future (the caller cancelled) takes the
     /// job out of its chat's queue at once, unless it is already being sent.
     pub async fn reply(&self, spec: JobSpec) -> JobResult {
-        let uuid = spec.request.uuid.clone();
+        let uuid = spec
+            .caller_uuid
+            .clone()
+            .unwrap_or_else(|| spec.request.uuid.clone());
         let mut guard = AbandonOnDrop {
             tx: &self.tx,
             chat_id: Some(spec.chat_id.clone()),

@@ -67,6 +67,9 @@ pub struct JobSpec {
     pub chat_id: Arc<str>,
     pub user_id: Option<Arc<str>>,
     pub request: SendRequest,
+    /// The uuid the caller gave, when Feishu gets one derived from it (`request.uuid`):
+    /// what the caller is told, and what a cancel names. None: the same as `request.uuid`.
+    pub caller_uuid: Option<String>,
     /// The caller's deadline, if it set one.
     pub deadline: Option<Instant>,
     /// The span the job's queue waits and attempts are children of: the gRPC call's, or

@@ -72,14 +72,26 @@ impl Job {
         let _ = self.done.send(result);
     }
 
+    /// The reply's uuid as its caller knows it.
     pub fn uuid(&self) -> String {
-        self.spec.request.uuid.clone()
+        self.uuid_str().to_owned()
+    }
+
+    fn uuid_str(&self) -> &str {
+        self.spec
+            .caller_uuid
+            .as_deref()
+            .unwrap_or(&self.spec.request.uuid)
     }
 
     /// Bytes this job holds while queued (for the byte bound).
     pub fn weight(&self) -> usize {
         let r = &self.spec.request;
-        JOB_OVERHEAD_BYTES + r.content.len() + r.message_id.len() + r.uuid.len()
+        JOB_OVERHEAD_BYTES
+            + r.content.len()
+            + r.message_id.len()
+            + r.uuid.len()
+            + self.spec.caller_uuid.as_ref().map_or(0, String::len)
     }
 }
 
@@ -446,7 +458,7 @@ impl Queues {
     /// Takes the queued job with `uuid` out of `chat_id` (not one in flight).
     pub fn take_queued(&mut self, chat_id: &str, uuid: &str) -> Option<Job> {
         let chat = self.chats.get_mut(chat_id)?;
-        let pos = chat.jobs.iter().position(|j| j.spec.request.uuid == uuid)?;
+        let pos = chat.jobs.iter().position(|j| j.uuid_str() == uuid)?;
         let job = chat.jobs.remove(pos).expect("position is valid");
         self.counts.remove(&job);
         if chat.jobs.is_empty() && !chat.busy {
@@ -573,6 +585,7 @@ mod tests {
                 reply_in_thread: false,
                 uuid: format!("{chat}-{n}"),
             },
+            caller_uuid: None,
             deadline: None,
             span: tracing::Span::none(),
         };

@@ -121,6 +121,7 @@ fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
             reply_in_thread: false,
             uuid: format!("uuid-{message_id}"),
         },
+        caller_uuid: None,
         deadline: deadline.map(|d| Instant::now() + d),
         span: tracing::Span::none(),
     }

@@ -812,6 +812,14 @@ pub fn posts(
     (by_uuid, per_chat)
 }
 
+/// How many times replies to `message_id` were posted (deduped retries not counted).
+pub fn posts_to(fake: &FakeFeishu, message_id: &str) -> usize {
+    fake.received()
+        .iter()
+        .filter(|r| r.code == 0 && !r.deduped && r.message_id == message_id)
+        .count()
+}
+
 /// Message ids (numbered in submit order) posted in each of `chats` chats in order.
 pub fn assert_in_order(per_chat: &std::collections::HashMap<String, Vec<String>>, chats: usize) {
     assert_eq!(per_chat.len(), chats, "{per_chat:?}");
