@@ -254,6 +254,9 @@ pub async fn run_with_upstream(
         }
         None => None,
     };
+    if let Some(file) = reload.as_ref().and_then(|r| r.file.as_deref()) {
+        crate::reload::check_permissions(file, &metrics);
+    }
     let reloader = match (reload, config.embedded_fake) {
         (Some(_), true) => {
             tracing::info!("--embedded-fake: the configuration is not reloaded");

@@ -239,6 +239,16 @@ pub fn start(live: Arc<Live>, source: ReloadSource) -> tokio::task::JoinHandle<(
     tokio::spawn(watch(live, source, watched, tx, rx))
 }
 
+/// Warns (log and `feishu_reply_config_writable_by_others`) when others may write the config
+/// file or its directory: whoever can write it can make the gateway post as its apps.
+pub fn check_permissions(file: &Path, metrics: &Metrics) {
+    let open = crate::config::writable_by_others(file);
+    for path in &open {
+        tracing::warn!(path = %path.display(), "the configuration is writable by other users: anyone who can write it can make the gateway post as its apps; chmod o-w");
+    }
+    metrics.set_config_writable_by_others(!open.is_empty());
+}
+
 async fn watch(
     live: Arc<Live>,
     source: ReloadSource,
@@ -259,6 +269,9 @@ async fn watch(
             ))),
         };
         tracing::info!(trigger = why, "reloading the configuration");
+        if let Some(file) = &source.file {
+            check_permissions(file, &live.metrics);
+        }
         let outcome = live.apply(loaded).await;
         if !matches!(outcome, Outcome::Invalid(_)) {
             let mut files = source.file.iter().cloned().collect::<Vec<_>>();

@@ -323,3 +323,52 @@ async fn a_configmap_update_removes_an_app_failing_its_queue_and_a_broken_one_ch
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_config_others_may_write_is_flagged_until_it_is_fixed_and_a_huge_one_is_refused() {
+    // Issue 18: the gateway read a world-writable config (anyone who can write it can post as
+    // its apps) without a word, and a config file of any size.
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let d = dir("perm");
+    let file = d.join("gateway.toml");
+    let text_ok = config(&fake, &app("a", "cli_a", "sa", ""));
+    std::fs::write(&file, &text_ok).unwrap();
+    set(&file, 0o644);
+    set(&d, 0o777);
+    let (gw, port, mport) = start(&file);
+    // Serving (both ports are bound before it serves).
+    let mut c = connect(port).await;
+    let series = "feishu_reply_config_writable_by_others";
+    eventually("flagged at start", async || {
+        metric(&metrics_text(mport).await, series) == Some(1.0)
+    })
+    .await;
+    set(&d, 0o755);
+    gw.signal("HUP");
+    eventually("cleared at the next reload", async || {
+        metric(&metrics_text(mport).await, series) == Some(0.0)
+    })
+    .await;
+    // A config grown past 1 MiB is refused; the running one keeps serving.
+    let generation = counter(mport, "feishu_reply_config_generation").await;
+    let mut huge = text_ok.clone();
+    huge.push('#');
+    huge.push_str(&"x".repeat(1 << 20));
+    huge.push('\n');
+    std::fs::write(&file, &huge).unwrap();
+    let invalid = r#"feishu_reply_config_reloads_total{outcome="invalid"}"#;
+    eventually("the huge file refused", async || {
+        counter(mport, invalid).await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        counter(mport, "feishu_reply_config_generation").await,
+        generation
+    );
+    c.reply(to_app("a", "om_p0", "oc_p0")).await.unwrap();
+    let _ = std::fs::remove_dir_all(&d);
+}

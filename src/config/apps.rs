@@ -159,14 +159,21 @@ pub(super) fn apps(
                     "apps.{name}.app_secret_env names {var}, which is not set"
                 ))
             })?,
-            (None, None, Some(path)) => std::fs::read_to_string(&path)
+            (None, None, Some(path)) => super::read_capped(&path)
+                .and_then(|b| String::from_utf8(b).map_err(std::io::Error::other))
                 .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
-                // The error names the path only: never the file's content.
+                // The error names the path only: never the file's content (the size limit's
+                // message gives the size, an OS error its kind).
                 .map_err(|e| {
+                    let why = match e.kind() {
+                        std::io::ErrorKind::InvalidData if e.to_string().contains("limit") => {
+                            e.to_string()
+                        }
+                        kind => kind.to_string(),
+                    };
                     invalid(format!(
-                        "apps.{name}.app_secret_file {}: {}",
-                        path.display(),
-                        e.kind()
+                        "apps.{name}.app_secret_file {}: {why}",
+                        path.display()
                     ))
                 })?,
             _ => {

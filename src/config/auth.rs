@@ -180,7 +180,7 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 }
 
 fn read_pem(what: &str, path: &Path, marker: &[u8]) -> Result<Vec<u8>, ConfigError> {
-    let pem = std::fs::read(path)
+    let pem = super::read_capped(path)
         .map_err(|e| invalid(format!("server.tls.{what} {}: {e}", path.display())))?;
     if !pem.windows(marker.len()).any(|w| w == marker) {
         return Err(invalid(format!(

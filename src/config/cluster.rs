@@ -151,7 +151,7 @@ pub(super) fn build(
                     ));
                 }
                 Some(path) => {
-                    let pem = std::fs::read(path).map_err(|e| {
+                    let pem = super::read_capped(path).map_err(|e| {
                         invalid(format!("cluster.redis_ca_file {}: {e}", path.display()))
                     })?;
                     if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {

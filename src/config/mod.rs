@@ -27,6 +27,55 @@ pub use error::ConfigError;
 use error::parse_error;
 use file::{FileConfig, FileQuota};
 
+/// Largest configuration or secret file read: one this large is a mistake or an attack, and
+/// is refused rather than read into memory.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// `path`'s bytes, refused (not read) past [`MAX_FILE_BYTES`].
+pub(crate) fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let too_large = |bytes: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{bytes} bytes, over the {MAX_FILE_BYTES}-byte limit of configuration files"),
+        )
+    };
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if len > MAX_FILE_BYTES {
+        return Err(too_large(len));
+    }
+    let mut bytes = Vec::new();
+    // The file may grow between the check and the read: never past the limit.
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// The paths among `file` and its directory that users other than the owner and group may
+/// write (anyone who can write the configuration can make the gateway post as its apps). A
+/// directory with the sticky bit (like /tmp) does not count: others cannot replace a file
+/// in it.
+pub fn writable_by_others(file: &Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    [(file.to_path_buf(), false), (dir, true)]
+        .into_iter()
+        .filter(|(p, is_dir)| {
+            std::fs::metadata(p).is_ok_and(|m| {
+                let mode = m.permissions().mode();
+                mode & 0o002 != 0 && !(*is_dir && mode & 0o1000 != 0)
+            })
+        })
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// Feishu's documented base URL (Lark: `https://open.larksuite.com`).
 pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
 
@@ -179,10 +228,12 @@ impl Config {
     }
 
     fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read = |source| ConfigError::Read {
             path: path.into(),
             source,
-        })?;
+        };
+        let bytes = read_capped(path).map_err(read)?;
+        let text = String::from_utf8(bytes).map_err(|e| read(std::io::Error::other(e)))?;
         toml::from_str(&text).map_err(|e| parse_error(path, &text, &e))
     }
 
@@ -406,6 +457,83 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fresh directory of its own (mode 0755) under the temp dir.
+    fn temp_dir(tag: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!(
+            "gw-config-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    }
+
+    fn args(path: &Path) -> ServeArgs {
+        ServeArgs {
+            config: Some(path.into()),
+            ..ServeArgs::default()
+        }
+    }
+
+    #[test]
+    fn a_config_or_secret_file_over_1_mib_is_refused_unread() {
+        let dir = temp_dir("size");
+        let valid =
+            "[apps.a]\napp_id = \"cli_a\"\napp_secret = \"s\"\n[auth]\nallow_anonymous = true\n";
+        let padded = |to: u64| {
+            let mut t = valid.to_owned();
+            t.push('#');
+            while (t.len() as u64) < to - 1 {
+                t.push('x');
+            }
+            t.push('\n');
+            t
+        };
+        let file = dir.join("gateway.toml");
+        std::fs::write(&file, padded(MAX_FILE_BYTES)).unwrap();
+        Config::load(&args(&file)).expect("1 MiB exactly is read");
+        std::fs::write(&file, padded(MAX_FILE_BYTES + 1)).unwrap();
+        let e = Config::load(&args(&file)).unwrap_err().to_string();
+        assert!(e.contains("over the 1048576-byte limit"), "{e}");
+        // A secret file too (it is read into the configuration as well).
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "s".repeat(MAX_FILE_BYTES as usize + 1)).unwrap();
+        let text = format!(
+            "[apps.a]\napp_id = \"cli_a\"\napp_secret_file = \"{}\"\n[auth]\nallow_anonymous = true\n",
+            secret.display()
+        );
+        std::fs::write(&file, text).unwrap();
+        let e = Config::load(&args(&file)).unwrap_err().to_string();
+        assert!(e.contains("app_secret_file") && e.contains("limit"), "{e}");
+        assert!(!e.contains("sss"), "never quotes the secret: {e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_config_file_or_directory_others_may_write_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let dir = temp_dir("perm");
+        let file = dir.join("gateway.toml");
+        std::fs::write(&file, "").unwrap();
+        set(&file, 0o644);
+        assert!(writable_by_others(&file).is_empty());
+        set(&file, 0o666);
+        assert_eq!(writable_by_others(&file), vec![file.clone()]);
+        set(&file, 0o640);
+        set(&dir, 0o777);
+        assert_eq!(writable_by_others(&file), vec![dir.clone()]);
+        // Sticky (like /tmp): others cannot replace the file.
+        set(&dir, 0o1777);
+        assert!(writable_by_others(&file).is_empty());
+        set(&dir, 0o755);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn defaults_match_feishu_documentation() {

@@ -82,7 +82,7 @@ pub(super) struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 32] = [
+pub const METRIC_NAMES: [&str; 33] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -114,5 +114,6 @@ pub const METRIC_NAMES: [&str; 32] = [
     "feishu_reply_redis_fallback_switches",
     "feishu_reply_cluster_replicas",
     "feishu_reply_config_generation",
+    "feishu_reply_config_writable_by_others",
     "feishu_reply_config_reloads",
 ];

@@ -57,6 +57,7 @@ pub struct Metrics {
     replicas: Gauge,
     config_generation: Gauge,
     config_reloads: Family<OutcomeLabel, Counter>,
+    config_writable_by_others: Gauge,
 }
 
 impl Default for Metrics {
@@ -227,6 +228,12 @@ impl Metrics {
             "Configuration running: 0 as started, +1 per reload applied",
             config_generation.clone(),
         );
+        let config_writable_by_others = Gauge::default();
+        registry.register(
+            "feishu_reply_config_writable_by_others",
+            "1 while the config file or its directory is writable by users other than its owner and group (whoever can write it can make the gateway post as its apps)",
+            config_writable_by_others.clone(),
+        );
         let config_reloads = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "feishu_reply_config_reloads",
@@ -297,6 +304,7 @@ impl Metrics {
             replicas,
             config_generation,
             config_reloads,
+            config_writable_by_others,
         };
         for outcome in ["applied", "needs_restart", "invalid"] {
             let _ = m.config_reloads.get_or_create(&OutcomeLabel { outcome });
@@ -442,6 +450,10 @@ impl Metrics {
             .inc();
         self.config_generation
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_config_writable_by_others(&self, open: bool) {
+        self.config_writable_by_others.set(i64::from(open));
     }
 
     pub fn init_caller(&self, caller: &str) {
