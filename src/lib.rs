@@ -89,7 +89,8 @@
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names (`metrics::labels` their label
 //!   sets, label values and the list of names).
 //! - [`telemetry`]: logs, and OpenTelemetry traces over OTLP when `OTEL_*` asks (the W3C
-//!   `traceparent` of a call continued; trace ids as metric exemplars).
+//!   `traceparent` of a call continued; trace ids as metric exemplars); `telemetry::fields`
+//!   the text log's field writer (caller-chosen values quoted and escaped).
 //! - [`quota`]: keyed rolling windows counted by arrival bounds (a send holds its slot until
 //!   its answer); pure, clock passed in, proptested against random network latencies.
 //!

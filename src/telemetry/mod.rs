@@ -12,6 +12,10 @@
 //! cluster quota decision), `reply_job` (an async job run by a replica that did not take its
 //! submit: after a restart or a takeover).
 
+mod fields;
+
+pub use fields::EscapedFields;
+
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -71,7 +75,8 @@ impl Telemetry {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let fmt = match format {
-            LogFormat::Text => fmt.boxed(),
+            // Values a caller chose are escaped (`fields`): no forged lines or escapes.
+            LogFormat::Text => fmt.fmt_fields(EscapedFields).boxed(),
             LogFormat::Json => fmt.json().boxed(),
         };
         let (provider, error) = if traces && traces_configured(|k| std::env::var(k).ok()) {
