@@ -128,9 +128,7 @@ fn quoted(line: &str) -> Vec<bool> {
         } else if c == '"' {
             open = !open;
         }
-        for b in i..i + c.len_utf8() {
-            inside[b] = here;
-        }
+        inside[i..i + c.len_utf8()].fill(here);
     }
     inside
 }
