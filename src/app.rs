@@ -205,19 +205,19 @@ pub async fn run_with_upstream(
     }
     // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
     // when a data dir is set.
-    let backend =
-        match (&store, &config.data_dir, &config.cluster) {
-            (Some(redis), dir, Some(c)) => {
-                if dir.is_some() {
-                    tracing::warn!("cluster mode keeps jobs in Redis; the data dir is not used");
-                }
-                Some(Arc::new(RedisJobStore::new(redis.shared().clone(), c.jobs))
-                    as Arc<dyn crate::jobs::Store>)
+    let backend = match (&store, &config.data_dir, &config.cluster) {
+        (Some(redis), dir, Some(c)) => {
+            if dir.is_some() {
+                tracing::warn!("cluster mode keeps jobs in Redis; the data dir is not used");
             }
-            (_, Some(dir), _) => Some(Arc::new(JobStore::open(dir).map_err(AppError::Jobs)?)
-                as Arc<dyn crate::jobs::Store>),
-            _ => None,
-        };
+            Some(Arc::new(RedisJobStore::new(redis.shared().clone(), c.jobs))
+                as Arc<dyn crate::jobs::Store>)
+        }
+        (_, Some(dir), _) => Some(Arc::new(
+            JobStore::open(dir, config.reset_job_store).map_err(AppError::Jobs)?,
+        ) as Arc<dyn crate::jobs::Store>),
+        _ => None,
+    };
     let jobs = backend.map(|b| {
         let specs = service.job_specs();
         Jobs::new(

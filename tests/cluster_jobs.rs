@@ -397,6 +397,7 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
         expires_ms: i64::MAX,
         result: None,
         error: None,
+        key: String::new(),
     };
     let Submitted::New { seq, owner } = a.submit(&rec, "k-fence-1", 100).await.unwrap() else {
         panic!("a new job")

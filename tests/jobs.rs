@@ -289,3 +289,117 @@ async fn a_job_is_visible_to_its_caller_only() {
     assert_eq!(s.code(), Code::Unauthenticated);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_job_id_cannot_be_guessed_by_counting() {
+    // Issue 18: ids were a global counter (`j` + 16 hex digits): with anonymous calls
+    // allowed, any client could read or cancel any job by counting.
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let dir = temp_dir("guess");
+    let mut config = config_for(&fake, "");
+    config.data_dir = Some(dir.clone());
+    let gw = spawn_gateway_on(fake, config).await;
+    let mut c = gw.client.clone();
+    let id = c
+        .submit_reply(text("om_g1", "oc_g", "g"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    assert_eq!(id.len(), 1 + 16 + 32, "{id}: the seq and 128 random bits");
+    get_job(&mut c, &id).await;
+    for guess in [
+        id[..17].to_owned(),
+        format!("{}{}", &id[..17], "0".repeat(32)),
+    ] {
+        let s = c
+            .get_reply(GetReplyRequest { job_id: guess })
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn an_emptied_job_store_is_refused_and_a_reset_one_never_reuses_an_id() {
+    // Issue 18: a `jobs.redb` truncated to zero bytes was taken for a new store: the gateway
+    // started without a word, its unfinished jobs were gone, and ids restarted at 1, so an id
+    // a client held named another job.
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let dir = temp_dir("reset");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"cli_r\"\napp_secret = \"s\"\n\
+             [server]\nshutdown_grace_ms = 100\n\
+             [auth]\nallow_anonymous = true\n[jobs]\ndata_dir = \"{}\"\n",
+            fake.base_url(),
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut gw = ServeProcess::start(&config, port);
+    let mut c = connect(port).await;
+    let first = c
+        .submit_reply(text("om_r1", "oc_r", "first"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    eventually("the first job delivered", async || {
+        get_job(&mut c, &first).await.state() == JobState::Delivered
+    })
+    .await;
+    gw.terminate().await;
+    drop(gw);
+    std::fs::write(dir.join("data").join("jobs.redb"), b"").unwrap();
+    // Refused, saying why and what to do.
+    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
+        .env("GATEWAY_METRICS_ADDR", "127.0.0.1:0")
+        .env_remove("GATEWAY_DATA_DIR")
+        .env_remove("GATEWAY_RESET_JOB_STORE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = refused.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = refused.kill();
+            panic!("serve started on an emptied job store");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(refused.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("is empty") && err.contains("--reset-job-store"),
+        "{err}"
+    );
+    // Reset on purpose: a new store, whose ids never name the old jobs.
+    let _gw = ServeProcess::start_with(&config, port, &[("GATEWAY_RESET_JOB_STORE", "1")]);
+    let mut c = connect(port).await;
+    let second = c
+        .submit_reply(text("om_r2", "oc_r", "second"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    assert_ne!(second, first);
+    let s = c
+        .get_reply(GetReplyRequest { job_id: first })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

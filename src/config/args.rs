@@ -56,6 +56,16 @@ pub struct ServeArgs {
     /// Directory of the embedded job store (async SubmitReply jobs, single node).
     #[arg(long, env = "GATEWAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Start even though the embedded job store is empty or missing where one existed before
+    /// (its unfinished jobs are lost): a new, empty store is made. Without it that start is
+    /// refused, so a lost or truncated file is never taken for a new store.
+    #[arg(
+        long,
+        env = "GATEWAY_RESET_JOB_STORE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub reset_job_store: bool,
     /// TLS certificate chain (PEM) of the gRPC port.
     #[arg(long, env = "GATEWAY_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,

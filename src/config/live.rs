@@ -85,6 +85,7 @@ pub fn line_up(old: &Config, new: Config) -> LinedUp {
     keep!(retry, "retry");
     keep!(cluster, "cluster");
     keep!(data_dir, "jobs.data_dir");
+    keep!(reset_job_store, "--reset-job-store");
     keep!(max_jobs, "jobs.max_jobs");
     keep!(quotas.chat, "quotas.chat");
     keep!(quotas.user, "quotas.user");

@@ -188,6 +188,8 @@ pub struct Config {
     /// Where the embedded job store lives (`[jobs] data_dir`, `GATEWAY_DATA_DIR`); None = no
     /// async API.
     pub data_dir: Option<std::path::PathBuf>,
+    /// `--reset-job-store`: accept an empty or missing job store where one existed.
+    pub reset_job_store: bool,
     /// Jobs the store may hold, all states (finished ones stay 25 h).
     pub max_jobs: u64,
 }
@@ -267,6 +269,7 @@ impl Config {
             tls_key,
             tls_client_ca,
             data_dir,
+            reset_job_store,
         } = args;
         if let Some(mode) = redis_mode {
             cluster.redis_mode = *mode;
@@ -444,6 +447,7 @@ impl Config {
             tls,
             cluster,
             data_dir: data_dir.clone().or(jobs.data_dir),
+            reset_job_store: *reset_job_store,
             max_jobs: jobs.max_jobs.unwrap_or(1_000_000),
         })
     }

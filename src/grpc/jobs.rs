@@ -57,6 +57,7 @@ impl ReplyService {
             expires_ms: now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX),
             result: None,
             error: None,
+            key: crate::jobs::record::new_key(),
         };
         let (stored, duplicate) = jobs.submit(rec, spec).await?;
         Ok(SubmitReplyResponse {
@@ -68,14 +69,15 @@ impl ReplyService {
     /// The caller's job `id`.
     async fn job(&self, caller: &Caller, id: &str) -> Result<JobRecord, GatewayError> {
         let not_found = || GatewayError::JobNotFound(id.chars().take(64).collect());
-        let seq = parse_job_id(id).ok_or_else(not_found)?;
+        let (seq, key) = parse_job_id(id).ok_or_else(not_found)?;
         let rec = self
             .jobs()?
             .get(seq)
             .await
             .map_err(|e| GatewayError::JobStore(e.0))?
             .ok_or_else(not_found)?;
-        if rec.caller != *caller.name {
+        // The whole id, key included: a counted or stale id names no job.
+        if rec.caller != *caller.name || !rec.has_key(key) {
             return Err(not_found());
         }
         Ok(rec)

@@ -67,6 +67,10 @@ pub struct JobRecord {
     /// The encoded `ReplyResponse` once delivered.
     pub result: Option<Vec<u8>>,
     pub error: Option<StoredError>,
+    /// 128 random bits (hex) in the job's public id: an id cannot be guessed by counting,
+    /// nor name another job after the store was reset. Empty for jobs stored before keys.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key: String,
 }
 
 /// Milliseconds since the epoch, now.
@@ -78,7 +82,13 @@ pub fn now_ms() -> i64 {
 
 impl JobRecord {
     pub fn job_id(&self) -> String {
-        job_id(self.seq)
+        job_id(self.seq, &self.key)
+    }
+
+    /// Whether `key` (from a public id) is this job's, compared in constant time.
+    pub fn has_key(&self, key: &str) -> bool {
+        let (a, b) = (self.key.as_bytes(), key.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
     /// Jobs are the same job when caller, app and uuid are (DESIGN §5).
@@ -100,18 +110,28 @@ pub fn idempotency_key(caller: &str, app: &str, uuid: &str) -> String {
     format!("{caller}\u{1f}{app}\u{1f}{uuid}")
 }
 
-/// The public id of job `seq`.
-pub fn job_id(seq: u64) -> String {
-    format!("j{seq:016x}")
+/// A new job's key: 128 random bits, hex.
+pub fn new_key() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
-/// The seq of a public id, if it is one.
-pub fn parse_job_id(id: &str) -> Option<u64> {
+/// The public id of job `seq` with `key`: `j`, the seq (16 hex digits), the key.
+pub fn job_id(seq: u64, key: &str) -> String {
+    format!("j{seq:016x}{key}")
+}
+
+/// The seq and key of a public id, if it is one (a job stored before keys has none).
+pub fn parse_job_id(id: &str) -> Option<(u64, &str)> {
     let hex = id.strip_prefix('j')?;
-    if hex.len() != 16 {
+    if !(hex.len() == 16 || hex.len() == 48)
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok()
+    let (seq, key) = hex.split_at(16);
+    Some((u64::from_str_radix(seq, 16).ok()?, key))
 }
 
 #[cfg(test)]
@@ -120,8 +140,13 @@ mod tests {
 
     #[test]
     fn job_ids_round_trip() {
-        assert_eq!(parse_job_id(&job_id(42)), Some(42));
+        let key = new_key();
+        assert_eq!(key.len(), 32);
+        assert_ne!(key, new_key());
+        assert_eq!(parse_job_id(&job_id(42, &key)), Some((42, key.as_str())));
+        assert_eq!(parse_job_id(&job_id(42, "")), Some((42, "")));
         assert_eq!(parse_job_id("j12"), None);
         assert_eq!(parse_job_id("x000000000000002a"), None);
+        assert_eq!(parse_job_id("j000000000000002A"), None);
     }
 }

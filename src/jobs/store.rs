@@ -21,6 +21,28 @@ const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs_v1");
 /// idempotency key (caller, app, uuid) → seq.
 const IDEM: TableDefinition<&str, u64> = TableDefinition::new("idem_v1");
 
+/// Beside the store file once a store was created there: an empty or missing store file next
+/// to it is a lost store, not a new one.
+const CREATED_MARKER: &str = "jobs.redb.created";
+
+/// Writes the marker durably (temp file, fsync, rename, fsync of the directory).
+fn write_marker(marker: &Path) -> Result<(), StoreError> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| err(format!("{}: {e}", marker.display()));
+    let tmp = marker.with_extension("created.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    f.write_all(b"A job store was created in this directory. If jobs.redb is missing or empty, jobs were lost: the gateway refuses to start until it is restored or --reset-job-store is given.\n")
+        .and_then(|()| f.sync_all())
+        .map_err(fail)?;
+    std::fs::rename(&tmp, marker).map_err(fail)?;
+    if let Some(dir) = marker.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
 /// Most operations committed in one transaction.
 const MAX_BATCH: usize = 4096;
 
@@ -64,10 +86,40 @@ pub struct JobStore {
 }
 
 impl JobStore {
-    /// Opens (or creates) `dir/jobs.redb` and starts the writer thread.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) `dir/jobs.redb` and starts the writer thread. A store that is
+    /// empty or missing where one was created before (`jobs.redb.created` beside it says so)
+    /// is refused unless `reset` (`--reset-job-store`): its unfinished jobs would be lost
+    /// without a word.
+    pub fn open(dir: &Path, reset: bool) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
         let path = dir.join("jobs.redb");
+        let marker = dir.join(CREATED_MARKER);
+        let had_store = marker.exists();
+        let state = match std::fs::metadata(&path) {
+            Ok(m) if m.len() > 0 => None,
+            Ok(_) => Some("empty"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+            Err(e) => return Err(err(format!("{}: {e}", path.display()))),
+        };
+        match (had_store, state, reset) {
+            (true, Some(state), false) => {
+                return Err(err(format!(
+                    "{} is {state}, but {} records that a job store was created here: its                      unfinished jobs would be lost without a word. Restore the file, or start                      once with --reset-job-store (GATEWAY_RESET_JOB_STORE=1) to begin an empty                      store",
+                    path.display(),
+                    marker.display()
+                )));
+            }
+            (true, Some(state), true) => tracing::warn!(
+                path = %path.display(),
+                state,
+                "--reset-job-store: the job store was {state}; starting an empty one (the jobs it held are lost)"
+            ),
+            (_, None, true) => tracing::warn!(
+                path = %path.display(),
+                "--reset-job-store given, but the job store is intact: it is kept"
+            ),
+            _ => {}
+        }
         let db =
             Arc::new(Database::create(&path).map_err(|e| err(format!("{}: {e}", path.display())))?);
         // Create the tables so that readers find them.
@@ -79,6 +131,9 @@ impl JobStore {
             (next, jobs.len().map_err(err)?)
         };
         txn.commit().map_err(err)?;
+        if !had_store {
+            write_marker(&marker)?;
+        }
         let (tx, rx) = mpsc::channel();
         let writer_db = db.clone();
         let count = Arc::new(AtomicU64::new(stored));
@@ -397,6 +452,7 @@ mod tests {
             expires_ms: 2_000,
             result: None,
             error: None,
+            key: String::new(),
         }
     }
 
@@ -408,7 +464,7 @@ mod tests {
     async fn concurrent_inserts_share_commits_and_keep_their_order() {
         let d = dir("group");
         let _ = std::fs::remove_dir_all(&d);
-        let store = JobStore::open(&d).unwrap();
+        let store = JobStore::open(&d, false).unwrap();
         let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let inserts = (0..200).map(|i| {
             let (store, order) = (store.clone(), order.clone());
@@ -446,7 +502,7 @@ mod tests {
         drop(store);
         let t = std::time::Instant::now();
         let store = loop {
-            match JobStore::open(&d) {
+            match JobStore::open(&d, false) {
                 Ok(s) => break s,
                 Err(e) if t.elapsed() > std::time::Duration::from_secs(10) => panic!("{e}"),
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
@@ -458,11 +514,58 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// Opens `d` once the previous handle's writer thread has let go of the file.
+    async fn reopen(d: &Path, reset: bool) -> Result<JobStore, StoreError> {
+        let t = std::time::Instant::now();
+        loop {
+            match JobStore::open(d, reset) {
+                Err(e)
+                    if e.0.contains("lock") && t.elapsed() < std::time::Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_or_missing_store_where_one_was_is_refused_unless_reset() {
+        let d = dir("forget");
+        let _ = std::fs::remove_dir_all(&d);
+        let store = JobStore::open(&d, false).unwrap();
+        let r = record("kept");
+        let k = r.idempotency_key();
+        store.insert(r, k, None).await.unwrap();
+        drop(store);
+        let file = d.join("jobs.redb");
+        // Intact: opens with its job.
+        assert_eq!(reopen(&d, false).await.unwrap().count(), 1);
+        // Truncated to zero bytes, then gone: refused, naming the way out.
+        std::fs::write(&file, b"").unwrap();
+        let e = reopen(&d, false).await.err().expect("refused").0;
+        assert!(
+            e.contains("is empty") && e.contains("--reset-job-store"),
+            "{e}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let e = reopen(&d, false).await.err().expect("refused").0;
+        assert!(e.contains("is missing"), "{e}");
+        // Reset: a new, empty store, which opens plainly from then on.
+        assert_eq!(reopen(&d, true).await.unwrap().count(), 0);
+        assert_eq!(reopen(&d, false).await.unwrap().count(), 0);
+        // A store from before the marker existed gets one when opened.
+        std::fs::remove_file(d.join(CREATED_MARKER)).unwrap();
+        drop(reopen(&d, false).await.unwrap());
+        assert!(d.join(CREATED_MARKER).exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[tokio::test]
     async fn finished_jobs_expire_with_their_keys() {
         let d = dir("expire");
         let _ = std::fs::remove_dir_all(&d);
-        let store = JobStore::open(&d).unwrap();
+        let store = JobStore::open(&d, false).unwrap();
         let (mut done, _) = {
             let r = record("old");
             let k = r.idempotency_key();
