@@ -67,6 +67,29 @@ struct Probe {
     metrics: Arc<Metrics>,
     ready: AtomicBool,
     scheduler: Scheduler,
+    /// Cluster mode: the shared Redis (quotas and jobs), which must be usable as configured.
+    redis: Option<Arc<SharedRedis>>,
+}
+
+impl Probe {
+    /// Why this replica should not get calls now (None: it should).
+    fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Acquire) {
+            return Some("shutting down".into());
+        }
+        if !self.scheduler.is_alive() {
+            return Some("the dispatcher died".into());
+        }
+        if let Some(why) = self.redis.as_ref().and_then(|r| r.unusable()) {
+            return Some(format!("redis {why}"));
+        }
+        match self.scheduler.quota_source() {
+            QuotaSource::Holding => {
+                Some("redis unavailable and on_redis_failure = fail_closed".into())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// `--embedded-fake`: start a fake Feishu on loopback and point a default app at it.
@@ -315,7 +338,31 @@ pub async fn run_with_upstream(
         metrics: metrics.clone(),
         ready: AtomicBool::new(true),
         scheduler: scheduler.clone(),
+        redis: store.as_ref().map(|s| s.shared().clone()),
     });
+    // gRPC health follows readiness (a Redis that refuses the credentials or was never
+    // reached takes the replica out of rotation until it answers).
+    let health_follower = {
+        let (health, probe) = (health.clone(), probe.clone());
+        tokio::spawn(async move {
+            let mut serving = true;
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = probe.not_ready().is_none();
+                if now != serving {
+                    serving = now;
+                    let status = if now {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    health.set_service_status("", status).await;
+                    let name = <ReplyGatewayServer<Arc<ReplyService>> as tonic::server::NamedService>::NAME;
+                    health.set_service_status(name, status).await;
+                }
+            }
+        })
+    };
     let metrics_addr = metrics_listener.local_addr().ok();
     let limits = &config.limits;
     let fds = listen::open_files_limit();
@@ -409,6 +456,7 @@ pub async fn run_with_upstream(
         "shutdown requested: not serving, draining queued replies"
     );
     probe.ready.store(false, Ordering::Release);
+    health_follower.abort();
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
@@ -483,21 +531,20 @@ fn probe_router(probe: Arc<Probe>) -> Router {
         .route(
             "/readyz",
             get(|State(p): State<Arc<Probe>>| async move {
-                if !p.ready.load(Ordering::Acquire) {
-                    return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
-                }
-                match p.scheduler.quota_source() {
-                    QuotaSource::Local => (StatusCode::OK, "ready\n"),
-                    QuotaSource::Shared => (StatusCode::OK, "ready (quotas shared through redis)\n"),
-                    QuotaSource::Fallback => (
-                        StatusCode::OK,
-                        "ready, degraded: redis unavailable, local quotas at this replica's share\n",
-                    ),
-                    QuotaSource::Holding => (
+                if let Some(why) = p.not_ready() {
+                    return (
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: redis unavailable and on_redis_failure = fail_closed\n",
-                    ),
+                        format!("not ready: {why}\n"),
+                    );
                 }
+                let body = match p.scheduler.quota_source() {
+                    QuotaSource::Shared => "ready (quotas shared through redis)\n",
+                    QuotaSource::Fallback => {
+                        "ready, degraded: redis unavailable, local quotas at this replica's share\n"
+                    }
+                    QuotaSource::Local | QuotaSource::Holding => "ready\n",
+                };
+                (StatusCode::OK, body.to_owned())
             }),
         )
         .with_state(probe)

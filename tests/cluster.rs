@@ -344,8 +344,9 @@ async fn cluster_mode_speaks_tls_to_redis_and_checks_its_certificate() {
     assert_eq!(metric(&m, decided), Some(1.0), "{m}");
     assert_eq!(metric(&m, "feishu_reply_redis_fallback"), Some(0.0), "{m}");
 
-    // Without the private CA the server's certificate is refused: Redis is unusable, the
-    // failure policy applies (fail_closed here: held until the deadline, never sent).
+    // Without the private CA the server's certificate is refused: Redis is unusable from the
+    // start, so fail_closed fails the reply at once (issue 18: holding it could only end at
+    // its deadline), never sends it, and the replica is not ready.
     let untrusted = spawn_gateway_on(
         fake.clone(),
         cluster_config(
@@ -357,12 +358,13 @@ async fn cluster_mode_speaks_tls_to_redis_and_checks_its_certificate() {
     )
     .await;
     let s = untrusted
-        .reply_with_timeout(text("om_t2", "oc_t2", "x"), Duration::from_millis(500))
+        .reply_with_timeout(text("om_t2", "oc_t2", "x"), Duration::from_secs(5))
         .await
         .unwrap_err();
-    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
     assert!(fallback_is(&untrusted, true).await);
     assert!(fake.received().iter().all(|r| r.message_id != "om_t2"));
+    assert_eq!(untrusted.http_get("/readyz").await.0, 503);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,19 +408,21 @@ async fn redis_cluster_mode_follows_the_slot_map() {
         "{m}"
     );
 
-    // The same seed spoken to as a standalone Redis: every call is answered MOVED, so the
-    // failure policy applies — which is why redis_mode must say "cluster".
+    // The same seed spoken to as a standalone Redis: every call is answered MOVED, so Redis
+    // is unusable from the start — which is why redis_mode must say "cluster": fail_closed
+    // fails the reply at once (issue 18), and the replica is not ready.
     let standalone = spawn_gateway_on(
         fake.clone(),
         cluster_config(&fake, &seed, &prefix, "on_redis_failure = \"fail_closed\""),
     )
     .await;
     let s = standalone
-        .reply_with_timeout(text("om_rc_s", "oc_rc_s", "x"), Duration::from_millis(500))
+        .reply_with_timeout(text("om_rc_s", "oc_rc_s", "x"), Duration::from_secs(5))
         .await
         .unwrap_err();
-    assert_eq!(s.code(), Code::DeadlineExceeded, "{}", s.message());
+    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
     assert!(fallback_is(&standalone, true).await);
+    assert_eq!(standalone.http_get("/readyz").await.0, 503);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -743,4 +747,109 @@ async fn members_and_max(conn: &mut redis::aio::MultiplexedConnection, key: &str
         .unwrap();
     let max = all.iter().map(|(_, s)| *s as i64).max().unwrap_or(0);
     (all.len(), max)
+}
+
+/// A redis-server that wants `password`.
+fn redis_with_password(password: &str) -> RedisServer {
+    let redis = RedisServer::start();
+    let set = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CONFIG",
+            "SET",
+            "requirepass",
+            password,
+        ])
+        .output()
+        .expect("redis-cli on PATH (it comes with redis-server)");
+    assert!(set.status.success(), "{set:?}");
+    redis
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_the_password_makes_the_replica_not_ready_and_replies_do_not_wait() {
+    // Issue 18: with a wrong or missing Redis password /readyz said 200, SubmitReply failed
+    // JOB_STORE, and a Reply waited to its deadline with 0 attempts.
+    let redis = redis_with_password("right-pw");
+    for (url, policy) in [
+        (
+            format!("redis://:wrong-pw@127.0.0.1:{}", redis.port),
+            "local",
+        ),
+        (format!("redis://127.0.0.1:{}", redis.port), "local"),
+        (
+            format!("redis://:wrong-pw@127.0.0.1:{}", redis.port),
+            "fail_closed",
+        ),
+    ] {
+        let fake = spawn_fake(FakeOptions::default()).await;
+        let gw = spawn_gateway_on(
+            fake.clone(),
+            cluster_config(
+                &fake,
+                &url,
+                &unique_prefix("auth"),
+                &format!("redis_timeout_ms = 250\non_redis_failure = \"{policy}\"\n"),
+            ),
+        )
+        .await;
+        let t = Instant::now();
+        let r = gw
+            .reply_with_timeout(text("om_auth", "oc_auth", "x"), Duration::from_secs(8))
+            .await;
+        let took = t.elapsed();
+        match policy {
+            // The failure policy at once: local quotas (this replica's share)...
+            "local" => assert!(r.is_ok(), "{url}: {r:?}"),
+            // ... or a clear UNAVAILABLE, never a wait to the deadline.
+            _ => {
+                let s = r.unwrap_err();
+                assert_eq!(s.code(), Code::Unavailable, "{url}: {s:?}");
+            }
+        }
+        assert!(
+            took < Duration::from_secs(4),
+            "{url} {policy}: waited {took:?}"
+        );
+        let (code, body) = gw.http_get("/readyz").await;
+        assert_eq!(code, 503, "{url} {policy}: {body}");
+        assert!(body.contains("redis"), "{body}");
+        common::eventually("gRPC health NOT_SERVING", async || {
+            gw.health().await == "NOT_SERVING"
+        })
+        .await;
+        if url.contains("wrong-pw") && policy == "local" {
+            // Redis takes that password now: ready again, once it answers.
+            let set = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &redis.port.to_string(),
+                    "-a",
+                    "right-pw",
+                    "--no-auth-warning",
+                ])
+                .args(["CONFIG", "SET", "requirepass", "wrong-pw"])
+                .output()
+                .unwrap();
+            assert!(set.status.success(), "{set:?}");
+            common::eventually("ready again", async || {
+                gw.http_get("/readyz").await.0 == 200 && gw.health().await == "SERVING"
+            })
+            .await;
+            let set = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &redis.port.to_string(),
+                    "-a",
+                    "wrong-pw",
+                    "--no-auth-warning",
+                ])
+                .args(["CONFIG", "SET", "requirepass", "right-pw"])
+                .output()
+                .unwrap();
+            assert!(set.status.success(), "{set:?}");
+        }
+    }
+    drop(redis);
 }

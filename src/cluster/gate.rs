@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{ClusterError, Decision, RedisFailurePolicy, RedisQuota, SharedKey};
+use super::{ClusterError, Decision, Lane, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaKey, QuotaSpec, QuotaTable};
 use crate::scheduler::gate::{
@@ -283,7 +283,11 @@ impl RedisGate {
         if policy == RedisFailurePolicy::Local {
             // keep_ids: its sends are replayed into Redis by key name on recovery.
             self.table = QuotaTable::new(scaled, self.margin, self.hold).keep_ids();
-            self.table.set_floor(self.clock.micros(Instant::now()));
+            // Only when this replica has used Redis can Redis-era sends of its own still be
+            // in a window; one that never reached it sends its share at once.
+            if self.store.shared().reached(Lane::Quota) {
+                self.table.set_floor(self.clock.micros(Instant::now()));
+            }
         }
         tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
         self.metrics.redis_fallback_switch();
@@ -338,6 +342,14 @@ impl SharedGate for RedisGate {
             (Mode::Up, _) => {}
             // Replaying: local sends made now would miss the snapshot being written to Redis,
             // so wait the few milliseconds until it is done.
+            // Held while Redis is out; but a Redis that cannot be used as configured (it
+            // refuses the credentials, or was never reached) will not come back by waiting:
+            // the reply fails at once.
+            (Mode::Down, RedisFailurePolicy::FailClosed)
+                if self.store.shared().unusable_for(Lane::Quota).is_some() =>
+            {
+                return Verdict::Unavailable;
+            }
             (Mode::Replaying, _) | (Mode::Down, RedisFailurePolicy::FailClosed) => {
                 return Verdict::WaitUntil(now + HOLD_RECHECK);
             }

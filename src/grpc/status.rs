@@ -109,7 +109,9 @@ impl CallError {
                 Code::ResourceExhausted
             }
             GatewayError::DeadlineBeforeSend { .. } => Code::DeadlineExceeded,
-            GatewayError::ShuttingDown { .. } => Code::Unavailable,
+            GatewayError::ShuttingDown { .. } | GatewayError::SharedQuotasUnavailable { .. } => {
+                Code::Unavailable
+            }
             GatewayError::Internal { .. } => Code::Internal,
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => {
                 upstream_code(error)
@@ -141,6 +143,7 @@ impl CallError {
             GatewayError::DeadlineUnreachable { .. } => "DEADLINE_UNREACHABLE".into(),
             GatewayError::DeadlineBeforeSend { .. } => "DEADLINE_BEFORE_SEND".into(),
             GatewayError::ShuttingDown { .. } => "SHUTTING_DOWN".into(),
+            GatewayError::SharedQuotasUnavailable { .. } => "QUOTA_STORE_UNAVAILABLE".into(),
             GatewayError::Internal { .. } => "INTERNAL".into(),
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => match error {
                 UpstreamError::Credentials { .. } => "APP_CREDENTIALS".into(),
@@ -163,9 +166,9 @@ impl CallError {
         match e {
             GatewayError::QueueFull { retry_after, .. } => Some(*retry_after),
             GatewayError::DeadlineUnreachable { earliest_in, .. } => Some(*earliest_in),
-            GatewayError::ShuttingDown { .. } | GatewayError::JobStore(_) => {
-                Some(Duration::from_secs(1))
-            }
+            GatewayError::ShuttingDown { .. }
+            | GatewayError::JobStore(_)
+            | GatewayError::SharedQuotasUnavailable { .. } => Some(Duration::from_secs(1)),
             GatewayError::Upstream {
                 error: UpstreamError::BudgetSpent { reset_in, .. },
                 ..
@@ -204,7 +207,8 @@ impl CallError {
                 GatewayError::Upstream { attempts, uuid, .. }
                 | GatewayError::DeadlineBeforeSend { attempts, uuid }
                 | GatewayError::ShuttingDown { attempts, uuid }
-                | GatewayError::Internal { attempts, uuid },
+                | GatewayError::Internal { attempts, uuid }
+                | GatewayError::SharedQuotasUnavailable { attempts, uuid },
             ) => {
                 meta.insert("attempts".to_owned(), attempts.to_string());
                 meta.insert("uuid".to_owned(), uuid.clone());
@@ -408,6 +412,25 @@ mod tests {
             deadline_in: Duration::from_secs(1),
         };
         check(d, Code::ResourceExhausted, "DEADLINE_UNREACHABLE", true);
+    }
+
+    #[test]
+    fn unusable_shared_quotas_under_fail_closed_are_unavailable_with_retry_info() {
+        let e = GatewayError::SharedQuotasUnavailable {
+            attempts: 0,
+            uuid: "u-2".into(),
+        };
+        check(
+            e.clone(),
+            Code::Unavailable,
+            "QUOTA_STORE_UNAVAILABLE",
+            true,
+        );
+        let info = CallError::from(e)
+            .to_status()
+            .get_details_error_info()
+            .unwrap();
+        assert_eq!(info.metadata["uuid"], "u-2");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! a failure drops the connection (the next call connects again). Knows no key and no script.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -27,9 +28,25 @@ pub enum ClusterError {
 }
 
 impl ClusterError {
-    /// Redis could not be reached or did not answer in time (as opposed to an error it
-    /// answered about the keys of one call: a wrong type, a script error, a bad value).
+    /// Redis refused this replica's credentials (a wrong password, or none where one is
+    /// required).
+    pub fn is_auth(&self) -> bool {
+        match self {
+            ClusterError::Redis(e) => {
+                e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+            }
+            _ => false,
+        }
+    }
+
+    /// Redis could not be reached or did not answer in time, or refused the credentials (as
+    /// opposed to an error it answered about the keys of one call: a wrong type, a script
+    /// error, a bad value).
     pub fn is_outage(&self) -> bool {
+        if self.is_auth() {
+            return true;
+        }
         match self {
             ClusterError::Timeout(_) => true,
             ClusterError::Protocol(_) => false,
@@ -51,6 +68,10 @@ impl ClusterError {
 pub struct SharedRedis {
     conns: Connections,
     config: ClusterConfig,
+    /// By lane: some call has been answered since the process started.
+    reached: [AtomicBool; 2],
+    /// By lane: the last calls were refused for their credentials (until one is answered).
+    refused: [AtomicBool; 2],
 }
 
 impl SharedRedis {
@@ -59,7 +80,39 @@ impl SharedRedis {
         Ok(Self {
             conns: Connections::new(&config, metrics)?,
             config,
+            reached: Default::default(),
+            refused: Default::default(),
         })
+    }
+
+    /// Whether a call on `lane` was answered since the process started.
+    pub fn reached(&self, lane: Lane) -> bool {
+        self.reached[lane as usize].load(Ordering::Acquire)
+    }
+
+    /// Why Redis cannot be used as configured for `lane`, if it cannot: it refuses the
+    /// credentials, or no call on it has been answered since the process started (not
+    /// reachable, or answering every call with an error, e.g. MOVED from a Redis Cluster
+    /// spoken to as a standalone one). An outage after it was used is not this: the failure
+    /// policy covers it.
+    pub fn unusable_for(&self, lane: Lane) -> Option<&'static str> {
+        if self.refused[lane as usize].load(Ordering::Acquire) {
+            Some("refuses the credentials (a wrong or missing password in redis_url)")
+        } else if !self.reached(lane) {
+            Some("has not answered since the gateway started")
+        } else {
+            None
+        }
+    }
+
+    /// [`Self::unusable_for`] either lane, naming it.
+    pub fn unusable(&self) -> Option<String> {
+        [
+            (Lane::Quota, "quota decisions"),
+            (Lane::Jobs, "the job store"),
+        ]
+        .into_iter()
+        .find_map(|(lane, what)| self.unusable_for(lane).map(|why| format!("({what}) {why}")))
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -74,11 +127,13 @@ impl SharedRedis {
         op: &'static str,
         inv: redis::ScriptInvocation<'_>,
     ) -> Result<T, ClusterError> {
-        self.conns
+        let result = self
+            .conns
             .timed(lane, op, async |mut c: Conn| {
                 inv.invoke_async::<T>(&mut c).await
             })
-            .await
+            .await;
+        self.note(lane, result)
     }
 
     /// One plain command (e.g. `WAIT`) like [`Self::call_on`].
@@ -88,11 +143,27 @@ impl SharedRedis {
         op: &'static str,
         cmd: &redis::Cmd,
     ) -> Result<T, ClusterError> {
-        self.conns
+        let result = self
+            .conns
             .timed(lane, op, async |mut c: Conn| {
                 cmd.query_async::<T>(&mut c).await
             })
-            .await
+            .await;
+        self.note(lane, result)
+    }
+
+    /// Remembers whether Redis answered on `lane`, or refused the credentials.
+    fn note<T>(&self, lane: Lane, result: Result<T, ClusterError>) -> Result<T, ClusterError> {
+        let i = lane as usize;
+        match &result {
+            Ok(_) => {
+                self.reached[i].store(true, Ordering::Release);
+                self.refused[i].store(false, Ordering::Release);
+            }
+            Err(e) if e.is_auth() => self.refused[i].store(true, Ordering::Release),
+            Err(_) => {}
+        }
+        result
     }
 }
 

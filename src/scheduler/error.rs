@@ -61,6 +61,10 @@ pub enum GatewayError {
     },
     #[error("looking up the chat of the message failed: {0}")]
     ChatLookup(UpstreamError),
+    #[error(
+        "the quotas shared across replicas cannot be used and the failure policy holds replies (on_redis_failure = fail_closed); not sent"
+    )]
+    SharedQuotasUnavailable { attempts: u32, uuid: String },
     #[error("the gateway is shutting down; not sent")]
     ShuttingDown { attempts: u32, uuid: String },
     /// A bug in the gateway while sending (a panic). The attempt may or may not have been
@@ -92,6 +96,7 @@ impl GatewayError {
             | GatewayError::DeadlineBeforeSend { attempts, .. }
             | GatewayError::ShuttingDown { attempts, .. }
             | GatewayError::Internal { attempts, .. }
+            | GatewayError::SharedQuotasUnavailable { attempts, .. }
             | GatewayError::AppRemoved { attempts, .. } => Some(*attempts),
             _ => None,
         }

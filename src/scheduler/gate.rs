@@ -99,6 +99,9 @@ pub enum Verdict {
     Asked,
     /// Parked in a line behind a shared key; the gate's `pump` releases it.
     InLine,
+    /// The shared quotas cannot be used and the failure policy is to hold: the job fails
+    /// now (waiting would not bring them back).
+    Unavailable,
 }
 
 /// What a shared gate's tasks report to the dispatcher.

@@ -376,6 +376,20 @@ impl Dispatcher {
                 Verdict::Asked => self.queues.mark_busy(&chat_id),
                 // Parked behind a shared key; `gate.pump` schedules it again.
                 Verdict::InLine => self.queues.park(&chat_id),
+                // Not sent: the chat's next job asks in its turn.
+                Verdict::Unavailable => {
+                    let job = self
+                        .queues
+                        .pop_for_send(&chat_id)
+                        .expect("chat with a head");
+                    self.queues.sent(&chat_id, None);
+                    let (attempts, uuid) = (job.attempts, job.uuid());
+                    tracing::info!(chat_id = %chat_id, uuid = %uuid, "shared quotas unusable under fail_closed; the reply fails UNAVAILABLE");
+                    job.finish(Err(GatewayError::SharedQuotasUnavailable {
+                        attempts,
+                        uuid,
+                    }));
+                }
             }
         }
         for (job, why) in dropped {

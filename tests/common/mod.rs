@@ -138,6 +138,19 @@ impl TestGateway {
         self.client.clone().reply(r).await.map(|r| r.into_inner())
     }
 
+    /// The gRPC health status of the whole server (`""`), by name (`SERVING`, …).
+    pub async fn health(&self) -> String {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel.clone());
+        let s = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers")
+            .into_inner();
+        s.status().as_str_name().to_owned()
+    }
+
     pub async fn http_get(&self, path: &str) -> (u16, String) {
         // reqwest is built without a default TLS provider (rustls-no-provider): whoever builds
         // a client installs one first. The gateway does so when it starts its Feishu client,
