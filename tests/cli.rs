@@ -5,6 +5,10 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::serve_refusal;
+
 const BIN: &str = env!("CARGO_BIN_EXE_feishu-reply-gateway");
 
 fn free_port() -> u16 {
@@ -172,41 +176,6 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
     );
     assert!(log.contains("drained"), "{log}");
     let _ = std::fs::remove_dir_all(&data);
-}
-
-/// `serve` with the given extra args and env, no app in the environment; its exit code and
-/// stderr (it must exit on its own, before binding anything).
-fn serve_refusal(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("serve")
-        .args(args)
-        .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env("GATEWAY_METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
-        .env_remove("FEISHU_APP_ID")
-        .env_remove("FEISHU_APP_SECRET")
-        .env_remove("GATEWAY_CONFIG")
-        .env_remove("GATEWAY_EMBEDDED_FAKE")
-        .env_remove("GATEWAY_ALLOW_ANONYMOUS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("serve kept running: it must refuse to start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    (status.code(), err)
 }
 
 #[test]

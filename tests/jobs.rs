@@ -24,6 +24,28 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     d
 }
 
+/// A config file in `dir` for `serve`: app `app_id` on `fake`, anonymous callers, the job
+/// store in `dir/data`.
+fn serve_config(
+    fake: &feishu_reply_gateway::fake_feishu::FakeFeishu,
+    dir: &std::path::Path,
+    app_id: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"{app_id}\"\napp_secret = \"s\"\n\
+             [server]\nshutdown_grace_ms = 100\n\
+             [auth]\nallow_anonymous = true\n[jobs]\ndata_dir = \"{}\"\n",
+            fake.base_url(),
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 #[tokio::test]
 async fn submitted_jobs_are_delivered_once_and_readable() {
     let fake = spawn_fake(FakeOptions::default()).await;
@@ -188,18 +210,7 @@ async fn a_gateway_stopped_by_sigterm_leaves_its_jobs_to_the_next_one() {
 async fn stop_mid_backlog_then_restart(sigterm: bool) {
     let fake = spawn_fake(FakeOptions::default()).await;
     let dir = temp_dir("kill");
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"cli_k\"\napp_secret = \"s\"\n\
-             [server]\nshutdown_grace_ms = 100\n\
-             [auth]\nallow_anonymous = true\n[jobs]\ndata_dir = \"{}\"\n",
-            fake.base_url(),
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
+    let config = serve_config(&fake, &dir, "cli_k");
     let port = free_port();
     let gw = ServeProcess::start(&config, port);
     let mut c = connect(port).await;
@@ -328,18 +339,7 @@ async fn an_emptied_job_store_is_refused_and_a_reset_one_never_reuses_an_id() {
     // a client held named another job.
     let fake = spawn_fake(FakeOptions::default()).await;
     let dir = temp_dir("reset");
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"cli_r\"\napp_secret = \"s\"\n\
-             [server]\nshutdown_grace_ms = 100\n\
-             [auth]\nallow_anonymous = true\n[jobs]\ndata_dir = \"{}\"\n",
-            fake.base_url(),
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
+    let config = serve_config(&fake, &dir, "cli_r");
     let port = free_port();
     let mut gw = ServeProcess::start(&config, port);
     let mut c = connect(port).await;
@@ -357,31 +357,9 @@ async fn an_emptied_job_store_is_refused_and_a_reset_one_never_reuses_an_id() {
     drop(gw);
     std::fs::write(dir.join("data").join("jobs.redb"), b"").unwrap();
     // Refused, saying why and what to do.
-    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
-        .env("GATEWAY_METRICS_ADDR", "127.0.0.1:0")
-        .env_remove("GATEWAY_DATA_DIR")
-        .env_remove("GATEWAY_RESET_JOB_STORE")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = refused.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            let _ = refused.kill();
-            panic!("serve started on an emptied job store");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(refused.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
+    let config_arg = config.display().to_string();
+    let (code, err) = common::serve_refusal(&["--config", &config_arg], &[]);
+    assert_ne!(code, Some(0));
     assert!(
         err.contains("is empty") && err.contains("--reset-job-store"),
         "{err}"

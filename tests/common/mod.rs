@@ -874,3 +874,41 @@ pub async fn watched_states(watch: &mut tonic::Streaming<ReplyJob>) -> Vec<JobSt
     }
     seen
 }
+
+/// `serve` with the given extra args and env, no app in the environment; its exit code and
+/// stderr (it must exit on its own, before binding anything). `GATEWAY_*` job store settings
+/// and apps come only from `args` and `env`.
+pub fn serve_refusal(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"));
+    cmd.arg("serve")
+        .args(args)
+        .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("GATEWAY_METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env_remove("FEISHU_APP_ID")
+        .env_remove("FEISHU_APP_SECRET")
+        .env_remove("GATEWAY_CONFIG")
+        .env_remove("GATEWAY_EMBEDDED_FAKE")
+        .env_remove("GATEWAY_ALLOW_ANONYMOUS")
+        .env_remove("GATEWAY_DATA_DIR")
+        .env_remove("GATEWAY_RESET_JOB_STORE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("serve kept running: it must refuse to start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
