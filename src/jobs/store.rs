@@ -529,6 +529,21 @@ mod tests {
         }
     }
 
+    /// Waits until no handle holds `file` (the writer thread of a dropped store lets go of it
+    /// a moment later): the file may be damaged on purpose only then, or the closing handle
+    /// would write into the damaged file.
+    async fn closed(file: &Path) {
+        let t = std::time::Instant::now();
+        loop {
+            let f = std::fs::File::open(file).unwrap();
+            if f.try_lock().is_ok() {
+                return;
+            }
+            assert!(t.elapsed() < std::time::Duration::from_secs(10), "never closed");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     #[tokio::test]
     async fn an_empty_or_missing_store_where_one_was_is_refused_unless_reset() {
         let d = dir("forget");
@@ -537,11 +552,14 @@ mod tests {
         let r = record("kept");
         let k = r.idempotency_key();
         store.insert(r, k, None).await.unwrap();
-        drop(store);
         let file = d.join("jobs.redb");
+        // An open store holds the file's lock (what `closed` waits on).
+        assert!(std::fs::File::open(&file).unwrap().try_lock().is_err());
+        drop(store);
         // Intact: opens with its job.
         assert_eq!(reopen(&d, false).await.unwrap().count(), 1);
         // Truncated to zero bytes, then gone: refused, naming the way out.
+        closed(&file).await;
         std::fs::write(&file, b"").unwrap();
         let e = reopen(&d, false).await.err().expect("refused").0;
         assert!(
