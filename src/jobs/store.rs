@@ -539,7 +539,10 @@ mod tests {
             if f.try_lock().is_ok() {
                 return;
             }
-            assert!(t.elapsed() < std::time::Duration::from_secs(10), "never closed");
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(10),
+                "never closed"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
