@@ -105,14 +105,19 @@ impl SharedRedis {
         }
     }
 
-    /// [`Self::unusable_for`] either lane, naming it.
+    /// Why Redis cannot be used as configured, if it cannot: it refuses the credentials on
+    /// either lane, or quota decisions have not been answered since start. (The job store's
+    /// lane speaks to the same Redis: it counts for a refusal, not for having been reached
+    /// yet, since its background work may be backing off after one failed call.)
     pub fn unusable(&self) -> Option<String> {
-        [
-            (Lane::Quota, "quota decisions"),
-            (Lane::Jobs, "the job store"),
-        ]
-        .into_iter()
-        .find_map(|(lane, what)| self.unusable_for(lane).map(|why| format!("({what}) {why}")))
+        if self.refused[Lane::Jobs as usize].load(Ordering::Acquire) {
+            return Some(
+                "(the job store) refuses the credentials (a wrong or missing password in redis_url)"
+                    .into(),
+            );
+        }
+        self.unusable_for(Lane::Quota)
+            .map(|why| format!("(quota decisions) {why}"))
     }
 
     pub fn config(&self) -> &ClusterConfig {
