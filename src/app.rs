@@ -245,7 +245,10 @@ pub async fn run_with_upstream(
         let specs = service.job_specs();
         Jobs::new(
             b,
-            config.max_jobs,
+            crate::jobs::Limits {
+                max_jobs: config.max_jobs,
+                per_caller: config.max_jobs_per_caller,
+            },
             scheduler.clone(),
             specs,
             metrics.clone(),

@@ -370,6 +370,73 @@ async fn two_callers_giving_the_same_explicit_uuid_each_get_their_reply_posted()
     assert!(!sent.contains("shared-uuid-1"), "{sent:?}");
 }
 
+#[tokio::test]
+async fn a_caller_at_its_job_share_is_refused_while_another_is_not() {
+    // Issue 18: `[jobs] max_jobs` was one bound for all callers (finished jobs counting for
+    // their 25 h): one caller's submits made the next caller's SubmitReply fail
+    // RESOURCE_EXHAUSTED job_store.
+    let fake = common::spawn_fake(FakeOptions::default()).await;
+    let dir = std::env::temp_dir().join(format!(
+        "gw-auth-jobs-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    // 20 jobs in the store: a caller's share is a quarter of it.
+    let mut config = common::config_for(&fake, &callers("[jobs]\nmax_jobs = 20"));
+    config.data_dir = Some(dir.clone());
+    // ops's first job is held in flight by Feishu; the rest of its chat waits behind it.
+    fake.push_fault(Fault {
+        message_id: Some("om_js0".into()),
+        hold: true,
+        times: 1,
+        ..Fault::default()
+    });
+    let gw = common::spawn_gateway_on(fake, config).await;
+    let mut c = gw.client.clone();
+    let mut ops_ids = Vec::new();
+    let refused = loop {
+        let i = ops_ids.len();
+        let req = text(&format!("om_js{i}"), "oc_js", &format!("job {i}"));
+        match c.submit_reply(with_token(req, OPS_TOKEN)).await {
+            Ok(r) => ops_ids.push(r.into_inner().job_id),
+            Err(s) => break s,
+        }
+        assert!(ops_ids.len() <= 20, "never refused");
+    };
+    assert_eq!(ops_ids.len(), 5, "ops's share");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let info = refused.get_details_error_info().unwrap();
+    assert_eq!(
+        info.metadata.get("scope").map(String::as_str),
+        Some("caller_jobs")
+    );
+    // billing is not refused for ops's jobs.
+    c.submit_reply(with_token(text("om_jb0", "oc_jb", "b"), BILLING_TOKEN))
+        .await
+        .expect("another caller still submits");
+    // Finished jobs stop counting: once ops's jobs are delivered, ops submits again.
+    gw.fake.release_held();
+    for id in &ops_ids {
+        common::eventually("ops's job delivered", async || {
+            let mut r = tonic::Request::new(feishu_reply_gateway::proto::GetReplyRequest {
+                job_id: id.clone(),
+            });
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {OPS_TOKEN}").parse().unwrap(),
+            );
+            c.get_reply(r).await.is_ok_and(|j| {
+                j.into_inner().state() == feishu_reply_gateway::proto::JobState::Delivered
+            })
+        })
+        .await;
+    }
+    c.submit_reply(with_token(text("om_js9", "oc_js", "again"), OPS_TOKEN))
+        .await
+        .expect("finished jobs no longer count");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A TLS channel to `gw` trusting `pki`'s CA, with `client` as its certificate if given.
 async fn tls_client(
     addr: std::net::SocketAddr,

@@ -470,20 +470,55 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
     );
     c.hand_off().await.unwrap();
     assert_eq!(b.claim().await.unwrap(), 1, "taken over");
-    // Bounded: 4 jobs stored, a bound of 4 refuses the next.
-    assert!(matches!(
-        b.submit(&rec, "k-fence-4", 4).await.unwrap(),
-        Submitted::Full(4)
-    ));
     // Expiry removes final jobs with their keys, and only them.
     let (gone, stored) = b.expire(Duration::ZERO, 100).await.unwrap();
     assert_eq!((gone, stored), (1, 3));
     assert!(b.get(seq).await.unwrap().is_none());
     assert!(b.get(seq + 1).await.unwrap().is_some(), "open jobs stay");
+    // Bounded: with every job it may hold open (3), the store refuses the next.
+    assert!(matches!(
+        b.submit(&rec, "k-fence-4", 3).await.unwrap(),
+        Submitted::Full(3)
+    ));
     let Submitted::New { seq: again, .. } = b.submit(&rec, "k-fence-1", 100).await.unwrap() else {
         panic!("its key expired with it: a new job")
     };
     assert!(again > seq + 3);
+    // Shares (issue 18): a caller at its bound of open jobs is refused, another is not.
+    use feishu_reply_gateway::jobs::Limits;
+    let shares = Limits {
+        max_jobs: 100,
+        per_caller: 4,
+    };
+    assert!(matches!(
+        b.submit_within(&rec, "k-share-1", shares).await.unwrap(),
+        Submitted::CallerFull(4)
+    ));
+    let other = JobRecord {
+        caller: "other".into(),
+        ..rec.clone()
+    };
+    assert!(matches!(
+        b.submit_within(&other, "k-share-2", shares).await.unwrap(),
+        Submitted::New { .. }
+    ));
+    // A full store of which one job is finished: that job makes room.
+    let (_, stored) = b.expire(Duration::from_secs(3600), 0).await.unwrap();
+    let mut done = b.get(again).await.unwrap().unwrap().0;
+    done.state = State::Delivered;
+    assert!(b.update(&done).await.unwrap(), "b runs it");
+    let full = Limits {
+        max_jobs: stored,
+        per_caller: 100,
+    };
+    assert!(matches!(
+        b.submit_within(&other, "k-share-3", full).await.unwrap(),
+        Submitted::New { .. }
+    ));
+    assert!(
+        b.get(again).await.unwrap().is_none(),
+        "the finished job made room"
+    );
 }
 
 #[tokio::test]

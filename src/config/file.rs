@@ -43,6 +43,8 @@ pub(super) struct FileConfig {
 pub(super) struct FileJobs {
     pub(super) data_dir: Option<std::path::PathBuf>,
     pub(super) max_jobs: Option<u64>,
+    /// Open jobs one caller may have (default a quarter of `max_jobs`).
+    pub(super) max_jobs_per_caller: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

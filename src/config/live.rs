@@ -87,6 +87,7 @@ pub fn line_up(old: &Config, new: Config) -> LinedUp {
     keep!(data_dir, "jobs.data_dir");
     keep!(reset_job_store, "--reset-job-store");
     keep!(max_jobs, "jobs.max_jobs");
+    keep!(max_jobs_per_caller, "jobs.max_jobs_per_caller");
     keep!(quotas.chat, "quotas.chat");
     keep!(quotas.user, "quotas.user");
     keep!(quotas.safety_margin, "quotas.safety_margin_ms");

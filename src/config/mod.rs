@@ -192,6 +192,9 @@ pub struct Config {
     pub reset_job_store: bool,
     /// Jobs the store may hold, all states (finished ones stay 25 h).
     pub max_jobs: u64,
+    /// Open (not final) jobs one caller may have: one caller at its bound never refuses
+    /// another (`[jobs] max_jobs_per_caller`, default a quarter of `max_jobs`).
+    pub max_jobs_per_caller: u64,
 }
 
 // === impl Config ===
@@ -415,6 +418,7 @@ impl Config {
 
         let cluster = cluster::build(cluster, redis_url.clone())?;
 
+        let max_jobs = jobs.max_jobs.unwrap_or(1_000_000);
         Ok(Config {
             grpc_addr: grpc_addr.unwrap_or(server.grpc_addr),
             metrics_addr: metrics_addr.unwrap_or(server.metrics_addr),
@@ -448,7 +452,8 @@ impl Config {
             cluster,
             data_dir: data_dir.clone().or(jobs.data_dir),
             reset_job_store: *reset_job_store,
-            max_jobs: jobs.max_jobs.unwrap_or(1_000_000),
+            max_jobs,
+            max_jobs_per_caller: jobs.max_jobs_per_caller.unwrap_or(max_jobs / 4).max(1),
         })
     }
 

@@ -22,7 +22,7 @@ use crate::scheduler::GatewayError;
 use crate::scheduler::{Delivered, JobSpec, Scheduler};
 pub use record::{JobRecord, State, StoredError, StoredReply, job_id, now_ms, parse_job_id};
 pub use redis::{RedisJobStore, RedisJobsConfig};
-pub use seam::{JobStore as Store, Leases, OnCommit, Owner, Polled, Stored};
+pub use seam::{JobStore as Store, Leases, Limits, OnCommit, Owner, Polled, Stored};
 pub use spec::Specs;
 pub use store::{JobStore, StoreError};
 
@@ -47,8 +47,8 @@ pub trait Answers: Send + Sync {
 pub struct Jobs {
     /// Where they are kept (`app.rs` picks it: [`JobStore`] or [`RedisJobStore`]).
     store: Arc<dyn Store>,
-    /// Jobs the store may hold (all states); beyond it SubmitReply is RESOURCE_EXHAUSTED.
-    max_jobs: u64,
+    /// Jobs the store may hold, and open jobs per caller (see [`Limits`]).
+    limits: Limits,
     metrics: Arc<crate::metrics::Metrics>,
     scheduler: Scheduler,
     answers: Arc<dyn Answers>,
@@ -76,7 +76,7 @@ impl Jobs {
     /// Must be called on the runtime the jobs will run on.
     pub fn new(
         store: Arc<dyn Store>,
-        max_jobs: u64,
+        limits: Limits,
         scheduler: Scheduler,
         specs: Specs,
         metrics: Arc<crate::metrics::Metrics>,
@@ -85,7 +85,7 @@ impl Jobs {
         let (updates, _) = broadcast::channel(4096);
         Arc::new(Self {
             store,
-            max_jobs,
+            limits,
             metrics,
             scheduler,
             answers,
@@ -121,7 +121,7 @@ impl Jobs {
         let start: OnCommit = Box::new(move |stored: &JobRecord| {
             jobs.start(stored.clone(), spec);
         });
-        let stored = self.store.submit(rec, key, self.max_jobs, start).await;
+        let stored = self.store.submit(rec, key, self.limits, start).await;
         if let Some(n) = self.store.count() {
             self.metrics.set_jobs_stored(n);
         }
@@ -134,6 +134,12 @@ impl Jobs {
             }
             Stored::Duplicate(known) => Ok((known, true)),
             Stored::Full(stored) => Err(full(stored)),
+            // This caller's share of the store is taken; the others still have theirs.
+            Stored::CallerFull(open) => Err(GatewayError::QueueFull {
+                scope: "caller_jobs",
+                queued: usize::try_from(open).unwrap_or(usize::MAX),
+                retry_after: Duration::from_secs(60),
+            }),
         }
     }
 

@@ -18,7 +18,7 @@ use super::redis_scripts::{
     UPDATE_LUA,
 };
 pub use super::seam::Polled;
-use super::seam::{JobStore, Leases, OnCommit, Owner, RecoveryScan, Stored};
+use super::seam::{JobStore, Leases, Limits, OnCommit, Owner, RecoveryScan, Stored};
 use super::store::StoreError;
 pub use crate::config::RedisJobsConfig;
 use crate::redis_conn::{ClusterError, Lane, SharedRedis};
@@ -30,8 +30,10 @@ pub enum Submitted {
     New { seq: u64, owner: String },
     /// The same caller, app and uuid made this job already.
     Duplicate(Box<JobRecord>),
-    /// The store holds `stored` jobs, its bound.
+    /// The store holds `stored` jobs, its bound, all of them open.
     Full(u64),
+    /// The caller has this many open jobs, its bound.
+    CallerFull(u64),
 }
 
 pub struct RedisJobStore {
@@ -138,20 +140,38 @@ impl RedisJobStore {
         inv
     }
 
-    /// Stores `rec` (JSON, numbered by Redis) unless `key` made a job already.
+    /// Stores `rec` (JSON, numbered by Redis) unless `key` made a job already, within
+    /// `max_jobs` (no bound per caller).
     pub async fn submit(
         &self,
         rec: &JobRecord,
         key: &str,
         max_jobs: u64,
     ) -> Result<Submitted, StoreError> {
+        let limits = Limits {
+            max_jobs,
+            per_caller: u64::MAX,
+        };
+        self.submit_within(rec, key, limits).await
+    }
+
+    /// [`Self::submit`] within `limits`: the caller below its bound of open jobs; a full
+    /// store first removes its oldest finished jobs, and refuses only when all are open.
+    pub async fn submit_within(
+        &self,
+        rec: &JobRecord,
+        key: &str,
+        limits: Limits,
+    ) -> Result<Submitted, StoreError> {
         let mut inv = self.invoke(&self.submit);
         inv.arg(key)
             .arg(rec.encode())
             .arg(&rec.reply.chat_id)
             .arg(&self.replica)
-            .arg(max_jobs)
-            .arg(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX));
+            .arg(limits.max_jobs)
+            .arg(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX))
+            .arg(&rec.caller)
+            .arg(limits.per_caller);
         let v: Vec<Value> = self
             .redis
             .call_on(Lane::Jobs, "job_submit", inv)
@@ -177,6 +197,7 @@ impl RedisJobStore {
                 v.get(2).and_then(text).ok_or(bad("submit"))?,
             )?)),
             Some(-1) => Submitted::Full(seq()?),
+            Some(-2) => Submitted::CallerFull(seq()?),
             _ => return Err(bad("submit")),
         };
         if let (Submitted::New { .. } | Submitted::Duplicate(_), n @ 1..) =
@@ -346,22 +367,21 @@ impl JobStore for RedisJobStore {
         &self,
         rec: JobRecord,
         key: String,
-        max_jobs: u64,
+        limits: Limits,
         _start: OnCommit,
     ) -> BoxFuture<'_, Result<Stored, StoreError>> {
         // The job's owner (this replica, or the one running its chat) picks it up from the
         // store, in the store's order.
         Box::pin(async move {
-            Ok(
-                match RedisJobStore::submit(self, &rec, &key, max_jobs).await? {
-                    Submitted::New { seq, owner } => Stored::New {
-                        rec: JobRecord { seq, ..rec },
-                        runs_here: owner == self.replica,
-                    },
-                    Submitted::Duplicate(known) => Stored::Duplicate(*known),
-                    Submitted::Full(stored) => Stored::Full(stored),
+            Ok(match self.submit_within(&rec, &key, limits).await? {
+                Submitted::New { seq, owner } => Stored::New {
+                    rec: JobRecord { seq, ..rec },
+                    runs_here: owner == self.replica,
                 },
-            )
+                Submitted::Duplicate(known) => Stored::Duplicate(*known),
+                Submitted::Full(stored) => Stored::Full(stored),
+                Submitted::CallerFull(open) => Stored::CallerFull(open),
+            })
         })
     }
 

@@ -5,7 +5,9 @@
 //!
 //! Keys under the base:
 //! - `seq`: the last job number (INCR).
-//! - `job:<seq>`: hash `rec` (the record, JSON), `chat`, `idem` (the idempotency key).
+//! - `job:<seq>`: hash `rec` (the record, JSON), `chat`, `idem` (the idempotency key),
+//!   `caller` (whose open-job count it is in; absent for jobs stored before the counts).
+//! - `callers`: hash caller → its open jobs (bounded per caller at submit).
 //! - `idem:<key>`: the seq of the job made for (caller, app, uuid).
 //! - `open`, `done`: sorted sets of the jobs not final (score seq) and final (score: when it
 //!   ended, ms).
@@ -26,8 +28,10 @@ macro_rules! lua_now_ms {
     };
 }
 
-/// ARGV: base, idempotency key, record, chat, this replica, max jobs, lease (ms).
-/// Returns {0, seq, rec} for a known key, {-1, stored} when full, {1, seq, owner} when stored.
+/// ARGV: base, idempotency key, record, chat, this replica, max jobs, lease (ms), caller,
+/// open jobs per caller. Returns {0, seq, rec} for a known key, {-2, open} when the caller is
+/// at its bound, {-1, open} when every job the store may hold is open, {1, seq, owner} when
+/// stored (a full store first removes its oldest finished jobs).
 pub(super) const SUBMIT_LUA: &str = r#"
 local b = ARGV[1]
 local idem = b .. ':idem:' .. ARGV[2]
@@ -36,8 +40,21 @@ if known then
   local rec = redis.call('HGET', b .. ':job:' .. known, 'rec')
   if rec then return {0, tonumber(known), rec} end
 end
-local stored = redis.call('ZCARD', b .. ':open') + redis.call('ZCARD', b .. ':done')
-if stored >= tonumber(ARGV[6]) then return {-1, stored} end
+local mine = tonumber(redis.call('HGET', b .. ':callers', ARGV[8]) or '0')
+if mine >= tonumber(ARGV[9]) then return {-2, mine} end
+local open = redis.call('ZCARD', b .. ':open')
+local max = tonumber(ARGV[6])
+if open >= max then return {-1, open} end
+local over = open + redis.call('ZCARD', b .. ':done') - max + 1
+if over > 0 then
+  for _, s in ipairs(redis.call('ZRANGE', b .. ':done', 0, over - 1)) do
+    local job = b .. ':job:' .. s
+    local idem = redis.call('HGET', job, 'idem')
+    if idem then redis.call('DEL', b .. ':idem:' .. idem) end
+    redis.call('DEL', job)
+    redis.call('ZREM', b .. ':done', s)
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 local chat = b .. ':chat:' .. ARGV[4]
 local owner = redis.call('HGET', chat, 'owner')
@@ -55,7 +72,8 @@ if not redis.call('ZSCORE', b .. ':replicas', owner) then
   redis.call('ZADD', b .. ':replicas', now + tonumber(ARGV[7]), owner)
 end
 redis.call('HINCRBY', chat, 'open', 1)
-redis.call('HSET', b .. ':job:' .. seq, 'rec', ARGV[3], 'chat', ARGV[4], 'idem', ARGV[2])
+redis.call('HSET', b .. ':job:' .. seq, 'rec', ARGV[3], 'chat', ARGV[4], 'idem', ARGV[2], 'caller', ARGV[8])
+redis.call('HINCRBY', b .. ':callers', ARGV[8], 1)
 redis.call('SET', idem, seq)
 redis.call('ZADD', b .. ':open', seq, seq)
 redis.call('ZADD', b .. ':owned:' .. owner, seq, seq)
@@ -79,6 +97,10 @@ if ARGV[5] == '1' then
   redis.call('ZREM', b .. ':open', ARGV[2])
   redis.call('ZREM', owned, ARGV[2])
   redis.call('ZADD', b .. ':done', now, ARGV[2])
+  local caller = redis.call('HGET', job, 'caller')
+  if caller and redis.call('HINCRBY', b .. ':callers', caller, -1) <= 0 then
+    redis.call('HDEL', b .. ':callers', caller)
+  end
   local c = redis.call('HGET', job, 'chat') or ''
   local chat = b .. ':chat:' .. c
   if redis.call('HINCRBY', chat, 'open', -1) <= 0 then

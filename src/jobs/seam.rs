@@ -17,6 +17,15 @@ pub type OnCommit = Box<dyn FnOnce(&JobRecord) + Send>;
 /// attempted lately (they count in Feishu's windows).
 pub type RecoveryScan = (Vec<JobRecord>, Vec<JobRecord>);
 
+/// The bounds a submit is checked against, atomically with storing it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Jobs the store may hold (all states); past it the oldest finished ones make room.
+    pub max_jobs: u64,
+    /// Open (not final) jobs one caller may have.
+    pub per_caller: u64,
+}
+
 /// How a submit went.
 #[derive(Debug)]
 pub enum Stored {
@@ -25,8 +34,10 @@ pub enum Stored {
     New { rec: JobRecord, runs_here: bool },
     /// The same caller, app and uuid made this job already.
     Duplicate(JobRecord),
-    /// The store holds this many jobs, its bound.
+    /// The store holds this many jobs, its bound, all of them open.
     Full(u64),
+    /// The caller has this many open jobs, its bound.
+    CallerFull(u64),
 }
 
 /// Who runs a stored job.
@@ -49,13 +60,15 @@ pub struct Polled {
 
 /// Where jobs are kept.
 pub trait JobStore: Send + Sync + 'static {
-    /// Stores `rec` unless a job with `key` exists, within `max_jobs` (all states). Answers
-    /// once the job is durable; a new job this process runs is given to `start` first.
+    /// Stores `rec` unless a job with `key` exists, within `limits`: its caller (`rec.caller`)
+    /// below its bound of open jobs, and room in the store, made by removing the oldest
+    /// finished jobs when it is full. Answers once the job is durable; a new job this process
+    /// runs is given to `start` first.
     fn submit(
         &self,
         rec: JobRecord,
         key: String,
-        max_jobs: u64,
+        limits: Limits,
         start: OnCommit,
     ) -> BoxFuture<'_, Result<Stored, StoreError>>;
 

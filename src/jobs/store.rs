@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::record::JobRecord;
 pub use super::seam::OnCommit;
-use super::seam::{JobStore as Store, Leases, Owner, RecoveryScan, Stored};
+use super::seam::{JobStore as Store, Leases, Limits, Owner, RecoveryScan, Stored};
 
 /// seq → the job record (JSON).
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs_v1");
@@ -60,8 +60,9 @@ enum Op {
     Insert {
         rec: Box<JobRecord>,
         key: String,
+        limits: Option<Limits>,
         then: Option<OnCommit>,
-        done: oneshot::Sender<Result<(JobRecord, bool), StoreError>>,
+        done: oneshot::Sender<Result<Stored, StoreError>>,
     },
     /// Overwrite a job's record (state changes).
     Update {
@@ -124,11 +125,19 @@ impl JobStore {
             Arc::new(Database::create(&path).map_err(|e| err(format!("{}: {e}", path.display())))?);
         // Create the tables so that readers find them.
         let txn = db.begin_write().map_err(err)?;
-        let (next_seq, stored) = {
+        let (next_seq, stored, open) = {
             let jobs = txn.open_table(JOBS).map_err(err)?;
             txn.open_table(IDEM).map_err(err)?;
             let next = jobs.last().map_err(err)?.map_or(1, |(k, _)| k.value() + 1);
-            (next, jobs.len().map_err(err)?)
+            // Open jobs by caller (their bound is checked at each submit).
+            let mut open = OpenJobs::default();
+            for entry in jobs.iter().map_err(err)? {
+                let rec = JobRecord::decode(entry.map_err(err)?.1.value())?;
+                if !rec.state.is_final() {
+                    open.add(&rec.caller, 1);
+                }
+            }
+            (next, jobs.len().map_err(err)?, open)
         };
         txn.commit().map_err(err)?;
         if !had_store {
@@ -140,7 +149,7 @@ impl JobStore {
         let writer_count = count.clone();
         std::thread::Builder::new()
             .name("job-store".into())
-            .spawn(move || writer(&writer_db, &rx, next_seq, &writer_count))
+            .spawn(move || writer(&writer_db, &rx, next_seq, &writer_count, open))
             .map_err(err)?;
         Ok(Self {
             db,
@@ -168,17 +177,38 @@ impl JobStore {
 
     /// Stores `rec` (its `seq` is assigned) unless a job with `key` exists: then that job
     /// and `true`. Answers after the commit is on disk; `then` runs on a new job right after
-    /// its commit, new jobs in the order they were stored.
+    /// its commit, new jobs in the order they were stored. No bounds (see
+    /// [`Self::insert_within`]).
     pub async fn insert(
         &self,
         rec: JobRecord,
         key: String,
         then: Option<OnCommit>,
     ) -> Result<(JobRecord, bool), StoreError> {
+        match self.insert_within(rec, key, None, then).await? {
+            Stored::New { rec, .. } => Ok((rec, false)),
+            Stored::Duplicate(rec) => Ok((rec, true)),
+            Stored::Full(_) | Stored::CallerFull(_) => {
+                unreachable!("no limits, no refusal")
+            }
+        }
+    }
+
+    /// [`Self::insert`] within `limits`: a caller at its bound of open jobs is refused
+    /// (`CallerFull`); a store full of jobs makes room by removing its oldest finished ones,
+    /// and refuses (`Full`) only when every job in it is open.
+    pub async fn insert_within(
+        &self,
+        rec: JobRecord,
+        key: String,
+        limits: Option<Limits>,
+        then: Option<OnCommit>,
+    ) -> Result<Stored, StoreError> {
         let (done, rx) = oneshot::channel();
         self.send(Op::Insert {
             rec: Box::new(rec),
             key,
+            limits,
             then,
             done,
         })?;
@@ -241,22 +271,10 @@ impl Store for JobStore {
         &self,
         rec: JobRecord,
         key: String,
-        max_jobs: u64,
+        limits: Limits,
         start: OnCommit,
     ) -> BoxFuture<'_, Result<Stored, StoreError>> {
-        Box::pin(async move {
-            let stored = self.count();
-            if stored >= max_jobs {
-                return Ok(Stored::Full(stored));
-            }
-            Ok(match self.insert(rec, key, Some(start)).await? {
-                (rec, false) => Stored::New {
-                    rec,
-                    runs_here: true,
-                },
-                (rec, true) => Stored::Duplicate(rec),
-            })
-        })
+        Box::pin(self.insert_within(rec, key, Some(limits), Some(start)))
     }
 
     fn get(&self, seq: u64) -> BoxFuture<'_, Result<Option<(JobRecord, Owner)>, StoreError>> {
@@ -302,7 +320,41 @@ impl Store for JobStore {
 
 /// The writer: takes what has piled up, applies it in one transaction, commits (fsync), then
 /// answers everyone in the batch.
-fn writer(db: &Database, rx: &mpsc::Receiver<Op>, mut next_seq: u64, count: &AtomicU64) {
+/// Open (not final) jobs, by caller and in all: kept by the writer thread.
+#[derive(Debug, Default, Clone)]
+struct OpenJobs {
+    by_caller: std::collections::HashMap<String, u64>,
+    total: u64,
+}
+
+impl OpenJobs {
+    fn of(&self, caller: &str) -> u64 {
+        self.by_caller.get(caller).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, caller: &str, n: u64) {
+        *self.by_caller.entry(caller.to_owned()).or_default() += n;
+        self.total += n;
+    }
+
+    fn remove(&mut self, caller: &str) {
+        if let Some(n) = self.by_caller.get_mut(caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.by_caller.remove(caller);
+            }
+            self.total = self.total.saturating_sub(1);
+        }
+    }
+}
+
+fn writer(
+    db: &Database,
+    rx: &mpsc::Receiver<Op>,
+    mut next_seq: u64,
+    count: &AtomicU64,
+    mut open: OpenJobs,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -312,13 +364,19 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Op>, mut next_seq: u64, count: &Ato
             }
         }
         let seq_before = next_seq;
-        let applied = apply(db, &mut batch, &mut next_seq);
+        // The counts change with the batch only once it is committed.
+        let mut batch_open = open.clone();
+        let applied = apply(db, &mut batch, &mut next_seq, &mut batch_open);
         match applied {
             Ok(answers) => {
+                open = batch_open;
                 for a in &answers {
                     match a {
-                        Answer::Inserted(_, false) => {
+                        Answer::Inserted(stored, evicted)
+                            if matches!(**stored, Stored::New { .. }) =>
+                        {
                             count.fetch_add(1, Ordering::AcqRel);
+                            count.fetch_sub(*evicted as u64, Ordering::AcqRel);
                         }
                         Answer::Expired(n) => {
                             count.fetch_sub(*n as u64, Ordering::AcqRel);
@@ -343,18 +401,19 @@ fn writer(db: &Database, rx: &mpsc::Receiver<Op>, mut next_seq: u64, count: &Ato
 
 /// What one operation of a committed batch answers.
 enum Answer {
-    Inserted(Box<JobRecord>, bool),
+    /// How the insert went, and how many finished jobs it removed to make room.
+    Inserted(Box<Stored>, usize),
     Updated,
     Expired(usize),
 }
 
 fn answer_op(op: Op, answer: Result<Answer, StoreError>) {
     match (op, answer) {
-        (Op::Insert { done, then, .. }, Ok(Answer::Inserted(rec, dup))) => {
-            if let (false, Some(then)) = (dup, then) {
-                then(&rec);
+        (Op::Insert { done, then, .. }, Ok(Answer::Inserted(stored, _))) => {
+            if let (Stored::New { rec, .. }, Some(then)) = (&*stored, then) {
+                then(rec);
             }
-            let _ = done.send(Ok((*rec, dup)));
+            let _ = done.send(Ok(*stored));
         }
         (Op::Update { done, .. }, Ok(Answer::Updated)) => {
             let _ = done.send(Ok(()));
@@ -375,7 +434,12 @@ fn answer_op(op: Op, answer: Result<Answer, StoreError>) {
     }
 }
 
-fn apply(db: &Database, batch: &mut [Op], next_seq: &mut u64) -> Result<Vec<Answer>, StoreError> {
+fn apply(
+    db: &Database,
+    batch: &mut [Op],
+    next_seq: &mut u64,
+    open: &mut OpenJobs,
+) -> Result<Vec<Answer>, StoreError> {
     let txn = db.begin_write().map_err(err)?;
     let mut answers = Vec::with_capacity(batch.len());
     {
@@ -383,23 +447,73 @@ fn apply(db: &Database, batch: &mut [Op], next_seq: &mut u64) -> Result<Vec<Answ
         let mut idem = txn.open_table(IDEM).map_err(err)?;
         for op in batch.iter_mut() {
             match op {
-                Op::Insert { rec, key, .. } => {
+                Op::Insert {
+                    rec, key, limits, ..
+                } => {
                     let known = idem.get(key.as_str()).map_err(err)?.map(|v| v.value());
                     if let Some(seq) = known
                         && let Some(v) = jobs.get(seq).map_err(err)?
                     {
-                        let known = Box::new(JobRecord::decode(v.value())?);
-                        answers.push(Answer::Inserted(known, true));
+                        let known = JobRecord::decode(v.value())?;
+                        answers.push(Answer::Inserted(Box::new(Stored::Duplicate(known)), 0));
                         continue;
+                    }
+                    let mut evicted = 0;
+                    if let Some(l) = limits {
+                        let mine = open.of(&rec.caller);
+                        if mine >= l.per_caller {
+                            answers.push(Answer::Inserted(Box::new(Stored::CallerFull(mine)), 0));
+                            continue;
+                        }
+                        if open.total >= l.max_jobs {
+                            answers.push(Answer::Inserted(Box::new(Stored::Full(open.total)), 0));
+                            continue;
+                        }
+                        // Full of jobs, some finished: the oldest finished make room.
+                        let stored = jobs.len().map_err(err)?;
+                        if stored >= l.max_jobs {
+                            let over =
+                                usize::try_from(stored - l.max_jobs + 1).unwrap_or(usize::MAX);
+                            let mut gone = Vec::new();
+                            for entry in jobs.iter().map_err(err)? {
+                                let (k, v) = entry.map_err(err)?;
+                                let old = JobRecord::decode(v.value())?;
+                                if old.state.is_final() {
+                                    gone.push((k.value(), old.idempotency_key()));
+                                    if gone.len() >= over {
+                                        break;
+                                    }
+                                }
+                            }
+                            for (seq, key) in &gone {
+                                jobs.remove(*seq).map_err(err)?;
+                                idem.remove(key.as_str()).map_err(err)?;
+                            }
+                            evicted = gone.len();
+                        }
                     }
                     rec.seq = *next_seq;
                     *next_seq += 1;
                     jobs.insert(rec.seq, rec.encode().as_slice()).map_err(err)?;
                     idem.insert(key.as_str(), rec.seq).map_err(err)?;
-                    answers.push(Answer::Inserted(rec.clone(), false));
+                    if !rec.state.is_final() {
+                        open.add(&rec.caller, 1);
+                    }
+                    let stored = Stored::New {
+                        rec: (**rec).clone(),
+                        runs_here: true,
+                    };
+                    answers.push(Answer::Inserted(Box::new(stored), evicted));
                 }
                 Op::Update { rec, .. } => {
+                    let was_open = match jobs.get(rec.seq).map_err(err)? {
+                        Some(v) => !JobRecord::decode(v.value())?.state.is_final(),
+                        None => false,
+                    };
                     jobs.insert(rec.seq, rec.encode().as_slice()).map_err(err)?;
+                    if was_open && rec.state.is_final() {
+                        open.remove(&rec.caller);
+                    }
                     answers.push(Answer::Updated);
                 }
                 Op::Expire { before_ms, .. } => {
@@ -579,6 +693,70 @@ mod tests {
         std::fs::remove_file(d.join(CREATED_MARKER)).unwrap();
         drop(reopen(&d, false).await.unwrap());
         assert!(d.join(CREATED_MARKER).exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn a_caller_at_its_share_refuses_only_itself_and_finished_jobs_make_room() {
+        let d = dir("shares");
+        let _ = std::fs::remove_dir_all(&d);
+        let store = JobStore::open(&d, false).unwrap();
+        let limits = Some(Limits {
+            max_jobs: 3,
+            per_caller: 2,
+        });
+        let submit = |caller: &str, uuid: &str| {
+            let mut r = record(uuid);
+            r.caller = caller.into();
+            let k = r.idempotency_key();
+            store.insert_within(r, k, limits, None)
+        };
+        let Stored::New { rec: first, .. } = submit("a", "a1").await.unwrap() else {
+            panic!("stored")
+        };
+        assert!(matches!(
+            submit("a", "a2").await.unwrap(),
+            Stored::New { .. }
+        ));
+        // a is at its share: a is refused, b is not.
+        assert!(matches!(
+            submit("a", "a3").await.unwrap(),
+            Stored::CallerFull(2)
+        ));
+        assert!(matches!(
+            submit("b", "b1").await.unwrap(),
+            Stored::New { .. }
+        ));
+        // Every job the store may hold is open: refused, for anyone.
+        assert!(matches!(submit("b", "b2").await.unwrap(), Stored::Full(3)));
+        // a's first job ends: it no longer counts for a, and it makes room when needed.
+        let mut done = first.clone();
+        done.state = State::Delivered;
+        store.update(done).await.unwrap();
+        assert!(matches!(
+            submit("a", "a4").await.unwrap(),
+            Stored::New { .. }
+        ));
+        assert_eq!(store.count(), 3);
+        assert!(
+            store.get(first.seq).unwrap().is_none(),
+            "the finished job made room"
+        );
+        // Its key went with it: the same uuid is a new job now.
+        assert!(matches!(
+            submit("a", "a1").await.unwrap(),
+            Stored::CallerFull(2)
+        ));
+        // The counts survive a restart.
+        drop(store);
+        let store = reopen(&d, false).await.unwrap();
+        let mut r = record("a5");
+        r.caller = "a".into();
+        let k = r.idempotency_key();
+        assert!(matches!(
+            store.insert_within(r, k, limits, None).await.unwrap(),
+            Stored::CallerFull(2)
+        ));
         let _ = std::fs::remove_dir_all(&d);
     }
 
