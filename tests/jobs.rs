@@ -115,6 +115,14 @@ async fn a_full_job_store_refuses_new_jobs() {
     let mut config = config_for(&fake, "");
     config.data_dir = Some(dir.clone());
     config.max_jobs = 3;
+    // All three stay open (the first is held by Feishu, the others wait behind it): a finished
+    // job would make room (issue 18).
+    fake.push_fault(Fault {
+        message_id: Some("om_f0".into()),
+        hold: true,
+        times: 1,
+        ..Fault::default()
+    });
     let gw = spawn_gateway_on(fake, config).await;
     let mut c = gw.client.clone();
     for i in 0..3 {
@@ -135,6 +143,7 @@ async fn a_full_job_store_refuses_new_jobs() {
         Some(3.0),
         "{m}"
     );
+    gw.fake.release_held();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
