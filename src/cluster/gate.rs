@@ -283,11 +283,7 @@ impl RedisGate {
         if policy == RedisFailurePolicy::Local {
             // keep_ids: its sends are replayed into Redis by key name on recovery.
             self.table = QuotaTable::new(scaled, self.margin, self.hold).keep_ids();
-            // Only when this replica has used Redis can Redis-era sends of its own still be
-            // in a window; one that never reached it sends its share at once.
-            if self.store.shared().reached(Lane::Quota) {
-                self.table.set_floor(self.clock.micros(Instant::now()));
-            }
+            self.table.set_floor(self.clock.micros(Instant::now()));
         }
         tracing::warn!(%error, ?policy, replicas, "Redis unavailable: quota decisions fall back to the failure policy");
         self.metrics.redis_fallback_switch();
@@ -342,9 +338,14 @@ impl SharedGate for RedisGate {
             (Mode::Up, _) => {}
             // Replaying: local sends made now would miss the snapshot being written to Redis,
             // so wait the few milliseconds until it is done.
-            // Held while Redis is out; but a Redis that cannot be used as configured (it
-            // refuses the credentials, or was never reached) will not come back by waiting:
-            // the reply fails at once.
+            // A Redis that refuses the credentials is a misconfiguration, not an outage: local
+            // sends could add to the other replicas' in Feishu's windows, and waiting will
+            // not fix it, so the reply fails at once, whatever the policy.
+            (Mode::Down, _) if self.store.shared().refused(Lane::Quota) => {
+                return Verdict::Unavailable;
+            }
+            // Held while Redis is out; but one not answered since start will not come back by
+            // waiting for a reply's deadline: the reply fails at once.
             (Mode::Down, RedisFailurePolicy::FailClosed)
                 if self.store.shared().unusable_for(Lane::Quota).is_some() =>
             {

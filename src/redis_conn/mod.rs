@@ -85,6 +85,11 @@ impl SharedRedis {
         })
     }
 
+    /// Whether the last calls on `lane` were refused for their credentials.
+    pub fn refused(&self, lane: Lane) -> bool {
+        self.refused[lane as usize].load(Ordering::Acquire)
+    }
+
     /// Whether a call on `lane` was answered since the process started.
     pub fn reached(&self, lane: Lane) -> bool {
         self.reached[lane as usize].load(Ordering::Acquire)

@@ -62,7 +62,7 @@ pub enum GatewayError {
     #[error("looking up the chat of the message failed: {0}")]
     ChatLookup(UpstreamError),
     #[error(
-        "the quotas shared across replicas cannot be used and the failure policy holds replies (on_redis_failure = fail_closed); not sent"
+        "the quotas shared across replicas cannot be used (their store refuses the credentials, or, under on_redis_failure = fail_closed, has not answered since start); not sent"
     )]
     SharedQuotasUnavailable { attempts: u32, uuid: String },
     #[error("the gateway is shutting down; not sent")]

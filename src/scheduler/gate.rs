@@ -99,8 +99,8 @@ pub enum Verdict {
     Asked,
     /// Parked in a line behind a shared key; the gate's `pump` releases it.
     InLine,
-    /// The shared quotas cannot be used and the failure policy is to hold: the job fails
-    /// now (waiting would not bring them back).
+    /// The shared quotas cannot be used as configured (waiting would not bring them back):
+    /// the job fails now.
     Unavailable,
 }
 

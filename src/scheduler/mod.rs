@@ -384,7 +384,7 @@ impl Dispatcher {
                         .expect("chat with a head");
                     self.queues.sent(&chat_id, None);
                     let (attempts, uuid) = (job.attempts, job.uuid());
-                    tracing::info!(chat_id = %chat_id, uuid = %uuid, "shared quotas unusable under fail_closed; the reply fails UNAVAILABLE");
+                    tracing::info!(chat_id = %chat_id, uuid = %uuid, "the shared quotas cannot be used as configured; the reply fails UNAVAILABLE");
                     job.finish(Err(GatewayError::SharedQuotasUnavailable {
                         attempts,
                         uuid,
