@@ -21,6 +21,14 @@
 //!   when its jobs were taken over, until it renews (and learns it).
 //! - `cancel:<replica>`: list of seqs to cancel, asked from other replicas.
 
+/// `remove_done(b, s)`: removes finished job `s` with its idempotency key (expiry, and a
+/// full store making room), as a Lua prelude.
+macro_rules! lua_remove_done {
+    () => {
+        "local function remove_done(b, s)\n  local job = b .. ':job:' .. s\n  local idem = redis.call('HGET', job, 'idem')\n  if idem then redis.call('DEL', b .. ':idem:' .. idem) end\n  redis.call('DEL', job)\n  redis.call('ZREM', b .. ':done', s)\nend\n"
+    };
+}
+
 /// Redis `TIME` in ms, as a Lua prelude.
 macro_rules! lua_now_ms {
     () => {
@@ -32,7 +40,9 @@ macro_rules! lua_now_ms {
 /// open jobs per caller. Returns {0, seq, rec} for a known key, {-2, open} when the caller is
 /// at its bound, {-1, open} when every job the store may hold is open, {1, seq, owner} when
 /// stored (a full store first removes its oldest finished jobs).
-pub(super) const SUBMIT_LUA: &str = r#"
+pub(super) const SUBMIT_LUA: &str = concat!(
+    lua_remove_done!(),
+    r#"
 local b = ARGV[1]
 local idem = b .. ':idem:' .. ARGV[2]
 local known = redis.call('GET', idem)
@@ -48,11 +58,7 @@ if open >= max then return {-1, open} end
 local over = open + redis.call('ZCARD', b .. ':done') - max + 1
 if over > 0 then
   for _, s in ipairs(redis.call('ZRANGE', b .. ':done', 0, over - 1)) do
-    local job = b .. ':job:' .. s
-    local idem = redis.call('HGET', job, 'idem')
-    if idem then redis.call('DEL', b .. ':idem:' .. idem) end
-    redis.call('DEL', job)
-    redis.call('ZREM', b .. ':done', s)
+    remove_done(b, s)
   end
 end
 local seq = redis.call('INCR', KEYS[1])
@@ -78,7 +84,8 @@ redis.call('SET', idem, seq)
 redis.call('ZADD', b .. ':open', seq, seq)
 redis.call('ZADD', b .. ':owned:' .. owner, seq, seq)
 return {1, seq, owner}
-"#;
+"#
+);
 
 /// ARGV: base, seq, this replica, record, final (1/0). Writes the record only while this
 /// replica owns the job (a replica whose jobs were taken over writes nothing). A final record
@@ -208,16 +215,13 @@ return {v[1], owner}
 /// ARGV: base, keep (ms), limit. Removes final jobs that ended more than `keep` ago, with their
 /// idempotency keys; returns {removed, stored}.
 pub(super) const EXPIRE_LUA: &str = concat!(
+    lua_remove_done!(),
     lua_now_ms!(),
     r#"
 local b = ARGV[1]
 local gone = redis.call('ZRANGEBYSCORE', b .. ':done', '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[3]))
 for _, s in ipairs(gone) do
-  local job = b .. ':job:' .. s
-  local idem = redis.call('HGET', job, 'idem')
-  if idem then redis.call('DEL', b .. ':idem:' .. idem) end
-  redis.call('DEL', job)
-  redis.call('ZREM', b .. ':done', s)
+  remove_done(b, s)
 end
 return {#gone, redis.call('ZCARD', b .. ':open') + redis.call('ZCARD', b .. ':done')}
 "#
