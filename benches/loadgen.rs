@@ -1085,6 +1085,7 @@ impl Upstream for Instant0 {
 fn job(i: usize, chats: usize) -> JobSpec {
     JobSpec {
         caller: 0,
+        credential: "".into(),
         intake: None,
         on_send: None,
         app: 0,

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use tonic::Request;
 use tonic::transport::CertificateDer;
 
-use crate::config::{ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerLimits, token_hash};
+use crate::config::{
+    ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerLimits, Ownership, credential_fingerprint,
+    token_hash,
+};
 
 /// Index of a caller: the configured callers in order, then anonymous.
 pub type CallerId = usize;
@@ -57,12 +60,18 @@ pub struct Caller {
     /// The configured name, or `anonymous`.
     pub name: Arc<str>,
     pub anonymous: bool,
+    /// Fingerprint of the credential it proved itself with (empty: anonymous): the work it
+    /// submits is owned by it (`config::Ownership`).
+    pub credential: Arc<str>,
 }
 
 /// Decides who a call is from. Built once from the configuration.
 pub struct Authenticator {
-    by_token: HashMap<[u8; 32], CallerId>,
-    by_identity: HashMap<String, CallerId>,
+    /// Caller and credential fingerprint by token hash, and by certificate name.
+    by_token: HashMap<[u8; 32], (CallerId, Arc<str>)>,
+    by_identity: HashMap<String, (CallerId, Arc<str>)>,
+    /// What each caller owns, by id.
+    owners: Vec<Ownership>,
     grants: Vec<AppGrant>,
     /// May use the admin service, by caller id.
     admins: Vec<bool>,
@@ -78,10 +87,11 @@ impl Authenticator {
         for (i, c) in config.callers.iter().enumerate() {
             let id = i + 1; // after anonymous (ANONYMOUS_ID)
             if let Some(h) = c.token_sha256 {
-                by_token.insert(h, id);
+                by_token.insert(h, (id, credential_fingerprint(b'T', &h)));
             }
             for name in &c.tls_identities {
-                by_identity.insert(name.clone(), id);
+                let fp = credential_fingerprint(b'M', name.as_bytes());
+                by_identity.insert(name.clone(), (id, fp));
             }
         }
         let names = [Arc::from(ANONYMOUS)]
@@ -91,6 +101,7 @@ impl Authenticator {
         Self {
             by_token,
             by_identity,
+            owners: config.ownership_by_id(),
             // Anonymous calls may use any app; `is_admin` decides theirs from allow_anonymous.
             grants: [AppGrant::All]
                 .into_iter()
@@ -135,6 +146,11 @@ impl Authenticator {
         })
     }
 
+    /// What every caller owns, by id (anonymous first).
+    pub fn owners(&self) -> &[Ownership] {
+        &self.owners
+    }
+
     /// Every caller's name by id (anonymous first), for metrics.
     pub fn names(&self) -> &[Arc<str>] {
         &self.names
@@ -150,7 +166,18 @@ impl Authenticator {
             id: ANONYMOUS_ID,
             name: self.names[ANONYMOUS_ID].clone(),
             anonymous: true,
+            credential: "".into(),
         }
+    }
+
+    /// Whether work that caller `name` submitted with `credential` is `caller`'s: the same
+    /// name, and a credential it still owns (its own now, or any when it inherits jobs).
+    pub fn owns(&self, caller: &Caller, name: &str, credential: &str) -> bool {
+        *caller.name == *name
+            && self
+                .owners
+                .get(caller.id)
+                .is_some_and(|o| o.holds(credential))
     }
 
     /// Who sent `req`: its bearer token and/or its verified client certificate.
@@ -166,21 +193,23 @@ impl Authenticator {
             Some(certs) if !certs.is_empty() => Some(self.cert_caller(&certs[0])),
             _ => None,
         };
-        let id = match (by_token, by_cert) {
+        // Both naming one caller: the token is the credential its work is owned by.
+        let (id, credential) = match (by_token, by_cert) {
             (None, None) => return Err(AuthError::Missing),
             (Some(t), None | Some(None)) => t,
             (None, Some(c)) => c.ok_or(AuthError::UnknownCertificate)?,
-            (Some(t), Some(Some(c))) if t == c => t,
+            (Some(t), Some(Some(c))) if t.0 == c.0 => t,
             (Some(_), Some(Some(_))) => return Err(AuthError::Conflict),
         };
         Ok(Caller {
             id,
             name: self.names[id].clone(),
             anonymous: false,
+            credential,
         })
     }
 
-    fn token_caller(&self, header: &[u8]) -> Result<CallerId, AuthError> {
+    fn token_caller(&self, header: &[u8]) -> Result<(CallerId, Arc<str>), AuthError> {
         let token = match header.iter().position(|&b| b == b' ') {
             Some(i) if header[..i].eq_ignore_ascii_case(b"bearer") => header[i + 1..].trim_ascii(),
             _ => return Err(AuthError::Malformed),
@@ -191,16 +220,16 @@ impl Authenticator {
         // Looked up by hash: the lookup's timing says nothing about the token's bytes.
         self.by_token
             .get(&token_hash(token))
-            .copied()
+            .cloned()
             .ok_or(AuthError::UnknownToken)
     }
 
     /// The caller a verified client certificate names (SAN URI or DNS), if any.
-    fn cert_caller(&self, cert: &CertificateDer<'_>) -> Option<CallerId> {
+    fn cert_caller(&self, cert: &CertificateDer<'_>) -> Option<(CallerId, Arc<str>)> {
         let cert = webpki::EndEntityCert::try_from(cert).ok()?;
         cert.valid_uri_names()
             .chain(cert.valid_dns_names())
-            .find_map(|n| self.by_identity.get(n).copied())
+            .find_map(|n| self.by_identity.get(n).cloned())
     }
 
     /// Whether `caller` may send as `app`.

@@ -27,7 +27,8 @@
 //!   `Door` a reload replaces); `grpc::status` the one error → gRPC status table
 //!   ([`grpc::CallError`]: the domain's error or the door's own).
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
-//!   which apps it may use, its admission rate buckets.
+//!   with which credential (the work it submits is owned by it), which apps it may use, its
+//!   admission rate buckets.
 //! - [`listen`]: accepting connections within limits (per-port caps, first-bytes deadline,
 //!   accept backoff) and the metrics port's HTTP/1 loop (header read timeout, lifetime).
 //! - [`proto`]: the generated `feishu.reply.v1` types.
@@ -45,7 +46,8 @@
 //!   takeover, fenced writes; its Lua scripts and key layout in `jobs::redis_scripts`);
 //!   `jobs::runner` the background work (lease, takeover, polling a replica's jobs, expiry,
 //!   hand-off at shutdown); `jobs::record` the stored record; `jobs::spec` a stored job back
-//!   into a scheduler job.
+//!   into a scheduler job (its caller must still own it: a job of a caller not known yet waits
+//!   in `Jobs` for a reload that names it).
 //! - [`redis_conn`]: the connections to the shared Redis (standalone or Redis Cluster, TLS;
 //!   one per lane: quotas, and the job store), shared by both Redis backends.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
@@ -63,7 +65,8 @@
 //!   which quotas a job counts in (per-app lists; a reload appends changed lists);
 //!   [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's windows and
 //!   queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares, quota lists
-//!   with their sends carried over, removed apps failing `APP_REMOVED`); `scheduler::spans`
+//!   with their sends carried over, removed apps failing `APP_REMOVED`, removed callers and
+//!   credentials rotated out failing `CALLER_REMOVED`); `scheduler::spans`
 //!   the `queue_wait` and `feishu.reply` spans; [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table, or a `SharedGate`; opaque memo, grant and answer);
 //!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
@@ -81,7 +84,8 @@
 //! **Foundation.**
 //! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
 //!   (`config::args` the flags and env of `serve`; `config::error` errors that never quote the
-//!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`;
+//!   file, which may hold secrets; `config::auth` callers, `[auth]`, `[server.tls]`, credential
+//!   fingerprints and what a caller owns (`Ownership`);
 //!   `config::cluster` `[cluster]` as plain data; `config::file` the file format and its
 //!   defaults; `config::apps` apps with their own quotas and budgets; [`config::live`] a
 //!   reloaded config lined up with the running one: stable app and caller slots, restart-only

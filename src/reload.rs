@@ -11,9 +11,10 @@
 //! bumps `feishu_reply_config_generation`.
 //!
 //! Order of application: the Feishu client and the budgets learn the new apps first, then
-//! the dispatcher (quotas, shares, removed apps: their queued replies fail `APP_REMOVED`), then
-//! the job runner's view of stored jobs, and last the door (who may call, which apps exist). A call that
-//! passes the old door meets a dispatcher that already knows everything it needs.
+//! the dispatcher (quotas, shares, removed apps: their queued replies fail `APP_REMOVED`;
+//! removed callers and credentials rotated out: theirs fail `CALLER_REMOVED`), then the job
+//! runner's view of stored jobs, and last the door (who may call, which apps exist). A call
+//! that passes the old door meets a dispatcher that already knows everything it needs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::budget::Budgets;
 use crate::config::live::line_up;
-use crate::config::{ANONYMOUS, Config, ConfigError};
+use crate::config::{Config, ConfigError};
 use crate::feishu::Upstream;
 use crate::grpc::ReplyService;
 use crate::jobs::Jobs;
@@ -157,14 +158,13 @@ impl Live {
                     .filter(|(_, a)| a.removed)
                     .map(|(i, a)| (i, a.name.clone()))
                     .collect(),
+                owners: config.auth.ownership_by_id(),
             })
             .await;
         if let Some(jobs) = &self.jobs {
-            let callers: Vec<Arc<str>> = std::iter::once(ANONYMOUS)
-                .chain(config.auth.callers.iter().map(|c| c.name.as_str()))
-                .map(Arc::from)
-                .collect();
-            jobs.reconfigure(crate::jobs::Specs::new(&config.apps, &callers));
+            let owners = config.auth.ownership_by_id();
+            jobs.reconfigure(crate::jobs::Specs::new(&config.apps, &owners))
+                .await;
         }
         self.service.reload(&config);
         let live_apps = config.apps.iter().filter(|a| !a.removed).count();

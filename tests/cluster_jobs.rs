@@ -46,6 +46,29 @@ fn cluster_file(fake: &FakeFeishu, redis_url: &str, prefix: &str) -> (PathBuf, P
     (file, dir)
 }
 
+/// A job store on `url` under `prefix`, as a replica of its own (60 s lease).
+fn job_store(url: &str, prefix: &str) -> feishu_reply_gateway::jobs::RedisJobStore {
+    use feishu_reply_gateway::config::{ClusterConfig, RedisFailurePolicy, RedisMode};
+    use feishu_reply_gateway::jobs::RedisJobsConfig;
+    let jobs = RedisJobsConfig {
+        lease: Duration::from_secs(60),
+        wait_replicas: 0,
+    };
+    let config = ClusterConfig {
+        redis_url: url.into(),
+        redis_mode: RedisMode::Standalone,
+        redis_ca_pem: None,
+        key_prefix: prefix.into(),
+        redis_timeout: Duration::from_secs(2),
+        on_failure: RedisFailurePolicy::Local,
+        replicas: 2,
+        jobs,
+    };
+    let metrics = std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new());
+    let redis = feishu_reply_gateway::redis_conn::SharedRedis::new(config, metrics).unwrap();
+    feishu_reply_gateway::jobs::RedisJobStore::new(std::sync::Arc::new(redis), jobs)
+}
+
 /// Waits until every job is DELIVERED (read through `c`), failing on a final other state.
 async fn all_delivered(c: &mut ReplyGatewayClient<Channel>, ids: &[String], within: Duration) {
     let t = Instant::now();
@@ -343,41 +366,18 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
 
 #[tokio::test]
 async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
-    use feishu_reply_gateway::config::{ClusterConfig, RedisFailurePolicy, RedisMode};
-    use feishu_reply_gateway::jobs::redis::{RedisJobStore, RedisJobsConfig, Submitted};
+    use feishu_reply_gateway::jobs::redis::Submitted;
     use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply};
-    use feishu_reply_gateway::redis_conn::SharedRedis;
     let (url, _redis) = shared_redis();
     let prefix = unique("fence");
-    let store = || {
-        let config = ClusterConfig {
-            redis_url: url.clone(),
-            redis_mode: RedisMode::Standalone,
-            redis_ca_pem: None,
-            key_prefix: prefix.clone(),
-            redis_timeout: Duration::from_secs(2),
-            on_failure: RedisFailurePolicy::Local,
-            replicas: 2,
-            jobs: config_jobs(),
-        };
-        let metrics = std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new());
-        RedisJobStore::new(
-            std::sync::Arc::new(SharedRedis::new(config, metrics).unwrap()),
-            config_jobs(),
-        )
-    };
-    fn config_jobs() -> RedisJobsConfig {
-        RedisJobsConfig {
-            lease: Duration::from_secs(60),
-            wait_replicas: 0,
-        }
-    }
+    let store = || job_store(&url, &prefix);
     let (a, b) = (store(), store());
     assert!(a.renew(true).await.unwrap());
     assert!(b.renew(true).await.unwrap());
     let rec = JobRecord {
         seq: 0,
         caller: "anonymous".into(),
+        credential: String::new(),
         reply: StoredReply {
             app: "default".into(),
             message_id: "om_f".into(),
@@ -551,4 +551,104 @@ async fn a_submit_no_redis_replica_confirmed_is_unavailable_and_safe_to_repeat()
         common::posts_to(&fake, "om_w_in_w") == 1
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_job_of_a_caller_this_replica_has_not_learned_of_yet_waits_for_the_reload_naming_it() {
+    // Replicas learn a new configuration apart (a ConfigMap reaches pods a minute apart): a
+    // job a caller new on one replica stored must not fail CALLER_REMOVED on another that
+    // takes it before it has reloaded.
+    use feishu_reply_gateway::config::{credential_fingerprint, token_hash};
+    use feishu_reply_gateway::jobs::redis::Submitted;
+    use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply, job_id, now_ms};
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique("newcaller");
+    let (u, w) = ("u-token-0123456789", "w-token-0123456789");
+    let caller = |name: &str, token: &str| {
+        format!(
+            "[callers.{name}]\ntoken_sha256 = \"{}\"\napps = [\"*\"]\n",
+            common::token_sha256(token)
+        )
+    };
+    let (file, _dir) = cluster_file(&fake, &url, &prefix);
+    let base = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[auth]\nallow_anonymous = true\n", "");
+    std::fs::write(&file, format!("{base}{}", caller("u", u))).unwrap();
+    let (port, mport) = (free_port(), free_port());
+    let addr = format!("127.0.0.1:{mport}");
+    let b = ServeProcess::start_with(&file, port, &[("GATEWAY_METRICS_ADDR", addr.as_str())]);
+    let c = connect(port).await;
+    let get = |id: &str, token: &str| {
+        let mut req = tonic::Request::new(GetReplyRequest { job_id: id.into() });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let mut c = c.clone();
+        async move { c.get_reply(req).await }
+    };
+    // B answers calls: it runs (its configuration loaded) before w's job is stored.
+    let e = get("j1", u).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    // Caller w, configured on another replica only, stored a job there; that replica stops.
+    let other = job_store(&url, &prefix);
+    assert!(other.renew(true).await.unwrap());
+    let now = now_ms();
+    let rec = JobRecord {
+        seq: 0,
+        caller: "w".into(),
+        credential: credential_fingerprint(b'T', &token_hash(w.as_bytes())).to_string(),
+        reply: StoredReply {
+            app: "default".into(),
+            message_id: "om_w".into(),
+            msg_type: "text".into(),
+            content: r#"{"text":"w"}"#.into(),
+            reply_in_thread: false,
+            uuid: "w-1".into(),
+            feishu_uuid: None,
+            chat_id: "oc_w".into(),
+            user_id: None,
+            traceparent: None,
+        },
+        state: State::Queued,
+        attempts: 0,
+        created_ms: now,
+        updated_ms: now,
+        expires_ms: now + 600_000,
+        result: None,
+        error: None,
+        key: "7".repeat(32),
+    };
+    let key = rec.idempotency_key();
+    let Submitted::New { seq, .. } = other.submit(&rec, &key, 100).await.unwrap() else {
+        panic!("a new job")
+    };
+    other.hand_off().await.unwrap();
+
+    // B takes it over and keeps it waiting: B's configuration does not name w yet.
+    let awaiting = "feishu_reply_jobs_awaiting_caller";
+    eventually("B holds w's job for a reload", async || {
+        common::metric(&common::metrics_text(mport).await, awaiting) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        other.get(seq).await.unwrap().unwrap().0.state,
+        State::Queued
+    );
+    assert!(fake.received().is_empty());
+
+    // B learns of w: the job runs, and w reads it delivered.
+    std::fs::write(&file, format!("{base}{}{}", caller("u", u), caller("w", w))).unwrap();
+    b.signal("HUP");
+    let id = job_id(seq, &rec.key);
+    eventually("w's job delivered", async || {
+        get(&id, w)
+            .await
+            .is_ok_and(|j| j.into_inner().state() == JobState::Delivered)
+    })
+    .await;
+    assert_eq!(common::posts_to(&fake, "om_w"), 1);
+    let left = common::metric(&common::metrics_text(mport).await, awaiting);
+    assert_eq!(left, Some(0.0));
 }

@@ -21,6 +21,7 @@ const PHYSICAL_LIMIT_1030: Duration = Duration::from_secs(60);
 fn job(i: usize) -> JobSpec {
     JobSpec {
         caller: 0,
+        credential: "".into(),
         intake: None,
         on_send: None,
         app: 0,

@@ -15,8 +15,8 @@ use common::{
     text,
 };
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions};
-use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::proto::{JobState, ReplyRequest};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -371,4 +371,252 @@ async fn a_config_others_may_write_is_flagged_until_it_is_fixed_and_a_huge_one_i
     );
     c.reply(to_app("a", "om_p0", "oc_p0")).await.unwrap();
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// `req` sent with bearer `token`.
+fn as_caller<T>(req: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn job_req(id: &str) -> feishu_reply_gateway::proto::GetReplyRequest {
+    feishu_reply_gateway::proto::GetReplyRequest { job_id: id.into() }
+}
+
+/// Callers `x` (rotating its token, jobs not inherited), `y` (rotating, `inherits_jobs`; an
+/// admin) and,
+/// while `with_z`, `z`; two apps that post once a minute, and a job store in `data`.
+fn callers_config(fake: &FakeFeishu, data: &Path, x: &str, y: &str, with_z: bool) -> String {
+    let caller = |name: &str, token: &str, extra: &str| {
+        format!(
+            "[callers.{name}]\ntoken_sha256 = \"{}\"\napps = [\"*\"]\n{extra}\n",
+            common::token_sha256(token)
+        )
+    };
+    let slow = "quotas = [{ limit = 1, window_ms = 60000 }]";
+    format!(
+        "[feishu]\nbase_url = \"{}\"\nrequest_timeout_ms = 2000\n[server]\nshutdown_grace_ms = 100\n\
+         [jobs]\ndata_dir = \"{}\"\n{}{}{}{}{}",
+        fake.base_url(),
+        data.display(),
+        app("a", "cli_a", "sa", slow),
+        app("b", "cli_b", "sb", slow),
+        caller("x", x, ""),
+        caller("y", y, "inherits_jobs = true\nadmin = true"),
+        if with_z {
+            caller("z", "z-token-0123456789", "")
+        } else {
+            String::new()
+        }
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_caller_or_a_rotated_token_takes_its_queued_work_with_it_unless_inherited() {
+    // Issue 18: a caller removed by reload still had its queued jobs delivered seconds later,
+    // and a caller re-added under the same name with a new token could read the old jobs.
+    let fake = spawn_fake(FakeOptions {
+        apps: vec![("cli_a".into(), "sa".into()), ("cli_b".into(), "sb".into())],
+        ..FakeOptions::default()
+    })
+    .await;
+    let d = dir("revoke");
+    let data = d.join("data");
+    let file = d.join("gateway.toml");
+    let (x1, x2) = ("x-token-one-0123456789", "x-token-two-0123456789");
+    let (y1, y2) = ("y-token-one-0123456789", "y-token-two-0123456789");
+    let z = "z-token-0123456789";
+    std::fs::write(&file, callers_config(&fake, &data, x1, y1, true)).unwrap();
+    let (gw, port, mport) = start(&file);
+    let c = connect(port).await;
+
+    // Each app posts its first reply now; the others wait a minute.
+    let submit = async |app: &str, tag: &str, token: &str| {
+        c.clone()
+            .submit_reply(as_caller(
+                to_app(app, &format!("om_{tag}"), &format!("oc_{tag}")),
+                token,
+            ))
+            .await
+            .expect("submitted")
+            .into_inner()
+            .job_id
+    };
+    submit("a", "x1", x1).await;
+    submit("b", "y1", y1).await;
+    eventually("each app's first reply posted", async || {
+        fake.received().len() == 2
+    })
+    .await;
+    let x_queued = submit("a", "x2", x1).await;
+    let y_queued = submit("b", "y2", y1).await;
+    let sync_call = |app: &str, tag: &str, token: &str| {
+        let req = to_app(app, &format!("om_{tag}"), &format!("oc_{tag}"));
+        let (mut c, req) = (c.clone(), as_caller(req, token));
+        tokio::spawn(async move { c.reply(req).await.map(|_| ()) })
+    };
+    let x_waiting = sync_call("a", "x3", x1);
+    let z_waiting = sync_call("b", "z1", z);
+    // Both calls wait in the queues (not refused at the door) before the reload.
+    let mut admin = feishu_reply_gateway::proto::reply_admin_client::ReplyAdminClient::connect(
+        format!("http://127.0.0.1:{port}"),
+    )
+    .await
+    .unwrap();
+    for app in ["a", "b"] {
+        eventually("two of each app queued", async || {
+            let req = feishu_reply_gateway::proto::InspectAppRequest { app: app.into() };
+            admin
+                .inspect_app(as_caller(req, y1))
+                .await
+                .is_ok_and(|s| s.into_inner().queued == 2)
+        })
+        .await;
+    }
+
+    // x's token rotates (its jobs are not inherited), y's too (inherited), z is removed.
+    std::fs::write(&file, callers_config(&fake, &data, x2, y2, false)).unwrap();
+    gw.signal("HUP");
+    let removed = async |call: tokio::task::JoinHandle<Result<(), tonic::Status>>, who: &str| {
+        let within = std::time::Duration::from_secs(10);
+        let r = tokio::time::timeout(within, call).await;
+        let e = r
+            .expect("answered at the reload, not a minute later")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e:?}");
+        let info = e.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "CALLER_REMOVED", "{who}: {e:?}");
+        assert_eq!(info.metadata["caller"], who);
+    };
+    removed(x_waiting, "x").await;
+    removed(z_waiting, "z").await;
+    eventually("the reload complete", async || {
+        counter(mport, "feishu_reply_config_generation").await >= 1.0
+    })
+    .await;
+
+    // The old token is refused; the new one does not see the old token's job.
+    let e = c
+        .clone()
+        .get_reply(as_caller(job_req(&x_queued), x1))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c
+        .clone()
+        .get_reply(as_caller(job_req(&x_queued), x2))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "a new token inherited x's job: {e:?}"
+    );
+    // y inherits: its job still waits, and its new token may read and cancel it.
+    let job = c
+        .clone()
+        .get_reply(as_caller(job_req(&y_queued), y2))
+        .await
+        .expect("inherited")
+        .into_inner();
+    assert_eq!(job.state(), JobState::Queued);
+    let job = c
+        .clone()
+        .cancel_reply(as_caller(job_req(&y_queued), y2))
+        .await
+        .expect("cancelled")
+        .into_inner();
+    assert_eq!(job.state(), JobState::Cancelled);
+
+    // x's first token back: the job it submitted failed CALLER_REMOVED at the reload.
+    std::fs::write(&file, callers_config(&fake, &data, x1, y2, false)).unwrap();
+    gw.signal("HUP");
+    eventually("x's first token serves again", async || {
+        c.clone()
+            .get_reply(as_caller(job_req(&x_queued), x1))
+            .await
+            .is_ok()
+    })
+    .await;
+    let job = c
+        .clone()
+        .get_reply(as_caller(job_req(&x_queued), x1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state(), JobState::Failed);
+    let status = job.error.expect("its status");
+    assert_eq!(status.code, Code::PermissionDenied as i32, "{status:?}");
+    assert!(status.message.contains("rotated out"), "{status:?}");
+    assert_eq!(
+        fake.received().len(),
+        2,
+        "nothing of the revoked work was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_job_whose_token_was_replaced_across_a_restart_fails_caller_removed() {
+    // Issue 18: after a restart, a stored job of a caller no longer configured ran under the
+    // anonymous share, and one whose name came back with a new token was that token's.
+    let fake = spawn_fake(FakeOptions {
+        apps: vec![("cli_a".into(), "sa".into()), ("cli_b".into(), "sb".into())],
+        ..FakeOptions::default()
+    })
+    .await;
+    let d = dir("restart-revoke");
+    let (data, file) = (d.join("data"), d.join("gateway.toml"));
+    let (x1, x2, y) = (
+        "x-token-one-0123456789",
+        "x-token-two-0123456789",
+        "y-token-one-0123456789",
+    );
+    let serve = async |x: &str| {
+        std::fs::write(&file, callers_config(&fake, &data, x, y, false)).unwrap();
+        let (gw, port, _) = start(&file);
+        (gw, connect(port).await)
+    };
+    let (mut gw, c) = serve(x1).await;
+    let submit = async |tag: &str| {
+        let req = as_caller(to_app("a", &format!("om_{tag}"), &format!("oc_{tag}")), x1);
+        c.clone()
+            .submit_reply(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id
+    };
+    submit("r1").await;
+    eventually("the first posted", async || fake.received().len() == 1).await;
+    let queued = submit("r2").await;
+    gw.terminate().await;
+
+    // x's token replaced while the gateway was down.
+    let (mut gw, c) = serve(x2).await;
+    let e = c
+        .clone()
+        .get_reply(as_caller(job_req(&queued), x2))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::NotFound,
+        "a new token inherited x's job: {e:?}"
+    );
+    gw.terminate().await;
+
+    let (_gw, c) = serve(x1).await;
+    let job = c
+        .clone()
+        .get_reply(as_caller(job_req(&queued), x1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state(), JobState::Failed, "{job:?}");
+    let status = job.error.expect("its status");
+    assert_eq!(status.code, Code::PermissionDenied as i32, "{status:?}");
+    assert_eq!(fake.received().len(), 1, "the revoked job was not sent");
 }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -57,6 +58,69 @@ pub struct CallerConfig {
     pub limits: CallerLimits,
     /// May use the admin service (introspection).
     pub admin: bool,
+    /// Owns the jobs its name's earlier credentials submitted (a planned rotation); else a
+    /// credential rotated out takes its queued and stored work with it (`CALLER_REMOVED`).
+    pub inherits_jobs: bool,
+}
+
+impl CallerConfig {
+    /// The fingerprints of its credentials now (see [`credential_fingerprint`]).
+    pub fn credentials(&self) -> Vec<Arc<str>> {
+        self.token_sha256
+            .iter()
+            .map(|h| credential_fingerprint(b'T', h))
+            .chain(
+                self.tls_identities
+                    .iter()
+                    .map(|i| credential_fingerprint(b'M', i.as_bytes())),
+            )
+            .collect()
+    }
+}
+
+/// The stable identity of one credential, stored with the work submitted with it: 16 hex
+/// digits of SHA-256 over its kind (`T` token, `M` mTLS identity) and its value (the token's
+/// SHA-256, or the certificate name). It names the credential without revealing the token.
+pub fn credential_fingerprint(kind: u8, value: &[u8]) -> Arc<str> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"feishu-reply-gateway credential\0");
+    ctx.update(&[kind]);
+    ctx.update(value);
+    let d = ctx.finish();
+    d.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+        .into()
+}
+
+/// Which queued and stored work a caller still owns: work submitted with one of its
+/// credentials now, or with any earlier credential of its name when it inherits. A caller
+/// removed by a reload owns nothing (its work fails `CALLER_REMOVED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// The caller's name.
+    pub name: Arc<str>,
+    /// Fingerprints of its credentials now; empty: removed (or anonymous).
+    pub credentials: Vec<Arc<str>>,
+    /// `inherits_jobs`.
+    pub inherits: bool,
+    /// Anonymous calls while they are allowed: their work has no credential to revoke.
+    pub anyone: bool,
+}
+
+impl Ownership {
+    /// Whether work submitted with `credential` (empty: stored before credentials were
+    /// recorded, owned by the name) is still this caller's.
+    pub fn holds(&self, credential: &str) -> bool {
+        if self.anyone {
+            return true;
+        }
+        !self.credentials.is_empty()
+            && (credential.is_empty()
+                || self.inherits
+                || self.credentials.iter().any(|c| **c == *credential))
+    }
 }
 
 impl std::fmt::Debug for CallerConfig {
@@ -68,6 +132,7 @@ impl std::fmt::Debug for CallerConfig {
             .field("apps", &self.apps)
             .field("limits", &self.limits)
             .field("admin", &self.admin)
+            .field("inherits_jobs", &self.inherits_jobs)
             .finish()
     }
 }
@@ -92,6 +157,25 @@ impl AuthConfig {
         [self.anonymous]
             .into_iter()
             .chain(self.callers.iter().map(|c| c.limits))
+            .collect()
+    }
+
+    /// What each caller owns, by caller id (anonymous first, as [`AuthConfig::limits_by_id`]).
+    pub fn ownership_by_id(&self) -> Vec<Ownership> {
+        let anonymous = Ownership {
+            name: ANONYMOUS.into(),
+            credentials: Vec::new(),
+            inherits: false,
+            anyone: self.allow_anonymous,
+        };
+        [anonymous]
+            .into_iter()
+            .chain(self.callers.iter().map(|c| Ownership {
+                name: c.name.as_str().into(),
+                credentials: c.credentials(),
+                inherits: c.inherits_jobs,
+                anyone: false,
+            }))
             .collect()
     }
 }
@@ -129,6 +213,8 @@ pub(super) struct FileCaller {
     max_queued_bytes: Option<usize>,
     #[serde(default)]
     admin: bool,
+    #[serde(default)]
+    inherits_jobs: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,6 +407,7 @@ pub(super) fn build(input: AuthInput<'_>) -> Result<(AuthConfig, Option<TlsConfi
             apps,
             limits,
             admin: c.admin,
+            inherits_jobs: c.inherits_jobs,
         });
     }
     let allow_anonymous = input.auth.allow_anonymous || input.allow_anonymous_override;
@@ -351,5 +438,37 @@ mod tests {
         assert_eq!(Some(token_hash(b"abc")), parse_hex32(want));
         assert_eq!(parse_hex32("xyz"), None);
         assert_eq!(parse_hex32(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn work_is_owned_by_the_credentials_it_was_submitted_with() {
+        let token = credential_fingerprint(b'T', &token_hash(b"0123456789abcdef"));
+        let cert = credential_fingerprint(b'M', b"spiffe://x");
+        assert_eq!(token.len(), 16);
+        assert_ne!(
+            token,
+            credential_fingerprint(b'T', &token_hash(b"0123456789abcdeg"))
+        );
+        assert_ne!(
+            credential_fingerprint(b'T', b"spiffe://x"),
+            credential_fingerprint(b'M', b"spiffe://x")
+        );
+        let mut o = Ownership {
+            name: "x".into(),
+            credentials: vec![token.clone()],
+            inherits: false,
+            anyone: false,
+        };
+        assert!(o.holds(&token) && o.holds(""));
+        assert!(!o.holds(&cert), "another credential's work");
+        o.inherits = true;
+        assert!(o.holds(&cert), "a planned rotation inherits");
+        o.credentials.clear();
+        assert!(
+            !o.holds(&token) && !o.holds(""),
+            "a removed caller owns nothing"
+        );
+        o.anyone = true;
+        assert!(o.holds(""));
     }
 }

@@ -59,6 +59,7 @@ pub fn line_up(old: &Config, new: Config) -> LinedUp {
                 tls_identities: Vec::new(),
                 apps: AppGrant::Only(Vec::new()),
                 admin: false,
+                inherits_jobs: false,
                 ..o.clone()
             }),
         }

@@ -19,8 +19,8 @@ pub mod live;
 pub use apps::{AppConfig, BudgetConfig, BudgetPeriod, DEFAULT_APP_NAME, DEFAULT_BUDGET_TIME_ZONE};
 pub use args::ServeArgs;
 pub use auth::{
-    ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerConfig, CallerLimits, TlsConfig,
-    token_hash,
+    ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerConfig, CallerLimits, Ownership,
+    TlsConfig, credential_fingerprint, token_hash,
 };
 pub use cluster::{ClusterConfig, RedisFailurePolicy, RedisJobsConfig, RedisMode, redact_url};
 pub use error::ConfigError;

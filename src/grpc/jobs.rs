@@ -49,6 +49,7 @@ impl ReplyService {
         let rec = JobRecord {
             seq: 0,
             caller: caller.name.to_string(),
+            credential: caller.credential.to_string(),
             reply,
             state: State::Queued,
             attempts: 0,
@@ -66,7 +67,7 @@ impl ReplyService {
         })
     }
 
-    /// The caller's job `id`.
+    /// The caller's job `id`: submitted under its name with a credential it still owns.
     async fn job(&self, caller: &Caller, id: &str) -> Result<JobRecord, GatewayError> {
         let not_found = || GatewayError::JobNotFound(id.chars().take(64).collect());
         let (seq, key) = parse_job_id(id).ok_or_else(not_found)?;
@@ -77,7 +78,8 @@ impl ReplyService {
             .map_err(|e| GatewayError::JobStore(e.0))?
             .ok_or_else(not_found)?;
         // The whole id, key included: a counted or stale id names no job.
-        if rec.caller != *caller.name || !rec.has_key(key) {
+        let owned = self.door().auth.owns(caller, &rec.caller, &rec.credential);
+        if !owned || !rec.has_key(key) {
             return Err(not_found());
         }
         Ok(rec)

@@ -159,7 +159,7 @@ impl ReplyService {
     /// What rebuilding a stored job needs (apps, callers by id).
     pub fn job_specs(&self) -> crate::jobs::Specs {
         let door = self.door();
-        crate::jobs::Specs::new(&door.apps, door.auth.names())
+        crate::jobs::Specs::new(&door.apps, door.auth.owners())
     }
 
     /// Serves the async API from `jobs`.
@@ -333,6 +333,7 @@ impl ReplyService {
         };
         let spec = JobSpec {
             caller: caller.id,
+            credential: caller.credential.clone(),
             intake: intake.map(|i| i as Arc<dyn std::any::Any + Send + Sync>),
             on_send: None,
             app,

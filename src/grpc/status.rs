@@ -101,6 +101,7 @@ impl CallError {
         match e {
             GatewayError::Invalid(_) | GatewayError::NoDefaultApp => Code::InvalidArgument,
             GatewayError::UnknownApp(_) | GatewayError::AppRemoved { .. } => Code::NotFound,
+            GatewayError::CallerRemoved { .. } => Code::PermissionDenied,
             GatewayError::JobNotFound(_) => Code::NotFound,
             GatewayError::NoJobStore | GatewayError::NotCancellable(_) => Code::FailedPrecondition,
             GatewayError::JobStore(_) => Code::Unavailable,
@@ -133,6 +134,7 @@ impl CallError {
             GatewayError::Invalid(v) => v.reason().into(),
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
             GatewayError::AppRemoved { .. } => "APP_REMOVED".into(),
+            GatewayError::CallerRemoved { .. } => "CALLER_REMOVED".into(),
             GatewayError::JobNotFound(_) => "JOB_NOT_FOUND".into(),
             GatewayError::NoJobStore => "NO_JOB_STORE".into(),
             GatewayError::JobStore(_) => "JOB_STORE".into(),
@@ -219,6 +221,15 @@ impl CallError {
                 uuid,
             }) => {
                 meta.insert("app".to_owned(), app.clone());
+                meta.insert("attempts".to_owned(), attempts.to_string());
+                meta.insert("uuid".to_owned(), uuid.clone());
+            }
+            Some(GatewayError::CallerRemoved {
+                caller,
+                attempts,
+                uuid,
+            }) => {
+                meta.insert("caller".to_owned(), caller.clone());
                 meta.insert("attempts".to_owned(), attempts.to_string());
                 meta.insert("uuid".to_owned(), uuid.clone());
             }
@@ -460,6 +471,20 @@ mod tests {
             "UNKNOWN_APP",
             false,
         );
+    }
+
+    #[test]
+    fn a_revoked_caller_is_permission_denied_with_the_uuid_not_sent() {
+        let e = CallError::from(GatewayError::CallerRemoved {
+            caller: "svc".into(),
+            attempts: 0,
+            uuid: "u-3".into(),
+        });
+        check(e.clone(), Code::PermissionDenied, "CALLER_REMOVED", false);
+        let info = e.to_status().get_details_error_info().unwrap();
+        assert_eq!(info.metadata["caller"], "svc");
+        assert_eq!(info.metadata["uuid"], "u-3");
+        assert_eq!(info.metadata["attempts"], "0");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, broadcast, watch};
 
@@ -32,6 +33,12 @@ pub const MAX_TTL: Duration = Duration::from_secs(3000);
 
 /// Finished jobs stay readable this long.
 pub const KEEP_FINISHED: Duration = Duration::from_secs(24 * 3600 + 3600);
+
+/// How long after it was stored a job whose caller (or credential) this replica does not know
+/// waits for a reload that names it before it fails `CALLER_REMOVED`: replicas learn a new
+/// configuration minutes apart (Kubernetes refreshes a mounted ConfigMap about once a minute,
+/// plus its cache), and a caller added on one may submit a job another runs.
+pub const UNKNOWN_CALLER_GRACE: Duration = Duration::from_secs(180);
 
 /// How a job's end is written into its record: in the API's own terms (the encoded answer,
 /// the error's status), so GetReply shows what Reply would have returned. The api layer
@@ -57,6 +64,8 @@ pub struct Jobs {
     updates: broadcast::Sender<JobRecord>,
     /// Jobs this process runs: seq → (chat, uuid), until their final state is recorded.
     running: Mutex<HashMap<u64, (Arc<str>, String)>>,
+    /// Jobs of ours waiting for a reload that names their caller ([`UNKNOWN_CALLER_GRACE`]).
+    deferred: Mutex<std::collections::HashSet<u64>>,
     /// Told when `running` becomes empty.
     idle: Notify,
     /// Held while jobs are started or cancelled, so that a cancel never falls between reading
@@ -92,6 +101,7 @@ impl Jobs {
             specs: parking_lot::RwLock::new(specs),
             updates,
             running: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(Default::default()),
             idle: Notify::new(),
             starting: tokio::sync::Mutex::new(()),
             poke: Notify::new(),
@@ -143,9 +153,15 @@ impl Jobs {
         }
     }
 
-    /// A live reload: stored jobs are rebuilt against these apps and callers from now on.
-    pub fn reconfigure(&self, specs: Specs) {
+    /// A live reload: stored jobs are rebuilt against these apps and callers from now on, and
+    /// the jobs waiting for their caller to be known are decided again. (Queued jobs of a
+    /// caller the reload removed have been failed by the scheduler already.)
+    pub async fn reconfigure(self: &Arc<Self>, specs: Specs) {
         *self.specs.write() = specs;
+        let waiting: Vec<u64> = self.deferred.lock().iter().copied().collect();
+        for seq in waiting {
+            self.decide_again(seq, false).await;
+        }
     }
 
     /// Job `seq`, if stored.
@@ -199,19 +215,83 @@ impl Jobs {
     }
 
     /// Starts `rec` unless it runs here already or is final; a job that cannot run any more
-    /// (its app is gone, its ttl over) fails.
-    async fn resume(self: &Arc<Self>, mut rec: JobRecord) {
-        if rec.state.is_final() || self.running.lock().contains_key(&rec.seq) {
+    /// (its app is gone, its caller revoked, its ttl over) fails. A job stored after this
+    /// configuration was loaded, by a caller it does not know, waits for a reload that names
+    /// it, at most until [`UNKNOWN_CALLER_GRACE`] after it was stored (`last_chance`: that
+    /// time has come).
+    async fn resume(self: &Arc<Self>, rec: JobRecord) {
+        self.resume_as(rec, false).await
+    }
+
+    async fn resume_as(self: &Arc<Self>, mut rec: JobRecord, last_chance: bool) {
+        let seq = rec.seq;
+        if rec.state.is_final()
+            || self.running.lock().contains_key(&seq)
+            || self.deferred.lock().contains(&seq)
+        {
             return;
         }
-        let spec = self.specs.read().of(&rec);
+        let (spec, knows) = {
+            let specs = self.specs.read();
+            (specs.of(&rec), specs.knows_of(&rec))
+        };
         match spec {
             Ok(spec) => self.start(rec, spec),
+            Err(GatewayError::CallerRemoved { .. }) if !knows && !last_chance => {
+                {
+                    let mut deferred = self.deferred.lock();
+                    deferred.insert(seq);
+                    self.metrics.set_jobs_awaiting_caller(deferred.len());
+                }
+                tracing::info!(job = %rec.job_id(), caller = %rec.caller, "a stored job's caller or credential is not known here yet: waiting for a reload that names it");
+                let ms = rec.created_ms
+                    + i64::try_from(UNKNOWN_CALLER_GRACE.as_millis()).unwrap_or(i64::MAX)
+                    - now_ms();
+                let wait = Duration::from_millis(ms.max(0).unsigned_abs());
+                let jobs = self.clone();
+                self.runtime.spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    jobs.decide_again(seq, true).await;
+                });
+            }
             Err(e) => {
                 self.fail(&mut rec, &e);
                 self.record(rec).await;
             }
         }
+    }
+
+    /// Decides again about deferred job `seq`, as stored now (a cancel, or another replica
+    /// taking it over, may have come since).
+    fn decide_again(self: &Arc<Self>, seq: u64, last_chance: bool) -> BoxFuture<'static, ()> {
+        let jobs = self.clone();
+        Box::pin(async move {
+            let _starting = jobs.starting.lock().await;
+            {
+                let mut deferred = jobs.deferred.lock();
+                let waiting = deferred.remove(&seq);
+                jobs.metrics.set_jobs_awaiting_caller(deferred.len());
+                if !waiting || *jobs.stopping.borrow() {
+                    return;
+                }
+            }
+            let mut delay = Duration::from_millis(250);
+            loop {
+                match jobs.store.get(seq).await {
+                    Ok(Some((rec, Owner::Here))) => return jobs.resume_as(rec, last_chance).await,
+                    Ok(_) => return,
+                    // Still ours in the store: a restart or takeover decides it if this never does.
+                    Err(e) if delay >= Duration::from_secs(8) => {
+                        tracing::error!(error = %e, "could not read a job waiting for its caller to be known; it is decided after a restart or takeover");
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(delay).await;
+                        delay *= 2;
+                    }
+                }
+            }
+        })
     }
 
     async fn finish(&self, mut rec: JobRecord, result: crate::scheduler::JobResult) {

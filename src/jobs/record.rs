@@ -57,6 +57,11 @@ pub struct JobRecord {
     pub seq: u64,
     /// The authenticated caller's name (`anonymous` for anonymous calls).
     pub caller: String,
+    /// Fingerprint of the credential it was submitted with (`config::credential_fingerprint`;
+    /// empty: anonymous, or stored before credentials were recorded). The job is its caller's
+    /// while the caller owns that credential (`config::Ownership`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credential: String,
     pub reply: StoredReply,
     pub state: State,
     pub attempts: u32,
@@ -91,9 +96,14 @@ impl JobRecord {
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
-    /// Jobs are the same job when caller, app and uuid are (DESIGN §5).
+    /// Jobs are the same job when caller (with its credential), app and uuid are (DESIGN §5).
     pub fn idempotency_key(&self) -> String {
-        idempotency_key(&self.caller, &self.reply.app, &self.reply.uuid)
+        idempotency_key(
+            &self.caller,
+            &self.credential,
+            &self.reply.app,
+            &self.reply.uuid,
+        )
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -106,8 +116,13 @@ impl JobRecord {
     }
 }
 
-pub fn idempotency_key(caller: &str, app: &str, uuid: &str) -> String {
-    format!("{caller}\u{1f}{app}\u{1f}{uuid}")
+/// A new credential of a caller never finds its earlier credentials' jobs by uuid. (Jobs
+/// stored before credentials were recorded keep the key they were stored under.)
+pub fn idempotency_key(caller: &str, credential: &str, app: &str, uuid: &str) -> String {
+    match credential {
+        "" => format!("{caller}\u{1f}{app}\u{1f}{uuid}"),
+        c => format!("{caller}\u{1f}{c}\u{1f}{app}\u{1f}{uuid}"),
+    }
 }
 
 /// A new job's key: 128 random bits, hex.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::record::{JobRecord, now_ms};
+use crate::config::Ownership;
 use crate::feishu::SendRequest;
 use crate::reply::{MsgType, ValidationError};
 use crate::scheduler::GatewayError;
@@ -26,19 +27,31 @@ pub fn job_span(rec: &JobRecord) -> tracing::Span {
 pub struct Specs {
     /// (name, app_id) of each app, by index (None: removed by a live reload).
     apps: Vec<Option<(Arc<str>, Arc<str>)>>,
-    /// Caller names by id, anonymous first.
-    callers: Vec<Arc<str>>,
+    /// What each caller owns, by id, anonymous first.
+    owners: Vec<Ownership>,
+    /// When this configuration was loaded (ms since the epoch): a job stored before it whose
+    /// caller it does not know is revoked; one stored after may come from a caller this
+    /// replica has not learned of yet (see [`Specs::knows_of`]).
+    pub since_ms: i64,
 }
 
 impl Specs {
-    pub fn new(apps: &[crate::config::AppConfig], callers: &[Arc<str>]) -> Self {
+    pub fn new(apps: &[crate::config::AppConfig], owners: &[Ownership]) -> Self {
         Self {
             apps: apps
                 .iter()
                 .map(|a| (!a.removed).then(|| (a.name.as_str().into(), a.app_id.as_str().into())))
                 .collect(),
-            callers: callers.to_vec(),
+            owners: owners.to_vec(),
+            since_ms: now_ms(),
         }
+    }
+
+    /// Whether this configuration can judge `rec`'s owner: it was stored before this
+    /// configuration was loaded. A job stored since, by a caller (or credential) this
+    /// configuration does not know, may come from a replica that reloaded first.
+    pub fn knows_of(&self, rec: &JobRecord) -> bool {
+        rec.created_ms < self.since_ms
     }
 
     /// The Feishu app_id of app `name`.
@@ -50,8 +63,9 @@ impl Specs {
             .map(|(_, id)| id.clone())
     }
 
-    /// The scheduler job of `rec`; an app no longer configured, or a ttl already over, is an
-    /// error (the job fails with it).
+    /// The scheduler job of `rec`; an app no longer configured, a caller that no longer owns
+    /// it (removed, or its credential rotated out), or a ttl already over, is an error (the
+    /// job fails with it).
     pub fn of(&self, rec: &JobRecord) -> Result<JobSpec, GatewayError> {
         let r = &rec.reply;
         let (app, (app_name, app_id)) = self
@@ -68,12 +82,16 @@ impl Specs {
             .into_iter()
             .find(|m| m.as_str() == r.msg_type)
             .ok_or_else(|| ValidationError::MsgType(r.msg_type.clone()))?;
-        // A caller removed from the configuration since: its job runs under the anonymous share.
         let caller = self
-            .callers
+            .owners
             .iter()
-            .position(|n| **n == *rec.caller)
-            .unwrap_or(crate::config::ANONYMOUS_ID);
+            .position(|o| *o.name == *rec.caller)
+            .filter(|&id| self.owners[id].holds(&rec.credential))
+            .ok_or_else(|| GatewayError::CallerRemoved {
+                caller: rec.caller.clone(),
+                attempts: rec.attempts,
+                uuid: r.uuid.clone(),
+            })?;
         let left = rec.expires_ms - now_ms();
         if left <= 0 {
             return Err(GatewayError::DeadlineBeforeSend {
@@ -83,6 +101,7 @@ impl Specs {
         }
         Ok(JobSpec {
             caller,
+            credential: rec.credential.as_str().into(),
             intake: None,
             on_send: None,
             app,

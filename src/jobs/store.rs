@@ -547,6 +547,7 @@ mod tests {
         JobRecord {
             seq: 0,
             caller: "bot".into(),
+            credential: String::new(),
             reply: StoredReply {
                 app: "default".into(),
                 message_id: "om_1".into(),

@@ -82,7 +82,7 @@ pub(super) struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 33] = [
+pub const METRIC_NAMES: [&str; 34] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -102,6 +102,7 @@ pub const METRIC_NAMES: [&str; 33] = [
     "feishu_reply_jobs_stored",
     "feishu_reply_job_store_bytes",
     "feishu_reply_jobs_running",
+    "feishu_reply_jobs_awaiting_caller",
     "feishu_reply_app_budget_calls",
     "feishu_reply_app_budget_used",
     "feishu_reply_app_budget_remaining",

@@ -44,6 +44,7 @@ pub struct Metrics {
     jobs_stored: Gauge,
     job_store_bytes: Gauge,
     jobs_running: Gauge,
+    jobs_awaiting_caller: Gauge,
     app_budget_calls: Family<AppLabel, Gauge>,
     app_budget_used: Family<AppLabel, Gauge>,
     app_budget_remaining: Family<AppLabel, Gauge>,
@@ -186,6 +187,12 @@ impl Metrics {
             "Async jobs this process runs (queued here or being sent)",
             jobs_running.clone(),
         );
+        let jobs_awaiting_caller = Gauge::default();
+        registry.register(
+            "feishu_reply_jobs_awaiting_caller",
+            "Async jobs of ours whose caller or credential this replica's configuration does not name yet (waiting for a reload, then failed CALLER_REMOVED)",
+            jobs_awaiting_caller.clone(),
+        );
         let app_budget_calls = Family::<AppLabel, Gauge>::default();
         registry.register(
             "feishu_reply_app_budget_calls",
@@ -291,6 +298,7 @@ impl Metrics {
             jobs_stored,
             job_store_bytes,
             jobs_running,
+            jobs_awaiting_caller,
             app_budget_calls,
             app_budget_used,
             app_budget_remaining,
@@ -491,6 +499,11 @@ impl Metrics {
 
     pub fn set_jobs_running(&self, n: usize) {
         self.jobs_running.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_jobs_awaiting_caller(&self, n: usize) {
+        self.jobs_awaiting_caller
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// An app's budget: its limit and the calls made this period.

@@ -23,9 +23,8 @@ impl Dispatcher {
             return job.finish(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
         }
         // Checked at the door under the configuration of its call: a reload may have removed
-        // the app since.
-        if self.removed_apps.contains_key(&job.spec.app) {
-            let e = self.app_removed(&job);
+        // the app or the caller since.
+        if let Some(e) = self.withdrawn(&job) {
             return job.finish(Err(e));
         }
         let q = &self.config.queue;

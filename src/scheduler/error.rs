@@ -23,6 +23,14 @@ pub enum GatewayError {
         attempts: u32,
         uuid: String,
     },
+    #[error(
+        "caller {caller:?} was removed from the gateway's configuration, or the credential this reply came with was rotated out, while it waited; it was not sent (uuid {uuid})"
+    )]
+    CallerRemoved {
+        caller: String,
+        attempts: u32,
+        uuid: String,
+    },
     #[error("no job {0:?} (unknown, expired, or another caller's)")]
     JobNotFound(String),
     #[error("async jobs need a job store: set GATEWAY_DATA_DIR (or [jobs] data_dir)")]
@@ -97,7 +105,8 @@ impl GatewayError {
             | GatewayError::ShuttingDown { attempts, .. }
             | GatewayError::Internal { attempts, .. }
             | GatewayError::SharedQuotasUnavailable { attempts, .. }
-            | GatewayError::AppRemoved { attempts, .. } => Some(*attempts),
+            | GatewayError::AppRemoved { attempts, .. }
+            | GatewayError::CallerRemoved { attempts, .. } => Some(*attempts),
             _ => None,
         }
     }

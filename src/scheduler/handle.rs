@@ -81,6 +81,7 @@ impl Scheduler {
             layout,
             layout_gen: 0,
             removed_apps: Default::default(),
+            owners: Vec::new(),
             config,
             clock,
             draining_until: None,

@@ -54,6 +54,9 @@ const IDLE_WAKE: Duration = Duration::from_secs(3600);
 pub struct JobSpec {
     /// Who asked (index into [`SchedulerConfig::callers`]): its queue share applies.
     pub caller: usize,
+    /// Fingerprint of the credential it asked with (empty: anonymous): a reload that removes
+    /// the caller, or rotates that credential out, fails the job `CALLER_REMOVED`.
+    pub credential: Arc<str>,
     /// The request's share of the intake budget (a guard the transport gives), dropped once
     /// the job is queued or refused (`None` for jobs that did not come through gRPC).
     pub intake: Option<Arc<dyn std::any::Any + Send + Sync>>,
@@ -207,6 +210,9 @@ struct Dispatcher {
     layout_gen: u64,
     /// Apps a live reload removed (index → name): their replies are not sent any more.
     removed_apps: std::collections::HashMap<AppIndex, String>,
+    /// What each caller owns, by id, since a live reload (empty before one: every caller owns
+    /// its work). Replies a caller no longer owns are not sent any more.
+    owners: Vec<crate::config::Ownership>,
     clock: Clock,
     draining_until: Option<Instant>,
     upstream: Arc<dyn Upstream>,

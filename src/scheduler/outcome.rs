@@ -71,9 +71,9 @@ impl Dispatcher {
                 None
             }
             Err(error) => match error.retry_reason() {
-                // Its app was removed by a reload while it was out: not tried again.
-                Some(_) if self.removed_apps.contains_key(&job.spec.app) => {
-                    let e = self.app_removed(&job);
+                // Its app or caller was removed by a reload while it was out: not tried again.
+                Some(_) if self.withdrawn(&job).is_some() => {
+                    let e = self.withdrawn(&job).expect("checked");
                     job.finish(Err(e));
                     None
                 }

@@ -571,6 +571,7 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         let spec = JobSpec {
             caller: 0,
+            credential: "".into(),
             intake: None,
             on_send: None,
             app: 0,

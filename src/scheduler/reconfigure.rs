@@ -1,5 +1,6 @@
 //! A live reload reaching the dispatcher: the callers' queue shares, the apps' quota lists,
-//! and apps removed (their queued replies fail; none of theirs is admitted or retried again).
+//! apps removed, and callers removed or with a credential rotated out (their queued replies
+//! fail; none of theirs is admitted or retried again).
 
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use tokio::sync::oneshot;
 
 use super::GatewayError;
 use super::{Command, Dispatcher, Scheduler};
-use crate::config::{CallerLimits, QuotaConfig};
+use crate::config::{CallerLimits, Ownership, QuotaConfig};
 use crate::feishu::AppIndex;
 use crate::quota::QuotaKey;
 
@@ -22,6 +23,8 @@ pub struct Reconfigure {
     pub app_ids: Vec<Arc<str>>,
     /// Every app removed (by this reload or before, and not added back): (index, name).
     pub removed_apps: Vec<(AppIndex, String)>,
+    /// What each caller owns now, by id (`AuthConfig::ownership_by_id`).
+    pub owners: Vec<Ownership>,
 }
 
 impl Scheduler {
@@ -38,15 +41,14 @@ impl Dispatcher {
         self.config.callers = r.callers;
         // The whole set: an app added back under its old name and app_id is live again.
         self.removed_apps = r.removed_apps.into_iter().collect();
-        if !self.removed_apps.is_empty() {
-            let removed = &self.removed_apps;
-            let gone = self
-                .queues
-                .remove_where(|j| removed.contains_key(&j.spec.app));
-            for job in gone {
-                let e = self.app_removed(&job);
-                job.finish(Err(e));
-            }
+        self.owners = r.owners;
+        let (removed, owners) = (&self.removed_apps, &self.owners);
+        let gone = self
+            .queues
+            .remove_where(|j| withdrawn(removed, owners, &j.spec).is_some());
+        for job in gone {
+            let e = self.withdrawn(&job).expect("removed for it");
+            job.finish(Err(e));
         }
         let q = &self.config.quotas;
         if r.quotas.app != q.app || r.quotas.per_app != q.per_app {
@@ -79,16 +81,42 @@ impl Dispatcher {
         self.config.quotas = r.quotas;
     }
 
-    /// The status of a reply whose app a reload removed.
-    pub(super) fn app_removed(&self, job: &super::queue::Job) -> GatewayError {
-        GatewayError::AppRemoved {
-            app: self
-                .removed_apps
-                .get(&job.spec.app)
-                .cloned()
-                .unwrap_or_else(|| job.spec.app_name.to_string()),
-            attempts: job.attempts,
-            uuid: job.uuid(),
-        }
+    /// Why `job` may not be sent any more, if a reload took it back: its app was removed
+    /// (`APP_REMOVED`), or its caller was, or the credential it came with was rotated out
+    /// (`CALLER_REMOVED`).
+    pub(super) fn withdrawn(&self, job: &super::queue::Job) -> Option<GatewayError> {
+        let (attempts, uuid) = (job.attempts, job.uuid());
+        Some(
+            match withdrawn(&self.removed_apps, &self.owners, &job.spec)? {
+                Withdrawn::App(app) => GatewayError::AppRemoved {
+                    app: app.to_owned(),
+                    attempts,
+                    uuid,
+                },
+                Withdrawn::Caller(caller) => GatewayError::CallerRemoved {
+                    caller: caller.to_owned(),
+                    attempts,
+                    uuid,
+                },
+            },
+        )
     }
+}
+
+/// Who took a job back: its app (name), or its caller (name).
+enum Withdrawn<'a> {
+    App(&'a str),
+    Caller(&'a str),
+}
+
+fn withdrawn<'a>(
+    removed_apps: &'a std::collections::HashMap<AppIndex, String>,
+    owners: &'a [Ownership],
+    spec: &super::JobSpec,
+) -> Option<Withdrawn<'a>> {
+    if let Some(app) = removed_apps.get(&spec.app) {
+        return Some(Withdrawn::App(app));
+    }
+    let owner = owners.get(spec.caller)?;
+    (!owner.holds(&spec.credential)).then_some(Withdrawn::Caller(&owner.name))
 }

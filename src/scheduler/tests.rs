@@ -107,6 +107,7 @@ fn scheduler(upstream: Arc<ScriptedUpstream>, tweak: impl FnOnce(&mut Config)) -
 fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
     JobSpec {
         caller: 0,
+        credential: "".into(),
         intake: None,
         on_send: None,
         app: 0,
