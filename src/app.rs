@@ -92,8 +92,19 @@ impl Probe {
     }
 }
 
-/// `--embedded-fake`: start a fake Feishu on loopback and point a default app at it.
-async fn embedded_fake(config: &mut Config) -> Result<FakeFeishu, AppError> {
+/// The demo's job store directory (`--embedded-fake` with no data dir): removed at exit.
+struct DemoDir(std::path::PathBuf);
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `--embedded-fake`: start a fake Feishu on loopback and point a default app at it. With no
+/// job store configured, async jobs are kept in a temporary directory (removed at exit), so
+/// `send --async` works in the demo.
+async fn embedded_fake(config: &mut Config) -> Result<(FakeFeishu, Option<DemoDir>), AppError> {
     let q = |s: crate::quota::QuotaSpec| FakeQuota {
         limit: s.limit.get(),
         window: s.window,
@@ -114,13 +125,27 @@ async fn embedded_fake(config: &mut Config) -> Result<FakeFeishu, AppError> {
         "fake-secret",
     )];
     config.default_app = Some(DEFAULT_APP_NAME.into());
+    let demo_dir = match (&config.data_dir, &config.cluster) {
+        (None, None) => {
+            let dir = std::env::temp_dir().join(format!(
+                "feishu-reply-gateway-demo-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).map_err(AppError::Fake)?;
+            tracing::info!(dir = %dir.display(), "--embedded-fake: async jobs are kept in a temporary directory, removed at exit (set GATEWAY_DATA_DIR to keep them)");
+            config.data_dir = Some(dir.clone());
+            Some(DemoDir(dir))
+        }
+        _ => None,
+    };
     tracing::warn!(
         fake = %fake.base_url(),
         "--embedded-fake: replies go to an EMBEDDED FAKE Feishu, not to Feishu (a demo). To \
          talk to Feishu, drop --embedded-fake and set FEISHU_APP_ID and FEISHU_APP_SECRET \
          (or [apps.*] in --config)."
     );
-    Ok(fake)
+    Ok((fake, demo_dir))
 }
 
 /// Runs the gateway until `shutdown` resolves, then drains (DESIGN.md: health NOT_SERVING →

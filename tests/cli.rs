@@ -22,10 +22,10 @@ fn free_port() -> u16 {
 #[test]
 fn serve_on_the_embedded_fake_then_send_then_sigterm() {
     let (grpc, metrics) = (free_port(), free_port());
-    let data = std::env::temp_dir().join(format!("gw-cli-data-{}", std::process::id()));
+    // No GATEWAY_DATA_DIR: the demo keeps its jobs in a temporary directory of its own.
     let mut serve = Command::new(BIN)
         .args(["serve", "--embedded-fake"])
-        .env("GATEWAY_DATA_DIR", &data)
+        .env_remove("GATEWAY_DATA_DIR")
         .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("GATEWAY_METRICS_ADDR", format!("127.0.0.1:{metrics}"))
         .env_remove("FEISHU_APP_ID")
@@ -175,7 +175,18 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
         "says loudly it runs on the fake:\n{log}"
     );
     assert!(log.contains("drained"), "{log}");
-    let _ = std::fs::remove_dir_all(&data);
+    // The demo's job directory is gone with the process.
+    let demo = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("feishu-reply-gateway-demo-{}-", serve.id())))
+        .collect::<Vec<_>>();
+    assert!(demo.is_empty(), "left behind: {demo:?}");
+    assert!(
+        log.contains("async jobs are kept in a temporary directory"),
+        "{log}"
+    );
 }
 
 #[test]
