@@ -208,6 +208,21 @@ async fn each_retry_class_is_retried_with_the_same_uuid() {
         ),
         ("om_r503", fault("om_r503", 503, 1, 1), "server_error_5xx"),
         (
+            "om_r11232",
+            fault("om_r11232", 400, 11232, 1),
+            "message_service_11232",
+        ),
+        (
+            "om_r11233",
+            fault("om_r11233", 400, 11233, 1),
+            "message_service_11232",
+        ),
+        (
+            "om_r11247",
+            fault("om_r11247", 400, 11247, 1),
+            "message_service_11232",
+        ),
+        (
             "om_r502html",
             Fault {
                 html: true,
@@ -244,6 +259,7 @@ async fn each_retry_class_is_retried_with_the_same_uuid() {
         ("being_sent_230049", 1),
         ("frequency_limit_429", 1),
         ("server_error_5xx", 2),
+        ("message_service_11232", 3),
     ] {
         let series = format!("feishu_reply_retries_total{{reason=\"{reason}\"}}");
         assert_eq!(
@@ -357,4 +373,48 @@ async fn shutdown_drains_for_the_grace_period_then_fails_the_rest() {
         .await
         .expect("gateway exits")
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_monthly_quota_stops_the_app_s_calls_until_the_month_ends() {
+    // 99991403 ("this month's API call quota has been exceeded") can come as HTTP 429: it
+    // was retried as a frequency limit. It is final, and the app's next calls fail at once.
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    gw.fake.push_fault(fault("om_q1", 429, 99991403, 1));
+    let e = gw.reply(text("om_q1", "oc_q1", "x")).await.unwrap_err();
+    let spent = |e: &tonic::Status| {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        let info = e.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "APP_BUDGET_SPENT", "{e:?}");
+        assert_eq!(info.metadata["app"], "default");
+        assert_eq!(info.metadata["feishu_code"], "99991403");
+        let wait = e.get_details_retry_info().expect("RetryInfo").retry_delay;
+        // Until the 1st of the next month, China time: at most 31 days.
+        let wait = wait.expect("a delay");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(31 * 86_400),
+            "{wait:?}"
+        );
+        info
+    };
+    let info = spent(&e);
+    assert_eq!(info.metadata["attempts"], "1", "not retried");
+    assert_eq!(gw.fake.received().len(), 1);
+    // The next reply of the app fails without a Feishu call.
+    let e = gw.reply(text("om_q2", "oc_q2", "y")).await.unwrap_err();
+    spent(&e);
+    assert_eq!(
+        gw.fake.received().len(),
+        1,
+        "no call while the quota is spent"
+    );
+    let (_, metrics) = gw.http_get("/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "feishu_reply_app_month_quota_spent{app=\"default\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }

@@ -19,6 +19,23 @@ const JSON_UTF8: &str = "application/json; charset=utf-8";
 struct App {
     config: AppConfig,
     token: Arc<TokenCache>,
+    /// Until when Feishu's monthly call quota of this app_id is spent (99991403): its calls
+    /// fail here without a call. Kept across a reload while the app_id stays.
+    month_spent: Arc<parking_lot::Mutex<Option<jiff::Timestamp>>>,
+}
+
+/// The time zone Feishu's monthly call quota counts in (it resets on the 1st, China time).
+const MONTH_QUOTA_TIME_ZONE: &str = crate::config::DEFAULT_BUDGET_TIME_ZONE;
+
+/// The start of the month after `now`'s, in `tz` (Feishu's quota month).
+fn next_month_start(now: jiff::Timestamp, tz: &str) -> jiff::Timestamp {
+    use jiff::ToSpan;
+    let tz = jiff::tz::TimeZone::get(tz).unwrap_or(jiff::tz::TimeZone::UTC);
+    let here = now.to_zoned(tz);
+    here.first_of_month()
+        .and_then(|d| d.start_of_day())
+        .and_then(|d| d.checked_add(1.month()))
+        .map_or(now, |z| z.timestamp())
 }
 
 /// Talks HTTP to Feishu (or to anything at `base_url` that speaks like it).
@@ -58,6 +75,7 @@ impl FeishuClient {
                         Arc::new(App {
                             config: a.clone(),
                             token: Arc::new(TokenCache::new(cfg.token_refresh_before)),
+                            month_spent: Arc::default(),
                         })
                     })
                     .collect(),
@@ -214,9 +232,66 @@ impl FeishuClient {
             })
     }
 
+    /// Refuses a call of `app` while Feishu's monthly call quota of it is spent.
+    fn month_quota(&self, app: AppIndex) -> Result<(), UpstreamError> {
+        let a = self.app(app);
+        let mut until = a.month_spent.lock();
+        let Some(end) = *until else { return Ok(()) };
+        let now = jiff::Timestamp::now();
+        if now >= end {
+            *until = None;
+            self.metrics
+                .set_app_month_quota_spent(&a.config.name, false);
+            tracing::info!(app = %a.config.name, "a new month: the app's calls go to Feishu again");
+            return Ok(());
+        }
+        Err(UpstreamError::MonthQuotaSpent {
+            app: a.config.name.clone(),
+            reset_in: end.duration_since(now).try_into().unwrap_or_default(),
+            log_id: String::new(),
+        })
+    }
+
+    /// Feishu answered 99991403 for `app`: its calls stop until the month ends.
+    fn month_quota_spent(&self, app: AppIndex, log_id: &str) -> UpstreamError {
+        let a = self.app(app);
+        let now = jiff::Timestamp::now();
+        let end = next_month_start(now, MONTH_QUOTA_TIME_ZONE);
+        *a.month_spent.lock() = Some(end);
+        self.metrics.set_app_month_quota_spent(&a.config.name, true);
+        tracing::error!(app = %a.config.name, app_id = %a.config.app_id, log_id, until = %end, "Feishu says this month's API calls of the app are spent (99991403): its calls fail until the month ends; an admin must raise the tenant's plan");
+        UpstreamError::MonthQuotaSpent {
+            app: a.config.name.clone(),
+            reset_in: end.duration_since(now).try_into().unwrap_or_default(),
+            log_id: log_id.to_owned(),
+        }
+    }
+
     /// Runs `call` with a token; on an invalid-token answer, drops that token, gets a fresh
-    /// one (one refresh for all concurrent callers) and tries exactly once more.
+    /// one (one refresh for all concurrent callers) and tries exactly once more. Nothing is
+    /// called while the app's monthly quota is spent (99991403).
     async fn with_token<'a, T, F, Fut>(&'a self, app: AppIndex, call: F) -> Result<T, UpstreamError>
+    where
+        F: Fn(Arc<str>) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>> + 'a,
+    {
+        self.month_quota(app)?;
+        let result = self.with_token_once(app, call).await;
+        match result {
+            Err(UpstreamError::Feishu { code, log_id, .. })
+                if code == super::error::CODE_MONTH_QUOTA_SPENT =>
+            {
+                Err(self.month_quota_spent(app, &log_id))
+            }
+            other => other,
+        }
+    }
+
+    async fn with_token_once<'a, T, F, Fut>(
+        &'a self,
+        app: AppIndex,
+        call: F,
+    ) -> Result<T, UpstreamError>
     where
         F: Fn(Arc<str>) -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>> + 'a,
@@ -277,9 +352,15 @@ impl Upstream for FeishuClient {
                     }
                     _ => Arc::new(TokenCache::new(self.token_refresh_before)),
                 };
+                // Feishu's monthly quota is the app_id's, whatever its secret.
+                let month_spent = match current.get(i) {
+                    Some(old) if old.config.app_id == a.app_id => old.month_spent.clone(),
+                    _ => Arc::default(),
+                };
                 Arc::new(App {
                     config: a.clone(),
                     token,
+                    month_spent,
                 })
             })
             .collect();
@@ -357,4 +438,24 @@ async fn read_envelope(resp: reqwest::Response) -> Result<(Envelope, String), Up
         e.into_error(http, log_id)
     })?;
     parse_envelope(http, &headers, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_monthly_quota_resets_on_the_first_china_time() {
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        // 3 December, any hour: 1 January 00:00 +08.
+        assert_eq!(
+            next_month_start(at("2026-12-03T10:00:00Z"), MONTH_QUOTA_TIME_ZONE),
+            at("2026-12-31T16:00:00Z")
+        );
+        // 31 December 17:00 UTC is 1 January 01:00 in China: the quota month is January.
+        assert_eq!(
+            next_month_start(at("2026-12-31T17:00:00Z"), MONTH_QUOTA_TIME_ZONE),
+            at("2027-01-31T16:00:00Z")
+        );
+    }
 }

@@ -9,6 +9,13 @@ pub const CODE_RATE_LIMITED: i64 = 230020;
 pub const CODE_BEING_SENT: i64 = 230049;
 /// Feishu gateway frequency control ("request trigger frequency limit"), usually HTTP 429.
 pub const CODE_FREQUENCY_LIMIT: i64 = 99991400;
+/// Feishu's message service is under pressure ("create message service / chat trigger rate
+/// limit", "internal send message trigger rate limit"): a limit of Feishu's own, not one of
+/// the quotas the gateway keeps.
+pub const MESSAGE_SERVICE_CODES: [i64; 3] = [11232, 11233, 11247];
+/// Feishu: "This month's API call quota has been exceeded" (sometimes with HTTP 429): not a
+/// rate limit; nothing the app calls goes through until the month ends.
+pub const CODE_MONTH_QUOTA_SPENT: i64 = 99991403;
 /// Token missing / invalid / app token invalid / format / user token codes.
 pub const TOKEN_INVALID_CODES: [i64; 6] =
     [99991661, 99991663, 99991664, 99991671, 99991668, 99991677];
@@ -24,6 +31,8 @@ pub enum RetryReason {
     BeingSent,
     /// 99991400 / HTTP 429: app-level frequency control.
     Frequency,
+    /// 11232 / 11233 / 11247: Feishu's message service limits (see [`MESSAGE_SERVICE_CODES`]).
+    MessageService,
     /// HTTP 5xx.
     ServerError,
     /// Connect error, timeout, broken connection.
@@ -31,10 +40,11 @@ pub enum RetryReason {
 }
 
 impl RetryReason {
-    pub const ALL: [RetryReason; 5] = [
+    pub const ALL: [RetryReason; 6] = [
         RetryReason::RateLimited,
         RetryReason::BeingSent,
         RetryReason::Frequency,
+        RetryReason::MessageService,
         RetryReason::ServerError,
         RetryReason::Network,
     ];
@@ -44,6 +54,7 @@ impl RetryReason {
             RetryReason::RateLimited => "rate_limited_230020",
             RetryReason::BeingSent => "being_sent_230049",
             RetryReason::Frequency => "frequency_limit_429",
+            RetryReason::MessageService => "message_service_11232",
             RetryReason::ServerError => "server_error_5xx",
             RetryReason::Network => "network",
         }
@@ -87,6 +98,15 @@ pub enum UpstreamError {
         period: &'static str,
         reset_in: Duration,
     },
+    /// Feishu said the month's API calls are spent (99991403) for the app: its calls fail here,
+    /// without a call, until the month ends (China time: Feishu counts from the 1st).
+    #[error("Feishu says this month's API calls of app {app} are spent (code 99991403); its calls fail until the month ends, in {} s", reset_in.as_secs())]
+    MonthQuotaSpent {
+        app: String,
+        reset_in: Duration,
+        /// The answer's log id (empty when refused here without a call).
+        log_id: String,
+    },
     /// An answer that is not Feishu's JSON envelope (e.g. a proxy's HTML 502).
     #[error("unexpected answer from Feishu (HTTP {http}): {detail}")]
     BadResponse {
@@ -104,6 +124,9 @@ impl UpstreamError {
                 CODE_RATE_LIMITED => Some(RetryReason::RateLimited),
                 CODE_BEING_SENT => Some(RetryReason::BeingSent),
                 CODE_FREQUENCY_LIMIT => Some(RetryReason::Frequency),
+                c if MESSAGE_SERVICE_CODES.contains(&c) => Some(RetryReason::MessageService),
+                // The month's calls are spent: waiting seconds does not help (even at 429).
+                CODE_MONTH_QUOTA_SPENT => None,
                 _ if *http == 429 => Some(RetryReason::Frequency),
                 _ if *http >= 500 => Some(RetryReason::ServerError),
                 _ => None,
@@ -115,7 +138,8 @@ impl UpstreamError {
             }
             UpstreamError::BadResponse { .. }
             | UpstreamError::Credentials { .. }
-            | UpstreamError::BudgetSpent { .. } => None,
+            | UpstreamError::BudgetSpent { .. }
+            | UpstreamError::MonthQuotaSpent { .. } => None,
         }
     }
 
@@ -136,7 +160,8 @@ impl UpstreamError {
         match self {
             UpstreamError::Feishu { log_id, .. }
             | UpstreamError::Credentials { log_id, .. }
-            | UpstreamError::BadResponse { log_id, .. } => log_id,
+            | UpstreamError::BadResponse { log_id, .. }
+            | UpstreamError::MonthQuotaSpent { log_id, .. } => log_id,
             UpstreamError::Network { .. } | UpstreamError::BudgetSpent { .. } => "",
         }
     }
@@ -147,6 +172,7 @@ impl UpstreamError {
             UpstreamError::Feishu { code, .. } | UpstreamError::Credentials { code, .. } => {
                 Some(*code)
             }
+            UpstreamError::MonthQuotaSpent { .. } => Some(CODE_MONTH_QUOTA_SPENT),
             _ => None,
         }
     }
@@ -219,6 +245,17 @@ mod tests {
             feishu(503, 1).retry_reason(),
             Some(RetryReason::ServerError)
         );
+        for code in [11232, 11233, 11247] {
+            assert_eq!(
+                feishu(400, code).retry_reason(),
+                Some(RetryReason::MessageService),
+                "{code}"
+            );
+        }
+        assert!(!RetryReason::MessageService.is_rate_rejection());
+        // The month's quota: final, also when it comes as a 429.
+        assert_eq!(feishu(429, 99991403).retry_reason(), None);
+        assert_eq!(feishu(400, 99991403).retry_reason(), None);
         assert_eq!(feishu(400, 230002).retry_reason(), None);
         assert_eq!(feishu(200, 230011).retry_reason(), None);
         assert!(feishu(200, 99991663).is_token_invalid());

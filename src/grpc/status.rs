@@ -153,7 +153,9 @@ impl CallError {
                 UpstreamError::Network { .. } => "UPSTREAM_NETWORK".into(),
                 UpstreamError::BadResponse { http, .. } if *http >= 500 => "UPSTREAM_5XX".into(),
                 UpstreamError::BadResponse { .. } => "UPSTREAM_BAD_RESPONSE".into(),
-                UpstreamError::BudgetSpent { .. } => "APP_BUDGET_SPENT".into(),
+                UpstreamError::BudgetSpent { .. } | UpstreamError::MonthQuotaSpent { .. } => {
+                    "APP_BUDGET_SPENT".into()
+                }
             },
         }
     }
@@ -172,12 +174,15 @@ impl CallError {
             | GatewayError::JobStore(_)
             | GatewayError::SharedQuotasUnavailable { .. } => Some(Duration::from_secs(1)),
             GatewayError::Upstream {
-                error: UpstreamError::BudgetSpent { reset_in, .. },
+                error:
+                    UpstreamError::BudgetSpent { reset_in, .. }
+                    | UpstreamError::MonthQuotaSpent { reset_in, .. },
                 ..
             }
-            | GatewayError::ChatLookup(UpstreamError::BudgetSpent { reset_in, .. }) => {
-                Some(*reset_in)
-            }
+            | GatewayError::ChatLookup(
+                UpstreamError::BudgetSpent { reset_in, .. }
+                | UpstreamError::MonthQuotaSpent { reset_in, .. },
+            ) => Some(*reset_in),
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error)
                 if error.retry_reason().is_some() =>
             {
@@ -200,7 +205,9 @@ impl CallError {
             if !e.log_id().is_empty() {
                 meta.insert("log_id".to_owned(), e.log_id().to_owned());
             }
-            if let UpstreamError::BudgetSpent { app, .. } = e {
+            if let UpstreamError::BudgetSpent { app, .. }
+            | UpstreamError::MonthQuotaSpent { app, .. } = e
+            {
                 meta.insert("app".to_owned(), app.clone());
             }
         }
@@ -278,7 +285,9 @@ fn upstream_code(e: &UpstreamError) -> Code {
             }
         }
         UpstreamError::Network { .. } | UpstreamError::BadResponse { .. } => Code::Unknown,
-        UpstreamError::BudgetSpent { .. } => Code::ResourceExhausted,
+        UpstreamError::BudgetSpent { .. } | UpstreamError::MonthQuotaSpent { .. } => {
+            Code::ResourceExhausted
+        }
     }
 }
 
@@ -485,6 +494,24 @@ mod tests {
         assert_eq!(info.metadata["caller"], "svc");
         assert_eq!(info.metadata["uuid"], "u-3");
         assert_eq!(info.metadata["attempts"], "0");
+    }
+
+    #[test]
+    fn a_spent_monthly_quota_is_resource_exhausted_until_the_month_ends() {
+        let e = upstream(UpstreamError::MonthQuotaSpent {
+            app: "ops".into(),
+            reset_in: Duration::from_secs(3600),
+            log_id: "L1".into(),
+        });
+        check(e.clone(), Code::ResourceExhausted, "APP_BUDGET_SPENT", true);
+        let s = e.to_status();
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["app"], "ops");
+        assert_eq!(info.metadata["feishu_code"], "99991403");
+        assert_eq!(
+            s.get_details_retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(3600))
+        );
     }
 
     #[test]

@@ -5,10 +5,11 @@ use prometheus_client::encoding::EncodeLabelSet;
 
 /// `reason` values of `feishu_reply_retries_total` (the upstream's retry reasons, each
 /// pre-created so it reads 0 before its first retry).
-pub const RETRY_REASONS: [&str; 5] = [
+pub const RETRY_REASONS: [&str; 6] = [
     "rate_limited_230020",
     "being_sent_230049",
     "frequency_limit_429",
+    "message_service_11232",
     "server_error_5xx",
     "network",
 ];
@@ -82,7 +83,7 @@ pub(super) struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 34] = [
+pub const METRIC_NAMES: [&str; 35] = [
     "feishu_reply_requests",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
@@ -107,6 +108,7 @@ pub const METRIC_NAMES: [&str; 34] = [
     "feishu_reply_app_budget_used",
     "feishu_reply_app_budget_remaining",
     "feishu_reply_app_budget_refusals",
+    "feishu_reply_app_month_quota_spent",
     "feishu_reply_job_takeovers",
     "feishu_reply_job_leases_lost",
     "feishu_reply_redis_calls",

@@ -49,6 +49,7 @@ pub struct Metrics {
     app_budget_used: Family<AppLabel, Gauge>,
     app_budget_remaining: Family<AppLabel, Gauge>,
     app_budget_refusals: Family<AppLabel, Counter>,
+    app_month_quota_spent: Family<AppLabel, Gauge>,
     job_takeovers: Counter,
     job_leases_lost: Counter,
     redis_calls: Family<RedisCallLabels, Counter>,
@@ -211,6 +212,12 @@ impl Metrics {
             "Feishu calls an app may still make this budget period",
             app_budget_remaining.clone(),
         );
+        let app_month_quota_spent = Family::<AppLabel, Gauge>::default();
+        registry.register(
+            "feishu_reply_app_month_quota_spent",
+            "1 while Feishu says the app's API calls for this month are spent (code 99991403): its calls fail APP_BUDGET_SPENT here until the month ends",
+            app_month_quota_spent.clone(),
+        );
         let app_budget_refusals = Family::<AppLabel, Counter>::default();
         registry.register(
             "feishu_reply_app_budget_refusals",
@@ -303,6 +310,7 @@ impl Metrics {
             app_budget_used,
             app_budget_remaining,
             app_budget_refusals,
+            app_month_quota_spent,
             job_takeovers,
             job_leases_lost,
             redis_calls,
@@ -358,7 +366,19 @@ impl Metrics {
     }
 
     /// Pre-creates an app's alerting series (rate rejections read 0, not "no data").
+    /// Feishu's monthly call quota of `app` is spent (99991403), or no longer.
+    pub fn set_app_month_quota_spent(&self, app: &str, spent: bool) {
+        self.app_month_quota_spent
+            .get_or_create(&AppLabel {
+                app: app.to_owned(),
+            })
+            .set(i64::from(spent));
+    }
+
     pub fn init_app(&self, app: &str) {
+        let _ = self.app_month_quota_spent.get_or_create(&AppLabel {
+            app: app.to_owned(),
+        });
         for reason in RATE_REJECTION_REASONS {
             let _ = self.rate_rejections.get_or_create(&RejectionLabels {
                 app: app.to_owned(),
@@ -593,6 +613,7 @@ mod tests {
         m.rate_rejection("default", "rate_limited_230020");
         m.chat_lookup("hit");
         m.set_app_budget("default", 10, 1);
+        m.init_app("default");
         let text = m.encode();
         for name in METRIC_NAMES {
             assert!(
