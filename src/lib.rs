@@ -70,7 +70,8 @@
 //!   the `queue_wait` and `feishu.reply` spans; [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table, or a `SharedGate`; opaque memo, grant and answer);
 //!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
-//!   counts in).
+//!   counts in); [`scheduler::gone`] messages Feishu said are recalled or deleted (30 min:
+//!   replies to them fail `MESSAGE_GONE` without a call).
 //! - [`reply`]: `MsgType`, content validation (no transport types).
 //! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
 //!   one first (through `feishu::CallMeter`; across replicas through a `SharedCounter`, else

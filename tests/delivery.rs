@@ -418,3 +418,57 @@ async fn a_spent_monthly_quota_stops_the_app_s_calls_until_the_month_ends() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recalled_message_is_remembered_and_later_replies_to_it_fail_without_a_call() {
+    let gw = spawn_gateway(FakeOptions::default(), "").await;
+    let calls_to = |id: &str| {
+        gw.fake
+            .received()
+            .iter()
+            .filter(|r| r.message_id == id)
+            .count()
+    };
+    let reason = |e: &tonic::Status| {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        e.get_details_error_info().expect("ErrorInfo").reason
+    };
+    // Recalled (230011): Feishu's answer first, then the gateway's memory.
+    gw.fake.push_fault(fault("om_gone", 400, 230011, 100));
+    let e = gw.reply(text("om_gone", "oc_g", "a")).await.unwrap_err();
+    assert_eq!(reason(&e), "FEISHU_230011");
+    let e = gw.reply(text("om_gone", "oc_g", "b")).await.unwrap_err();
+    assert_eq!(reason(&e), "MESSAGE_GONE");
+    let info = e.get_details_error_info().unwrap();
+    assert_eq!(info.metadata["message_id"], "om_gone");
+    assert_eq!(
+        calls_to("om_gone"),
+        1,
+        "the second reply asked Feishu again"
+    );
+
+    // Deleted (231003) while more replies to it wait in the chat: one call in all.
+    gw.fake.push_fault(fault("om_gone2", 400, 231003, 100));
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let mut c = gw.client.clone();
+            let req = text("om_gone2", "oc_g2", &format!("r{i}"));
+            tokio::spawn(async move { c.reply(req).await })
+        })
+        .collect();
+    let mut reasons = Vec::new();
+    for c in calls {
+        reasons.push(reason(&c.await.unwrap().unwrap_err()));
+    }
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "FEISHU_231003",
+            "MESSAGE_GONE",
+            "MESSAGE_GONE",
+            "MESSAGE_GONE"
+        ]
+    );
+    assert_eq!(calls_to("om_gone2"), 1);
+}

@@ -215,6 +215,11 @@ impl ReplyService {
             }
             Err(e) => {
                 self.metrics.chat_lookup("error");
+                if e.code()
+                    .is_some_and(|c| crate::scheduler::gone::GONE_CODES.contains(&c))
+                {
+                    self.scheduler.remember_gone(message_id);
+                }
                 Err(GatewayError::ChatLookup(e))
             }
         }
@@ -311,6 +316,15 @@ impl ReplyService {
                 attempts: 0,
                 uuid: uuid.clone(),
             })?;
+        }
+        // A message Feishu said is gone: no lookup, no queue, no call.
+        if self.scheduler.message_gone(&reply.message_id) {
+            return Err(GatewayError::MessageGone {
+                message_id: reply.message_id.clone(),
+                attempts: 0,
+                uuid,
+            }
+            .into());
         }
         let chat_id = match reply.chat_id {
             Some(c) => c.into(),

@@ -21,8 +21,8 @@ const INVALID_ARGUMENT_CODES: [i64; 4] = [230001, 230025, 230055, 230099];
 const PERMISSION_DENIED_CODES: [i64; 9] = [
     230002, 230006, 230013, 230017, 230018, 230027, 230035, 230038, 230050,
 ];
-const FAILED_PRECONDITION_CODES: [i64; 10] = [
-    230011, 230019, 230022, 230028, 230054, 230071, 230072, 230075, 230111, 232009,
+const FAILED_PRECONDITION_CODES: [i64; 11] = [
+    230011, 230019, 230022, 230028, 230054, 230071, 230072, 230075, 230111, 231003, 232009,
 ];
 
 /// Why a call failed: in the domain, or at the door.
@@ -103,7 +103,9 @@ impl CallError {
             GatewayError::UnknownApp(_) | GatewayError::AppRemoved { .. } => Code::NotFound,
             GatewayError::CallerRemoved { .. } => Code::PermissionDenied,
             GatewayError::JobNotFound(_) => Code::NotFound,
-            GatewayError::NoJobStore | GatewayError::NotCancellable(_) => Code::FailedPrecondition,
+            GatewayError::NoJobStore
+            | GatewayError::NotCancellable(_)
+            | GatewayError::MessageGone { .. } => Code::FailedPrecondition,
             GatewayError::JobStore(_) => Code::Unavailable,
             GatewayError::Cancelled => Code::Cancelled,
             GatewayError::QueueFull { .. } | GatewayError::DeadlineUnreachable { .. } => {
@@ -135,6 +137,7 @@ impl CallError {
             GatewayError::UnknownApp(_) => "UNKNOWN_APP".into(),
             GatewayError::AppRemoved { .. } => "APP_REMOVED".into(),
             GatewayError::CallerRemoved { .. } => "CALLER_REMOVED".into(),
+            GatewayError::MessageGone { .. } => "MESSAGE_GONE".into(),
             GatewayError::JobNotFound(_) => "JOB_NOT_FOUND".into(),
             GatewayError::NoJobStore => "NO_JOB_STORE".into(),
             GatewayError::JobStore(_) => "JOB_STORE".into(),
@@ -228,6 +231,15 @@ impl CallError {
                 uuid,
             }) => {
                 meta.insert("app".to_owned(), app.clone());
+                meta.insert("attempts".to_owned(), attempts.to_string());
+                meta.insert("uuid".to_owned(), uuid.clone());
+            }
+            Some(GatewayError::MessageGone {
+                message_id,
+                attempts,
+                uuid,
+            }) => {
+                meta.insert("message_id".to_owned(), message_id.clone());
                 meta.insert("attempts".to_owned(), attempts.to_string());
                 meta.insert("uuid".to_owned(), uuid.clone());
             }
@@ -512,6 +524,19 @@ mod tests {
             s.get_details_retry_info().unwrap().retry_delay,
             Some(Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn a_gone_message_is_failed_precondition_naming_it() {
+        let e = CallError::from(GatewayError::MessageGone {
+            message_id: "om_x".into(),
+            attempts: 0,
+            uuid: "u-4".into(),
+        });
+        check(e.clone(), Code::FailedPrecondition, "MESSAGE_GONE", false);
+        let info = e.to_status().get_details_error_info().unwrap();
+        assert_eq!(info.metadata["message_id"], "om_x");
+        assert_eq!(info.metadata["uuid"], "u-4");
     }
 
     #[test]

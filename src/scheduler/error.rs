@@ -31,6 +31,14 @@ pub enum GatewayError {
         attempts: u32,
         uuid: String,
     },
+    #[error(
+        "message {message_id:?} was recalled or deleted (Feishu said so in the last 30 minutes); not sent (uuid {uuid})"
+    )]
+    MessageGone {
+        message_id: String,
+        attempts: u32,
+        uuid: String,
+    },
     #[error("no job {0:?} (unknown, expired, or another caller's)")]
     JobNotFound(String),
     #[error("async jobs need a job store: set GATEWAY_DATA_DIR (or [jobs] data_dir)")]
@@ -106,7 +114,8 @@ impl GatewayError {
             | GatewayError::Internal { attempts, .. }
             | GatewayError::SharedQuotasUnavailable { attempts, .. }
             | GatewayError::AppRemoved { attempts, .. }
-            | GatewayError::CallerRemoved { attempts, .. } => Some(*attempts),
+            | GatewayError::CallerRemoved { attempts, .. }
+            | GatewayError::MessageGone { attempts, .. } => Some(*attempts),
             _ => None,
         }
     }

@@ -17,6 +17,9 @@ use crate::feishu::Upstream;
 use crate::metrics::Metrics;
 use crate::quota::QuotaTable;
 
+/// Gone messages remembered at most (two generations of half).
+const GONE_CAPACITY: usize = 100_000;
+
 /// Tells the dispatcher when a waiting caller goes away (its future is dropped).
 struct AbandonOnDrop<'a> {
     tx: &'a mpsc::UnboundedSender<Command>,
@@ -75,7 +78,9 @@ impl Scheduler {
                 (QuotaGate::Shared(gate), state)
             }
         };
+        let gone = Arc::new(super::gone::GoneMessages::new(GONE_CAPACITY));
         let dispatcher = Dispatcher {
+            gone: gone.clone(),
             gate,
             queues: Queues::default(),
             layout,
@@ -105,11 +110,23 @@ impl Scheduler {
         });
         Self {
             tx,
+            gone,
             accepting,
             drained,
             quota_source,
             alive,
         }
+    }
+
+    /// Whether Feishu said `message_id` is gone (recalled or deleted) within the last
+    /// `gone::GONE_FOR`: a call on it fails `MESSAGE_GONE` without asking Feishu.
+    pub fn message_gone(&self, message_id: &str) -> bool {
+        self.gone.is_gone(message_id)
+    }
+
+    /// Feishu said `message_id` is gone (a lookup outside the dispatcher learned it).
+    pub fn remember_gone(&self, message_id: &str) {
+        self.gone.remember(message_id);
     }
 
     /// Whether the dispatcher still runs (false after it panicked).

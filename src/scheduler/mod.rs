@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 mod admission;
 mod error;
 pub mod gate;
+pub mod gone;
 mod handle;
 pub mod inspect;
 mod layout;
@@ -162,6 +163,8 @@ enum Attempt {
 #[derive(Clone)]
 pub struct Scheduler {
     tx: mpsc::UnboundedSender<Command>,
+    /// Messages Feishu said are gone (shared with the dispatcher).
+    gone: Arc<gone::GoneMessages>,
     accepting: Arc<AtomicBool>,
     drained: watch::Receiver<bool>,
     quota_source: watch::Receiver<QuotaSource>,
@@ -213,6 +216,8 @@ struct Dispatcher {
     /// What each caller owns, by id, since a live reload (empty before one: every caller owns
     /// its work). Replies a caller no longer owns are not sent any more.
     owners: Vec<crate::config::Ownership>,
+    /// Messages Feishu said are gone: replies to them fail without a call.
+    gone: Arc<gone::GoneMessages>,
     clock: Clock,
     draining_until: Option<Instant>,
     upstream: Arc<dyn Upstream>,
@@ -364,6 +369,21 @@ impl Dispatcher {
                 .queues
                 .head_mut(&chat_id)
                 .expect("ready chat has a head");
+            if self.gone.is_gone(&head.spec.request.message_id) {
+                // Feishu said its message is gone since it was queued: not asked again.
+                let job = self
+                    .queues
+                    .pop_for_send(&chat_id)
+                    .expect("chat with a head");
+                self.queues.sent(&chat_id, None);
+                let e = GatewayError::MessageGone {
+                    message_id: job.spec.request.message_id.clone(),
+                    attempts: job.attempts,
+                    uuid: job.uuid(),
+                };
+                job.finish(Err(e));
+                continue;
+            }
             let verdict = self.gate.ask(
                 self.clock,
                 &chat_id,

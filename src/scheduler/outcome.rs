@@ -79,6 +79,13 @@ impl Dispatcher {
                 }
                 Some(reason) => self.plan_retry(job, error, reason, now),
                 None => {
+                    if error
+                        .code()
+                        .is_some_and(|c| super::gone::GONE_CODES.contains(&c))
+                    {
+                        // The replies queued to it fail without asking again.
+                        self.gone.remember(&job.spec.request.message_id);
+                    }
                     tracing::info!(message_id = %job.spec.request.message_id, chat_id = %chat_id, uuid = %job.spec.request.uuid, log_id = %error.log_id(), %error, "reply failed");
                     let (attempts, uuid) = (job.attempts, job.uuid());
                     job.finish(Err(GatewayError::Upstream {
