@@ -524,8 +524,18 @@ fn print_latency(label: &str, h: &Histogram<u64>) {
 }
 
 /// Drain time of an ideal sender (zero latency, no margin) under Feishu's default quotas
-/// for replies to the given chats, all available at t=0: the physical limit.
+/// for replies to the given chats, all available at t=0: the physical limit. The ideal sender
+/// serves the chats with the most replies first (each up to its own 5/s): the deepest chat is
+/// the critical path, and serving it last (in arrival order) would add its own drain time to
+/// the app's instead of overlapping them.
 fn physical_limit(chats: &[usize]) -> Duration {
+    let mut depth: HashMap<usize, usize> = HashMap::new();
+    for c in chats {
+        *depth.entry(*c).or_default() += 1;
+    }
+    let mut chats = chats.to_vec();
+    // Stable: equal depths keep their order.
+    chats.sort_by_key(|c| std::cmp::Reverse(depth[c]));
     let spec = |n, ms| QuotaSpec::new(NonZeroU32::new(n).unwrap(), Duration::from_millis(ms));
     let mut t = QuotaTable::new(
         vec![spec(5, 1000), spec(50, 1000), spec(1000, 60_000)],
