@@ -674,8 +674,16 @@ async fn hot(chats: usize, per_chat: usize, background: usize, pipelined: bool) 
     // (the gateway's order is the order it accepts them), so by default each chat's caller
     // sends its next reply when the previous returns; the chat quota (5/s) is binding either
     // way, so this costs no throughput.
+    // The hot chats have a connection of their own: on the background's, their calls would
+    // wait behind its streams (the gateway caps streams per connection) and reach the gateway
+    // only as the background drains.
+    let hot_channel = Channel::from_shared(format!("http://127.0.0.1:{}", s.grpc_ports[0]))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
     for chat in 0..chats {
-        let grpc = s.grpc.clone();
+        let grpc = hot_channel.clone();
         calls.push(tokio::spawn(async move {
             let mut inner = Vec::new();
             let mut ok = true;

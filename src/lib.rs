@@ -60,9 +60,12 @@
 //!   calls, shutdown drain, its own death made visible); `scheduler::error` `GatewayError`, the
 //!   domain's failures; `scheduler::handle` the handle callers use (start, submit, reply,
 //!   cancel, seed past sends, shutdown); `scheduler::admission` queue bounds (count and bytes)
-//!   and deadlines at the door; `scheduler::queue` the per-chat queue machine as plain state
-//!   (fairness, order, timers, deadlines; unit-tested without a runtime); `scheduler::layout`
-//!   which quotas a job counts in (per-app lists; a reload appends changed lists);
+//!   and deadlines at the door, and which chats are urgent (on the critical path of their
+//!   app's drain) with the app slots kept for them; `scheduler::queue` the per-chat queue
+//!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a
+//!   runtime; `queue::urgent` urgent chats go first); `scheduler::layout`
+//!   which quotas a job counts in (per-app lists; a reload appends changed lists, and how long
+//!   an app's quotas need for a backlog);
 //!   [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's windows and
 //!   queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares, quota lists
 //!   with their sends carried over, removed apps failing `APP_REMOVED`, removed callers and

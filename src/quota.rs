@@ -179,6 +179,21 @@ impl Ring {
         ring.max(self.not_before)
     }
 
+    /// The earliest instant at which `n` more sends fit, as known at `now` (`ready_at` for
+    /// one): the `n`-th oldest send beyond the free slots must have left the window.
+    fn room_at(&self, n: u32, span: Micros, hold: Micros, now: Micros) -> Micros {
+        let free = self.cap - self.len;
+        let ring = if n <= free {
+            0
+        } else if n - free > self.len {
+            Micros::MAX
+        } else {
+            let idx = (self.head + (n - free - 1)) % self.cap;
+            latest_arrival(self.s()[idx as usize], hold, now).saturating_add(span)
+        };
+        ring.max(self.not_before)
+    }
+
     /// Lower bound of the instant of the `nth` (1-based) future send on this key, if nothing but
     /// this key's quota delayed it: future send m waits for the send N positions before it.
     fn nth_ready_at(&self, nth: u64, span: Micros) -> Micros {
@@ -368,6 +383,20 @@ impl QuotaTable {
                 )
             }
         }
+    }
+
+    /// The earliest instant, as known at `now`, at which `key` has room for `n` more sends
+    /// (≤ `now`: it has; `Micros::MAX`: never, `n` is above its limit).
+    pub fn room_at(&self, key: &QuotaKey, n: u32, now: Micros) -> Micros {
+        let span = self.spans[key.quota];
+        let floor = floor_plus(self.floor, span);
+        let limit = self.specs[key.quota].limit.get();
+        let ring = match self.keys[key.quota].get(&key.hash) {
+            Some(r) => r.room_at(n, span, self.hold, now),
+            None if n <= limit => 0,
+            None => Micros::MAX,
+        };
+        ring.max(floor)
     }
 
     /// The earliest instant, as known at `now`, at which every key has room at the same time

@@ -157,3 +157,60 @@ async fn a_chat_rate_rejection_still_counts_in_the_app_quota() {
         .count();
     assert_eq!(last_minute, 1000, "the refused attempt and 999 replies");
 }
+
+/// Replies to chat `chat` (ids that the simulated Feishu places in it).
+fn job_in(i: usize, chat: &str) -> JobSpec {
+    let mut j = job(i);
+    j.chat_id = format!("oc_{chat}").into();
+    j.request.message_id = format!("om_{i}_in_{chat}");
+    j
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_chat_among_quiet_ones_gets_enough_of_the_app_windows_to_finish_with_them() {
+    // 970 replies to distinct chats and 30 to one chat, one app: the app's 50/s are the
+    // bottleneck (19 s), the busy chat needs 6 s at its own 5/s. Served one app slot per
+    // window (a chat has one send in flight, and a window's 50 slots went in one instant to
+    // the chats waiting for it), its replies ended 5 s after the others (1.273 x). On the
+    // drain's critical path it goes first and the app keeps the slots it can use in its own
+    // window for it, so it gets its 5/s and ends with the others.
+    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
+    let config = SchedulerConfig::from_config(&Config::defaults());
+    let s = Scheduler::start(config, sim.clone(), Arc::new(Metrics::new()));
+    let start = Instant::now();
+    let mut quiet = Vec::new();
+    let mut busy = Vec::new();
+    // The busy chat's replies arrive after the others (its chat is the last to be served in
+    // arrival order).
+    for i in 0..970 {
+        quiet.push(s.submit(job(i)));
+    }
+    for i in 970..1000 {
+        busy.push(s.submit(job_in(i, "busy")));
+    }
+    assert_eq!((quiet.len(), busy.len()), (970, 30));
+    let mut busy_done = Vec::new();
+    for rx in busy {
+        rx.await.unwrap().expect("delivered");
+        busy_done.push(start.elapsed());
+    }
+    let mut quiet_done = Vec::new();
+    for rx in quiet {
+        rx.await.unwrap().expect("delivered");
+        quiet_done.push(start.elapsed());
+    }
+    let drain = busy_done.iter().chain(&quiet_done).max().unwrap();
+    let stats = sim.stats();
+    assert_eq!(stats.rate_rejections(), 0, "{stats:?}");
+    assert_eq!(stats.posted, 1000, "{stats:?}");
+    let r = drain.as_secs_f64() / PHYSICAL_LIMIT_1000.as_secs_f64();
+    let quiet_last = quiet_done.iter().max().unwrap().as_secs_f64();
+    assert!(
+        r <= 1.05,
+        "drained in {r:.3} x the physical limit; the busy chat's replies done at {busy_done:.2?}, the quiet chats' last at {quiet_last:.2} s"
+    );
+    eprintln!(
+        "drained in {r:.3} x; the busy chat's last reply at {:.2?}, the quiet chats' at {quiet_last:.2} s",
+        busy_done.last().unwrap()
+    );
+}

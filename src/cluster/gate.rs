@@ -56,6 +56,8 @@ enum Mode {
 struct Line {
     until: Instant,
     waiters: VecDeque<Arc<str>>,
+    /// Waiters on the critical path of their app's drain (`Head::urgent`): they go first.
+    urgent: VecDeque<Arc<str>>,
     probes: Vec<Arc<str>>,
 }
 
@@ -194,6 +196,7 @@ impl RedisGate {
                     let line = self.lines.entry(name.clone()).or_insert_with(|| Line {
                         until: *until,
                         waiters: VecDeque::new(),
+                        urgent: VecDeque::new(),
                         probes: Vec::new(),
                     });
                     line.until = line.until.max(*until);
@@ -333,6 +336,7 @@ impl SharedGate for RedisGate {
             keys,
             memo,
             span,
+            urgent,
         } = head;
         match (&self.mode, self.store.config().on_failure) {
             (Mode::Up, _) => {}
@@ -378,7 +382,10 @@ impl SharedGate for RedisGate {
         });
         if let Some(k) = blocked {
             let line = self.lines.get_mut(&k.name).expect("found above");
-            line.waiters.push_back(chat.clone());
+            match urgent {
+                true => line.urgent.push_back(chat.clone()),
+                false => line.waiters.push_back(chat.clone()),
+            }
             return Verdict::InLine;
         }
         for k in shared.iter() {
@@ -458,12 +465,12 @@ impl SharedGate for RedisGate {
             }
             let free = LINE_PROBES.saturating_sub(line.probes.len());
             for _ in 0..free {
-                match line.waiters.pop_front() {
+                match line.urgent.pop_front().or_else(|| line.waiters.pop_front()) {
                     Some(w) => release.push(w),
                     None => break,
                 }
             }
-            !(line.waiters.is_empty() && line.probes.is_empty())
+            !(line.waiters.is_empty() && line.urgent.is_empty() && line.probes.is_empty())
         });
         release
     }
@@ -472,7 +479,9 @@ impl SharedGate for RedisGate {
     fn next_wake(&self) -> Option<Instant> {
         self.lines
             .values()
-            .filter(|l| l.probes.len() < LINE_PROBES && !l.waiters.is_empty())
+            .filter(|l| {
+                l.probes.len() < LINE_PROBES && !(l.waiters.is_empty() && l.urgent.is_empty())
+            })
             .map(|l| l.until)
             .min()
     }

@@ -134,6 +134,75 @@ impl Dispatcher {
         }
     }
 
+    /// Marks, per app, the chats on the critical path of its drain (`Queues::set_urgent`): a
+    /// chat whose own quota needs at least as long for its backlog as the app's quotas need for
+    /// everything the app has queued, less two chat windows. Such a chat goes first, up to its
+    /// own quota, so its backlog ends with the others instead of after them (DESIGN §3); on a
+    /// single node the app also keeps for it the slots it can still use in its own window.
+    pub(super) fn mark_urgent_chats(&mut self, now: Instant) {
+        let chat = self.config.quotas.chat;
+        let before = std::mem::take(&mut self.reserves);
+        for (app_id, queued) in self.queues.queued_by_app_id() {
+            let slack = self.layout.app_drain(&app_id, queued);
+            // The fewest jobs whose drain at the chat quota takes `t` or longer (and at least
+            // two: a chat with one job has no drain of its own to shorten). Two windows of
+            // margin: an urgent chat still loses a little to its round trips.
+            let t = slack.saturating_sub(chat.window * 2);
+            let windows = t.as_nanos().div_ceil(chat.window.as_nanos().max(1));
+            let depth = usize::try_from(windows)
+                .ok()
+                .and_then(|w| w.checked_mul(chat.limit.get() as usize))
+                .map_or(usize::MAX, |n| n.saturating_add(1).max(2));
+            self.queues.set_urgent(&app_id, depth);
+            // Single node: keep the app slots the urgent chats can still use in their own
+            // windows for them, so the others do not take a whole app window at once while
+            // an urgent chat waits for its previous reply's answer.
+            if let QuotaGate::Local(table) = &self.gate {
+                let now_m = self.clock.micros(now);
+                let wanted: usize = self
+                    .queues
+                    .urgent_chats(&app_id)
+                    .into_iter()
+                    .map(|(c, depth)| {
+                        let (used, _) = table.usage(&QuotaKey::new(CHAT_QUOTA, c), now_m);
+                        (chat.limit.get().saturating_sub(used) as usize).min(depth)
+                    })
+                    .sum();
+                let half = self.layout.app_min_limit(&app_id) / 2;
+                let reserve = u32::try_from(wanted).unwrap_or(u32::MAX).min(half);
+                if reserve > 0 {
+                    self.reserves.insert(app_id, reserve);
+                }
+            }
+        }
+        // A reserve that shrank lets its waiters try now.
+        for (app_id, was) in before {
+            if self.reserves.get(&app_id).is_none_or(|&now| now < was)
+                && let Some(waiters) = self.reserve_waiters.remove(&app_id)
+            {
+                for c in waiters {
+                    self.queues.schedule_now(&c);
+                }
+            }
+        }
+    }
+
+    /// Single node: when `chat`'s head (not urgent) may take an app slot without eating into
+    /// the slots kept for its app's urgent chats (None: now).
+    pub(super) fn kept_for_urgent(&mut self, chat: &Arc<str>, now: Instant) -> Option<Instant> {
+        let QuotaGate::Local(table) = &self.gate else {
+            return None;
+        };
+        let head = self.queues.head_mut(chat)?;
+        let reserve = *self.reserves.get(&head.spec.app_id)?;
+        let at = super::gate::reserved(table, self.clock, &head.keys, reserve, now)?;
+        self.reserve_waiters
+            .entry(head.spec.app_id.clone())
+            .or_default()
+            .insert(chat.clone());
+        Some(at)
+    }
+
     /// The tightest per-second rate of `app_id`'s quotas (for retry estimates).
     fn app_rate_per_sec(&self, app_id: &str) -> f64 {
         self.layout.app_rate_per_sec(app_id)

@@ -194,6 +194,26 @@ pub struct Head<'a> {
     pub memo: &'a mut Option<Opaque>,
     /// The job's span: a shared decision is a span under it.
     pub span: &'a tracing::Span,
+    /// Its chat is on the critical path of its app's drain (`Queues::set_urgent`): a line
+    /// lets it go before the chats that are not.
+    pub urgent: bool,
+}
+
+/// When the app keys among `keys` leave `reserve` slots free after one more send (None: now).
+pub(super) fn reserved(
+    table: &QuotaTable,
+    clock: Clock,
+    keys: &[QuotaKey],
+    reserve: u32,
+    now: Instant,
+) -> Option<Instant> {
+    let now_m = clock.micros(now);
+    keys.iter()
+        .filter(|k| k.quota >= super::FIRST_APP_QUOTA)
+        .map(|k| table.room_at(k, reserve.saturating_add(1), now_m))
+        .max()
+        .filter(|&at| at > now_m && at != Micros::MAX)
+        .map(|at| clock.instant(at))
 }
 
 /// A decision of a local table (single node, or a shared gate's fallback).

@@ -87,6 +87,8 @@ impl Scheduler {
             layout_gen: 0,
             removed_apps: Default::default(),
             owners: Vec::new(),
+            reserves: Default::default(),
+            reserve_waiters: Default::default(),
             config,
             clock,
             draining_until: None,

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{CHAT_QUOTA, FIRST_APP_QUOTA, USER_QUOTA};
 use crate::config::QuotaConfig;
@@ -127,6 +128,25 @@ impl QuotaLayout {
             .unwrap_or_else(|| self.default_app.clone())
     }
 
+    /// About how long `app_id`'s quotas need to let `queued` sends go when none has gone
+    /// lately: each window passes its limit at once, then waits for the window.
+    pub fn app_drain(&self, app_id: &str, queued: usize) -> Duration {
+        self.specs[self.app_quotas(app_id)]
+            .iter()
+            .map(|q| drain(q, queued))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// The smallest limit among `app_id`'s quotas.
+    pub fn app_min_limit(&self, app_id: &str) -> u32 {
+        self.specs[self.app_quotas(app_id)]
+            .iter()
+            .map(|q| q.limit.get())
+            .min()
+            .unwrap_or(0)
+    }
+
     /// The tightest per-second rate of `app_id`'s quotas.
     pub fn app_rate_per_sec(&self, app_id: &str) -> f64 {
         self.specs[self.app_quotas(app_id)]
@@ -134,6 +154,14 @@ impl QuotaLayout {
             .map(|q| f64::from(q.limit.get()) / q.window.as_secs_f64())
             .fold(f64::INFINITY, f64::min)
     }
+}
+
+/// How long quota `q` needs to let `n` sends go from an empty window.
+pub fn drain(q: &QuotaSpec, n: usize) -> Duration {
+    let rounds = n.saturating_sub(1) / usize::try_from(q.limit.get()).unwrap_or(usize::MAX);
+    q.window
+        .checked_mul(u32::try_from(rounds).unwrap_or(u32::MAX))
+        .unwrap_or(Duration::MAX)
 }
 
 #[cfg(test)]

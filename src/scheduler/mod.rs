@@ -218,6 +218,12 @@ struct Dispatcher {
     owners: Vec<crate::config::Ownership>,
     /// Messages Feishu said are gone: replies to them fail without a call.
     gone: Arc<gone::GoneMessages>,
+    /// Single node: app slots kept for the urgent chats of each app_id (see
+    /// `Dispatcher::mark_urgent_chats`); the other chats leave that many free.
+    reserves: std::collections::HashMap<Arc<str>, u32>,
+    /// Chats waiting because of an app's reserve, by app_id: tried again as soon as the reserve
+    /// shrinks (their timer is for the window's end).
+    reserve_waiters: std::collections::HashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
     clock: Clock,
     draining_until: Option<Instant>,
     upstream: Arc<dyn Upstream>,
@@ -359,12 +365,18 @@ impl Dispatcher {
 
     /// Asks the gate for every chat whose head may go now, oldest ready first.
     fn dispatch(&mut self, now: Instant) {
+        self.mark_urgent_chats(now);
         for chat in self.gate.pump(now) {
             self.queues.schedule_now(&chat);
         }
         let now_m = self.clock.micros(now);
         let mut dropped = Vec::new();
         while let Some(chat_id) = self.queues.next_ready(now_m, &mut dropped) {
+            let urgent = self.queues.is_urgent(&chat_id);
+            if !urgent && let Some(at) = self.kept_for_urgent(&chat_id, now) {
+                self.queues.schedule_at(&chat_id, self.clock.micros(at));
+                continue;
+            }
             let head = self
                 .queues
                 .head_mut(&chat_id)
@@ -392,6 +404,7 @@ impl Dispatcher {
                     keys: &head.keys,
                     memo: &mut head.gate_memo,
                     span: &head.spec.span,
+                    urgent,
                 },
                 now,
             );

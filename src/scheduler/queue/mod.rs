@@ -14,6 +14,8 @@ use super::gate::{Grant, Opaque};
 use super::{JobResult, JobSpec};
 use crate::quota::{Micros, QuotaKey};
 
+mod urgent;
+
 /// Deadline entries allowed beyond the queued jobs before the heap is compacted (entries of
 /// jobs already sent or gone stay in it until their instant otherwise).
 const DEADLINE_SLACK: usize = 1024;
@@ -135,6 +137,8 @@ struct Counts {
     per_caller: Vec<(usize, usize)>,
     /// … and per app (index: `JobSpec::app`).
     per_app: Vec<(usize, usize)>,
+    /// The app_id of each app index seen (index: `JobSpec::app`).
+    app_ids: Vec<Option<Arc<str>>>,
 }
 
 /// Entry `i` of a per-caller or per-app count, grown on first use.
@@ -149,6 +153,10 @@ impl Counts {
     /// Counts `job` as queued.
     fn add(&mut self, job: &Job) {
         let w = job.weight();
+        if self.app_ids.len() <= job.spec.app {
+            self.app_ids.resize(job.spec.app + 1, None);
+        }
+        self.app_ids[job.spec.app] = Some(job.spec.app_id.clone());
         self.queued += 1;
         self.bytes += w;
         for s in [
@@ -179,8 +187,14 @@ impl Counts {
 #[derive(Default)]
 pub(super) struct Queues {
     chats: HashMap<Arc<str>, ChatQueue>,
-    /// Chats whose head may be sendable now, oldest first (fairness).
-    runnable: VecDeque<(Arc<str>, u64)>,
+    /// Chats whose head may be sendable now: urgent ones first (see [`Queues::set_urgent`]),
+    /// then oldest first (fairness). Entries: (not urgent, ticket, chat).
+    runnable: BinaryHeap<Reverse<(bool, u64, Arc<str>)>>,
+    /// By app_id: a chat of that app holding at least this many jobs is urgent (its own
+    /// quota needs about as long to send them as the app needs for everything queued).
+    urgent_depth: HashMap<Arc<str>, usize>,
+    /// Chats seen urgent, by app_id (pruned by [`Queues::urgent_chats`]).
+    urgent_seen: HashMap<Arc<str>, std::collections::HashSet<Arc<str>>>,
     /// Chats waiting for quota or backoff: (ready at, ticket, chat).
     timers: BinaryHeap<Reverse<(Micros, u64, Arc<str>)>>,
     /// Queued jobs with a deadline: (send_by, job id, chat).
@@ -258,7 +272,7 @@ impl Queues {
     /// `chat` tries its head at the next dispatch (ignored when the chat has no queue).
     pub fn schedule_now(&mut self, chat_id: &Arc<str>) {
         if let Some(ticket) = self.bump_ticket(chat_id) {
-            self.runnable.push_back((chat_id.clone(), ticket));
+            self.make_runnable(chat_id.clone(), ticket);
         }
     }
 
@@ -296,9 +310,9 @@ impl Queues {
                 break;
             }
             let Reverse((_, ticket, chat)) = self.timers.pop().expect("peeked");
-            self.runnable.push_back((chat, ticket));
+            self.make_runnable(chat, ticket);
         }
-        while let Some((chat_id, ticket)) = self.runnable.pop_front() {
+        while let Some(Reverse((_, ticket, chat_id))) = self.runnable.pop() {
             let Some(chat) = self.chats.get_mut(&chat_id) else {
                 continue;
             };
