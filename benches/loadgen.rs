@@ -97,6 +97,13 @@ enum Scenario {
         /// which call the gateway accepts first) instead of one after the other.
         #[arg(long)]
         pipelined: bool,
+        /// Gateway processes; with more than one, pass --redis so they share the quotas. The
+        /// background goes round-robin to them; each hot chat to one (as a ring hash routes).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        /// Redis URL for cluster mode.
+        #[arg(long)]
+        redis: Option<String>,
     },
     /// Quotas not binding: latency added by the gateway and maximum sustained replies/s.
     Overhead {
@@ -194,7 +201,9 @@ fn main() {
                 per_chat,
                 background,
                 pipelined,
-            } => hot(chats, per_chat, background, pipelined).await,
+                replicas,
+                redis,
+            } => hot(chats, per_chat, background, pipelined, replicas, redis).await,
             Scenario::Overhead {
                 concurrency,
                 seconds,
@@ -657,13 +666,27 @@ async fn burst(o: BurstOpts) {
     }
 }
 
-async fn hot(chats: usize, per_chat: usize, background: usize, pipelined: bool) {
-    let s = stack(&["--window", "sliding"], "").await;
+async fn hot(
+    chats: usize,
+    per_chat: usize,
+    background: usize,
+    pipelined: bool,
+    replicas: usize,
+    redis: Option<String>,
+) {
+    let extra = match &redis {
+        Some(url) => format!(
+            "[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"bench-hot-{}\"\nreplicas = {replicas}\n",
+            std::process::id()
+        ),
+        None => String::new(),
+    };
+    let s = stack_n(&["--window", "sliding"], &extra, replicas).await;
     let start = Instant::now();
     let mut calls = Vec::new();
     // Background: distinct chats, all at once.
     for i in 0..background {
-        let mut c = ReplyGatewayClient::new(s.grpc.clone());
+        let mut c = ReplyGatewayClient::new(s.gateways[i % s.gateways.len()].0.clone());
         calls.push(tokio::spawn(async move {
             c.reply(text(&format!("om_bg{i}"), &format!("oc_bg{i}")))
                 .await
@@ -677,13 +700,17 @@ async fn hot(chats: usize, per_chat: usize, background: usize, pipelined: bool) 
     // The hot chats have a connection of their own: on the background's, their calls would
     // wait behind its streams (the gateway caps streams per connection) and reach the gateway
     // only as the background drains.
-    let hot_channel = Channel::from_shared(format!("http://127.0.0.1:{}", s.grpc_ports[0]))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect");
+    let mut hot_channels = Vec::new();
+    for port in &s.grpc_ports {
+        let ch = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        hot_channels.push(ch);
+    }
     for chat in 0..chats {
-        let grpc = hot_channel.clone();
+        let grpc = hot_channels[chat % hot_channels.len()].clone();
         calls.push(tokio::spawn(async move {
             let mut inner = Vec::new();
             let mut ok = true;
