@@ -680,6 +680,30 @@ mod tests {
     }
 
     #[test]
+    fn room_for_n_sends_waits_for_the_nth_oldest_to_leave() {
+        let mut t = table(vec![spec(5, 1000)], 0);
+        let k = QuotaKey::new(0, "c");
+        assert_eq!(t.room_at(&k, 5, 0), 0);
+        assert_eq!(
+            t.room_at(&k, 6, 0),
+            Micros::MAX,
+            "more than the limit never fits"
+        );
+        for i in 0..4 {
+            send(&mut t, std::slice::from_ref(&k), i * 100 * MS, 10 * MS);
+        }
+        // One slot free; room for 2 once the send at 0 (answered at 10 ms) leaves, for 3 once
+        // the one at 100 ms does.
+        let now = 400 * MS;
+        assert_eq!(t.room_at(&k, 1, now), 0);
+        assert_eq!(t.room_at(&k, 2, now), 1010 * MS);
+        assert_eq!(t.room_at(&k, 3, now), 1110 * MS);
+        // One in flight: counted until a span after now (its answer may come any time).
+        t.try_acquire(std::slice::from_ref(&k), now).unwrap();
+        assert_eq!(t.room_at(&k, 1, now), 1010 * MS);
+    }
+
+    #[test]
     fn nth_ready_at_is_a_lower_bound_of_queued_sends() {
         let mut t = table(vec![spec(5, 1000)], 0);
         let k = QuotaKey::new(0, "c");

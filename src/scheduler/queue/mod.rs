@@ -634,6 +634,36 @@ mod tests {
     }
 
     #[test]
+    fn an_urgent_chat_is_tried_before_older_ones_and_forgotten_when_it_is_not() {
+        let mut q = Queues::default();
+        let mut keep = Vec::new();
+        // b (one reply) came first, then a with three.
+        for (chat, n) in [("b", 0), ("a", 0), ("a", 1), ("a", 2)] {
+            let (j, rx) = job(chat, n);
+            keep.push(rx);
+            q.push(j);
+        }
+        let app: Arc<str> = "cli".into();
+        q.set_urgent(&app, 3);
+        // The entries made before count as they were: re-schedule both.
+        for c in ["b", "a"] {
+            q.schedule_now(&c.into());
+        }
+        let first = q.next_ready(0, &mut Vec::new()).unwrap();
+        assert_eq!(&*first, "a", "three jobs at depth 3: urgent");
+        assert_eq!(q.urgent_chats("cli"), [(first.clone(), 3)]);
+        q.pop_for_send(&first).unwrap();
+        let second = q.next_ready(0, &mut Vec::new()).unwrap();
+        assert_eq!(&*second, "b");
+        // Two left in a: below the depth, no longer urgent.
+        assert!(!q.is_urgent("a"));
+        assert!(q.urgent_chats("cli").is_empty());
+        // No depth set (usize::MAX): nobody is.
+        q.set_urgent(&app, usize::MAX);
+        assert!(!q.is_urgent("a"));
+    }
+
+    #[test]
     fn a_retry_keeps_its_place_and_waits_out_its_backoff() {
         let mut q = Queues::default();
         let (first, _r1) = job("a", 0);
