@@ -413,15 +413,20 @@ fn callers_config(fake: &FakeFeishu, data: &Path, x: &str, y: &str, with_z: bool
     )
 }
 
+/// The fake Feishu of [`callers_config`]'s two apps.
+async fn callers_fake() -> FakeFeishu {
+    spawn_fake(FakeOptions {
+        apps: vec![("cli_a".into(), "sa".into()), ("cli_b".into(), "sb".into())],
+        ..FakeOptions::default()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_caller_or_a_rotated_token_takes_its_queued_work_with_it_unless_inherited() {
     // Issue 18: a caller removed by reload still had its queued jobs delivered seconds later,
     // and a caller re-added under the same name with a new token could read the old jobs.
-    let fake = spawn_fake(FakeOptions {
-        apps: vec![("cli_a".into(), "sa".into()), ("cli_b".into(), "sb".into())],
-        ..FakeOptions::default()
-    })
-    .await;
+    let fake = callers_fake().await;
     let d = dir("revoke");
     let data = d.join("data");
     let file = d.join("gateway.toml");
@@ -562,11 +567,7 @@ async fn a_removed_caller_or_a_rotated_token_takes_its_queued_work_with_it_unles
 async fn a_stored_job_whose_token_was_replaced_across_a_restart_fails_caller_removed() {
     // Issue 18: after a restart, a stored job of a caller no longer configured ran under the
     // anonymous share, and one whose name came back with a new token was that token's.
-    let fake = spawn_fake(FakeOptions {
-        apps: vec![("cli_a".into(), "sa".into()), ("cli_b".into(), "sb".into())],
-        ..FakeOptions::default()
-    })
-    .await;
+    let fake = callers_fake().await;
     let d = dir("restart-revoke");
     let (data, file) = (d.join("data"), d.join("gateway.toml"));
     let (x1, x2, y) = (

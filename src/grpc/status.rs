@@ -214,48 +214,27 @@ impl CallError {
                 meta.insert("app".to_owned(), app.clone());
             }
         }
-        match self.gateway() {
-            Some(
-                GatewayError::Upstream { attempts, uuid, .. }
-                | GatewayError::DeadlineBeforeSend { attempts, uuid }
-                | GatewayError::ShuttingDown { attempts, uuid }
-                | GatewayError::Internal { attempts, uuid }
-                | GatewayError::SharedQuotasUnavailable { attempts, uuid },
-            ) => {
+        if let Some(e) = self.gateway() {
+            // Sending began (or was decided against): how far it got, and the uuid to retry with.
+            if let (Some(attempts), Some(uuid)) = (e.attempts(), e.uuid()) {
                 meta.insert("attempts".to_owned(), attempts.to_string());
-                meta.insert("uuid".to_owned(), uuid.clone());
+                meta.insert("uuid".to_owned(), uuid.to_owned());
             }
-            Some(GatewayError::AppRemoved {
-                app,
-                attempts,
-                uuid,
-            }) => {
-                meta.insert("app".to_owned(), app.clone());
-                meta.insert("attempts".to_owned(), attempts.to_string());
-                meta.insert("uuid".to_owned(), uuid.clone());
+            match e {
+                GatewayError::AppRemoved { app, .. } => {
+                    meta.insert("app".to_owned(), app.clone());
+                }
+                GatewayError::MessageGone { message_id, .. } => {
+                    meta.insert("message_id".to_owned(), message_id.clone());
+                }
+                GatewayError::CallerRemoved { caller, .. } => {
+                    meta.insert("caller".to_owned(), caller.clone());
+                }
+                GatewayError::QueueFull { scope, .. } => {
+                    meta.insert("scope".to_owned(), (*scope).to_owned());
+                }
+                _ => {}
             }
-            Some(GatewayError::MessageGone {
-                message_id,
-                attempts,
-                uuid,
-            }) => {
-                meta.insert("message_id".to_owned(), message_id.clone());
-                meta.insert("attempts".to_owned(), attempts.to_string());
-                meta.insert("uuid".to_owned(), uuid.clone());
-            }
-            Some(GatewayError::CallerRemoved {
-                caller,
-                attempts,
-                uuid,
-            }) => {
-                meta.insert("caller".to_owned(), caller.clone());
-                meta.insert("attempts".to_owned(), attempts.to_string());
-                meta.insert("uuid".to_owned(), uuid.clone());
-            }
-            Some(GatewayError::QueueFull { scope, .. }) => {
-                meta.insert("scope".to_owned(), (*scope).to_owned());
-            }
-            _ => {}
         }
         match self {
             CallError::CallerRateLimited { caller, .. } => {

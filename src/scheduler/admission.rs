@@ -140,6 +140,10 @@ impl Dispatcher {
     /// own quota, so its backlog ends with the others instead of after them (DESIGN §3); on a
     /// single node the app also keeps for it the slots it can still use in its own window.
     pub(super) fn mark_urgent_chats(&mut self, now: Instant) {
+        if self.queues.queued() == 0 && self.reserves.is_empty() {
+            // Nothing waits: no chat can be urgent (the common case under light load).
+            return;
+        }
         let chat = self.config.quotas.chat;
         let before = std::mem::take(&mut self.reserves);
         for (app_id, queued) in self.queues.queued_by_app_id() {
@@ -193,6 +197,9 @@ impl Dispatcher {
         let QuotaGate::Local(table) = &self.gate else {
             return None;
         };
+        if self.reserves.is_empty() {
+            return None;
+        }
         let head = self.queues.head_mut(chat)?;
         let reserve = *self.reserves.get(&head.spec.app_id)?;
         let at = super::gate::reserved(table, self.clock, &head.keys, reserve, now)?;

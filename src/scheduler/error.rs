@@ -105,7 +105,22 @@ impl GatewayError {
         }
     }
 
-    /// The attempts made and the uuid they carried, for failures after sending began.
+    /// The uuid of the reply, for the failures [`Self::attempts`] knows.
+    pub fn uuid(&self) -> Option<&str> {
+        match self {
+            GatewayError::Upstream { uuid, .. }
+            | GatewayError::DeadlineBeforeSend { uuid, .. }
+            | GatewayError::ShuttingDown { uuid, .. }
+            | GatewayError::Internal { uuid, .. }
+            | GatewayError::SharedQuotasUnavailable { uuid, .. }
+            | GatewayError::AppRemoved { uuid, .. }
+            | GatewayError::CallerRemoved { uuid, .. }
+            | GatewayError::MessageGone { uuid, .. } => Some(uuid),
+            _ => None,
+        }
+    }
+
+    /// The attempts made, for failures after sending began (see also [`Self::uuid`]).
     pub fn attempts(&self) -> Option<u32> {
         match self {
             GatewayError::Upstream { attempts, .. }
