@@ -30,13 +30,13 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::feishu::{
-    AppIndex, BoxFuture, SendRequest, SentMessage, Upstream, UpstreamError,
+    AppIndex, BoxFuture, Call, SendRequest, SentMessage, Upstream, UpstreamError,
 };
 use feishu_reply_gateway::metrics::Metrics;
 use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
 use feishu_reply_gateway::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable};
-use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig};
+use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig, Target};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
@@ -1111,10 +1111,10 @@ async fn drive(gateway: Option<String>, load: Load, dur: Duration, target: Drive
 struct Instant0;
 
 impl Upstream for Instant0 {
-    fn reply<'a>(
+    fn call<'a>(
         &'a self,
         _app: AppIndex,
-        _req: &'a SendRequest,
+        _req: &'a Call,
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
         Box::pin(async move { Ok(SentMessage::default()) })
     }
@@ -1138,13 +1138,14 @@ fn job(i: usize, chats: usize) -> JobSpec {
         app_id: "cli_depth".into(),
         chat_id: format!("oc_{:032x}", i % chats).into(),
         user_id: None,
-        request: SendRequest {
+        target: Target::Chat,
+        request: Call::Reply(SendRequest {
             message_id: format!("om_{i}"),
             content: r#"{"text":"x"}"#.into(),
             msg_type: "text",
             reply_in_thread: false,
             uuid: format!("u{i}"),
-        },
+        }),
         caller_uuid: None,
         deadline: None,
         span: tracing::Span::none(),

@@ -425,7 +425,7 @@ async fn health_reflection_and_probes_are_served() {
     assert_eq!(
         metric(
             &metrics,
-            "feishu_reply_requests_total{app=\"default\",outcome=\"ok\",code=\"0\"}"
+            "feishu_reply_requests_total{operation=\"reply\",app=\"default\",outcome=\"ok\",code=\"0\"}"
         ),
         Some(1.0)
     );

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::sim::{SimFeishu, SimOptions};
-use feishu_reply_gateway::feishu::{SendRequest, UpstreamError};
+use feishu_reply_gateway::feishu::{Call, SendRequest, UpstreamError};
 use feishu_reply_gateway::metrics::Metrics;
-use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig};
+use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig, Target};
 use tokio::time::Instant;
 
 /// 1000 replies to distinct chats: 50/s until the 1000/min quota is spent, bursts at 0..19 s.
@@ -19,6 +19,11 @@ const PHYSICAL_LIMIT_1000: Duration = Duration::from_secs(19);
 const PHYSICAL_LIMIT_1030: Duration = Duration::from_secs(60);
 
 fn job(i: usize) -> JobSpec {
+    reply_in(format!("om_{i}"), format!("oc_{i}"), format!("uuid-{i}"))
+}
+
+/// A reply to `message_id` (which the simulated Feishu places in `chat`).
+fn reply_in(message_id: String, chat: String, uuid: String) -> JobSpec {
     JobSpec {
         caller: 0,
         credential: "".into(),
@@ -27,16 +32,16 @@ fn job(i: usize) -> JobSpec {
         app: 0,
         app_name: "default".into(),
         app_id: "cli_sim".into(),
-        chat_id: format!("oc_{i}").into(),
+        chat_id: chat.into(),
         user_id: None,
-        request: SendRequest {
-            // The simulated Feishu places om_N in chat oc_N, as the gateway routes it.
-            message_id: format!("om_{i}"),
+        target: Target::Chat,
+        request: Call::Reply(SendRequest {
+            message_id,
             content: r#"{"text":"hi"}"#.into(),
             msg_type: "text",
             reply_in_thread: false,
-            uuid: format!("uuid-{i}"),
-        },
+            uuid,
+        }),
         caller_uuid: None,
         deadline: None,
         span: tracing::Span::none(),
@@ -160,10 +165,11 @@ async fn a_chat_rate_rejection_still_counts_in_the_app_quota() {
 
 /// Replies to chat `chat` (ids that the simulated Feishu places in it).
 fn job_in(i: usize, chat: &str) -> JobSpec {
-    let mut j = job(i);
-    j.chat_id = format!("oc_{chat}").into();
-    j.request.message_id = format!("om_{i}_in_{chat}");
-    j
+    reply_in(
+        format!("om_{i}_in_{chat}"),
+        format!("oc_{chat}"),
+        format!("uuid-{i}"),
+    )
 }
 
 #[tokio::test(start_paused = true)]

@@ -141,7 +141,10 @@ pub(super) struct FileQuota {
 pub(super) struct FileQuotas {
     pub(super) chat: FileQuota,
     pub(super) user: FileQuota,
+    pub(super) message: FileQuota,
     pub(super) app: Vec<FileQuota>,
+    pub(super) app_scope: super::AppScope,
+    pub(super) updates_count_in_chat: bool,
     pub(super) safety_margin_ms: u64,
 }
 
@@ -151,7 +154,10 @@ impl Default for FileQuotas {
         Self {
             chat: q(5, 1_000),
             user: q(5, 1_000),
+            message: q(5, 1_000),
             app: vec![q(50, 1_000), q(1_000, 60_000)],
+            app_scope: super::AppScope::Api,
+            updates_count_in_chat: false,
             safety_margin_ms: 5,
         }
     }

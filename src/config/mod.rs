@@ -84,12 +84,30 @@ pub const FEISHU_BASE_URL: &str = "https://open.feishu.cn";
 pub struct QuotaConfig {
     pub chat: QuotaSpec,
     pub user: QuotaSpec,
+    /// Per message, for its updates and recall (Feishu: 5/s per message on PATCH).
+    pub message: QuotaSpec,
+    /// Whether each API has its own app windows (Feishu: "per API, per app") or all share one.
+    pub app_scope: AppScope,
+    /// Whether an update or a recall also counts in its chat's quota (undocumented by Feishu;
+    /// off by default), when the caller names the chat.
+    pub updates_count_in_chat: bool,
     /// Applied per app_id, to every app without its own (Feishu: 50/s and 1000/min on the
     /// reply endpoint).
     pub app: Vec<QuotaSpec>,
     /// Apps with their own app quotas (`[apps.NAME] quotas`), by app_id, each once.
     pub per_app: Vec<(String, Vec<QuotaSpec>)>,
     pub safety_margin: Duration,
+}
+
+/// `[quotas] app_scope`: what an app's quota windows count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppScope {
+    /// Each API (reply, send, update_card, edit, recall) has its own windows.
+    #[default]
+    Api,
+    /// All of an app's calls share one set of windows.
+    App,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +316,9 @@ impl Config {
         let quotas = QuotaConfig {
             chat: spec("chat", quotas.chat)?,
             user: spec("user", quotas.user)?,
+            message: spec("message", quotas.message)?,
+            app_scope: quotas.app_scope,
+            updates_count_in_chat: quotas.updates_count_in_chat,
             app: quotas
                 .app
                 .iter()

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+mod book;
 mod reply;
 pub mod sim;
 mod window;
@@ -68,7 +69,12 @@ pub struct FakeOptions {
     pub apps: Vec<(String, String)>,
     pub chat_quota: FakeQuota,
     pub user_quota: FakeQuota,
+    /// Per message: its updates and recall (Feishu: 5/s per message).
+    pub message_quota: FakeQuota,
+    /// Per app, for each API on its own unless `app_scope_api` is false.
     pub app_quotas: Vec<FakeQuota>,
+    /// Each API has its own app windows ("per API, per app"); false: one set for all.
+    pub app_scope_api: bool,
     /// Enforce the quotas (off only for overhead benchmarks).
     pub enforce_quotas: bool,
 }
@@ -91,7 +97,9 @@ impl Default for FakeOptions {
             apps: Vec::new(),
             chat_quota: q(5, 1000),
             user_quota: q(5, 1000),
+            message_quota: q(5, 1000),
             app_quotas: vec![q(50, 1000), q(1000, 60_000)],
+            app_scope_api: true,
             enforce_quotas: true,
         }
     }
@@ -148,6 +156,10 @@ pub struct Received {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FakeStats {
     pub reply_requests: u64,
+    /// Requests to each message endpoint, by operation (`reply`, `send`, `update_card`,
+    /// `edit`, `recall`).
+    #[serde(default)]
+    pub requests_by_operation: std::collections::BTreeMap<String, u64>,
     /// Distinct messages posted.
     pub posted: u64,
     /// 230020 answers from the per-chat/per-user quotas.

@@ -11,9 +11,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use super::book::{APP_KIND, Book, Landing, TargetQuotas, counters};
 use super::window::{Counter, counter_record, counter_retry_after, next_f64};
 use super::{FakeQuota, FakeStats, WindowMode, message_info_unregistered};
-use crate::feishu::{AppIndex, BoxFuture, SendRequest, SentMessage, Upstream, UpstreamError};
+use crate::feishu::{Api, AppIndex, BoxFuture, Call, SentMessage, Upstream, UpstreamError};
 
 /// The network and quotas of a [`SimFeishu`].
 #[derive(Debug, Clone)]
@@ -27,7 +28,13 @@ pub struct SimOptions {
     pub cold_connection: Duration,
     pub window: WindowMode,
     pub chat_quota: FakeQuota,
+    pub user_quota: FakeQuota,
+    /// Per message (updates, recall).
+    pub message_quota: FakeQuota,
+    /// Per app, for each API on its own (see `app_scope_api`).
     pub app_quotas: Vec<FakeQuota>,
+    /// Each API has its own app windows (Feishu's documented rule); false: one set for all.
+    pub app_scope_api: bool,
     /// Seed of the random delays (runs are reproducible).
     pub seed: u64,
 }
@@ -41,7 +48,10 @@ impl Default for SimOptions {
             cold_connection: Duration::ZERO,
             window: WindowMode::Sliding,
             chat_quota: d.chat_quota,
+            user_quota: d.user_quota,
+            message_quota: d.message_quota,
             app_quotas: d.app_quotas,
+            app_scope_api: d.app_scope_api,
             seed: 0x9E37_79B9_7F4A_7C15,
         }
     }
@@ -52,9 +62,14 @@ impl Default for SimOptions {
 pub struct SimArrival {
     /// Since the simulation started.
     pub at: Duration,
+    pub api: Api,
+    /// The message replied to, updated or recalled (empty for a send).
     pub message_id: String,
+    /// The chat (or, for a send to a user, the user; for an update, the message) it counts in.
     pub chat_id: String,
     pub uuid: String,
+    /// The content sent (empty for a recall).
+    pub content: String,
     /// Feishu code answered (0 = posted or deduped).
     pub code: i64,
 }
@@ -64,6 +79,7 @@ struct State {
     rng: u64,
     counters: HashMap<(u8, String), Counter>,
     posted: HashSet<String>,
+    book: Book,
     arrivals: Vec<SimArrival>,
     /// Answers forced on the next requests (instead of the quota check).
     scripted: VecDeque<UpstreamError>,
@@ -86,6 +102,7 @@ impl SimFeishu {
                 rng: opts.seed.max(1),
                 counters: HashMap::new(),
                 posted: HashSet::new(),
+                book: Book::default(),
                 arrivals: Vec::new(),
                 scripted: VecDeque::new(),
                 stats: FakeStats::default(),
@@ -109,19 +126,50 @@ impl SimFeishu {
     }
 
     /// Counts a request arriving now; `Err` is Feishu's refusal.
-    fn arrive(&self, req: &SendRequest) -> Result<SentMessage, UpstreamError> {
+    fn arrive(&self, call: &Call) -> Result<SentMessage, UpstreamError> {
         let now = Instant::now();
-        let chat_id = message_info_unregistered(&req.message_id).chat_id;
+        let api = call.api();
+        let (chat, user, message) = match call {
+            Call::Reply(r) => (
+                Some(message_info_unregistered(&r.message_id).chat_id),
+                None,
+                None,
+            ),
+            Call::Send(m) if m.receive_id_type == "chat_id" => {
+                (Some(m.receive_id.clone()), None, None)
+            }
+            Call::Send(m) => (None, Some(m.receive_id.clone()), None),
+            Call::Update(_) | Call::Recall { .. } => {
+                (None, None, Some(call.message_id().to_owned()))
+            }
+        };
+        let landing = Landing {
+            api,
+            chat: chat.as_deref(),
+            user: user.as_deref(),
+            message: message.as_deref(),
+            app_id: "app",
+        };
         let mut st = self.state.lock();
-        st.stats.reply_requests += 1;
+        st.stats.reply_requests += u64::from(api == Api::Reply);
+        *st.stats
+            .requests_by_operation
+            .entry(api.as_str().to_owned())
+            .or_default() += 1;
         let mut log = SimArrival {
             at: now - self.started,
-            message_id: req.message_id.clone(),
-            chat_id: chat_id.clone(),
-            uuid: req.uuid.clone(),
+            api,
+            message_id: call.message_id().to_owned(),
+            chat_id: chat
+                .clone()
+                .or(user.clone())
+                .or(message.clone())
+                .unwrap_or_default(),
+            uuid: call.uuid().to_owned(),
+            content: call.content().to_owned(),
             code: 0,
         };
-        let result = self.decide(&mut st, req, &chat_id, now);
+        let result = self.decide(&mut st, call, &landing, &log.chat_id, now);
         if let Err(e) = &result {
             log.code = e.code().unwrap_or(-1);
         }
@@ -132,17 +180,21 @@ impl SimFeishu {
     fn decide(
         &self,
         st: &mut State,
-        req: &SendRequest,
+        call: &Call,
+        landing: &Landing<'_>,
         chat_id: &str,
         now: Instant,
     ) -> Result<SentMessage, UpstreamError> {
-        let sent = SentMessage {
-            message_id: format!("om_sim_{}", req.uuid),
-            chat_id: chat_id.to_owned(),
-            msg_type: req.msg_type.to_owned(),
-            ..Default::default()
+        let uuid = call.uuid();
+        let sent = match call {
+            Call::Reply(_) | Call::Send(_) => SentMessage {
+                message_id: format!("om_sim_{uuid}"),
+                chat_id: chat_id.to_owned(),
+                ..Default::default()
+            },
+            _ => SentMessage::default(),
         };
-        if st.posted.contains(&req.uuid) {
+        if !uuid.is_empty() && st.posted.contains(uuid) {
             st.stats.deduped += 1;
             return Ok(sent);
         }
@@ -150,31 +202,33 @@ impl SimFeishu {
             st.stats.faults += 1;
             return Err(e);
         }
-        let o = &self.opts;
-        let mut checks = vec![((0u8, chat_id.to_owned()), o.chat_quota)];
-        for (i, q) in o.app_quotas.iter().enumerate() {
-            checks.push(((2 + i as u8, "app".to_owned()), *q));
+        let feishu = |http, code, msg: &str, retry_after| UpstreamError::Feishu {
+            http,
+            code,
+            msg: msg.into(),
+            log_id: String::new(),
+            retry_after,
+        };
+        if let Some((code, msg)) = st.book.refusal(landing.api, call.message_id()) {
+            return Err(feishu(400, code, msg, None));
         }
+        let o = &self.opts;
+        let targets = TargetQuotas {
+            chat: o.chat_quota,
+            user: o.user_quota,
+            message: o.message_quota,
+        };
+        let checks = counters(landing, targets, &o.app_quotas, o.app_scope_api);
         for (key, q) in &checks {
             let after = counter_retry_after(st.counters.get(key), *q, o.window, now, self.started);
             if let Some(after) = after {
-                let (http, code, retry_after) = if key.0 < 2 {
+                return Err(if key.0 < APP_KIND {
                     st.stats.rejected_chat_user += 1;
-                    (400, 230020, None)
+                    feishu(400, 230020, "frequency limit", None)
                 } else {
                     st.stats.rejected_app += 1;
-                    (
-                        429,
-                        99991400,
-                        Some(Duration::from_secs(after.as_secs_f64().ceil() as u64)),
-                    )
-                };
-                return Err(UpstreamError::Feishu {
-                    http,
-                    code,
-                    msg: "frequency limit".into(),
-                    log_id: String::new(),
-                    retry_after,
+                    let reset = Duration::from_secs(after.as_secs_f64().ceil() as u64);
+                    feishu(429, 99991400, "frequency limit", Some(reset))
                 });
             }
         }
@@ -185,17 +239,20 @@ impl SimFeishu {
                 .or_insert_with(|| Counter::new(o.window, q, now));
             counter_record(c, q, now, self.started);
         }
-        st.posted.insert(req.uuid.clone());
+        st.book.record(landing.api, call.message_id());
+        if !uuid.is_empty() {
+            st.posted.insert(uuid.to_owned());
+        }
         st.stats.posted += 1;
         Ok(sent)
     }
 }
 
 impl Upstream for SimFeishu {
-    fn reply<'a>(
+    fn call<'a>(
         &'a self,
         _app: AppIndex,
-        req: &'a SendRequest,
+        req: &'a Call,
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
         Box::pin(async move {
             let inbound = {

@@ -1,4 +1,5 @@
-//! The real Feishu client (reqwest + rustls): token endpoint, reply endpoint, get-message.
+//! The real Feishu client (reqwest + rustls): token endpoint, the message endpoints (reply,
+//! send, update, edit, recall), get-message.
 //! Every answer is classified by its body `code`; `X-Tt-Logid` is kept for the caller.
 
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use tracing::Instrument;
 
 use super::answer::{Envelope, parse_envelope, reply_from, token_from};
 use super::token::{FetchedToken, TokenCache};
-use super::{AppIndex, BoxFuture, CallMeter, SendRequest, SentMessage, Upstream, UpstreamError};
+use super::{Api, AppIndex, BoxFuture, Call, CallMeter, SentMessage, Upstream, UpstreamError};
 use crate::config::{AppConfig, FeishuConfig};
 use crate::metrics::Metrics;
 
@@ -168,24 +169,49 @@ impl FeishuClient {
         result
     }
 
-    async fn post_reply(
+    /// One call to a message endpoint: its method, URL and body by [`Call::api`].
+    async fn post_call(
         &self,
         app: AppIndex,
         token: &str,
-        req: &SendRequest,
+        call: &Call,
     ) -> Result<SentMessage, UpstreamError> {
         self.spend(app).await?;
-        let url = format!(
-            "{}/open-apis/im/v1/messages/{}/reply",
-            self.base_url, req.message_id
-        );
+        let base = &self.base_url;
+        let builder = match call {
+            Call::Reply(r) => self
+                .http
+                .post(format!(
+                    "{base}/open-apis/im/v1/messages/{}/reply",
+                    r.message_id
+                ))
+                .json(r),
+            Call::Send(m) => self
+                .http
+                .post(format!(
+                    "{base}/open-apis/im/v1/messages?receive_id_type={}",
+                    m.receive_id_type
+                ))
+                .json(m),
+            Call::Update(u) => {
+                let url = format!("{base}/open-apis/im/v1/messages/{}", u.message_id);
+                match call.api() {
+                    // A card takes only its content; an edit names its type again.
+                    Api::UpdateCard => self
+                        .http
+                        .patch(url)
+                        .json(&serde_json::json!({ "content": u.content })),
+                    _ => self.http.put(url).json(u),
+                }
+            }
+            Call::Recall { message_id } => self
+                .http
+                .delete(format!("{base}/open-apis/im/v1/messages/{message_id}")),
+        };
         let started = Instant::now();
-        let resp = self
-            .http
-            .post(url)
+        let resp = builder
             .header(AUTHORIZATION, format!("Bearer {token}"))
             .header(CONTENT_TYPE, JSON_UTF8)
-            .json(req)
             .send()
             .await;
         let result = match resp {
@@ -195,6 +221,7 @@ impl FeishuClient {
                 .map(|(env, log_id)| reply_from(env, log_id)),
         };
         self.metrics.upstream_latency(
+            call.api().as_str(),
             started.elapsed(),
             outcome_label(&result),
             crate::telemetry::trace_id(&tracing::Span::current()),
@@ -315,14 +342,14 @@ fn outcome_label<T>(r: &Result<T, UpstreamError>) -> &'static str {
 }
 
 impl Upstream for FeishuClient {
-    fn reply<'a>(
+    fn call<'a>(
         &'a self,
         app: AppIndex,
-        req: &'a SendRequest,
+        call: &'a Call,
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
         Box::pin(self.with_token(
             app,
-            move |t| async move { self.post_reply(app, &t, req).await },
+            move |t| async move { self.post_call(app, &t, call).await },
         ))
     }
 

@@ -31,6 +31,130 @@ pub struct SendRequest {
     pub uuid: String,
 }
 
+/// One POST to the send endpoint (`/im/v1/messages?receive_id_type=…`): a new message.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewMessage {
+    /// `chat_id`, `open_id`, `user_id`, `union_id` or `email` (a query parameter).
+    #[serde(skip)]
+    pub receive_id_type: &'static str,
+    pub receive_id: String,
+    pub msg_type: &'static str,
+    pub content: String,
+    pub uuid: String,
+}
+
+/// A message's new content: a card (`interactive`, PATCH) or a text or post (PUT, an edit).
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageUpdate {
+    #[serde(skip)]
+    pub message_id: String,
+    pub msg_type: &'static str,
+    pub content: String,
+}
+
+/// Feishu's message endpoints, each with its own app quotas ("per API, per app"): the
+/// `operation` label of metrics and traces, and the family of an app quota key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Api {
+    /// `POST /im/v1/messages/:id/reply`
+    Reply,
+    /// `POST /im/v1/messages`
+    Send,
+    /// `PATCH /im/v1/messages/:id` (a card)
+    UpdateCard,
+    /// `PUT /im/v1/messages/:id` (a text or post, 20 edits per message)
+    Edit,
+    /// `DELETE /im/v1/messages/:id`
+    Recall,
+}
+
+impl Api {
+    pub const ALL: [Api; 5] = [
+        Api::Reply,
+        Api::Send,
+        Api::UpdateCard,
+        Api::Edit,
+        Api::Recall,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Reply => "reply",
+            Api::Send => "send",
+            Api::UpdateCard => "update_card",
+            Api::Edit => "edit",
+            Api::Recall => "recall",
+        }
+    }
+
+    /// The API named `s` (as [`Api::as_str`] writes it).
+    pub fn parse(s: &str) -> Option<Api> {
+        Api::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+/// One call to a message endpoint, as the scheduler hands it to the [`Upstream`].
+#[derive(Debug, Clone)]
+pub enum Call {
+    Reply(SendRequest),
+    Send(NewMessage),
+    Update(MessageUpdate),
+    Recall { message_id: String },
+}
+
+impl Call {
+    /// The endpoint it calls.
+    pub fn api(&self) -> Api {
+        match self {
+            Call::Reply(_) => Api::Reply,
+            Call::Send(_) => Api::Send,
+            Call::Update(u) if u.msg_type == "interactive" => Api::UpdateCard,
+            Call::Update(_) => Api::Edit,
+            Call::Recall { .. } => Api::Recall,
+        }
+    }
+
+    /// The message it acts on (replied to, updated, recalled); empty for a send.
+    pub fn message_id(&self) -> &str {
+        match self {
+            Call::Reply(r) => &r.message_id,
+            Call::Send(_) => "",
+            Call::Update(u) => &u.message_id,
+            Call::Recall { message_id } => message_id,
+        }
+    }
+
+    /// The uuid Feishu dedupes it by (replies and sends); empty for the others, which are
+    /// safe to repeat as they are.
+    pub fn uuid(&self) -> &str {
+        match self {
+            Call::Reply(r) => &r.uuid,
+            Call::Send(m) => &m.uuid,
+            Call::Update(_) | Call::Recall { .. } => "",
+        }
+    }
+
+    /// The content it carries (empty for a recall).
+    pub fn content(&self) -> &str {
+        match self {
+            Call::Reply(r) => &r.content,
+            Call::Send(m) => &m.content,
+            Call::Update(u) => &u.content,
+            Call::Recall { .. } => "",
+        }
+    }
+
+    /// Bytes its fields hold (the queue's byte bound).
+    pub fn weight(&self) -> usize {
+        let extra = match self {
+            Call::Send(m) => m.receive_id.len(),
+            _ => 0,
+        };
+        self.content().len() + self.message_id().len() + self.uuid().len() + extra
+    }
+}
+
 /// Feishu's `data` of a successful reply (the fields callers get back).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -56,11 +180,13 @@ pub trait CallMeter: Send + Sync {
 
 /// The upstream the scheduler sends through: real Feishu or a stand-in.
 pub trait Upstream: Send + Sync + 'static {
-    /// POST one reply (token handling included). Errors are classified by [`UpstreamError`].
-    fn reply<'a>(
+    /// Makes one call (token handling included): a reply or a send answers the message
+    /// posted; an update or a recall answers an empty [`SentMessage`] (Feishu's `data` is
+    /// empty). Errors are classified by [`UpstreamError`].
+    fn call<'a>(
         &'a self,
         app: AppIndex,
-        req: &'a SendRequest,
+        call: &'a Call,
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>>;
 
     /// The chat a message belongs to (`GET /open-apis/im/v1/messages/{id}`).
@@ -74,5 +200,19 @@ pub trait Upstream: Send + Sync + 'static {
     /// whose app_id and secret stay keeps its token.
     fn reconfigure(&self, apps: &[crate::config::AppConfig]) {
         let _ = apps;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Api;
+
+    #[test]
+    fn the_metrics_know_every_operation() {
+        let names: Vec<&str> = Api::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names, crate::metrics::OPERATIONS);
+        for api in Api::ALL {
+            assert_eq!(Api::parse(api.as_str()), Some(api));
+        }
     }
 }

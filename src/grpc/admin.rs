@@ -156,7 +156,7 @@ impl ReplyService {
     /// The caller of `req` if it may use the admin service, else the status to answer.
     fn admin<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let door = self.door();
-        let caller = self.caller(&door, req, "none")?;
+        let caller = self.caller(&door, req, "none", "admin")?;
         if !door.auth.is_admin(&caller) {
             return Err(CallError::NotAdmin(caller.name.to_string()).to_status());
         }

@@ -22,6 +22,15 @@ const WATCH_REREAD: Duration = Duration::from_millis(250);
 /// How long `CancelReply` waits for the replica running the job (cluster mode) to answer.
 const CANCEL_WAIT: Duration = Duration::from_secs(3);
 
+/// A submit's `ttl_s` (0: the longest).
+pub(super) fn ttl_of(ttl_s: u32) -> Result<Duration, CallError> {
+    match ttl_s {
+        0 => Ok(MAX_TTL),
+        s if u64::from(s) <= MAX_TTL.as_secs() => Ok(Duration::from_secs(u64::from(s))),
+        s => Err(ValidationError::Ttl(s).into()),
+    }
+}
+
 /// The stream `WatchReply` answers with.
 pub type JobStream = Pin<Box<dyn Stream<Item = Result<ReplyJob, Status>> + Send + 'static>>;
 
@@ -36,15 +45,23 @@ impl ReplyService {
         caller: &Caller,
         req: Request<ReplyRequest>,
     ) -> Result<SubmitReplyResponse, CallError> {
+        self.jobs()?;
+        let ttl = ttl_of(req.get_ref().ttl_s)?;
+        let (spec, reply) = self.prepare(door, caller, req, Some(ttl)).await?;
+        self.store_job(caller, spec, reply, ttl).await
+    }
+
+    /// Stores a prepared job (a reply or a send) and hands it to the scheduler.
+    pub(super) async fn store_job(
+        &self,
+        caller: &Caller,
+        spec: crate::scheduler::JobSpec,
+        mut reply: crate::jobs::StoredReply,
+        ttl: Duration,
+    ) -> Result<SubmitReplyResponse, CallError> {
         let jobs = self.jobs()?.clone();
-        let ttl = match req.get_ref().ttl_s {
-            0 => MAX_TTL,
-            s if u64::from(s) <= MAX_TTL.as_secs() => Duration::from_secs(u64::from(s)),
-            s => return Err(ValidationError::Ttl(s).into()),
-        };
-        let (spec, mut reply) = self.prepare(door, caller, req, Some(ttl)).await?;
         // The record keeps exactly what is sent (the validated content).
-        reply.content = spec.request.content.clone();
+        reply.content = spec.request.content().to_owned();
         let now = now_ms();
         let rec = JobRecord {
             seq: 0,

@@ -5,6 +5,7 @@
 
 mod admin;
 mod jobs;
+mod message;
 mod status;
 
 use std::net::IpAddr;
@@ -18,15 +19,19 @@ use tracing::Instrument;
 use crate::auth::{Admission, Authenticator, Caller, UNAUTHENTICATED};
 use crate::chat_cache::ChatCache;
 use crate::config::{AppConfig, Config};
-use crate::feishu::{SendRequest, Upstream};
+use crate::feishu::{Api, Call, SendRequest, Upstream};
 use crate::jobs::{Jobs, StoredReply};
 use crate::listen::Intake;
 use crate::metrics::Metrics;
 use crate::proto::reply_gateway_server::ReplyGateway;
-use crate::proto::{GetReplyRequest, ReplyJob, ReplyRequest, ReplyResponse, SubmitReplyResponse};
+use crate::proto::{
+    GetReplyRequest, RecallMessageRequest, RecallMessageResponse, ReplyJob, ReplyRequest,
+    ReplyResponse, SendRequest as SendRequestProto, SubmitReplyResponse, UpdateMessageRequest,
+    UpdateMessageResponse,
+};
 use crate::reply::{RawReply, Reply as ValidReply, ValidationError};
 use crate::scheduler::GatewayError;
-use crate::scheduler::{Delivered, JobSpec, Scheduler};
+use crate::scheduler::{Delivered, JobSpec, Scheduler, Target};
 pub use jobs::JobAnswers;
 pub use status::{CallError, ERROR_DOMAIN};
 
@@ -61,6 +66,8 @@ pub(crate) struct Door {
     default_app: Option<usize>,
     pub(crate) auth: Authenticator,
     admission: Admission,
+    /// `[quotas] updates_count_in_chat`: an update or recall naming its chat counts there.
+    updates_count_in_chat: bool,
 }
 
 impl Door {
@@ -80,6 +87,7 @@ impl Door {
             default_app,
             auth,
             admission,
+            updates_count_in_chat: config.quotas.updates_count_in_chat,
         }
     }
 
@@ -235,6 +243,59 @@ impl ReplyService {
         Ok(self.scheduler.reply(spec).await?)
     }
 
+    /// What the door takes of every call before its fields are read: the caller's admission,
+    /// an anonymous caller's label, the call's deadline, its intake share, the routing chat.
+    fn enter<T>(&self, door: &Door, caller: &Caller, req: &Request<T>) -> Result<Entry, CallError> {
+        let peer = req
+            .remote_addr()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        self.admit(door, caller, peer)?;
+        Ok(Entry {
+            label: caller.anonymous.then(|| caller_label(req)).flatten(),
+            call_deadline: call_deadline(req, self.max_call),
+            header_chat: req
+                .metadata()
+                .get(CHAT_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            intake: req.extensions().get::<Arc<Intake>>().cloned(),
+        })
+    }
+
+    /// The app `name` names, if the caller may use it.
+    fn app_for(&self, door: &Door, caller: &Caller, name: &str) -> Result<usize, CallError> {
+        let app = door.app_index(name)?;
+        let a = &door.apps[app];
+        if !door.auth.allows(caller, &a.name) {
+            return Err(CallError::AppNotAllowed {
+                caller: caller.name.to_string(),
+                app: a.name.clone(),
+            });
+        }
+        Ok(app)
+    }
+
+    /// Fails now what is known to fail: an app whose call budget is spent, a message Feishu
+    /// said is gone (no lookup, no queue, no call).
+    fn known_to_fail(&self, app: usize, message_id: &str, uuid: &str) -> Result<(), CallError> {
+        if let Some(b) = &self.budgets {
+            b.check(app).map_err(|error| GatewayError::Upstream {
+                error,
+                attempts: 0,
+                uuid: uuid.to_owned(),
+            })?;
+        }
+        if !message_id.is_empty() && self.scheduler.message_gone(message_id) {
+            return Err(GatewayError::MessageGone {
+                message_id: message_id.to_owned(),
+                attempts: 0,
+                uuid: uuid.to_owned(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// A request checked and made a scheduler job: admission, validation, authorization,
     /// the chat resolved, the uuid fixed. With `ttl` (async jobs) the job's deadline is
     /// now + ttl; else the call's deadline. `door`: the apps and callers the call is checked
@@ -246,20 +307,9 @@ impl ReplyService {
         req: Request<ReplyRequest>,
         ttl: Option<Duration>,
     ) -> Result<(JobSpec, StoredReply), CallError> {
-        let peer = req
-            .remote_addr()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        self.admit(door, caller, peer)?;
-        let label = caller.anonymous.then(|| caller_label(&req)).flatten();
-        let call_deadline = Some(call_deadline(&req, self.max_call));
-        let header_chat = req
-            .metadata()
-            .get(CHAT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let intake = req.extensions().get::<Arc<Intake>>().cloned();
+        let entry = self.enter(door, caller, &req)?;
         let r = req.into_inner();
-        let chat_hint = match header_chat.as_deref() {
+        let chat_hint = match entry.header_chat.as_deref() {
             Some(h) if !h.is_empty() && !r.chat_id.is_empty() && h != r.chat_id => {
                 // Routed (ring hash) by one chat, paced by another: a caller bug.
                 return Err(ValidationError::BadId {
@@ -284,51 +334,28 @@ impl ReplyService {
             user_id: &r.user_id,
         }
         .validate()?;
-        let app = door.app_index(&r.app)?;
+        let app = self.app_for(door, caller, &r.app)?;
         // The validated copy is what is queued; the request's own must not stay behind it for
         // as long as the reply waits.
         drop(r);
         let a = &door.apps[app];
-        if !door.auth.allows(caller, &a.name) {
-            return Err(CallError::AppNotAllowed {
-                caller: caller.name.to_string(),
-                app: a.name.clone(),
-            });
-        }
-        let who = [
-            caller.name.as_bytes(),
-            label.as_deref().unwrap_or("").as_bytes(),
-        ];
         // The caller's uuid (given, or derived from the reply), and the one Feishu gets when
         // that differs: an explicit uuid is made the caller's own, so two callers giving the
         // same one cannot suppress each other's reply.
         let (uuid, feishu_uuid) = match reply.uuid.take() {
             Some(u) => {
-                let own = explicit_uuid(&who, &a.name, &u);
+                let own = explicit_uuid(&entry.who(caller), &a.name, &u);
                 (u, Some(own))
             }
-            None => (derived_uuid(&who, &a.name, &reply), None),
+            None => (derived_uuid(&entry.who(caller), &a.name, &reply), None),
         };
-        // An app whose call budget is known to be spent: fail now, not after the queue.
-        if let Some(b) = &self.budgets {
-            b.check(app).map_err(|error| GatewayError::Upstream {
-                error,
-                attempts: 0,
-                uuid: uuid.clone(),
-            })?;
-        }
-        // A message Feishu said is gone: no lookup, no queue, no call.
-        if self.scheduler.message_gone(&reply.message_id) {
-            return Err(GatewayError::MessageGone {
-                message_id: reply.message_id.clone(),
-                attempts: 0,
-                uuid,
-            }
-            .into());
-        }
+        self.known_to_fail(app, &reply.message_id, &uuid)?;
         let chat_id = match reply.chat_id {
             Some(c) => c.into(),
-            None => self.chat_of(app, &reply.message_id, call_deadline).await?,
+            None => {
+                self.chat_of(app, &reply.message_id, Some(entry.call_deadline))
+                    .await?
+            }
         };
         tracing::Span::current()
             .record("chat_id", &*chat_id)
@@ -343,42 +370,101 @@ impl ReplyService {
             feishu_uuid: feishu_uuid.clone(),
             chat_id: chat_id.to_string(),
             user_id: reply.user_id.clone(),
+            send_to: None,
             traceparent: crate::telemetry::traceparent(&tracing::Span::current()),
         };
-        let spec = JobSpec {
-            caller: caller.id,
-            credential: caller.credential.clone(),
-            intake: intake.map(|i| i as Arc<dyn std::any::Any + Send + Sync>),
-            on_send: None,
+        let request = Call::Reply(SendRequest {
+            message_id: reply.message_id,
+            content: reply.content,
+            msg_type: reply.msg_type.as_str(),
+            reply_in_thread: reply.reply_in_thread,
+            uuid: feishu_uuid.clone().unwrap_or_else(|| uuid.clone()),
+        });
+        let user_id = reply.user_id.map(Into::into);
+        let spec = entry.job(
+            door,
+            caller,
             app,
-            app_name: a.name.as_str().into(),
-            app_id: a.app_id.as_str().into(),
-            chat_id,
-            user_id: reply.user_id.map(Into::into),
-            request: SendRequest {
-                message_id: reply.message_id,
-                content: reply.content,
-                msg_type: reply.msg_type.as_str(),
-                reply_in_thread: reply.reply_in_thread,
-                uuid: feishu_uuid.clone().unwrap_or_else(|| uuid.clone()),
-            },
+            ttl,
+            (chat_id, user_id, Target::Chat),
+            request,
+        );
+        let spec = JobSpec {
             caller_uuid: feishu_uuid.map(|_| uuid),
-            deadline: match ttl {
-                Some(ttl) => Some(Instant::now() + ttl),
-                None => call_deadline,
-            },
-            span: tracing::Span::current(),
+            ..spec
         };
         Ok((spec, stored))
     }
 }
 
+/// What the door took of a call before reading its fields ([`ReplyService::enter`]).
+struct Entry {
+    /// An anonymous caller's `x-caller` label (logs, and its uuids).
+    label: Option<String>,
+    call_deadline: Instant,
+    /// The `x-chat-id` routing metadata.
+    header_chat: Option<String>,
+    intake: Option<Arc<Intake>>,
+}
+
+impl Entry {
+    /// Who the call's uuids are derived for: the caller and an anonymous caller's label.
+    fn who<'a>(&'a self, caller: &'a Caller) -> [&'a [u8]; 2] {
+        [
+            caller.name.as_bytes(),
+            self.label.as_deref().unwrap_or("").as_bytes(),
+        ]
+    }
+
+    /// The scheduler job of a call of `caller` with app `app` to `to` (its queue, user quota
+    /// and target). With `ttl` (async jobs) its deadline is now + ttl, else the call's.
+    fn job(
+        self,
+        door: &Door,
+        caller: &Caller,
+        app: usize,
+        ttl: Option<Duration>,
+        to: (Arc<str>, Option<Arc<str>>, Target),
+        request: Call,
+    ) -> JobSpec {
+        let a = &door.apps[app];
+        let (chat_id, user_id, target) = to;
+        JobSpec {
+            caller: caller.id,
+            credential: caller.credential.clone(),
+            intake: self
+                .intake
+                .map(|i| i as Arc<dyn std::any::Any + Send + Sync>),
+            on_send: None,
+            app,
+            app_name: a.name.as_str().into(),
+            app_id: a.app_id.as_str().into(),
+            chat_id,
+            user_id,
+            target,
+            request,
+            caller_uuid: None,
+            deadline: Some(match ttl {
+                Some(ttl) => Instant::now() + ttl,
+                None => self.call_deadline,
+            }),
+            span: tracing::Span::current(),
+        }
+    }
+}
+
 impl ReplyService {
     /// The caller of `req`, or the UNAUTHENTICATED status (counted and logged).
-    fn caller<T>(&self, door: &Door, req: &Request<T>, app: &str) -> Result<Caller, Status> {
+    fn caller<T>(
+        &self,
+        door: &Door,
+        req: &Request<T>,
+        app: &str,
+        op: &'static str,
+    ) -> Result<Caller, Status> {
         door.auth.authenticate(req).map_err(|e| {
             let e = CallError::from(e);
-            self.metrics.request(app, e.outcome(), "none");
+            self.metrics.request(op, app, e.outcome(), "none");
             self.metrics.caller_request(UNAUTHENTICATED, e.outcome());
             tracing::info!(app = %app, error = %e, "call refused: not authenticated");
             e.to_status()
@@ -396,13 +482,176 @@ impl ReplyGateway for ReplyService {
     ) -> Result<Response<SubmitReplyResponse>, Status> {
         let door = self.door();
         let app = door.app_label(&req.get_ref().app);
-        let caller = self.caller(&door, &req, &app)?;
+        let caller = self.caller(&door, &req, &app, Api::Reply.as_str())?;
         let span = tracing::info_span!("SubmitReply", otel.kind = "server", caller = %caller.name, app = %app, chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty);
         crate::telemetry::continue_trace(&span, req.metadata());
         let result = self
             .submit(&door, &caller, req)
             .instrument(span.clone())
             .await;
+        self.submitted(&caller, &span, result)
+    }
+
+    async fn get_reply(&self, req: Request<GetReplyRequest>) -> Result<Response<ReplyJob>, Status> {
+        let caller = self.caller(&self.door(), &req, "none", "job")?;
+        jobs::answer(self.get(&caller, req.get_ref()).await)
+    }
+
+    async fn watch_reply(
+        &self,
+        req: Request<GetReplyRequest>,
+    ) -> Result<Response<Self::WatchReplyStream>, Status> {
+        let caller = self.caller(&self.door(), &req, "none", "job")?;
+        jobs::answer(self.watch(&caller, req.get_ref()).await)
+    }
+
+    async fn cancel_reply(
+        &self,
+        req: Request<GetReplyRequest>,
+    ) -> Result<Response<ReplyJob>, Status> {
+        let caller = self.caller(&self.door(), &req, "none", "job")?;
+        jobs::answer(self.cancel(&caller, req.get_ref()).await)
+    }
+
+    async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
+        let r = req.get_ref();
+        let door = self.door();
+        let app = door.app_label(&r.app);
+        let caller = self.caller(&door, &req, &app, Api::Reply.as_str())?;
+        let span = tracing::info_span!("Reply", otel.kind = "server", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty, grpc.code = tracing::field::Empty);
+        crate::telemetry::continue_trace(&span, req.metadata());
+        let result = ReplyService::reply(self, &door, &caller, req)
+            .instrument(span.clone())
+            .await;
+        self.finish(Api::Reply, &app, &caller, &span, result, to_response)
+    }
+
+    async fn send(
+        &self,
+        req: Request<SendRequestProto>,
+    ) -> Result<Response<ReplyResponse>, Status> {
+        let r = req.get_ref();
+        let door = self.door();
+        let app = door.app_label(&r.app);
+        let caller = self.caller(&door, &req, &app, Api::Send.as_str())?;
+        let span = tracing::info_span!("Send", otel.kind = "server", operation = "send", caller = %caller.name, app = %app, chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty, grpc.code = tracing::field::Empty);
+        crate::telemetry::continue_trace(&span, req.metadata());
+        let result = async {
+            let (spec, _) = self.prepare_send(&door, &caller, req, None)?;
+            Ok(self.scheduler.reply(spec).await?)
+        }
+        .instrument(span.clone())
+        .await;
+        self.finish(Api::Send, &app, &caller, &span, result, to_response)
+    }
+
+    async fn submit_send(
+        &self,
+        req: Request<SendRequestProto>,
+    ) -> Result<Response<SubmitReplyResponse>, Status> {
+        let door = self.door();
+        let app = door.app_label(&req.get_ref().app);
+        let caller = self.caller(&door, &req, &app, Api::Send.as_str())?;
+        let span = tracing::info_span!("SubmitSend", otel.kind = "server", operation = "send", caller = %caller.name, app = %app, chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty);
+        crate::telemetry::continue_trace(&span, req.metadata());
+        let result = self
+            .submit_send_job(&door, &caller, req)
+            .instrument(span.clone())
+            .await;
+        self.submitted(&caller, &span, result)
+    }
+
+    async fn update_message(
+        &self,
+        req: Request<UpdateMessageRequest>,
+    ) -> Result<Response<UpdateMessageResponse>, Status> {
+        let r = req.get_ref();
+        let door = self.door();
+        let app = door.app_label(&r.app);
+        let op = message::update_api(&r.msg_type);
+        let caller = self.caller(&door, &req, &app, op.as_str())?;
+        let span = tracing::info_span!("UpdateMessage", otel.kind = "server", operation = op.as_str(), caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), otel.status_code = tracing::field::Empty, grpc.code = tracing::field::Empty);
+        crate::telemetry::continue_trace(&span, req.metadata());
+        let result = async {
+            let spec = self.prepare_update(&door, &caller, req)?;
+            Ok(self.scheduler.reply(spec).await?)
+        }
+        .instrument(span.clone())
+        .await;
+        self.finish(op, &app, &caller, &span, result, |d| {
+            UpdateMessageResponse {
+                superseded: d.superseded,
+                attempts: d.attempts,
+                queued_ms: u64::try_from(d.queued.as_millis()).unwrap_or(u64::MAX),
+            }
+        })
+    }
+
+    async fn recall_message(
+        &self,
+        req: Request<RecallMessageRequest>,
+    ) -> Result<Response<RecallMessageResponse>, Status> {
+        let r = req.get_ref();
+        let door = self.door();
+        let app = door.app_label(&r.app);
+        let caller = self.caller(&door, &req, &app, Api::Recall.as_str())?;
+        let span = tracing::info_span!("RecallMessage", otel.kind = "server", operation = "recall", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), otel.status_code = tracing::field::Empty, grpc.code = tracing::field::Empty);
+        crate::telemetry::continue_trace(&span, req.metadata());
+        let result = async {
+            let spec = self.prepare_recall(&door, &caller, req)?;
+            Ok(self.scheduler.reply(spec).await?)
+        }
+        .instrument(span.clone())
+        .await;
+        self.finish(Api::Recall, &app, &caller, &span, result, |d| {
+            RecallMessageResponse {
+                attempts: d.attempts,
+            }
+        })
+    }
+}
+
+impl ReplyService {
+    /// Counts, logs and answers the end of a synchronous call of `op`.
+    fn finish<T>(
+        &self,
+        op: Api,
+        app: &str,
+        caller: &Caller,
+        span: &tracing::Span,
+        result: Result<Delivered, CallError>,
+        to: impl FnOnce(Delivered) -> T,
+    ) -> Result<Response<T>, Status> {
+        let _enter = span.enter();
+        let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
+        self.metrics.caller_request(&caller.name, outcome);
+        match result {
+            Ok(d) => {
+                self.metrics.request(op.as_str(), app, "ok", "0");
+                tracing::debug!(operation = op.as_str(), attempts = d.attempts, queued_ms = d.queued.as_millis() as u64, superseded = d.superseded, log_id = %d.message.log_id, "done");
+                Ok(Response::new(to(d)))
+            }
+            Err(e) => {
+                let code = e
+                    .feishu_code()
+                    .map_or_else(|| "none".to_owned(), |c| c.to_string());
+                self.metrics.request(op.as_str(), app, e.outcome(), &code);
+                tracing::info!(operation = op.as_str(), error = %e, reason = %e.reason(), "refused or failed");
+                let status = e.to_status_for(op);
+                span.record("otel.status_code", "ERROR")
+                    .record("grpc.code", status.code() as i32);
+                Err(status)
+            }
+        }
+    }
+
+    /// Counts, logs and answers the end of a submit.
+    fn submitted(
+        &self,
+        caller: &Caller,
+        span: &tracing::Span,
+        result: Result<SubmitReplyResponse, CallError>,
+    ) -> Result<Response<SubmitReplyResponse>, Status> {
         let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
         self.metrics.caller_request(&caller.name, outcome);
         if let Err(e) = &result {
@@ -411,60 +660,6 @@ impl ReplyGateway for ReplyService {
             tracing::info!(error = %e, reason = %e.reason(), "submit refused");
         }
         jobs::answer(result)
-    }
-
-    async fn get_reply(&self, req: Request<GetReplyRequest>) -> Result<Response<ReplyJob>, Status> {
-        let caller = self.caller(&self.door(), &req, "none")?;
-        jobs::answer(self.get(&caller, req.get_ref()).await)
-    }
-
-    async fn watch_reply(
-        &self,
-        req: Request<GetReplyRequest>,
-    ) -> Result<Response<Self::WatchReplyStream>, Status> {
-        let caller = self.caller(&self.door(), &req, "none")?;
-        jobs::answer(self.watch(&caller, req.get_ref()).await)
-    }
-
-    async fn cancel_reply(
-        &self,
-        req: Request<GetReplyRequest>,
-    ) -> Result<Response<ReplyJob>, Status> {
-        let caller = self.caller(&self.door(), &req, "none")?;
-        jobs::answer(self.cancel(&caller, req.get_ref()).await)
-    }
-
-    async fn reply(&self, req: Request<ReplyRequest>) -> Result<Response<ReplyResponse>, Status> {
-        let r = req.get_ref();
-        let door = self.door();
-        let app = door.app_label(&r.app);
-        let caller = self.caller(&door, &req, &app)?;
-        let span = tracing::info_span!("Reply", otel.kind = "server", caller = %caller.name, app = %app, message_id = %r.message_id.chars().take(64).collect::<String>(), chat_id = tracing::field::Empty, uuid = tracing::field::Empty, otel.status_code = tracing::field::Empty, grpc.code = tracing::field::Empty);
-        crate::telemetry::continue_trace(&span, req.metadata());
-        let result = ReplyService::reply(self, &door, &caller, req)
-            .instrument(span.clone())
-            .await;
-        let _enter = span.enter();
-        let outcome = result.as_ref().map_or_else(|e| e.outcome(), |_| "ok");
-        self.metrics.caller_request(&caller.name, outcome);
-        match result {
-            Ok(d) => {
-                self.metrics.request(&app, "ok", "0");
-                tracing::debug!(attempts = d.attempts, queued_ms = d.queued.as_millis() as u64, log_id = %d.message.log_id, "replied");
-                Ok(Response::new(to_response(d)))
-            }
-            Err(e) => {
-                let code = e
-                    .feishu_code()
-                    .map_or_else(|| "none".to_owned(), |c| c.to_string());
-                self.metrics.request(&app, e.outcome(), &code);
-                tracing::info!(error = %e, reason = %e.reason(), "reply refused or failed");
-                let status = e.to_status();
-                span.record("otel.status_code", "ERROR")
-                    .record("grpc.code", status.code() as i32);
-                Err(status)
-            }
-        }
     }
 }
 

@@ -11,7 +11,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::AuthError;
-use crate::feishu::UpstreamError;
+use crate::feishu::{Api, UpstreamError};
 use crate::scheduler::GatewayError;
 
 /// `ErrorInfo.domain` of every error this gateway returns.
@@ -24,6 +24,74 @@ const PERMISSION_DENIED_CODES: [i64; 9] = [
 const FAILED_PRECONDITION_CODES: [i64; 11] = [
     230011, 230019, 230022, 230028, 230054, 230071, 230072, 230075, 230111, 231003, 232009,
 ];
+
+/// Codes that mean something else on each endpoint (Feishu reuses codes across its message
+/// APIs): (API, code, meaning, whether retrying as-is can never help). The meaning is added to
+/// the status message and as `feishu_meaning` metadata.
+const MEANINGS: [(Api, i64, &str, bool); 9] = [
+    (
+        Api::Reply,
+        230071,
+        "the group does not support replies in a thread",
+        true,
+    ),
+    (
+        Api::Reply,
+        230072,
+        "aggregated messages do not support replies in a thread",
+        true,
+    ),
+    (
+        Api::Reply,
+        230075,
+        "sending encrypted messages is not supported",
+        true,
+    ),
+    (
+        Api::Edit,
+        230071,
+        "only the message's sender can edit it",
+        true,
+    ),
+    (
+        Api::Edit,
+        230072,
+        "the message was edited the most times Feishu allows (20)",
+        true,
+    ),
+    (
+        Api::Edit,
+        230075,
+        "the time a message can be edited in has passed",
+        true,
+    ),
+    (
+        Api::Recall,
+        230009,
+        "this message cannot be recalled (a batch message, or too old)",
+        true,
+    ),
+    (
+        Api::Recall,
+        230026,
+        "batch messages cannot be recalled",
+        true,
+    ),
+    (
+        Api::UpdateCard,
+        230031,
+        "the card to update was not sent by this app, or is not a card",
+        true,
+    ),
+];
+
+/// What `code` means on `api`'s endpoint, if it means something particular there.
+fn meaning(api: Api, code: i64) -> Option<(&'static str, bool)> {
+    MEANINGS
+        .iter()
+        .find(|(a, c, _, _)| *a == api && *c == code)
+        .map(|(_, _, m, permanent)| (*m, *permanent))
+}
 
 /// Why a call failed: in the domain, or at the door.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -197,7 +265,26 @@ impl CallError {
 
     /// The gRPC status with ErrorInfo (+ RetryInfo, + BadRequest for validation errors).
     pub fn to_status(&self) -> Status {
+        self.to_status_for(Api::Reply)
+    }
+
+    /// The gRPC code of a failure of a call to `api`: [`CallError::code`], except where the
+    /// endpoint's own table says a Feishu code is a precondition there.
+    pub fn code_for(&self, api: Api) -> Code {
+        match self.feishu_code().and_then(|c| meaning(api, c)) {
+            Some((_, true)) if self.code() == Code::Unknown => Code::FailedPrecondition,
+            _ => self.code(),
+        }
+    }
+
+    /// [`CallError::to_status`] of a call to `api`: Feishu's code read in that endpoint's
+    /// table (its meaning there, and its gRPC code).
+    pub fn to_status_for(&self, api: Api) -> Status {
         let mut meta = HashMap::new();
+        let meant = self.feishu_code().and_then(|c| meaning(api, c));
+        if let Some((m, _)) = meant {
+            meta.insert("feishu_meaning".to_owned(), m.to_owned());
+        }
         if let Some(e) = self.upstream() {
             if let Some(code) = e.code() {
                 meta.insert("feishu_code".to_owned(), code.to_string());
@@ -254,7 +341,11 @@ impl CallError {
         if let Some(GatewayError::Invalid(v)) = self.gateway() {
             details.add_bad_request_violation(v.field(), v.to_string());
         }
-        Status::with_error_details(self.code(), self.to_string(), details)
+        let message = match meant {
+            Some((m, _)) => format!("{m}: {self}"),
+            None => self.to_string(),
+        };
+        Status::with_error_details(self.code_for(api), message, details)
     }
 }
 

@@ -21,7 +21,9 @@ use tokio::sync::{Notify, broadcast, watch};
 
 use crate::scheduler::GatewayError;
 use crate::scheduler::{Delivered, JobSpec, Scheduler};
-pub use record::{JobRecord, State, StoredError, StoredReply, job_id, now_ms, parse_job_id};
+pub use record::{
+    JobRecord, SendTo, State, StoredError, StoredReply, job_id, now_ms, parse_job_id,
+};
 pub use redis::{RedisJobStore, RedisJobsConfig};
 pub use seam::{JobStore as Store, Leases, Limits, OnCommit, Owner, Polled, Stored};
 pub use spec::Specs;
@@ -466,8 +468,10 @@ impl Jobs {
             for _ in 0..times {
                 past.push(crate::scheduler::PastSend {
                     app_id: app_id.clone(),
+                    api: rec.reply.api(),
                     chat_id: rec.reply.chat_id.as_str().into(),
                     user_id: rec.reply.user_id.as_deref().map(Into::into),
+                    target: rec.reply.target(),
                     arrived_by: at,
                 });
             }

@@ -20,10 +20,18 @@ impl State {
     }
 }
 
-/// The reply a job sends, as validated at submit (chat resolved, uuid fixed).
+/// Where a send goes (`SubmitSend`): Feishu's `receive_id_type` and `receive_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendTo {
+    pub receive_id_type: String,
+    pub receive_id: String,
+}
+
+/// The reply or send a job makes, as validated at submit (chat resolved, uuid fixed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredReply {
     pub app: String,
+    /// The message replied to (empty for a send).
     pub message_id: String,
     pub msg_type: String,
     pub content: String,
@@ -33,12 +41,35 @@ pub struct StoredReply {
     /// The uuid Feishu gets, when it differs: derived from an explicit `uuid` and its caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feishu_uuid: Option<String>,
+    /// The queue it waits in: the chat, or for a send to a user `user:<id>`
+    /// (`scheduler::user_queue`).
     pub chat_id: String,
     pub user_id: Option<String>,
+    /// A send (`SubmitSend`): to whom. None: a reply to `message_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_to: Option<SendTo>,
     /// The submit call's W3C `traceparent`, when traced: the replica that runs the job
     /// continues that trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+}
+
+impl StoredReply {
+    /// The API it calls.
+    pub fn api(&self) -> crate::feishu::Api {
+        match self.send_to {
+            Some(_) => crate::feishu::Api::Send,
+            None => crate::feishu::Api::Reply,
+        }
+    }
+
+    /// The per-target quotas it counts in: a chat's, or a user's for a send to a user.
+    pub fn target(&self) -> crate::scheduler::Target {
+        match &self.send_to {
+            Some(t) if t.receive_id_type != "chat_id" => crate::scheduler::Target::User,
+            _ => crate::scheduler::Target::Chat,
+        }
+    }
 }
 
 /// A failed job's status, as `Reply` would have returned it.

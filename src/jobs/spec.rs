@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::record::{JobRecord, now_ms};
 use crate::config::Ownership;
-use crate::feishu::SendRequest;
+use crate::feishu::{Call, NewMessage, SendRequest};
 use crate::reply::{MsgType, ValidationError};
 use crate::scheduler::GatewayError;
 use crate::scheduler::JobSpec;
@@ -109,12 +109,29 @@ impl Specs {
             app_id,
             chat_id: r.chat_id.as_str().into(),
             user_id: r.user_id.as_deref().map(Into::into),
-            request: SendRequest {
-                message_id: r.message_id.clone(),
-                content: r.content.clone(),
-                msg_type: msg_type.as_str(),
-                reply_in_thread: r.reply_in_thread,
-                uuid: r.feishu_uuid.clone().unwrap_or_else(|| r.uuid.clone()),
+            target: r.target(),
+            request: {
+                let uuid = r.feishu_uuid.clone().unwrap_or_else(|| r.uuid.clone());
+                match &r.send_to {
+                    None => Call::Reply(SendRequest {
+                        message_id: r.message_id.clone(),
+                        content: r.content.clone(),
+                        msg_type: msg_type.as_str(),
+                        reply_in_thread: r.reply_in_thread,
+                        uuid,
+                    }),
+                    Some(to) => Call::Send(NewMessage {
+                        receive_id_type: crate::reply::receive_id_type(&to.receive_id_type)
+                            .ok_or_else(|| ValidationError::BadId {
+                                field: "receive_id_type",
+                                why: "not one Feishu knows".into(),
+                            })?,
+                        receive_id: to.receive_id.clone(),
+                        msg_type: msg_type.as_str(),
+                        content: r.content.clone(),
+                        uuid,
+                    }),
+                }
             },
             caller_uuid: r.feishu_uuid.as_ref().map(|_| r.uuid.clone()),
             deadline: Some(

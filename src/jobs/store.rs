@@ -558,6 +558,7 @@ mod tests {
                 feishu_uuid: None,
                 chat_id: "oc_1".into(),
                 user_id: None,
+                send_to: None,
                 traceparent: None,
             },
             state: State::Queued,

@@ -18,11 +18,16 @@ pub const RETRY_REASONS: [&str; 6] = [
 /// pre-created per app for the alerts).
 pub const RATE_REJECTION_REASONS: [&str; 2] = ["rate_limited_230020", "frequency_limit_429"];
 
+/// `operation` values: Feishu's message APIs (`feishu::Api::as_str`, checked there).
+pub const OPERATIONS: [&str; 5] = ["reply", "send", "update_card", "edit", "recall"];
+
 /// The `caller` label of calls whose caller could not be authenticated.
 pub const UNAUTHENTICATED_CALLER: &str = "unauthenticated";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// The API called: reply, send, update_card, edit, recall (`feishu::Api`).
+    pub operation: &'static str,
     pub app: String,
     /// ok, invalid_argument, not_found, resource_exhausted, deadline_exceeded, unavailable, …
     pub outcome: String,
@@ -39,6 +44,17 @@ pub struct TraceLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct OutcomeLabel {
+    pub(super) outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct OperationLabel {
+    pub(super) operation: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct OperationOutcomeLabels {
+    pub(super) operation: &'static str,
     pub(super) outcome: &'static str,
 }
 
@@ -83,8 +99,9 @@ pub(super) struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 35] = [
+pub const METRIC_NAMES: [&str; 36] = [
     "feishu_reply_requests",
+    "feishu_reply_superseded",
     "feishu_reply_upstream_latency_seconds",
     "feishu_reply_queue_wait_seconds",
     "feishu_reply_queued",

@@ -14,11 +14,11 @@ use prometheus_client::registry::Registry;
 mod labels;
 
 use labels::{
-    AppLabel, CallerLabel, CallerOutcomeLabels, OutcomeLabel, PortReasonLabels, ReasonLabel,
-    RedisCallLabels, RejectionLabels,
+    AppLabel, CallerLabel, CallerOutcomeLabels, OperationLabel, OperationOutcomeLabels,
+    OutcomeLabel, PortReasonLabels, ReasonLabel, RedisCallLabels, RejectionLabels,
 };
 pub use labels::{
-    METRIC_NAMES, RATE_REJECTION_REASONS, RETRY_REASONS, RequestLabels, TraceLabel,
+    METRIC_NAMES, OPERATIONS, RATE_REJECTION_REASONS, RETRY_REASONS, RequestLabels, TraceLabel,
     UNAUTHENTICATED_CALLER,
 };
 
@@ -26,12 +26,13 @@ pub use labels::{
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    upstream_latency: Family<OutcomeLabel, HistogramWithExemplars<TraceLabel>>,
-    queue_wait: HistogramWithExemplars<TraceLabel>,
+    upstream_latency: Family<OperationOutcomeLabels, HistogramWithExemplars<TraceLabel>>,
+    queue_wait: Family<OperationLabel, HistogramWithExemplars<TraceLabel>>,
     queued: Gauge,
     queued_bytes: Gauge,
     in_flight: Gauge,
     retries: Family<ReasonLabel, Counter>,
+    superseded: Family<OperationLabel, Counter>,
     token_refreshes: Family<OutcomeLabel, Counter>,
     rate_rejections: Family<RejectionLabels, Counter>,
     chat_lookups: Family<OutcomeLabel, Counter>,
@@ -74,22 +75,28 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "feishu_reply_requests",
-            "Reply calls finished, by app, outcome (gRPC code in snake case or ok) and Feishu code",
+            "Calls finished, by operation (reply, send, update_card, edit, recall), app, outcome (gRPC code in snake case or ok) and Feishu code",
             requests.clone(),
         );
         let upstream_latency =
-            Family::<OutcomeLabel, HistogramWithExemplars<TraceLabel>>::new_with_constructor(
+            Family::<OperationOutcomeLabels, HistogramWithExemplars<TraceLabel>>::new_with_constructor(
                 || HistogramWithExemplars::new(exponential_buckets(0.005, 2.0, 12)),
             );
         registry.register(
             "feishu_reply_upstream_latency_seconds",
-            "Duration of one HTTP call to Feishu's reply endpoint, by outcome",
+            "Duration of one HTTP call to a Feishu message endpoint, by operation and outcome",
             upstream_latency.clone(),
         );
-        let queue_wait = HistogramWithExemplars::new(exponential_buckets(0.001, 2.5, 14));
+        let queue_wait =
+            Family::<OperationLabel, HistogramWithExemplars<TraceLabel>>::new_with_constructor(
+                || HistogramWithExemplars::new(exponential_buckets(0.001, 2.5, 14)),
+            );
+        for operation in OPERATIONS {
+            let _ = queue_wait.get_or_create(&OperationLabel { operation });
+        }
         registry.register(
             "feishu_reply_queue_wait_seconds",
-            "Time a reply waited in the gateway before its first send",
+            "Time a call waited in the gateway before its first send, by operation",
             queue_wait.clone(),
         );
         let queued = Gauge::default();
@@ -115,6 +122,12 @@ impl Metrics {
             "feishu_reply_retries",
             "Attempts retried, by reason",
             retries.clone(),
+        );
+        let superseded = Family::<OperationLabel, Counter>::default();
+        registry.register(
+            "feishu_reply_superseded",
+            "Updates answered superseded (a newer update of the message came while they waited), never sent",
+            superseded.clone(),
         );
         let token_refreshes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
@@ -293,6 +306,7 @@ impl Metrics {
             queued_bytes,
             in_flight,
             retries,
+            superseded,
             token_refreshes,
             rate_rejections,
             chat_lookups,
@@ -395,9 +409,10 @@ impl Metrics {
         out
     }
 
-    pub fn request(&self, app: &str, outcome: &str, code: &str) {
+    pub fn request(&self, operation: &'static str, app: &str, outcome: &str, code: &str) {
         self.requests
             .get_or_create(&RequestLabels {
+                operation,
                 app: app.to_owned(),
                 outcome: outcome.to_owned(),
                 code: code.to_owned(),
@@ -406,9 +421,15 @@ impl Metrics {
     }
 
     /// One reply attempt's latency; `trace_id` (when traced) becomes its bucket's exemplar.
-    pub fn upstream_latency(&self, d: Duration, outcome: &'static str, trace_id: Option<String>) {
+    pub fn upstream_latency(
+        &self,
+        operation: &'static str,
+        d: Duration,
+        outcome: &'static str,
+        trace_id: Option<String>,
+    ) {
         self.upstream_latency
-            .get_or_create(&OutcomeLabel { outcome })
+            .get_or_create(&OperationOutcomeLabels { operation, outcome })
             .observe(
                 d.as_secs_f64(),
                 trace_id.map(|trace_id| TraceLabel { trace_id }),
@@ -416,13 +437,15 @@ impl Metrics {
             );
     }
 
-    /// One reply's wait before its first send; `trace_id` as for [`Self::upstream_latency`].
-    pub fn queue_wait(&self, d: Duration, trace_id: Option<String>) {
-        self.queue_wait.observe(
-            d.as_secs_f64(),
-            trace_id.map(|trace_id| TraceLabel { trace_id }),
-            None,
-        );
+    /// One call's wait before its first send; `trace_id` as for [`Self::upstream_latency`].
+    pub fn queue_wait(&self, operation: &'static str, d: Duration, trace_id: Option<String>) {
+        self.queue_wait
+            .get_or_create(&OperationLabel { operation })
+            .observe(
+                d.as_secs_f64(),
+                trace_id.map(|trace_id| TraceLabel { trace_id }),
+                None,
+            );
     }
 
     pub fn set_queued(&self, n: usize) {
@@ -440,6 +463,13 @@ impl Metrics {
     /// One retry, by its reason (one of [`RETRY_REASONS`]).
     pub fn retry(&self, reason: &'static str) {
         self.retries.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// An update superseded by a newer one before it was sent.
+    pub fn superseded(&self, operation: &'static str) {
+        self.superseded
+            .get_or_create(&OperationLabel { operation })
+            .inc();
     }
 
     pub fn token_refresh(&self, outcome: &'static str) {
@@ -602,9 +632,11 @@ mod tests {
     fn every_declared_name_is_exported() {
         let m = Metrics::new();
         m.init_caller("anonymous");
-        m.request("default", "ok", "0");
-        m.upstream_latency(Duration::from_millis(3), "ok", None);
+        m.request("reply", "default", "ok", "0");
+        m.superseded("update_card");
+        m.upstream_latency("reply", Duration::from_millis(3), "ok", None);
         m.upstream_latency(
+            "reply",
             Duration::from_millis(3),
             "ok",
             Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
@@ -623,7 +655,7 @@ mod tests {
         }
         assert!(
             text.contains(
-                "feishu_reply_requests_total{app=\"default\",outcome=\"ok\",code=\"0\"} 1"
+                "feishu_reply_requests_total{operation=\"reply\",app=\"default\",outcome=\"ok\",code=\"0\"} 1"
             )
         );
         // An observation with a trace is its bucket's exemplar (OpenMetrics).

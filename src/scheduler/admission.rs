@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use super::GatewayError;
 use super::gate::QuotaGate;
-use super::layout::QuotaLayout;
-use super::{CHAT_QUOTA, Dispatcher, FIRST_APP_QUOTA, JobSpec, PastSend, USER_QUOTA};
+use super::layout::{KeysOf, QuotaLayout};
+use super::{CHAT_QUOTA, Dispatcher, JobSpec, PastSend};
 use crate::quota::QuotaKey;
 
 impl Dispatcher {
@@ -26,6 +26,9 @@ impl Dispatcher {
         // the app or the caller since.
         if let Some(e) = self.withdrawn(&job) {
             return job.finish(Err(e));
+        }
+        if matches!(job.spec.request, crate::feishu::Call::Update(_)) {
+            self.supersede(&job.spec.chat_id);
         }
         let q = &self.config.queue;
         let queued = self.queues.queued();
@@ -112,6 +115,23 @@ impl Dispatcher {
         self.queues.push(job);
     }
 
+    /// Latest wins: the updates waiting in `queue` (one message's) are answered superseded,
+    /// never sent; the newer update queued after them carries the content that counts.
+    fn supersede(&mut self, queue: &Arc<str>) {
+        let now = Instant::now();
+        for old in self.queues.take_superseded(queue) {
+            self.metrics.superseded(old.spec.request.api().as_str());
+            let delivered = super::Delivered {
+                message: crate::feishu::SentMessage::default(),
+                uuid: old.uuid(),
+                attempts: old.attempts,
+                queued: now - old.accepted_at,
+                superseded: true,
+            };
+            old.finish(Ok(delivered));
+        }
+    }
+
     pub(super) fn keys_of(&self, spec: &JobSpec) -> Vec<QuotaKey> {
         keys_for(&self.layout, spec)
     }
@@ -123,7 +143,14 @@ impl Dispatcher {
         let seeded: Vec<_> = sends
             .iter()
             .map(|s| {
-                let keys = keys_in(&self.layout, &s.chat_id, s.user_id.as_ref(), &s.app_id);
+                let keys = self.layout.keys_in(KeysOf {
+                    target: &s.target,
+                    chat_id: &s.chat_id,
+                    user_id: s.user_id.as_ref(),
+                    message_id: "",
+                    app_id: &s.app_id,
+                    api: s.api,
+                });
                 (keys, self.clock.micros(s.arrived_by))
             })
             .collect();
@@ -218,23 +245,12 @@ impl Dispatcher {
 
 /// The quota keys a job counts in under `layout`.
 pub(super) fn keys_for(layout: &QuotaLayout, spec: &JobSpec) -> Vec<QuotaKey> {
-    keys_in(layout, &spec.chat_id, spec.user_id.as_ref(), &spec.app_id)
-}
-
-fn keys_in(
-    layout: &QuotaLayout,
-    chat: &Arc<str>,
-    user: Option<&Arc<str>>,
-    app_id: &Arc<str>,
-) -> Vec<QuotaKey> {
-    let apps = layout.app_quotas(app_id);
-    let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + apps.len());
-    keys.push(QuotaKey::new(CHAT_QUOTA, chat.clone()));
-    if let Some(u) = user {
-        keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
-    }
-    for quota in apps {
-        keys.push(QuotaKey::new(quota, app_id.clone()));
-    }
-    keys
+    layout.keys_in(KeysOf {
+        target: &spec.target,
+        chat_id: &spec.chat_id,
+        user_id: spec.user_id.as_ref(),
+        message_id: spec.request.message_id(),
+        app_id: &spec.app_id,
+        api: spec.request.api(),
+    })
 }

@@ -158,7 +158,7 @@ impl Scheduler {
         let uuid = spec
             .caller_uuid
             .clone()
-            .unwrap_or_else(|| spec.request.uuid.clone());
+            .unwrap_or_else(|| spec.request.uuid().to_owned());
         if !self.accepting.load(Ordering::Acquire) {
             let _ = done.send(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
             return rx;
@@ -179,7 +179,7 @@ impl Scheduler {
         let uuid = spec
             .caller_uuid
             .clone()
-            .unwrap_or_else(|| spec.request.uuid.clone());
+            .unwrap_or_else(|| spec.request.uuid().to_owned());
         let mut guard = AbandonOnDrop {
             tx: &self.tx,
             chat_id: Some(spec.chat_id.clone()),

@@ -1,14 +1,52 @@
-//! Where each quota lives in the quota table: chat, user, the app quotas every app shares
-//! (`[quotas] app`), then each list an app has of its own (`[apps.NAME] quotas`).
+//! Where each quota lives in the quota table: chat, user, message, the app quotas every app
+//! shares (`[quotas] app`), then each list an app has of its own (`[apps.NAME] quotas`); and
+//! which of them a job counts in ([`keys_in`]: its target's, and its app's for its API).
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CHAT_QUOTA, FIRST_APP_QUOTA, USER_QUOTA};
-use crate::config::QuotaConfig;
-use crate::quota::{QuotaId, QuotaSpec};
+use super::{CHAT_QUOTA, FIRST_APP_QUOTA, MESSAGE_QUOTA, USER_QUOTA};
+use crate::config::{AppScope, QuotaConfig};
+use crate::feishu::Api;
+use crate::quota::{QuotaId, QuotaKey, QuotaSpec};
+
+/// Which per-target quotas a job counts in besides its app's. The queue it waits in is
+/// `JobSpec::chat_id` ([`user_queue`], [`message_queue`] for the last two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A reply, or a send to a chat (`chat_id`): the chat's quota, and the user's when
+    /// `user_id` is known.
+    Chat,
+    /// A send to a user (`user_id`): the user's quota.
+    User,
+    /// An update or a recall of the call's message: the message's quota, and `chat`'s when
+    /// given (`[quotas] updates_count_in_chat`).
+    Message { chat: Option<Arc<str>> },
+}
+
+/// The queue of sends to user `key` (one FIFO per user).
+pub fn user_queue(key: &str) -> Arc<str> {
+    format!("user:{key}").into()
+}
+
+/// The queue of the updates and recall of message `id` (one FIFO per message).
+pub fn message_queue(id: &str) -> Arc<str> {
+    format!("message:{id}").into()
+}
+
+/// What one job is, for its quota keys.
+pub struct KeysOf<'a> {
+    pub target: &'a Target,
+    /// The queue: the chat for [`Target::Chat`].
+    pub chat_id: &'a Arc<str>,
+    pub user_id: Option<&'a Arc<str>>,
+    /// The message of a [`Target::Message`].
+    pub message_id: &'a str,
+    pub app_id: &'a Arc<str>,
+    pub api: Api,
+}
 
 /// A quota a live reload replaced, for one app: the sends `app_id` counted in `from` count in
 /// `to` from now on (same kind: same window).
@@ -21,6 +59,8 @@ pub(super) struct Moved {
 
 #[derive(Debug, Clone)]
 pub(super) struct QuotaLayout {
+    /// Whether each API has app windows of its own.
+    scope: AppScope,
     /// Every quota, by id.
     pub specs: Vec<QuotaSpec>,
     /// Each quota's kind as shared stores name it (`chat`, `user`, `app:<window>ms`): a key is
@@ -32,10 +72,10 @@ pub(super) struct QuotaLayout {
 
 impl QuotaLayout {
     pub fn new(q: &QuotaConfig) -> Self {
-        let mut specs = vec![q.chat, q.user];
+        let mut specs = vec![q.chat, q.user, q.message];
         debug_assert_eq!(
-            (specs.len(), CHAT_QUOTA, USER_QUOTA),
-            (FIRST_APP_QUOTA, 0, 1)
+            (specs.len(), CHAT_QUOTA, USER_QUOTA, MESSAGE_QUOTA),
+            (FIRST_APP_QUOTA, 0, 1, 2)
         );
         let mut push = |list: &[QuotaSpec]| {
             let start = specs.len();
@@ -54,10 +94,12 @@ impl QuotaLayout {
             .map(|(i, s)| match i {
                 CHAT_QUOTA => "chat".to_owned(),
                 USER_QUOTA => "user".to_owned(),
+                MESSAGE_QUOTA => "message".to_owned(),
                 _ => format!("app:{}ms", s.window.as_millis()),
             })
             .collect();
         Self {
+            scope: q.app_scope,
             specs,
             kinds,
             default_app,
@@ -96,6 +138,7 @@ impl QuotaLayout {
             })
             .collect();
         let next = Self {
+            scope: self.scope,
             specs,
             kinds,
             default_app,
@@ -120,12 +163,48 @@ impl QuotaLayout {
         (next, moved)
     }
 
-    /// The quota ids an app's sends count in.
-    pub fn app_quotas(&self, app_id: &str) -> Range<usize> {
+    /// The quota ids an app's sends count in. `app_key` is an app_id, or an app key of one
+    /// API ([`QuotaLayout::app_key`]): same lists.
+    pub fn app_quotas(&self, app_key: &str) -> Range<usize> {
+        let app_id = app_key.split_once('/').map_or(app_key, |(id, _)| id);
         self.per_app
             .get(app_id)
             .cloned()
             .unwrap_or_else(|| self.default_app.clone())
+    }
+
+    /// The id an app's quota keys have for calls of `api`: the app_id for replies (and for
+    /// every API when `[quotas] app_scope = "app"`), else `<app_id>/<api>`: each API has its
+    /// own windows, as Feishu counts them.
+    pub fn app_key(&self, app_id: &Arc<str>, api: Api) -> Arc<str> {
+        match (self.scope, api) {
+            (AppScope::App, _) | (_, Api::Reply) => app_id.clone(),
+            (AppScope::Api, api) => format!("{app_id}/{}", api.as_str()).into(),
+        }
+    }
+
+    /// The quota keys a job counts in: its target's, then its app's for its API.
+    pub fn keys_in(&self, job: KeysOf<'_>) -> Vec<QuotaKey> {
+        let app_key = self.app_key(job.app_id, job.api);
+        let apps = self.app_quotas(&app_key);
+        let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + apps.len());
+        match job.target {
+            Target::Chat => keys.push(QuotaKey::new(CHAT_QUOTA, job.chat_id.clone())),
+            Target::User => {}
+            Target::Message { chat } => {
+                keys.push(QuotaKey::new(MESSAGE_QUOTA, job.message_id));
+                if let Some(c) = chat {
+                    keys.push(QuotaKey::new(CHAT_QUOTA, c.clone()));
+                }
+            }
+        }
+        if let Some(u) = job.user_id {
+            keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
+        }
+        for quota in apps {
+            keys.push(QuotaKey::new(quota, app_key.clone()));
+        }
+        keys
     }
 
     /// About how long `app_id`'s quotas need to let `queued` sends go when none has gone
@@ -178,6 +257,9 @@ mod tests {
         QuotaConfig {
             chat: spec(5, 1000),
             user: spec(5, 1000),
+            message: spec(5, 1000),
+            app_scope: AppScope::Api,
+            updates_count_in_chat: false,
             app,
             per_app: per_app
                 .into_iter()
@@ -207,28 +289,28 @@ mod tests {
         assert_eq!(next.app_quotas("cli_a"), old.app_quotas("cli_a"));
         assert_eq!(next.app_quotas("cli_b"), old.app_quotas("cli_b"));
         let c = next.app_quotas("cli_c");
-        assert_eq!(c, 5..6);
-        assert_eq!(next.kinds[5], "app:1000ms");
+        assert_eq!(c, 6..7);
+        assert_eq!(next.kinds[6], "app:1000ms");
         // Its 1 s window starts with what it counted in the default 1 s window.
         assert_eq!(
             moved,
             [Moved {
-                from: 2,
-                to: 5,
+                from: 3,
+                to: 6,
                 app_id: "cli_c".into()
             }]
         );
         // The default list changes: every app on it moves; ids in use keep their meaning.
         let lower = quotas(vec![spec(40, 1000)], vec![("cli_b", vec![spec(2, 1000)])]);
         let (third, moved) = next.next(&lower, &ids);
-        assert_eq!(third.specs[..6], next.specs[..]);
-        assert_eq!(third.app_quotas("cli_a"), 6..7);
-        assert_eq!(third.app_quotas("cli_c"), 6..7);
+        assert_eq!(third.specs[..7], next.specs[..]);
+        assert_eq!(third.app_quotas("cli_a"), 7..8);
+        assert_eq!(third.app_quotas("cli_c"), 7..8);
         let mut from: Vec<_> = moved
             .iter()
             .map(|m| (m.app_id.to_string(), m.from, m.to))
             .collect();
         from.sort();
-        assert_eq!(from, [("cli_a".into(), 2, 6), ("cli_c".into(), 5, 6)]);
+        assert_eq!(from, [("cli_a".into(), 3, 7), ("cli_c".into(), 6, 7)]);
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
-use crate::feishu::{AppIndex, SendRequest, SentMessage, Upstream, UpstreamError};
+use crate::feishu::{Api, AppIndex, Call, SentMessage, Upstream, UpstreamError};
 use crate::metrics::Metrics;
 
 mod admission;
@@ -35,12 +35,14 @@ mod spans;
 pub use error::GatewayError;
 pub use gate::QuotaSource;
 use gate::{Clock, Decided, GateEvent, Grant, Head, QuotaGate, Verdict};
+pub use layout::{Target, message_queue, user_queue};
 use queue::{Dropped, Job, Queues};
 
-/// Quota ids in the [`QuotaTable`]: chat, user, then the app quotas in config order.
+/// Quota ids in the [`QuotaTable`]: chat, user, message, then the app quotas in config order.
 const CHAT_QUOTA: usize = 0;
 const USER_QUOTA: usize = 1;
-const FIRST_APP_QUOTA: usize = 2;
+const MESSAGE_QUOTA: usize = 2;
+const FIRST_APP_QUOTA: usize = 3;
 
 /// How often idle quota keys are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -50,7 +52,8 @@ const COMMAND_BATCH: usize = 256;
 /// The dispatcher looks again at least this often with nothing to do.
 const IDLE_WAKE: Duration = Duration::from_secs(3600);
 
-/// A reply ready to be queued: validated, its app and chat known.
+/// A call ready to be queued (a reply, a send, an update, a recall): validated, its app and
+/// target known.
 #[derive(Debug)]
 pub struct JobSpec {
     /// Who asked (index into [`SchedulerConfig::callers`]): its queue share applies.
@@ -68,9 +71,14 @@ pub struct JobSpec {
     pub app_name: Arc<str>,
     /// Feishu app_id (the app quota key: several names may share one app_id).
     pub app_id: Arc<str>,
+    /// The queue it waits in, in order: the chat for a reply or a send to a chat,
+    /// [`user_queue`] for a send to a user, [`message_queue`] for an update or a recall.
     pub chat_id: Arc<str>,
+    /// The user's quota it counts in (a reply naming the user, a send to a user).
     pub user_id: Option<Arc<str>>,
-    pub request: SendRequest,
+    /// Which per-target quotas it counts in.
+    pub target: Target,
+    pub request: Call,
     /// The uuid the caller gave, when Feishu gets one derived from it (`request.uuid`):
     /// what the caller is told, and what a cancel names. None: the same as `request.uuid`.
     pub caller_uuid: Option<String>,
@@ -86,13 +94,15 @@ pub struct JobSpec {
 #[derive(Debug, Clone)]
 pub struct PastSend {
     pub app_id: Arc<str>,
+    pub api: Api,
     pub chat_id: Arc<str>,
     pub user_id: Option<Arc<str>>,
+    pub target: Target,
     /// The latest it can have reached Feishu.
     pub arrived_by: Instant,
 }
 
-/// A reply Feishu accepted.
+/// A call Feishu accepted (or, for an update, one a newer update made unnecessary).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
     pub message: SentMessage,
@@ -100,6 +110,9 @@ pub struct Delivered {
     pub attempts: u32,
     /// Time from acceptance to the first send.
     pub queued: Duration,
+    /// An update that never went to Feishu: a newer update of the same message came while
+    /// it waited (latest wins).
+    pub superseded: bool,
 }
 
 pub type JobResult = Result<Delivered, GatewayError>;
@@ -329,8 +342,12 @@ impl Dispatcher {
             Command::Seed(mut sends) => self.seed(&mut sends),
             Command::Abandoned { chat_id } => {
                 for job in self.queues.take_abandoned(&chat_id) {
-                    self.metrics
-                        .request(&job.spec.app_name, "cancelled", "none");
+                    self.metrics.request(
+                        job.spec.request.api().as_str(),
+                        &job.spec.app_name,
+                        "cancelled",
+                        "none",
+                    );
                 }
             }
             Command::Cancel {
@@ -381,7 +398,7 @@ impl Dispatcher {
                 .queues
                 .head_mut(&chat_id)
                 .expect("ready chat has a head");
-            if self.gone.is_gone(&head.spec.request.message_id) {
+            if self.gone.is_gone(head.spec.request.message_id()) {
                 // Feishu said its message is gone since it was queued: not asked again.
                 let job = self
                     .queues
@@ -389,7 +406,7 @@ impl Dispatcher {
                     .expect("chat with a head");
                 self.queues.sent(&chat_id, None);
                 let e = GatewayError::MessageGone {
-                    message_id: job.spec.request.message_id.clone(),
+                    message_id: job.spec.request.message_id().to_owned(),
                     attempts: job.attempts,
                     uuid: job.uuid(),
                 };
@@ -433,9 +450,12 @@ impl Dispatcher {
         }
         for (job, why) in dropped {
             match why {
-                Dropped::Cancelled => self
-                    .metrics
-                    .request(&job.spec.app_name, "cancelled", "none"),
+                Dropped::Cancelled => self.metrics.request(
+                    job.spec.request.api().as_str(),
+                    &job.spec.app_name,
+                    "cancelled",
+                    "none",
+                ),
                 Dropped::Deadline => fail_deadline(job),
             }
         }
@@ -449,6 +469,7 @@ impl Dispatcher {
         if job.first_send_at.is_none() {
             job.first_send_at = Some(now);
             self.metrics.queue_wait(
+                job.spec.request.api().as_str(),
                 now - job.accepted_at,
                 crate::telemetry::trace_id(&job.spec.span),
             );
@@ -503,7 +524,7 @@ impl Dispatcher {
             metrics.in_flight(1);
             // A panic in the call must not take the job with it (its chat would stay busy
             // and its caller would never hear back).
-            let call = AssertUnwindSafe(upstream.reply(job.spec.app, &job.spec.request));
+            let call = AssertUnwindSafe(upstream.call(job.spec.app, &job.spec.request));
             let call = tokio::time::timeout(send_timeout, call.catch_unwind());
             let result = match call.instrument(span.clone()).await {
                 Ok(Ok(r)) => Attempt::Answered(r),
@@ -551,7 +572,7 @@ impl Dispatcher {
 }
 
 fn fail_deadline(job: Job) {
-    tracing::info!(message_id = %job.spec.request.message_id, chat_id = %job.spec.chat_id, uuid = %job.spec.request.uuid, attempts = job.attempts, "deadline reached before send; dropped unsent");
+    tracing::info!(operation = job.spec.request.api().as_str(), message_id = %job.spec.request.message_id(), chat_id = %job.spec.chat_id, uuid = %job.spec.request.uuid(), attempts = job.attempts, "deadline reached before send; dropped unsent");
     let (attempts, uuid) = (job.attempts, job.uuid());
     job.finish(Err(GatewayError::DeadlineBeforeSend { attempts, uuid }));
 }
@@ -578,6 +599,7 @@ fn finish_orphan(job: Job, result: Attempt) {
             uuid: uuid.clone(),
             attempts,
             message,
+            superseded: false,
         }),
         Err(error) => Err(GatewayError::Upstream {
             error,

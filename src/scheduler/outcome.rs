@@ -10,7 +10,10 @@ use super::GatewayError;
 use super::gate::Grant;
 use super::queue::Job;
 use super::{Attempt, Delivered, Dispatcher, FIRST_APP_QUOTA};
-use crate::feishu::{RetryReason, UpstreamError};
+use crate::feishu::{Call, RetryReason, SentMessage, UpstreamError};
+
+/// Feishu's "the message was recalled".
+const RECALLED: i64 = 230011;
 use crate::quota::{QuotaKey, micros};
 
 /// Backoff doubles at most this many times before `max_delay` caps it (no shift overflow).
@@ -58,14 +61,31 @@ impl Dispatcher {
         }
         let chat_id = job.spec.chat_id.clone();
         let now = Instant::now();
+        let result = match result {
+            // A recall retried after an answer that never came back: an earlier attempt
+            // recalled it.
+            Err(e)
+                if job.attempts > 1
+                    && matches!(job.spec.request, Call::Recall { .. })
+                    && e.code() == Some(RECALLED) =>
+            {
+                Ok(SentMessage::default())
+            }
+            other => other,
+        };
         let retry = match result {
             Ok(message) => {
-                tracing::debug!(message_id = %job.spec.request.message_id, chat_id = %chat_id, uuid = %job.spec.request.uuid, log_id = %message.log_id, attempts = job.attempts, "reply delivered");
+                if matches!(job.spec.request, Call::Recall { .. }) {
+                    // Later calls on it fail MESSAGE_GONE without asking Feishu.
+                    self.gone.remember(job.spec.request.message_id());
+                }
+                tracing::debug!(message_id = %job.spec.request.message_id(), chat_id = %chat_id, uuid = %job.spec.request.uuid(), log_id = %message.log_id, attempts = job.attempts, "reply delivered");
                 let delivered = Delivered {
                     queued: job.first_send_at.unwrap_or(now) - job.accepted_at,
                     uuid: job.uuid(),
                     attempts: job.attempts,
                     message,
+                    superseded: false,
                 };
                 job.finish(Ok(delivered));
                 None
@@ -84,9 +104,9 @@ impl Dispatcher {
                         .is_some_and(|c| super::gone::GONE_CODES.contains(&c))
                     {
                         // The replies queued to it fail without asking again.
-                        self.gone.remember(&job.spec.request.message_id);
+                        self.gone.remember(job.spec.request.message_id());
                     }
-                    tracing::info!(message_id = %job.spec.request.message_id, chat_id = %chat_id, uuid = %job.spec.request.uuid, log_id = %error.log_id(), %error, "reply failed");
+                    tracing::info!(message_id = %job.spec.request.message_id(), chat_id = %chat_id, uuid = %job.spec.request.uuid(), log_id = %error.log_id(), %error, "reply failed");
                     let (attempts, uuid) = (job.attempts, job.uuid());
                     job.finish(Err(GatewayError::Upstream {
                         error,
@@ -104,7 +124,7 @@ impl Dispatcher {
     /// The upstream call panicked: the attempt counts as answered now (it may have gone out),
     /// the job fails INTERNAL with its uuid (a retry with it is safe) and its chat moves on.
     fn send_panicked(&mut self, mut job: Job, what: String, answered: Instant) {
-        tracing::error!(message_id = %job.spec.request.message_id, uuid = %job.spec.request.uuid, panic = %what, "the upstream call panicked; the reply fails INTERNAL");
+        tracing::error!(message_id = %job.spec.request.message_id(), uuid = %job.spec.request.uuid(), panic = %what, "the upstream call panicked; the reply fails INTERNAL");
         if let Some(grant) = job.grant.take() {
             self.gate
                 .settle(self.clock, grant, &job.keys, |_| false, answered);
@@ -155,7 +175,7 @@ impl Dispatcher {
             || out_of_time
             || self.draining_until.is_some_and(|u| not_before >= u)
         {
-            tracing::info!(message_id = %job.spec.request.message_id, chat_id = %job.spec.chat_id, uuid = %job.spec.request.uuid, attempts = job.attempts, %error, "retries exhausted");
+            tracing::info!(message_id = %job.spec.request.message_id(), chat_id = %job.spec.chat_id, uuid = %job.spec.request.uuid(), attempts = job.attempts, %error, "retries exhausted");
             let (attempts, uuid) = (job.attempts, job.uuid());
             job.finish(Err(GatewayError::Upstream {
                 error,
@@ -164,7 +184,7 @@ impl Dispatcher {
             }));
             return None;
         }
-        tracing::debug!(message_id = %job.spec.request.message_id, uuid = %job.spec.request.uuid, attempt = job.attempts, ?backoff, reason = reason.as_str(), "retrying");
+        tracing::debug!(message_id = %job.spec.request.message_id(), uuid = %job.spec.request.uuid(), attempt = job.attempts, ?backoff, reason = reason.as_str(), "retrying");
         job.not_before = self.clock.micros(not_before);
         Some(job)
     }

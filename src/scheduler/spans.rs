@@ -11,12 +11,14 @@ pub(super) fn queue_wait(spec: &JobSpec, attempt: u32) -> tracing::Span {
     tracing::info_span!(parent: &spec.span, "queue_wait", attempt)
 }
 
-/// One call to Feishu's reply endpoint (a token fetch it needs is a child).
+/// One call to a Feishu message endpoint, named by its `operation` attribute (reply, send,
+/// update_card, edit, recall; the span keeps its one name); a token fetch it needs is a child.
 pub(super) fn attempt(spec: &JobSpec, attempt: u32) -> tracing::Span {
     tracing::info_span!(
         parent: &spec.span,
         "feishu.reply",
         otel.kind = "client",
+        operation = spec.request.api().as_str(),
         attempt,
         http.status = Empty,
         feishu.code = Empty,

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::*;
 use crate::config::Config;
-use crate::feishu::BoxFuture;
+use crate::feishu::{BoxFuture, SendRequest};
 use parking_lot::Mutex;
 
 #[derive(Default)]
@@ -43,32 +43,32 @@ impl ScriptedUpstream {
 }
 
 impl Upstream for ScriptedUpstream {
-    fn reply<'a>(
+    fn call<'a>(
         &'a self,
         _app: AppIndex,
-        req: &'a SendRequest,
+        req: &'a Call,
     ) -> BoxFuture<'a, Result<SentMessage, UpstreamError>> {
         Box::pin(async move {
             let answer = {
                 let mut s = self.script.lock();
-                let chat = req.content.clone();
+                let chat = req.content().to_owned();
                 s.sent.push((
                     self.origin.elapsed(),
-                    req.message_id.clone(),
+                    req.message_id().to_owned(),
                     chat,
-                    req.uuid.clone(),
+                    req.uuid().to_owned(),
                 ));
                 s.answers
-                    .get_mut(&req.message_id)
+                    .get_mut(req.message_id())
                     .and_then(VecDeque::pop_front)
             };
             tokio::time::sleep(self.latency).await;
-            let panics = self.script.lock().panic_on.as_deref() == Some(&req.message_id);
+            let panics = self.script.lock().panic_on.as_deref() == Some(req.message_id());
             assert!(!panics, "scripted panic in the upstream call");
             match answer {
                 Some(e) => Err(e),
                 None => Ok(SentMessage {
-                    message_id: format!("om_r_{}", req.message_id),
+                    message_id: format!("om_r_{}", req.message_id()),
                     ..Default::default()
                 }),
             }
@@ -115,13 +115,14 @@ fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
         app_id: "cli_test".into(),
         chat_id: chat.into(),
         user_id: None,
-        request: SendRequest {
+        target: super::Target::Chat,
+        request: Call::Reply(SendRequest {
             message_id: message_id.into(),
             content: chat.into(),
             msg_type: "text",
             reply_in_thread: false,
             uuid: format!("uuid-{message_id}"),
-        },
+        }),
         caller_uuid: None,
         deadline: deadline.map(|d| Instant::now() + d),
         span: tracing::Span::none(),
@@ -505,8 +506,10 @@ async fn sends_of_a_previous_process_count_in_the_windows() {
     let origin = Instant::now();
     let past = |at: Instant| super::PastSend {
         app_id: "cli_test".into(),
+        api: crate::feishu::Api::Reply,
         chat_id: "oc_s".into(),
         user_id: None,
+        target: super::Target::Chat,
         arrived_by: at,
     };
     let arrived = origin

@@ -83,16 +83,13 @@ impl Job {
         self.spec
             .caller_uuid
             .as_deref()
-            .unwrap_or(&self.spec.request.uuid)
+            .unwrap_or(self.spec.request.uuid())
     }
 
     /// Bytes this job holds while queued (for the byte bound).
     pub fn weight(&self) -> usize {
-        let r = &self.spec.request;
         JOB_OVERHEAD_BYTES
-            + r.content.len()
-            + r.message_id.len()
-            + r.uuid.len()
+            + self.spec.request.weight()
             + self.spec.caller_uuid.as_ref().map_or(0, String::len)
     }
 }
@@ -481,6 +478,32 @@ impl Queues {
         Some(job)
     }
 
+    /// Takes out the updates waiting at the tail of `chat_id`'s queue (none in flight or
+    /// being decided): a newer update of the same message supersedes them. A job that is not
+    /// an update (a recall) stops the walk, so nothing is reordered around it.
+    pub fn take_superseded(&mut self, chat_id: &str) -> Vec<Job> {
+        let Some(chat) = self.chats.get_mut(chat_id) else {
+            return Vec::new();
+        };
+        let first_free = usize::from(chat.busy);
+        let mut out = Vec::new();
+        while chat.jobs.len() > first_free
+            && chat
+                .jobs
+                .back()
+                .is_some_and(|j| matches!(j.spec.request, crate::feishu::Call::Update(_)))
+        {
+            out.push(chat.jobs.pop_back().expect("non-empty"));
+        }
+        for job in &out {
+            self.counts.remove(job);
+        }
+        if chat.jobs.is_empty() && !chat.busy {
+            self.chats.remove(chat_id);
+        }
+        out
+    }
+
     /// Keeps only the deadline entries of jobs still queued (amortised: runs when the heap has
     /// grown past twice the queue plus [`DEADLINE_SLACK`]).
     fn compact_deadlines(&mut self) {
@@ -576,7 +599,7 @@ impl Queues {
 mod tests {
     //! The queue rules as plain state: no runtime, time passed in.
     use super::*;
-    use crate::feishu::SendRequest;
+    use crate::feishu::{Call, SendRequest};
 
     const MS: Micros = 1000;
 
@@ -593,13 +616,14 @@ mod tests {
             app_id: "cli".into(),
             chat_id: chat.into(),
             user_id: None,
-            request: SendRequest {
+            target: crate::scheduler::Target::Chat,
+            request: Call::Reply(SendRequest {
                 message_id: format!("om_{chat}_{n}"),
                 content: String::new(),
                 msg_type: "text",
                 reply_in_thread: false,
                 uuid: format!("{chat}-{n}"),
-            },
+            }),
             caller_uuid: None,
             deadline: None,
             span: tracing::Span::none(),
@@ -608,7 +632,12 @@ mod tests {
     }
 
     fn message_id(q: &mut Queues, chat: &str) -> String {
-        q.head_mut(chat).unwrap().spec.request.message_id.clone()
+        q.head_mut(chat)
+            .unwrap()
+            .spec
+            .request
+            .message_id()
+            .to_owned()
     }
 
     #[test]
@@ -751,7 +780,7 @@ mod tests {
         drop(r1);
         let gone = q.take_abandoned("a");
         assert_eq!(gone.len(), 1);
-        assert_eq!(gone[0].spec.request.message_id, "om_a_1");
+        assert_eq!(gone[0].spec.request.message_id(), "om_a_1");
         assert_eq!((q.queued(), q.in_flight()), (1, 1));
         q.sent(&chat, None);
         let next = q.next_ready(0, &mut Vec::new()).unwrap();

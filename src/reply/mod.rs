@@ -1,5 +1,10 @@
-//! The reply domain: Feishu's message types and the validation a reply passes before it may
-//! spend any quota. No transport types here (no tonic, no reqwest).
+//! The message domain: Feishu's message types and the validation a reply passes before it
+//! may spend any quota (`reply::message`: a send, an update, a recall). No transport types
+//! here (no tonic, no reqwest).
+
+mod message;
+
+pub use message::{RECEIVE_ID_TYPES, RawSend, RawUpdate, Send, Update, receive_id_type};
 
 use std::fmt;
 use std::str::FromStr;
@@ -114,6 +119,14 @@ pub enum ValidationError {
     UuidTooLong(usize),
     #[error("ttl_s is {0}; at most 3000 (Feishu dedupes a uuid for an hour)")]
     Ttl(u32),
+    #[error(
+        "receive_id_type {0:?} is not one of Feishu's: chat_id, open_id, user_id, union_id, email"
+    )]
+    ReceiveIdType(String),
+    #[error(
+        "a message of msg_type {0} cannot be updated: only interactive (a card), text and post"
+    )]
+    NotUpdatable(MsgType),
 }
 
 impl ValidationError {
@@ -121,7 +134,8 @@ impl ValidationError {
     pub fn reason(&self) -> &'static str {
         match self {
             ValidationError::EmptyMessageId | ValidationError::BadId { .. } => "INVALID_ID",
-            ValidationError::MsgType(_) => "INVALID_MSG_TYPE",
+            ValidationError::MsgType(_) | ValidationError::NotUpdatable(_) => "INVALID_MSG_TYPE",
+            ValidationError::ReceiveIdType(_) => "INVALID_ID",
             ValidationError::UuidTooLong(_) => "INVALID_UUID",
             ValidationError::Ttl(_) => "INVALID_TTL",
             ValidationError::TooLarge { .. } => "CONTENT_TOO_LARGE",
@@ -134,7 +148,8 @@ impl ValidationError {
         match self {
             ValidationError::EmptyMessageId => "message_id",
             ValidationError::BadId { field, .. } => field,
-            ValidationError::MsgType(_) => "msg_type",
+            ValidationError::MsgType(_) | ValidationError::NotUpdatable(_) => "msg_type",
+            ValidationError::ReceiveIdType(_) => "receive_id_type",
             ValidationError::UuidTooLong(_) => "uuid",
             ValidationError::Ttl(_) => "ttl_s",
             _ => "content",
@@ -194,7 +209,10 @@ impl RawReply<'_> {
     }
 }
 
-fn optional_id(field: &'static str, id: &str) -> Result<Option<String>, ValidationError> {
+pub(crate) fn optional_id(
+    field: &'static str,
+    id: &str,
+) -> Result<Option<String>, ValidationError> {
     if id.is_empty() {
         return Ok(None);
     }
@@ -204,7 +222,7 @@ fn optional_id(field: &'static str, id: &str) -> Result<Option<String>, Validati
 
 /// Feishu ids are short ASCII tokens (`om_…`, `oc_…`, `ou_…`); they go into a URL path, so
 /// anything with separators, spaces or control characters is refused here.
-fn check_id(field: &'static str, id: &str) -> Result<(), ValidationError> {
+pub(crate) fn check_id(field: &'static str, id: &str) -> Result<(), ValidationError> {
     if id.len() > MAX_ID_CHARS {
         return Err(ValidationError::BadId {
             field,
