@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::sim::{SimFeishu, SimOptions};
-use feishu_reply_gateway::feishu::{Call, SendRequest, UpstreamError};
+use feishu_reply_gateway::feishu::{Call, MessageUpdate, NewMessage, SendRequest, UpstreamError};
 use feishu_reply_gateway::metrics::Metrics;
-use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig, Target};
+use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig, Target, message_queue};
 use tokio::time::Instant;
 
 /// 1000 replies to distinct chats: 50/s until the 1000/min quota is spent, bursts at 0..19 s.
@@ -48,13 +48,33 @@ fn reply_in(message_id: String, chat: String, uuid: String) -> JobSpec {
     }
 }
 
+/// A send to chat `oc_s<i>` (no reply shares it).
+fn send_job(i: usize) -> JobSpec {
+    JobSpec {
+        chat_id: format!("oc_s{i}").into(),
+        request: Call::Send(NewMessage {
+            receive_id_type: "chat_id",
+            receive_id: format!("oc_s{i}"),
+            msg_type: "text",
+            content: r#"{"text":"hi"}"#.into(),
+            uuid: format!("send-{i}"),
+        }),
+        ..job(i)
+    }
+}
+
 /// Submits `n` replies to distinct chats at once; returns when the last was answered,
 /// measured from the submission.
 async fn burst(sim: &Arc<SimFeishu>, n: usize) -> Duration {
+    burst_of(sim, (0..n).map(job).collect()).await
+}
+
+/// Submits `jobs` at once; returns when the last was answered, measured from the submission.
+async fn burst_of(sim: &Arc<SimFeishu>, jobs: Vec<JobSpec>) -> Duration {
     let config = SchedulerConfig::from_config(&Config::defaults());
     let s = Scheduler::start(config, sim.clone(), Arc::new(Metrics::new()));
     let start = Instant::now();
-    let rxs: Vec<_> = (0..n).map(|i| s.submit(job(i))).collect();
+    let rxs: Vec<_> = jobs.into_iter().map(|j| s.submit(j)).collect();
     for rx in rxs {
         rx.await.unwrap().expect("delivered");
     }
@@ -115,6 +135,81 @@ async fn a_fast_network_drains_within_3_percent_of_the_physical_limit() {
     let opts = SimOptions::default();
     let r = clean_burst(opts, 1000, PHYSICAL_LIMIT_1000).await;
     assert!(r <= 1.03, "drained in {r:.3} x the physical limit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn replies_and_sends_of_one_app_drain_together_in_their_own_app_windows() {
+    // Feishu counts 50/s and 1000/min per API: 1000 replies and 1000 sends of one app, to
+    // distinct chats, fit in the same 19 s (pooled in one set of windows they would need 39 s).
+    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
+    let jobs = (0..1000).map(job).chain((0..1000).map(send_job)).collect();
+    let drain = burst_of(&sim, jobs).await;
+    let stats = sim.stats();
+    assert_eq!(stats.rate_rejections(), 0, "{stats:?}");
+    assert_eq!(stats.posted, 2000, "{stats:?}");
+    assert_eq!(stats.requests_by_operation["send"], 1000, "{stats:?}");
+    let r = drain.as_secs_f64() / PHYSICAL_LIMIT_1000.as_secs_f64();
+    assert!(r <= 1.05, "drained in {r:.3} x the physical limit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hundred_updates_of_one_card_in_two_seconds_latest_wins_at_5_per_second() {
+    // A card updated every 20 ms: Feishu allows 5 updates per second per message. Each update
+    // still waiting when a newer one comes is answered superseded, never sent; what is sent
+    // goes in order, at most 5 in any second, and the last content is the last update's.
+    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
+    let config = SchedulerConfig::from_config(&Config::defaults());
+    let s = Scheduler::start(config, sim.clone(), Arc::new(Metrics::new()));
+    let update = |n: usize| JobSpec {
+        chat_id: message_queue("om_card"),
+        target: Target::Message { chat: None },
+        request: Call::Update(MessageUpdate {
+            message_id: "om_card".into(),
+            msg_type: "interactive",
+            content: format!(r#"{{"elements":[],"n":{n}}}"#),
+        }),
+        ..job(n)
+    };
+    let mut answers = Vec::new();
+    for n in 0..100 {
+        answers.push(s.submit(update(n)));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut superseded = 0;
+    for rx in answers {
+        let d = rx.await.unwrap().expect("every update is answered OK");
+        superseded += usize::from(d.superseded);
+    }
+    let sent = sim.arrivals();
+    assert_eq!(
+        sent.len() + superseded,
+        100,
+        "each update sent or superseded"
+    );
+    let numbers: Vec<usize> = sent
+        .iter()
+        .map(|a| {
+            let v: serde_json::Value = serde_json::from_str(&a.content).unwrap();
+            v["n"].as_u64().unwrap() as usize
+        })
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "in order: {numbers:?}"
+    );
+    assert_eq!(numbers.last(), Some(&99), "the last content wins");
+    let times: Vec<f64> = sent.iter().map(|a| a.at.as_secs_f64() * 1000.0).collect();
+    assert!(max_in(&times, 1000.0) <= 5, "{times:?}");
+    assert!(superseded >= 80, "{superseded} superseded");
+    assert_eq!(sim.stats().rate_rejections(), 0);
+}
+
+/// The most timestamps (ms) in any window of `w` ms.
+fn max_in(times: &[f64], w: f64) -> usize {
+    (0..times.len())
+        .map(|i| times[i..].iter().take_while(|t| **t - times[i] < w).count())
+        .max()
+        .unwrap_or(0)
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,4 +1,5 @@
-//! A faithful fake of the Feishu endpoints the gateway uses (token, reply, get message), for
+//! A faithful fake of the Feishu endpoints the gateway uses (token, the message endpoints:
+//! reply, send, update, edit, recall; get message), for
 //! `fake-feishu`, the embedded mode of `serve`, tests and benches. It enforces the documented
 //! quotas in a chosen counting mode, dedupes uuid, answers in Feishu's shapes and records
 //! everything it received. Control endpoints live under `/_fake/`.
@@ -21,8 +22,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
+use crate::feishu::Api;
+
 mod book;
-mod reply;
+mod messages;
 pub mod sim;
 mod window;
 
@@ -139,6 +142,9 @@ pub struct Received {
     pub seq: u64,
     /// Milliseconds since the fake started.
     pub at_ms: f64,
+    /// reply, send, update_card, edit or recall.
+    #[serde(default)]
+    pub operation: String,
     pub message_id: String,
     pub chat_id: String,
     pub app_id: String,
@@ -196,6 +202,8 @@ struct Inner {
     /// The most recent requests (at most [`MAX_RECORDS`]; `stats` counts all of them).
     received: VecDeque<Received>,
     faults: VecDeque<Fault>,
+    /// Each message's edits and whether it was recalled.
+    book: book::Book,
     stats: FakeStats,
     rng: u64,
 }
@@ -246,6 +254,7 @@ impl FakeFeishu {
                 uuid_order: VecDeque::new(),
                 received: VecDeque::new(),
                 faults: VecDeque::new(),
+                book: book::Book::default(),
                 stats: FakeStats::default(),
                 rng: 0x9E37_79B9_7F4A_7C15,
             }),
@@ -364,9 +373,16 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/open-apis/im/v1/messages/{message_id}/reply",
-            post(reply::reply),
+            post(messages::reply),
         )
-        .route("/open-apis/im/v1/messages/{message_id}", get(get_message))
+        .route("/open-apis/im/v1/messages", post(messages::send))
+        .route(
+            "/open-apis/im/v1/messages/{message_id}",
+            get(get_message)
+                .patch(|s, c, p, h, b| messages::change(Api::UpdateCard, s, c, p, h, b))
+                .put(|s, c, p, h, b| messages::change(Api::Edit, s, c, p, h, b))
+                .delete(|s, c, p, h, b| messages::change(Api::Recall, s, c, p, h, b)),
+        )
         .route(
             "/_fake/received",
             get(|State(s): State<Arc<Shared>>| async move {
