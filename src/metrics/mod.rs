@@ -124,6 +124,10 @@ impl Metrics {
             retries.clone(),
         );
         let superseded = Family::<OperationLabel, Counter>::default();
+        // Only updates are superseded: each reads 0 before its first.
+        for operation in ["update_card", "edit"] {
+            let _ = superseded.get_or_create(&OperationLabel { operation });
+        }
         registry.register(
             "feishu_reply_superseded",
             "Updates answered superseded (a newer update of the message came while they waited), never sent",

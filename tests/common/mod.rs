@@ -791,22 +791,32 @@ pub async fn submit_backlog(
     let mut ids = Vec::new();
     for i in 0..n {
         let chat = i % 3;
-        let r = c
-            .submit_reply(text(
+        // Every fourth job is a send to the chat (its text names it in `posts`): sends and
+        // replies share one queue per chat, and its order.
+        let r = if i % 4 == 3 {
+            c.submit_send(feishu_reply_gateway::proto::SendRequest {
+                receive_id_type: "chat_id".into(),
+                receive_id: format!("oc_{tag}{chat}"),
+                msg_type: "text".into(),
+                content: serde_json::json!({ "text": format!("{tag}{i:04}") }).to_string(),
+                ..Default::default()
+            })
+            .await
+        } else {
+            c.submit_reply(text(
                 &format!("om_{tag}{i:04}_in_{tag}{chat}"),
                 &format!("oc_{tag}{chat}"),
                 &format!("{tag} {i}"),
             ))
             .await
-            .expect("submit")
-            .into_inner();
-        ids.push(r.job_id);
+        };
+        ids.push(r.expect("submit").into_inner().job_id);
     }
     ids
 }
 
 /// Posts at the fake: successes (not deduped) per uuid, and message ids per chat in the order
-/// posted.
+/// posted (a send, which replies to no message, as `om_<its text>`).
 pub fn posts(
     fake: &FakeFeishu,
 ) -> (
@@ -817,10 +827,14 @@ pub fn posts(
     let mut per_chat = std::collections::HashMap::<String, Vec<String>>::new();
     for r in fake.received().iter().filter(|r| r.code == 0 && !r.deduped) {
         *by_uuid.entry(r.uuid.clone()).or_default() += 1;
-        per_chat
-            .entry(r.chat_id.clone())
-            .or_default()
-            .push(r.message_id.clone());
+        let key = match r.operation.as_str() {
+            "send" => serde_json::from_str::<serde_json::Value>(&r.content)
+                .ok()
+                .and_then(|v| v["text"].as_str().map(|t| format!("om_{t}")))
+                .unwrap_or_default(),
+            _ => r.message_id.clone(),
+        };
+        per_chat.entry(r.chat_id.clone()).or_default().push(key);
     }
     (by_uuid, per_chat)
 }
