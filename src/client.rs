@@ -1,5 +1,5 @@
-//! The client commands of the binary: `send` (one reply, or `--async` a durable job) and
-//! `job get|watch|cancel ID`. Errors print their gRPC code, reason and details; exit code 2.
+//! The client commands of the binary: `send` (one reply, or with `--to` a new message; `--async`
+//! a durable job), `update` and `recall` of a message, and `job get|watch|cancel ID`. Errors print their gRPC code, reason and details; exit code 2.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -7,8 +7,8 @@ use std::time::Duration;
 use feishu_reply_gateway::proto::reply_admin_client::ReplyAdminClient;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
 use feishu_reply_gateway::proto::{
-    GetReplyRequest, InspectAppRequest, InspectCallerRequest, InspectChatRequest, ReplyJob,
-    ReplyRequest, ReplyResponse,
+    GetReplyRequest, InspectAppRequest, InspectCallerRequest, InspectChatRequest,
+    RecallMessageRequest, ReplyJob, ReplyRequest, ReplyResponse, SendRequest, UpdateMessageRequest,
 };
 use tonic_types::StatusExt;
 
@@ -19,8 +19,13 @@ pub struct SendArgs {
     /// Gateway address.
     #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// The message replied to.
+    #[arg(long, required_unless_present = "to", conflicts_with = "to")]
+    message_id: Option<String>,
+    /// Send a new message instead of a reply: `chat:oc_…`, `open_id:ou_…`, `user_id:…`,
+    /// `union_id:on_…` or `email:…`.
     #[arg(long)]
-    message_id: String,
+    to: Option<String>,
     /// Shorthand for --msg-type text --content '{"text": TEXT}'.
     #[arg(long, conflicts_with_all = ["msg_type", "content"])]
     text: Option<String>,
@@ -142,21 +147,95 @@ fn job_json(j: &ReplyJob) -> serde_json::Value {
     })
 }
 
-pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
-    let (msg_type, content) = match (args.text, args.msg_type, args.content) {
-        (Some(text), _, _) => (
+/// The message type and content of `--text`, or of `--msg-type` and `--content`.
+fn body(
+    text: Option<String>,
+    msg_type: Option<String>,
+    content: Option<String>,
+) -> Result<(String, String), BoxError> {
+    match (text, msg_type, content) {
+        (Some(text), _, _) => Ok((
             "text".to_owned(),
             serde_json::json!({ "text": text }).to_string(),
-        ),
-        (None, Some(t), Some(c)) => (t, c),
-        _ => return Err("give --text, or both --msg-type and --content".into()),
+        )),
+        (None, Some(t), Some(c)) => Ok((t, c)),
+        _ => Err("give --text, or both --msg-type and --content".into()),
+    }
+}
+
+/// Answers a call: its response as JSON, or its status (exit code 2).
+fn print_answer<T>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    json: impl FnOnce(T) -> serde_json::Value,
+) -> Result<ExitCode, BoxError> {
+    match r {
+        Ok(resp) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json(resp.into_inner()))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(status) => Ok(print_status(&status)),
+    }
+}
+
+fn submitted(r: feishu_reply_gateway::proto::SubmitReplyResponse) -> serde_json::Value {
+    serde_json::json!({ "job_id": r.job_id, "duplicate": r.duplicate })
+}
+
+/// `send --to TYPE:ID`: a new message.
+async fn send_new(
+    args: SendArgs,
+    to: &str,
+    msg_type: String,
+    content: String,
+) -> Result<ExitCode, BoxError> {
+    let (kind, id) = to
+        .split_once(':')
+        .ok_or("--to is TYPE:ID, e.g. chat:oc_… or open_id:ou_…")?;
+    let receive_id_type = match kind {
+        "chat" => "chat_id",
+        other => other,
     };
+    let mut client = ReplyGatewayClient::connect(args.addr.clone())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
+    let mut req = tonic::Request::new(SendRequest {
+        app: args.app,
+        receive_id_type: receive_id_type.to_owned(),
+        receive_id: id.to_owned(),
+        msg_type,
+        content,
+        uuid: args.uuid,
+        ttl_s: args.ttl_s,
+    });
+    req.set_timeout(Duration::from_millis(args.timeout_ms));
+    if let Ok(v) = args.caller.parse() {
+        req.metadata_mut().insert("x-caller", v);
+    }
+    authorize(&mut req, args.token.as_deref())?;
+    if args.asynchronous {
+        return print_answer(client.submit_send(req).await, submitted);
+    }
+    print_answer(client.send(req).await, |r| response_json(&r))
+}
+
+pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
+    let (msg_type, content) = body(
+        args.text.clone(),
+        args.msg_type.clone(),
+        args.content.clone(),
+    )?;
+    if let Some(to) = args.to.clone() {
+        return send_new(args, &to, msg_type, content).await;
+    }
     let mut client = ReplyGatewayClient::connect(args.addr.clone())
         .await
         .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
     let mut req = tonic::Request::new(ReplyRequest {
         app: args.app,
-        message_id: args.message_id,
+        message_id: args.message_id.unwrap_or_default(),
         msg_type,
         content,
         reply_in_thread: args.reply_in_thread,
@@ -171,24 +250,69 @@ pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
     }
     authorize(&mut req, args.token.as_deref())?;
     if args.asynchronous {
-        return match client.submit_reply(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                let out = serde_json::json!({ "job_id": r.job_id, "duplicate": r.duplicate });
-                println!("{}", serde_json::to_string_pretty(&out)?);
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(status) => Ok(print_status(&status)),
-        };
+        return print_answer(client.submit_reply(req).await, submitted);
     }
-    match client.reply(req).await {
-        Ok(resp) => {
-            let out = response_json(&resp.into_inner());
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(status) => Ok(print_status(&status)),
+    print_answer(client.reply(req).await, |r| response_json(&r))
+}
+
+/// `update` and `recall`: one message of the app.
+#[derive(clap::Args)]
+pub struct UpdateArgs {
+    #[arg(long)]
+    message_id: String,
+    /// `update`: shorthand for --msg-type text --content '{"text": TEXT}'.
+    #[arg(long, conflicts_with_all = ["msg_type", "content"])]
+    text: Option<String>,
+    /// `update`: interactive (a card), text or post.
+    #[arg(long)]
+    msg_type: Option<String>,
+    #[arg(long)]
+    content: Option<String>,
+    #[arg(long, default_value = "")]
+    app: String,
+    /// The message's chat (counted there when `[quotas] updates_count_in_chat`).
+    #[arg(long, default_value = "")]
+    chat_id: String,
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    #[command(flatten)]
+    gateway: GatewayArgs,
+}
+
+/// `update` (`recall` false) or `recall` a message.
+pub async fn update(args: UpdateArgs, recall: bool) -> Result<ExitCode, BoxError> {
+    let mut client = ReplyGatewayClient::connect(args.gateway.addr.clone())
+        .await
+        .map_err(|e| format!("connecting to {}: {e}", args.gateway.addr))?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let token = args.gateway.token.clone();
+    if recall {
+        let mut req = tonic::Request::new(RecallMessageRequest {
+            app: args.app,
+            message_id: args.message_id,
+            chat_id: args.chat_id,
+        });
+        req.set_timeout(timeout);
+        authorize(&mut req, token.as_deref())?;
+        return print_answer(
+            client.recall_message(req).await,
+            |r| serde_json::json!({ "attempts": r.attempts }),
+        );
     }
+    let (msg_type, content) = body(args.text, args.msg_type, args.content)?;
+    let mut req = tonic::Request::new(UpdateMessageRequest {
+        app: args.app,
+        message_id: args.message_id,
+        msg_type,
+        content,
+        chat_id: args.chat_id,
+    });
+    req.set_timeout(timeout);
+    authorize(&mut req, token.as_deref())?;
+    print_answer(
+        client.update_message(req).await,
+        |r| serde_json::json!({ "superseded": r.superseded, "attempts": r.attempts, "queued_ms": r.queued_ms }),
+    )
 }
 
 pub async fn job(args: JobArgs) -> Result<ExitCode, BoxError> {

@@ -41,11 +41,16 @@ struct Cli {
 enum Command {
     /// Run the gateway (`--embedded-fake`: against an embedded fake Feishu, for a demo).
     Serve(ServeArgs),
-    /// Run a fake Feishu (token, reply, get-message endpoints) for tests and demos.
+    /// Run a fake Feishu (token, message and get-message endpoints) for tests and demos.
     FakeFeishu(FakeArgs),
-    /// Send one reply through a running gateway and print the result (`--async`: submit it
-    /// as a durable job and print its id).
+    /// Send one reply through a running gateway and print the result (`--to chat:oc_…` or
+    /// `--to open_id:ou_…`: a new message; `--async`: submit it as a durable job and print its
+    /// id).
     Send(client::SendArgs),
+    /// Update a message: a card (`--msg-type interactive`), a text or a post.
+    Update(client::UpdateArgs),
+    /// Recall a message.
+    Recall(client::UpdateArgs),
     /// Look at or cancel an async job: `job get|watch|cancel ID`.
     Job(client::JobArgs),
     /// Why is a reply slow: `inspect chat ID` (queue, and the quota that holds it), `inspect app
@@ -117,6 +122,8 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::FakeFeishu(args) => fake(args).await,
             Command::Send(args) => client::send(args).await,
+            Command::Update(args) => client::update(args, false).await,
+            Command::Recall(args) => client::update(args, true).await,
             Command::Job(args) => client::job(args).await,
             Command::Inspect(args) => client::inspect(args).await,
             Command::Probe(args) => probe(args),

@@ -69,8 +69,22 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
         stdout.contains("\"attempts\": 1") && stdout.contains("om_fake"),
         "{stdout}"
     );
+    // Edit the reply just posted.
+    let posted: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let edited = Command::new(BIN)
+        .args(["update", "--addr", &format!("http://127.0.0.1:{grpc}")])
+        .args(["--message-id", posted["message_id"].as_str().unwrap()])
+        .args(["--text", "hello again"])
+        .output()
+        .unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&edited.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&edited.stderr)));
+    assert_eq!(
+        (out["superseded"].as_bool(), out["attempts"].as_u64()),
+        (Some(false), Some(1))
+    );
 
-    // The same as a durable job: submit, then watch it to its end.
+    // A new message to the chat as a durable job: submit, then watch it to its end.
     let submitted = Command::new(BIN)
         .args([
             "send",
@@ -78,14 +92,7 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
             "--addr",
             &format!("http://127.0.0.1:{grpc}"),
         ])
-        .args([
-            "--message-id",
-            "om_cli_async",
-            "--chat-id",
-            "oc_cli",
-            "--text",
-            "later",
-        ])
+        .args(["--to", "chat:oc_cli", "--text", "later"])
         .output()
         .unwrap();
     let out: serde_json::Value = serde_json::from_slice(&submitted.stdout)
