@@ -499,6 +499,46 @@ fn post(
     data
 }
 
+/// `GET /im/v1/messages/:id`: where a message lives.
+pub(super) async fn get_message(
+    State(s): State<Arc<Shared>>,
+    conn: Option<axum::Extension<NewConnection>>,
+    Path(message_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    arrive(&s, conn.as_deref()).await;
+    let mut inner = s.inner.lock();
+    inner.stats.message_lookups += 1;
+    if let Err((code, msg)) = authorize(&inner, &headers) {
+        drop(inner);
+        return error(&s, 400, code, msg);
+    }
+    if !well_formed_id(&message_id) {
+        drop(inner);
+        return error(
+            &s,
+            400,
+            230001,
+            "Your request contains an invalid request parameter.",
+        );
+    }
+    let info = message_info(&inner, &message_id);
+    drop(inner);
+    feishu(
+        &s,
+        200,
+        json!({"code": 0, "msg": "success", "data": {"items": [{
+            "message_id": message_id,
+            "msg_type": "text",
+            "chat_id": info.chat_id,
+            "sender": { "id": info.user_id.unwrap_or_default(), "id_type": "open_id", "sender_type": "user" },
+            "body": { "content": "{\"text\":\"hello\"}" },
+            "deleted": false,
+            "updated": false,
+        }]}}),
+    )
+}
+
 /// When a posted reply is answered (scripted faults).
 #[derive(Debug, Clone, Copy)]
 enum Hold {

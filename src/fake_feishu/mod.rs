@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -378,7 +378,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/open-apis/im/v1/messages", post(messages::send))
         .route(
             "/open-apis/im/v1/messages/{message_id}",
-            get(get_message)
+            get(messages::get_message)
                 .patch(|s, c, p, h, b| messages::change(Api::UpdateCard, s, c, p, h, b))
                 .put(|s, c, p, h, b| messages::change(Api::Edit, s, c, p, h, b))
                 .delete(|s, c, p, h, b| messages::change(Api::Recall, s, c, p, h, b)),
@@ -572,43 +572,4 @@ fn well_formed_id(id: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         && id.len() > 3
-}
-
-async fn get_message(
-    State(s): State<Arc<Shared>>,
-    conn: Option<axum::Extension<NewConnection>>,
-    Path(message_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    arrive(&s, conn.as_deref()).await;
-    let mut inner = s.inner.lock();
-    inner.stats.message_lookups += 1;
-    if let Err((code, msg)) = authorize(&inner, &headers) {
-        drop(inner);
-        return error(&s, 400, code, msg);
-    }
-    if !well_formed_id(&message_id) {
-        drop(inner);
-        return error(
-            &s,
-            400,
-            230001,
-            "Your request contains an invalid request parameter.",
-        );
-    }
-    let info = message_info(&inner, &message_id);
-    drop(inner);
-    feishu(
-        &s,
-        200,
-        json!({"code": 0, "msg": "success", "data": {"items": [{
-            "message_id": message_id,
-            "msg_type": "text",
-            "chat_id": info.chat_id,
-            "sender": { "id": info.user_id.unwrap_or_default(), "id_type": "open_id", "sender_type": "user" },
-            "body": { "content": "{\"text\":\"hello\"}" },
-            "deleted": false,
-            "updated": false,
-        }]}}),
-    )
 }

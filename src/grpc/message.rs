@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use tonic::Request;
 
-use super::{CallError, Door, ReplyService, explicit_uuid, uuid_of};
+use super::entry::{Entry, explicit_uuid, uuid_of};
+use super::{CallError, Door, ReplyService};
 use crate::auth::Caller;
 use crate::feishu::{Api, Call, MessageUpdate, NewMessage};
 use crate::jobs::{SendTo, StoredReply};
@@ -168,7 +169,7 @@ impl ReplyService {
         &self,
         door: &Door,
         caller: &Caller,
-        entry: super::Entry,
+        entry: Entry,
         app: usize,
         u: Update,
     ) -> Result<JobSpec, CallError> {
