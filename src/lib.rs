@@ -1,7 +1,7 @@
 //! # feishu-reply-gateway
 //!
-//! A gRPC service that internal services call to reply to Feishu (Lark) messages. It validates
-//! each reply, queues it per chat, paces sends so Feishu's quotas (5/s per chat, 5/s per user,
+//! A gRPC service that internal services call to reply to Feishu (Lark) messages, and to send,
+//! update and recall them. It validates each call, queues it per chat (per user, per message), paces sends so Feishu's quotas (5/s per chat, 5/s per user,
 //! 50/s and 1000/min per app) are never exceeded in any sliding window, keeps the
 //! tenant_access_token fresh, retries what is safe to retry with the same uuid (no double
 //! posts), and maps every failure to a precise gRPC status. See README.md and DESIGN notes.
@@ -11,8 +11,8 @@
 //! (ARCHITECTURE.md; checked by `tests/architecture.rs`).
 //!
 //! **Entry.**
-//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--async]`,
-//!   `job get|watch|cancel`, `inspect chat|app|caller`).
+//! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--to T:ID]
+//!   [--async]`, `update`, `recall`, `job get|watch|cancel`, `inspect chat|app|caller`).
 //! - [`app`]: wiring (the only place that picks local or Redis quotas, the redb or Redis job
 //!   store, the Redis budget counter, the embedded fake), metrics/health port, shutdown.
 //! - [`reload`]: live reload (SIGHUP, a watch on the config and secret directories): applies a
@@ -21,11 +21,14 @@
 //!
 //! **Api.**
 //! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
-//!   the `ReplyGateway` service (`grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply,
+//!   the `ReplyGateway` service (`grpc::entry`: what the door takes of every call, the job it
+//!   makes, the uuids derived for a caller; `grpc::message`: Send, SubmitSend, UpdateMessage,
+//!   RecallMessage; `grpc::answer`: how a call ends, counted per operation;
+//!   `grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply,
 //!   and `JobAnswers`, a job's end in the API's terms; `grpc::admin`: the `ReplyAdmin`
 //!   service, InspectChat, InspectApp, InspectCaller; the door's apps and callers in one
 //!   `Door` a reload replaces); `grpc::status` the one error → gRPC status table
-//!   ([`grpc::CallError`]: the domain's error or the door's own).
+//!   ([`grpc::CallError`]: the domain's error or the door's own; Feishu codes read per endpoint).
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
 //!   with which credential (the work it submits is owned by it), which apps it may use, its
 //!   admission rate buckets.
@@ -51,8 +54,10 @@
 //! - [`redis_conn`]: the connections to the shared Redis (standalone or Redis Cluster, TLS;
 //!   one per lane: quotas, and the job store), shared by both Redis backends.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
-//!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the reply endpoint in
-//!   `fake_feishu::reply`, quota counters in `fake_feishu::window`);
+//!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the message endpoints
+//!   (reply, send, PATCH, PUT, DELETE, get) in `fake_feishu::messages`, what both fakes decide
+//!   alike (counters per target and per API, edits and recalls) in `fake_feishu::book`, quota
+//!   counters in `fake_feishu::window`);
 //!   [`fake_feishu::sim`] the same Feishu in-process on tokio's clock, for virtual-time tests.
 //!
 //! **Domain.**
@@ -61,11 +66,12 @@
 //!   domain's failures; `scheduler::handle` the handle callers use (start, submit, reply,
 //!   cancel, seed past sends, shutdown); `scheduler::admission` queue bounds (count and bytes)
 //!   and deadlines at the door, and which chats are urgent (on the critical path of their
-//!   app's drain) with the app slots kept for them; `scheduler::queue` the per-chat queue
+//!   app's drain) with the app slots kept for them, and updates a newer one supersedes;
+//!   `scheduler::queue` the per-chat queue (a queue is a chat, `user:<id>` or `message:<id>`)
 //!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a
 //!   runtime; `queue::urgent` urgent chats go first); `scheduler::layout`
-//!   which quotas a job counts in (per-app lists; a reload appends changed lists, and how long
-//!   an app's quotas need for a backlog);
+//!   which quotas a job counts in (`Target`: chat, user or message; app keys per API; per-app
+//!   lists; a reload appends changed lists, and how long an app's quotas need for a backlog);
 //!   [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's windows and
 //!   queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares, quota lists
 //!   with their sends carried over, removed apps failing `APP_REMOVED`, removed callers and
@@ -75,15 +81,17 @@
 //!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
 //!   counts in); [`scheduler::gone`] messages Feishu said are recalled or deleted (30 min:
 //!   replies to them fail `MESSAGE_GONE` without a call).
-//! - [`reply`]: `MsgType`, content validation (no transport types).
+//! - [`reply`]: `MsgType`, content validation (no transport types); `reply::message` a send's
+//!   receiver, an update's or a recall's message.
 //! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
 //!   one first (through `feishu::CallMeter`; across replicas through a `SharedCounter`, else
 //!   in the process); spent = refused until the reset.
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //!
 //! **Upstream.**
-//! - [`feishu`]: the `Upstream` seam, reqwest client, token cache, answer classification, the
-//!   `CallMeter` hook every call is charged to.
+//! - [`feishu`]: the `Upstream` seam (`Call`: reply, send, update, edit, recall; `Api` its
+//!   endpoint), reqwest client, token cache, answer classification, the `CallMeter` hook every
+//!   call is charged to.
 //!
 //! **Foundation.**
 //! - [`config`]: the only place the config file and env are read; validated [`config::Config`]
@@ -95,7 +103,8 @@
 //!   reloaded config lined up with the running one: stable app and caller slots, restart-only
 //!   settings).
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names (`metrics::labels` their label
-//!   sets, label values and the list of names).
+//!   sets, label values and the list of names; `metrics::backends` the job store's, budgets'
+//!   and Redis's).
 //! - [`telemetry`]: logs, and OpenTelemetry traces over OTLP when `OTEL_*` asks (the W3C
 //!   `traceparent` of a call continued; trace ids as metric exemplars); `telemetry::fields`
 //!   the text log's field writer (caller-chosen values quoted and escaped).
