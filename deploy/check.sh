@@ -55,7 +55,7 @@ python3 - "$tmp/dashboard-rules.yaml" <<'PY'
 import json, sys, yaml
 d = json.load(open("grafana/dashboard.json"))
 exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
-subst = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$app": ".*"}
+subst = {"$__rate_interval": "5m", "$__range": "1h", "$__interval": "1m", "$app": ".*", "$operation": ".*"}
 rules = []
 for i, e in enumerate(exprs):
     for k, v in subst.items():
