@@ -218,13 +218,22 @@ async fn assert_metered(gw: &TestGateway, source: &str, token: Option<&str>) {
         ("metered", "cli_metered")
     );
     assert_eq!(a.source, source, "{a:?}");
-    let [q] = &a.quotas[..] else {
-        panic!("its own list only: {a:?}")
-    };
+    // Its own list, once per API (each API has its own windows): the replies' are full.
+    let ids: Vec<&str> = a.quotas.iter().map(|q| q.id.as_str()).collect();
     assert_eq!(
-        (q.kind.as_str(), q.id.as_str()),
-        ("app:60000ms", "cli_metered")
+        ids,
+        [
+            "cli_metered",
+            "cli_metered/send",
+            "cli_metered/update_card",
+            "cli_metered/edit",
+            "cli_metered/recall"
+        ],
+        "{a:?}"
     );
+    assert!(a.quotas.iter().all(|q| q.kind == "app:60000ms"), "{a:?}");
+    assert!(a.quotas[1..].iter().all(|q| q.used == 0), "{a:?}");
+    let q = &a.quotas[0];
     assert_eq!((q.used, q.limit), (3, 3), "{a:?}");
     assert!(q.frees_in_ms > 0 && q.frees_in_ms <= 60_005, "{a:?}");
     let b = a.budget.expect("a budget");

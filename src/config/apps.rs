@@ -1,6 +1,6 @@
 //! `[apps.NAME]`: Feishu apps, their credentials, and what each may override: its quotas
-//! (`quotas = [...]`, the shape of `[quotas] app`) and a calendar call budget
-//! (`[apps.NAME.budget]`).
+//! (`quotas = [...]`, the shape of `[quotas] app`; `[apps.NAME.api_quotas]` one API's) and a
+//! calendar call budget (`[apps.NAME.budget]`).
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -15,6 +15,9 @@ use crate::quota::QuotaSpec;
 /// The app name used for `FEISHU_APP_ID` / `FEISHU_APP_SECRET` and for requests with no `app`.
 pub const DEFAULT_APP_NAME: &str = "default";
 
+/// Feishu's message APIs with app quotas of their own (`feishu::Api` names, checked there).
+pub const APIS: [&str; 5] = ["reply", "send", "update_card", "edit", "recall"];
+
 /// Where Feishu counts an app's calls from (free edition: 10 000 a month).
 pub const DEFAULT_BUDGET_TIME_ZONE: &str = "Asia/Shanghai";
 
@@ -27,6 +30,8 @@ pub struct AppConfig {
     pub app_secret: String,
     /// This app's own app quotas instead of `[quotas] app`.
     pub quotas: Option<Vec<QuotaSpec>>,
+    /// One API's app quotas of this app (by [`APIS`] name), instead of `quotas`.
+    pub api_quotas: BTreeMap<String, Vec<QuotaSpec>>,
     /// Feishu calls this app may make per calendar period.
     pub budget: Option<BudgetConfig>,
     /// Where the secret was read from (`app_secret_file`): watched for live reload.
@@ -42,6 +47,7 @@ impl std::fmt::Debug for AppConfig {
             .field("app_id", &self.app_id)
             .field("app_secret", &"<redacted>")
             .field("quotas", &self.quotas)
+            .field("api_quotas", &self.api_quotas)
             .field("budget", &self.budget)
             .field("secret_file", &self.secret_file)
             .field("removed", &self.removed)
@@ -61,6 +67,7 @@ impl AppConfig {
             app_id: app_id.into(),
             app_secret: secret.into(),
             quotas: None,
+            api_quotas: BTreeMap::new(),
             budget: None,
             secret_file: None,
             removed: false,
@@ -98,6 +105,8 @@ pub(super) struct FileApp {
     /// …a file holding it (a mounted Kubernetes Secret: rotated by a live reload).
     pub(super) app_secret_file: Option<std::path::PathBuf>,
     pub(super) quotas: Option<Vec<FileQuota>>,
+    #[serde(default)]
+    pub(super) api_quotas: BTreeMap<String, Vec<FileQuota>>,
     pub(super) budget: Option<FileBudget>,
 }
 
@@ -195,11 +204,30 @@ pub(super) fn apps(
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let mut api_quotas = BTreeMap::new();
+        for (api, q) in a.api_quotas {
+            let what = format!("apps.{name}.api_quotas.{api}");
+            if !APIS.contains(&api.as_str()) {
+                return Err(invalid(format!(
+                    "{what}: no such API (one of {})",
+                    APIS.join(", ")
+                )));
+            }
+            if q.is_empty() {
+                return Err(invalid(format!("{what}: give at least one quota")));
+            }
+            let specs = q
+                .into_iter()
+                .map(|q| quota_spec(&what, q))
+                .collect::<Result<Vec<_>, _>>()?;
+            api_quotas.insert(api, specs);
+        }
         let budget = a.budget.map(|b| budget(&name, b)).transpose()?;
         list.push(AppConfig {
             app_id: a.app_id,
             app_secret: secret,
             quotas,
+            api_quotas,
             budget,
             secret_file,
             removed: false,
@@ -208,13 +236,16 @@ pub(super) fn apps(
     }
     match env_app {
         (Some(id), Some(secret)) => {
-            let (quotas, budget) = list
+            let (quotas, api_quotas, budget) = list
                 .iter()
                 .find(|a| a.name == DEFAULT_APP_NAME)
-                .map_or((None, None), |a| (a.quotas.clone(), a.budget.clone()));
+                .map_or((None, BTreeMap::new(), None), |a| {
+                    (a.quotas.clone(), a.api_quotas.clone(), a.budget.clone())
+                });
             list.retain(|a| a.name != DEFAULT_APP_NAME);
             list.push(AppConfig {
                 quotas,
+                api_quotas,
                 budget,
                 ..AppConfig::new(DEFAULT_APP_NAME, id.clone(), secret.clone())
             });
@@ -233,10 +264,10 @@ pub(super) fn apps(
                 a.name
             )));
         }
-        if let Some(b) = list
-            .iter()
-            .find(|b| b.app_id == a.app_id && (b.quotas != a.quotas || b.budget != a.budget))
-        {
+        if let Some(b) = list.iter().find(|b| {
+            b.app_id == a.app_id
+                && (b.quotas != a.quotas || b.api_quotas != a.api_quotas || b.budget != a.budget)
+        }) {
             return Err(invalid(format!(
                 "apps {} and {} share an app_id (one app at Feishu): give them the same quotas and budget",
                 a.name, b.name

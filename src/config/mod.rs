@@ -16,7 +16,9 @@ mod error;
 mod file;
 pub mod live;
 
-pub use apps::{AppConfig, BudgetConfig, BudgetPeriod, DEFAULT_APP_NAME, DEFAULT_BUDGET_TIME_ZONE};
+pub use apps::{
+    APIS, AppConfig, BudgetConfig, BudgetPeriod, DEFAULT_APP_NAME, DEFAULT_BUDGET_TIME_ZONE,
+};
 pub use args::ServeArgs;
 pub use auth::{
     ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerConfig, CallerLimits, Ownership,
@@ -313,6 +315,14 @@ impl Config {
         };
 
         let spec = |what: &str, q: FileQuota| apps::quota_spec(&format!("quotas.{what}"), q);
+        if quotas.app_scope == AppScope::App
+            && let Some(a) = app_list.iter().find(|a| !a.api_quotas.is_empty())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "apps.{}.api_quotas: one API's quotas need [quotas] app_scope = \"api\" (with \"app\" every API shares one set)",
+                a.name
+            )));
+        }
         let quotas = QuotaConfig {
             chat: spec("chat", quotas.chat)?,
             user: spec("user", quotas.user)?,
@@ -327,11 +337,17 @@ impl Config {
             safety_margin: Duration::from_millis(quotas.safety_margin_ms),
             per_app: {
                 let mut per_app: Vec<(String, Vec<QuotaSpec>)> = Vec::new();
+                let mut seen = std::collections::HashSet::new();
                 for a in &app_list {
-                    if let Some(q) = &a.quotas
-                        && !per_app.iter().any(|(id, _)| *id == a.app_id)
-                    {
+                    if !seen.insert(a.app_id.as_str()) {
+                        continue;
+                    }
+                    if let Some(q) = &a.quotas {
                         per_app.push((a.app_id.clone(), q.clone()));
+                    }
+                    // One API's own: keyed `<app_id>/<api>`.
+                    for (api, q) in &a.api_quotas {
+                        per_app.push((format!("{}/{api}", a.app_id), q.clone()));
                     }
                 }
                 per_app
@@ -599,6 +615,31 @@ mod tests {
         assert_eq!(c.feishu.base_url, "https://open.larksuite.com");
         assert_eq!(c.quotas.app.len(), 1);
         assert!(!format!("{c:?}").contains("s1"), "secrets never printed");
+    }
+
+    #[test]
+    fn one_api_of_an_app_may_have_its_own_app_quotas() {
+        let text = |scope: &str, api: &str| {
+            format!(
+                "[apps.ops]\napp_id = \"cli_1\"\napp_secret = \"s1\"\n\
+                 [apps.ops.api_quotas]\n{api} = [{{ limit = 20, window_ms = 1000 }}]\n\
+                 [quotas]\napp_scope = \"{scope}\"\nupdates_count_in_chat = true\n"
+            )
+        };
+        let c = Config::from_toml(&text("api", "send")).unwrap();
+        assert_eq!(c.quotas.per_app.len(), 1);
+        assert_eq!(c.quotas.per_app[0].0, "cli_1/send");
+        assert_eq!(c.quotas.per_app[0].1[0].limit.get(), 20);
+        assert!(c.quotas.updates_count_in_chat);
+        assert_eq!(c.quotas.message.limit.get(), 5);
+        let e = Config::from_toml(&text("api", "patch"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such API"), "{e}");
+        let e = Config::from_toml(&text("app", "send"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("app_scope"), "{e}");
     }
 
     #[test]

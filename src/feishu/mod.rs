@@ -211,6 +211,7 @@ mod tests {
     fn the_metrics_know_every_operation() {
         let names: Vec<&str> = Api::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(names, crate::metrics::OPERATIONS);
+        assert_eq!(names, crate::config::APIS);
         for api in Api::ALL {
             assert_eq!(Api::parse(api.as_str()), Some(api));
         }

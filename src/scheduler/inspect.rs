@@ -87,11 +87,19 @@ impl Dispatcher {
 
 impl Dispatcher {
     pub(super) fn inspect_app(&self, app: AppIndex, app_id: &Arc<str>) -> AppSnapshot {
-        let keys: Vec<QuotaKey> = self
-            .layout
-            .app_quotas(app_id)
-            .map(|q| QuotaKey::new(q, app_id.clone()))
-            .collect();
+        // Each API's windows (one set when they are pooled).
+        let mut keys: Vec<QuotaKey> = Vec::new();
+        for api in crate::feishu::Api::ALL {
+            let key = self.layout.app_key(app_id, api);
+            if keys.iter().any(|k| k.id == key) {
+                continue;
+            }
+            keys.extend(
+                self.layout
+                    .api_quotas(app_id, api)
+                    .map(|q| QuotaKey::new(q, key.clone())),
+            );
+        }
         let quotas = self.quota_states(&keys, Instant::now());
         let (queued, queued_bytes) = self.queues.app_queued(app);
         AppSnapshot {

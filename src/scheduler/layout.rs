@@ -48,8 +48,9 @@ pub struct KeysOf<'a> {
     pub api: Api,
 }
 
-/// A quota a live reload replaced, for one app: the sends `app_id` counted in `from` count in
-/// `to` from now on (same kind: same window).
+/// A quota a live reload replaced, for one app and API: the sends its key (`app_id`: the
+/// app's key for the API, [`QuotaLayout::app_key`]) counted in `from` count in `to` from now
+/// on (same kind: same window).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Moved {
     pub from: QuotaId,
@@ -146,31 +147,49 @@ impl QuotaLayout {
         };
         let mut moved = Vec::new();
         for id in app_ids {
-            let (was, now) = (self.app_quotas(id), next.app_quotas(id));
-            if was == now {
-                continue;
-            }
-            for to in now {
-                if let Some(from) = was.clone().find(|&f| self.kinds[f] == next.kinds[to]) {
-                    moved.push(Moved {
-                        from,
-                        to,
-                        app_id: id.clone(),
-                    });
+            // Each API's windows (one key for all when they are pooled).
+            let mut done = Vec::new();
+            for api in Api::ALL {
+                let key = next.app_key(id, api);
+                if done.contains(&key) {
+                    continue;
+                }
+                let (was, now) = (self.api_quotas(id, api), next.api_quotas(id, api));
+                done.push(key.clone());
+                if was == now {
+                    continue;
+                }
+                for to in now {
+                    if let Some(from) = was.clone().find(|&f| self.kinds[f] == next.kinds[to]) {
+                        moved.push(Moved {
+                            from,
+                            to,
+                            app_id: key.clone(),
+                        });
+                    }
                 }
             }
         }
         (next, moved)
     }
 
-    /// The quota ids an app's sends count in. `app_key` is an app_id, or an app key of one
-    /// API ([`QuotaLayout::app_key`]): same lists.
-    pub fn app_quotas(&self, app_key: &str) -> Range<usize> {
-        let app_id = app_key.split_once('/').map_or(app_key, |(id, _)| id);
+    /// The quota ids an app's sends count in (its own list, else the default one).
+    pub fn app_quotas(&self, app_id: &str) -> Range<usize> {
         self.per_app
             .get(app_id)
             .cloned()
             .unwrap_or_else(|| self.default_app.clone())
+    }
+
+    /// The quota ids an app's calls of `api` count in: that API's own list
+    /// (`[apps.NAME.api_quotas]`), else the app's.
+    pub fn api_quotas(&self, app_id: &str, api: Api) -> Range<usize> {
+        match self.scope {
+            AppScope::Api => self.per_app.get(&*format!("{app_id}/{}", api.as_str())),
+            AppScope::App => None,
+        }
+        .cloned()
+        .unwrap_or_else(|| self.app_quotas(app_id))
     }
 
     /// The id an app's quota keys have for calls of `api`: the app_id for replies (and for
@@ -186,7 +205,7 @@ impl QuotaLayout {
     /// The quota keys a job counts in: its target's, then its app's for its API.
     pub fn keys_in(&self, job: KeysOf<'_>) -> Vec<QuotaKey> {
         let app_key = self.app_key(job.app_id, job.api);
-        let apps = self.app_quotas(&app_key);
+        let apps = self.api_quotas(job.app_id, job.api);
         let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + apps.len());
         match job.target {
             Target::Chat => keys.push(QuotaKey::new(CHAT_QUOTA, job.chat_id.clone())),
@@ -291,15 +310,20 @@ mod tests {
         let c = next.app_quotas("cli_c");
         assert_eq!(c, 6..7);
         assert_eq!(next.kinds[6], "app:1000ms");
-        // Its 1 s window starts with what it counted in the default 1 s window.
+        // Its 1 s window starts with what it counted in the default 1 s window, for each
+        // API's windows.
+        let keys: Vec<String> = moved.iter().map(|m| m.app_id.to_string()).collect();
         assert_eq!(
-            moved,
-            [Moved {
-                from: 3,
-                to: 6,
-                app_id: "cli_c".into()
-            }]
+            keys,
+            [
+                "cli_c",
+                "cli_c/send",
+                "cli_c/update_card",
+                "cli_c/edit",
+                "cli_c/recall"
+            ]
         );
+        assert!(moved.iter().all(|m| (m.from, m.to) == (3, 6)), "{moved:?}");
         // The default list changes: every app on it moves; ids in use keep their meaning.
         let lower = quotas(vec![spec(40, 1000)], vec![("cli_b", vec![spec(2, 1000)])]);
         let (third, moved) = next.next(&lower, &ids);
@@ -308,9 +332,70 @@ mod tests {
         assert_eq!(third.app_quotas("cli_c"), 7..8);
         let mut from: Vec<_> = moved
             .iter()
+            .filter(|m| !m.app_id.contains('/'))
             .map(|m| (m.app_id.to_string(), m.from, m.to))
             .collect();
         from.sort();
         assert_eq!(from, [("cli_a".into(), 3, 7), ("cli_c".into(), 6, 7)]);
+        assert_eq!(moved.len(), 2 * Api::ALL.len());
+    }
+
+    #[test]
+    fn each_api_counts_in_its_own_app_windows_unless_pooled() {
+        let default = vec![spec(50, 1000), spec(1000, 60_000)];
+        // cli_a's sends have a list of their own.
+        let q = quotas(default, vec![("cli_a/send", vec![spec(20, 1000)])]);
+        let layout = QuotaLayout::new(&q);
+        let app: Arc<str> = "cli_a".into();
+        let chat: Arc<str> = "oc_1".into();
+        let keys = |layout: &QuotaLayout, api| {
+            layout
+                .keys_in(KeysOf {
+                    target: &Target::Chat,
+                    chat_id: &chat,
+                    user_id: None,
+                    message_id: "",
+                    app_id: &app,
+                    api,
+                })
+                .into_iter()
+                .map(|k| {
+                    (
+                        layout.kinds[k.quota].clone(),
+                        layout.specs[k.quota].limit.get(),
+                        k.id.to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let reply = keys(&layout, Api::Reply);
+        assert_eq!(reply[0], ("chat".into(), 5, "oc_1".into()));
+        assert_eq!(reply[1], ("app:1000ms".into(), 50, "cli_a".into()));
+        assert_eq!(
+            keys(&layout, Api::Send)[1..],
+            [("app:1000ms".into(), 20, "cli_a/send".into())]
+        );
+        assert_eq!(keys(&layout, Api::Recall)[1].2, "cli_a/recall");
+        let pooled = QuotaLayout::new(&QuotaConfig {
+            app_scope: AppScope::App,
+            ..quotas(vec![spec(50, 1000)], vec![])
+        });
+        assert_eq!(keys(&pooled, Api::Send)[1].2, "cli_a");
+        // An update counts in its message's 5/s, and its chat's when given.
+        let update = layout.keys_in(KeysOf {
+            target: &Target::Message {
+                chat: Some(chat.clone()),
+            },
+            chat_id: &message_queue("om_1"),
+            user_id: None,
+            message_id: "om_1",
+            app_id: &app,
+            api: Api::UpdateCard,
+        });
+        let kinds: Vec<&str> = update
+            .iter()
+            .map(|k| layout.kinds[k.quota].as_str())
+            .collect();
+        assert_eq!(kinds, ["message", "chat", "app:1000ms", "app:60000ms"]);
     }
 }

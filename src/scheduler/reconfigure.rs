@@ -57,18 +57,10 @@ impl Dispatcher {
             self.gate
                 .add_quotas(&layout.specs[known..], &layout.kinds[known..]);
             for m in &moved {
-                // Each API's windows of the app (one key when they are pooled).
-                let mut keys: Vec<Arc<str>> = crate::feishu::Api::ALL
-                    .iter()
-                    .map(|&api| layout.app_key(&m.app_id, api))
-                    .collect();
-                keys.dedup();
-                for key in keys {
-                    self.gate.copy_key(
-                        &QuotaKey::new(m.from, key.clone()),
-                        &QuotaKey::new(m.to, key),
-                    );
-                }
+                self.gate.copy_key(
+                    &QuotaKey::new(m.from, m.app_id.clone()),
+                    &QuotaKey::new(m.to, m.app_id.clone()),
+                );
             }
             self.layout = Arc::new(layout);
             self.layout_gen += 1;
