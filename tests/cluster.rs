@@ -11,6 +11,7 @@ use common::{
 };
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, Fault};
+use feishu_reply_gateway::proto::SendRequest;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -112,18 +113,36 @@ async fn three_replicas_share_every_quota_through_redis() {
         let config = cluster_config(&fake, &url, &prefix, "");
         replicas.push(spawn_gateway_on(fake.clone(), config).await);
     }
-    // 285 replies to distinct chats plus 15 to one hot chat, spread over the three replicas:
-    // six windows of the app's 50/s.
+    // 285 calls to distinct chats plus 15 to one hot chat, spread over the three replicas:
+    // six windows of the app's 50/s. Every third call is a send instead of a reply: the hot
+    // chat's sends share its 5/s with its replies, and the sends have app windows of their own.
     let mut calls = Vec::new();
     for i in 0..300usize {
         let mut client = replicas[i % 3].client.clone();
         let hot = i % 20 == 0;
-        let req = if hot {
-            text(&format!("om_hot{i}_in_hot"), "oc_hot", "x")
+        let chat = if hot {
+            "oc_hot".to_owned()
         } else {
-            text(&format!("om_d{i}"), &format!("oc_d{i}"), "x")
+            format!("oc_d{i}")
         };
-        calls.push((hot, tokio::spawn(async move { client.reply(req).await })));
+        let call = if i % 3 == 2 {
+            let send = SendRequest {
+                receive_id_type: "chat_id".into(),
+                receive_id: chat,
+                msg_type: "text".into(),
+                content: format!(r#"{{"text":"s{i}"}}"#),
+                ..Default::default()
+            };
+            tokio::spawn(async move { client.send(send).await.map(|_| ()) })
+        } else {
+            let req = if hot {
+                text(&format!("om_hot{i}_in_hot"), &chat, "x")
+            } else {
+                text(&format!("om_d{i}"), &chat, "x")
+            };
+            tokio::spawn(async move { client.reply(req).await.map(|_| ()) })
+        };
+        calls.push((hot, call));
     }
     let hot_total = calls.iter().filter(|(hot, _)| *hot).count();
     for (_, c) in calls {
@@ -149,10 +168,18 @@ async fn three_replicas_share_every_quota_through_redis() {
         settles / stats.posted as f64
     );
     assert_eq!(stats.posted, 300);
+    assert_eq!(stats.requests_by_operation["send"], 100, "{stats:?}");
     assert_eq!(stats.rate_rejections(), 0, "{stats:?}");
     let received = fake.received();
-    let all: Vec<f64> = received.iter().map(|r| r.at_ms).collect();
-    assert!(max_in_window(&all, 1000.0) <= 50);
+    // Each API within its own 50/s.
+    for op in ["reply", "send"] {
+        let times: Vec<f64> = received
+            .iter()
+            .filter(|r| r.operation == op)
+            .map(|r| r.at_ms)
+            .collect();
+        assert!(max_in_window(&times, 1000.0) <= 50, "{op}");
+    }
     let hot: Vec<f64> = received
         .iter()
         .filter(|r| r.chat_id == "oc_hot")
