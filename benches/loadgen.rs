@@ -33,8 +33,8 @@ use feishu_reply_gateway::feishu::{
     AppIndex, BoxFuture, Call, SendRequest, SentMessage, Upstream, UpstreamError,
 };
 use feishu_reply_gateway::metrics::Metrics;
-use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::proto::{ReplyRequest, SendRequest as SendProto};
 use feishu_reply_gateway::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable};
 use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig, Target};
 use hdrhistogram::Histogram;
@@ -64,6 +64,10 @@ struct Cli {
 struct BurstOpts {
     #[arg(long, default_value_t = 1000)]
     replies: usize,
+    /// Sends (to other distinct chats) with the replies, interleaved: each API has its own app
+    /// windows, so the drain's limit is the larger family's.
+    #[arg(long, default_value_t = 0)]
+    sends: usize,
     /// The fake delays the first request on each new connection (a TLS handshake).
     #[arg(long, default_value_t = 0)]
     cold_connection_ms: u64,
@@ -586,14 +590,15 @@ fn physical_limit(chats: &[usize]) -> Duration {
 // === scenarios ===
 
 async fn burst(o: BurstOpts) {
-    let replies = o.replies;
+    let (replies, sends) = (o.replies, o.sends);
     let mut fake_args = vec!["--window".to_owned(), "sliding".to_owned()];
     fake_args.push(format!("--cold-connection-ms={}", o.cold_connection_ms));
     fake_args.push(format!("--inbound-jitter-ms={}", o.inbound_jitter_ms));
     let fake_args: Vec<&str> = fake_args.iter().map(String::as_str).collect();
-    let limit = physical_limit(&(0..replies).collect::<Vec<_>>());
+    let limit = physical_limit(&(0..replies.max(sends)).collect::<Vec<_>>());
     println!(
-        "burst: {replies} replies to {replies} chats, {} gateway process(es){}, fake: first request per connection +{} ms, inbound jitter 0-{} ms",
+        "burst: {replies} replies and {sends} sends to {} chats, {} gateway process(es){}, fake: first request per connection +{} ms, inbound jitter 0-{} ms",
+        replies + sends,
         o.replicas,
         if o.redis.is_some() {
             " sharing one Redis"
@@ -616,15 +621,39 @@ async fn burst(o: BurstOpts) {
         // One warm-up-free burst: each gateway fetches its token on its first send.
         let mut h = hist();
         let start = Instant::now();
-        let calls: Vec<_> = (0..replies)
-            .map(|i| {
-                let mut c = ReplyGatewayClient::new(s.gateways[i % s.gateways.len()].0.clone());
+        // Replies and sends interleaved (reply i, send i, …).
+        let mut order: Vec<(bool, usize)> = Vec::new();
+        for i in 0..replies.max(sends) {
+            if i < replies {
+                order.push((false, i));
+            }
+            if i < sends {
+                order.push((true, i));
+            }
+        }
+        let calls: Vec<_> = order
+            .into_iter()
+            .enumerate()
+            .map(|(n, (send, i))| {
+                let mut c = ReplyGatewayClient::new(s.gateways[n % s.gateways.len()].0.clone());
                 tokio::spawn(async move {
                     let t = Instant::now();
-                    let r = c
-                        .reply(text(&format!("om_burst{i}"), &format!("oc_burst{i}")))
-                        .await;
-                    (r.is_ok(), t.elapsed())
+                    let ok = if send {
+                        c.send(SendProto {
+                            receive_id_type: "chat_id".into(),
+                            receive_id: format!("oc_send{i}"),
+                            msg_type: "text".into(),
+                            content: r#"{"text":"x"}"#.into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok()
+                    } else {
+                        c.reply(text(&format!("om_burst{i}"), &format!("oc_burst{i}")))
+                            .await
+                            .is_ok()
+                    };
+                    (ok, t.elapsed())
                 })
             })
             .collect();
