@@ -11,14 +11,17 @@ use common::{
     spawn_gateway_lazy, text, token_sha256,
 };
 use feishu_reply_gateway::fake_feishu::{FakeOptions, Fault};
-use feishu_reply_gateway::proto::ReplyRequest;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+use feishu_reply_gateway::proto::{
+    RecallMessageRequest, ReplyRequest, SendRequest, UpdateMessageRequest,
+};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_types::StatusExt;
 
 const BILLING_TOKEN: &str = "billing-7f3a9c1e5b2d4f60";
 const OPS_TOKEN: &str = "ops-0b8e2a6c4d1f3e57a9";
+const NOTIFIER_TOKEN: &str = "notifier-5c2e8a1f7b3d9e40";
 
 fn reason(s: &tonic::Status) -> String {
     s.get_details_error_info()
@@ -51,11 +54,37 @@ fn callers(extra: &str) -> String {
     )
 }
 
-fn with_token(req: ReplyRequest, token: &str) -> tonic::Request<ReplyRequest> {
+fn with_token<T>(req: T, token: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(req);
     r.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     r
+}
+
+fn send_to(chat: &str) -> SendRequest {
+    SendRequest {
+        receive_id_type: "chat_id".into(),
+        receive_id: chat.into(),
+        msg_type: "text".into(),
+        content: r#"{"text":"x"}"#.into(),
+        ..Default::default()
+    }
+}
+
+fn edit(message_id: &str) -> UpdateMessageRequest {
+    UpdateMessageRequest {
+        message_id: message_id.into(),
+        msg_type: "text".into(),
+        content: r#"{"text":"y"}"#.into(),
+        ..Default::default()
+    }
+}
+
+fn recall(message_id: &str) -> RecallMessageRequest {
+    RecallMessageRequest {
+        message_id: message_id.into(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
@@ -85,16 +114,28 @@ async fn calls_without_valid_credentials_are_unauthenticated_and_never_sent() {
         assert_eq!(reason(&s), "CREDENTIALS_INVALID", "{case}");
         assert!(!s.message().contains("not-a-token"), "{case}: {s:?}");
     }
+    // The other message calls are behind the same door.
+    let send = client.send(send_to("oc_a")).await.unwrap_err();
+    let update = client.update_message(edit("om_a1")).await.unwrap_err();
+    let recall = client.recall_message(recall("om_a1")).await.unwrap_err();
+    for s in [send, update, recall] {
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+    }
     assert!(gw.fake.received().is_empty(), "nothing may reach Feishu");
     let m = gw.http_get("/metrics").await.1;
     let series =
         r#"feishu_reply_caller_requests_total{caller="unauthenticated",outcome="unauthenticated"}"#;
-    assert_eq!(metric(&m, series), Some(5.0), "{m}");
+    assert_eq!(metric(&m, series), Some(8.0), "{m}");
 }
 
 #[tokio::test]
 async fn a_caller_may_send_only_as_its_apps() {
-    let gw = spawn_gateway(FakeOptions::default(), &callers("")).await;
+    // `notifier`: app `default` only, at the default rate.
+    let notifier = format!(
+        "[callers.notifier]\ntoken_sha256 = \"{}\"\napps = [\"default\"]\nrate = 100\n",
+        token_sha256(NOTIFIER_TOKEN)
+    );
+    let gw = spawn_gateway(FakeOptions::default(), &callers(&notifier)).await;
     let mut client = gw.client.clone();
     let as_ops = ReplyRequest {
         app: "ops".into(),
@@ -111,6 +152,39 @@ async fn a_caller_may_send_only_as_its_apps() {
         info.metadata.get("caller").map(String::as_str),
         Some("billing")
     );
+    // Sends, updates and recalls as an app not its own: refused alike.
+    let send = SendRequest {
+        app: "ops".into(),
+        ..send_to("oc_p")
+    };
+    let update = UpdateMessageRequest {
+        app: "ops".into(),
+        ..edit("om_p1")
+    };
+    let recall = RecallMessageRequest {
+        app: "ops".into(),
+        ..recall("om_p1")
+    };
+    let refused = [
+        client
+            .send(with_token(send, NOTIFIER_TOKEN))
+            .await
+            .unwrap_err(),
+        client
+            .update_message(with_token(update, NOTIFIER_TOKEN))
+            .await
+            .unwrap_err(),
+        client
+            .recall_message(with_token(recall, NOTIFIER_TOKEN))
+            .await
+            .unwrap_err(),
+    ];
+    for s in refused {
+        assert_eq!(
+            (s.code(), reason(&s).as_str()),
+            (Code::PermissionDenied, "APP_NOT_ALLOWED")
+        );
+    }
     assert!(gw.fake.received().is_empty());
     // Its own app, and the caller given every app.
     client
@@ -122,6 +196,9 @@ async fn a_caller_may_send_only_as_its_apps() {
     let denied =
         r#"feishu_reply_caller_requests_total{caller="billing",outcome="permission_denied"}"#;
     assert_eq!(metric(&m, denied), Some(1.0), "{m}");
+    let denied =
+        r#"feishu_reply_caller_requests_total{caller="notifier",outcome="permission_denied"}"#;
+    assert_eq!(metric(&m, denied), Some(3.0), "{m}");
 }
 
 #[tokio::test]
