@@ -184,6 +184,24 @@ fn submitted(r: feishu_reply_gateway::proto::SubmitReplyResponse) -> serde_json:
     serde_json::json!({ "job_id": r.job_id, "duplicate": r.duplicate })
 }
 
+/// A connection to the gateway at `addr`.
+async fn connect(addr: &str) -> Result<ReplyGatewayClient<tonic::transport::Channel>, BoxError> {
+    Ok(ReplyGatewayClient::connect(addr.to_owned())
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?)
+}
+
+/// `msg` as `send` sends it: its deadline, the caller label, the token.
+fn call<T>(msg: T, args: &SendArgs) -> Result<tonic::Request<T>, BoxError> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(Duration::from_millis(args.timeout_ms));
+    if let Ok(v) = args.caller.parse() {
+        req.metadata_mut().insert("x-caller", v);
+    }
+    authorize(&mut req, args.token.as_deref())?;
+    Ok(req)
+}
+
 /// `send --to TYPE:ID`: a new message.
 async fn send_new(
     args: SendArgs,
@@ -198,23 +216,17 @@ async fn send_new(
         "chat" => "chat_id",
         other => other,
     };
-    let mut client = ReplyGatewayClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
-    let mut req = tonic::Request::new(SendRequest {
-        app: args.app,
+    let mut client = connect(&args.addr).await?;
+    let msg = SendRequest {
+        app: args.app.clone(),
         receive_id_type: receive_id_type.to_owned(),
         receive_id: id.to_owned(),
         msg_type,
         content,
-        uuid: args.uuid,
+        uuid: args.uuid.clone(),
         ttl_s: args.ttl_s,
-    });
-    req.set_timeout(Duration::from_millis(args.timeout_ms));
-    if let Ok(v) = args.caller.parse() {
-        req.metadata_mut().insert("x-caller", v);
-    }
-    authorize(&mut req, args.token.as_deref())?;
+    };
+    let req = call(msg, &args)?;
     if args.asynchronous {
         return print_answer(client.submit_send(req).await, submitted);
     }
@@ -230,25 +242,19 @@ pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
     if let Some(to) = args.to.clone() {
         return send_new(args, &to, msg_type, content).await;
     }
-    let mut client = ReplyGatewayClient::connect(args.addr.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.addr))?;
-    let mut req = tonic::Request::new(ReplyRequest {
-        app: args.app,
-        message_id: args.message_id.unwrap_or_default(),
+    let mut client = connect(&args.addr).await?;
+    let msg = ReplyRequest {
+        app: args.app.clone(),
+        message_id: args.message_id.clone().unwrap_or_default(),
         msg_type,
         content,
         reply_in_thread: args.reply_in_thread,
-        uuid: args.uuid,
-        chat_id: args.chat_id,
-        user_id: args.user_id,
+        uuid: args.uuid.clone(),
+        chat_id: args.chat_id.clone(),
+        user_id: args.user_id.clone(),
         ttl_s: args.ttl_s,
-    });
-    req.set_timeout(Duration::from_millis(args.timeout_ms));
-    if let Ok(v) = args.caller.parse() {
-        req.metadata_mut().insert("x-caller", v);
-    }
-    authorize(&mut req, args.token.as_deref())?;
+    };
+    let req = call(msg, &args)?;
     if args.asynchronous {
         return print_answer(client.submit_reply(req).await, submitted);
     }
@@ -281,9 +287,7 @@ pub struct UpdateArgs {
 
 /// `update` (`recall` false) or `recall` a message.
 pub async fn update(args: UpdateArgs, recall: bool) -> Result<ExitCode, BoxError> {
-    let mut client = ReplyGatewayClient::connect(args.gateway.addr.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.gateway.addr))?;
+    let mut client = connect(&args.gateway.addr).await?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let token = args.gateway.token.clone();
     if recall {
@@ -316,9 +320,7 @@ pub async fn update(args: UpdateArgs, recall: bool) -> Result<ExitCode, BoxError
 }
 
 pub async fn job(args: JobArgs) -> Result<ExitCode, BoxError> {
-    let mut client = ReplyGatewayClient::connect(args.gateway.addr.clone())
-        .await
-        .map_err(|e| format!("connecting to {}: {e}", args.gateway.addr))?;
+    let mut client = connect(&args.gateway.addr).await?;
     let id = match &args.action {
         JobAction::Get { job_id } | JobAction::Watch { job_id } | JobAction::Cancel { job_id } => {
             job_id.clone()

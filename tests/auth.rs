@@ -62,13 +62,7 @@ fn with_token<T>(req: T, token: &str) -> tonic::Request<T> {
 }
 
 fn send_to(chat: &str) -> SendRequest {
-    SendRequest {
-        receive_id_type: "chat_id".into(),
-        receive_id: chat.into(),
-        msg_type: "text".into(),
-        content: r#"{"text":"x"}"#.into(),
-        ..Default::default()
-    }
+    common::send_text("chat_id", chat, "x")
 }
 
 fn edit(message_id: &str) -> UpdateMessageRequest {

@@ -11,7 +11,6 @@ use common::{
 };
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, Fault};
-use feishu_reply_gateway::proto::SendRequest;
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -126,13 +125,7 @@ async fn three_replicas_share_every_quota_through_redis() {
             format!("oc_d{i}")
         };
         let call = if i % 3 == 2 {
-            let send = SendRequest {
-                receive_id_type: "chat_id".into(),
-                receive_id: chat,
-                msg_type: "text".into(),
-                content: format!(r#"{{"text":"s{i}"}}"#),
-                ..Default::default()
-            };
+            let send = common::send_text("chat_id", &chat, &format!("s{i}"));
             tokio::spawn(async move { client.send(send).await.map(|_| ()) })
         } else {
             let req = if hot {

@@ -4,23 +4,11 @@
 
 mod common;
 
-use common::{max_in_window, spawn_gateway, text};
+use common::{max_in_window, reason, send_text, spawn_gateway, text};
 use feishu_reply_gateway::fake_feishu::FakeOptions;
-use feishu_reply_gateway::proto::{
-    RecallMessageRequest, ReplyRequest, SendRequest, UpdateMessageRequest,
-};
+use feishu_reply_gateway::proto::{RecallMessageRequest, ReplyRequest, UpdateMessageRequest};
 use tonic::Code;
 use tonic_types::StatusExt;
-
-fn send_text(receive_id_type: &str, receive_id: &str, text: &str) -> SendRequest {
-    SendRequest {
-        receive_id_type: receive_id_type.into(),
-        receive_id: receive_id.into(),
-        msg_type: "text".into(),
-        content: serde_json::json!({ "text": text }).to_string(),
-        ..Default::default()
-    }
-}
 
 fn card(message_id: &str, n: usize) -> UpdateMessageRequest {
     UpdateMessageRequest {
@@ -29,12 +17,6 @@ fn card(message_id: &str, n: usize) -> UpdateMessageRequest {
         content: serde_json::json!({ "elements": [], "n": n }).to_string(),
         ..Default::default()
     }
-}
-
-fn reason(s: &tonic::Status) -> String {
-    s.get_details_error_info()
-        .map(|i| i.reason)
-        .unwrap_or_default()
 }
 
 #[tokio::test]

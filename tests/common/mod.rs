@@ -174,6 +174,29 @@ pub fn text(message_id: &str, chat_id: &str, text: &str) -> ReplyRequest {
     }
 }
 
+/// A text message to a chat (`receive_id_type` `chat_id`) or a user (`open_id`, …).
+pub fn send_text(
+    receive_id_type: &str,
+    receive_id: &str,
+    text: &str,
+) -> feishu_reply_gateway::proto::SendRequest {
+    feishu_reply_gateway::proto::SendRequest {
+        receive_id_type: receive_id_type.into(),
+        receive_id: receive_id.into(),
+        msg_type: "text".into(),
+        content: serde_json::json!({ "text": text }).to_string(),
+        ..Default::default()
+    }
+}
+
+/// The `ErrorInfo` reason of a status ("" when it has none).
+pub fn reason(s: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    s.get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
 /// Largest number of sends within any window `w` in a sorted list of instants (ms).
 pub fn max_in_window(times_ms: &[f64], w_ms: f64) -> usize {
     let mut t = times_ms.to_vec();
@@ -794,13 +817,11 @@ pub async fn submit_backlog(
         // Every fourth job is a send to the chat (its text names it in `posts`): sends and
         // replies share one queue per chat, and its order.
         let r = if i % 4 == 3 {
-            c.submit_send(feishu_reply_gateway::proto::SendRequest {
-                receive_id_type: "chat_id".into(),
-                receive_id: format!("oc_{tag}{chat}"),
-                msg_type: "text".into(),
-                content: serde_json::json!({ "text": format!("{tag}{i:04}") }).to_string(),
-                ..Default::default()
-            })
+            c.submit_send(send_text(
+                "chat_id",
+                &format!("oc_{tag}{chat}"),
+                &format!("{tag}{i:04}"),
+            ))
             .await
         } else {
             c.submit_reply(text(
