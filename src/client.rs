@@ -26,14 +26,8 @@ pub struct SendArgs {
     /// `union_id:on_…` or `email:…`.
     #[arg(long)]
     to: Option<String>,
-    /// Shorthand for --msg-type text --content '{"text": TEXT}'.
-    #[arg(long, conflicts_with_all = ["msg_type", "content"])]
-    text: Option<String>,
-    #[arg(long)]
-    msg_type: Option<String>,
-    /// Content JSON string.
-    #[arg(long)]
-    content: Option<String>,
+    #[command(flatten)]
+    body: Body,
     #[arg(long, default_value = "")]
     app: String,
     #[arg(long, default_value = "")]
@@ -148,12 +142,8 @@ fn job_json(j: &ReplyJob) -> serde_json::Value {
 }
 
 /// The message type and content of `--text`, or of `--msg-type` and `--content`.
-fn body(
-    text: Option<String>,
-    msg_type: Option<String>,
-    content: Option<String>,
-) -> Result<(String, String), BoxError> {
-    match (text, msg_type, content) {
+fn body(b: &Body) -> Result<(String, String), BoxError> {
+    match (b.text.clone(), b.msg_type.clone(), b.content.clone()) {
         (Some(text), _, _) => Ok((
             "text".to_owned(),
             serde_json::json!({ "text": text }).to_string(),
@@ -234,11 +224,7 @@ async fn send_new(
 }
 
 pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
-    let (msg_type, content) = body(
-        args.text.clone(),
-        args.msg_type.clone(),
-        args.content.clone(),
-    )?;
+    let (msg_type, content) = body(&args.body)?;
     if let Some(to) = args.to.clone() {
         return send_new(args, &to, msg_type, content).await;
     }
@@ -261,19 +247,26 @@ pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
     print_answer(client.reply(req).await, |r| response_json(&r))
 }
 
+/// A message's type and content (`update`: interactive, text or post; not for `recall`).
+#[derive(clap::Args)]
+struct Body {
+    /// Shorthand for --msg-type text --content '{"text": TEXT}'.
+    #[arg(long, conflicts_with_all = ["msg_type", "content"])]
+    text: Option<String>,
+    #[arg(long)]
+    msg_type: Option<String>,
+    /// Content JSON string.
+    #[arg(long)]
+    content: Option<String>,
+}
+
 /// `update` and `recall`: one message of the app.
 #[derive(clap::Args)]
 pub struct UpdateArgs {
     #[arg(long)]
     message_id: String,
-    /// `update`: shorthand for --msg-type text --content '{"text": TEXT}'.
-    #[arg(long, conflicts_with_all = ["msg_type", "content"])]
-    text: Option<String>,
-    /// `update`: interactive (a card), text or post.
-    #[arg(long)]
-    msg_type: Option<String>,
-    #[arg(long)]
-    content: Option<String>,
+    #[command(flatten)]
+    body: Body,
     #[arg(long, default_value = "")]
     app: String,
     /// The message's chat (counted there when `[quotas] updates_count_in_chat`).
@@ -303,7 +296,7 @@ pub async fn update(args: UpdateArgs, recall: bool) -> Result<ExitCode, BoxError
             |r| serde_json::json!({ "attempts": r.attempts }),
         );
     }
-    let (msg_type, content) = body(args.text, args.msg_type, args.content)?;
+    let (msg_type, content) = body(&args.body)?;
     let mut req = tonic::Request::new(UpdateMessageRequest {
         app: args.app,
         message_id: args.message_id,
