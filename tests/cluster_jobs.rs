@@ -654,3 +654,74 @@ async fn a_job_of_a_caller_this_replica_has_not_learned_of_yet_waits_for_the_rel
     let left = common::metric(&common::metrics_text(mport).await, awaiting);
     assert_eq!(left, Some(0.0));
 }
+
+/// `msg` with caller `token`'s credential.
+fn as_caller<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn two_callers_replies_and_sends_to_one_chat_through_three_replicas_keep_each_callers_order()
+{
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let (file, dir) = cluster_file(&fake, &url, &unique("two"));
+    let (alpha, beta) = ("alpha-4d1c9e7a2b5f8e03", "beta-8a3f6c1d9e2b7a54");
+    let mut text_of = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[auth]\nallow_anonymous = true\n", "");
+    for (name, token) in [("alpha", alpha), ("beta", beta)] {
+        text_of.push_str(&format!(
+            "[callers.{name}]\ntoken_sha256 = \"{}\"\napps = [\"default\"]\nrate = 100\n",
+            common::token_sha256(token)
+        ));
+    }
+    std::fs::write(&file, text_of).unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let _replicas: Vec<_> = ports
+        .iter()
+        .map(|&p| ServeProcess::start(&file, p))
+        .collect();
+    let mut to_a = connect(ports[0]).await;
+    let mut to_b = connect(ports[1]).await;
+    // Alpha through replica A, beta through replica B, interleaved: each alternates replies
+    // and sends to one chat. 40 calls at its 5/s: 8 s.
+    let n = 20;
+    for i in 0..n {
+        for (tag, token, c) in [("a", alpha, &mut to_a), ("b", beta, &mut to_b)] {
+            let words = format!("{tag}{i:02}");
+            let r = if i % 2 == 0 {
+                let reply = text(&format!("om_{words}_in_two"), "oc_two", &words);
+                c.submit_reply(as_caller(reply, token)).await
+            } else {
+                let send = common::send_text("chat_id", "oc_two", &words);
+                c.submit_send(as_caller(send, token)).await
+            };
+            r.expect("submitted");
+        }
+    }
+    eventually("every call posted", async || {
+        fake.received().iter().filter(|r| r.code == 0).count() >= 2 * n
+    })
+    .await;
+    let got = fake.received();
+    assert_eq!(fake.stats().rate_rejections(), 0, "{:?}", fake.stats());
+    let times: Vec<f64> = got.iter().map(|r| r.at_ms).collect();
+    assert!(common::max_in_window(&times, 1000.0) <= 5, "{times:?}");
+    for tag in ["a", "b"] {
+        let words: Vec<String> = got
+            .iter()
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_str(&r.content).unwrap();
+                v["text"].as_str().unwrap().to_owned()
+            })
+            .filter(|w| w.starts_with(tag))
+            .collect();
+        let want: Vec<String> = (0..n).map(|i| format!("{tag}{i:02}")).collect();
+        assert_eq!(words, want, "caller {tag}'s order");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
