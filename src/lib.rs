@@ -55,9 +55,11 @@
 //!   one per lane: quotas, and the job store), shared by both Redis backends.
 //! - [`fake_feishu`]: the fake Feishu used by `fake-feishu`, embedded `serve`, tests, benches
 //!   (HTTP; inbound jitter and cold-connection delays counted at arrival; the message endpoints
-//!   (reply, send, PATCH, PUT, DELETE, get) in `fake_feishu::messages`, what both fakes decide
-//!   alike (counters per target and per API, edits and recalls) in `fake_feishu::book`, quota
-//!   counters in `fake_feishu::window`);
+//!   (reply, send, PATCH, PUT, DELETE, get) in `fake_feishu::messages`, CardKit's (create a
+//!   card, put an element's text, settings) in `fake_feishu::cards`; what both fakes decide
+//!   alike (counters per target and per API, edits and recalls, card entities: sequence,
+//!   streaming mode and its limit, texts) in [`fake_feishu::book`], quota counters in
+//!   `fake_feishu::window`);
 //!   [`fake_feishu::sim`] the same Feishu in-process on tokio's clock, for virtual-time tests.
 //!
 //! **Domain.**
@@ -70,8 +72,9 @@
 //!   `scheduler::queue` the per-chat queue (a queue is a chat, `user:<id>` or `message:<id>`)
 //!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a
 //!   runtime; `queue::urgent` urgent chats go first); `scheduler::layout`
-//!   which quotas a job counts in (`Target`: chat, user or message; app keys per API; per-app
-//!   lists; a reload appends changed lists, and how long an app's quotas need for a backlog);
+//!   which quotas a job counts in (`Target`: chat, user, message, card (10/s) or the app's
+//!   windows only; app keys per API; per-app lists; a reload appends changed lists, and how
+//!   long an app's quotas need for a backlog);
 //!   [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's windows and
 //!   queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares, quota lists
 //!   with their sends carried over, removed apps failing `APP_REMOVED`, removed callers and
@@ -89,8 +92,8 @@
 //! - [`chat_cache`]: bounded message_id → chat_id cache for requests without chat_id.
 //!
 //! **Upstream.**
-//! - [`feishu`]: the `Upstream` seam (`Call`: reply, send, update, edit, recall; `Api` its
-//!   endpoint), reqwest client, token cache, answer classification, the `CallMeter` hook every
+//! - [`feishu`]: the `Upstream` seam (`Call`: reply, send, update, edit, recall, and CardKit's
+//!   card create, element text, settings; `Api` its endpoint), reqwest client, token cache, answer classification, the `CallMeter` hook every
 //!   call is charged to.
 //!
 //! **Foundation.**

@@ -227,7 +227,10 @@ async fn assert_metered(gw: &TestGateway, source: &str, token: Option<&str>) {
             "cli_metered/send",
             "cli_metered/update_card",
             "cli_metered/edit",
-            "cli_metered/recall"
+            "cli_metered/recall",
+            "cli_metered/card_create",
+            "cli_metered/card_content",
+            "cli_metered/card_settings"
         ],
         "{a:?}"
     );

@@ -8,9 +8,13 @@ use std::time::Duration;
 
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::sim::{SimFeishu, SimOptions};
-use feishu_reply_gateway::feishu::{Call, MessageUpdate, NewMessage, SendRequest, UpstreamError};
+use feishu_reply_gateway::feishu::{
+    Call, CardStreaming, CardText, MessageUpdate, NewMessage, SendRequest, UpstreamError,
+};
 use feishu_reply_gateway::metrics::Metrics;
-use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig, Target, message_queue};
+use feishu_reply_gateway::scheduler::{
+    JobSpec, Scheduler, SchedulerConfig, Target, card_queue, message_queue,
+};
 use tokio::time::Instant;
 
 /// 1000 replies to distinct chats: 50/s until the 1000/min quota is spent, bursts at 0..19 s.
@@ -202,6 +206,68 @@ async fn a_hundred_updates_of_one_card_in_two_seconds_latest_wins_at_5_per_secon
     assert!(max_in(&times, 1000.0) <= 5, "{times:?}");
     assert!(superseded >= 80, "{superseded} superseded");
     assert_eq!(sim.stats().rate_rejections(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cards_operations_go_in_order_at_10_per_second() {
+    // CardKit allows 10 operations per second per card (text and settings together) and
+    // wants each one's sequence larger than the last: 40 texts and the close queued at once
+    // go one card queue, in order, within its 10/s.
+    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
+    let config = SchedulerConfig::from_config(&Config::defaults());
+    let s = Scheduler::start(config, sim.clone(), Arc::new(Metrics::new()));
+    let card_json = r#"{"schema":"2.0","config":{"streaming_mode":true},"body":{"elements":[{"tag":"markdown","element_id":"md","content":""}]}}"#;
+    let create = JobSpec {
+        chat_id: "stream:1".into(),
+        target: Target::App,
+        request: Call::CardCreate {
+            card_json: card_json.into(),
+        },
+        ..job(0)
+    };
+    let card_id = s.reply(create).await.expect("created").message.card_id;
+    let on_card = |n: u32, request: Call| JobSpec {
+        chat_id: card_queue(&card_id),
+        target: Target::Card,
+        request,
+        ..job(n as usize)
+    };
+    let mut answers = Vec::new();
+    for n in 1..=40u32 {
+        let text = Call::CardText(CardText {
+            card_id: card_id.clone(),
+            element_id: "md".into(),
+            content: "word ".repeat(n as usize),
+            sequence: n,
+            uuid: format!("t{n}"),
+        });
+        answers.push(s.submit(on_card(n, text)));
+    }
+    let close = Call::CardStreaming(CardStreaming {
+        card_id: card_id.clone(),
+        on: false,
+        sequence: 41,
+        uuid: "close".into(),
+    });
+    answers.push(s.submit(on_card(41, close)));
+    for rx in answers {
+        rx.await.unwrap().expect("accepted");
+    }
+    let card = sim.card(&card_id).expect("the card");
+    assert_eq!(card.texts["md"], "word ".repeat(40));
+    assert_eq!(
+        (card.sequence, card.streaming, card.updates),
+        (41, false, 40)
+    );
+    let times: Vec<f64> = sim
+        .arrivals()
+        .iter()
+        .filter(|a| a.chat_id == card_id)
+        .map(|a| a.at.as_secs_f64() * 1000.0)
+        .collect();
+    assert_eq!(times.len(), 41);
+    assert!(max_in(&times, 1000.0) <= 10, "{times:?}");
+    assert!(sim.arrivals().iter().all(|a| a.code == 0));
 }
 
 /// The most timestamps (ms) in any window of `w` ms.

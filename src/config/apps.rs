@@ -16,7 +16,16 @@ use crate::quota::QuotaSpec;
 pub const DEFAULT_APP_NAME: &str = "default";
 
 /// Feishu's message APIs with app quotas of their own (`feishu::Api` names, checked there).
-pub const APIS: [&str; 5] = ["reply", "send", "update_card", "edit", "recall"];
+pub const APIS: [&str; 8] = [
+    "reply",
+    "send",
+    "update_card",
+    "edit",
+    "recall",
+    "card_create",
+    "card_content",
+    "card_settings",
+];
 
 /// Where Feishu counts an app's calls from (free edition: 10 000 a month).
 pub const DEFAULT_BUDGET_TIME_ZONE: &str = "Asia/Shanghai";

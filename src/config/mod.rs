@@ -88,6 +88,8 @@ pub struct QuotaConfig {
     pub user: QuotaSpec,
     /// Per message, for its updates and recall (Feishu: 5/s per message on PATCH).
     pub message: QuotaSpec,
+    /// Per CardKit card, all of its operations together (Feishu: 10/s per card).
+    pub card: QuotaSpec,
     /// Whether each API has its own app windows (Feishu: "per API, per app") or all share one.
     pub app_scope: AppScope,
     /// Whether an update or a recall also counts in its chat's quota (undocumented by Feishu;
@@ -327,6 +329,7 @@ impl Config {
             chat: spec("chat", quotas.chat)?,
             user: spec("user", quotas.user)?,
             message: spec("message", quotas.message)?,
+            card: spec("card", quotas.card)?,
             app_scope: quotas.app_scope,
             updates_count_in_chat: quotas.updates_count_in_chat,
             app: quotas

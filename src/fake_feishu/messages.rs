@@ -24,26 +24,35 @@ use crate::feishu::Api;
 use crate::reply::MsgType;
 
 #[derive(Deserialize, Default)]
-struct MessageBody {
-    content: Option<String>,
+pub(super) struct MessageBody {
+    pub(super) content: Option<String>,
     msg_type: Option<String>,
     #[serde(default)]
     reply_in_thread: bool,
     #[serde(default)]
-    uuid: String,
+    pub(super) uuid: String,
     /// A send's receiver.
     receive_id: Option<String>,
+    /// A card's: strictly increasing per card.
+    pub(super) sequence: Option<u32>,
+    /// A card's settings (a JSON string).
+    pub(super) settings: Option<String>,
+    /// A card entity's JSON (`{"type": "card_json", "data": …}`).
+    pub(super) data: Option<String>,
 }
 
-/// One request to a message endpoint.
-struct Incoming {
-    api: Api,
-    /// The message in the path (replied to, updated, recalled); empty for a send.
-    message_id: String,
+/// One request to a message or card endpoint.
+pub(super) struct Incoming {
+    pub(super) api: Api,
+    /// The message in the path (replied to, updated, recalled); empty for a send and a card.
+    pub(super) message_id: String,
     /// A send's `receive_id_type` query parameter.
-    receive_id_type: Option<String>,
+    pub(super) receive_id_type: Option<String>,
+    /// A card's id and element in the path.
+    pub(super) card_id: String,
+    pub(super) element_id: String,
     /// None: not JSON.
-    body: Option<MessageBody>,
+    pub(super) body: Option<MessageBody>,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +73,8 @@ pub(super) async fn reply(
         api: Api::Reply,
         message_id,
         receive_id_type: None,
+        card_id: String::new(),
+        element_id: String::new(),
         body,
     };
     serve(s, conn, headers, call).await
@@ -82,6 +93,8 @@ pub(super) async fn send(
         api: Api::Send,
         message_id: String::new(),
         receive_id_type: q.receive_id_type,
+        card_id: String::new(),
+        element_id: String::new(),
         body,
     };
     serve(s, conn, headers, call).await
@@ -104,12 +117,14 @@ pub(super) async fn change(
         api,
         message_id,
         receive_id_type: None,
+        card_id: String::new(),
+        element_id: String::new(),
         body,
     };
     serve(s, conn, headers, call).await
 }
 
-async fn serve(
+pub(super) async fn serve(
     s: Arc<Shared>,
     conn: Option<axum::Extension<NewConnection>>,
     headers: HeaderMap,
@@ -165,6 +180,11 @@ fn handle(
             chat_id: String::new(),
             user_id: id.clone(),
         },
+        // A card's requests are recorded under the card.
+        (api, _, _) if super::cards::is_card(api) => MessageInfo {
+            chat_id: call.card_id.clone(),
+            user_id: None,
+        },
         _ => message_info(inner, &call.message_id),
     };
     let mut record = Received {
@@ -211,6 +231,9 @@ fn validate(call: &Incoming) -> Result<(Option<MsgType>, String), &'static str> 
     let Some(body) = &call.body else {
         return Err("body is not JSON");
     };
+    if super::cards::is_card(call.api) {
+        return super::cards::validate(call, body).map(|c| (None, c));
+    }
     if call.api != Api::Send && !well_formed_id(&call.message_id) {
         return Err("message_id");
     }
@@ -375,13 +398,16 @@ fn outcome(
             .user_id
             .as_deref()
             .filter(|_| matches!(call.api, Api::Reply | Api::Send)),
-        message: (!matches!(call.api, Api::Reply | Api::Send)).then_some(call.message_id.as_str()),
+        message: (!call.message_id.is_empty() && call.api != Api::Reply)
+            .then_some(call.message_id.as_str()),
+        card: (!call.card_id.is_empty()).then_some(call.card_id.as_str()),
         app_id,
     };
     let targets = TargetQuotas {
         chat: opts.chat_quota,
         user: opts.user_quota,
         message: opts.message_quota,
+        card: opts.card_quota,
     };
     let checks = if opts.enforce_quotas {
         counters(&landing, targets, &opts.app_quotas, opts.app_scope_api)
@@ -428,6 +454,12 @@ fn outcome(
     let mut answer = match msg_type {
         Some(t) if matches!(call.api, Api::Reply | Api::Send) => {
             post(s, inner, arrived, call, body, t, &content, info, app_id)
+        }
+        _ if super::cards::is_card(call.api) => {
+            match super::cards::apply(inner, call, body, &content, app_id, arrived) {
+                Ok(data) => data,
+                Err((code, msg)) => return (code, 400, error(s, 400, code, msg), None),
+            }
         }
         // An update, an edit, a recall: Feishu answers an empty `data`.
         _ => json!({}),

@@ -24,7 +24,8 @@ use tokio::time::Instant;
 
 use crate::feishu::Api;
 
-mod book;
+pub mod book;
+mod cards;
 mod messages;
 pub mod sim;
 mod window;
@@ -74,6 +75,11 @@ pub struct FakeOptions {
     pub user_quota: FakeQuota,
     /// Per message: its updates and recall (Feishu: 5/s per message).
     pub message_quota: FakeQuota,
+    /// Per CardKit card: its text and settings together (Feishu: 10/s per card).
+    pub card_quota: FakeQuota,
+    /// Feishu turns a card's streaming mode off about 10 minutes after it was turned on
+    /// (200850 for a text after that).
+    pub card_streaming_limit: Duration,
     /// Per app, for each API on its own unless `app_scope_api` is false.
     pub app_quotas: Vec<FakeQuota>,
     /// Each API has its own app windows ("per API, per app"); false: one set for all.
@@ -101,6 +107,8 @@ impl Default for FakeOptions {
             chat_quota: q(5, 1000),
             user_quota: q(5, 1000),
             message_quota: q(5, 1000),
+            card_quota: q(10, 1000),
+            card_streaming_limit: Duration::from_secs(600),
             app_quotas: vec![q(50, 1000), q(1000, 60_000)],
             app_scope_api: true,
             enforce_quotas: true,
@@ -300,6 +308,11 @@ impl FakeFeishu {
         );
     }
 
+    /// Card `card_id` as the fake keeps it (its texts, streaming mode, sequence).
+    pub fn card(&self, card_id: &str) -> Option<book::Card> {
+        self.shared.inner.lock().book.cards.get(card_id).cloned()
+    }
+
     /// Answers every reply held so far (see [`Fault::hold`]).
     pub fn release_held(&self) {
         self.shared.released.send_modify(|g| *g += 1);
@@ -376,6 +389,15 @@ fn router(shared: Arc<Shared>) -> Router {
             post(messages::reply),
         )
         .route("/open-apis/im/v1/messages", post(messages::send))
+        .route("/open-apis/cardkit/v1/cards", post(cards::create))
+        .route(
+            "/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content",
+            axum::routing::put(cards::content),
+        )
+        .route(
+            "/open-apis/cardkit/v1/cards/{card_id}/settings",
+            axum::routing::patch(cards::settings),
+        )
         .route(
             "/open-apis/im/v1/messages/{message_id}",
             get(messages::get_message)

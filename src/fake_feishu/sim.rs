@@ -11,7 +11,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::book::{APP_KIND, Book, Landing, TargetQuotas, counters};
+use super::book::{APP_KIND, Book, Card, CardChange, Landing, TargetQuotas, counters};
 use super::window::{Counter, counter_record, counter_retry_after, next_f64};
 use super::{FakeQuota, FakeStats, WindowMode, message_info_unregistered};
 use crate::feishu::{Api, AppIndex, BoxFuture, Call, SentMessage, Upstream, UpstreamError};
@@ -31,6 +31,10 @@ pub struct SimOptions {
     pub user_quota: FakeQuota,
     /// Per message (updates, recall).
     pub message_quota: FakeQuota,
+    /// Per CardKit card (its text and settings: 10/s).
+    pub card_quota: FakeQuota,
+    /// Feishu turns a card's streaming mode off this long after it was turned on.
+    pub card_streaming_limit: Duration,
     /// Per app, for each API on its own (see `app_scope_api`).
     pub app_quotas: Vec<FakeQuota>,
     /// Each API has its own app windows (Feishu's documented rule); false: one set for all.
@@ -50,6 +54,8 @@ impl Default for SimOptions {
             chat_quota: d.chat_quota,
             user_quota: d.user_quota,
             message_quota: d.message_quota,
+            card_quota: d.card_quota,
+            card_streaming_limit: d.card_streaming_limit,
             app_quotas: d.app_quotas,
             app_scope_api: d.app_scope_api,
             seed: 0x9E37_79B9_7F4A_7C15,
@@ -120,6 +126,11 @@ impl SimFeishu {
         self.state.lock().stats.clone()
     }
 
+    /// Card `card_id` as Feishu keeps it now.
+    pub fn card(&self, card_id: &str) -> Option<Card> {
+        self.state.lock().book.cards.get(card_id).cloned()
+    }
+
     /// The next request that arrives gets `error` instead of the quota check.
     pub fn push_error(&self, error: UpstreamError) {
         self.state.lock().scripted.push_back(error);
@@ -142,12 +153,17 @@ impl SimFeishu {
             Call::Update(_) | Call::Recall { .. } => {
                 (None, None, Some(call.message_id().to_owned()))
             }
+            Call::CardCreate { .. } | Call::CardText(_) | Call::CardStreaming(_) => {
+                (None, None, None)
+            }
         };
+        let card = call.card_id().to_owned();
         let landing = Landing {
             api,
             chat: chat.as_deref(),
             user: user.as_deref(),
             message: message.as_deref(),
+            card: (!card.is_empty()).then_some(card.as_str()),
             app_id: "app",
         };
         let mut st = self.state.lock();
@@ -164,7 +180,7 @@ impl SimFeishu {
                 .clone()
                 .or(user.clone())
                 .or(message.clone())
-                .unwrap_or_default(),
+                .unwrap_or_else(|| card.clone()),
             uuid: call.uuid().to_owned(),
             content: call.content().to_owned(),
             code: 0,
@@ -217,6 +233,7 @@ impl SimFeishu {
             chat: o.chat_quota,
             user: o.user_quota,
             message: o.message_quota,
+            card: o.card_quota,
         };
         let checks = counters(landing, targets, &o.app_quotas, o.app_scope_api);
         for (key, q) in &checks {
@@ -240,10 +257,42 @@ impl SimFeishu {
             counter_record(c, q, now, self.started);
         }
         st.book.record(landing.api, call.message_id());
+        let limit = o.card_streaming_limit;
+        let card = match call {
+            Call::CardCreate { card_json } => {
+                Some(st.book.create_card(card_json, "app", now).map(Some))
+            }
+            Call::CardText(t) => {
+                let change = CardChange::Text {
+                    element_id: &t.element_id,
+                    content: &t.content,
+                };
+                Some(
+                    st.book
+                        .change_card(&t.card_id, "app", t.sequence, change, now, limit)
+                        .map(|_| None),
+                )
+            }
+            Call::CardStreaming(c) => {
+                let change = CardChange::Streaming(c.on);
+                Some(
+                    st.book
+                        .change_card(&c.card_id, "app", c.sequence, change, now, limit)
+                        .map(|_| None),
+                )
+            }
+            _ => None,
+        };
+        let mut sent = sent;
+        match card {
+            Some(Err((code, msg))) => return Err(feishu(400, code, msg, None)),
+            Some(Ok(Some(id))) => sent.card_id = id,
+            _ => {}
+        }
         if !uuid.is_empty() {
             st.posted.insert(uuid.to_owned());
         }
-        st.stats.posted += 1;
+        st.stats.posted += u64::from(matches!(call, Call::Reply(_) | Call::Send(_)));
         Ok(sent)
     }
 }

@@ -57,6 +57,7 @@ fn sent_message(data: &Value) -> SentMessage {
         chat_id: field("chat_id"),
         msg_type: field("msg_type"),
         create_time: field("create_time"),
+        card_id: field("card_id"),
         log_id: String::new(),
     }
 }

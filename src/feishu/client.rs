@@ -207,6 +207,30 @@ impl FeishuClient {
             Call::Recall { message_id } => self
                 .http
                 .delete(format!("{base}/open-apis/im/v1/messages/{message_id}")),
+            Call::CardCreate { card_json } => self
+                .http
+                .post(format!("{base}/open-apis/cardkit/v1/cards"))
+                .json(&serde_json::json!({ "type": "card_json", "data": card_json })),
+            Call::CardText(t) => self
+                .http
+                .put(format!(
+                    "{base}/open-apis/cardkit/v1/cards/{}/elements/{}/content",
+                    t.card_id, t.element_id
+                ))
+                .json(t),
+            Call::CardStreaming(c) => {
+                let settings = serde_json::json!({ "config": { "streaming_mode": c.on } });
+                self.http
+                    .patch(format!(
+                        "{base}/open-apis/cardkit/v1/cards/{}/settings",
+                        c.card_id
+                    ))
+                    .json(&serde_json::json!({
+                        "settings": settings.to_string(),
+                        "sequence": c.sequence,
+                        "uuid": c.uuid,
+                    }))
+            }
         };
         let started = Instant::now();
         let resp = builder

@@ -52,6 +52,31 @@ pub struct MessageUpdate {
     pub content: String,
 }
 
+/// A CardKit card's element text (`PUT /cardkit/v1/cards/:card_id/elements/:element_id/content`):
+/// the whole text so far; the client types out what was added.
+#[derive(Debug, Clone, Serialize)]
+pub struct CardText {
+    #[serde(skip)]
+    pub card_id: String,
+    #[serde(skip)]
+    pub element_id: String,
+    pub content: String,
+    /// Strictly increasing per card (300317 otherwise); kept by a retry.
+    pub sequence: u32,
+    /// Kept by a retry of the same update (Feishu dedupes it).
+    pub uuid: String,
+}
+
+/// A CardKit card's streaming mode turned on or off
+/// (`PATCH /cardkit/v1/cards/:card_id/settings`).
+#[derive(Debug, Clone)]
+pub struct CardStreaming {
+    pub card_id: String,
+    pub on: bool,
+    pub sequence: u32,
+    pub uuid: String,
+}
+
 /// Feishu's message endpoints, each with its own app quotas ("per API, per app"): the
 /// `operation` label of metrics and traces, and the family of an app quota key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -67,15 +92,24 @@ pub enum Api {
     Edit,
     /// `DELETE /im/v1/messages/:id`
     Recall,
+    /// `POST /cardkit/v1/cards` (a card entity)
+    CardCreate,
+    /// `PUT /cardkit/v1/cards/:card_id/elements/:element_id/content`
+    CardContent,
+    /// `PATCH /cardkit/v1/cards/:card_id/settings`
+    CardSettings,
 }
 
 impl Api {
-    pub const ALL: [Api; 5] = [
+    pub const ALL: [Api; 8] = [
         Api::Reply,
         Api::Send,
         Api::UpdateCard,
         Api::Edit,
         Api::Recall,
+        Api::CardCreate,
+        Api::CardContent,
+        Api::CardSettings,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +119,9 @@ impl Api {
             Api::UpdateCard => "update_card",
             Api::Edit => "edit",
             Api::Recall => "recall",
+            Api::CardCreate => "card_create",
+            Api::CardContent => "card_content",
+            Api::CardSettings => "card_settings",
         }
     }
 
@@ -94,13 +131,21 @@ impl Api {
     }
 }
 
-/// One call to a message endpoint, as the scheduler hands it to the [`Upstream`].
+/// One call to a message or card endpoint, as the scheduler hands it to the [`Upstream`].
 #[derive(Debug, Clone)]
 pub enum Call {
     Reply(SendRequest),
     Send(NewMessage),
     Update(MessageUpdate),
-    Recall { message_id: String },
+    Recall {
+        message_id: String,
+    },
+    /// A card entity from Card JSON 2.0 (the answer's `card_id` names it).
+    CardCreate {
+        card_json: String,
+    },
+    CardText(CardText),
+    CardStreaming(CardStreaming),
 }
 
 impl Call {
@@ -112,36 +157,57 @@ impl Call {
             Call::Update(u) if u.msg_type == "interactive" => Api::UpdateCard,
             Call::Update(_) => Api::Edit,
             Call::Recall { .. } => Api::Recall,
+            Call::CardCreate { .. } => Api::CardCreate,
+            Call::CardText(_) => Api::CardContent,
+            Call::CardStreaming(_) => Api::CardSettings,
         }
     }
 
-    /// The message it acts on (replied to, updated, recalled); empty for a send.
+    /// The card it acts on (empty for the message calls and a card's creation).
+    pub fn card_id(&self) -> &str {
+        match self {
+            Call::CardText(t) => &t.card_id,
+            Call::CardStreaming(s) => &s.card_id,
+            _ => "",
+        }
+    }
+
+    /// The message it acts on (replied to, updated, recalled); empty for a send and the card
+    /// calls.
     pub fn message_id(&self) -> &str {
         match self {
             Call::Reply(r) => &r.message_id,
-            Call::Send(_) => "",
             Call::Update(u) => &u.message_id,
             Call::Recall { message_id } => message_id,
+            Call::Send(_)
+            | Call::CardCreate { .. }
+            | Call::CardText(_)
+            | Call::CardStreaming(_) => "",
         }
     }
 
-    /// The uuid Feishu dedupes it by (replies and sends); empty for the others, which are
-    /// safe to repeat as they are.
+    /// The uuid Feishu dedupes it by (replies, sends, card updates); empty for the others,
+    /// which are safe to repeat as they are.
     pub fn uuid(&self) -> &str {
         match self {
             Call::Reply(r) => &r.uuid,
             Call::Send(m) => &m.uuid,
-            Call::Update(_) | Call::Recall { .. } => "",
+            Call::CardText(t) => &t.uuid,
+            Call::CardStreaming(s) => &s.uuid,
+            Call::Update(_) | Call::Recall { .. } | Call::CardCreate { .. } => "",
         }
     }
 
-    /// The content it carries (empty for a recall).
+    /// The content it carries (a card's JSON, a card's text; empty for a recall and a card's
+    /// settings).
     pub fn content(&self) -> &str {
         match self {
             Call::Reply(r) => &r.content,
             Call::Send(m) => &m.content,
             Call::Update(u) => &u.content,
-            Call::Recall { .. } => "",
+            Call::CardCreate { card_json } => card_json,
+            Call::CardText(t) => &t.content,
+            Call::Recall { .. } | Call::CardStreaming(_) => "",
         }
     }
 
@@ -149,6 +215,8 @@ impl Call {
     pub fn weight(&self) -> usize {
         let extra = match self {
             Call::Send(m) => m.receive_id.len(),
+            Call::CardText(t) => t.card_id.len() + t.element_id.len(),
+            Call::CardStreaming(s) => s.card_id.len(),
             _ => 0,
         };
         self.content().len() + self.message_id().len() + self.uuid().len() + extra
@@ -166,6 +234,8 @@ pub struct SentMessage {
     pub chat_id: String,
     pub msg_type: String,
     pub create_time: String,
+    /// A card entity created (`CardCreate`).
+    pub card_id: String,
     /// `X-Tt-Logid` of the successful request.
     #[serde(skip)]
     pub log_id: String,

@@ -18,8 +18,9 @@ pub const RETRY_REASONS: [&str; 6] = [
 /// pre-created per app for the alerts).
 pub const RATE_REJECTION_REASONS: [&str; 2] = ["rate_limited_230020", "frequency_limit_429"];
 
-/// `operation` values: Feishu's message APIs (`feishu::Api::as_str`, checked there).
-pub const OPERATIONS: [&str; 5] = ["reply", "send", "update_card", "edit", "recall"];
+/// `operation` values: Feishu's message and card APIs (`config::APIS`; `feishu::Api::as_str`,
+/// checked there).
+pub const OPERATIONS: [&str; 8] = crate::config::APIS;
 
 /// The `caller` label of calls whose caller could not be authenticated.
 pub const UNAUTHENTICATED_CALLER: &str = "unauthenticated";

@@ -328,9 +328,18 @@ fn validate_post_body(locale: &str, body: &Map<String, Value>) -> Result<(), Str
     Ok(())
 }
 
-/// interactive: a card object (`elements`, `header`, `body`, `i18n_elements`, `schema`, …) or the
-/// template form `{"type":"template","data":{"template_id": …}}`.
+/// interactive: a card object (`elements`, `header`, `body`, `i18n_elements`, `schema`, …), the
+/// template form `{"type":"template","data":{"template_id": …}}`, or a CardKit card entity
+/// `{"type":"card","data":{"card_id": …}}`.
 fn validate_card(obj: &Map<String, Value>) -> Result<(), String> {
+    // A CardKit card entity: `{"type":"card","data":{"card_id": …}}`.
+    if obj.get("type").and_then(Value::as_str) == Some("card") {
+        let Some(Value::Object(data)) = obj.get("data") else {
+            return Err("card entity form needs a \"data\" object".into());
+        };
+        return require_str(data, "card_id")
+            .map_err(|e| format!("card entity form {e} in \"data\""));
+    }
     if obj.get("type").and_then(Value::as_str) == Some("template") {
         let Some(Value::Object(data)) = obj.get("data") else {
             return Err("template form needs a \"data\" object".into());
@@ -394,6 +403,10 @@ mod tests {
                 "interactive",
                 r#"{"type":"template","data":{"template_id":"ctp_1"}}"#,
             ),
+            (
+                "interactive",
+                r#"{"type":"card","data":{"card_id":"7355372766134157313"}}"#,
+            ),
             ("share_chat", r#"{"chat_id":"oc_1"}"#),
             ("share_user", r#"{"user_id":"ou_1"}"#),
         ];
@@ -406,7 +419,7 @@ mod tests {
 
     #[test]
     fn refuses_each_kind_of_bad_input_with_a_precise_error() {
-        let cases: [(RawReply, &str); 12] = [
+        let cases: [(RawReply, &str); 13] = [
             (
                 RawReply {
                     message_id: "",
@@ -436,6 +449,10 @@ mod tests {
                 "template_id",
             ),
             (raw("interactive", r#"{"foo":1}"#), "neither a card"),
+            (
+                raw("interactive", r#"{"type":"card","data":{"id":"x"}}"#),
+                "card_id",
+            ),
             (
                 RawReply {
                     uuid: &"u".repeat(51),

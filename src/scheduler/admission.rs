@@ -249,7 +249,10 @@ pub(super) fn keys_for(layout: &QuotaLayout, spec: &JobSpec) -> Vec<QuotaKey> {
         target: &spec.target,
         chat_id: &spec.chat_id,
         user_id: spec.user_id.as_ref(),
-        message_id: spec.request.message_id(),
+        message_id: match spec.target {
+            super::Target::Card => spec.request.card_id(),
+            _ => spec.request.message_id(),
+        },
         app_id: &spec.app_id,
         api: spec.request.api(),
     })

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CHAT_QUOTA, FIRST_APP_QUOTA, MESSAGE_QUOTA, USER_QUOTA};
+use super::{CARD_QUOTA, CHAT_QUOTA, FIRST_APP_QUOTA, MESSAGE_QUOTA, USER_QUOTA};
 use crate::config::{AppScope, QuotaConfig};
 use crate::feishu::Api;
 use crate::quota::{QuotaId, QuotaKey, QuotaSpec};
@@ -24,6 +24,16 @@ pub enum Target {
     /// An update or a recall of the call's message: the message's quota, and `chat`'s when
     /// given (`[quotas] updates_count_in_chat`).
     Message { chat: Option<Arc<str>> },
+    /// A CardKit card's text or settings (the call's card): the card's quota (10/s, all of
+    /// its operations together).
+    Card,
+    /// No target of its own (a card entity's creation): its app's windows only.
+    App,
+}
+
+/// The queue of one card's operations (one FIFO per card).
+pub fn card_queue(card_id: &str) -> Arc<str> {
+    format!("card:{card_id}").into()
 }
 
 /// The queue of sends to user `key` (one FIFO per user).
@@ -42,7 +52,7 @@ pub struct KeysOf<'a> {
     /// The queue: the chat for [`Target::Chat`].
     pub chat_id: &'a Arc<str>,
     pub user_id: Option<&'a Arc<str>>,
-    /// The message of a [`Target::Message`].
+    /// The message of a [`Target::Message`], the card of a [`Target::Card`].
     pub message_id: &'a str,
     pub app_id: &'a Arc<str>,
     pub api: Api,
@@ -73,10 +83,16 @@ pub(super) struct QuotaLayout {
 
 impl QuotaLayout {
     pub fn new(q: &QuotaConfig) -> Self {
-        let mut specs = vec![q.chat, q.user, q.message];
+        let mut specs = vec![q.chat, q.user, q.message, q.card];
         debug_assert_eq!(
-            (specs.len(), CHAT_QUOTA, USER_QUOTA, MESSAGE_QUOTA),
-            (FIRST_APP_QUOTA, 0, 1, 2)
+            (
+                specs.len(),
+                CHAT_QUOTA,
+                USER_QUOTA,
+                MESSAGE_QUOTA,
+                CARD_QUOTA
+            ),
+            (FIRST_APP_QUOTA, 0, 1, 2, 3)
         );
         let mut push = |list: &[QuotaSpec]| {
             let start = specs.len();
@@ -96,6 +112,7 @@ impl QuotaLayout {
                 CHAT_QUOTA => "chat".to_owned(),
                 USER_QUOTA => "user".to_owned(),
                 MESSAGE_QUOTA => "message".to_owned(),
+                CARD_QUOTA => "card".to_owned(),
                 _ => format!("app:{}ms", s.window.as_millis()),
             })
             .collect();
@@ -209,7 +226,8 @@ impl QuotaLayout {
         let mut keys = Vec::with_capacity(FIRST_APP_QUOTA + apps.len());
         match job.target {
             Target::Chat => keys.push(QuotaKey::new(CHAT_QUOTA, job.chat_id.clone())),
-            Target::User => {}
+            Target::User | Target::App => {}
+            Target::Card => keys.push(QuotaKey::new(CARD_QUOTA, job.message_id)),
             Target::Message { chat } => {
                 keys.push(QuotaKey::new(MESSAGE_QUOTA, job.message_id));
                 if let Some(c) = chat {
@@ -277,6 +295,7 @@ mod tests {
             chat: spec(5, 1000),
             user: spec(5, 1000),
             message: spec(5, 1000),
+            card: spec(10, 1000),
             app_scope: AppScope::Api,
             updates_count_in_chat: false,
             app,
@@ -308,35 +327,31 @@ mod tests {
         assert_eq!(next.app_quotas("cli_a"), old.app_quotas("cli_a"));
         assert_eq!(next.app_quotas("cli_b"), old.app_quotas("cli_b"));
         let c = next.app_quotas("cli_c");
-        assert_eq!(c, 6..7);
-        assert_eq!(next.kinds[6], "app:1000ms");
+        assert_eq!(c, 7..8);
+        assert_eq!(next.kinds[7], "app:1000ms");
         // Its 1 s window starts with what it counted in the default 1 s window, for each
         // API's windows.
         let keys: Vec<String> = moved.iter().map(|m| m.app_id.to_string()).collect();
-        assert_eq!(
-            keys,
-            [
-                "cli_c",
-                "cli_c/send",
-                "cli_c/update_card",
-                "cli_c/edit",
-                "cli_c/recall"
-            ]
-        );
-        assert!(moved.iter().all(|m| (m.from, m.to) == (3, 6)), "{moved:?}");
+        let want: Vec<String> = Api::ALL
+            .iter()
+            .map(|&api| next.app_key(&"cli_c".into(), api).to_string())
+            .collect();
+        assert_eq!(keys, want);
+        assert_eq!(want[..2], ["cli_c", "cli_c/send"]);
+        assert!(moved.iter().all(|m| (m.from, m.to) == (4, 7)), "{moved:?}");
         // The default list changes: every app on it moves; ids in use keep their meaning.
         let lower = quotas(vec![spec(40, 1000)], vec![("cli_b", vec![spec(2, 1000)])]);
         let (third, moved) = next.next(&lower, &ids);
-        assert_eq!(third.specs[..7], next.specs[..]);
-        assert_eq!(third.app_quotas("cli_a"), 7..8);
-        assert_eq!(third.app_quotas("cli_c"), 7..8);
+        assert_eq!(third.specs[..8], next.specs[..]);
+        assert_eq!(third.app_quotas("cli_a"), 8..9);
+        assert_eq!(third.app_quotas("cli_c"), 8..9);
         let mut from: Vec<_> = moved
             .iter()
             .filter(|m| !m.app_id.contains('/'))
             .map(|m| (m.app_id.to_string(), m.from, m.to))
             .collect();
         from.sort();
-        assert_eq!(from, [("cli_a".into(), 3, 7), ("cli_c".into(), 6, 7)]);
+        assert_eq!(from, [("cli_a".into(), 4, 8), ("cli_c".into(), 7, 8)]);
         assert_eq!(moved.len(), 2 * Api::ALL.len());
     }
 

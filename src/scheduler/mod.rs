@@ -35,14 +35,16 @@ mod spans;
 pub use error::GatewayError;
 pub use gate::QuotaSource;
 use gate::{Clock, Decided, GateEvent, Grant, Head, QuotaGate, Verdict};
-pub use layout::{Target, message_queue, user_queue};
+pub use layout::{Target, card_queue, message_queue, user_queue};
 use queue::{Dropped, Job, Queues};
 
-/// Quota ids in the [`QuotaTable`]: chat, user, message, then the app quotas in config order.
+/// Quota ids in the [`QuotaTable`]: chat, user, message, card, then the app quotas in config
+/// order.
 const CHAT_QUOTA: usize = 0;
 const USER_QUOTA: usize = 1;
 const MESSAGE_QUOTA: usize = 2;
-const FIRST_APP_QUOTA: usize = 3;
+const CARD_QUOTA: usize = 3;
+const FIRST_APP_QUOTA: usize = 4;
 
 /// How often idle quota keys are forgotten.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
