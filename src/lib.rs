@@ -84,6 +84,9 @@
 //!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
 //!   counts in); [`scheduler::gone`] messages Feishu said are recalled or deleted (30 min:
 //!   replies to them fail `MESSAGE_GONE` without a call).
+//! - [`stream`]: streaming replies: one CardKit card typed into (create, reply with it, the
+//!   newest text whenever the card's previous operation is back, the final text and the close
+//!   whatever ends the stream), every operation through the scheduler.
 //! - [`reply`]: `MsgType`, content validation (no transport types); `reply::message` a send's
 //!   receiver, an update's or a recall's message.
 //! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
@@ -137,6 +140,7 @@ pub mod redis_conn;
 pub mod reload;
 pub mod reply;
 pub mod scheduler;
+pub mod stream;
 pub mod telemetry;
 
 /// Generated gRPC types of `feishu.reply.v1`.

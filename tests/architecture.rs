@@ -19,7 +19,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "backends",
         &["cluster", "jobs", "redis_conn", "fake_feishu"],
     ),
-    ("domain", &["scheduler", "reply", "budget", "chat_cache"]),
+    (
+        "domain",
+        &["scheduler", "stream", "reply", "budget", "chat_cache"],
+    ),
     ("upstream", &["feishu"]),
     ("foundation", &["config", "metrics", "telemetry"]),
     ("quota", &["quota"]),

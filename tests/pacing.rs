@@ -3,6 +3,8 @@
 //! each test says (cold connections, random inbound delays), Feishu counts each quota in a
 //! strict sliding window at arrival, and nothing depends on how loaded this machine is.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -203,7 +205,7 @@ async fn a_hundred_updates_of_one_card_in_two_seconds_latest_wins_at_5_per_secon
     );
     assert_eq!(numbers.last(), Some(&99), "the last content wins");
     let times: Vec<f64> = sent.iter().map(|a| a.at.as_secs_f64() * 1000.0).collect();
-    assert!(max_in(&times, 1000.0) <= 5, "{times:?}");
+    assert!(common::max_in_window(&times, 1000.0) <= 5, "{times:?}");
     assert!(superseded >= 80, "{superseded} superseded");
     assert_eq!(sim.stats().rate_rejections(), 0);
 }
@@ -266,16 +268,8 @@ async fn a_cards_operations_go_in_order_at_10_per_second() {
         .map(|a| a.at.as_secs_f64() * 1000.0)
         .collect();
     assert_eq!(times.len(), 41);
-    assert!(max_in(&times, 1000.0) <= 10, "{times:?}");
+    assert!(common::max_in_window(&times, 1000.0) <= 10, "{times:?}");
     assert!(sim.arrivals().iter().all(|a| a.code == 0));
-}
-
-/// The most timestamps (ms) in any window of `w` ms.
-fn max_in(times: &[f64], w: f64) -> usize {
-    (0..times.len())
-        .map(|i| times[i..].iter().take_while(|t| **t - times[i] < w).count())
-        .max()
-        .unwrap_or(0)
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,0 +1,152 @@
+//! Streaming replies in virtual time (issue 20's driver): the real scheduler and
+//! `stream::run` against the simulated Feishu on tokio's paused clock, which keeps CardKit's
+//! rules (10 operations per second per card, sequences strictly increasing).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use feishu_reply_gateway::config::Config;
+use feishu_reply_gateway::fake_feishu::sim::{SimFeishu, SimOptions};
+use feishu_reply_gateway::feishu::Api;
+use feishu_reply_gateway::metrics::Metrics;
+use feishu_reply_gateway::scheduler::{Scheduler, SchedulerConfig};
+use feishu_reply_gateway::stream::{self, Event, Part, StreamError, StreamSpec};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+fn spec(uuid: &str, max_text_bytes: usize) -> StreamSpec {
+    StreamSpec {
+        caller: 0,
+        credential: "".into(),
+        app: 0,
+        app_name: "default".into(),
+        app_id: "cli_sim".into(),
+        chat_id: "oc_stream".into(),
+        message_id: "om_q_in_stream".into(),
+        reply_in_thread: false,
+        uuid: uuid.into(),
+        title: "Answer".into(),
+        max_text_bytes,
+        span: tracing::Span::none(),
+    }
+}
+
+struct Running {
+    sim: Arc<SimFeishu>,
+    parts: mpsc::Sender<Part>,
+    events: mpsc::UnboundedReceiver<Event>,
+    done: tokio::task::JoinHandle<Result<stream::Finished, StreamError>>,
+}
+
+fn start(uuid: &str, max_text_bytes: usize) -> Running {
+    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
+    let config = SchedulerConfig::from_config(&Config::defaults());
+    let s = Scheduler::start(config, sim.clone(), Arc::new(Metrics::new()));
+    let (parts, rx) = mpsc::channel(64);
+    let (tx, events) = mpsc::unbounded_channel();
+    let done = tokio::spawn(stream::run(s, spec(uuid, max_text_bytes), rx, tx));
+    Running {
+        sim,
+        parts,
+        events,
+        done,
+    }
+}
+
+/// The card's operations as Feishu saw them: (since start, sequence).
+fn card_ops(sim: &SimFeishu, card_id: &str) -> Vec<(f64, u32)> {
+    sim.arrivals()
+        .iter()
+        .filter(|a| a.chat_id == card_id)
+        .map(|a| {
+            let seq = a.uuid.rsplit('-').next().unwrap().parse().unwrap();
+            (a.at.as_secs_f64() * 1000.0, seq)
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn twenty_appends_a_second_for_twenty_seconds_show_the_exact_text_at_10_operations_a_second()
+{
+    let mut r = start("st-1", 30_000);
+    let mut want = String::new();
+    for n in 0..400 {
+        let word = format!("w{n} ");
+        want.push_str(&word);
+        r.parts.send(Part::Append(word)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.parts.send(Part::Finish(None)).await.unwrap();
+    let finished = r.done.await.unwrap().expect("finished");
+    let Some(Event::Started { card_id, .. }) = r.events.recv().await else {
+        panic!("started first")
+    };
+    assert_eq!(
+        r.events.recv().await,
+        Some(Event::Finished(finished.clone()))
+    );
+    let card = r.sim.card(&card_id).expect("the card");
+    assert_eq!(card.texts["answer"], want, "the exact final text");
+    assert!(!card.streaming, "streaming mode closed");
+    let ops = card_ops(&r.sim, &card_id);
+    let times: Vec<f64> = ops.iter().map(|o| o.0).collect();
+    assert!(common::max_in_window(&times, 1000.0) <= 10, "{times:?}");
+    assert!(
+        ops.windows(2).all(|w| w[0].1 < w[1].1),
+        "sequences increase"
+    );
+    assert!(r.sim.arrivals().iter().all(|a| a.code == 0));
+    let replies = r
+        .sim
+        .arrivals()
+        .iter()
+        .filter(|a| a.api == Api::Reply)
+        .count();
+    assert_eq!(replies, 1, "one reply");
+    // About 10 a second for the 20 s and the last text: coalesced, never one per append (400).
+    assert!((100..=211).contains(&finished.updates_sent), "{finished:?}");
+    assert_eq!(finished.final_chars as usize, want.chars().count());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_gone_mid_stream_leaves_the_text_so_far_in_a_closed_card() {
+    let r = start("st-2", 30_000);
+    for n in 0..10 {
+        r.parts.send(Part::Append(format!("w{n} "))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone = Instant::now();
+    drop(r.parts);
+    let finished = r.done.await.unwrap().expect("closed");
+    assert!(
+        gone.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        gone.elapsed()
+    );
+    let card = r.sim.card(&finished.card_ids[0]).unwrap();
+    let want: String = (0..10).map(|n| format!("w{n} ")).collect();
+    assert_eq!(card.texts["answer"], want);
+    assert!(!card.streaming);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_text_past_its_cap_ends_the_stream_and_closes_the_card_with_what_fit() {
+    let r = start("st-3", 100);
+    r.parts.send(Part::Append("a".repeat(60))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    r.parts.send(Part::Append("b".repeat(60))).await.unwrap();
+    let e = r.done.await.unwrap().unwrap_err();
+    assert!(matches!(e, StreamError::TextTooLong { max: 100 }), "{e}");
+    let card_id = r
+        .sim
+        .arrivals()
+        .iter()
+        .find(|a| a.api == Api::CardContent)
+        .map(|a| a.chat_id.clone())
+        .unwrap();
+    let card = r.sim.card(&card_id).unwrap();
+    assert_eq!(card.texts["answer"], "a".repeat(60));
+    assert!(!card.streaming);
+}
