@@ -23,7 +23,7 @@
 //! - [`grpc`]: proto ↔ domain, authentication and admission at the door, the default uuid,
 //!   the `ReplyGateway` service (`grpc::entry`: what the door takes of every call, the job it
 //!   makes, the uuids derived for a caller; `grpc::message`: Send, SubmitSend, UpdateMessage,
-//!   RecallMessage; `grpc::answer`: how a call ends, counted per operation;
+//!   RecallMessage; `grpc::stream`: StreamReply (parts in, the driver's events out); `grpc::answer`: how a call ends, counted per operation;
 //!   `grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply,
 //!   and `JobAnswers`, a job's end in the API's terms; `grpc::admin`: the `ReplyAdmin`
 //!   service, InspectChat, InspectApp, InspectCaller; the door's apps and callers in one

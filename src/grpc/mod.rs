@@ -10,6 +10,7 @@ use entry::{Entry, call_deadline, caller_label, derived_uuid, explicit_uuid};
 mod jobs;
 mod message;
 mod status;
+mod stream;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -299,6 +300,23 @@ impl ReplyService {
         Ok(())
     }
 
+    /// The chat of `reply`: the one it names (taken out of it), else looked up (and cached)
+    /// within the call's deadline.
+    async fn chat_for(
+        &self,
+        app: usize,
+        reply: &mut crate::reply::Reply,
+        entry: &Entry,
+    ) -> Result<Arc<str>, GatewayError> {
+        match reply.chat_id.take() {
+            Some(c) => Ok(c.into()),
+            None => {
+                self.chat_of(app, &reply.message_id, Some(entry.call_deadline))
+                    .await
+            }
+        }
+    }
+
     /// A request checked and made a scheduler job: admission, validation, authorization,
     /// the chat resolved, the uuid fixed. With `ttl` (async jobs) the job's deadline is
     /// now + ttl; else the call's deadline. `door`: the apps and callers the call is checked
@@ -353,13 +371,7 @@ impl ReplyService {
             None => (derived_uuid(&entry.who(caller), &a.name, &reply), None),
         };
         self.known_to_fail(app, &reply.message_id, &uuid)?;
-        let chat_id = match reply.chat_id {
-            Some(c) => c.into(),
-            None => {
-                self.chat_of(app, &reply.message_id, Some(entry.call_deadline))
-                    .await?
-            }
-        };
+        let chat_id = self.chat_for(app, &mut reply, &entry).await?;
         tracing::Span::current()
             .record("chat_id", &*chat_id)
             .record("uuid", &uuid);
@@ -422,6 +434,18 @@ impl ReplyService {
 #[tonic::async_trait]
 impl ReplyGateway for ReplyService {
     type WatchReplyStream = jobs::JobStream;
+    type StreamReplyStream = stream::EventStream;
+
+    async fn stream_reply(
+        &self,
+        req: Request<tonic::Streaming<crate::proto::StreamReplyRequest>>,
+    ) -> Result<Response<Self::StreamReplyStream>, Status> {
+        let result = ReplyService::stream_reply(self, req).await;
+        if let Err(e) = &result {
+            tracing::info!(operation = "stream", error = %e, reason = %e.reason(), "stream refused");
+        }
+        result.map(Response::new).map_err(|e| e.to_status())
+    }
 
     async fn submit_reply(
         &self,
