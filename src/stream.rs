@@ -5,7 +5,9 @@
 //! end (the caller's `finish`, or the caller gone) push the final text and close streaming mode.
 //! Every operation goes through the scheduler, so the card's 10/s, the app's per-API windows
 //! and the chat's 5/s (for the reply) hold; the card's operations wait in one queue, in order,
-//! so each `sequence` is larger than the last, and a retry keeps its sequence and uuid.
+//! so each `sequence` is larger than the last, and a retry keeps its sequence and uuid. Feishu
+//! closes streaming mode about ten minutes after it was turned on (200850, 300309): the driver
+//! turns it on again and goes on, so a longer answer is shown whole.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -172,9 +174,16 @@ pub async fn run(
             },
             done = async { (&mut pending.as_mut().expect("guarded").0).await }, if pending.is_some() => {
                 let (_, sent) = pending.take().expect("guarded");
-                done?;
-                card.shown = sent;
-                card.updates += 1;
+                match done {
+                    Ok(_) => {
+                        card.shown = sent;
+                        card.updates += 1;
+                    }
+                    // Feishu closed streaming mode (it does ~10 minutes after it was turned
+                    // on): on again, and the newest text goes next.
+                    Err(e) if streaming_closed(&e) => reopen(&s, &spec, &mut card).await?,
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         if text.len() > spec.max_text_bytes {
@@ -187,12 +196,25 @@ pub async fn run(
     }
     // The end: the last text, then streaming mode off.
     if let Some((p, sent)) = pending.take() {
-        p.await?;
-        card.shown = sent;
-        card.updates += 1;
+        match p.await {
+            Ok(_) => {
+                card.shown = sent;
+                card.updates += 1;
+            }
+            Err(e) if streaming_closed(&e) => reopen(&s, &spec, &mut card).await?,
+            Err(e) => return Err(e.into()),
+        }
     }
     if text != card.shown {
-        text_update(&s, &spec, &mut card, &text).await?;
+        match text_update(&s, &spec, &mut card, &text).await {
+            Err(e) if streaming_closed(&e) => {
+                reopen(&s, &spec, &mut card).await?;
+                text_update(&s, &spec, &mut card, &text).await?;
+            }
+            other => {
+                other?;
+            }
+        }
         card.shown = text.clone();
         card.updates += 1;
     }
@@ -214,6 +236,33 @@ pub async fn run(
     };
     let _ = events.send(Event::Finished(finished.clone()));
     Ok(finished)
+}
+
+/// Feishu's "streaming mode timed out" (200850) and "streaming mode is closed" (300309).
+const STREAMING_CLOSED: [i64; 2] = [200850, 300309];
+
+fn streaming_closed(e: &GatewayError) -> bool {
+    e.feishu_code()
+        .is_some_and(|c| STREAMING_CLOSED.contains(&c))
+}
+
+/// Turns the card's streaming mode on again (Feishu closed it).
+async fn reopen(
+    s: &Scheduler,
+    spec: &StreamSpec,
+    card: &mut CardState,
+) -> Result<(), GatewayError> {
+    card.sequence += 1;
+    let on = Call::CardStreaming(CardStreaming {
+        card_id: card.id.clone(),
+        on: true,
+        sequence: card.sequence,
+        uuid: format!("{}-{}", spec.uuid, card.sequence),
+    });
+    tracing::info!(card_id = %card.id, "Feishu closed the card's streaming mode; turned on again");
+    s.reply(job(spec, card_queue(&card.id), Target::Card, on))
+        .await
+        .map(|_| ())
 }
 
 /// The card's next text operation (its sequence taken now, so operations stay in order).

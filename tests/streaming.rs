@@ -41,7 +41,11 @@ struct Running {
 }
 
 fn start(uuid: &str, max_text_bytes: usize) -> Running {
-    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
+    start_on(SimOptions::default(), uuid, max_text_bytes)
+}
+
+fn start_on(opts: SimOptions, uuid: &str, max_text_bytes: usize) -> Running {
+    let sim = Arc::new(SimFeishu::new(opts));
     let config = SchedulerConfig::from_config(&Config::defaults());
     let s = Scheduler::start(config, sim.clone(), Arc::new(Metrics::new()));
     let (parts, rx) = mpsc::channel(64);
@@ -108,6 +112,40 @@ async fn twenty_appends_a_second_for_twenty_seconds_show_the_exact_text_at_10_op
     // About 10 a second for the 20 s and the last text: coalesced, never one per append (400).
     assert!((100..=211).contains(&finished.updates_sent), "{finished:?}");
     assert_eq!(finished.final_chars as usize, want.chars().count());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_longer_than_feishus_streaming_limit_shows_its_whole_text() {
+    // Feishu closes streaming mode a while after it was turned on (here 3 s): the driver
+    // turns it on again and goes on, 8 s of text shown whole.
+    let opts = SimOptions {
+        card_streaming_limit: Duration::from_secs(3),
+        ..SimOptions::default()
+    };
+    let mut r = start_on(opts, "st-4", 30_000);
+    let mut want = String::new();
+    for n in 0..160 {
+        let word = format!("w{n} ");
+        want.push_str(&word);
+        r.parts.send(Part::Append(word)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    r.parts.send(Part::Finish(None)).await.unwrap();
+    let finished = r.done.await.unwrap().expect("finished");
+    let card = r.sim.card(&finished.card_ids[0]).unwrap();
+    assert_eq!(card.texts["answer"], want);
+    assert!(!card.streaming);
+    let reopened = r
+        .sim
+        .arrivals()
+        .iter()
+        .filter(|a| a.api == Api::CardSettings)
+        .count();
+    assert!(
+        reopened >= 3,
+        "turned on again at least twice, then closed: {reopened}"
+    );
+    assert!(r.events.recv().await.is_some());
 }
 
 #[tokio::test(start_paused = true)]
