@@ -218,15 +218,7 @@ pub async fn run(
         card.shown = text.clone();
         card.updates += 1;
     }
-    card.sequence += 1;
-    let close = Call::CardStreaming(CardStreaming {
-        card_id: card.id.clone(),
-        on: false,
-        sequence: card.sequence,
-        uuid: format!("{}-{}", spec.uuid, card.sequence),
-    });
-    s.reply(job(&spec, card_queue(&card.id), Target::Card, close))
-        .await?;
+    set_streaming(&s, &spec, &mut card, false).await?;
     outcome?;
     let finished = Finished {
         message_id,
@@ -252,15 +244,25 @@ async fn reopen(
     spec: &StreamSpec,
     card: &mut CardState,
 ) -> Result<(), GatewayError> {
+    tracing::info!(card_id = %card.id, "Feishu closed the card's streaming mode; turned on again");
+    set_streaming(s, spec, card, true).await
+}
+
+/// Turns the card's streaming mode `on` or off (the card's next operation).
+async fn set_streaming(
+    s: &Scheduler,
+    spec: &StreamSpec,
+    card: &mut CardState,
+    on: bool,
+) -> Result<(), GatewayError> {
     card.sequence += 1;
-    let on = Call::CardStreaming(CardStreaming {
+    let call = Call::CardStreaming(CardStreaming {
         card_id: card.id.clone(),
-        on: true,
+        on,
         sequence: card.sequence,
         uuid: format!("{}-{}", spec.uuid, card.sequence),
     });
-    tracing::info!(card_id = %card.id, "Feishu closed the card's streaming mode; turned on again");
-    s.reply(job(spec, card_queue(&card.id), Target::Card, on))
+    s.reply(job(spec, card_queue(&card.id), Target::Card, call))
         .await
         .map(|_| ())
 }

@@ -59,6 +59,18 @@ fn start_on(opts: SimOptions, uuid: &str, max_text_bytes: usize) -> Running {
     }
 }
 
+/// Appends `n` words, 20 a second (a model's pace); returns the text they make.
+async fn type_words(parts: &mpsc::Sender<Part>, n: usize) -> String {
+    let mut text = String::new();
+    for i in 0..n {
+        let word = format!("w{i} ");
+        text.push_str(&word);
+        parts.send(Part::Append(word)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    text
+}
+
 /// The card's operations as Feishu saw them: (since start, sequence).
 fn card_ops(sim: &SimFeishu, card_id: &str) -> Vec<(f64, u32)> {
     sim.arrivals()
@@ -75,13 +87,7 @@ fn card_ops(sim: &SimFeishu, card_id: &str) -> Vec<(f64, u32)> {
 async fn twenty_appends_a_second_for_twenty_seconds_show_the_exact_text_at_10_operations_a_second()
 {
     let mut r = start("st-1", 30_000);
-    let mut want = String::new();
-    for n in 0..400 {
-        let word = format!("w{n} ");
-        want.push_str(&word);
-        r.parts.send(Part::Append(word)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let want = type_words(&r.parts, 400).await;
     r.parts.send(Part::Finish(None)).await.unwrap();
     let finished = r.done.await.unwrap().expect("finished");
     let Some(Event::Started { card_id, .. }) = r.events.recv().await else {
@@ -123,13 +129,7 @@ async fn a_stream_longer_than_feishus_streaming_limit_shows_its_whole_text() {
         ..SimOptions::default()
     };
     let mut r = start_on(opts, "st-4", 30_000);
-    let mut want = String::new();
-    for n in 0..160 {
-        let word = format!("w{n} ");
-        want.push_str(&word);
-        r.parts.send(Part::Append(word)).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let want = type_words(&r.parts, 160).await;
     r.parts.send(Part::Finish(None)).await.unwrap();
     let finished = r.done.await.unwrap().expect("finished");
     let card = r.sim.card(&finished.card_ids[0]).unwrap();
