@@ -1,5 +1,5 @@
 //! The client commands of the binary: `send` (one reply, or with `--to` a new message; `--async`
-//! a durable job), `update` and `recall` of a message, and `job get|watch|cancel ID`. Errors print their gRPC code, reason and details; exit code 2.
+//! a durable job; `--stream` standard input typed into a card), `update` and `recall` of a message, and `job get|watch|cancel ID`. Errors print their gRPC code, reason and details; exit code 2.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -50,6 +50,13 @@ pub struct SendArgs {
     /// Submit as a durable job (SubmitReply) and print its id instead of waiting.
     #[arg(long = "async")]
     asynchronous: bool,
+    /// Stream standard input word by word into a card replied to --message-id (StreamReply),
+    /// printing each event as a JSON line.
+    #[arg(long, conflicts_with_all = ["asynchronous", "to", "text", "msg_type", "content"])]
+    stream: bool,
+    /// With --stream: the card's header.
+    #[arg(long, default_value = "", requires = "stream")]
+    title: String,
     /// With --async: fail the job if it is not sent within this many seconds (max 3000).
     #[arg(long, default_value_t = 0)]
     ttl_s: u32,
@@ -223,7 +230,59 @@ async fn send_new(
     print_answer(client.send(req).await, |r| response_json(&r))
 }
 
+/// `send --stream`: standard input, a word at a time, into one card.
+async fn send_stream(args: SendArgs) -> Result<ExitCode, BoxError> {
+    use feishu_reply_gateway::proto::stream_reply_event::Event;
+    use feishu_reply_gateway::proto::stream_reply_request::Part;
+    use feishu_reply_gateway::proto::{StreamFinish, StreamReplyRequest, StreamStart};
+    // A one-shot CLI read before any call is made: blocking is fine here.
+    let input = std::io::read_to_string(std::io::stdin())?;
+    let part = |p| StreamReplyRequest { part: Some(p) };
+    let mut parts = vec![part(Part::Start(StreamStart {
+        app: args.app.clone(),
+        message_id: args.message_id.clone().unwrap_or_default(),
+        chat_id: args.chat_id.clone(),
+        uuid: args.uuid.clone(),
+        title: args.title.clone(),
+        reply_in_thread: args.reply_in_thread,
+    }))];
+    parts.extend(
+        input
+            .split_inclusive(char::is_whitespace)
+            .map(|w| part(Part::Append(w.to_owned()))),
+    );
+    parts.push(part(Part::Finish(StreamFinish { text: None })));
+    let mut client = connect(&args.addr).await?;
+    let req = call(futures_util::stream::iter(parts), &args)?;
+    let mut events = match client.stream_reply(req).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(print_status(&status)),
+    };
+    loop {
+        let line = match events.message().await {
+            Ok(Some(e)) => match e.event {
+                Some(Event::Started(s)) => serde_json::json!({
+                    "started": { "message_id": s.message_id, "card_id": s.card_id }
+                }),
+                Some(Event::Finished(f)) => serde_json::json!({
+                    "finished": {
+                        "message_id": f.message_id, "card_ids": f.card_ids,
+                        "updates_sent": f.updates_sent, "final_chars": f.final_chars,
+                    }
+                }),
+                None => continue,
+            },
+            Ok(None) => return Ok(ExitCode::SUCCESS),
+            Err(status) => return Ok(print_status(&status)),
+        };
+        println!("{line}");
+    }
+}
+
 pub async fn send(args: SendArgs) -> Result<ExitCode, BoxError> {
+    if args.stream {
+        return send_stream(args).await;
+    }
     let (msg_type, content) = body(&args.body)?;
     if let Some(to) = args.to.clone() {
         return send_new(args, &to, msg_type, content).await;

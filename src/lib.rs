@@ -12,7 +12,7 @@
 //!
 //! **Entry.**
 //! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--to T:ID]
-//!   [--async]`, `update`, `recall`, `job get|watch|cancel`, `inspect chat|app|caller`).
+//!   [--async] [--stream]`, `update`, `recall`, `job get|watch|cancel`, `inspect chat|app|caller`).
 //! - [`app`]: wiring (the only place that picks local or Redis quotas, the redb or Redis job
 //!   store, the Redis budget counter, the embedded fake), metrics/health port, shutdown.
 //! - [`reload`]: live reload (SIGHUP, a watch on the config and secret directories): applies a

@@ -118,6 +118,47 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
             .is_some_and(|m| m.starts_with("om_fake"))
     );
 
+    // Standard input typed into a card, word by word.
+    let mut streamed = Command::new(BIN)
+        .args([
+            "send",
+            "--stream",
+            "--addr",
+            &format!("http://127.0.0.1:{grpc}"),
+        ])
+        .args([
+            "--message-id",
+            "om_cli",
+            "--chat-id",
+            "oc_cli",
+            "--title",
+            "Demo",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = streamed.stdin.take().unwrap();
+        stdin.write_all(b"one two three").unwrap();
+    }
+    let streamed = streamed.wait_with_output().unwrap();
+    let lines = String::from_utf8_lossy(&streamed.stdout);
+    assert!(
+        streamed.status.success(),
+        "{lines} {}",
+        String::from_utf8_lossy(&streamed.stderr)
+    );
+    let last: serde_json::Value =
+        serde_json::from_str(lines.lines().last().unwrap_or("{}")).unwrap();
+    assert_eq!(last["finished"]["final_chars"], 13, "{lines}");
+    assert!(
+        lines.lines().next().unwrap_or("").contains("started"),
+        "{lines}"
+    );
+
     let bad = Command::new(BIN)
         .args([
             "send",
