@@ -110,7 +110,7 @@
 //!   settings).
 //! - [`metrics`]: one `Metrics` value, `feishu_reply_*` names (`metrics::labels` their label
 //!   sets, label values and the list of names; `metrics::backends` the job store's, budgets'
-//!   and Redis's).
+//!   and Redis's; `metrics::streams` the streaming replies').
 //! - [`telemetry`]: logs, and OpenTelemetry traces over OTLP when `OTEL_*` asks (the W3C
 //!   `traceparent` of a call continued; trace ids as metric exemplars); `telemetry::fields`
 //!   the text log's field writer (caller-chosen values quoted and escaped).

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::feishu::{AppIndex, Call, CardStreaming, CardText, SendRequest};
+use crate::metrics::Metrics;
 use crate::scheduler::{Delivered, GatewayError, JobSpec, Scheduler, Target, card_queue};
 
 /// The card's one element the text goes into.
@@ -116,7 +117,9 @@ pub async fn run(
     spec: StreamSpec,
     mut parts: mpsc::Receiver<Part>,
     events: mpsc::UnboundedSender<Event>,
+    metrics: Arc<Metrics>,
 ) -> Result<Finished, StreamError> {
+    let _live = Live::new(metrics.clone());
     let created = s
         .reply(job(
             &spec,
@@ -160,7 +163,13 @@ pub async fn run(
             pending = Some((text_update(&s, &spec, &mut card, &text), text.clone()));
         }
         tokio::select! {
-            part = parts.recv() => match part {
+            part = parts.recv() => {
+            // A text neither shown nor out is replaced before it went: coalesced.
+            let out = pending.as_ref().map(|p| p.1.as_str());
+            if part.is_some() && text != card.shown && out != Some(text.as_str()) {
+                metrics.stream_update(false);
+            }
+            match part {
                 Some(Part::Append(t)) => text.push_str(&t),
                 Some(Part::Replace(t)) => text = t,
                 Some(Part::Finish(last)) => {
@@ -171,13 +180,15 @@ pub async fn run(
                 }
                 // The caller went away: the card keeps what came.
                 None => break,
-            },
+            }
+            }
             done = async { (&mut pending.as_mut().expect("guarded").0).await }, if pending.is_some() => {
                 let (_, sent) = pending.take().expect("guarded");
                 match done {
                     Ok(_) => {
                         card.shown = sent;
                         card.updates += 1;
+                        metrics.stream_update(true);
                     }
                     // Feishu closed streaming mode (it does ~10 minutes after it was turned
                     // on): on again, and the newest text goes next.
@@ -195,11 +206,13 @@ pub async fn run(
         }
     }
     // The end: the last text, then streaming mode off.
+    let ending = tokio::time::Instant::now();
     if let Some((p, sent)) = pending.take() {
         match p.await {
             Ok(_) => {
                 card.shown = sent;
                 card.updates += 1;
+                metrics.stream_update(true);
             }
             Err(e) if streaming_closed(&e) => reopen(&s, &spec, &mut card).await?,
             Err(e) => return Err(e.into()),
@@ -217,8 +230,10 @@ pub async fn run(
         }
         card.shown = text.clone();
         card.updates += 1;
+        metrics.stream_update(true);
     }
     set_streaming(&s, &spec, &mut card, false).await?;
+    metrics.stream_finished(ending.elapsed());
     outcome?;
     let finished = Finished {
         message_id,
@@ -228,6 +243,22 @@ pub async fn run(
     };
     let _ = events.send(Event::Finished(finished.clone()));
     Ok(finished)
+}
+
+/// Counts a stream live while it runs.
+struct Live(Arc<Metrics>);
+
+impl Live {
+    fn new(m: Arc<Metrics>) -> Self {
+        m.stream_live(1);
+        Self(m)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.stream_live(-1);
+    }
 }
 
 /// Feishu's "streaming mode timed out" (200850) and "streaming mode is closed" (300309).

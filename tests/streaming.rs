@@ -35,6 +35,7 @@ fn spec(uuid: &str, max_text_bytes: usize) -> StreamSpec {
 
 struct Running {
     sim: Arc<SimFeishu>,
+    metrics: Arc<Metrics>,
     parts: mpsc::Sender<Part>,
     events: mpsc::UnboundedReceiver<Event>,
     done: tokio::task::JoinHandle<Result<stream::Finished, StreamError>>,
@@ -47,12 +48,20 @@ fn start(uuid: &str, max_text_bytes: usize) -> Running {
 fn start_on(opts: SimOptions, uuid: &str, max_text_bytes: usize) -> Running {
     let sim = Arc::new(SimFeishu::new(opts));
     let config = SchedulerConfig::from_config(&Config::defaults());
-    let s = Scheduler::start(config, sim.clone(), Arc::new(Metrics::new()));
+    let metrics = Arc::new(Metrics::new());
+    let s = Scheduler::start(config, sim.clone(), metrics.clone());
     let (parts, rx) = mpsc::channel(64);
     let (tx, events) = mpsc::unbounded_channel();
-    let done = tokio::spawn(stream::run(s, spec(uuid, max_text_bytes), rx, tx));
+    let done = tokio::spawn(stream::run(
+        s,
+        spec(uuid, max_text_bytes),
+        rx,
+        tx,
+        metrics.clone(),
+    ));
     Running {
         sim,
+        metrics,
         parts,
         events,
         done,
@@ -118,6 +127,19 @@ async fn twenty_appends_a_second_for_twenty_seconds_show_the_exact_text_at_10_op
     // About 10 a second for the 20 s and the last text: coalesced, never one per append (400).
     assert!((100..=211).contains(&finished.updates_sent), "{finished:?}");
     assert_eq!(finished.final_chars as usize, want.chars().count());
+    // The metrics say the same: every text sent or coalesced, nothing live any more.
+    let m = r.metrics.encode();
+    let value = |series: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in {m}"))
+    };
+    let sent = value(r#"feishu_reply_stream_updates_total{outcome="sent"}"#);
+    let coalesced = value(r#"feishu_reply_stream_updates_total{outcome="coalesced"}"#);
+    assert_eq!(sent, f64::from(finished.updates_sent));
+    assert!(coalesced >= 150.0, "{coalesced}");
+    assert_eq!(value("feishu_reply_streams_live"), 0.0);
+    assert_eq!(value("feishu_reply_stream_finish_seconds_count"), 1.0);
 }
 
 #[tokio::test(start_paused = true)]

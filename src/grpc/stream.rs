@@ -105,7 +105,14 @@ impl ReplyService {
         });
         let span = spec.span.clone();
         let driver = tokio::spawn(
-            stream::run(self.scheduler.clone(), spec, parts, events_tx).instrument(span),
+            stream::run(
+                self.scheduler.clone(),
+                spec,
+                parts,
+                events_tx,
+                self.metrics.clone(),
+            )
+            .instrument(span),
         );
         Ok(Box::pin(futures_util::stream::unfold(
             (events, Some(driver)),

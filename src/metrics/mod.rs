@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 mod backends;
 mod labels;
+mod streams;
 
 use labels::{
     AppLabel, CallerLabel, CallerOutcomeLabels, OperationLabel, OperationOutcomeLabels,
@@ -26,6 +27,7 @@ pub use labels::{
 /// Every metric, registered once.
 pub struct Metrics {
     registry: Registry,
+    streams: streams::StreamMetrics,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Family<OperationOutcomeLabels, HistogramWithExemplars<TraceLabel>>,
     queue_wait: Family<OperationLabel, HistogramWithExemplars<TraceLabel>>,
@@ -302,7 +304,9 @@ impl Metrics {
             "Gateway replicas seen by the Redis heartbeat in the last 5 s",
             replicas.clone(),
         );
+        let streams = streams::StreamMetrics::register(&mut registry);
         let m = Self {
+            streams,
             registry,
             requests,
             upstream_latency,
