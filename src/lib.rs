@@ -79,7 +79,8 @@
 //!   queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares, quota lists
 //!   with their sends carried over, removed apps failing `APP_REMOVED`, removed callers and
 //!   credentials rotated out failing `CALLER_REMOVED`); `scheduler::spans`
-//!   the `queue_wait` and `feishu.reply` spans; [`scheduler::gate`] the quota seam
+//!   the `queue_wait` and `feishu.reply` spans; `scheduler::send` a send going out (its own
+//!   task, the send timeout, a panic caught, an answer with no dispatcher left); [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table, or a `SharedGate`; opaque memo, grant and answer);
 //!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
 //!   counts in); [`scheduler::gone`] messages Feishu said are recalled or deleted (30 min:

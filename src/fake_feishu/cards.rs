@@ -61,12 +61,9 @@ pub(super) async fn settings(
 
 fn incoming(api: Api, card_id: &str, element_id: &str, body: &[u8]) -> Incoming {
     Incoming {
-        api,
-        message_id: String::new(),
-        receive_id_type: None,
         card_id: card_id.to_owned(),
         element_id: element_id.to_owned(),
-        body: serde_json::from_slice(body).ok(),
+        ..Incoming::new(api, String::new(), serde_json::from_slice(body).ok())
     }
 }
 

@@ -55,6 +55,20 @@ pub(super) struct Incoming {
     pub(super) body: Option<MessageBody>,
 }
 
+impl Incoming {
+    /// A request to `api`'s endpoint about `message_id` (empty for a send or a card).
+    pub(super) fn new(api: Api, message_id: String, body: Option<MessageBody>) -> Self {
+        Self {
+            api,
+            message_id,
+            receive_id_type: None,
+            card_id: String::new(),
+            element_id: String::new(),
+            body,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 pub(super) struct SendQuery {
     receive_id_type: Option<String>,
@@ -69,14 +83,7 @@ pub(super) async fn reply(
     body: axum::body::Bytes,
 ) -> Response {
     let body = serde_json::from_slice(&body).ok();
-    let call = Incoming {
-        api: Api::Reply,
-        message_id,
-        receive_id_type: None,
-        card_id: String::new(),
-        element_id: String::new(),
-        body,
-    };
+    let call = Incoming::new(Api::Reply, message_id, body);
     serve(s, conn, headers, call).await
 }
 
@@ -90,12 +97,8 @@ pub(super) async fn send(
 ) -> Response {
     let body = serde_json::from_slice(&body).ok();
     let call = Incoming {
-        api: Api::Send,
-        message_id: String::new(),
         receive_id_type: q.receive_id_type,
-        card_id: String::new(),
-        element_id: String::new(),
-        body,
+        ..Incoming::new(Api::Send, String::new(), body)
     };
     serve(s, conn, headers, call).await
 }
@@ -113,14 +116,7 @@ pub(super) async fn change(
         Api::Recall => Some(MessageBody::default()),
         _ => serde_json::from_slice(&body).ok(),
     };
-    let call = Incoming {
-        api,
-        message_id,
-        receive_id_type: None,
-        card_id: String::new(),
-        element_id: String::new(),
-        body,
-    };
+    let call = Incoming::new(api, message_id, body);
     serve(s, conn, headers, call).await
 }
 

@@ -5,19 +5,16 @@
 //! talk to it through a channel and wait on a oneshot per job. Sends run in their own tasks and
 //! report back. Time is tokio's clock, so tests run it paused (virtual time).
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use futures_util::FutureExt;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::config::{QueueConfig, QuotaConfig, RetryConfig};
-use crate::feishu::{Api, AppIndex, Call, SentMessage, Upstream, UpstreamError};
+use crate::feishu::{Api, AppIndex, Call, SentMessage, Upstream};
 use crate::metrics::Metrics;
 
 mod admission;
@@ -30,11 +27,14 @@ mod layout;
 mod outcome;
 mod queue;
 pub mod reconfigure;
+mod send;
 mod spans;
+
+use send::Attempt;
 
 pub use error::GatewayError;
 pub use gate::QuotaSource;
-use gate::{Clock, Decided, GateEvent, Grant, Head, QuotaGate, Verdict};
+use gate::{Clock, Decided, GateEvent, Head, QuotaGate, Verdict};
 pub use layout::{Target, card_queue, message_queue, user_queue};
 use queue::{Dropped, Job, Queues};
 
@@ -164,14 +164,6 @@ enum Command {
     /// Tests: the dispatcher panics (a bug), to check that its death is visible.
     #[cfg(test)]
     Crash,
-}
-
-/// How one attempt at Feishu ended.
-enum Attempt {
-    /// Feishu's answer (or the network's failure) classified.
-    Answered(Result<SentMessage, UpstreamError>),
-    /// The upstream call panicked (a bug): the reply may or may not have been posted.
-    Panicked(String),
 }
 
 /// Handle to the dispatcher. Cheap to clone.
@@ -463,22 +455,6 @@ impl Dispatcher {
         }
     }
 
-    /// Takes the head of `chat_id` (its quota recorded by `grant`) and sends it.
-    fn start_send(&mut self, chat_id: &Arc<str>, now: Instant, grant: Grant) {
-        let mut job = self.queues.pop_for_send(chat_id).expect("chat with a head");
-        job.grant = Some(grant);
-        job.attempts += 1;
-        if job.first_send_at.is_none() {
-            job.first_send_at = Some(now);
-            self.metrics.queue_wait(
-                job.spec.request.api().as_str(),
-                now - job.accepted_at,
-                crate::telemetry::trace_id(&job.spec.span),
-            );
-        }
-        self.spawn_send(job);
-    }
-
     /// The shared gate reported back.
     fn gate_event(&mut self, ev: GateEvent) {
         let QuotaGate::Shared(gate) = &mut self.gate else {
@@ -513,50 +489,6 @@ impl Dispatcher {
         }
     }
 
-    fn spawn_send(&self, mut job: Job) {
-        if let Some(started) = job.spec.on_send.take() {
-            let _ = started.send(());
-        }
-        let upstream = self.upstream.clone();
-        let metrics = self.metrics.clone();
-        let tx = self.tx.clone();
-        let send_timeout = self.config.send_timeout;
-        let span = spans::attempt(&job.spec, job.attempts);
-        tokio::spawn(async move {
-            metrics.in_flight(1);
-            // A panic in the call must not take the job with it (its chat would stay busy
-            // and its caller would never hear back).
-            let call = AssertUnwindSafe(upstream.call(job.spec.app, &job.spec.request));
-            let call = tokio::time::timeout(send_timeout, call.catch_unwind());
-            let result = match call.instrument(span.clone()).await {
-                Ok(Ok(r)) => Attempt::Answered(r),
-                Ok(Err(panic)) => Attempt::Panicked(panic_message(panic.as_ref())),
-                Err(_) => Attempt::Answered(Err(UpstreamError::Network {
-                    kind: "timeout",
-                    detail: format!("no answer within {send_timeout:?}"),
-                })),
-            };
-            let answered = Instant::now();
-            spans::record_attempt(&span, &result);
-            drop(span);
-            metrics.in_flight(-1);
-            match tx.upgrade() {
-                Some(tx) => {
-                    if let Err(mpsc::error::SendError(Command::SendDone { job, result, .. })) = tx
-                        .send(Command::SendDone {
-                            job: Box::new(job),
-                            result,
-                            answered,
-                        })
-                    {
-                        finish_orphan(*job, result);
-                    }
-                }
-                None => finish_orphan(job, result),
-            }
-        });
-    }
-
     fn fail_all_queued(&mut self) {
         let jobs = self.queues.drain();
         let failed = jobs.len();
@@ -577,39 +509,6 @@ fn fail_deadline(job: Job) {
     tracing::info!(operation = job.spec.request.api().as_str(), message_id = %job.spec.request.message_id(), chat_id = %job.spec.chat_id, uuid = %job.spec.request.uuid(), attempts = job.attempts, "deadline reached before send; dropped unsent");
     let (attempts, uuid) = (job.attempts, job.uuid());
     job.finish(Err(GatewayError::DeadlineBeforeSend { attempts, uuid }));
-}
-
-/// What a caught panic said.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic".into())
-}
-
-/// The dispatcher is gone (runtime shutting down): settle the job from its own result.
-fn finish_orphan(job: Job, result: Attempt) {
-    let (attempts, uuid) = (job.attempts, job.uuid());
-    let result = match result {
-        Attempt::Answered(r) => r,
-        Attempt::Panicked(_) => return job.finish(Err(GatewayError::Internal { attempts, uuid })),
-    };
-    let r = match result {
-        Ok(message) => Ok(Delivered {
-            queued: job.first_send_at.unwrap_or(job.accepted_at) - job.accepted_at,
-            uuid: uuid.clone(),
-            attempts,
-            message,
-            superseded: false,
-        }),
-        Err(error) => Err(GatewayError::Upstream {
-            error,
-            attempts,
-            uuid,
-        }),
-    };
-    job.finish(r);
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 
 use super::*;
 use crate::config::Config;
-use crate::feishu::{BoxFuture, SendRequest};
+use crate::feishu::{BoxFuture, SendRequest, UpstreamError};
 use parking_lot::Mutex;
 
 #[derive(Default)]
