@@ -36,7 +36,7 @@ use feishu_reply_gateway::metrics::Metrics;
 use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
 use feishu_reply_gateway::proto::{ReplyRequest, SendRequest as SendProto};
 use feishu_reply_gateway::quota::{Micros, QuotaKey, QuotaSpec, QuotaTable};
-use feishu_reply_gateway::scheduler::{JobSpec, Scheduler, SchedulerConfig, Target};
+use feishu_reply_gateway::scheduler::{JobSpec, Lane, Scheduler, SchedulerConfig, Target};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
@@ -1168,6 +1168,7 @@ fn job(i: usize, chats: usize) -> JobSpec {
         chat_id: format!("oc_{:032x}", i % chats).into(),
         user_id: None,
         target: Target::Chat,
+        lane: Lane::Normal,
         request: Call::Reply(SendRequest {
             message_id: format!("om_{i}"),
             content: r#"{"text":"x"}"#.into(),

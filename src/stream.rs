@@ -12,12 +12,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::feishu::{AppIndex, Call, CardStreaming, CardText, SendRequest};
 use crate::metrics::Metrics;
-use crate::scheduler::{Delivered, GatewayError, JobSpec, Scheduler, Target, card_queue};
+use crate::scheduler::{Delivered, GatewayError, JobSpec, Lane, Scheduler, Target, card_queue};
 
 /// The card's one element the text goes into.
 pub const ELEMENT_ID: &str = "answer";
@@ -41,6 +43,9 @@ pub struct StreamSpec {
     pub title: String,
     /// The longest text accepted (bytes); beyond it the stream ends `TextTooLong`.
     pub max_text_bytes: usize,
+    /// Feishu closes a card's streaming mode this long after it was turned on
+    /// (`[streams] card_streaming_limit_s`): the driver renews it a margin before.
+    pub streaming_limit: Duration,
     /// The span the stream's calls are children of.
     pub span: tracing::Span,
 }
@@ -102,12 +107,34 @@ pub fn card_json(title: &str) -> String {
 
 type Pending = Pin<Box<dyn Future<Output = Result<Delivered, GatewayError>> + Send>>;
 
-/// One stream's card: its id, the sequence of its operations, what it shows.
+/// One text update out (queued or in flight): its answer, the text it carries, and when the
+/// oldest text it shows arrived.
+struct Out {
+    answer: Pending,
+    text: String,
+    arrived: Option<Instant>,
+}
+
+/// One stream's card: its id, the sequence of its operations, what it shows, when its
+/// streaming mode was last turned on.
 struct CardState {
     id: String,
     sequence: u32,
     shown: String,
     updates: u32,
+    streaming_on: Instant,
+}
+
+impl CardState {
+    /// Feishu accepted an update showing `text`, whose oldest part arrived at `arrived`.
+    fn shown(&mut self, text: String, arrived: Option<Instant>, metrics: &Metrics) {
+        if let Some(at) = arrived {
+            metrics.stream_text_shown(at.elapsed());
+        }
+        self.shown = text;
+        self.updates += 1;
+        metrics.stream_update(true);
+    }
 }
 
 /// Runs one stream: `parts` until `Finish` (or until the caller goes away: the sender is
@@ -120,118 +147,108 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> Result<Finished, StreamError> {
     let _live = Live::new(metrics.clone());
-    let created = s
-        .reply(job(
-            &spec,
-            format!("stream:{}", spec.uuid).into(),
-            Target::App,
-            {
-                Call::CardCreate {
-                    card_json: card_json(&spec.title),
-                }
-            },
-        ))
-        .await?;
-    let mut card = CardState {
-        id: created.message.card_id,
-        sequence: 0,
-        shown: String::new(),
-        updates: 0,
-    };
-    let content = serde_json::json!({ "type": "card", "data": { "card_id": card.id } });
-    let reply = Call::Reply(SendRequest {
-        message_id: spec.message_id.clone(),
-        content: content.to_string(),
-        msg_type: "interactive",
-        reply_in_thread: spec.reply_in_thread,
-        uuid: spec.uuid.clone(),
-    });
-    let replied = s
-        .reply(job(&spec, spec.chat_id.clone(), Target::Chat, reply))
-        .await?;
-    let message_id = replied.message.message_id;
+    let (mut card, message_id) = open(&s, &spec).await?;
     let _ = events.send(Event::Started {
         message_id: message_id.clone(),
         card_id: card.id.clone(),
     });
+    // The text counts in the caller's queue share while the stream holds it.
+    let mut held = s.hold(spec.caller);
     let mut text = String::new();
-    let mut pending: Option<(Pending, String)> = None;
+    // When the oldest text not yet out arrived.
+    let mut arrived: Option<Instant> = None;
+    let mut pending: Option<Out> = None;
     let mut outcome = Ok(());
+    let renew_every = renew_after(spec.streaming_limit);
     loop {
-        // The newest text goes out once the card's previous operation came back.
-        if pending.is_none() && text != card.shown {
-            pending = Some((text_update(&s, &spec, &mut card, &text), text.clone()));
+        if pending.is_none() {
+            // A margin before Feishu's streaming limit: off and on again, so it restarts.
+            if card.streaming_on.elapsed() >= renew_every {
+                renew(&s, &spec, &mut card).await?;
+            }
+            // The newest text goes out once the card's previous operation came back.
+            if text != card.shown {
+                pending = Some(Out {
+                    answer: text_update(&s, &spec, &mut card, &text, Lane::Typing),
+                    text: text.clone(),
+                    arrived: arrived.take(),
+                });
+            }
         }
+        let renew_at = card.streaming_on + renew_every;
         tokio::select! {
             part = parts.recv() => {
-            // A text neither shown nor out is replaced before it went: coalesced.
-            let out = pending.as_ref().map(|p| p.1.as_str());
-            if part.is_some() && text != card.shown && out != Some(text.as_str()) {
-                metrics.stream_update(false);
-            }
-            match part {
-                Some(Part::Append(t)) => text.push_str(&t),
-                Some(Part::Replace(t)) => text = t,
-                Some(Part::Finish(last)) => {
-                    if let Some(t) = last {
-                        text = t;
-                    }
-                    break;
+                // A text neither shown nor out is replaced before it went: coalesced.
+                let out = pending.as_ref().map(|p| p.text.as_str());
+                if part.is_some() && text != card.shown && out != Some(text.as_str()) {
+                    metrics.stream_update(false);
                 }
-                // The caller went away: the card keeps what came.
-                None => break,
-            }
-            }
-            done = async { (&mut pending.as_mut().expect("guarded").0).await }, if pending.is_some() => {
-                let (_, sent) = pending.take().expect("guarded");
-                match done {
-                    Ok(_) => {
-                        card.shown = sent;
-                        card.updates += 1;
-                        metrics.stream_update(true);
+                match part {
+                    Some(Part::Append(t)) => text.push_str(&t),
+                    Some(Part::Replace(t)) => text = t,
+                    Some(Part::Finish(last)) => {
+                        if let Some(t) = last {
+                            text = t;
+                        }
+                        break;
                     }
+                    // The caller went away: the card keeps what came.
+                    None => break,
+                }
+                arrived.get_or_insert_with(Instant::now);
+                held.set(text.len());
+            }
+            done = async { (&mut pending.as_mut().expect("guarded").answer).await }, if pending.is_some() => {
+                let out = pending.take().expect("guarded");
+                match done {
+                    Ok(_) => card.shown(out.text, out.arrived, &metrics),
                     // Feishu closed streaming mode (it does ~10 minutes after it was turned
                     // on): on again, and the newest text goes next.
-                    Err(e) if streaming_closed(&e) => reopen(&s, &spec, &mut card).await?,
+                    Err(e) if streaming_closed(&e) => {
+                        arrived = earliest(arrived, out.arrived);
+                        reopen(&s, &spec, &mut card).await?;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
+            () = tokio::time::sleep_until(renew_at), if pending.is_none() => {}
         }
         if text.len() > spec.max_text_bytes {
             outcome = Err(StreamError::TextTooLong {
                 max: spec.max_text_bytes,
             });
-            text = card.shown.clone();
+            text = pending.as_ref().map_or(&card.shown, |p| &p.text).clone();
             break;
         }
     }
-    // The end: the last text, then streaming mode off.
-    let ending = tokio::time::Instant::now();
-    if let Some((p, sent)) = pending.take() {
-        match p.await {
-            Ok(_) => {
-                card.shown = sent;
-                card.updates += 1;
-                metrics.stream_update(true);
-            }
-            Err(e) if streaming_closed(&e) => reopen(&s, &spec, &mut card).await?,
+    // The end: the final text (it takes the place of a typing text still waiting, and goes
+    // before the app's typing), then streaming mode off.
+    let ending = Instant::now();
+    let last = (text != card.shown).then(|| Out {
+        answer: text_update(&s, &spec, &mut card, &text, Lane::Final),
+        text: text.clone(),
+        arrived: arrived.take(),
+    });
+    if let Some(out) = pending.take() {
+        match out.answer.await {
+            Ok(d) if d.superseded => metrics.stream_update(false),
+            Ok(_) => card.shown(out.text, out.arrived, &metrics),
+            // The final text meets the closed mode too, and turns it on again.
+            Err(e) if streaming_closed(&e) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    if text != card.shown {
-        match text_update(&s, &spec, &mut card, &text).await {
-            Err(e) if streaming_closed(&e) => {
-                reopen(&s, &spec, &mut card).await?;
-                text_update(&s, &spec, &mut card, &text).await?;
+    if let Some(out) = last {
+        if let Err(e) = out.answer.await {
+            if !streaming_closed(&e) {
+                return Err(e.into());
             }
-            other => {
-                other?;
-            }
+            reopen(&s, &spec, &mut card).await?;
+            text_update(&s, &spec, &mut card, &text, Lane::Final).await?;
         }
-        card.shown = text.clone();
-        card.updates += 1;
-        metrics.stream_update(true);
+        card.shown(out.text, out.arrived, &metrics);
     }
+    drop(held);
     set_streaming(&s, &spec, &mut card, false).await?;
     metrics.stream_finished(ending.elapsed());
     outcome?;
@@ -241,8 +258,60 @@ pub async fn run(
         updates_sent: card.updates,
         final_chars: u32::try_from(card.shown.chars().count()).unwrap_or(u32::MAX),
     };
+    spec.span.record("updates_sent", finished.updates_sent);
     let _ = events.send(Event::Finished(finished.clone()));
     Ok(finished)
+}
+
+/// Creates the stream's card (streaming mode on) and replies with it: the card, and the
+/// reply's message_id.
+async fn open(s: &Scheduler, spec: &StreamSpec) -> Result<(CardState, String), GatewayError> {
+    let create = Call::CardCreate {
+        card_json: card_json(&spec.title),
+    };
+    let queue = format!("stream:{}", spec.uuid).into();
+    let created = s
+        .reply(job(spec, queue, Target::App, Lane::Normal, create))
+        .await?;
+    let card = CardState {
+        id: created.message.card_id,
+        sequence: 0,
+        shown: String::new(),
+        updates: 0,
+        streaming_on: Instant::now(),
+    };
+    let content = serde_json::json!({ "type": "card", "data": { "card_id": card.id } });
+    let reply = Call::Reply(SendRequest {
+        message_id: spec.message_id.clone(),
+        content: content.to_string(),
+        msg_type: "interactive",
+        reply_in_thread: spec.reply_in_thread,
+        uuid: spec.uuid.clone(),
+    });
+    let chat = spec.chat_id.clone();
+    let replied = s
+        .reply(job(spec, chat, Target::Chat, Lane::Normal, reply))
+        .await?;
+    let message_id = replied.message.message_id;
+    spec.span.record("card_id", card.id.as_str());
+    spec.span.record("message_id", message_id.as_str());
+    Ok((card, message_id))
+}
+
+/// The earlier of two instants either may lack.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// How long after streaming mode was turned on the driver renews it: a tenth of Feishu's
+/// limit before it (`[streams] card_streaming_limit_s`), and at least 2 s (the card's 10/s
+/// window and the app's may hold the renewal back that long), but never before half of it.
+fn renew_after(limit: Duration) -> Duration {
+    let margin = (limit / 10).max(Duration::from_secs(2)).min(limit / 2);
+    limit.saturating_sub(margin)
 }
 
 /// Counts a stream live while it runs.
@@ -279,6 +348,14 @@ async fn reopen(
     set_streaming(s, spec, card, true).await
 }
 
+/// Turns the card's streaming mode off and on again before Feishu's limit closes it (turning
+/// it on while it is on may not restart Feishu's clock).
+async fn renew(s: &Scheduler, spec: &StreamSpec, card: &mut CardState) -> Result<(), GatewayError> {
+    tracing::info!(card_id = %card.id, "the card's streaming mode nears Feishu's limit; turned off and on again");
+    set_streaming(s, spec, card, false).await?;
+    set_streaming(s, spec, card, true).await
+}
+
 /// Turns the card's streaming mode `on` or off (the card's next operation).
 async fn set_streaming(
     s: &Scheduler,
@@ -293,13 +370,29 @@ async fn set_streaming(
         sequence: card.sequence,
         uuid: format!("{}-{}", spec.uuid, card.sequence),
     });
-    s.reply(job(spec, card_queue(&card.id), Target::Card, call))
-        .await
-        .map(|_| ())
+    s.reply(job(
+        spec,
+        card_queue(&card.id),
+        Target::Card,
+        Lane::Final,
+        call,
+    ))
+    .await?;
+    if on {
+        card.streaming_on = Instant::now();
+    }
+    Ok(())
 }
 
-/// The card's next text operation (its sequence taken now, so operations stay in order).
-fn text_update(s: &Scheduler, spec: &StreamSpec, card: &mut CardState, text: &str) -> Pending {
+/// The card's next text operation (its sequence taken now, so operations stay in order):
+/// `Lane::Typing` while the stream runs, `Lane::Final` for its last text.
+fn text_update(
+    s: &Scheduler,
+    spec: &StreamSpec,
+    card: &mut CardState,
+    text: &str,
+    lane: Lane,
+) -> Pending {
     card.sequence += 1;
     let call = Call::CardText(CardText {
         card_id: card.id.clone(),
@@ -308,13 +401,13 @@ fn text_update(s: &Scheduler, spec: &StreamSpec, card: &mut CardState, text: &st
         sequence: card.sequence,
         uuid: format!("{}-{}", spec.uuid, card.sequence),
     });
-    let job = job(spec, card_queue(&card.id), Target::Card, call);
-    let s = s.clone();
-    Box::pin(async move { s.reply(job).await })
+    // Queued now: a final text takes the place of a typing text still waiting.
+    Box::pin(s.queue(job(spec, card_queue(&card.id), Target::Card, lane, call)))
 }
 
-/// A scheduler job of the stream's caller and app: `call` in `queue`, counting in `target`.
-fn job(spec: &StreamSpec, queue: Arc<str>, target: Target, call: Call) -> JobSpec {
+/// A scheduler job of the stream's caller and app: `call` in `queue`, counting in `target`,
+/// in `lane` (typing yields to the app's finishing streams, which go first).
+fn job(spec: &StreamSpec, queue: Arc<str>, target: Target, lane: Lane, call: Call) -> JobSpec {
     JobSpec {
         caller: spec.caller,
         credential: spec.credential.clone(),
@@ -326,6 +419,7 @@ fn job(spec: &StreamSpec, queue: Arc<str>, target: Target, call: Call) -> JobSpe
         chat_id: queue,
         user_id: None,
         target,
+        lane,
         request: call,
         caller_uuid: None,
         deadline: None,

@@ -29,6 +29,7 @@ fn spec(uuid: &str, max_text_bytes: usize) -> StreamSpec {
         uuid: uuid.into(),
         title: "Answer".into(),
         max_text_bytes,
+        streaming_limit: Duration::from_secs(600),
         span: tracing::Span::none(),
     }
 }
@@ -46,19 +47,17 @@ fn start(uuid: &str, max_text_bytes: usize) -> Running {
 }
 
 fn start_on(opts: SimOptions, uuid: &str, max_text_bytes: usize) -> Running {
+    start_with(opts, spec(uuid, max_text_bytes))
+}
+
+fn start_with(opts: SimOptions, spec: StreamSpec) -> Running {
     let sim = Arc::new(SimFeishu::new(opts));
     let config = SchedulerConfig::from_config(&Config::defaults());
     let metrics = Arc::new(Metrics::new());
     let s = Scheduler::start(config, sim.clone(), metrics.clone());
     let (parts, rx) = mpsc::channel(64);
     let (tx, events) = mpsc::unbounded_channel();
-    let done = tokio::spawn(stream::run(
-        s,
-        spec(uuid, max_text_bytes),
-        rx,
-        tx,
-        metrics.clone(),
-    ));
+    let done = tokio::spawn(stream::run(s, spec, rx, tx, metrics.clone()));
     Running {
         sim,
         metrics,
@@ -171,6 +170,37 @@ async fn a_stream_longer_than_feishus_streaming_limit_shows_its_whole_text() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stream_renews_streaming_mode_before_feishus_limit_so_nothing_is_refused() {
+    // The gateway knows the limit (`[streams] card_streaming_limit_s`, here 3 s): it turns
+    // streaming mode off and on again a tenth before, so Feishu never closes it under a text.
+    let opts = SimOptions {
+        card_streaming_limit: Duration::from_secs(3),
+        ..SimOptions::default()
+    };
+    let mut spec = spec("st-5", 30_000);
+    spec.streaming_limit = Duration::from_secs(3);
+    let r = start_with(opts, spec);
+    let want = type_words(&r.parts, 160).await;
+    // A pause longer than the limit with nothing to type: renewed all the same.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    r.parts.send(Part::Append("end".into())).await.unwrap();
+    r.parts.send(Part::Finish(None)).await.unwrap();
+    let finished = r.done.await.unwrap().expect("finished");
+    let card = r.sim.card(&finished.card_ids[0]).unwrap();
+    assert_eq!(card.texts["answer"], format!("{want}end"));
+    assert!(!card.streaming);
+    let arrivals = r.sim.arrivals();
+    let refused: Vec<_> = arrivals.iter().filter(|a| a.code != 0).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    // 15 s of stream: renewed (off, on) at least four times, then closed.
+    let settings = arrivals
+        .iter()
+        .filter(|a| a.api == Api::CardSettings)
+        .count();
+    assert!(settings >= 9, "{settings}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_caller_gone_mid_stream_leaves_the_text_so_far_in_a_closed_card() {
     let r = start("st-2", 30_000);
     for n in 0..10 {
@@ -209,4 +239,80 @@ async fn a_text_past_its_cap_ends_the_stream_and_closes_the_card_with_what_fit()
     let card = r.sim.card(&card_id).unwrap();
     assert_eq!(card.texts["answer"], "a".repeat(60));
     assert!(!card.streaming);
+}
+
+/// Runs `n` streams of one app at once on one scheduler, each in its own chat, each fed 20
+/// appends a second for `secs` seconds then finished. Returns the simulated Feishu, each
+/// stream's outcome, its expected text and when its `finish` was sent.
+async fn many_streams(
+    n: usize,
+    secs: usize,
+) -> (
+    Arc<SimFeishu>,
+    Instant,
+    Vec<(stream::Finished, String, Instant)>,
+) {
+    let sim = Arc::new(SimFeishu::new(SimOptions::default()));
+    let t0 = Instant::now();
+    let config = SchedulerConfig::from_config(&Config::defaults());
+    let metrics = Arc::new(Metrics::new());
+    let s = Scheduler::start(config, sim.clone(), metrics.clone());
+    let mut runs = Vec::new();
+    for i in 0..n {
+        let (parts, rx) = mpsc::channel(64);
+        let (tx, _events) = mpsc::unbounded_channel();
+        let mut spec = spec(&format!("many-{i}"), 30_000);
+        spec.chat_id = format!("oc_many_{i}").into();
+        spec.message_id = format!("om_q_many_{i}");
+        let done = tokio::spawn(stream::run(s.clone(), spec, rx, tx, metrics.clone()));
+        let feed = tokio::spawn(async move {
+            let text = type_words(&parts, secs * 20).await;
+            let finish = Instant::now();
+            parts.send(Part::Finish(None)).await.unwrap();
+            (text, finish)
+        });
+        runs.push((done, feed));
+    }
+    let mut out = Vec::new();
+    for (done, feed) in runs {
+        let (text, finish) = feed.await.unwrap();
+        out.push((done.await.unwrap().expect("finished"), text, finish));
+    }
+    (sim, t0, out)
+}
+
+#[tokio::test(start_paused = true)]
+async fn thirty_streams_of_one_app_share_its_windows_fairly_and_every_final_text_lands_fast() {
+    let (sim, started, runs) = many_streams(30, 20).await;
+    let rejected: Vec<_> = sim.arrivals().into_iter().filter(|a| a.code != 0).collect();
+    assert!(rejected.is_empty(), "0 rejections: {rejected:?}");
+    let mut finish_to_final = Vec::new();
+    for (finished, want, finish) in &runs {
+        let card_id = &finished.card_ids[0];
+        let card = sim.card(card_id).expect("the card");
+        assert_eq!(&card.texts["answer"], want, "the exact final text");
+        assert!(!card.streaming, "streaming mode closed");
+        let last = sim
+            .arrivals()
+            .iter()
+            .filter(|a| a.chat_id == *card_id && a.api == Api::CardContent)
+            .map(|a| started + a.at)
+            .max()
+            .unwrap();
+        finish_to_final.push(last.saturating_duration_since(*finish).as_secs_f64());
+    }
+    let updates: Vec<f64> = runs.iter().map(|r| f64::from(r.0.updates_sent)).collect();
+    let mean = updates.iter().sum::<f64>() / updates.len() as f64;
+    let least = updates.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        least >= 0.5 * mean,
+        "fair: least {least}, mean {mean}: {updates:?}"
+    );
+    finish_to_final.sort_by(f64::total_cmp);
+    let p99 = finish_to_final[(finish_to_final.len() * 99).div_ceil(100) - 1];
+    assert!(
+        p99 <= 3.0,
+        "finish to final text p99 {p99} s: {finish_to_final:?}"
+    );
+    eprintln!("updates per stream: mean {mean:.1}, least {least}; finish→final p99 {p99:.2} s");
 }

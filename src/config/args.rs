@@ -75,4 +75,8 @@ pub struct ServeArgs {
     /// CA (PEM) whose client certificates identify callers (mTLS, `tls_identities`).
     #[arg(long, env = "GATEWAY_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Seconds after which Feishu closes a card's streaming mode (`[streams]
+    /// card_streaming_limit_s`, default 600): streams renew it a margin before.
+    #[arg(long, env = "GATEWAY_CARD_STREAMING_LIMIT_S")]
+    pub card_streaming_limit_s: Option<u64>,
 }

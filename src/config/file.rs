@@ -36,6 +36,22 @@ pub(super) struct FileConfig {
     pub(super) auth: auth::FileAuth,
     #[serde(default)]
     pub(super) jobs: FileJobs,
+    #[serde(default)]
+    pub(super) streams: FileStreams,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct FileStreams {
+    pub(super) card_streaming_limit_s: u64,
+}
+
+impl Default for FileStreams {
+    fn default() -> Self {
+        Self {
+            card_streaming_limit_s: 600,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +162,7 @@ pub(super) struct FileQuotas {
     pub(super) app: Vec<FileQuota>,
     pub(super) app_scope: super::AppScope,
     pub(super) updates_count_in_chat: bool,
+    pub(super) final_headroom_percent: u8,
     pub(super) safety_margin_ms: u64,
 }
 
@@ -160,6 +177,7 @@ impl Default for FileQuotas {
             app: vec![q(50, 1_000), q(1_000, 60_000)],
             app_scope: super::AppScope::Api,
             updates_count_in_chat: false,
+            final_headroom_percent: 10,
             safety_margin_ms: 5,
         }
     }

@@ -100,6 +100,10 @@ pub struct QuotaConfig {
     pub app: Vec<QuotaSpec>,
     /// Apps with their own app quotas (`[apps.NAME] quotas`), by app_id, each once.
     pub per_app: Vec<(String, Vec<QuotaSpec>)>,
+    /// The share (percent) of each app window that a stream's intermediate texts leave free
+    /// for final texts and closes (`[quotas] final_headroom_percent`, 0 to 50): a finishing
+    /// stream never waits for a window full of typing.
+    pub final_headroom_percent: u8,
     pub safety_margin: Duration,
 }
 
@@ -217,6 +221,10 @@ pub struct Config {
     /// Open (not final) jobs one caller may have: one caller at its bound never refuses
     /// another (`[jobs] max_jobs_per_caller`, default a quarter of `max_jobs`).
     pub max_jobs_per_caller: u64,
+    /// Feishu closes a card's streaming mode this long after it was turned on (`[streams]
+    /// card_streaming_limit_s`, `GATEWAY_CARD_STREAMING_LIMIT_S`): streams renew it a margin
+    /// before.
+    pub card_streaming_limit: Duration,
 }
 
 // === impl Config ===
@@ -278,6 +286,7 @@ impl Config {
             callers,
             auth,
             jobs,
+            streams,
         } = file;
         let ServeArgs {
             config: _,
@@ -295,6 +304,7 @@ impl Config {
             tls_client_ca,
             data_dir,
             reset_job_store,
+            card_streaming_limit_s,
         } = args;
         if let Some(mode) = redis_mode {
             cluster.redis_mode = *mode;
@@ -332,6 +342,14 @@ impl Config {
             card: spec("card", quotas.card)?,
             app_scope: quotas.app_scope,
             updates_count_in_chat: quotas.updates_count_in_chat,
+            final_headroom_percent: match quotas.final_headroom_percent {
+                p @ 0..=50 => p,
+                p => {
+                    return Err(invalid(format!(
+                        "quotas.final_headroom_percent = {p}: give 0 to 50"
+                    )));
+                }
+            },
             app: quotas
                 .app
                 .iter()
@@ -494,6 +512,16 @@ impl Config {
             reset_job_store: *reset_job_store,
             max_jobs,
             max_jobs_per_caller: jobs.max_jobs_per_caller.unwrap_or(max_jobs / 4).max(1),
+            card_streaming_limit: match card_streaming_limit_s
+                .unwrap_or(streams.card_streaming_limit_s)
+            {
+                s @ 10..=86_400 => Duration::from_secs(s),
+                s => {
+                    return Err(invalid(format!(
+                        "streams.card_streaming_limit_s = {s} (GATEWAY_CARD_STREAMING_LIMIT_S): give 10 to 86400"
+                    )));
+                }
+            },
         })
     }
 
@@ -729,6 +757,16 @@ mod tests {
         assert_eq!(c.apps[0].app_id, "cli_env");
         assert_eq!(c.grpc_addr.port(), 7000);
         assert!(c.cluster.is_none());
+        assert_eq!(c.card_streaming_limit, Duration::from_secs(600));
+        let short = ServeArgs {
+            card_streaming_limit_s: Some(30),
+            ..Default::default()
+        };
+        let c = Config::build(FileConfig::default(), &short).unwrap();
+        assert_eq!(c.card_streaming_limit, Duration::from_secs(30));
+        let file: FileConfig = toml::from_str("[streams]\ncard_streaming_limit_s = 5").unwrap();
+        let e = Config::build(file, &ServeArgs::default()).unwrap_err();
+        assert!(e.to_string().contains("card_streaming_limit_s = 5"), "{e}");
         let redis = ServeArgs {
             redis_url: Some("redis://127.0.0.1:6379".into()),
             ..Default::default()

@@ -163,6 +163,13 @@ impl Call {
         }
     }
 
+    /// Whether a newer call of the same kind on the same message or card makes this one
+    /// pointless while it waits: each carries the whole content (an update of a message, a
+    /// card element's text), so only the newest needs to go.
+    pub fn latest_wins(&self) -> bool {
+        matches!(self, Call::Update(_) | Call::CardText(_))
+    }
+
     /// The card it acts on (empty for the message calls and a card's creation).
     pub fn card_id(&self) -> &str {
         match self {

@@ -13,7 +13,7 @@ use crate::auth::Caller;
 use crate::feishu::Call;
 use crate::listen::Intake;
 use crate::reply::Reply as ValidReply;
-use crate::scheduler::{JobSpec, Target};
+use crate::scheduler::{JobSpec, Lane, Target};
 
 /// What the door took of a call before reading its fields ([`ReplyService::enter`]).
 pub(super) struct Entry {
@@ -58,6 +58,7 @@ impl Entry {
             app_name: a.name.as_str().into(),
             app_id: a.app_id.as_str().into(),
             chat_id,
+            lane: Lane::Normal,
             user_id,
             target,
             request,

@@ -5,6 +5,8 @@
 
 mod admin;
 mod answer;
+mod door;
+use door::Door;
 mod entry;
 use entry::{Entry, call_deadline, caller_label, derived_uuid, explicit_uuid};
 mod jobs;
@@ -20,9 +22,9 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::auth::{Admission, Authenticator, Caller, UNAUTHENTICATED};
+use crate::auth::{Caller, UNAUTHENTICATED};
 use crate::chat_cache::ChatCache;
-use crate::config::{AppConfig, Config};
+use crate::config::Config;
 use crate::feishu::{Api, Call, SendRequest, Upstream};
 use crate::jobs::{Jobs, StoredReply};
 use crate::listen::Intake;
@@ -61,58 +63,6 @@ pub struct ReplyService {
     budgets: Option<Arc<crate::budget::Budgets>>,
     /// Cluster mode: where the shared quota counts are (introspection reads them).
     redis: Option<Arc<crate::cluster::RedisQuota>>,
-}
-
-/// What the door checks against, replaced whole by a live reload: the apps (by index, removed
-/// ones kept as tombstones), who may call, and their admission buckets.
-pub(crate) struct Door {
-    pub(crate) apps: Vec<AppConfig>,
-    default_app: Option<usize>,
-    pub(crate) auth: Authenticator,
-    admission: Admission,
-    /// `[quotas] updates_count_in_chat`: an update or recall naming its chat counts there.
-    updates_count_in_chat: bool,
-}
-
-impl Door {
-    fn new(config: &Config, admission: Option<&Admission>) -> Self {
-        let apps = config.apps.clone();
-        let default_app = config
-            .default_app
-            .as_deref()
-            .and_then(|d| apps.iter().position(|a| a.name == d && !a.removed));
-        let auth = Authenticator::new(&config.auth);
-        let admission = match admission {
-            Some(running) => running.next(auth.limits()),
-            None => Admission::new(auth.limits()),
-        };
-        Self {
-            apps,
-            default_app,
-            auth,
-            admission,
-            updates_count_in_chat: config.quotas.updates_count_in_chat,
-        }
-    }
-
-    /// App `name`'s configured name for metrics and logs (`unknown` when it has none).
-    fn app_label(&self, name: &str) -> String {
-        match self.app_index(name) {
-            Ok(i) => self.apps[i].name.clone(),
-            Err(_) => "unknown".into(),
-        }
-    }
-
-    /// The index of app `name` (the default app for ""); a removed app is unknown.
-    pub(crate) fn app_index(&self, name: &str) -> Result<usize, GatewayError> {
-        if name.is_empty() {
-            return self.default_app.ok_or(GatewayError::NoDefaultApp);
-        }
-        self.apps
-            .iter()
-            .position(|a| a.name == name && !a.removed)
-            .ok_or_else(|| GatewayError::UnknownApp(name.chars().take(64).collect()))
-    }
 }
 
 impl ReplyService {

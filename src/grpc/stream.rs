@@ -82,7 +82,19 @@ impl ReplyService {
             uuid,
             title: start.title,
             max_text_bytes: MAX_RICH_BYTES.saturating_sub(frame),
-            span: tracing::info_span!("StreamReply", otel.kind = "server", operation = "stream", caller = %caller.name, app = %a.name),
+            streaming_limit: door.card_streaming_limit,
+            // One trace per stream: its card's create, reply, texts and close are its
+            // children; the driver records what the card became.
+            span: tracing::info_span!(
+                "StreamReply",
+                otel.kind = "server",
+                operation = "stream",
+                caller = %caller.name,
+                app = %a.name,
+                card_id = tracing::field::Empty,
+                message_id = tracing::field::Empty,
+                updates_sent = tracing::field::Empty,
+            ),
         };
         let (parts_tx, parts) = mpsc::channel(PARTS_BUFFER);
         let (events_tx, events) = mpsc::unbounded_channel();

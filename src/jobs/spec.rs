@@ -110,6 +110,7 @@ impl Specs {
             chat_id: r.chat_id.as_str().into(),
             user_id: r.user_id.as_deref().map(Into::into),
             target: r.target(),
+            lane: crate::scheduler::Lane::Normal,
             request: {
                 let uuid = r.feishu_uuid.clone().unwrap_or_else(|| r.uuid.clone());
                 match &r.send_to {

@@ -100,10 +100,11 @@ pub(super) struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 39] = [
+pub const METRIC_NAMES: [&str; 40] = [
     "feishu_reply_requests",
     "feishu_reply_streams_live",
     "feishu_reply_stream_updates",
+    "feishu_reply_stream_text_lag_seconds",
     "feishu_reply_stream_finish_seconds",
     "feishu_reply_superseded",
     "feishu_reply_upstream_latency_seconds",

@@ -127,13 +127,13 @@ impl Metrics {
             retries.clone(),
         );
         let superseded = Family::<OperationLabel, Counter>::default();
-        // Only updates are superseded: each reads 0 before its first.
-        for operation in ["update_card", "edit"] {
+        // Only updates and card texts are superseded: each reads 0 before its first.
+        for operation in ["update_card", "edit", "card_content"] {
             let _ = superseded.get_or_create(&OperationLabel { operation });
         }
         registry.register(
             "feishu_reply_superseded",
-            "Updates answered superseded (a newer update of the message came while they waited), never sent",
+            "Updates and card texts answered superseded (a newer one of the message or card came while they waited), never sent",
             superseded.clone(),
         );
         let token_refreshes = Family::<OutcomeLabel, Counter>::default();

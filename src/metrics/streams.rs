@@ -1,6 +1,7 @@
 //! The metrics of streaming replies (`stream::run`): streams live, their text updates sent or
-//! coalesced (a newer text came before it went out), and the time from a stream's `finish` to
-//! its card showing the final text, closed.
+//! coalesced (a newer text came before it went out), the time from a text arriving to its card
+//! showing it, and the time from a stream's `finish` to its card showing the final text,
+//! closed.
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use super::labels::OutcomeLabel;
 pub(super) struct StreamMetrics {
     live: Gauge,
     updates: Family<OutcomeLabel, Counter>,
+    lag: Histogram,
     finish: Histogram,
 }
 
@@ -37,6 +39,12 @@ impl StreamMetrics {
             "Texts of streaming replies: sent to the card, or coalesced (a newer text came before it went out)",
             updates.clone(),
         );
+        let lag = Histogram::new(exponential_buckets(0.01, 2.0, 12));
+        registry.register(
+            "feishu_reply_stream_text_lag_seconds",
+            "From a streamed text arriving to Feishu accepting an update that shows it (the oldest text not yet shown, per update)",
+            lag.clone(),
+        );
         let finish = Histogram::new(exponential_buckets(0.01, 2.0, 12));
         registry.register(
             "feishu_reply_stream_finish_seconds",
@@ -46,6 +54,7 @@ impl StreamMetrics {
         Self {
             live,
             updates,
+            lag,
             finish,
         }
     }
@@ -64,6 +73,11 @@ impl Metrics {
             .updates
             .get_or_create(&OutcomeLabel { outcome })
             .inc();
+    }
+
+    /// From the oldest text an update carried arriving to Feishu accepting the update.
+    pub fn stream_text_shown(&self, lag: Duration) {
+        self.streams.lag.observe(lag.as_secs_f64());
     }
 
     /// From a stream's end to its card closed with the final text.

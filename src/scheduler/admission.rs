@@ -27,7 +27,7 @@ impl Dispatcher {
         if let Some(e) = self.withdrawn(&job) {
             return job.finish(Err(e));
         }
-        if matches!(job.spec.request, crate::feishu::Call::Update(_)) {
+        if job.spec.request.latest_wins() {
             self.supersede(&job.spec.chat_id);
         }
         let q = &self.config.queue;
@@ -150,6 +150,7 @@ impl Dispatcher {
                     message_id: "",
                     app_id: &s.app_id,
                     api: s.api,
+                    lane: super::Lane::Normal,
                 });
                 (keys, self.clock.micros(s.arrived_by))
             })
@@ -255,5 +256,6 @@ pub(super) fn keys_for(layout: &QuotaLayout, spec: &JobSpec) -> Vec<QuotaKey> {
         },
         app_id: &spec.app_id,
         api: spec.request.api(),
+        lane: spec.lane,
     })
 }

@@ -21,13 +21,20 @@ use crate::quota::QuotaTable;
 const GONE_CAPACITY: usize = 100_000;
 
 /// Tells the dispatcher when a waiting caller goes away (its future is dropped).
-struct AbandonOnDrop<'a> {
-    tx: &'a mpsc::UnboundedSender<Command>,
+struct AbandonOnDrop {
+    tx: mpsc::UnboundedSender<Command>,
     /// `None` once the result arrived.
     chat_id: Option<Arc<str>>,
 }
 
-impl Drop for AbandonOnDrop<'_> {
+impl AbandonOnDrop {
+    /// The result came: nothing to tell.
+    fn disarm(mut self) {
+        self.chat_id = None;
+    }
+}
+
+impl Drop for AbandonOnDrop {
     fn drop(&mut self) {
         if let Some(chat_id) = self.chat_id.take() {
             let _ = self.tx.send(Command::Abandoned { chat_id });
@@ -35,7 +42,55 @@ impl Drop for AbandonOnDrop<'_> {
     }
 }
 
+/// What a caller holds outside the queues (a stream's text): it counts in the caller's
+/// queue share, as one job and its bytes, until dropped ([`Scheduler::hold`]).
+pub struct Held {
+    tx: mpsc::UnboundedSender<Command>,
+    caller: usize,
+    bytes: usize,
+}
+
+impl Held {
+    /// The holder now holds `bytes`.
+    pub fn set(&mut self, bytes: usize) {
+        if bytes != self.bytes {
+            let delta = bytes as isize - self.bytes as isize;
+            self.bytes = bytes;
+            let _ = self.tx.send(Command::Hold {
+                caller: self.caller,
+                jobs: 0,
+                bytes: delta,
+            });
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Hold {
+            caller: self.caller,
+            jobs: -1,
+            bytes: -(self.bytes as isize),
+        });
+    }
+}
+
 impl Scheduler {
+    /// Counts what `caller` holds outside the queues (a stream's text) in its queue share:
+    /// one job, and the bytes [`Held::set`] says, until the guard is dropped.
+    pub fn hold(&self, caller: usize) -> Held {
+        let _ = self.tx.send(Command::Hold {
+            caller,
+            jobs: 1,
+            bytes: 0,
+        });
+        Held {
+            tx: self.tx.clone(),
+            caller,
+            bytes: 0,
+        }
+    }
+
     /// Starts the dispatcher task on the current runtime.
     pub fn start(
         config: SchedulerConfig,
@@ -176,17 +231,27 @@ impl Scheduler {
     /// Submits and waits for the result. Dropping the future (the caller cancelled) takes the
     /// job out of its chat's queue at once, unless it is already being sent.
     pub async fn reply(&self, spec: JobSpec) -> JobResult {
+        self.queue(spec).await
+    }
+
+    /// Submits now (the job takes its place in line at once) and returns its result to
+    /// come. Dropping the future takes the job out of its chat's queue, unless it is already
+    /// being sent.
+    pub fn queue(&self, spec: JobSpec) -> impl Future<Output = JobResult> + Send + 'static {
         let uuid = spec
             .caller_uuid
             .clone()
             .unwrap_or_else(|| spec.request.uuid().to_owned());
-        let mut guard = AbandonOnDrop {
-            tx: &self.tx,
+        let guard = AbandonOnDrop {
+            tx: self.tx.clone(),
             chat_id: Some(spec.chat_id.clone()),
         };
-        let result = self.submit(spec).await;
-        guard.chat_id = None;
-        result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
+        let result = self.submit(spec);
+        async move {
+            let result = result.await;
+            guard.disarm();
+            result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
+        }
     }
 
     /// Counts sends a previous process made in the local windows (single node: after a

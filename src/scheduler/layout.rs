@@ -31,6 +31,21 @@ pub enum Target {
     App,
 }
 
+/// How a job competes for its app's windows with the app's other jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lane {
+    /// In turn with the others.
+    #[default]
+    Normal,
+    /// A stream's intermediate text: it may wait, so it leaves `[quotas]
+    /// final_headroom_percent` of each app window free (it also counts in the window's
+    /// typing twin, whose limit is that much lower).
+    Typing,
+    /// A stream's final text or a card's settings: tried before the app's other jobs whenever
+    /// several may go, and may use the headroom typing leaves.
+    Final,
+}
+
 /// The queue of one card's operations (one FIFO per card).
 pub fn card_queue(card_id: &str) -> Arc<str> {
     format!("card:{card_id}").into()
@@ -56,6 +71,7 @@ pub struct KeysOf<'a> {
     pub message_id: &'a str,
     pub app_id: &'a Arc<str>,
     pub api: Api,
+    pub lane: Lane,
 }
 
 /// A quota a live reload replaced, for one app and API: the sends its key (`app_id`: the
@@ -79,6 +95,11 @@ pub(super) struct QuotaLayout {
     pub kinds: Vec<String>,
     default_app: Range<usize>,
     per_app: HashMap<Arc<str>, Range<usize>>,
+    /// `[quotas] final_headroom_percent`.
+    headroom_percent: u8,
+    /// Each app quota's typing twin: the same window, a limit `headroom_percent` lower
+    /// ([`Lane::Typing`]; none with no headroom).
+    typing: HashMap<usize, usize>,
 }
 
 impl QuotaLayout {
@@ -116,12 +137,37 @@ impl QuotaLayout {
                 _ => format!("app:{}ms", s.window.as_millis()),
             })
             .collect();
-        Self {
+        let mut layout = Self {
             scope: q.app_scope,
             specs,
             kinds,
             default_app,
             per_app,
+            headroom_percent: q.final_headroom_percent,
+            typing: HashMap::new(),
+        };
+        layout.add_typing_twins(FIRST_APP_QUOTA);
+        layout
+    }
+
+    /// Gives each app quota from id `from` on its typing twin (appended).
+    fn add_typing_twins(&mut self, from: usize) {
+        if self.headroom_percent == 0 {
+            return;
+        }
+        for id in from..self.specs.len() {
+            let spec = self.specs[id];
+            let limit = spec.limit.get();
+            let headroom = (u64::from(limit) * u64::from(self.headroom_percent)).div_ceil(100);
+            let twin = u32::try_from(u64::from(limit).saturating_sub(headroom.max(1)))
+                .ok()
+                .and_then(std::num::NonZeroU32::new);
+            // A window of one send has no room to keep: typing counts in it alone.
+            let Some(twin) = twin else { continue };
+            self.typing.insert(id, self.specs.len());
+            self.specs.push(QuotaSpec::new(twin, spec.window));
+            self.kinds
+                .push(format!("typing:{}ms", spec.window.as_millis()));
         }
     }
 
@@ -155,13 +201,17 @@ impl QuotaLayout {
                 (id, r)
             })
             .collect();
-        let next = Self {
+        let known = self.specs.len();
+        let mut next = Self {
             scope: self.scope,
             specs,
             kinds,
             default_app,
             per_app,
+            headroom_percent: self.headroom_percent,
+            typing: self.typing.clone(),
         };
+        next.add_typing_twins(known);
         let mut moved = Vec::new();
         for id in app_ids {
             // Each API's windows (one key for all when they are pooled).
@@ -183,6 +233,15 @@ impl QuotaLayout {
                             to,
                             app_id: key.clone(),
                         });
+                        // Typing keeps its headroom across the reload too.
+                        if let (Some(&f), Some(&t)) = (self.typing.get(&from), next.typing.get(&to))
+                        {
+                            moved.push(Moved {
+                                from: f,
+                                to: t,
+                                app_id: key.clone(),
+                            });
+                        }
                     }
                 }
             }
@@ -238,8 +297,13 @@ impl QuotaLayout {
         if let Some(u) = job.user_id {
             keys.push(QuotaKey::new(USER_QUOTA, u.clone()));
         }
-        for quota in apps {
+        for quota in apps.clone() {
             keys.push(QuotaKey::new(quota, app_key.clone()));
+        }
+        if job.lane == Lane::Typing {
+            for quota in apps.filter_map(|q| self.typing.get(&q)) {
+                keys.push(QuotaKey::new(*quota, app_key.clone()));
+            }
         }
         keys
     }
@@ -303,12 +367,18 @@ mod tests {
                 .into_iter()
                 .map(|(id, l)| (id.to_owned(), l))
                 .collect(),
+            final_headroom_percent: 10,
             safety_margin: Duration::ZERO,
         }
     }
 
     #[test]
     fn a_reload_keeps_unchanged_lists_and_appends_changed_ones_with_their_sends() {
+        // Ids as placed without typing twins (`typing_leaves_the_headroom…` has those).
+        let quotas = |app, per_app| QuotaConfig {
+            final_headroom_percent: 0,
+            ..quotas(app, per_app)
+        };
         let default = vec![spec(50, 1000), spec(1000, 60_000)];
         let old = QuotaLayout::new(&quotas(
             default.clone(),
@@ -372,6 +442,7 @@ mod tests {
                     message_id: "",
                     app_id: &app,
                     api,
+                    lane: Lane::Normal,
                 })
                 .into_iter()
                 .map(|k| {
@@ -406,11 +477,77 @@ mod tests {
             message_id: "om_1",
             app_id: &app,
             api: Api::UpdateCard,
+            lane: Lane::Normal,
         });
         let kinds: Vec<&str> = update
             .iter()
             .map(|k| layout.kinds[k.quota].as_str())
             .collect();
         assert_eq!(kinds, ["message", "chat", "app:1000ms", "app:60000ms"]);
+    }
+
+    #[test]
+    fn typing_leaves_the_headroom_of_each_app_window_and_keeps_it_across_a_reload() {
+        let q = quotas(vec![spec(50, 1000), spec(1000, 60_000)], vec![]);
+        let layout = QuotaLayout::new(&q);
+        let (app, card): (Arc<str>, Arc<str>) = ("cli_a".into(), card_queue("c_1"));
+        let keys = |layout: &QuotaLayout, lane| -> Vec<(String, u32)> {
+            layout
+                .keys_in(KeysOf {
+                    target: &Target::Card,
+                    chat_id: &card,
+                    user_id: None,
+                    message_id: "c_1",
+                    app_id: &app,
+                    api: Api::CardContent,
+                    lane,
+                })
+                .into_iter()
+                .map(|k| {
+                    (
+                        layout.kinds[k.quota].clone(),
+                        layout.specs[k.quota].limit.get(),
+                    )
+                })
+                .collect()
+        };
+        let plain = [("card", 10), ("app:1000ms", 50), ("app:60000ms", 1000)];
+        let plain = plain.map(|(k, l)| (k.to_owned(), l));
+        assert_eq!(keys(&layout, Lane::Normal), plain);
+        assert_eq!(keys(&layout, Lane::Final), plain);
+        let mut typing = plain.to_vec();
+        typing.extend([("typing:1000ms".into(), 45), ("typing:60000ms".into(), 900)]);
+        assert_eq!(keys(&layout, Lane::Typing), typing);
+        // A reload that changes the list: typing's sends move with the app's.
+        let q2 = quotas(vec![spec(40, 1000), spec(1000, 60_000)], vec![]);
+        let (next, moved) = layout.next(&q2, std::slice::from_ref(&app));
+        let kinds: Vec<_> = keys(&next, Lane::Typing).into_iter().skip(1).collect();
+        let want = [
+            ("app:1000ms", 40),
+            ("app:60000ms", 1000),
+            ("typing:1000ms", 36),
+            ("typing:60000ms", 900),
+        ];
+        assert_eq!(kinds, want.map(|(k, l)| (k.to_owned(), l)));
+        let moved_kinds: Vec<_> = moved
+            .iter()
+            .filter(|m| &*m.app_id == "cli_a/card_content")
+            .map(|m| next.kinds[m.to].as_str())
+            .collect();
+        assert_eq!(
+            moved_kinds,
+            [
+                "app:1000ms",
+                "typing:1000ms",
+                "app:60000ms",
+                "typing:60000ms"
+            ]
+        );
+        // No headroom: no twins.
+        let none = QuotaLayout::new(&QuotaConfig {
+            final_headroom_percent: 0,
+            ..q
+        });
+        assert_eq!(keys(&none, Lane::Typing), plain);
     }
 }

@@ -35,7 +35,8 @@ use send::Attempt;
 pub use error::GatewayError;
 pub use gate::QuotaSource;
 use gate::{Clock, Decided, GateEvent, Head, QuotaGate, Verdict};
-pub use layout::{Target, card_queue, message_queue, user_queue};
+pub use handle::Held;
+pub use layout::{Lane, Target, card_queue, message_queue, user_queue};
 use queue::{Dropped, Job, Queues};
 
 /// Quota ids in the [`QuotaTable`]: chat, user, message, card, then the app quotas in config
@@ -80,6 +81,9 @@ pub struct JobSpec {
     pub user_id: Option<Arc<str>>,
     /// Which per-target quotas it counts in.
     pub target: Target,
+    /// How it competes with its app's other jobs (a stream's typing yields, its end goes
+    /// first).
+    pub lane: Lane,
     pub request: Call,
     /// The uuid the caller gave, when Feishu gets one derived from it (`request.uuid`):
     /// what the caller is told, and what a cancel names. None: the same as `request.uuid`.
@@ -143,6 +147,13 @@ enum Command {
     },
     /// Sends a previous process made (restart): they count in the local windows.
     Seed(Vec<PastSend>),
+    /// A caller holds this many more (or fewer) jobs and bytes outside the queues (a
+    /// stream's text): they count in its queue share.
+    Hold {
+        caller: usize,
+        jobs: isize,
+        bytes: isize,
+    },
     /// Introspection: one chat as it stands.
     InspectChat {
         chat_id: Arc<str>,
@@ -334,6 +345,11 @@ impl Dispatcher {
             #[cfg(test)]
             Command::Crash => panic!("dispatcher crash requested by a test"),
             Command::Seed(mut sends) => self.seed(&mut sends),
+            Command::Hold {
+                caller,
+                jobs,
+                bytes,
+            } => self.queues.hold(caller, jobs, bytes),
             Command::Abandoned { chat_id } => {
                 for job in self.queues.take_abandoned(&chat_id) {
                     self.metrics.request(

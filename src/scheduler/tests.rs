@@ -116,6 +116,7 @@ fn job(message_id: &str, chat: &str, deadline: Option<Duration>) -> JobSpec {
         chat_id: chat.into(),
         user_id: None,
         target: super::Target::Chat,
+        lane: super::Lane::Normal,
         request: Call::Reply(SendRequest {
             message_id: message_id.into(),
             content: chat.into(),

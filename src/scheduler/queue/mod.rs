@@ -226,6 +226,14 @@ impl Queues {
             .unwrap_or((0, 0))
     }
 
+    /// `caller` holds `jobs` more jobs and `bytes` more bytes outside the queues (negative:
+    /// fewer): they count in its share ([`Self::caller_queued`]).
+    pub fn hold(&mut self, caller: usize, jobs: isize, bytes: isize) {
+        let s = share(&mut self.counts.per_caller, caller);
+        s.0 = s.0.saturating_add_signed(jobs);
+        s.1 = s.1.saturating_add_signed(bytes);
+    }
+
     /// Jobs and bytes of app `app` queued.
     pub fn app_queued(&self, app: usize) -> (usize, usize) {
         self.counts.per_app.get(app).copied().unwrap_or((0, 0))
@@ -478,9 +486,10 @@ impl Queues {
         Some(job)
     }
 
-    /// Takes out the updates waiting at the tail of `chat_id`'s queue (none in flight or
-    /// being decided): a newer update of the same message supersedes them. A job that is not
-    /// an update (a recall) stops the walk, so nothing is reordered around it.
+    /// Takes out the updates (of a message, or a card's texts) waiting at the tail of
+    /// `chat_id`'s queue (none in flight or being decided): a newer one supersedes them
+    /// ([`crate::feishu::Call::latest_wins`]). Any other job (a recall, a card's settings)
+    /// stops the walk, so nothing is reordered around it.
     pub fn take_superseded(&mut self, chat_id: &str) -> Vec<Job> {
         let Some(chat) = self.chats.get_mut(chat_id) else {
             return Vec::new();
@@ -491,7 +500,7 @@ impl Queues {
             && chat
                 .jobs
                 .back()
-                .is_some_and(|j| matches!(j.spec.request, crate::feishu::Call::Update(_)))
+                .is_some_and(|j| j.spec.request.latest_wins())
         {
             out.push(chat.jobs.pop_back().expect("non-empty"));
         }
@@ -617,6 +626,7 @@ mod tests {
             chat_id: chat.into(),
             user_id: None,
             target: crate::scheduler::Target::Chat,
+            lane: crate::scheduler::Lane::Normal,
             request: Call::Reply(SendRequest {
                 message_id: format!("om_{chat}_{n}"),
                 content: String::new(),

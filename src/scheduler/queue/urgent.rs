@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::Queues;
+use crate::scheduler::Lane;
 
 impl Queues {
     /// Puts `chat` in the runnable heap: urgent chats first, then by ticket (oldest first).
@@ -60,15 +61,18 @@ impl Queues {
         }
     }
 
-    /// Whether `chat`'s backlog makes it urgent (see [`Self::set_urgent`]).
+    /// Whether `chat`'s head goes first: it is a stream's end ([`Lane::Final`]), or the
+    /// chat's backlog makes it urgent (see [`Self::set_urgent`]).
     pub fn is_urgent(&self, chat_id: &str) -> bool {
         let Some(chat) = self.chats.get(chat_id) else {
             return false;
         };
         chat.jobs.front().is_some_and(|head| {
-            self.urgent_depth
-                .get(&head.spec.app_id)
-                .is_some_and(|&d| chat.jobs.len() >= d)
+            head.spec.lane == Lane::Final
+                || self
+                    .urgent_depth
+                    .get(&head.spec.app_id)
+                    .is_some_and(|&d| chat.jobs.len() >= d)
         })
     }
 
