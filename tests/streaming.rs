@@ -36,6 +36,7 @@ fn spec(uuid: &str, max_text_bytes: usize) -> StreamSpec {
 
 struct Running {
     sim: Arc<SimFeishu>,
+    scheduler: Scheduler,
     metrics: Arc<Metrics>,
     parts: mpsc::Sender<Part>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -57,9 +58,10 @@ fn start_with(opts: SimOptions, spec: StreamSpec) -> Running {
     let s = Scheduler::start(config, sim.clone(), metrics.clone());
     let (parts, rx) = mpsc::channel(64);
     let (tx, events) = mpsc::unbounded_channel();
-    let done = tokio::spawn(stream::run(s, spec, rx, tx, metrics.clone()));
+    let done = tokio::spawn(stream::run(s.clone(), spec, rx, tx, metrics.clone()));
     Running {
         sim,
+        scheduler: s,
         metrics,
         parts,
         events,
@@ -139,6 +141,10 @@ async fn twenty_appends_a_second_for_twenty_seconds_show_the_exact_text_at_10_op
     assert!(coalesced >= 150.0, "{coalesced}");
     assert_eq!(value("feishu_reply_streams_live"), 0.0);
     assert_eq!(value("feishu_reply_stream_finish_seconds_count"), 1.0);
+    // Each update sent says how long its oldest text waited: at a card's 10/s, well under 1 s.
+    assert_eq!(value("feishu_reply_stream_text_lag_seconds_count"), sent);
+    let lag = value("feishu_reply_stream_text_lag_seconds_sum") / sent;
+    assert!(lag < 0.2, "mean lag {lag} s");
 }
 
 #[tokio::test(start_paused = true)]
@@ -207,9 +213,14 @@ async fn a_caller_gone_mid_stream_leaves_the_text_so_far_in_a_closed_card() {
         r.parts.send(Part::Append(format!("w{n} "))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The text so far counts in the caller's queue share (one job and its bytes) while the
+    // stream holds it, and no longer once it ended.
+    let (jobs, bytes) = r.scheduler.caller_queued(0).await.unwrap();
+    assert!(jobs >= 1 && bytes >= 30, "{jobs} jobs, {bytes} bytes");
     let gone = Instant::now();
     drop(r.parts);
     let finished = r.done.await.unwrap().expect("closed");
+    assert_eq!(r.scheduler.caller_queued(0).await, Some((0, 0)));
     assert!(
         gone.elapsed() <= Duration::from_secs(2),
         "{:?}",
