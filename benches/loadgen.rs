@@ -9,6 +9,7 @@
 //! cargo bench --bench loadgen -- overhead    # quotas not binding: gateway vs direct HTTP, max replies/s
 //!     [--log info] [--otlp]                  # … with the gateway's spans made / exported
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
+//! cargo bench --bench loadgen -- streams     # 1, 10, 50 streams of one app: updates/s, finish latency
 //! cargo bench --bench loadgen -- memory      # memory attacks on the default limits: peak RSS
 //! cargo bench --bench loadgen -- submit      # durable SubmitReply: submits/s, latency, bytes/job, recovery
 //!     [--redis URL]                          # … with the jobs in Redis (recovery = a takeover)
@@ -44,6 +45,8 @@ use tonic::transport::Channel;
 mod counting_alloc;
 #[path = "support/memory.rs"]
 mod memory;
+#[path = "support/streams.rs"]
+mod streams;
 #[path = "support/submit.rs"]
 mod submit;
 use counting_alloc::allocated;
@@ -176,6 +179,17 @@ enum Scenario {
         #[arg(long)]
         redis: Option<String>,
     },
+    /// Streaming replies of one app at once (virtual time, simulated Feishu): updates per
+    /// stream per second and finish latency at each stream count.
+    Streams {
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        counts: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// One-way latency to the simulated Feishu (plus up to half of it of jitter).
+        #[arg(long, default_value_t = 30)]
+        latency_ms: u64,
+    },
     /// The scheduler with a no-op upstream: enqueue/dispatch cost and memory at depth.
     Depth {
         #[arg(long, default_value_t = 100_000)]
@@ -187,6 +201,15 @@ enum Scenario {
 
 fn main() {
     let cli = Cli::parse();
+    // Virtual time: a paused runtime of its own per run.
+    if let Scenario::Streams {
+        counts,
+        seconds,
+        latency_ms,
+    } = &cli.scenario
+    {
+        return streams::run(counts, *seconds, *latency_ms);
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -232,6 +255,7 @@ fn main() {
                 }
             }
             Scenario::Depth { jobs, chats } => depth(jobs, chats).await,
+            Scenario::Streams { .. } => unreachable!("run before the runtime"),
             Scenario::Submit {
                 concurrency,
                 seconds,
