@@ -26,8 +26,8 @@
 //!   RecallMessage; `grpc::stream`: StreamReply (parts in, the driver's events out); `grpc::answer`: how a call ends, counted per operation;
 //!   `grpc::jobs`: SubmitReply, GetReply, WatchReply, CancelReply,
 //!   and `JobAnswers`, a job's end in the API's terms; `grpc::admin`: the `ReplyAdmin`
-//!   service, InspectChat, InspectApp, InspectCaller; the door's apps and callers in one
-//!   `Door` a reload replaces); `grpc::status` the one error → gRPC status table
+//!   service, InspectChat, InspectApp, InspectCaller); `grpc::door` the door's apps, callers
+//!   and reloadable rules in one `Door` a reload replaces; `grpc::status` the one error → gRPC status table
 //!   ([`grpc::CallError`]: the domain's error or the door's own; Feishu codes read per endpoint).
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
 //!   with which credential (the work it submits is owned by it), which apps it may use, its
@@ -66,15 +66,18 @@
 //! - [`scheduler`]: the async driver (dispatch, sends, a panicking send caught, cancelled
 //!   calls, shutdown drain, its own death made visible); `scheduler::error` `GatewayError`, the
 //!   domain's failures; `scheduler::handle` the handle callers use (start, submit, reply,
-//!   cancel, seed past sends, shutdown); `scheduler::admission` queue bounds (count and bytes)
+//!   queue, cancel, seed past sends, hold a stream's text in the caller's share, shutdown); `scheduler::admission` queue bounds (count and bytes)
 //!   and deadlines at the door, and which chats are urgent (on the critical path of their
-//!   app's drain) with the app slots kept for them, and updates a newer one supersedes;
+//!   app's drain) with the app slots kept for them, and updates (or card texts) a newer one
+//!   supersedes;
 //!   `scheduler::queue` the per-chat queue (a queue is a chat, `user:<id>` or `message:<id>`)
 //!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a
-//!   runtime; `queue::urgent` urgent chats go first); `scheduler::layout`
-//!   which quotas a job counts in (`Target`: chat, user, message, card (10/s) or the app's
-//!   windows only; app keys per API; per-app lists; a reload appends changed lists, and how
-//!   long an app's quotas need for a backlog);
+//!   runtime; `queue::urgent` urgent chats, and a stream's final text and close, go first);
+//!   `scheduler::layout` which quotas a job counts in (`Target`: chat, user, message, card
+//!   (10/s) or the app's windows only; `Lane`: a stream's typing also counts in the app
+//!   windows' typing twins, which keep `final_headroom_percent` free; app keys per API;
+//!   per-app lists; a reload appends changed lists, and how long an app's quotas need for a
+//!   backlog);
 //!   [`scheduler::inspect`] one chat's queue and the quotas holding it, one app's windows and
 //!   queue; [`scheduler::reconfigure`] a reload in the dispatcher (caller shares, quota lists
 //!   with their sends carried over, removed apps failing `APP_REMOVED`, removed callers and
@@ -86,8 +89,9 @@
 //!   counts in); [`scheduler::gone`] messages Feishu said are recalled or deleted (30 min:
 //!   replies to them fail `MESSAGE_GONE` without a call).
 //! - [`stream`]: streaming replies: one CardKit card typed into (create, reply with it, the
-//!   newest text whenever the card's previous operation is back, the final text and the close
-//!   whatever ends the stream), every operation through the scheduler.
+//!   newest text whenever the card's previous operation is back, streaming mode renewed before
+//!   Feishu's limit, the final text and the close whatever ends the stream), every operation
+//!   through the scheduler (typing in `Lane::Typing`, the end in `Lane::Final`).
 //! - [`reply`]: `MsgType`, content validation (no transport types); `reply::message` a send's
 //!   receiver, an update's or a recall's message.
 //! - [`budget`]: calendar call budgets per app (`[apps.NAME.budget]`): every Feishu call takes
@@ -119,9 +123,11 @@
 //!   its answer); pure, clock passed in, proptested against random network latencies.
 //!
 //! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
-//! on loopback; `tests/pacing.rs` proves pacing in virtual time), `benches/` (criterion quota bench, load generator; figures in BENCHMARKS.md),
+//! on loopback; `tests/pacing.rs` proves pacing in virtual time; `tests/examples.rs` runs the
+//! README's Python caller), `benches/` (criterion quota bench, load generator with its
+//! scenarios in `benches/support/`, `streams` among them; figures in BENCHMARKS.md),
 //! `deploy/` (image, k8s, dashboard, alerts; `deploy/check.sh`), `scripts/test` (the test
-//! command), `.ci/run` (CI), ARCHITECTURE.md (the layers and seams).
+//! command), `scripts/examples/` (callers in other languages), `.ci/run` (CI), ARCHITECTURE.md (the layers and seams).
 #![forbid(unsafe_code)]
 
 pub mod app;
