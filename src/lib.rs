@@ -72,7 +72,8 @@
 //!   supersedes;
 //!   `scheduler::queue` the per-chat queue (a queue is a chat, `user:<id>` or `message:<id>`)
 //!   machine as plain state (fairness, order, timers, deadlines; unit-tested without a
-//!   runtime; `queue::urgent` urgent chats, and a stream's final text and close, go first);
+//!   runtime; `queue::take` jobs leaving unsent; `queue::urgent` urgent chats, and a
+//!   stream's final text and close, go first);
 //!   `scheduler::layout` which quotas a job counts in (`Target`: chat, user, message, card
 //!   (10/s) or the app's windows only; `Lane`: a stream's typing also counts in the app
 //!   windows' typing twins, which keep `final_headroom_percent` free; app keys per API;
