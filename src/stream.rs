@@ -208,6 +208,12 @@ pub async fn run(
                         arrived = earliest(arrived, out.arrived);
                         reopen(&s, &spec, &mut card).await?;
                     }
+                    // The gateway is shutting down: the card gets the text so far and is
+                    // closed (a stream's end is still taken), then the caller hears why.
+                    Err(e @ GatewayError::ShuttingDown { .. }) => {
+                        outcome = Err(e.into());
+                        break;
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -11,7 +11,7 @@ use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::sim::{SimFeishu, SimOptions};
 use feishu_reply_gateway::feishu::Api;
 use feishu_reply_gateway::metrics::Metrics;
-use feishu_reply_gateway::scheduler::{Scheduler, SchedulerConfig};
+use feishu_reply_gateway::scheduler::{GatewayError, Scheduler, SchedulerConfig};
 use feishu_reply_gateway::stream::{self, Event, Part, StreamError, StreamSpec};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -230,6 +230,46 @@ async fn a_caller_gone_mid_stream_leaves_the_text_so_far_in_a_closed_card() {
     let want: String = (0..10).map(|n| format!("w{n} ")).collect();
     assert_eq!(card.texts["answer"], want);
     assert!(!card.streaming);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_shutting_down_closes_its_streams_cards_with_the_text_so_far() {
+    let r = start("st-6", 30_000);
+    let before = type_words(&r.parts, 20).await;
+    // SIGTERM: the scheduler takes no new typing, but each stream's end still goes in the
+    // grace period: the card shows what came and is closed; the caller hears UNAVAILABLE.
+    let s = r.scheduler.clone();
+    let drain = tokio::spawn(async move { s.shutdown(Duration::from_secs(5)).await });
+    let parts = r.parts.clone();
+    let typing = tokio::spawn(async move {
+        for n in 0..100 {
+            if parts.send(Part::Append(format!("late{n} "))).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let e = r.done.await.unwrap().unwrap_err();
+    assert!(
+        matches!(e, StreamError::Gateway(GatewayError::ShuttingDown { .. })),
+        "{e}"
+    );
+    typing.abort();
+    drain.await.unwrap();
+    let card_id = r
+        .sim
+        .arrivals()
+        .iter()
+        .find(|a| a.api == Api::CardContent)
+        .map(|a| a.chat_id.clone())
+        .unwrap();
+    let card = r.sim.card(&card_id).unwrap();
+    assert!(!card.streaming, "closed");
+    assert!(
+        card.texts["answer"].starts_with(&before),
+        "the text typed before the shutdown is shown: {:?}",
+        card.texts["answer"]
+    );
 }
 
 #[tokio::test(start_paused = true)]

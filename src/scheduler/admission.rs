@@ -18,7 +18,9 @@ impl Dispatcher {
     pub(super) fn admit(&mut self, mut job: Job) {
         // From here the queue's bounds count the job: its intake bytes go back.
         job.spec.intake = None;
-        if self.draining_until.is_some() {
+        // Draining: only a stream's end is still taken (its card gets the text so far and is
+        // closed within the grace period).
+        if self.draining_until.is_some() && job.spec.lane != super::Lane::Final {
             let uuid = job.uuid();
             return job.finish(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
         }

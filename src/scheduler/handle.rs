@@ -207,14 +207,15 @@ impl Scheduler {
     }
 
     /// Queues a job; the receiver yields its final result. Refusals (queue full, deadline
-    /// unreachable, shutting down) arrive through the receiver too, at once.
+    /// unreachable, shutting down) arrive through the receiver too, at once. While shutting
+    /// down only `Lane::Final` jobs are taken: streams close their cards in the grace period.
     pub fn submit(&self, spec: JobSpec) -> oneshot::Receiver<JobResult> {
         let (done, rx) = oneshot::channel();
         let uuid = spec
             .caller_uuid
             .clone()
             .unwrap_or_else(|| spec.request.uuid().to_owned());
-        if !self.accepting.load(Ordering::Acquire) {
+        if !self.accepting.load(Ordering::Acquire) && spec.lane != super::Lane::Final {
             let _ = done.send(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
             return rx;
         }
