@@ -2,12 +2,19 @@
 //! driver owns the card's life: create the card entity (Card JSON 2.0, streaming mode on), reply
 //! with it, push the newest text whenever the card's previous operation has come back (texts
 //! that arrive meanwhile are coalesced, never queued: only the newest is ever sent), and at the
-//! end (the caller's `finish`, or the caller gone) push the final text and close streaming mode.
+//! end (the caller's `finish`, the caller gone, a refusal, the gateway shutting down) push the
+//! final text and close streaming mode.
+//!
 //! Every operation goes through the scheduler, so the card's 10/s, the app's per-API windows
-//! and the chat's 5/s (for the reply) hold; the card's operations wait in one queue, in order,
-//! so each `sequence` is larger than the last, and a retry keeps its sequence and uuid. Feishu
-//! closes streaming mode about ten minutes after it was turned on (200850, 300309): the driver
-//! turns it on again and goes on, so a longer answer is shown whole.
+//! and the chat's 5/s (for the reply) hold. The card's operations wait in one queue, in order,
+//! so each `sequence` is larger than the last, and a retry keeps its sequence and uuid. Typing
+//! goes in `Lane::Typing` (it leaves headroom in the app's windows and waits its turn among the
+//! app's streams: fair shares); the final text and the settings go in `Lane::Final` (first,
+//! in the headroom; a final text takes the place of a typing text still waiting).
+//!
+//! Feishu closes streaming mode about ten minutes after it was turned on (200850, 300309): the
+//! driver turns it off and on again a margin before `StreamSpec::streaming_limit`, and if Feishu
+//! closed it anyway turns it on again and goes on, so a longer answer is shown whole.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -163,8 +170,11 @@ pub async fn run(
     loop {
         if pending.is_none() {
             // A margin before Feishu's streaming limit: off and on again, so it restarts.
-            if card.streaming_on.elapsed() >= renew_every {
-                renew(&s, &spec, &mut card).await?;
+            if card.streaming_on.elapsed() >= renew_every
+                && let Err(e) = renew(&s, &spec, &mut card).await
+            {
+                outcome = Err(e.into());
+                break;
             }
             // The newest text goes out once the card's previous operation came back.
             if text != card.shown {
@@ -206,15 +216,18 @@ pub async fn run(
                     // on): on again, and the newest text goes next.
                     Err(e) if streaming_closed(&e) => {
                         arrived = earliest(arrived, out.arrived);
-                        reopen(&s, &spec, &mut card).await?;
+                        if let Err(e) = reopen(&s, &spec, &mut card).await {
+                            outcome = Err(e.into());
+                            break;
+                        }
                     }
-                    // The gateway is shutting down: the card gets the text so far and is
-                    // closed (a stream's end is still taken), then the caller hears why.
-                    Err(e @ GatewayError::ShuttingDown { .. }) => {
+                    // Anything else (the gateway shutting down, a refusal): the card gets the
+                    // text so far and is closed (a stream's end is still taken while
+                    // draining), then the caller hears why.
+                    Err(e) => {
                         outcome = Err(e.into());
                         break;
                     }
-                    Err(e) => return Err(e.into()),
                 }
             }
             () = tokio::time::sleep_until(renew_at), if pending.is_none() => {}
@@ -227,37 +240,24 @@ pub async fn run(
             break;
         }
     }
-    // The end: the final text (it takes the place of a typing text still waiting, and goes
-    // before the app's typing), then streaming mode off.
+    // The end, whatever ended the stream: the final text, then streaming mode off.
     let ending = Instant::now();
-    let last = (text != card.shown).then(|| Out {
-        answer: text_update(&s, &spec, &mut card, &text, Lane::Final),
-        text: text.clone(),
-        arrived: arrived.take(),
-    });
-    if let Some(out) = pending.take() {
-        match out.answer.await {
-            Ok(d) if d.superseded => metrics.stream_update(false),
-            Ok(_) => card.shown(out.text, out.arrived, &metrics),
-            // The final text meets the closed mode too, and turns it on again.
-            Err(e) if streaming_closed(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if let Some(out) = last {
-        if let Err(e) = out.answer.await {
-            if !streaming_closed(&e) {
-                return Err(e.into());
-            }
-            reopen(&s, &spec, &mut card).await?;
-            text_update(&s, &spec, &mut card, &text, Lane::Final).await?;
-        }
-        card.shown(out.text, out.arrived, &metrics);
-    }
+    let shown = show_final(
+        &s,
+        &spec,
+        &mut card,
+        pending.take(),
+        &text,
+        arrived,
+        &metrics,
+    )
+    .await;
     drop(held);
-    set_streaming(&s, &spec, &mut card, false).await?;
+    let closed = set_streaming(&s, &spec, &mut card, false).await;
     metrics.stream_finished(ending.elapsed());
     outcome?;
+    shown?;
+    closed?;
     let finished = Finished {
         message_id,
         card_ids: vec![card.id],
@@ -267,6 +267,43 @@ pub async fn run(
     spec.span.record("updates_sent", finished.updates_sent);
     let _ = events.send(Event::Finished(finished.clone()));
     Ok(finished)
+}
+
+/// Shows `text` on the card: it takes the place of the typing text still waiting (`pending`,
+/// if it has not gone yet) and goes before the app's typing (`Lane::Final`).
+async fn show_final(
+    s: &Scheduler,
+    spec: &StreamSpec,
+    card: &mut CardState,
+    pending: Option<Out>,
+    text: &str,
+    arrived: Option<Instant>,
+    metrics: &Metrics,
+) -> Result<(), GatewayError> {
+    let last = (text != card.shown).then(|| Out {
+        answer: text_update(s, spec, card, text, Lane::Final),
+        text: text.to_owned(),
+        arrived,
+    });
+    if let Some(out) = pending {
+        match out.answer.await {
+            Ok(d) if d.superseded => metrics.stream_update(false),
+            Ok(_) => card.shown(out.text, out.arrived, metrics),
+            // The final text meets the closed mode too, and turns it on again.
+            Err(e) if streaming_closed(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(out) = last else { return Ok(()) };
+    if let Err(e) = out.answer.await {
+        if !streaming_closed(&e) {
+            return Err(e);
+        }
+        reopen(s, spec, card).await?;
+        text_update(s, spec, card, text, Lane::Final).await?;
+    }
+    card.shown(out.text, out.arrived, metrics);
+    Ok(())
 }
 
 /// Creates the stream's card (streaming mode on) and replies with it: the card, and the

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::sim::{SimFeishu, SimOptions};
-use feishu_reply_gateway::feishu::Api;
+use feishu_reply_gateway::feishu::{Api, UpstreamError};
 use feishu_reply_gateway::metrics::Metrics;
 use feishu_reply_gateway::scheduler::{GatewayError, Scheduler, SchedulerConfig};
 use feishu_reply_gateway::stream::{self, Event, Part, StreamError, StreamSpec};
@@ -270,6 +270,33 @@ async fn a_gateway_shutting_down_closes_its_streams_cards_with_the_text_so_far()
         "the text typed before the shutdown is shown: {:?}",
         card.texts["answer"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_text_feishu_refuses_ends_the_stream_with_its_card_closed_on_the_text_so_far() {
+    let r = start("st-7", 30_000);
+    let before = type_words(&r.parts, 10).await;
+    // The next text is refused for good (not a code worth retrying).
+    r.sim.push_error(UpstreamError::Feishu {
+        http: 400,
+        code: 99992402,
+        msg: "field validation failed".into(),
+        log_id: String::new(),
+        retry_after: None,
+    });
+    r.parts.send(Part::Append("more".into())).await.unwrap();
+    let e = r.done.await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("99992402"), "{e}");
+    let card_id = r
+        .sim
+        .arrivals()
+        .iter()
+        .find(|a| a.api == Api::CardContent)
+        .map(|a| a.chat_id.clone())
+        .unwrap();
+    let card = r.sim.card(&card_id).unwrap();
+    assert!(!card.streaming, "closed");
+    assert_eq!(card.texts["answer"], format!("{before}more"));
 }
 
 #[tokio::test(start_paused = true)]
