@@ -875,3 +875,85 @@ async fn a_redis_that_refuses_the_password_makes_the_replica_not_ready_and_repli
     }
     drop(redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_two_replicas_share_the_apps_card_windows_through_redis() {
+    use feishu_reply_gateway::fake_feishu::FakeQuota;
+    use feishu_reply_gateway::proto::stream_reply_event::Event;
+    use feishu_reply_gateway::proto::stream_reply_request::Part;
+    use feishu_reply_gateway::proto::{StreamFinish, StreamReplyRequest, StreamStart};
+    // The app's card_content windows at 10/s on both sides, so six streams (three per
+    // replica) fed 20 appends a second bind them: the replicas share them through Redis
+    // (typing leaves 1/s of headroom for the final texts, which go first).
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions {
+        app_quotas: vec![FakeQuota {
+            limit: 10,
+            window: Duration::from_secs(1),
+        }],
+        ..FakeOptions::default()
+    })
+    .await;
+    let prefix = unique_prefix("streams");
+    let quotas = "[quotas]\napp = [{ limit = 10, window_ms = 1000 }]";
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let config = cluster_config(&fake, &url, &prefix, quotas);
+        replicas.push(spawn_gateway_on(fake.clone(), config).await);
+    }
+    let part = |p| StreamReplyRequest { part: Some(p) };
+    let mut streams = Vec::new();
+    for i in 0..6 {
+        let mut client = replicas[i % 2].client.clone();
+        let mut parts = vec![part(Part::Start(StreamStart {
+            message_id: format!("om_st{i}"),
+            chat_id: format!("oc_st{i}"),
+            ..Default::default()
+        }))];
+        let mut want = String::new();
+        for w in 0..60 {
+            want.push_str(&format!("w{w} "));
+            parts.push(part(Part::Append(format!("w{w} "))));
+        }
+        parts.push(part(Part::Finish(StreamFinish::default())));
+        // 20 appends a second, as a model types.
+        let paced = futures_util::StreamExt::then(futures_util::stream::iter(parts), |p| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            p
+        });
+        streams.push(tokio::spawn(async move {
+            let mut events = client.stream_reply(paced).await.unwrap().into_inner();
+            let mut last = None;
+            while let Some(e) = events.message().await.expect("no error") {
+                last = e.event;
+            }
+            let Some(Event::Finished(f)) = last else {
+                panic!("finished last: {last:?}")
+            };
+            (f, want)
+        }));
+    }
+    let mut updates = Vec::new();
+    for s in streams {
+        let (finished, want) = s.await.unwrap();
+        let card = fake.card(&finished.card_ids[0]).expect("the card");
+        assert_eq!(card.texts["answer"], want, "the exact final text");
+        assert!(!card.streaming);
+        updates.push(f64::from(finished.updates_sent));
+    }
+    assert_eq!(fake.stats().rate_rejections(), 0, "{:?}", fake.stats());
+    let typed: Vec<f64> = fake
+        .received()
+        .iter()
+        .filter(|r| r.operation == "card_content")
+        .map(|r| r.at_ms)
+        .collect();
+    assert!(
+        typed.len() as f64 >= updates.iter().sum::<f64>(),
+        "{typed:?}"
+    );
+    assert!(max_in_window(&typed, 1000.0) <= 10);
+    // Fair shares are proven in virtual time (tests/streaming.rs); here a few seconds of
+    // real time give each stream too few updates to compare.
+    eprintln!("updates per stream: {updates:?}");
+}
