@@ -4,8 +4,8 @@
 //! number, a removed one leaves a tombstone in its slot (an app marked `removed`, a caller no
 //! credential names), and new ones are appended. An app is the same app when its name and
 //! app_id stay. Settings only a restart can change (ports,
-//! TLS, Redis, the job store, the queue bounds, Feishu's address and timeouts, the chat and
-//! user quotas) keep their running values and are named in [`LinedUp::needs_restart`].
+//! TLS, Redis, the job store, the queue bounds, Feishu's address and timeouts, the chat, user,
+//! message and card quotas, the finals' headroom) keep their running values and are named in [`LinedUp::needs_restart`].
 
 use super::{AppConfig, AppGrant, CallerConfig, Config};
 
@@ -91,6 +91,12 @@ pub fn line_up(old: &Config, new: Config) -> LinedUp {
     keep!(max_jobs_per_caller, "jobs.max_jobs_per_caller");
     keep!(quotas.chat, "quotas.chat");
     keep!(quotas.user, "quotas.user");
+    keep!(quotas.message, "quotas.message");
+    keep!(quotas.card, "quotas.card");
+    keep!(
+        quotas.final_headroom_percent,
+        "quotas.final_headroom_percent"
+    );
     keep!(quotas.safety_margin, "quotas.safety_margin_ms");
     keep!(embedded_fake, "--embedded-fake");
     LinedUp {
@@ -202,10 +208,24 @@ mod tests {
         let old = config(BASE);
         let new = config(&format!(
             "{BASE}\n[queue]\nmax_total = 7\n[quotas]\nchat = {{ limit = 4, window_ms = 1000 }}\n\
-             app = [{{ limit = 10, window_ms = 1000 }}]\n"
+             card = {{ limit = 8, window_ms = 1000 }}\nfinal_headroom_percent = 20\n\
+             app = [{{ limit = 10, window_ms = 1000 }}]\n[streams]\ncard_streaming_limit_s = 300\n"
         ));
         let l = line_up(&old, new);
-        assert_eq!(l.needs_restart, ["queue", "quotas.chat"]);
+        assert_eq!(
+            l.needs_restart,
+            [
+                "queue",
+                "quotas.chat",
+                "quotas.card",
+                "quotas.final_headroom_percent"
+            ]
+        );
+        // Streams renew their cards by the new limit (the door reads it).
+        assert_eq!(
+            l.config.card_streaming_limit,
+            std::time::Duration::from_secs(300)
+        );
         assert_eq!(l.config.queue, old.queue);
         assert_eq!(l.config.quotas.chat, old.quotas.chat);
         // The app quotas are live.
