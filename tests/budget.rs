@@ -45,7 +45,8 @@ async fn three_replicas_share_a_daily_budget_and_make_no_call_past_it() {
             &fake,
             &format!(
                 "[apps.default.budget]\ncalls = 100\nperiod = \"day\"\n\
-                 [cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nredis_timeout_ms = 250\n"
+                 {}redis_timeout_ms = 250\n",
+                common::cluster_section(&url, &prefix)
             ),
         )
     };

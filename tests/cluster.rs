@@ -21,7 +21,8 @@ fn cluster_config(fake: &FakeFeishu, redis_url: &str, prefix: &str, extra: &str)
     let mut config = common::config_for(
         fake,
         &format!(
-            "[cluster]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\nreplicas = 3\n{extra}"
+            "{}replicas = 3\n{extra}",
+            common::cluster_section(redis_url, prefix)
         ),
     );
     config.queue.min_send_budget = Duration::from_millis(200);
@@ -67,15 +68,22 @@ async fn one_replica_with(name: &str, redis_timeout_ms: u64, extra: &str) -> One
 /// The members (one per recorded send) of the test app's quota of `kind` in Redis (e.g.
 /// `app:1000ms`).
 async fn app_sends(redis_url: &str, prefix: &str, kind: &str) -> Vec<String> {
-    let client = redis::Client::open(redis_url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("ZRANGE")
+    let mut zrange = redis::cmd("ZRANGE");
+    zrange
         .arg(format!("{{{prefix}}}:{kind}:{}", common::APP_ID))
         .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
+        .arg(-1);
+    // On a Redis Cluster the node owning the key's slot answers; the others say MOVED.
+    for seed in redis_url.split(',') {
+        let client = redis::Client::open(seed).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        match zrange.query_async(&mut conn).await {
+            Ok(members) => return members,
+            Err(e) if e.to_string().to_lowercase().contains("moved") => continue,
+            Err(e) => panic!("ZRANGE on {seed}: {e}"),
+        }
+    }
+    panic!("no node of {redis_url} owns the key")
 }
 
 /// Waits (bounded) until the replica reports its Redis failure policy in effect (`true`) or

@@ -36,9 +36,9 @@ fn cluster_file(fake: &FakeFeishu, redis_url: &str, prefix: &str) -> (PathBuf, P
         format!(
             "[feishu]\nbase_url = \"{}\"\n[apps.default]\napp_id = \"cli_c\"\napp_secret = \"s\"\n\
              [server]\nshutdown_grace_ms = 100\n[auth]\nallow_anonymous = true\n\
-             [cluster]\nredis_url = \"{redis_url}\"\nkey_prefix = \"{prefix}\"\n\
-             redis_timeout_ms = 250\njob_lease_ms = {}\n",
+             {}redis_timeout_ms = 250\njob_lease_ms = {}\n",
             fake.base_url(),
+            common::cluster_section(redis_url, prefix),
             LEASE.as_millis()
         ),
     )
@@ -56,7 +56,11 @@ fn job_store(url: &str, prefix: &str) -> feishu_reply_gateway::jobs::RedisJobSto
     };
     let config = ClusterConfig {
         redis_url: url.into(),
-        redis_mode: RedisMode::Standalone,
+        redis_mode: if common::is_redis_cluster(url) {
+            RedisMode::Cluster
+        } else {
+            RedisMode::Standalone
+        },
         redis_ca_pem: None,
         key_prefix: prefix.into(),
         redis_timeout: Duration::from_secs(2),
@@ -224,7 +228,8 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
         common::config_for(
             &fake,
             &format!(
-                "[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nredis_timeout_ms = 250\n"
+                "{}redis_timeout_ms = 250\n",
+                common::cluster_section(&url, &prefix)
             ),
         )
     };
@@ -526,14 +531,14 @@ async fn the_redis_store_fences_routes_bounds_and_expires_jobs() {
 async fn a_submit_no_redis_replica_confirmed_is_unavailable_and_safe_to_repeat() {
     // `jobs_wait_replicas = 1` on a Redis with no replica: WAIT sees none, so the submit is
     // not confirmed (UNAVAILABLE, JOB_STORE); the same submit again finds the same job.
-    let (url, _redis) = shared_redis();
+    let (url, _redis) = common::standalone_redis();
     let fake = spawn_fake(FakeOptions::default()).await;
     let prefix = unique("wait");
     let config = common::config_for(
         &fake,
         &format!(
-            "[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\nredis_timeout_ms = 250\n\
-             jobs_wait_replicas = 1\n"
+            "{}redis_timeout_ms = 250\njobs_wait_replicas = 1\n",
+            common::cluster_section(&url, &prefix)
         ),
     );
     let gw = spawn_gateway_on(fake.clone(), config).await;

@@ -265,10 +265,7 @@ async fn an_async_job_in_cluster_mode_continues_the_submit_s_trace() {
     let (url, _redis) = shared_redis();
     let fake = spawn_fake(FakeOptions::default()).await;
     let prefix = format!("traces{}{}", std::process::id(), free_port());
-    let (file, _dir) = config_file(
-        &fake,
-        &format!("[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n"),
-    );
+    let (file, _dir) = config_file(&fake, &common::cluster_section(&url, &prefix));
     let port = free_port();
     let maddr = format!("127.0.0.1:{}", free_port());
     let _gw = ServeProcess::start_with(&file, port, &otel_env(&endpoint, &maddr));

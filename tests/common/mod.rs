@@ -784,6 +784,23 @@ pub async fn connect(port: u16) -> ReplyGatewayClient<Channel> {
     }
 }
 
+/// The start of a `[cluster]` section on Redis `url` under `prefix`: `redis_mode = "cluster"`
+/// when `url` lists several seeds (`scripts/test` runs the cluster tests a second time on a
+/// 3-master Redis Cluster, `GATEWAY_TEST_REDIS_URL=redis://a,redis://b,…`).
+pub fn cluster_section(url: &str, prefix: &str) -> String {
+    let mode = if is_redis_cluster(url) {
+        "redis_mode = \"cluster\"\n"
+    } else {
+        ""
+    };
+    format!("[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n{mode}")
+}
+
+/// Whether `url` names a Redis Cluster (several seeds).
+pub fn is_redis_cluster(url: &str) -> bool {
+    url.contains(',')
+}
+
 /// Redis for a test: the one `scripts/test` started (GATEWAY_TEST_REDIS_URL) or a private one.
 pub fn shared_redis() -> (String, Option<RedisServer>) {
     match std::env::var("GATEWAY_TEST_REDIS_URL") {
@@ -792,6 +809,18 @@ pub fn shared_redis() -> (String, Option<RedisServer>) {
             let r = RedisServer::start();
             (r.url(), Some(r))
         }
+    }
+}
+
+/// A standalone Redis for a test: the shared one unless it is a Redis Cluster, else a
+/// private redis-server (for what only a standalone Redis offers, e.g. WAIT).
+pub fn standalone_redis() -> (String, Option<RedisServer>) {
+    match shared_redis() {
+        (url, _) if is_redis_cluster(&url) => {
+            let r = RedisServer::start();
+            (r.url(), Some(r))
+        }
+        shared => shared,
     }
 }
 
