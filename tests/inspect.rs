@@ -110,7 +110,7 @@ async fn clustered(extra: &str, url: &str) -> TestGateway {
     let prefix = format!("inspect-{}-{:x}", std::process::id(), rand::random::<u32>());
     let config = config_for(
         &fake,
-        &format!("{extra}{}", common::cluster_section(&url, &prefix)),
+        &format!("{extra}{}", common::cluster_section(url, &prefix)),
     );
     spawn_gateway_on(fake, config).await
 }
