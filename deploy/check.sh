@@ -44,6 +44,28 @@ for doc in yaml.safe_load_all(open("k8s/deployment.yaml")):
 print("ok")
 PY
 
+echo "== Redis Cluster overlay (kubectl kustomize, then kubernetes-validate --strict)"
+tmp_rc=$(mktemp -d)
+kubectl kustomize redis-cluster > "$tmp_rc/all.yaml"
+python3 - "$tmp_rc" <<'PY'
+import sys, yaml
+out = sys.argv[1]
+docs = [d for d in yaml.safe_load_all(open(f"{out}/all.yaml")) if d]
+kinds = [d["kind"] for d in docs]
+# The overlay swaps the single Redis for the cluster and tells the gateway so.
+assert sum(1 for d in docs if d["kind"] == "StatefulSet") == 1, kinds
+assert any(d["kind"] == "Job" and d["metadata"]["name"] == "redis-cluster-create" for d in docs)
+env = [e for d in docs if d["kind"] == "Deployment"
+       for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])]
+assert {"name": "GATEWAY_REDIS_MODE", "value": "cluster"} in env, env
+for i, d in enumerate(docs):
+    if d["kind"] != "ServiceMonitor":  # a CRD: checked above
+        yaml.safe_dump(d, open(f"{out}/{i}.yaml", "w"))
+print(f"{len(docs)} objects")
+PY
+kubernetes-validate --strict --quiet "$tmp_rc"/[0-9]*.yaml
+rm -rf "$tmp_rc"
+
 echo "== Prometheus rules (promtool check + unit tests)"
 promtool check rules prometheus/alerts.yaml
 promtool test rules prometheus/alerts.test.yaml
