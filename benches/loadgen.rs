@@ -10,6 +10,7 @@
 //!     [--log info] [--otlp]                  # … with the gateway's spans made / exported
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
 //! cargo bench --bench loadgen -- streams     # 1, 10, 50 streams of one app: updates/s, finish latency
+//! cargo bench --bench loadgen -- cluster-share   # 200 apps over 3 and 6 Redis Cluster masters: busiest master's share
 //! cargo bench --bench loadgen -- memory      # memory attacks on the default limits: peak RSS
 //! cargo bench --bench loadgen -- submit      # durable SubmitReply: submits/s, latency, bytes/job, recovery
 //!     [--redis URL]                          # … with the jobs in Redis (recovery = a takeover)
@@ -41,6 +42,8 @@ use feishu_reply_gateway::scheduler::{JobSpec, Lane, Scheduler, SchedulerConfig,
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
+#[path = "support/cluster_share.rs"]
+mod cluster_share;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
 #[path = "support/memory.rs"]
@@ -179,6 +182,18 @@ enum Scenario {
         #[arg(long)]
         redis: Option<String>,
     },
+    /// How the gateway's Redis calls spread over a Redis Cluster's masters (INFO
+    /// commandstats of each): calls per send, the busiest master's share.
+    ClusterShare {
+        #[arg(long, value_delimiter = ',', default_value = "3,6")]
+        masters: Vec<usize>,
+        #[arg(long, default_value_t = 200)]
+        apps: usize,
+        #[arg(long, default_value_t = 10)]
+        per_app: usize,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+    },
     /// Streaming replies of one app at once (virtual time, simulated Feishu): updates per
     /// stream per second and finish latency at each stream count.
     Streams {
@@ -256,6 +271,12 @@ fn main() {
             }
             Scenario::Depth { jobs, chats } => depth(jobs, chats).await,
             Scenario::Streams { .. } => unreachable!("run before the runtime"),
+            Scenario::ClusterShare {
+                masters,
+                apps,
+                per_app,
+                replicas,
+            } => cluster_share::run(&masters, apps, per_app, replicas).await,
             Scenario::Submit {
                 concurrency,
                 seconds,

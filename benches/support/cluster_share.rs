@@ -1,0 +1,219 @@
+//! `loadgen cluster-share`: how the gateway's Redis calls spread over a Redis Cluster's
+//! masters. Starts a Redis Cluster of M masters, `fake-feishu` and gateway replicas in
+//! cluster mode with many apps, sends replies for every app, and reads `INFO commandstats` of
+//! each master: Redis calls per send, and the share of all calls the busiest master carried
+//! (issue 21's measure: 100 % while every key shares one hash tag).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use feishu_reply_gateway::proto::ReplyRequest;
+use feishu_reply_gateway::proto::reply_gateway_client::ReplyGatewayClient;
+
+/// A Redis Cluster of loopback masters (no replicas), stopped when dropped.
+struct Cluster {
+    ports: Vec<u16>,
+    dir: PathBuf,
+    nodes: Vec<Child>,
+}
+
+impl Cluster {
+    fn start(masters: usize) -> Self {
+        let dir = std::env::temp_dir().join(format!("loadgen-rc-{}-{masters}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Self {
+            ports: Vec::new(),
+            dir,
+            nodes: Vec::new(),
+        };
+        for _ in 0..masters {
+            let port = cluster_port(&c.ports);
+            c.nodes.push(
+                Command::new("redis-server")
+                    .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                    .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                    .arg(format!("nodes-{port}.conf"))
+                    .args(["--save", "", "--appendonly", "no", "--dir"])
+                    .arg(&c.dir)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("redis-server on PATH"),
+            );
+            super::wait_port(port);
+            c.ports.push(port);
+        }
+        let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli on PATH");
+        assert!(out.status.success(), "redis-cli --cluster create: {out:?}");
+        for p in &c.ports {
+            let t = Instant::now();
+            while !cli(*p, &["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(t.elapsed() < Duration::from_secs(30), "cluster never ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        c
+    }
+
+    fn seeds(&self) -> String {
+        let seeds: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect();
+        seeds.join(",")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port for a cluster node whose bus port (+10000) is free too, outside the ephemeral range.
+fn cluster_port(taken: &[u16]) -> u16 {
+    for p in (23_000..25_000u16).step_by(7) {
+        let free = |q: u16| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok();
+        if !taken.contains(&p) && free(p) && free(p + 10_000) {
+            return p;
+        }
+    }
+    panic!("no free port pair for a cluster node")
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Scripts a node ran for clients since its stats were reset: the gateway's Redis work is
+/// scripts (decide, settle, heartbeat, jobs); the commands a script runs are counted apart
+/// by Redis and left out here.
+fn calls_served(port: u16) -> u64 {
+    cli(port, &["info", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            if !["eval", "evalsha", "eval_ro", "evalsha_ro", "fcall"].contains(&name) {
+                return None;
+            }
+            rest.split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Runs the measure for each master count.
+pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize) {
+    println!(
+        "cluster-share: {apps} apps x {per_app} replies to distinct chats, {replicas} gateway replicas in cluster mode"
+    );
+    for &m in masters {
+        let cluster = Cluster::start(m);
+        let mut extra = format!(
+            "[cluster]\nredis_url = \"{}\"\nredis_mode = \"cluster\"\nkey_prefix = \"share-{m}\"\nreplicas = {replicas}\n",
+            cluster.seeds()
+        );
+        for a in 0..apps {
+            extra.push_str(&format!(
+                "[apps.a{a}]\napp_id = \"cli_share_{a}\"\napp_secret = \"s\"\n"
+            ));
+        }
+        let stack = super::stack_n(&[], &extra, replicas).await;
+        // Warm every replica (Redis connections, slot maps), then count from zero.
+        for (ch, _) in &stack.gateways {
+            let mut c = ReplyGatewayClient::new(ch.clone());
+            c.reply(request("a0", "om_warm", "oc_warm"))
+                .await
+                .expect("warm");
+        }
+        for p in &cluster.ports {
+            cli(*p, &["config", "resetstat"]);
+        }
+        let trips_before = redis_round_trips(&stack).await;
+        let t = Instant::now();
+        let mut calls = Vec::new();
+        for i in 0..apps * per_app {
+            let (app, n) = (i % apps, i / apps);
+            let mut c = ReplyGatewayClient::new(stack.gateways[i % replicas].0.clone());
+            let req = request(
+                &format!("a{app}"),
+                &format!("om_{app}_{n}"),
+                &format!("oc_{app}_{n}"),
+            );
+            calls.push(tokio::spawn(async move { c.reply(req).await.is_ok() }));
+        }
+        let mut ok = 0u64;
+        for c in calls {
+            ok += u64::from(c.await.unwrap());
+        }
+        let elapsed = t.elapsed();
+        let served: Vec<u64> = cluster.ports.iter().map(|p| calls_served(*p)).collect();
+        let total: u64 = served.iter().sum();
+        // Round trips as the gateways count them (every op: decide, settle, heartbeat, …).
+        let round_trips = redis_round_trips(&stack).await - trips_before;
+        let busiest = served.iter().copied().max().unwrap_or(0);
+        if std::env::var_os("LOADGEN_COMMANDSTATS").is_some() {
+            for p in &cluster.ports {
+                println!("{}", cli(*p, &["info", "commandstats"]));
+            }
+        }
+        println!(
+            "  {m} masters: {ok} replies in {:.1} s; Redis calls per send {:.2} (gateways' count, all ops); scripts per master {served:?}; busiest master {:.0} % of all",
+            elapsed.as_secs_f64(),
+            round_trips / ok.max(1) as f64,
+            100.0 * busiest as f64 / total.max(1) as f64
+        );
+    }
+}
+
+/// `feishu_reply_redis_calls_total` summed over every op, outcome and gateway.
+async fn redis_round_trips(stack: &super::Stack) -> f64 {
+    let mut sum = 0.0;
+    for (_, port) in &stack.gateways {
+        let text = stack
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        sum += text
+            .lines()
+            .filter(|l| l.starts_with("feishu_reply_redis_calls_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    sum
+}
+
+fn request(app: &str, message_id: &str, chat_id: &str) -> ReplyRequest {
+    ReplyRequest {
+        app: app.into(),
+        message_id: message_id.into(),
+        chat_id: chat_id.into(),
+        msg_type: "text".into(),
+        content: r#"{"text":"share"}"#.into(),
+        ..Default::default()
+    }
+}
