@@ -522,7 +522,8 @@ impl Stack {
         t
     }
 
-    /// Sum over every gateway of one metric series (0 when absent).
+    /// Sum over every gateway of one metric series (0 when absent). A series ending in `{`
+    /// sums every label set of its metric.
     async fn gateway_metric(&self, series: &str) -> f64 {
         let mut sum = 0.0;
         for (_, port) in &self.gateways {
@@ -537,7 +538,12 @@ impl Stack {
                 .unwrap();
             sum += text
                 .lines()
-                .filter_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+                .filter_map(|l| {
+                    let rest = l.strip_prefix(series)?;
+                    // The series itself, not a longer name sharing its start.
+                    (series.ends_with('{') || rest.starts_with(' ')).then_some(())?;
+                    rest.rsplit(' ').next()?.parse::<f64>().ok()
+                })
                 .sum::<f64>();
         }
         sum

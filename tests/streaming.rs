@@ -81,6 +81,17 @@ async fn type_words(parts: &mpsc::Sender<Part>, n: usize) -> String {
     text
 }
 
+/// The one card a test's stream typed into, as Feishu keeps it.
+fn the_card(sim: &SimFeishu) -> feishu_reply_gateway::fake_feishu::book::Card {
+    let card_id = sim
+        .arrivals()
+        .iter()
+        .find(|a| a.api == Api::CardContent)
+        .map(|a| a.chat_id.clone())
+        .expect("a text reached the card");
+    sim.card(&card_id).expect("the card")
+}
+
 /// The card's operations as Feishu saw them: (since start, sequence).
 fn card_ops(sim: &SimFeishu, card_id: &str) -> Vec<(f64, u32)> {
     sim.arrivals()
@@ -256,14 +267,7 @@ async fn a_gateway_shutting_down_closes_its_streams_cards_with_the_text_so_far()
     );
     typing.abort();
     drain.await.unwrap();
-    let card_id = r
-        .sim
-        .arrivals()
-        .iter()
-        .find(|a| a.api == Api::CardContent)
-        .map(|a| a.chat_id.clone())
-        .unwrap();
-    let card = r.sim.card(&card_id).unwrap();
+    let card = the_card(&r.sim);
     assert!(!card.streaming, "closed");
     assert!(
         card.texts["answer"].starts_with(&before),
@@ -287,14 +291,7 @@ async fn a_text_feishu_refuses_ends_the_stream_with_its_card_closed_on_the_text_
     r.parts.send(Part::Append("more".into())).await.unwrap();
     let e = r.done.await.unwrap().unwrap_err();
     assert!(e.to_string().contains("99992402"), "{e}");
-    let card_id = r
-        .sim
-        .arrivals()
-        .iter()
-        .find(|a| a.api == Api::CardContent)
-        .map(|a| a.chat_id.clone())
-        .unwrap();
-    let card = r.sim.card(&card_id).unwrap();
+    let card = the_card(&r.sim);
     assert!(!card.streaming, "closed");
     assert_eq!(card.texts["answer"], format!("{before}more"));
 }
@@ -307,14 +304,7 @@ async fn a_text_past_its_cap_ends_the_stream_and_closes_the_card_with_what_fit()
     r.parts.send(Part::Append("b".repeat(60))).await.unwrap();
     let e = r.done.await.unwrap().unwrap_err();
     assert!(matches!(e, StreamError::TextTooLong { max: 100 }), "{e}");
-    let card_id = r
-        .sim
-        .arrivals()
-        .iter()
-        .find(|a| a.api == Api::CardContent)
-        .map(|a| a.chat_id.clone())
-        .unwrap();
-    let card = r.sim.card(&card_id).unwrap();
+    let card = the_card(&r.sim);
     assert_eq!(card.texts["answer"], "a".repeat(60));
     assert!(!card.streaming);
 }

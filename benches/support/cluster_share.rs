@@ -187,24 +187,9 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
 
 /// `feishu_reply_redis_calls_total` summed over every op, outcome and gateway.
 async fn redis_round_trips(stack: &super::Stack) -> f64 {
-    let mut sum = 0.0;
-    for (_, port) in &stack.gateways {
-        let text = stack
-            .http
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        sum += text
-            .lines()
-            .filter(|l| l.starts_with("feishu_reply_redis_calls_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>();
-    }
-    sum
+    stack
+        .gateway_metric("feishu_reply_redis_calls_total{")
+        .await
 }
 
 fn request(app: &str, message_id: &str, chat_id: &str) -> ReplyRequest {
