@@ -48,29 +48,9 @@ fn cluster_file(fake: &FakeFeishu, redis_url: &str, prefix: &str) -> (PathBuf, P
 
 /// A job store on `url` under `prefix`, as a replica of its own (60 s lease).
 fn job_store(url: &str, prefix: &str) -> feishu_reply_gateway::jobs::RedisJobStore {
-    use feishu_reply_gateway::config::{ClusterConfig, RedisFailurePolicy, RedisMode};
-    use feishu_reply_gateway::jobs::RedisJobsConfig;
-    let jobs = RedisJobsConfig {
-        lease: Duration::from_secs(60),
-        wait_replicas: 0,
-    };
-    let config = ClusterConfig {
-        redis_url: url.into(),
-        redis_mode: if common::is_redis_cluster(url) {
-            RedisMode::Cluster
-        } else {
-            RedisMode::Standalone
-        },
-        redis_ca_pem: None,
-        key_prefix: prefix.into(),
-        redis_timeout: Duration::from_secs(2),
-        on_failure: RedisFailurePolicy::Local,
-        replicas: 2,
-        jobs,
-    };
-    let metrics = std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new());
-    let redis = feishu_reply_gateway::redis_conn::SharedRedis::new(config, metrics).unwrap();
-    feishu_reply_gateway::jobs::RedisJobStore::new(std::sync::Arc::new(redis), jobs)
+    let redis = common::redis_client(url, prefix, Duration::from_secs(60));
+    let jobs = redis.config().jobs;
+    feishu_reply_gateway::jobs::RedisJobStore::new(redis, jobs)
 }
 
 /// Waits until every job is DELIVERED (read through `c`), failing on a final other state.

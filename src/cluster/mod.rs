@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 
 mod budget;
 pub mod gate;
+pub mod partitions;
 mod scripts;
 
 pub use crate::redis_conn::{ClusterError, Lane, SharedRedis};

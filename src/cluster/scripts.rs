@@ -129,3 +129,75 @@ for i = 1, #KEYS do
 end
 return out
 "#;
+
+/// Partition ownership, one call per beat (`cluster::partitions`). KEYS[1] = members (sorted
+/// set: replica → lease end, ms), KEYS[2] = owners (hash: `<p>:id`, `<p>:epoch`, `<p>:free`).
+/// ARGV[1] = this replica, ARGV[2] = lease (ms), ARGV[3] = 1 to join (else it must hold a
+/// lease that has not ended), ARGV[4] = how many claims follow; then the partitions to claim,
+/// then the partitions to release.
+///
+/// A replica whose lease ended is dead for good: it gets {-1} and must join again under a new
+/// id. A partition may be claimed when it has no owner (released) or its owner is dead; the
+/// claim bumps its epoch and records when its last owner's sends stopped (`free`: the
+/// release, or the dead owner's lease end). Returns {1, now, n, id1, end1, …, m, p1, epoch1,
+/// free1 − now, …}: every member known (lease end, ended ones too) and the claims granted (a
+/// claim of a partition already this replica's is granted again, with its epoch).
+pub(super) const PARTITIONS_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local members, owners, me = KEYS[1], KEYS[2], ARGV[1]
+local mine = redis.call('ZSCORE', members, me)
+if ARGV[3] ~= '1' and (not mine or tonumber(mine) <= now) then return {-1} end
+redis.call('ZADD', members, now + tonumber(ARGV[2]), me)
+-- Members gone for 10 minutes are forgotten; their partitions are free since long ago.
+redis.call('ZREMRANGEBYSCORE', members, '-inf', now - 600000)
+local nclaims = tonumber(ARGV[4])
+local granted = {}
+for i = 5, 4 + nclaims do
+  local p = ARGV[i]
+  local rec = redis.call('HMGET', owners, p .. ':id', p .. ':epoch', p .. ':free')
+  local id, epoch, free = rec[1] or '', tonumber(rec[2] or '0'), tonumber(rec[3] or '0')
+  local ok = id == '' or id == me
+  if not ok then
+    local until_ = redis.call('ZSCORE', members, id)
+    if not until_ then
+      ok = true
+    elseif tonumber(until_) <= now then
+      ok = true
+      free = math.max(free, tonumber(until_))
+    end
+  end
+  if ok then
+    if id ~= me then
+      epoch = epoch + 1
+      redis.call('HSET', owners, p .. ':id', me, p .. ':epoch', epoch, p .. ':free', free)
+    end
+    table.insert(granted, tonumber(p))
+    table.insert(granted, epoch)
+    table.insert(granted, free - now)
+  end
+end
+for i = 5 + nclaims, #ARGV do
+  local p = ARGV[i]
+  if redis.call('HGET', owners, p .. ':id') == me then
+    redis.call('HSET', owners, p .. ':id', '', p .. ':free', now)
+  end
+end
+local out = {1, now}
+local all = redis.call('ZRANGE', members, 0, -1, 'WITHSCORES')
+table.insert(out, #all / 2)
+for _, v in ipairs(all) do table.insert(out, v) end
+table.insert(out, #granted / 3)
+for _, v in ipairs(granted) do table.insert(out, v) end
+return out
+"#;
+
+/// A replica stopping: KEYS[1] = members, ARGV[1] = this replica. Its lease ends now (when
+/// it had one), so the others take its partitions at their next beat.
+pub(super) const LEAVE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if s and tonumber(s) > now then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
+return 1
+"#;

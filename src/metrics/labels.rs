@@ -100,7 +100,7 @@ pub(super) struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 40] = [
+pub const METRIC_NAMES: [&str; 43] = [
     "feishu_reply_requests",
     "feishu_reply_streams_live",
     "feishu_reply_stream_updates",
@@ -138,6 +138,9 @@ pub const METRIC_NAMES: [&str; 40] = [
     "feishu_reply_redis_fallback",
     "feishu_reply_redis_fallback_switches",
     "feishu_reply_cluster_replicas",
+    "feishu_reply_partitions_owned",
+    "feishu_reply_partition_moves",
+    "feishu_reply_partition_leases_lost",
     "feishu_reply_config_generation",
     "feishu_reply_config_writable_by_others",
     "feishu_reply_config_reloads",

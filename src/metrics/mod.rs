@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 mod backends;
 mod labels;
+mod partitions;
 mod streams;
 
 use labels::{
@@ -28,6 +29,7 @@ pub use labels::{
 pub struct Metrics {
     registry: Registry,
     streams: streams::StreamMetrics,
+    partitions: partitions::PartitionMetrics,
     requests: Family<RequestLabels, Counter>,
     upstream_latency: Family<OperationOutcomeLabels, HistogramWithExemplars<TraceLabel>>,
     queue_wait: Family<OperationLabel, HistogramWithExemplars<TraceLabel>>,
@@ -305,8 +307,10 @@ impl Metrics {
             replicas.clone(),
         );
         let streams = streams::StreamMetrics::register(&mut registry);
+        let partitions = partitions::PartitionMetrics::register(&mut registry);
         let m = Self {
             streams,
+            partitions,
             registry,
             requests,
             upstream_latency,

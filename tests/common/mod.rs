@@ -796,6 +796,38 @@ pub fn cluster_section(url: &str, prefix: &str) -> String {
     format!("[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n{mode}")
 }
 
+/// A client of Redis `url` (keys under `prefix`) as a replica of its own would have, with a
+/// job and partition lease of `lease`.
+pub fn redis_client(
+    url: &str,
+    prefix: &str,
+    lease: Duration,
+) -> std::sync::Arc<feishu_reply_gateway::redis_conn::SharedRedis> {
+    use feishu_reply_gateway::config::{ClusterConfig, RedisFailurePolicy, RedisMode};
+    use feishu_reply_gateway::jobs::RedisJobsConfig;
+    let config = ClusterConfig {
+        redis_url: url.into(),
+        redis_mode: if is_redis_cluster(url) {
+            RedisMode::Cluster
+        } else {
+            RedisMode::Standalone
+        },
+        redis_ca_pem: None,
+        key_prefix: prefix.into(),
+        redis_timeout: Duration::from_secs(2),
+        on_failure: RedisFailurePolicy::Local,
+        replicas: 2,
+        jobs: RedisJobsConfig {
+            lease,
+            wait_replicas: 0,
+        },
+    };
+    let metrics = std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new());
+    std::sync::Arc::new(
+        feishu_reply_gateway::redis_conn::SharedRedis::new(config, metrics).unwrap(),
+    )
+}
+
 /// Whether `url` names a Redis Cluster (several seeds).
 pub fn is_redis_cluster(url: &str) -> bool {
     url.contains(',')

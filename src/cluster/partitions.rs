@@ -1,0 +1,470 @@
+//! Partition ownership (issue 21, step 1 of "Scaling out over a Redis Cluster" in
+//! ARCHITECTURE.md): every target key (a chat, a user, a message, a card) falls in one of
+//! [`PARTITIONS`] partitions, and each partition has at most one owner among the live
+//! replicas at any time. The owner is the one replica that may decide and send for the
+//! partition's targets once the later steps move the target windows out of Redis.
+//!
+//! - **Members.** Each replica holds a lease in `{<prefix>:parts}:members` (a sorted set:
+//!   replica → lease end, Redis `TIME`), renewed every quarter lease by one script call. A
+//!   replica whose lease ended is dead for good: its next renewal is refused, it drops every
+//!   partition and joins again under a new id. A stopping replica ends its lease at once
+//!   ([`Partitions::leave`]).
+//! - **Who should own what.** Rendezvous hashing over the live members: partition `p` goes to
+//!   the member with the highest `hash(member, p)`, so a member joining or leaving moves only
+//!   its own share.
+//! - **Claims and releases** are in the same call as the renewal, against the owner records in
+//!   `{<prefix>:parts}:owners` (one slot with the members, so a claim checks the old owner's
+//!   lease atomically). A partition may be claimed when it has no owner (released) or its
+//!   owner's lease ended; each claim bumps the partition's epoch (the fencing token the job
+//!   keys will carry) and says when the last owner's sends stopped: its release, or its lease
+//!   end. The new owner sends to the partition's targets only a target span after that
+//!   ([`Owned::sendable_at`]): whatever the old owner sent has left Feishu's windows by then.
+//! - **Validity.** A replica counts its partitions as its own only until its lease, as this
+//!   process measured it from before the renewal call, ends (less a margin): a replica cut off
+//!   from Redis, or stalled, stops counting them before any other replica may claim them.
+//!
+//! Cost: one Redis call per replica per quarter lease (two when the members changed: the
+//! second claims and releases at once). All on one slot: the data of a partition (its jobs,
+//! step 4) goes on the partition's own slot, carrying the epoch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::{Script, Value};
+use tokio::time::Instant;
+
+use super::scripts::{LEAVE_LUA, PARTITIONS_LUA};
+use crate::metrics::Metrics;
+use crate::redis_conn::{ClusterError, Lane, SharedRedis};
+
+/// Partitions of the target keys (fixed: every replica and version must agree).
+pub const PARTITIONS: u16 = 256;
+
+/// The partition of a target key (a chat id, `user:<key>`, `message:<id>`, a card id): the
+/// first two bytes of its SHA-256 modulo [`PARTITIONS`], the same on every replica.
+pub fn partition_of(target: &str) -> u16 {
+    let d = ring::digest::digest(&ring::digest::SHA256, target.as_bytes());
+    u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]]) % PARTITIONS
+}
+
+/// Rendezvous weight of `member` for partition `p`.
+fn weight(member: &str, p: u16) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(member.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(&p.to_be_bytes());
+    let d = ctx.finish();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Which of `live` should own partition `p` (rendezvous hashing; `None` when none is live).
+pub fn preferred_owner(p: u16, live: &[String]) -> Option<&str> {
+    live.iter()
+        .max_by_key(|m| (weight(m, p), m.as_str()))
+        .map(String::as_str)
+}
+
+/// A partition this replica owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owned {
+    /// The claim's epoch: greater than every earlier owner's.
+    pub epoch: u64,
+    /// Sends to the partition's targets wait until then (the last owner's sends have left
+    /// every target window).
+    pub sendable_at: Instant,
+}
+
+/// What one beat changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// Partitions claimed (or confirmed after an answer that was lost).
+    pub claimed: Vec<u16>,
+    /// Partitions given up for a member that should own them.
+    pub released: Vec<u16>,
+    /// The lease had ended: every partition was dropped (and the replica joins again).
+    pub lost: bool,
+    /// Whether the live members changed since the previous beat.
+    pub members_changed: bool,
+}
+
+struct State {
+    /// This replica's member id (a new one after a lost lease).
+    me: String,
+    /// Whether `me` holds a lease in Redis (else the next beat joins).
+    joined: bool,
+    /// Until when this replica's lease surely holds (local clock).
+    valid_until: Option<Instant>,
+    owned: BTreeMap<u16, Owned>,
+    /// Released locally, not yet confirmed by Redis (sent again each beat until it answers).
+    releasing: BTreeSet<u16>,
+    /// Live members (sorted), as the last beat saw them.
+    live: Vec<String>,
+    /// Each partition's preferred owner among `live` (index into `live`).
+    preferred: Vec<Option<usize>>,
+}
+
+/// Partition ownership for one replica (see the module doc).
+pub struct Partitions {
+    redis: Arc<SharedRedis>,
+    members_key: String,
+    owners_key: String,
+    lease: Duration,
+    /// The longest target window plus margin: how long a new owner waits after the last
+    /// owner's sends stopped.
+    target_span: Duration,
+    beat: Script,
+    leave: Script,
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn bad(what: &str) -> ClusterError {
+    ClusterError::Protocol(format!("partitions beat answered {what}"))
+}
+
+/// A beat's answer: Redis's clock (ms), members with their lease ends, claims granted
+/// (partition, epoch, free − now in ms).
+struct Answer {
+    now_ms: i64,
+    members: Vec<(String, i64)>,
+    granted: Vec<(u16, u64, i64)>,
+}
+
+fn parse(v: &[Value]) -> Result<Option<Answer>, ClusterError> {
+    let status = v.first().and_then(int).ok_or_else(|| bad("no status"))?;
+    if status == -1 {
+        return Ok(None);
+    }
+    let now_ms = v.get(1).and_then(int).ok_or_else(|| bad("no time"))?;
+    let n = v.get(2).and_then(int).ok_or_else(|| bad("no members"))?;
+    let n = usize::try_from(n).map_err(|_| bad("a negative count"))?;
+    let mut members = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = v.get(3 + 2 * i).and_then(string);
+        let end = v.get(4 + 2 * i).and_then(int);
+        match (id, end) {
+            (Some(id), Some(end)) => members.push((id, end)),
+            _ => return Err(bad("a bad member")),
+        }
+    }
+    let at = 3 + 2 * n;
+    let m = v.get(at).and_then(int).ok_or_else(|| bad("no claims"))?;
+    let m = usize::try_from(m).map_err(|_| bad("a negative count"))?;
+    let mut granted = Vec::with_capacity(m);
+    for i in 0..m {
+        let f = |k: usize| v.get(at + 1 + 3 * i + k).and_then(int);
+        match (f(0), f(1), f(2)) {
+            (Some(p), Some(e), Some(w)) => granted.push((
+                u16::try_from(p).map_err(|_| bad("a bad partition"))?,
+                u64::try_from(e).map_err(|_| bad("a bad epoch"))?,
+                w,
+            )),
+            _ => return Err(bad("a bad claim")),
+        }
+    }
+    Ok(Some(Answer {
+        now_ms,
+        members,
+        granted,
+    }))
+}
+
+impl Partitions {
+    /// Ownership on `redis` (keys under its `key_prefix`): a replica not renewing for `lease`
+    /// loses its partitions; a new owner waits `target_span` after the last owner stopped.
+    pub fn new(
+        redis: Arc<SharedRedis>,
+        lease: Duration,
+        target_span: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let base = format!("{{{}:parts}}", redis.config().key_prefix);
+        Self {
+            members_key: format!("{base}:members"),
+            owners_key: format!("{base}:owners"),
+            lease,
+            target_span,
+            beat: Script::new(PARTITIONS_LUA),
+            leave: Script::new(LEAVE_LUA),
+            state: Mutex::new(State {
+                me: new_id(),
+                joined: false,
+                valid_until: None,
+                owned: BTreeMap::new(),
+                releasing: BTreeSet::new(),
+                live: Vec::new(),
+                preferred: vec![None; usize::from(PARTITIONS)],
+            }),
+            redis,
+            metrics,
+        }
+    }
+
+    /// This replica's member id.
+    pub fn me(&self) -> String {
+        self.state.lock().me.clone()
+    }
+
+    /// How often [`Self::run`] renews.
+    pub fn period(&self) -> Duration {
+        self.lease / 4
+    }
+
+    /// Partition `p`, when this replica owns it and its lease holds at `now`.
+    pub fn owns(&self, p: u16, now: Instant) -> Option<Owned> {
+        let s = self.state.lock();
+        match s.valid_until {
+            Some(v) if now < v => s.owned.get(&p).copied(),
+            _ => None,
+        }
+    }
+
+    /// The partitions this replica owns at `now` (none once its lease may have ended).
+    pub fn owned(&self, now: Instant) -> Vec<u16> {
+        let s = self.state.lock();
+        match s.valid_until {
+            Some(v) if now < v => s.owned.keys().copied().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The member that should own `p` as this replica last saw the members (a call for `p`
+    /// goes there); `None` before the first beat.
+    pub fn preferred(&self, p: u16) -> Option<String> {
+        let s = self.state.lock();
+        s.preferred
+            .get(usize::from(p))
+            .copied()
+            .flatten()
+            .map(|i| s.live[i].clone())
+    }
+
+    /// The live members as the last beat saw them.
+    pub fn members(&self) -> Vec<String> {
+        self.state.lock().live.clone()
+    }
+
+    /// Renews until the process ends (errors are logged; the lease lapses by itself when
+    /// Redis stays out of reach). A beat that changed the members is followed by another at
+    /// once, which claims and releases for them.
+    pub async fn run(self: Arc<Self>) {
+        let mut follow_up = false;
+        loop {
+            if !follow_up {
+                tokio::time::sleep(self.period()).await;
+            }
+            follow_up = match self.beat().await {
+                Ok(b) => !follow_up && (b.members_changed || b.lost),
+                Err(e) => {
+                    tracing::debug!(error = %e, "renewing partition ownership failed; retrying");
+                    false
+                }
+            };
+        }
+    }
+
+    /// One renewal: joins (or joins again after a lost lease), claims the partitions this
+    /// replica should own and does not, releases those another member should own.
+    pub async fn beat(&self) -> Result<Beat, ClusterError> {
+        let (me, join, claims, releases) = {
+            let mut s = self.state.lock();
+            let me = s.me.clone();
+            let mut claims = Vec::new();
+            let mut releases: BTreeSet<u16> = std::mem::take(&mut s.releasing);
+            for p in 0..PARTITIONS {
+                let preferred = s.preferred[usize::from(p)].map(|i| s.live[i] == me);
+                match (preferred, s.owned.contains_key(&p)) {
+                    (Some(true), false) if s.joined => claims.push(p),
+                    (Some(false), true) => {
+                        // Stop counting it as ours before Redis hears of the release.
+                        s.owned.remove(&p);
+                        releases.insert(p);
+                    }
+                    _ => {}
+                }
+            }
+            s.releasing = releases.clone();
+            (me, !s.joined, claims, releases)
+        };
+        let started = Instant::now();
+        let mut inv = self.beat.prepare_invoke();
+        inv.key(&self.members_key)
+            .key(&self.owners_key)
+            .arg(&me)
+            .arg(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX))
+            .arg(u8::from(join))
+            .arg(claims.len());
+        for p in &claims {
+            inv.arg(*p);
+        }
+        for p in &releases {
+            inv.arg(*p);
+        }
+        let v: Vec<Value> = self.redis.call_on(Lane::Quota, "partitions", inv).await?;
+        let answered = Instant::now();
+        let mut s = self.state.lock();
+        if s.me != me {
+            // Another beat ran meanwhile and found the lease lost: this answer is stale.
+            return Ok(Beat::default());
+        }
+        let Some(a) = parse(&v)? else {
+            let dropped = s.owned.len();
+            s.owned.clear();
+            s.releasing.clear();
+            s.valid_until = None;
+            s.me = new_id();
+            s.joined = false;
+            drop(s);
+            tracing::warn!(
+                dropped,
+                "this replica's partition lease had ended (stalled or cut off from Redis): its partitions went to other replicas; joining again"
+            );
+            self.metrics.partitions_lost();
+            self.metrics.set_partitions_owned(0);
+            return Ok(Beat {
+                lost: true,
+                ..Beat::default()
+            });
+        };
+        s.joined = true;
+        // The lease runs from Redis's clock during the call, so surely from `started`; a
+        // tenth of it covers the two clocks' rates.
+        s.valid_until = Some(started + self.lease - self.lease / 10);
+        s.releasing.clear();
+        let mut live: Vec<String> = a
+            .members
+            .into_iter()
+            .filter(|(_, end)| *end > a.now_ms)
+            .map(|(id, _)| id)
+            .collect();
+        live.sort();
+        let members_changed = live != s.live;
+        if members_changed {
+            s.preferred = (0..PARTITIONS)
+                .map(|p| preferred_owner(p, &live).and_then(|m| live.iter().position(|l| l == m)))
+                .collect();
+            s.live = live;
+        }
+        let mut claimed = Vec::with_capacity(a.granted.len());
+        for (p, epoch, free_in_ms) in a.granted {
+            let wait = Duration::from_millis(u64::try_from(free_in_ms).unwrap_or(0));
+            let owned = Owned {
+                epoch,
+                sendable_at: answered + wait + self.target_span,
+            };
+            // A re-grant of one already ours keeps the earlier (and later-sendable) record.
+            s.owned.entry(p).or_insert(owned);
+            claimed.push(p);
+        }
+        let owned = s.owned.len();
+        drop(s);
+        let new = claimed.len();
+        if new > 0 || !releases.is_empty() {
+            tracing::info!(
+                claimed = new,
+                released = releases.len(),
+                owned,
+                "partition ownership moved"
+            );
+        }
+        self.metrics
+            .partitions_moved(new as u64, releases.len() as u64);
+        self.metrics.set_partitions_owned(owned);
+        Ok(Beat {
+            claimed,
+            released: releases.into_iter().collect(),
+            lost: false,
+            members_changed,
+        })
+    }
+
+    /// This replica is stopping: it stops counting its partitions now and ends its lease, so
+    /// the others claim them at their next beat.
+    pub async fn leave(&self) -> Result<(), ClusterError> {
+        let me = {
+            let mut s = self.state.lock();
+            s.owned.clear();
+            s.valid_until = None;
+            s.me.clone()
+        };
+        self.metrics.set_partitions_owned(0);
+        let mut inv = self.leave.prepare_invoke();
+        inv.key(&self.members_key).arg(&me);
+        let _: i64 = self
+            .redis
+            .call_on(Lane::Quota, "partitions_leave", inv)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_has_one_partition_everywhere() {
+        // SHA-256 is fixed: these hold on every replica and every version.
+        assert_eq!(partition_of("oc_a"), partition_of("oc_a"));
+        let d = ring::digest::digest(&ring::digest::SHA256, b"oc_a");
+        let want = u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]]) % PARTITIONS;
+        assert_eq!(partition_of("oc_a"), want);
+        let spread: BTreeSet<u16> = (0..5000)
+            .map(|i| partition_of(&format!("oc_{i}")))
+            .collect();
+        assert_eq!(
+            spread.len(),
+            usize::from(PARTITIONS),
+            "5000 chats reach every partition"
+        );
+    }
+
+    #[test]
+    fn rendezvous_shares_fairly_and_moves_only_the_newcomers_share() {
+        let three: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let mut count = BTreeMap::new();
+        for p in 0..PARTITIONS {
+            *count
+                .entry(preferred_owner(p, &three).unwrap().to_owned())
+                .or_insert(0) += 1;
+        }
+        for (m, n) in &count {
+            assert!((55..=115).contains(n), "{m} would own {n} of 256");
+        }
+        let four: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        for p in 0..PARTITIONS {
+            let before = preferred_owner(p, &three).unwrap();
+            let after = preferred_owner(p, &four).unwrap();
+            assert!(
+                after == before || after == "d",
+                "partition {p} moved {before} → {after}"
+            );
+        }
+        assert_eq!(preferred_owner(0, &[]), None);
+    }
+}

@@ -1,0 +1,222 @@
+//! Partition ownership (`cluster::partitions`) on a real Redis (and on the 3-master Redis
+//! Cluster in `scripts/test`'s second pass): every partition has one owner, a dead owner's
+//! partitions move within its lease, a leaving one's at once, a stalled one learns it lost
+//! them, and no partition ever has two owners on the way.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use feishu_reply_gateway::cluster::partitions::{PARTITIONS, Partitions};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+const LEASE: Duration = Duration::from_millis(1000);
+/// A chat's window plus margin.
+const SPAN: Duration = Duration::from_millis(1050);
+
+struct Replica {
+    parts: Arc<Partitions>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Replica {
+    fn start(url: &str, prefix: &str) -> Self {
+        let redis = common::redis_client(url, prefix, LEASE);
+        let metrics = Arc::new(feishu_reply_gateway::metrics::Metrics::new());
+        let parts = Arc::new(Partitions::new(redis, LEASE, SPAN, metrics));
+        let task = Some(tokio::spawn(parts.clone().run()));
+        Self { parts, task }
+    }
+
+    /// Stops renewing, as a killed (or stalled) process would.
+    fn freeze(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    fn resume(&mut self) {
+        self.task = Some(tokio::spawn(self.parts.clone().run()));
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.freeze();
+    }
+}
+
+/// Each replica's partitions now; panics when one partition has two owners.
+fn owned(rs: &[&Replica]) -> Vec<Vec<u16>> {
+    let now = Instant::now();
+    let sets: Vec<Vec<u16>> = rs.iter().map(|r| r.parts.owned(now)).collect();
+    let mut seen = vec![0u8; usize::from(PARTITIONS)];
+    for set in &sets {
+        for p in set {
+            seen[usize::from(*p)] += 1;
+            assert!(seen[usize::from(*p)] <= 1, "partition {p} has two owners");
+        }
+    }
+    sets
+}
+
+fn all_owned(sets: &[Vec<u16>]) -> bool {
+    sets.iter().map(Vec::len).sum::<usize>() == usize::from(PARTITIONS)
+}
+
+/// Polls (every 10 ms, checking for two owners each time) until `done`, at most `within`.
+async fn until(rs: &[&Replica], within: Duration, done: impl Fn(&[Vec<u16>]) -> bool) -> Duration {
+    let t = Instant::now();
+    loop {
+        let sets = owned(rs);
+        if done(&sets) {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "not settled within {within:?}: {:?}",
+            sets.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn prefix(test: &str) -> String {
+    format!("parts-{test}-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_every_partition_once_and_a_newcomer_takes_only_its_share() {
+    let (url, _redis) = common::shared_redis();
+    let prefix = prefix("share");
+    let a = Replica::start(&url, &prefix);
+    let b = Replica::start(&url, &prefix);
+    until(&[&a, &b], Duration::from_secs(5), |s| {
+        all_owned(s) && s.iter().all(|x| x.len() > 80)
+    })
+    .await;
+    let before: Vec<Vec<u16>> = owned(&[&a, &b]);
+
+    let c = Replica::start(&url, &prefix);
+    let took = until(&[&a, &b, &c], Duration::from_secs(5), |s| {
+        all_owned(s) && s[2].len() >= 50
+    })
+    .await;
+    let after = owned(&[&a, &b, &c]);
+    for (i, set) in after.iter().take(2).enumerate() {
+        assert!(
+            set.iter().all(|p| before[i].contains(p)),
+            "only the newcomer gains partitions"
+        );
+    }
+    let sizes: Vec<usize> = after.iter().map(Vec::len).collect();
+    assert!(sizes.iter().all(|n| (50..=120).contains(n)), "{sizes:?}");
+    // Every replica prefers the same owner for every partition.
+    for p in 0..PARTITIONS {
+        let want = a.parts.preferred(p);
+        assert_eq!(b.parts.preferred(p), want);
+        assert_eq!(c.parts.preferred(p), want);
+    }
+    // Joining takes a beat to be seen, a beat to release, a beat to claim.
+    assert!(took < LEASE * 2, "the newcomer waited {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_partitions_move_within_its_lease() {
+    let (url, _redis) = common::shared_redis();
+    let prefix = prefix("dead");
+    let a = Replica::start(&url, &prefix);
+    let b = Replica::start(&url, &prefix);
+    let mut c = Replica::start(&url, &prefix);
+    until(&[&a, &b, &c], Duration::from_secs(5), |s| {
+        all_owned(s) && s.iter().all(|x| !x.is_empty())
+    })
+    .await;
+    let cs = c.parts.owned(Instant::now());
+    c.freeze();
+    let died = Instant::now();
+    let took = until(&[&a, &b], LEASE * 3, all_owned).await;
+    assert!(took <= LEASE + Duration::from_millis(500), "took {took:?}");
+    for p in cs {
+        let o = a
+            .parts
+            .owns(p, Instant::now())
+            .or_else(|| b.parts.owns(p, Instant::now()))
+            .expect("taken over");
+        assert!(o.epoch >= 2, "a takeover bumps the epoch");
+        // Whatever the dead owner sent before it died has left the windows first ...
+        assert!(
+            o.sendable_at >= died + SPAN,
+            "partition {p} sendable too early"
+        );
+        // ... and its targets resume within the lease plus a window.
+        assert!(
+            o.sendable_at <= died + LEASE + SPAN + Duration::from_millis(500),
+            "partition {p} resumes {:?} after the death",
+            o.sendable_at - died
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_replica_hands_its_partitions_over_at_once() {
+    let (url, _redis) = common::shared_redis();
+    let prefix = prefix("leave");
+    let a = Replica::start(&url, &prefix);
+    let mut b = Replica::start(&url, &prefix);
+    until(&[&a, &b], Duration::from_secs(5), |s| {
+        all_owned(s) && s.iter().all(|x| !x.is_empty())
+    })
+    .await;
+    let bs = b.parts.owned(Instant::now());
+    b.freeze();
+    b.parts.leave().await.unwrap();
+    let left = Instant::now();
+    assert!(b.parts.owned(left).is_empty());
+    let took = until(&[&a, &b], LEASE * 3, |s| {
+        s[0].len() == usize::from(PARTITIONS)
+    })
+    .await;
+    // The next beat (a quarter lease) sees it gone, the one right after claims: well within
+    // the lease a death would take.
+    assert!(took < LEASE, "took {took:?}");
+    for p in bs {
+        let o = a.parts.owns(p, Instant::now()).unwrap();
+        // Its sends stopped when it left (just before `left`): a window after that.
+        assert!(o.sendable_at >= left + SPAN);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_stops_counting_its_partitions_and_learns_it_lost_them() {
+    let (url, _redis) = common::shared_redis();
+    let prefix = prefix("stall");
+    let a = Replica::start(&url, &prefix);
+    let mut b = Replica::start(&url, &prefix);
+    until(&[&a, &b], Duration::from_secs(5), |s| {
+        all_owned(s) && s.iter().all(|x| !x.is_empty())
+    })
+    .await;
+    let id = b.parts.me();
+    b.freeze();
+    let stalled = Instant::now();
+    // It stops counting them before its lease ends in Redis, so before anyone may claim them.
+    assert!(b.parts.owned(stalled + LEASE - LEASE / 10).is_empty());
+    until(&[&a, &b], LEASE * 3, |s| {
+        s[0].len() == usize::from(PARTITIONS)
+    })
+    .await;
+    assert!(stalled.elapsed() >= LEASE - Duration::from_millis(100));
+
+    // Woken up: its first renewal is refused, it drops everything and joins as a new member.
+    let beat = b.parts.beat().await.unwrap();
+    assert!(beat.lost);
+    assert_ne!(b.parts.me(), id);
+    b.resume();
+    until(&[&a, &b], Duration::from_secs(5), |s| {
+        all_owned(s) && s[1].len() > 80
+    })
+    .await;
+}
