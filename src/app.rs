@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 
 use crate::budget::Budgets;
 use crate::cluster::gate::RedisGate;
+use crate::cluster::partitions::Partitions;
 use crate::cluster::{RedisBudgetCounter, RedisQuota, SharedRedis};
 use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
@@ -251,6 +252,26 @@ pub async fn run_with_upstream(
     if let Some(redis) = &store {
         service = service.with_redis(redis.clone());
     }
+    // Cluster mode: this replica's share of the target partitions (owned, not yet used to
+    // route: ARCHITECTURE.md "Scaling out over a Redis Cluster").
+    let partitions = match (&store, &config.cluster) {
+        (Some(redis), Some(c)) => {
+            let q = &config.quotas;
+            let window = [q.chat, q.user, q.message, q.card]
+                .iter()
+                .map(|s| s.window)
+                .max()
+                .unwrap_or_default();
+            let parts = Arc::new(Partitions::new(
+                redis.shared().clone(),
+                c.jobs.lease,
+                window + q.safety_margin,
+                metrics.clone(),
+            ));
+            Some((parts.clone(), tokio::spawn(parts.run())))
+        }
+        _ => None,
+    };
     // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
     // when a data dir is set.
     let backend = match (&store, &config.data_dir, &config.cluster) {
@@ -513,6 +534,13 @@ pub async fn run_with_upstream(
     }
     if let Some(t) = jobs_task {
         t.abort();
+    }
+    // Nothing more is sent from here: the other replicas may take this one's partitions now.
+    if let Some((parts, task)) = partitions {
+        task.abort();
+        if let Err(e) = parts.leave().await {
+            tracing::debug!(error = %e, "handing partitions over failed; they move when the lease ends");
+        }
     }
     match finished {
         Ok(r) => {

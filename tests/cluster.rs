@@ -188,6 +188,16 @@ async fn three_replicas_share_every_quota_through_redis() {
         .collect();
     assert_eq!(hot.len(), hot_total);
     assert!(max_in_window(&hot, 1000.0) <= 5);
+    // The three share the 256 target partitions, each one some.
+    common::eventually("the replicas share every partition", async || {
+        let mut owned = Vec::new();
+        for gw in &replicas {
+            let m = gw.http_get("/metrics").await.1;
+            owned.push(metric(&m, "feishu_reply_partitions_owned").unwrap_or(0.0));
+        }
+        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
