@@ -975,3 +975,34 @@ async fn streams_on_two_replicas_share_the_apps_card_windows_through_redis() {
     // real time give each stream too few updates to compare.
     eprintln!("updates per stream: {updates:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_decision_writes_back_the_answers_waiting() {
+    use feishu_reply_gateway::cluster::{Decision, RedisQuota};
+    let (url, _redis) = shared_redis();
+    let redis = common::redis_client(&url, &unique_prefix("carry"), Duration::from_secs(10));
+    // No settler runs: only a decision can write the answer back.
+    let store = RedisQuota::new(
+        redis,
+        std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new()),
+    );
+    let span = Duration::from_millis(1005);
+    let key = store.shared_key("chat", "oc_carry", 1, span.as_micros() as u64);
+    let hold = Duration::from_secs(10);
+    let Decision::Granted { member } = store.try_acquire(&[key.clone()], hold).await.unwrap()
+    else {
+        panic!("an empty key grants");
+    };
+    // Answered 300 ms ago.
+    let answered = tokio::time::Instant::now() - Duration::from_millis(300);
+    store.settle_later(vec![key.clone()], member, answered);
+    // The key is full either way; the wait tells whether the answer was applied first: a span
+    // from the answer, not a whole span from now (the send still counted as in flight).
+    match store.try_acquire(&[key], hold).await.unwrap() {
+        Decision::Wait { wait, .. } => assert!(
+            wait <= span - Duration::from_millis(250),
+            "waits {wait:?}: the answer was not carried"
+        ),
+        d => panic!("the key is full: {d:?}"),
+    }
+}

@@ -48,6 +48,10 @@ const MAX_SETTLES: usize = 10_000;
 const SETTLE_BATCH: usize = 256;
 /// Pause before writing back a batch of answers again after Redis failed it.
 const SETTLE_RETRY: Duration = Duration::from_millis(100);
+/// How long the settler leaves new answers for a decision to carry (the next DECIDE applies
+/// the answers waiting before it decides: no SETTLE call of their own). Other replicas see
+/// those sends as in flight that much longer, which only ever makes them wait, never send.
+const SETTLE_LINGER: Duration = Duration::from_millis(5);
 
 /// One answer to write back: the send's keys, its member, when its answer came.
 struct Settle {
@@ -93,6 +97,20 @@ pub struct RedisQuota {
     observed_replicas: AtomicUsize,
     next_member: AtomicU64,
     metrics: Arc<Metrics>,
+}
+
+/// Appends answers to a SETTLE or DECIDE call: their keys, and per answer (number of keys,
+/// member, µs since the answer).
+fn add_settles(inv: &mut redis::ScriptInvocation<'_>, batch: &[Settle]) {
+    let now = Instant::now();
+    for s in batch {
+        for k in &s.keys {
+            inv.key(&k.name);
+        }
+        inv.arg(s.keys.len())
+            .arg(&s.member)
+            .arg(micros(now.saturating_duration_since(s.answered)));
+    }
 }
 
 impl RedisQuota {
@@ -173,13 +191,19 @@ impl RedisQuota {
             self.replica_id,
             self.next_member.fetch_add(1, Ordering::Relaxed)
         );
-        inv.arg(&member).arg(micros(hold));
+        inv.arg(&member).arg(micros(hold)).arg(keys.len());
         for k in keys {
             inv.arg(k.limit).arg(k.span_us);
         }
+        // The answers waiting to be written back ride along (one slot: any decision may carry
+        // any of them).
+        let carried = self.take_settles();
+        add_settles(&mut inv, &carried);
         let answer: Vec<i64> = match self.call("decide", inv).await {
             Ok(a) => a,
             Err(e) => {
+                // Applying an answer twice is harmless: they go back to the settler.
+                self.put_back_settles(carried);
                 if !matches!(e, ClusterError::Protocol(_)) {
                     self.release_later(keys.to_vec(), member);
                 }
@@ -233,46 +257,55 @@ impl RedisQuota {
             let Some(s) = store.upgrade() else { return };
             let notify = s.settle_wake.clone();
             let wake = notify.notified();
-            let batch: Vec<Settle> = {
-                let mut q = s.settles.lock();
-                let n = q.len().min(SETTLE_BATCH);
-                q.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                drop(s);
+            let idle = s.settles.lock().is_empty();
+            drop(s);
+            if idle {
                 wake.await;
+            }
+            // A decision made meanwhile carries what came in (see DECIDE_LUA).
+            tokio::time::sleep(SETTLE_LINGER).await;
+            let Some(s) = store.upgrade() else { return };
+            let batch = s.take_settles();
+            if batch.is_empty() {
                 continue;
             }
             if let Err(e) = s.settle_batch(&batch).await {
                 // The answers are still known: put them back (oldest first) and try again
                 // shortly, or each of those sends would hold its slot until its timeout.
                 tracing::debug!(error = %e, sends = batch.len(), "settling answers in Redis failed; retrying");
-                {
-                    let mut q = s.settles.lock();
-                    for settle in batch.into_iter().rev() {
-                        q.push_front(settle);
-                    }
-                    while q.len() > MAX_SETTLES {
-                        q.pop_front();
-                    }
-                }
+                s.put_back_settles(batch);
                 drop(s);
                 tokio::time::sleep(SETTLE_RETRY).await;
             }
         }
     }
 
+    /// Up to a batch of the answers waiting, oldest first.
+    fn take_settles(&self) -> Vec<Settle> {
+        let mut q = self.settles.lock();
+        let n = q.len().min(SETTLE_BATCH);
+        q.drain(..n).collect()
+    }
+
+    /// Answers a failed call did not surely write: back at the front, in their order.
+    fn put_back_settles(&self, batch: Vec<Settle>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut q = self.settles.lock();
+        for settle in batch.into_iter().rev() {
+            q.push_front(settle);
+        }
+        while q.len() > MAX_SETTLES {
+            q.pop_front();
+        }
+        drop(q);
+        self.settle_wake.notify_one();
+    }
+
     async fn settle_batch(&self, batch: &[Settle]) -> Result<(), ClusterError> {
         let mut inv = self.settle.prepare_invoke();
-        let now = Instant::now();
-        for s in batch {
-            for k in &s.keys {
-                inv.key(&k.name);
-            }
-            inv.arg(s.keys.len())
-                .arg(&s.member)
-                .arg(micros(now.saturating_duration_since(s.answered)));
-        }
+        add_settles(&mut inv, batch);
         let _: i64 = self.call("settle", inv).await?;
         Ok(())
     }

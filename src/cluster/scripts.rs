@@ -1,26 +1,38 @@
 //! The Lua scripts of the shared quota store. Each runs atomically in Redis against its
 //! `TIME`, so every replica's decisions share one clock and one order.
 
-/// Checks every key; records the send in all of them (returns {1, now}) or in none (returns
-/// {0, wait_us, i}: when to ask again, and the key that waits longest).
-/// ARGV[1] = a unique member for this send, ARGV[2] = hold (µs); KEYS[i] has
-/// ARGV[2i+1] = limit and ARGV[2i+2] = span (window + margin, µs).
+/// Applies the answers carried along (as SETTLE_LUA does), then checks every key of the
+/// decision; records the send in all of them (returns {1, now}) or in none (returns {0,
+/// wait_us, i}: when to ask again, and the key that waits longest).
+/// ARGV[1] = a unique member for this send, ARGV[2] = hold (µs), ARGV[3] = n, the decision's
+/// keys (KEYS[1..n]); KEYS[i] has ARGV[2i+2] = limit and ARGV[2i+3] = span (window + margin,
+/// µs). Then the carried answers: triples (number of keys, member, µs since the answer) in
+/// ARGV, their keys after the decision's in KEYS.
 ///
 /// A member's score is the send's latest possible arrival at Feishu: `now + hold` while in
-/// flight (SETTLE lowers it to the answer instant). A send may go when fewer than `limit`
+/// flight (an answer lowers it to the answer instant). A send may go when fewer than `limit`
 /// members of every key may have arrived within the last span. Scores later than any send can
 /// have (`now + hold + span`: a bad write, a clock jump) are dropped, and every wait is capped
 /// at one span: the key is asked again then, so no value in Redis can wedge a key.
 pub(super) const DECIDE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = #KEYS
+local n = tonumber(ARGV[3])
 local hold = tonumber(ARGV[2])
+local k = n + 1
+for a = 4 + 2 * n, #ARGV, 3 do
+  local m = tonumber(ARGV[a])
+  local at = now - tonumber(ARGV[a + 2])
+  for i = k, k + m - 1 do
+    redis.call('ZADD', KEYS[i], 'XX', 'LT', at, ARGV[a + 1])
+  end
+  k = k + m
+end
 local wait = 0
 local worst = 0
 for i = 1, n do
-  local limit = tonumber(ARGV[2 * i + 1])
-  local span = tonumber(ARGV[2 * i + 2])
+  local limit = tonumber(ARGV[2 * i + 2])
+  local span = tonumber(ARGV[2 * i + 3])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - span)
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '(' .. (now + hold + span), '+inf')
   local c = redis.call('ZCARD', KEYS[i])
@@ -32,7 +44,7 @@ for i = 1, n do
 end
 if wait > 0 then return {0, wait, worst} end
 for i = 1, n do
-  local span = tonumber(ARGV[2 * i + 2])
+  local span = tonumber(ARGV[2 * i + 3])
   redis.call('ZADD', KEYS[i], now + hold, ARGV[1])
   redis.call('PEXPIRE', KEYS[i], math.floor((span + hold) / 1000) + 1000)
 end
