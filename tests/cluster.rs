@@ -989,7 +989,10 @@ async fn the_next_decision_writes_back_the_answers_waiting() {
     let span = Duration::from_millis(1005);
     let key = store.shared_key("chat", "oc_carry", 1, span.as_micros() as u64);
     let hold = Duration::from_secs(10);
-    let Decision::Granted { member } = store.try_acquire(&[key.clone()], hold).await.unwrap()
+    let Decision::Granted { member } = store
+        .try_acquire(std::slice::from_ref(&key), hold)
+        .await
+        .unwrap()
     else {
         panic!("an empty key grants");
     };
