@@ -94,6 +94,19 @@ async fn a_killed_replica_s_jobs_are_delivered_once_by_the_others() {
     let killed = Instant::now();
     let posted_before = posts(&fake).0.len();
     assert!(posted_before < n, "killed after the backlog drained");
+    // Whatever A had in flight has landed 100 ms after the kill; the next post is another
+    // replica's: the backlog resumes within the lease and a second.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let landed = fake.received().len();
+    eventually("the backlog resumes", async || {
+        fake.received().len() > landed
+    })
+    .await;
+    let resumed = killed.elapsed();
+    assert!(
+        resumed <= LEASE + Duration::from_secs(1),
+        "resumed {resumed:?} after the kill"
+    );
     // The rest: after the lease, at 5/s per chat, and a few seconds.
     let backlog = Duration::from_millis(200 * (n as u64 / 3));
     all_delivered(&mut to_b, &ids, LEASE + backlog + Duration::from_secs(10)).await;
@@ -105,7 +118,7 @@ async fn a_killed_replica_s_jobs_are_delivered_once_by_the_others() {
     let seen = common::watched_states(&mut watch).await;
     assert_eq!(seen.last(), Some(&JobState::Delivered), "{seen:?}");
     eprintln!(
-        "posted before the kill: {posted_before}; the rest delivered {took:?} after it (lease {LEASE:?}); rate rejections: {}",
+        "posted before the kill: {posted_before}; resumed {resumed:?} and the rest delivered {took:?} after it (lease {LEASE:?}); rate rejections: {}",
         fake.stats().rate_rejections()
     );
     assert_eq!(fake.stats().rate_rejections(), 0);
