@@ -37,11 +37,13 @@
 //! - [`proto`]: the generated `feishu.reply.v1` types.
 //!
 //! **Backends.**
-//! - [`cluster`]: the Redis quota store (Lua scripts in `cluster::scripts`: decide, settle in
-//!   batches, release, block, replay, heartbeat); [`cluster::gate`] the Redis gate, the
-//!   scheduler's `SharedGate` in cluster mode (lines behind shared keys, failure policy and
-//!   fallback table, heartbeat, state published through a `watch`); `cluster::budget` the
-//!   budgets' counter in Redis.
+//! - [`cluster`]: the Redis quota store (Lua scripts in `cluster::scripts`: decide, which also
+//!   carries the answers waiting, settle in batches, release, block, replay, heartbeat,
+//!   partitions); [`cluster::gate`] the Redis gate, the scheduler's `SharedGate` in cluster
+//!   mode (lines behind shared keys, failure policy and fallback table, heartbeat, state
+//!   published through a `watch`); [`cluster::partitions`] the 256 target partitions and
+//!   their owners (member leases, rendezvous hashing, claims with epochs; not routing yet);
+//!   `cluster::budget` the budgets' counter in Redis.
 //! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
 //!   [`jobs::seam`] the job store seam (`JobStore`, and `Leases` for a store the replicas
 //!   share); `jobs::store` the embedded redb store with group commit (single node);
@@ -125,7 +127,8 @@
 //!
 //! Outside `src/`: `proto/` (the gRPC contract), `tests/` (one binary per area, real servers
 //! on loopback; `tests/pacing.rs` proves pacing in virtual time; `tests/examples.rs` runs the
-//! README's Python caller), `benches/` (criterion quota bench, load generator with its
+//! README's Python caller; `scripts/test` runs the shared-Redis binaries, `partitions` and
+//! `cluster_minute` among them, again on a 3-master Redis Cluster), `benches/` (criterion quota bench, load generator with its
 //! scenarios in `benches/support/`, `streams` among them; figures in BENCHMARKS.md),
 //! `deploy/` (image, k8s, dashboard, alerts; `deploy/check.sh`), `scripts/test` (the test
 //! command), `scripts/examples/` (callers in other languages), `.ci/run` (CI), ARCHITECTURE.md (the layers and seams).
