@@ -18,6 +18,8 @@ const SPAN: Duration = Duration::from_millis(1050);
 
 struct Replica {
     parts: Arc<Partitions>,
+    /// Where it says its peers reach it.
+    addr: String,
     task: Option<JoinHandle<()>>,
 }
 
@@ -25,9 +27,10 @@ impl Replica {
     fn start(url: &str, prefix: &str) -> Self {
         let redis = common::redis_client(url, prefix, LEASE);
         let metrics = Arc::new(feishu_reply_gateway::metrics::Metrics::new());
-        let parts = Arc::new(Partitions::new(redis, LEASE, SPAN, metrics));
+        let addr = format!("peer-{}.test:7070", uuid::Uuid::new_v4().simple());
+        let parts = Arc::new(Partitions::new(redis, LEASE, SPAN, metrics).with_addr(addr.clone()));
         let task = Some(tokio::spawn(parts.clone().run()));
-        Self { parts, task }
+        Self { parts, addr, task }
     }
 
     /// Stops renewing, as a killed (or stalled) process would.
@@ -113,11 +116,16 @@ async fn replicas_share_every_partition_once_and_a_newcomer_takes_only_its_share
     }
     let sizes: Vec<usize> = after.iter().map(Vec::len).collect();
     assert!(sizes.iter().all(|n| (50..=120).contains(n)), "{sizes:?}");
-    // Every replica prefers the same owner for every partition.
+    // Every replica prefers the same owner for every partition, and knows where it is.
+    let ids = [a.parts.me(), b.parts.me(), c.parts.me()];
     for p in 0..PARTITIONS {
         let want = a.parts.preferred(p);
         assert_eq!(b.parts.preferred(p), want);
         assert_eq!(c.parts.preferred(p), want);
+        let (id, addr) = c.parts.preferred_at(p).unwrap();
+        let owner = [&a, &b, &c][ids.iter().position(|i| *i == id).unwrap()];
+        assert!(owner.parts.owns(p, Instant::now()).is_some());
+        assert_eq!(addr, owner.addr);
     }
     // Joining takes a beat to be seen, a beat to release, a beat to claim.
     assert!(took < LEASE * 2, "the newcomer waited {took:?}");

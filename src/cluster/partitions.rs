@@ -103,6 +103,8 @@ struct State {
     releasing: BTreeSet<u16>,
     /// Live members (sorted), as the last beat saw them.
     live: Vec<String>,
+    /// Where each live member's peers reach it (empty: not said).
+    addrs: Vec<String>,
     /// Each partition's preferred owner among `live` (index into `live`).
     preferred: Vec<Option<usize>>,
 }
@@ -112,12 +114,15 @@ pub struct Partitions {
     redis: Arc<SharedRedis>,
     members_key: String,
     owners_key: String,
+    addrs_key: String,
     lease: Duration,
     /// The longest target window plus margin: how long a new owner waits after the last
     /// owner's sends stopped.
     target_span: Duration,
     beat: Script,
     leave: Script,
+    /// Where this replica's peers reach it (empty: not said).
+    addr: String,
     state: Mutex<State>,
     metrics: Arc<Metrics>,
 }
@@ -147,11 +152,11 @@ fn bad(what: &str) -> ClusterError {
     ClusterError::Protocol(format!("partitions beat answered {what}"))
 }
 
-/// A beat's answer: Redis's clock (ms), members with their lease ends, claims granted
-/// (partition, epoch, free − now in ms).
+/// A beat's answer: Redis's clock (ms), members with their lease ends and addresses, claims
+/// granted (partition, epoch, free − now in ms).
 struct Answer {
     now_ms: i64,
-    members: Vec<(String, i64)>,
+    members: Vec<(String, i64, String)>,
     granted: Vec<(u16, u64, i64)>,
 }
 
@@ -165,14 +170,15 @@ fn parse(v: &[Value]) -> Result<Option<Answer>, ClusterError> {
     let n = usize::try_from(n).map_err(|_| bad("a negative count"))?;
     let mut members = Vec::with_capacity(n);
     for i in 0..n {
-        let id = v.get(3 + 2 * i).and_then(string);
-        let end = v.get(4 + 2 * i).and_then(int);
-        match (id, end) {
-            (Some(id), Some(end)) => members.push((id, end)),
+        let id = v.get(3 + 3 * i).and_then(string);
+        let end = v.get(4 + 3 * i).and_then(int);
+        let addr = v.get(5 + 3 * i).and_then(string);
+        match (id, end, addr) {
+            (Some(id), Some(end), Some(addr)) => members.push((id, end, addr)),
             _ => return Err(bad("a bad member")),
         }
     }
-    let at = 3 + 2 * n;
+    let at = 3 + 3 * n;
     let m = v.get(at).and_then(int).ok_or_else(|| bad("no claims"))?;
     let m = usize::try_from(m).map_err(|_| bad("a negative count"))?;
     let mut granted = Vec::with_capacity(m);
@@ -207,6 +213,7 @@ impl Partitions {
         Self {
             members_key: format!("{base}:members"),
             owners_key: format!("{base}:owners"),
+            addrs_key: format!("{base}:addrs"),
             lease,
             target_span,
             beat: Script::new(PARTITIONS_LUA),
@@ -218,11 +225,27 @@ impl Partitions {
                 owned: BTreeMap::new(),
                 releasing: BTreeSet::new(),
                 live: Vec::new(),
+                addrs: Vec::new(),
                 preferred: vec![None; usize::from(PARTITIONS)],
             }),
+            addr: String::new(),
             redis,
             metrics,
         }
+    }
+
+    /// Tells the other replicas they reach this one at `addr` (its peer endpoint).
+    pub fn with_addr(mut self, addr: String) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// The member that should own `p` and where it is reached (its address may be empty),
+    /// as this replica last saw the members; `None` before the first beat.
+    pub fn preferred_at(&self, p: u16) -> Option<(String, String)> {
+        let s = self.state.lock();
+        let i = s.preferred.get(usize::from(p)).copied().flatten()?;
+        Some((s.live[i].clone(), s.addrs[i].clone()))
     }
 
     /// This replica's member id.
@@ -315,9 +338,11 @@ impl Partitions {
         let mut inv = self.beat.prepare_invoke();
         inv.key(&self.members_key)
             .key(&self.owners_key)
+            .key(&self.addrs_key)
             .arg(&me)
             .arg(u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX))
             .arg(u8::from(join))
+            .arg(&self.addr)
             .arg(claims.len());
         for p in &claims {
             inv.arg(*p);
@@ -356,13 +381,14 @@ impl Partitions {
         // tenth of it covers the two clocks' rates.
         s.valid_until = Some(started + self.lease - self.lease / 10);
         s.releasing.clear();
-        let mut live: Vec<String> = a
+        let mut live: Vec<(String, String)> = a
             .members
             .into_iter()
-            .filter(|(_, end)| *end > a.now_ms)
-            .map(|(id, _)| id)
+            .filter(|(_, end, _)| *end > a.now_ms)
+            .map(|(id, _, addr)| (id, addr))
             .collect();
         live.sort();
+        let (live, addrs): (Vec<String>, Vec<String>) = live.into_iter().unzip();
         let members_changed = live != s.live;
         if members_changed {
             s.preferred = (0..PARTITIONS)
@@ -370,6 +396,7 @@ impl Partitions {
                 .collect();
             s.live = live;
         }
+        s.addrs = addrs;
         let mut claimed = Vec::with_capacity(a.granted.len());
         for (p, epoch, free_in_ms) in a.granted {
             let wait = Duration::from_millis(u64::try_from(free_in_ms).unwrap_or(0));

@@ -143,17 +143,19 @@ return out
 "#;
 
 /// Partition ownership, one call per beat (`cluster::partitions`). KEYS[1] = members (sorted
-/// set: replica → lease end, ms), KEYS[2] = owners (hash: `<p>:id`, `<p>:epoch`, `<p>:free`).
+/// set: replica → lease end, ms), KEYS[2] = owners (hash: `<p>:id`, `<p>:epoch`, `<p>:free`),
+/// KEYS[3] = addresses (hash: replica → where its peers reach it).
 /// ARGV[1] = this replica, ARGV[2] = lease (ms), ARGV[3] = 1 to join (else it must hold a
-/// lease that has not ended), ARGV[4] = how many claims follow; then the partitions to claim,
-/// then the partitions to release.
+/// lease that has not ended), ARGV[4] = this replica's address (may be empty), ARGV[5] = how
+/// many claims follow; then the partitions to claim, then the partitions to release.
 ///
 /// A replica whose lease ended is dead for good: it gets {-1} and must join again under a new
 /// id. A partition may be claimed when it has no owner (released) or its owner is dead; the
 /// claim bumps its epoch and records when its last owner's sends stopped (`free`: the
-/// release, or the dead owner's lease end). Returns {1, now, n, id1, end1, …, m, p1, epoch1,
-/// free1 − now, …}: every member known (lease end, ended ones too) and the claims granted (a
-/// claim of a partition already this replica's is granted again, with its epoch).
+/// release, or the dead owner's lease end). Returns {1, now, n, id1, end1, addr1, …, m, p1,
+/// epoch1, free1 − now, …}: every member known (lease end, ended ones too; address or '') and
+/// the claims granted (a claim of a partition already this replica's is granted again, with its
+/// epoch).
 pub(super) const PARTITIONS_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -161,11 +163,15 @@ local members, owners, me = KEYS[1], KEYS[2], ARGV[1]
 local mine = redis.call('ZSCORE', members, me)
 if ARGV[3] ~= '1' and (not mine or tonumber(mine) <= now) then return {-1} end
 redis.call('ZADD', members, now + tonumber(ARGV[2]), me)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], me, ARGV[4]) end
 -- Members gone for 10 minutes are forgotten; their partitions are free since long ago.
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', members, '-inf', now - 600000)) do
+  redis.call('HDEL', KEYS[3], old)
+end
 redis.call('ZREMRANGEBYSCORE', members, '-inf', now - 600000)
-local nclaims = tonumber(ARGV[4])
+local nclaims = tonumber(ARGV[5])
 local granted = {}
-for i = 5, 4 + nclaims do
+for i = 6, 5 + nclaims do
   local p = ARGV[i]
   local rec = redis.call('HMGET', owners, p .. ':id', p .. ':epoch', p .. ':free')
   local id, epoch, free = rec[1] or '', tonumber(rec[2] or '0'), tonumber(rec[3] or '0')
@@ -189,7 +195,7 @@ for i = 5, 4 + nclaims do
     table.insert(granted, free - now)
   end
 end
-for i = 5 + nclaims, #ARGV do
+for i = 6 + nclaims, #ARGV do
   local p = ARGV[i]
   if redis.call('HGET', owners, p .. ':id') == me then
     redis.call('HSET', owners, p .. ':id', '', p .. ':free', now)
@@ -198,7 +204,11 @@ end
 local out = {1, now}
 local all = redis.call('ZRANGE', members, 0, -1, 'WITHSCORES')
 table.insert(out, #all / 2)
-for _, v in ipairs(all) do table.insert(out, v) end
+for j = 1, #all, 2 do
+  table.insert(out, all[j])
+  table.insert(out, all[j + 1])
+  table.insert(out, redis.call('HGET', KEYS[3], all[j]) or '')
+end
 table.insert(out, #granted / 3)
 for _, v in ipairs(granted) do table.insert(out, v) end
 return out

@@ -172,7 +172,14 @@ impl Scheduler {
             drained,
             quota_source,
             alive,
+            forward: Arc::default(),
         }
+    }
+
+    /// From now on, jobs of queues another replica owns go there (once; later calls are
+    /// ignored).
+    pub fn set_forward(&self, forward: Arc<dyn super::Forward>) {
+        let _ = self.forward.set(forward);
     }
 
     /// Whether Feishu said `message_id` is gone (recalled or deleted) within the last
@@ -210,7 +217,16 @@ impl Scheduler {
     /// unreachable, shutting down) arrive through the receiver too, at once. While shutting
     /// down only `Lane::Final` jobs are taken: streams close their cards in the grace period.
     pub fn submit(&self, spec: JobSpec) -> oneshot::Receiver<JobResult> {
-        let (done, rx) = oneshot::channel();
+        self.submit_to(spec, true)
+    }
+
+    /// [`Self::submit`], queued here whoever owns the queue (a job another replica forwarded).
+    pub fn submit_here(&self, spec: JobSpec) -> oneshot::Receiver<JobResult> {
+        self.submit_to(spec, false)
+    }
+
+    fn submit_to(&self, spec: JobSpec, may_forward: bool) -> oneshot::Receiver<JobResult> {
+        let (mut done, rx) = oneshot::channel();
         let uuid = spec
             .caller_uuid
             .clone()
@@ -219,6 +235,22 @@ impl Scheduler {
             let _ = done.send(Err(GatewayError::ShuttingDown { attempts: 0, uuid }));
             return rx;
         }
+        let spec = match self.forward.get().filter(|_| may_forward) {
+            Some(f) => match f.forward(spec) {
+                Ok(result) => {
+                    // The waiter gone (caller cancelled, deadline): drop the peer call too.
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            r = result => { let _ = done.send(r); }
+                            () = done.closed() => {}
+                        }
+                    });
+                    return rx;
+                }
+                Err(spec) => spec,
+            },
+            None => spec,
+        };
         let now = Instant::now();
         let job = Job::new(spec, done, now);
         if let Err(mpsc::error::SendError(Command::Submit(job))) =
@@ -239,6 +271,19 @@ impl Scheduler {
     /// come. Dropping the future takes the job out of its chat's queue, unless it is already
     /// being sent.
     pub fn queue(&self, spec: JobSpec) -> impl Future<Output = JobResult> + Send + 'static {
+        self.queue_to(spec, true)
+    }
+
+    /// [`Self::queue`], queued here whoever owns the queue (a job another replica forwarded).
+    pub fn queue_here(&self, spec: JobSpec) -> impl Future<Output = JobResult> + Send + 'static {
+        self.queue_to(spec, false)
+    }
+
+    fn queue_to(
+        &self,
+        spec: JobSpec,
+        may_forward: bool,
+    ) -> impl Future<Output = JobResult> + Send + 'static {
         let uuid = spec
             .caller_uuid
             .clone()
@@ -247,7 +292,7 @@ impl Scheduler {
             tx: self.tx.clone(),
             chat_id: Some(spec.chat_id.clone()),
         };
-        let result = self.submit(spec);
+        let result = self.submit_to(spec, may_forward);
         async move {
             let result = result.await;
             guard.disarm();
@@ -266,6 +311,14 @@ impl Scheduler {
     /// Takes the job with `uuid` out of `chat_id`'s queue if it has not been sent yet; whether
     /// it was (false: in flight, finished, or unknown).
     pub async fn cancel(&self, chat_id: Arc<str>, uuid: String) -> bool {
+        if let Some(asked) = self.forward.get().and_then(|f| f.cancel(&chat_id, &uuid)) {
+            return asked.await;
+        }
+        self.cancel_here(chat_id, uuid).await
+    }
+
+    /// [`Self::cancel`] in this replica's queues (asked by the replica a job came from).
+    pub async fn cancel_here(&self, chat_id: Arc<str>, uuid: String) -> bool {
         let (done, rx) = oneshot::channel();
         let _ = self.tx.send(Command::Cancel {
             chat_id,

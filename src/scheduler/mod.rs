@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 
 mod admission;
 mod error;
+mod forward;
 pub mod gate;
 pub mod gone;
 mod handle;
@@ -33,6 +34,7 @@ mod spans;
 use send::Attempt;
 
 pub use error::GatewayError;
+pub use forward::Forward;
 pub use gate::QuotaSource;
 use gate::{Clock, Decided, GateEvent, Head, QuotaGate, Verdict};
 pub use handle::Held;
@@ -188,6 +190,8 @@ pub struct Scheduler {
     quota_source: watch::Receiver<QuotaSource>,
     /// False once the dispatcher task died (a panic): nothing is sent any more.
     alive: watch::Receiver<bool>,
+    /// Where jobs of queues other replicas own go (set once, in cluster mode with peers).
+    forward: Arc<std::sync::OnceLock<Arc<dyn Forward>>>,
 }
 
 /// Knobs of the scheduler, taken from [`crate::config::Config`].

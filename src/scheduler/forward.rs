@@ -1,0 +1,22 @@
+//! The seam through which a job goes to the replica that owns its queue (cluster mode with
+//! peers configured: ARCHITECTURE.md "Scaling out over a Redis Cluster", step 3). The
+//! scheduler defines it; the api layer implements it with a peer gRPC client. A forwarded job
+//! is queued, decided and sent by its owner; this replica only waits for its result, and
+//! dropping that wait drops the peer call, which takes the job out of the owner's queue.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+
+use super::{JobResult, JobSpec};
+
+/// Where jobs go when this replica does not own their queue.
+pub trait Forward: Send + Sync + 'static {
+    /// The result to come from the replica that owns `spec`'s queue, or `spec` back when it
+    /// is to be queued here (this replica owns it, or no owner is known or reachable).
+    fn forward(&self, spec: JobSpec) -> Result<BoxFuture<'static, JobResult>, JobSpec>;
+
+    /// Asks the owner of `chat_id`'s queue to take the job with `uuid` out of it (the answer
+    /// of [`super::Scheduler::cancel`] there); `None` when that queue is this replica's.
+    fn cancel(&self, chat_id: &Arc<str>, uuid: &str) -> Option<BoxFuture<'static, bool>>;
+}
