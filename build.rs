@@ -24,6 +24,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[std::path::Path::new("proto/feishu/reply/v1/gateway.proto")],
             &[std::path::Path::new("proto"), well_known.as_path()],
         )?;
+    // Between replicas only: not in the descriptor set the public port's reflection serves.
+    tonic_prost_build::configure().compile_protos(
+        &[std::path::Path::new(
+            "proto/feishu/reply/peer/v1/peer.proto",
+        )],
+        &[std::path::Path::new("proto")],
+    )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

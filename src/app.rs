@@ -47,6 +47,11 @@ pub enum AppError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Jobs(crate::jobs::StoreError),
+    #[error("cluster.peer_listen {addr}: {source}")]
+    PeerListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Largest gRPC request decoded: the largest valid reply content (150 KB of text) plus room
@@ -262,12 +267,16 @@ pub async fn run_with_upstream(
                 .map(|s| s.window)
                 .max()
                 .unwrap_or_default();
-            let parts = Arc::new(Partitions::new(
+            let mut parts = Partitions::new(
                 redis.shared().clone(),
                 c.jobs.lease,
                 window + q.safety_margin,
                 metrics.clone(),
-            ));
+            );
+            if let Some(p) = &c.peers {
+                parts = parts.with_addr(p.advertise.clone());
+            }
+            let parts = Arc::new(parts);
             Some((parts.clone(), tokio::spawn(parts.run())))
         }
         _ => None,
@@ -305,6 +314,30 @@ pub async fn run_with_upstream(
         service = service.with_jobs(jobs.clone());
     }
     let service = Arc::new(service);
+    // Cluster mode with peers: jobs go to the replica that owns their queue's partition.
+    let peer_task = match (
+        &partitions,
+        config.cluster.as_ref().and_then(|c| c.peers.as_ref()),
+    ) {
+        (Some((parts, _)), Some(p)) => {
+            let listener =
+                TcpListener::bind(p.listen)
+                    .await
+                    .map_err(|source| AppError::PeerListen {
+                        addr: p.listen,
+                        source,
+                    })?;
+            tracing::info!(listen = %p.listen, advertise = %p.advertise, "cluster mode: jobs go to the replica owning their chat");
+            Some(crate::grpc::peer::start(
+                listener,
+                parts.clone(),
+                service.clone(),
+                scheduler.clone(),
+                metrics.clone(),
+            ))
+        }
+        _ => None,
+    };
     let jobs_task = match &jobs {
         Some(jobs) => {
             // Jobs a previous process left unfinished go back in line, in their order.
@@ -513,6 +546,14 @@ pub async fn run_with_upstream(
         .set_not_serving::<ReplyGatewayServer<Arc<ReplyService>>>()
         .await;
     let _ = stop_grpc_tx.send(());
+    // The others take this replica's partitions now, so they stop forwarding jobs here while
+    // it drains (a job forwarded meanwhile comes back and is queued by its sender).
+    if let Some((parts, task)) = &partitions {
+        task.abort();
+        if let Err(e) = parts.leave().await {
+            tracing::debug!(error = %e, "handing partitions over failed; they move when the lease ends");
+        }
+    }
     let drain = scheduler.shutdown(grace);
     // Sends in flight at the end of the grace period finish within one send timeout.
     let send_timeout = SchedulerConfig::from_config(&config).send_timeout;
@@ -535,12 +576,8 @@ pub async fn run_with_upstream(
     if let Some(t) = jobs_task {
         t.abort();
     }
-    // Nothing more is sent from here: the other replicas may take this one's partitions now.
-    if let Some((parts, task)) = partitions {
-        task.abort();
-        if let Err(e) = parts.leave().await {
-            tracing::debug!(error = %e, "handing partitions over failed; they move when the lease ends");
-        }
+    if let Some(t) = peer_task {
+        t.abort();
     }
     match finished {
         Ok(r) => {

@@ -161,4 +161,8 @@ pub mod proto {
     /// Encoded descriptors, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("gateway_descriptor");
+    /// Between replicas only (`grpc::peer`).
+    pub mod peer {
+        tonic::include_proto!("feishu.reply.peer.v1");
+    }
 }

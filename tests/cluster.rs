@@ -1009,3 +1009,171 @@ async fn the_next_decision_writes_back_the_answers_waiting() {
         d => panic!("the key is full: {d:?}"),
     }
 }
+
+/// The sum of every series of `name` in a scrape.
+fn sum_series(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chats_calls_through_any_replica_are_sent_in_order_by_its_partitions_owner() {
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix("peers");
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let port = common::free_port();
+        let config = cluster_config(
+            &fake,
+            &url,
+            &prefix,
+            &format!("job_lease_ms = 2000\npeer_listen = \"127.0.0.1:{port}\"\n"),
+        );
+        replicas.push(spawn_gateway_on(fake.clone(), config).await);
+    }
+    // Every replica sees the three and the partitions are shared out.
+    common::eventually("the replicas share every partition", async || {
+        let mut owned = Vec::new();
+        for gw in &replicas {
+            let m = gw.http_get("/metrics").await.1;
+            owned.push(metric(&m, "feishu_reply_partitions_owned").unwrap_or(0.0));
+        }
+        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
+    })
+    .await;
+    // Two chats, 12 replies each, one after the other, through the three replicas in turn.
+    let mut sent = Vec::new();
+    for i in 0..24usize {
+        let chat = if i % 2 == 0 { "oc_peer_a" } else { "oc_peer_b" };
+        let id = format!("om_peer{i}");
+        let mut client = replicas[i % 3].client.clone();
+        client
+            .reply(text(&id, chat, &format!("n{i}")))
+            .await
+            .expect("delivered");
+        sent.push(id);
+    }
+    // Feishu got them in the order they were made.
+    assert_eq!(common::received_ids(&fake), sent);
+    // Each chat's were sent by one replica (its owner), the others forwarded theirs there.
+    let mut upstream = Vec::new();
+    let (mut out, mut inbound) = (0.0, 0.0);
+    for gw in &replicas {
+        let m = gw.http_get("/metrics").await.1;
+        upstream.push(sum_series(
+            &m,
+            "feishu_reply_upstream_latency_seconds_count",
+        ));
+        out += metric(
+            &m,
+            "feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"ok\"}",
+        )
+        .unwrap_or(0.0);
+        inbound += metric(
+            &m,
+            "feishu_reply_peer_jobs_total{direction=\"in\",outcome=\"ok\"}",
+        )
+        .unwrap_or(0.0);
+        assert_eq!(
+            metric(
+                &m,
+                "feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"unreachable\"}"
+            ),
+            Some(0.0)
+        );
+    }
+    assert_eq!(upstream.iter().sum::<f64>(), 24.0, "{upstream:?}");
+    assert!(
+        upstream.iter().all(|n| [0.0, 12.0, 24.0].contains(n)),
+        "each chat's replies all went out from one replica: {upstream:?}"
+    );
+    assert_eq!(out, inbound);
+    assert!(
+        out >= 8.0,
+        "at least the calls made to non-owners were forwarded: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_owner_cannot_be_reached_is_queued_where_it_came_in() {
+    use feishu_reply_gateway::proto::peer::QueueRequest;
+    use feishu_reply_gateway::proto::peer::peer_service_client::PeerServiceClient;
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique_prefix("unreachable");
+    let a_port = common::free_port();
+    let a = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(
+            &fake,
+            &url,
+            &prefix,
+            &format!("job_lease_ms = 2000\npeer_listen = \"127.0.0.1:{a_port}\"\n"),
+        ),
+    )
+    .await;
+    // B tells the others a port nobody listens on.
+    let b = spawn_gateway_on(
+        fake.clone(),
+        cluster_config(
+            &fake,
+            &url,
+            &prefix,
+            &format!(
+                "job_lease_ms = 2000\npeer_listen = \"127.0.0.1:{}\"\npeer_advertise = \"127.0.0.1:{}\"\n",
+                common::free_port(),
+                common::free_port()
+            ),
+        ),
+    )
+    .await;
+    common::eventually("the replicas share every partition", async || {
+        let mut owned = Vec::new();
+        for gw in [&a, &b] {
+            let m = gw.http_get("/metrics").await.1;
+            owned.push(metric(&m, "feishu_reply_partitions_owned").unwrap_or(0.0));
+        }
+        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
+    })
+    .await;
+    // Through A, to 20 chats: about half are B's, and B cannot be reached.
+    for i in 0..20 {
+        let mut client = a.client.clone();
+        client
+            .reply(text(&format!("om_u{i}"), &format!("oc_u{i}"), "x"))
+            .await
+            .expect("delivered");
+    }
+    assert_eq!(fake.stats().posted, 20);
+    let m = a.http_get("/metrics").await.1;
+    let unreachable = metric(
+        &m,
+        "feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"unreachable\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(unreachable >= 1.0, "{unreachable}");
+
+    // A peer call without the cluster's secret is refused, and counted.
+    let mut peer = PeerServiceClient::connect(format!("http://127.0.0.1:{a_port}"))
+        .await
+        .unwrap();
+    let refused = peer
+        .queue(QueueRequest {
+            job: b"{}".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let m = a.http_get("/metrics").await.1;
+    assert_eq!(
+        metric(
+            &m,
+            "feishu_reply_peer_jobs_total{direction=\"in\",outcome=\"refused\"}"
+        ),
+        Some(1.0)
+    );
+}

@@ -35,7 +35,7 @@ use parking_lot::Mutex;
 use redis::{Script, Value};
 use tokio::time::Instant;
 
-use super::scripts::{LEAVE_LUA, PARTITIONS_LUA};
+use super::scripts::{LEAVE_LUA, PARTITIONS_LUA, PEER_SECRET_LUA};
 use crate::metrics::Metrics;
 use crate::redis_conn::{ClusterError, Lane, SharedRedis};
 
@@ -428,6 +428,25 @@ impl Partitions {
             lost: false,
             members_changed,
         })
+    }
+
+    /// The secret replicas show each other when they forward jobs: the first replica to ask
+    /// stores a random one in Redis, every other reads it (whoever can write this Redis can
+    /// already forge every quota, so it guards nothing Redis does not).
+    pub async fn peer_secret(&self) -> Result<String, ClusterError> {
+        let candidate = format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let script = Script::new(PEER_SECRET_LUA);
+        let mut inv = script.prepare_invoke();
+        inv.key(format!(
+            "{}:peer-secret",
+            self.members_key.trim_end_matches(":members")
+        ))
+        .arg(candidate);
+        self.redis.call_on(Lane::Quota, "peer_secret", inv).await
     }
 
     /// This replica is stopping: it stops counting its partitions now and ends its lease, so

@@ -223,3 +223,12 @@ local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if s and tonumber(s) > now then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
 return 1
 "#;
+
+/// The cluster's peer secret: KEYS[1] holds it; ARGV[1] becomes it when there is none yet.
+/// Returns the one in force.
+pub(super) const PEER_SECRET_LUA: &str = r#"
+local s = redis.call('GET', KEYS[1])
+if s then return s end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"#;

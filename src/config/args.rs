@@ -44,6 +44,14 @@ pub struct ServeArgs {
     /// may list seed nodes separated by commas) [default: standalone, or the config file's].
     #[arg(long, env = "GATEWAY_REDIS_MODE", value_enum)]
     pub redis_mode: Option<RedisMode>,
+    /// Cluster mode: where this replica takes jobs other replicas forward to it (the owner of
+    /// their queue), e.g. 0.0.0.0:50061. Unset: nothing is forwarded.
+    #[arg(long, env = "GATEWAY_PEER_LISTEN")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// Where the other replicas reach `peer_listen` (host:port, e.g. the pod IP) [default:
+    /// peer_listen, unless it listens on every address].
+    #[arg(long, env = "GATEWAY_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
     /// Serve calls that carry no credentials (only when no [callers.*] is configured; then
     /// `x-caller` is a label, not an identity).
     #[arg(

@@ -45,6 +45,17 @@ pub struct ClusterConfig {
     pub replicas: usize,
     /// The async job store in Redis: lease, `WAIT`.
     pub jobs: RedisJobsConfig,
+    /// Where this replica takes jobs forwarded to it, and where the others reach it (`None`:
+    /// nothing is forwarded; every replica queues what it is given).
+    pub peers: Option<PeerConfig>,
+}
+
+/// `[cluster] peer_listen` and `peer_advertise`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub listen: std::net::SocketAddr,
+    /// host:port the other replicas connect to.
+    pub advertise: String,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -58,6 +69,7 @@ impl std::fmt::Debug for ClusterConfig {
             on_failure,
             replicas,
             jobs,
+            peers,
         } = self;
         f.debug_struct("ClusterConfig")
             .field("redis_url", &redact_url(redis_url))
@@ -68,6 +80,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("on_failure", on_failure)
             .field("replicas", replicas)
             .field("jobs", jobs)
+            .field("peers", peers)
             .finish()
     }
 }
@@ -163,6 +176,34 @@ pub(super) fn build(
                     Some(pem)
                 }
             };
+            let peers = match (cluster.peer_listen, cluster.peer_advertise) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "cluster.peer_advertise needs cluster.peer_listen".into(),
+                    ));
+                }
+                (Some(listen), advertise) => {
+                    let advertise = match advertise {
+                        Some(a) => a,
+                        None if listen.ip().is_unspecified() => {
+                            return Err(invalid(format!(
+                                "cluster.peer_listen = {listen} listens on every address: set cluster.peer_advertise (GATEWAY_PEER_ADVERTISE) to where the other replicas reach it, e.g. the pod IP and port"
+                            )));
+                        }
+                        None => listen.to_string(),
+                    };
+                    let port_ok = advertise.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok()
+                    });
+                    if !port_ok || advertise.contains(['/', ',', ' ']) {
+                        return Err(invalid(format!(
+                            "cluster.peer_advertise = {advertise:?} must be host:port"
+                        )));
+                    }
+                    Some(PeerConfig { listen, advertise })
+                }
+            };
             Some(ClusterConfig {
                 redis_url: url,
                 redis_mode: cluster.redis_mode,
@@ -175,6 +216,7 @@ pub(super) fn build(
                     lease: Duration::from_millis(cluster.job_lease_ms),
                     wait_replicas: cluster.jobs_wait_replicas,
                 },
+                peers,
             })
         }
     })

@@ -75,6 +75,8 @@ pub(super) struct FileCluster {
     pub(super) replicas: usize,
     pub(super) job_lease_ms: u64,
     pub(super) jobs_wait_replicas: u32,
+    pub(super) peer_listen: Option<std::net::SocketAddr>,
+    pub(super) peer_advertise: Option<String>,
 }
 
 impl Default for FileCluster {
@@ -89,6 +91,8 @@ impl Default for FileCluster {
             replicas: 3,
             job_lease_ms: 10_000,
             jobs_wait_replicas: 0,
+            peer_listen: None,
+            peer_advertise: None,
         }
     }
 }

@@ -24,7 +24,9 @@ pub use auth::{
     ANONYMOUS, ANONYMOUS_ID, AppGrant, AuthConfig, CallerConfig, CallerLimits, Ownership,
     TlsConfig, credential_fingerprint, token_hash,
 };
-pub use cluster::{ClusterConfig, RedisFailurePolicy, RedisJobsConfig, RedisMode, redact_url};
+pub use cluster::{
+    ClusterConfig, PeerConfig, RedisFailurePolicy, RedisJobsConfig, RedisMode, redact_url,
+};
 pub use error::ConfigError;
 use error::parse_error;
 use file::{FileConfig, FileQuota};
@@ -297,6 +299,8 @@ impl Config {
             app_secret,
             redis_url,
             redis_mode,
+            peer_listen,
+            peer_advertise,
             embedded_fake,
             allow_anonymous,
             tls_cert,
@@ -308,6 +312,12 @@ impl Config {
         } = args;
         if let Some(mode) = redis_mode {
             cluster.redis_mode = *mode;
+        }
+        if let Some(listen) = peer_listen {
+            cluster.peer_listen = Some(*listen);
+        }
+        if let Some(advertise) = peer_advertise {
+            cluster.peer_advertise = Some(advertise.clone());
         }
         let invalid = |m: String| ConfigError::Invalid(m);
 

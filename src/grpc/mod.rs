@@ -11,6 +11,7 @@ mod entry;
 use entry::{Entry, call_deadline, caller_label, derived_uuid, explicit_uuid};
 mod jobs;
 mod message;
+pub mod peer;
 mod status;
 mod stream;
 

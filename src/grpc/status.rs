@@ -187,6 +187,7 @@ impl CallError {
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => {
                 upstream_code(error)
             }
+            GatewayError::Peer(f) => Code::from_i32(f.code),
         }
     }
 
@@ -218,6 +219,7 @@ impl CallError {
             GatewayError::ShuttingDown { .. } => "SHUTTING_DOWN".into(),
             GatewayError::SharedQuotasUnavailable { .. } => "QUOTA_STORE_UNAVAILABLE".into(),
             GatewayError::Internal { .. } => "INTERNAL".into(),
+            GatewayError::Peer(f) => f.reason.clone(),
             GatewayError::Upstream { error, .. } | GatewayError::ChatLookup(error) => match error {
                 UpstreamError::Credentials { .. } => "APP_CREDENTIALS".into(),
                 UpstreamError::Feishu { code, .. } => format!("FEISHU_{code}"),
@@ -240,6 +242,7 @@ impl CallError {
         };
         match e {
             GatewayError::QueueFull { retry_after, .. } => Some(*retry_after),
+            GatewayError::Peer(f) => f.retry_after_ms.map(Duration::from_millis),
             GatewayError::DeadlineUnreachable { earliest_in, .. } => Some(*earliest_in),
             GatewayError::ShuttingDown { .. }
             | GatewayError::JobStore(_)
@@ -271,6 +274,10 @@ impl CallError {
     /// The gRPC code of a failure of a call to `api`: [`CallError::code`], except where the
     /// endpoint's own table says a Feishu code is a precondition there.
     pub fn code_for(&self, api: Api) -> Code {
+        if let Some(GatewayError::Peer(f)) = self.gateway() {
+            // The owner read Feishu's code in the endpoint's table already.
+            return Code::from_i32(f.code);
+        }
         match self.feishu_code().and_then(|c| meaning(api, c)) {
             Some((_, true)) if self.code() == Code::Unknown => Code::FailedPrecondition,
             _ => self.code(),
@@ -280,6 +287,14 @@ impl CallError {
     /// [`CallError::to_status`] of a call to `api`: Feishu's code read in that endpoint's
     /// table (its meaning there, and its gRPC code).
     pub fn to_status_for(&self, api: Api) -> Status {
+        if let Some(GatewayError::Peer(f)) = self.gateway() {
+            // As the owner gave it, details and all.
+            return Status::with_details(
+                Code::from_i32(f.code),
+                f.message.clone(),
+                bytes::Bytes::from(f.details.clone()),
+            );
+        }
         let mut meta = HashMap::new();
         let meant = self.feishu_code().and_then(|c| meaning(api, c));
         if let Some((m, _)) = meant {

@@ -100,7 +100,7 @@ pub(super) struct RedisCallLabels {
 }
 
 /// The metric names exported (without `_total`/`_bucket` suffixes); README and dashboards use these.
-pub const METRIC_NAMES: [&str; 43] = [
+pub const METRIC_NAMES: [&str; 44] = [
     "feishu_reply_requests",
     "feishu_reply_streams_live",
     "feishu_reply_stream_updates",
@@ -141,6 +141,7 @@ pub const METRIC_NAMES: [&str; 43] = [
     "feishu_reply_partitions_owned",
     "feishu_reply_partition_moves",
     "feishu_reply_partition_leases_lost",
+    "feishu_reply_peer_jobs",
     "feishu_reply_config_generation",
     "feishu_reply_config_writable_by_others",
     "feishu_reply_config_reloads",

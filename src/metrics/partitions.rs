@@ -1,6 +1,8 @@
 //! The metrics of partition ownership (`cluster::partitions`, cluster mode): partitions this
-//! replica owns, partitions it claimed or released, and the times it found its lease ended.
+//! replica owns, partitions it claimed or released, the times it found its lease ended; and the
+//! jobs forwarded between replicas (`grpc::peer`).
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,7 +16,19 @@ pub(super) struct PartitionMetrics {
     owned: Gauge,
     moves: Family<OutcomeLabel, Counter>,
     lost: Counter,
+    peer_jobs: Family<PeerLabels, Counter>,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    direction: &'static str,
+    outcome: &'static str,
+}
+
+/// How a job forwarded between replicas went: `ok` (its result came back, whatever it was),
+/// `unreachable` (the owner did not answer: queued here instead), `refused` (a peer call
+/// without the cluster's secret, or a job this replica could not read).
+pub const PEER_OUTCOMES: [&str; 3] = ["ok", "unreachable", "refused"];
 
 impl PartitionMetrics {
     pub(super) fn register(registry: &mut Registry) -> Self {
@@ -39,7 +53,23 @@ impl PartitionMetrics {
             "Times this replica found its partition lease ended (stalled or cut off from Redis longer than the lease) and dropped every partition",
             lost.clone(),
         );
-        Self { owned, moves, lost }
+        let peer_jobs = Family::<PeerLabels, Counter>::default();
+        for direction in ["out", "in"] {
+            for outcome in PEER_OUTCOMES {
+                let _ = peer_jobs.get_or_create(&PeerLabels { direction, outcome });
+            }
+        }
+        registry.register(
+            "feishu_reply_peer_jobs",
+            "Jobs forwarded to the replica that owns their queue (out) or taken from another replica (in), by outcome: ok, unreachable (queued here instead), refused",
+            peer_jobs.clone(),
+        );
+        Self {
+            owned,
+            moves,
+            lost,
+            peer_jobs,
+        }
     }
 }
 
@@ -65,5 +95,15 @@ impl Metrics {
 
     pub fn partitions_lost(&self) {
         self.partitions.lost.inc();
+    }
+
+    /// A job forwarded (`out`: to its owner; `in`: from another replica); `outcome` one of
+    /// [`PEER_OUTCOMES`].
+    pub fn peer_job(&self, out: bool, outcome: &'static str) {
+        let direction = if out { "out" } else { "in" };
+        self.partitions
+            .peer_jobs
+            .get_or_create(&PeerLabels { direction, outcome })
+            .inc();
     }
 }

@@ -89,12 +89,36 @@ pub enum GatewayError {
         "internal error while sending (after {attempts} attempts); it may have been posted: retry with uuid {uuid}"
     )]
     Internal { attempts: u32, uuid: String },
+    /// The replica that owns the job's queue failed it (cluster mode, the job was forwarded
+    /// there): its answer, as it would have given it.
+    #[error("{}", .0.message)]
+    Peer(Box<PeerFailure>),
+}
+
+/// A failure another replica answered for a job forwarded to it: the gRPC status it would
+/// have given the caller (code, message, encoded details), and what the details say.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerFailure {
+    /// gRPC code (`tonic::Code` as a number).
+    pub code: i32,
+    pub message: String,
+    /// The status details (`google.rpc.Status` details, encoded).
+    pub details: Vec<u8>,
+    /// `ErrorInfo.reason`.
+    pub reason: String,
+    pub retry_after_ms: Option<u64>,
+    pub feishu_code: Option<i64>,
+    pub uuid: Option<String>,
+    pub attempts: Option<u32>,
 }
 
 impl GatewayError {
     /// Feishu's code, if Feishu gave one.
     pub fn feishu_code(&self) -> Option<i64> {
-        self.upstream().and_then(UpstreamError::code)
+        match self {
+            GatewayError::Peer(f) => f.feishu_code,
+            _ => self.upstream().and_then(UpstreamError::code),
+        }
     }
 
     /// Feishu's (or the network's) failure, if that is what it was.
@@ -116,6 +140,7 @@ impl GatewayError {
             | GatewayError::AppRemoved { uuid, .. }
             | GatewayError::CallerRemoved { uuid, .. }
             | GatewayError::MessageGone { uuid, .. } => Some(uuid),
+            GatewayError::Peer(f) => f.uuid.as_deref(),
             _ => None,
         }
     }
@@ -131,6 +156,7 @@ impl GatewayError {
             | GatewayError::AppRemoved { attempts, .. }
             | GatewayError::CallerRemoved { attempts, .. }
             | GatewayError::MessageGone { attempts, .. } => Some(*attempts),
+            GatewayError::Peer(f) => f.attempts,
             _ => None,
         }
     }

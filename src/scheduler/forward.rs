@@ -14,7 +14,7 @@ use super::{JobResult, JobSpec};
 pub trait Forward: Send + Sync + 'static {
     /// The result to come from the replica that owns `spec`'s queue, or `spec` back when it
     /// is to be queued here (this replica owns it, or no owner is known or reachable).
-    fn forward(&self, spec: JobSpec) -> Result<BoxFuture<'static, JobResult>, JobSpec>;
+    fn forward(&self, spec: Box<JobSpec>) -> Result<BoxFuture<'static, JobResult>, Box<JobSpec>>;
 
     /// Asks the owner of `chat_id`'s queue to take the job with `uuid` out of it (the answer
     /// of [`super::Scheduler::cancel`] there); `None` when that queue is this replica's.

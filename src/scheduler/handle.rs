@@ -236,7 +236,7 @@ impl Scheduler {
             return rx;
         }
         let spec = match self.forward.get().filter(|_| may_forward) {
-            Some(f) => match f.forward(spec) {
+            Some(f) => match f.forward(Box::new(spec)) {
                 Ok(result) => {
                     // The waiter gone (caller cancelled, deadline): drop the peer call too.
                     tokio::spawn(async move {
@@ -247,7 +247,7 @@ impl Scheduler {
                     });
                     return rx;
                 }
-                Err(spec) => spec,
+                Err(spec) => *spec,
             },
             None => spec,
         };

@@ -33,7 +33,7 @@ mod spans;
 
 use send::Attempt;
 
-pub use error::GatewayError;
+pub use error::{GatewayError, PeerFailure};
 pub use forward::Forward;
 pub use gate::QuotaSource;
 use gate::{Clock, Decided, GateEvent, Head, QuotaGate, Verdict};

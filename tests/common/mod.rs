@@ -821,6 +821,7 @@ pub fn redis_client(
             lease,
             wait_replicas: 0,
         },
+        peers: None,
     };
     let metrics = std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new());
     std::sync::Arc::new(

@@ -1,0 +1,634 @@
+//! Forwarding jobs between replicas (cluster mode with `[cluster] peer_listen`): a job goes to
+//! the replica that owns its queue's partition (`cluster::partitions`), which queues, decides
+//! and sends it and answers with its result. [`PeerForward`] is the scheduler's
+//! [`Forward`](crate::scheduler::Forward) on this side; [`PeerServer`] takes jobs on the other.
+//!
+//! - **Wire form.** The job as JSON ([`WireJob`]): caller and app by name (each replica maps
+//!   them to its own configuration), the Feishu call, queue, target, lane, the deadline left,
+//!   the traceparent. The result as JSON ([`WireResult`]): the delivery, or the failure as the
+//!   gRPC status the owner would have given ([`PeerFailure`]), re-raised here unchanged.
+//! - **Trust.** Every call carries the cluster's peer secret (`x-gateway-peer`), which the
+//!   first replica stores in Redis; a call without it is refused. The peer listener is for
+//!   the replicas only (deploy: a NetworkPolicy).
+//! - **When the owner does not answer** (not reachable, refused, gone mid-call) the job is
+//!   queued here instead. Quota decisions still go through the shared Redis, so Feishu's
+//!   limits hold either way; a send the owner may have made before it died is repeated with
+//!   the same uuid, which Feishu dedupes.
+//! - Dropping the wait (the caller went away) drops the peer call; the owner takes the job
+//!   out of its queue unless it is being sent.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::ReplyService;
+use super::status::CallError;
+use crate::cluster::partitions::{Partitions, partition_of};
+use crate::feishu::{
+    Call, CardStreaming, CardText, MessageUpdate, NewMessage, SendRequest, SentMessage,
+};
+use crate::metrics::Metrics;
+use crate::proto::peer::peer_service_client::PeerServiceClient;
+use crate::proto::peer::peer_service_server::PeerService;
+use crate::proto::peer::{CancelRequest, CancelResponse, QueueRequest, QueueResponse};
+use crate::reply::{MsgType, RECEIVE_ID_TYPES};
+use crate::scheduler::{
+    Delivered, Forward, GatewayError, JobResult, JobSpec, Lane, PeerFailure, Scheduler, Target,
+};
+
+/// The metadata key of the peer secret.
+pub const PEER_HEADER: &str = "x-gateway-peer";
+
+/// How long a replica waits to connect to a peer before it queues the job itself.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A job on the wire between replicas.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireJob {
+    caller: String,
+    credential: String,
+    app: String,
+    queue: String,
+    user_id: Option<String>,
+    target: WireTarget,
+    lane: WireLane,
+    call: WireCall,
+    caller_uuid: Option<String>,
+    /// Milliseconds left until the caller's deadline.
+    deadline_in_ms: Option<u64>,
+    traceparent: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum WireTarget {
+    Chat,
+    User,
+    Message { chat: Option<String> },
+    Card,
+    App,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum WireLane {
+    Normal,
+    Typing,
+    Final,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum WireCall {
+    Reply {
+        message_id: String,
+        content: String,
+        msg_type: String,
+        reply_in_thread: bool,
+        uuid: String,
+    },
+    Send {
+        receive_id_type: String,
+        receive_id: String,
+        msg_type: String,
+        content: String,
+        uuid: String,
+    },
+    Update {
+        message_id: String,
+        msg_type: String,
+        content: String,
+    },
+    Recall {
+        message_id: String,
+    },
+    CardCreate {
+        card_json: String,
+    },
+    CardText {
+        card_id: String,
+        element_id: String,
+        content: String,
+        sequence: u32,
+        uuid: String,
+    },
+    CardStreaming {
+        card_id: String,
+        on: bool,
+        sequence: u32,
+        uuid: String,
+    },
+}
+
+/// A job's result on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WireResult {
+    Delivered {
+        message: SentMessage,
+        uuid: String,
+        attempts: u32,
+        queued_ms: u64,
+        superseded: bool,
+    },
+    Failed(PeerFailure),
+}
+
+fn msg_type(s: &str) -> Result<&'static str, String> {
+    s.parse::<MsgType>()
+        .map(MsgType::as_str)
+        .map_err(|_| format!("unknown msg_type {s:?}"))
+}
+
+fn receive_id_type(s: &str) -> Result<&'static str, String> {
+    RECEIVE_ID_TYPES
+        .iter()
+        .find(|t| **t == s)
+        .copied()
+        .ok_or_else(|| format!("unknown receive_id_type {s:?}"))
+}
+
+fn to_wire_call(call: &Call) -> WireCall {
+    match call.clone() {
+        Call::Reply(r) => WireCall::Reply {
+            message_id: r.message_id,
+            content: r.content,
+            msg_type: r.msg_type.into(),
+            reply_in_thread: r.reply_in_thread,
+            uuid: r.uuid,
+        },
+        Call::Send(m) => WireCall::Send {
+            receive_id_type: m.receive_id_type.into(),
+            receive_id: m.receive_id,
+            msg_type: m.msg_type.into(),
+            content: m.content,
+            uuid: m.uuid,
+        },
+        Call::Update(u) => WireCall::Update {
+            message_id: u.message_id,
+            msg_type: u.msg_type.into(),
+            content: u.content,
+        },
+        Call::Recall { message_id } => WireCall::Recall { message_id },
+        Call::CardCreate { card_json } => WireCall::CardCreate { card_json },
+        Call::CardText(t) => WireCall::CardText {
+            card_id: t.card_id,
+            element_id: t.element_id,
+            content: t.content,
+            sequence: t.sequence,
+            uuid: t.uuid,
+        },
+        Call::CardStreaming(s) => WireCall::CardStreaming {
+            card_id: s.card_id,
+            on: s.on,
+            sequence: s.sequence,
+            uuid: s.uuid,
+        },
+    }
+}
+
+fn from_wire_call(call: WireCall) -> Result<Call, String> {
+    Ok(match call {
+        WireCall::Reply {
+            message_id,
+            content,
+            msg_type: t,
+            reply_in_thread,
+            uuid,
+        } => Call::Reply(SendRequest {
+            message_id,
+            content,
+            msg_type: msg_type(&t)?,
+            reply_in_thread,
+            uuid,
+        }),
+        WireCall::Send {
+            receive_id_type: r,
+            receive_id,
+            msg_type: t,
+            content,
+            uuid,
+        } => Call::Send(NewMessage {
+            receive_id_type: receive_id_type(&r)?,
+            receive_id,
+            msg_type: msg_type(&t)?,
+            content,
+            uuid,
+        }),
+        WireCall::Update {
+            message_id,
+            msg_type: t,
+            content,
+        } => Call::Update(MessageUpdate {
+            message_id,
+            msg_type: msg_type(&t)?,
+            content,
+        }),
+        WireCall::Recall { message_id } => Call::Recall { message_id },
+        WireCall::CardCreate { card_json } => Call::CardCreate { card_json },
+        WireCall::CardText {
+            card_id,
+            element_id,
+            content,
+            sequence,
+            uuid,
+        } => Call::CardText(CardText {
+            card_id,
+            element_id,
+            content,
+            sequence,
+            uuid,
+        }),
+        WireCall::CardStreaming {
+            card_id,
+            on,
+            sequence,
+            uuid,
+        } => Call::CardStreaming(CardStreaming {
+            card_id,
+            on,
+            sequence,
+            uuid,
+        }),
+    })
+}
+
+/// `spec` on the wire, its caller and app named as `service`'s configuration names them.
+fn to_wire(spec: &JobSpec, service: &ReplyService) -> WireJob {
+    let door = service.door();
+    let caller = door
+        .auth
+        .names()
+        .get(spec.caller)
+        .map(|n| n.to_string())
+        .unwrap_or_default();
+    WireJob {
+        caller,
+        credential: spec.credential.to_string(),
+        app: spec.app_name.to_string(),
+        queue: spec.chat_id.to_string(),
+        user_id: spec.user_id.as_deref().map(str::to_owned),
+        target: match &spec.target {
+            Target::Chat => WireTarget::Chat,
+            Target::User => WireTarget::User,
+            Target::Message { chat } => WireTarget::Message {
+                chat: chat.as_deref().map(str::to_owned),
+            },
+            Target::Card => WireTarget::Card,
+            Target::App => WireTarget::App,
+        },
+        lane: match spec.lane {
+            Lane::Normal => WireLane::Normal,
+            Lane::Typing => WireLane::Typing,
+            Lane::Final => WireLane::Final,
+        },
+        call: to_wire_call(&spec.request),
+        caller_uuid: spec.caller_uuid.clone(),
+        deadline_in_ms: spec.deadline.map(|d| {
+            u64::try_from(d.saturating_duration_since(Instant::now()).as_millis())
+                .unwrap_or(u64::MAX)
+        }),
+        traceparent: crate::telemetry::traceparent(&spec.span),
+    }
+}
+
+/// The job `w` names, as this replica's configuration has its caller and app.
+fn from_wire(w: WireJob, service: &ReplyService) -> Result<JobSpec, String> {
+    let door = service.door();
+    let caller = door
+        .auth
+        .names()
+        .iter()
+        .position(|n| **n == *w.caller)
+        .ok_or_else(|| format!("caller {:?} is not configured here", w.caller))?;
+    let app = door.app_index(&w.app).map_err(|e| e.to_string())?;
+    let a = &door.apps[app];
+    let span = tracing::info_span!("peer.job", chat_id = %w.queue);
+    if let Some(tp) = &w.traceparent {
+        crate::telemetry::continue_from(&span, tp);
+    }
+    Ok(JobSpec {
+        caller,
+        credential: w.credential.into(),
+        intake: None,
+        on_send: None,
+        app,
+        app_name: a.name.as_str().into(),
+        app_id: a.app_id.as_str().into(),
+        chat_id: w.queue.into(),
+        user_id: w.user_id.map(Into::into),
+        target: match w.target {
+            WireTarget::Chat => Target::Chat,
+            WireTarget::User => Target::User,
+            WireTarget::Message { chat } => Target::Message {
+                chat: chat.map(Into::into),
+            },
+            WireTarget::Card => Target::Card,
+            WireTarget::App => Target::App,
+        },
+        lane: match w.lane {
+            WireLane::Normal => Lane::Normal,
+            WireLane::Typing => Lane::Typing,
+            WireLane::Final => Lane::Final,
+        },
+        request: from_wire_call(w.call)?,
+        caller_uuid: w.caller_uuid,
+        deadline: w
+            .deadline_in_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms)),
+        span,
+    })
+}
+
+fn to_wire_result(result: JobResult, api: crate::feishu::Api) -> WireResult {
+    match result {
+        Ok(d) => WireResult::Delivered {
+            message: d.message,
+            uuid: d.uuid,
+            attempts: d.attempts,
+            queued_ms: u64::try_from(d.queued.as_millis()).unwrap_or(u64::MAX),
+            superseded: d.superseded,
+        },
+        // Forwarded once only: a failure that came from further on stays as it came.
+        Err(GatewayError::Peer(f)) => WireResult::Failed(*f),
+        Err(e) => {
+            let (uuid, attempts, feishu_code) =
+                (e.uuid().map(str::to_owned), e.attempts(), e.feishu_code());
+            let call = CallError::Gateway(e);
+            let status = call.to_status_for(api);
+            WireResult::Failed(PeerFailure {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                details: status.details().to_vec(),
+                reason: call.reason(),
+                retry_after_ms: call
+                    .retry_after()
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                feishu_code,
+                uuid,
+                attempts,
+            })
+        }
+    }
+}
+
+fn from_wire_result(r: WireResult) -> JobResult {
+    match r {
+        WireResult::Delivered {
+            message,
+            uuid,
+            attempts,
+            queued_ms,
+            superseded,
+        } => Ok(Delivered {
+            message,
+            uuid,
+            attempts,
+            queued: Duration::from_millis(queued_ms),
+            superseded,
+        }),
+        WireResult::Failed(f) => Err(GatewayError::Peer(Box::new(f))),
+    }
+}
+
+/// Whether `req` carries the cluster's peer secret (compared in constant time).
+fn authentic<T>(req: &Request<T>, secret: &str) -> bool {
+    let Some(shown) = req.metadata().get(PEER_HEADER) else {
+        return false;
+    };
+    let digest = |b: &[u8]| ring::digest::digest(&ring::digest::SHA256, b);
+    let (a, b) = (digest(shown.as_bytes()), digest(secret.as_bytes()));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The peer side: jobs other replicas forward to this one.
+pub struct PeerServer {
+    service: Arc<ReplyService>,
+    scheduler: Scheduler,
+    secret: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl PeerServer {
+    pub fn new(
+        service: Arc<ReplyService>,
+        scheduler: Scheduler,
+        secret: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            service,
+            scheduler,
+            secret,
+            metrics,
+        }
+    }
+
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if authentic(req, &self.secret) {
+            return Ok(());
+        }
+        self.metrics.peer_job(false, "refused");
+        Err(Status::unauthenticated("not a replica of this cluster"))
+    }
+}
+
+#[tonic::async_trait]
+impl PeerService for PeerServer {
+    async fn queue(&self, req: Request<QueueRequest>) -> Result<Response<QueueResponse>, Status> {
+        self.check(&req)?;
+        let spec = serde_json::from_slice::<WireJob>(&req.get_ref().job)
+            .map_err(|e| e.to_string())
+            .and_then(|w| from_wire(w, &self.service));
+        let spec = match spec {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.peer_job(false, "refused");
+                return Err(Status::failed_precondition(format!(
+                    "this replica cannot take the job: {e}"
+                )));
+            }
+        };
+        self.metrics.peer_job(false, "ok");
+        let api = spec.request.api();
+        // Dropped with this call when the forwarding replica gives up: the job leaves the
+        // queue unless it is being sent.
+        let result = self.scheduler.queue_here(spec).await;
+        let body = serde_json::to_vec(&to_wire_result(result, api))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(QueueResponse { result: body }))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        self.check(&req)?;
+        let CancelRequest { queue, uuid } = req.into_inner();
+        let cancelled = self.scheduler.cancel_here(queue.into(), uuid).await;
+        Ok(Response::new(CancelResponse { cancelled }))
+    }
+}
+
+/// This side: sends jobs of queues another replica owns there.
+pub struct PeerForward {
+    partitions: Arc<Partitions>,
+    service: Weak<ReplyService>,
+    scheduler: Scheduler,
+    secret: Arc<str>,
+    clients: DashMap<String, PeerServiceClient<Channel>>,
+    metrics: Arc<Metrics>,
+}
+
+impl PeerForward {
+    pub fn new(
+        partitions: Arc<Partitions>,
+        service: &Arc<ReplyService>,
+        scheduler: Scheduler,
+        secret: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            partitions,
+            service: Arc::downgrade(service),
+            scheduler,
+            secret,
+            clients: DashMap::new(),
+            metrics,
+        }
+    }
+
+    /// The owner of `queue`'s partition, when that is another replica with an address.
+    fn owner_of(&self, queue: &str) -> Option<String> {
+        let (id, addr) = self.partitions.preferred_at(partition_of(queue))?;
+        (id != self.partitions.me() && !addr.is_empty()).then_some(addr)
+    }
+
+    fn client(&self, addr: &str) -> Option<PeerServiceClient<Channel>> {
+        if let Some(c) = self.clients.get(addr) {
+            return Some(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let client = PeerServiceClient::new(endpoint.connect_lazy());
+        self.clients.insert(addr.to_owned(), client.clone());
+        Some(client)
+    }
+
+    fn request<T>(&self, body: T) -> Request<T> {
+        let mut req = Request::new(body);
+        if let Ok(v) = self.secret.parse() {
+            req.metadata_mut().insert(PEER_HEADER, v);
+        }
+        req
+    }
+}
+
+impl Forward for PeerForward {
+    fn forward(&self, spec: Box<JobSpec>) -> Result<BoxFuture<'static, JobResult>, Box<JobSpec>> {
+        let Some(addr) = self.owner_of(&spec.chat_id) else {
+            return Err(spec);
+        };
+        let (Some(service), Some(mut client)) = (self.service.upgrade(), self.client(&addr)) else {
+            return Err(spec);
+        };
+        let body = match serde_json::to_vec(&to_wire(&spec, &service)) {
+            Ok(b) => b,
+            Err(_) => return Err(spec),
+        };
+        let req = self.request(QueueRequest { job: body });
+        let (scheduler, metrics) = (self.scheduler.clone(), self.metrics.clone());
+        Ok(Box::pin(async move {
+            let answer = client.queue(req).await.map_err(|s| s.to_string());
+            let answer = answer.and_then(|r| {
+                serde_json::from_slice::<WireResult>(&r.get_ref().result).map_err(|e| e.to_string())
+            });
+            match answer {
+                // The owner is stopping and never sent it: it goes here instead.
+                Ok(WireResult::Failed(f))
+                    if f.reason == "SHUTTING_DOWN" && f.attempts.unwrap_or(0) == 0 =>
+                {
+                    metrics.peer_job(true, "unreachable");
+                    scheduler.queue_here(*spec).await
+                }
+                Ok(result) => {
+                    metrics.peer_job(true, "ok");
+                    // The local guards (intake share) end with the job.
+                    drop(spec);
+                    from_wire_result(result)
+                }
+                Err(error) => {
+                    metrics.peer_job(true, "unreachable");
+                    tracing::warn!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
+                    scheduler.queue_here(*spec).await
+                }
+            }
+        }))
+    }
+
+    fn cancel(&self, chat_id: &Arc<str>, uuid: &str) -> Option<BoxFuture<'static, bool>> {
+        let addr = self.owner_of(chat_id)?;
+        let mut client = self.client(&addr)?;
+        let req = self.request(CancelRequest {
+            queue: chat_id.to_string(),
+            uuid: uuid.to_owned(),
+        });
+        let (scheduler, chat_id, uuid) = (self.scheduler.clone(), chat_id.clone(), uuid.to_owned());
+        Some(Box::pin(async move {
+            match client.cancel(req).await {
+                Ok(r) if r.get_ref().cancelled => true,
+                // Queued here after all (the owner was unreachable), or already gone.
+                _ => scheduler.cancel_here(chat_id, uuid).await,
+            }
+        }))
+    }
+}
+
+/// Starts forwarding: reads the cluster's peer secret (in the background, retrying: a Redis
+/// that does not answer must not hold up serving; until then every job is queued here), then
+/// forwards jobs to their owners and serves `listener` for the other replicas.
+pub fn start(
+    listener: tokio::net::TcpListener,
+    partitions: Arc<Partitions>,
+    service: Arc<ReplyService>,
+    scheduler: Scheduler,
+    metrics: Arc<Metrics>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let secret: Arc<str> = loop {
+            match partitions.peer_secret().await {
+                Ok(s) => break s.into(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the peer secret failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        scheduler.set_forward(Arc::new(PeerForward::new(
+            partitions,
+            &service,
+            scheduler.clone(),
+            secret.clone(),
+            metrics.clone(),
+        )));
+        let server = PeerServer::new(service, scheduler, secret, metrics);
+        let served = tonic::transport::Server::builder()
+            .add_service(
+                crate::proto::peer::peer_service_server::PeerServiceServer::new(server)
+                    .max_decoding_message_size(4 * 1024 * 1024),
+            )
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the peer listener failed: jobs forwarded here fail over to their senders");
+        }
+    })
+}
