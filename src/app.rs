@@ -17,7 +17,6 @@ use tonic_health::ServingStatus;
 
 use crate::budget::Budgets;
 use crate::cluster::gate::RedisGate;
-use crate::cluster::partitions::Partitions;
 use crate::cluster::{RedisBudgetCounter, RedisQuota, SharedRedis};
 use crate::config::{AppConfig, Config, DEFAULT_APP_NAME};
 use crate::fake_feishu::{FakeFeishu, FakeOptions, FakeQuota};
@@ -30,6 +29,8 @@ use crate::proto::reply_admin_server::ReplyAdminServer;
 use crate::proto::reply_gateway_server::ReplyGatewayServer;
 use crate::reload::{Live, ReloadSource};
 use crate::scheduler::{QuotaSource, Scheduler, SchedulerConfig};
+
+mod partitions;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -257,30 +258,6 @@ pub async fn run_with_upstream(
     if let Some(redis) = &store {
         service = service.with_redis(redis.clone());
     }
-    // Cluster mode: this replica's share of the target partitions (owned, not yet used to
-    // route: ARCHITECTURE.md "Scaling out over a Redis Cluster").
-    let partitions = match (&store, &config.cluster) {
-        (Some(redis), Some(c)) => {
-            let q = &config.quotas;
-            let window = [q.chat, q.user, q.message, q.card]
-                .iter()
-                .map(|s| s.window)
-                .max()
-                .unwrap_or_default();
-            let mut parts = Partitions::new(
-                redis.shared().clone(),
-                c.jobs.lease,
-                window + q.safety_margin,
-                metrics.clone(),
-            );
-            if let Some(p) = &c.peers {
-                parts = parts.with_addr(p.advertise.clone());
-            }
-            let parts = Arc::new(parts);
-            Some((parts.clone(), tokio::spawn(parts.run())))
-        }
-        _ => None,
-    };
     // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
     // when a data dir is set.
     let backend = match (&store, &config.data_dir, &config.cluster) {
@@ -314,30 +291,10 @@ pub async fn run_with_upstream(
         service = service.with_jobs(jobs.clone());
     }
     let service = Arc::new(service);
-    // Cluster mode with peers: jobs go to the replica that owns their queue's partition.
-    let peer_task = match (
-        &partitions,
-        config.cluster.as_ref().and_then(|c| c.peers.as_ref()),
-    ) {
-        (Some((parts, _)), Some(p)) => {
-            let listener =
-                TcpListener::bind(p.listen)
-                    .await
-                    .map_err(|source| AppError::PeerListen {
-                        addr: p.listen,
-                        source,
-                    })?;
-            tracing::info!(listen = %p.listen, advertise = %p.advertise, "cluster mode: jobs go to the replica owning their chat");
-            Some(crate::grpc::peer::start(
-                listener,
-                parts.clone(),
-                service.clone(),
-                scheduler.clone(),
-                metrics.clone(),
-            ))
-        }
-        _ => None,
-    };
+    // Cluster mode: this replica's share of the target partitions, and forwarding to their
+    // owners when peers are configured.
+    let partitions =
+        partitions::start(&config, store.as_ref(), &service, &scheduler, &metrics).await?;
     let jobs_task = match &jobs {
         Some(jobs) => {
             // Jobs a previous process left unfinished go back in line, in their order.
@@ -546,13 +503,8 @@ pub async fn run_with_upstream(
         .set_not_serving::<ReplyGatewayServer<Arc<ReplyService>>>()
         .await;
     let _ = stop_grpc_tx.send(());
-    // The others take this replica's partitions now, so they stop forwarding jobs here while
-    // it drains (a job forwarded meanwhile comes back and is queued by its sender).
-    if let Some((parts, task)) = &partitions {
-        task.abort();
-        if let Err(e) = parts.leave().await {
-            tracing::debug!(error = %e, "handing partitions over failed; they move when the lease ends");
-        }
+    if let Some(p) = &partitions {
+        p.leave().await;
     }
     let drain = scheduler.shutdown(grace);
     // Sends in flight at the end of the grace period finish within one send timeout.
@@ -576,8 +528,8 @@ pub async fn run_with_upstream(
     if let Some(t) = jobs_task {
         t.abort();
     }
-    if let Some(t) = peer_task {
-        t.abort();
+    if let Some(p) = partitions {
+        p.stop();
     }
     match finished {
         Ok(r) => {
