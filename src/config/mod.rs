@@ -748,6 +748,18 @@ mod tests {
                 "[cluster]\nredis_url = \"rediss://r\"\nredis_ca_file = \"Cargo.toml\"",
                 "no PEM certificate",
             ),
+            (
+                "[cluster]\nredis_url = \"redis://r\"\npeer_listen = \"0.0.0.0:50061\"",
+                "set cluster.peer_advertise",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://r\"\npeer_advertise = \"10.0.0.1:50061\"",
+                "needs cluster.peer_listen",
+            ),
+            (
+                "[cluster]\nredis_url = \"redis://r\"\npeer_listen = \"0.0.0.0:1\"\npeer_advertise = \"10.0.0.1\"",
+                "must be host:port",
+            ),
         ] {
             let err = Config::from_toml(toml).unwrap_err().to_string();
             assert!(err.contains(want), "{toml}: {err}");
@@ -795,6 +807,18 @@ mod tests {
             .cluster
             .unwrap();
         assert_eq!(cl.redis_mode, RedisMode::Cluster);
+        assert_eq!(cl.peers, None);
+        let peers = ServeArgs {
+            redis_url: Some("redis://r:6379".into()),
+            peer_listen: Some("127.0.0.1:50061".parse().unwrap()),
+            ..Default::default()
+        };
+        let cl = Config::build(FileConfig::default(), &peers)
+            .unwrap()
+            .cluster
+            .unwrap();
+        let p = cl.peers.unwrap();
+        assert_eq!(p.advertise, "127.0.0.1:50061", "a specific address is its own advertisement");
         let half = ServeArgs {
             app_id: Some("x".into()),
             ..Default::default()
