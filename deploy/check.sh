@@ -58,6 +58,12 @@ assert any(d["kind"] == "Job" and d["metadata"]["name"] == "redis-cluster-create
 env = [e for d in docs if d["kind"] == "Deployment"
        for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])]
 assert {"name": "GATEWAY_REDIS_MODE", "value": "cluster"} in env, env
+# ... and the replicas forward jobs to each other on the peer port, advertised by pod IP.
+names = [e["name"] for e in env]
+assert names.index("POD_IP") < names.index("GATEWAY_PEER_ADVERTISE"), names
+assert {"name": "GATEWAY_PEER_ADVERTISE", "value": "$(POD_IP):50061"} in env, env
+assert any(d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "feishu-reply-gateway-peers"
+           for d in docs)
 for i, d in enumerate(docs):
     if d["kind"] != "ServiceMonitor":  # a CRD: checked above
         yaml.safe_dump(d, open(f"{out}/{i}.yaml", "w"))
