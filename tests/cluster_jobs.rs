@@ -723,3 +723,125 @@ async fn two_callers_replies_and_sends_to_one_chat_through_three_replicas_keep_e
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Redis `HGETALL key` on `url` (a Redis Cluster when it lists several seeds).
+async fn hgetall(url: &str, key: &str) -> std::collections::HashMap<String, String> {
+    let cmd = redis::cmd("HGETALL").arg(key).clone();
+    if common::is_redis_cluster(url) {
+        let nodes: Vec<&str> = url.split(',').collect();
+        let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+        let mut c = client.get_async_connection().await.unwrap();
+        cmd.query_async(&mut c).await.unwrap()
+    } else {
+        let client = redis::Client::open(url).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        cmd.query_async(&mut c).await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_partition_owner_killed_mid_backlog_has_its_chats_resume_in_order_on_the_sender() {
+    use feishu_reply_gateway::cluster::partitions::partition_of;
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique("owner");
+    let (file, dir) = cluster_file(&fake, &url, &prefix);
+    let grpc = [free_port(), free_port(), free_port()];
+    let peer = [free_port(), free_port(), free_port()];
+    let metrics = [free_port(), free_port(), free_port()];
+    let mut procs: Vec<Option<ServeProcess>> = (0..3)
+        .map(|i| {
+            let listen = format!("127.0.0.1:{}", peer[i]);
+            let m = format!("127.0.0.1:{}", metrics[i]);
+            Some(ServeProcess::start_with(
+                &file,
+                grpc[i],
+                &[
+                    ("GATEWAY_PEER_LISTEN", &listen),
+                    ("GATEWAY_METRICS_ADDR", &m),
+                ],
+            ))
+        })
+        .collect();
+    for port in grpc {
+        connect(port).await;
+    }
+    // The three share the partitions.
+    eventually("the replicas share every partition", async || {
+        let mut owned = Vec::new();
+        for port in metrics {
+            owned.push(
+                common::metric(
+                    &common::metrics_text(port).await,
+                    "feishu_reply_partitions_owned",
+                )
+                .unwrap_or(0.0),
+            );
+        }
+        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
+    })
+    .await;
+    // Who owns the first chat's partition (from the owner records), and who it is.
+    let parts = format!("{{{prefix}:parts}}");
+    let owners = hgetall(&url, &format!("{parts}:owners")).await;
+    let addrs = hgetall(&url, &format!("{parts}:addrs")).await;
+    let tag = "po";
+    let p = partition_of(&format!("oc_{tag}0"));
+    let owner_id = &owners[&format!("{p}:id")];
+    let owner_addr = &addrs[owner_id];
+    let victim = peer
+        .iter()
+        .position(|port| *owner_addr == format!("127.0.0.1:{port}"))
+        .expect("the owner is one of the three");
+    // The backlog comes in through another replica, which forwards the chat's jobs to it.
+    let sender = (victim + 1) % 3;
+    let mut to_sender = connect(grpc[sender]).await;
+    let n = common::backlog_jobs();
+    let ids = common::submit_backlog(&mut to_sender, tag, n).await;
+    eventually("some of the owner's chat posted", async || {
+        fake.received()
+            .iter()
+            .filter(|r| r.chat_id == format!("oc_{tag}0"))
+            .count()
+            >= 3
+    })
+    .await;
+    procs[victim] = None; // SIGKILL
+    let killed = Instant::now();
+    // Whatever it had in flight has landed 100 ms after the kill; the chat's next post is the
+    // sender's own.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let in_chat = || {
+        fake.received()
+            .iter()
+            .filter(|r| r.chat_id == format!("oc_{tag}0"))
+            .count()
+    };
+    let landed = in_chat();
+    assert!(landed < n / 3, "killed after the chat's backlog drained");
+    eventually("the chat's backlog resumes", async || in_chat() > landed).await;
+    let resumed = killed.elapsed();
+    all_delivered(&mut to_sender, &ids, LEASE + Duration::from_secs(20)).await;
+    let (by_uuid, per_chat) = posts(&fake);
+    assert_eq!(by_uuid.len(), n, "every job posted");
+    assert!(by_uuid.values().all(|&k| k == 1), "{by_uuid:?}");
+    assert_in_order(&per_chat, 3);
+    assert_eq!(fake.stats().rate_rejections(), 0);
+    let m = common::metrics_text(metrics[sender]).await;
+    assert!(
+        common::metric(
+            &m,
+            "feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"ok\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "the owner's chat was forwarded to it before it died"
+    );
+    eprintln!("owner killed: the backlog resumed {resumed:?} after (lease {LEASE:?})");
+    assert!(
+        resumed <= LEASE + Duration::from_secs(1),
+        "resumed {resumed:?} after the kill"
+    );
+    drop(procs);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -818,7 +818,10 @@ mod tests {
             .cluster
             .unwrap();
         let p = cl.peers.unwrap();
-        assert_eq!(p.advertise, "127.0.0.1:50061", "a specific address is its own advertisement");
+        assert_eq!(
+            p.advertise, "127.0.0.1:50061",
+            "a specific address is its own advertisement"
+        );
         let half = ServeArgs {
             app_id: Some("x".into()),
             ..Default::default()

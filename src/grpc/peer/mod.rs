@@ -30,8 +30,10 @@ use crate::cluster::partitions::{Partitions, partition_of};
 use crate::metrics::Metrics;
 use crate::proto::peer::peer_service_client::PeerServiceClient;
 use crate::proto::peer::peer_service_server::PeerService;
+use crate::proto::peer::queue_response::Event;
 use crate::proto::peer::{CancelRequest, CancelResponse, QueueRequest, QueueResponse};
 use crate::scheduler::{Forward, JobResult, JobSpec, Scheduler};
+use futures_util::StreamExt;
 
 mod wire;
 
@@ -90,9 +92,15 @@ impl PeerServer {
     }
 }
 
+/// A forwarded job's answers: `queued`, then its result.
+type QueueEvents =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<QueueResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl PeerService for PeerServer {
-    async fn queue(&self, req: Request<QueueRequest>) -> Result<Response<QueueResponse>, Status> {
+    type QueueStream = QueueEvents;
+
+    async fn queue(&self, req: Request<QueueRequest>) -> Result<Response<QueueEvents>, Status> {
         self.check(&req)?;
         let spec = serde_json::from_slice::<WireJob>(&req.get_ref().job)
             .map_err(|e| e.to_string())
@@ -108,12 +116,22 @@ impl PeerService for PeerServer {
         };
         self.metrics.peer_job(false, "ok");
         let api = spec.request.api();
-        // Dropped with this call when the forwarding replica gives up: the job leaves the
-        // queue unless it is being sent.
-        let result = self.scheduler.queue_here(spec).await;
-        let body = serde_json::to_vec(&to_wire_result(result, api))
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(QueueResponse { result: body }))
+        // In line now (submitted at once); dropped with this call when the forwarding replica
+        // gives up: the job leaves the queue unless it is being sent.
+        let result = self.scheduler.queue_here(spec);
+        let queued = QueueResponse {
+            event: Some(Event::Queued(true)),
+        };
+        let answer = async move {
+            let body = serde_json::to_vec(&to_wire_result(result.await, api))
+                .map_err(|e| Status::internal(e.to_string()))?;
+            Ok(QueueResponse {
+                event: Some(Event::Result(body)),
+            })
+        };
+        let events = futures_util::stream::once(std::future::ready(Ok(queued)))
+            .chain(futures_util::stream::once(answer));
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn cancel(
@@ -127,6 +145,124 @@ impl PeerService for PeerServer {
     }
 }
 
+/// The order of the jobs each queue has forwarded and not seen answered: a job the owner
+/// failed to take goes back in line here only after those forwarded before it did.
+#[derive(Default)]
+struct Order {
+    queues: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<Line>>>,
+}
+
+#[derive(Default)]
+struct Line {
+    /// The last ticket given, the tickets not answered, the tickets not yet in the owner's
+    /// line.
+    tickets: parking_lot::Mutex<(
+        u64,
+        std::collections::BTreeSet<u64>,
+        std::collections::BTreeSet<u64>,
+    )>,
+    moved: tokio::sync::Notify,
+}
+
+/// One forwarded job's place in its queue's [`Order`].
+struct Ticket {
+    order: Arc<Order>,
+    queue: Arc<str>,
+    line: Arc<Line>,
+    n: u64,
+}
+
+impl Order {
+    fn take(self: &Arc<Self>, queue: &Arc<str>) -> Ticket {
+        // The ticket is taken under the map's lock, so a line is never forgotten (`done`)
+        // while a ticket is being added to it.
+        let mut queues = self.queues.lock();
+        let line = queues.entry(queue.clone()).or_default().clone();
+        let n = {
+            let mut t = line.tickets.lock();
+            t.0 += 1;
+            let n = t.0;
+            t.1.insert(n);
+            t.2.insert(n);
+            n
+        };
+        drop(queues);
+        Ticket {
+            order: self.clone(),
+            queue: queue.clone(),
+            line,
+            n,
+        }
+    }
+}
+
+impl Ticket {
+    /// Waits until every job of the queue forwarded before this one has its place in the
+    /// owner's line (or is answered, or back in line here).
+    async fn send_turn(&self) {
+        loop {
+            let moved = self.line.moved.notified();
+            if self
+                .line
+                .tickets
+                .lock()
+                .2
+                .first()
+                .is_none_or(|f| *f >= self.n)
+            {
+                return;
+            }
+            moved.await;
+        }
+    }
+
+    /// This job has its place in the owner's line (or will not get one): the queue's next
+    /// may go.
+    fn sent(&self) {
+        if self.line.tickets.lock().2.remove(&self.n) {
+            self.line.moved.notify_waiters();
+        }
+    }
+
+    /// Waits until every job of the queue forwarded before this one is answered or back in
+    /// line here.
+    async fn turn(&self) {
+        loop {
+            let moved = self.line.moved.notified();
+            if self.line.tickets.lock().1.first() == Some(&self.n) {
+                return;
+            }
+            moved.await;
+        }
+    }
+
+    fn done(&self) {
+        let empty = {
+            let mut t = self.line.tickets.lock();
+            t.1.remove(&self.n);
+            t.2.remove(&self.n);
+            t.1.is_empty()
+        };
+        self.line.moved.notify_waiters();
+        if empty {
+            let mut queues = self.order.queues.lock();
+            // Forget the queue unless a job took a ticket meanwhile.
+            if self.line.tickets.lock().1.is_empty() {
+                queues.remove(&self.queue);
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    /// A wait dropped before its answer (the caller went away) leaves the line too.
+    fn drop(&mut self) {
+        if self.line.tickets.lock().1.contains(&self.n) {
+            self.done();
+        }
+    }
+}
+
 /// This side: sends jobs of queues another replica owns there.
 pub struct PeerForward {
     partitions: Arc<Partitions>,
@@ -134,6 +270,7 @@ pub struct PeerForward {
     scheduler: Scheduler,
     secret: Arc<str>,
     clients: DashMap<String, PeerServiceClient<Channel>>,
+    order: Arc<Order>,
     metrics: Arc<Metrics>,
 }
 
@@ -151,6 +288,7 @@ impl PeerForward {
             scheduler,
             secret,
             clients: DashMap::new(),
+            order: Arc::default(),
             metrics,
         }
     }
@@ -183,6 +321,32 @@ impl PeerForward {
     }
 }
 
+/// One job to its owner: its place in line (then the queue's next job may go), then its
+/// result.
+async fn forward_one(
+    client: &mut PeerServiceClient<Channel>,
+    req: Request<QueueRequest>,
+    ticket: &Ticket,
+) -> Result<WireResult, String> {
+    let mut events = client
+        .queue(req)
+        .await
+        .map_err(|s| s.to_string())?
+        .into_inner();
+    loop {
+        match events.message().await.map_err(|s| s.to_string())? {
+            Some(QueueResponse {
+                event: Some(Event::Queued(_)),
+            }) => ticket.sent(),
+            Some(QueueResponse {
+                event: Some(Event::Result(body)),
+            }) => return serde_json::from_slice(&body).map_err(|e| e.to_string()),
+            Some(QueueResponse { event: None }) => {}
+            None => return Err("the owner ended the call without a result".into()),
+        }
+    }
+}
+
 impl Forward for PeerForward {
     fn forward(&self, spec: Box<JobSpec>) -> Result<BoxFuture<'static, JobResult>, Box<JobSpec>> {
         let Some(addr) = self.owner_of(&spec.chat_id) else {
@@ -197,31 +361,36 @@ impl Forward for PeerForward {
         };
         let req = self.request(QueueRequest { job: body });
         let (scheduler, metrics) = (self.scheduler.clone(), self.metrics.clone());
+        let ticket = self.order.take(&spec.chat_id);
         Ok(Box::pin(async move {
-            let answer = client.queue(req).await.map_err(|s| s.to_string());
-            let answer = answer.and_then(|r| {
-                serde_json::from_slice::<WireResult>(&r.get_ref().result).map_err(|e| e.to_string())
-            });
-            match answer {
+            // The queue's earlier jobs have their place in the owner's line first.
+            ticket.send_turn().await;
+            let answer = forward_one(&mut client, req, &ticket).await;
+            ticket.sent();
+            let error = match answer {
                 // The owner is stopping and never sent it: it goes here instead.
                 Ok(WireResult::Failed(f))
                     if f.reason == "SHUTTING_DOWN" && f.attempts.unwrap_or(0) == 0 =>
                 {
-                    metrics.peer_job(true, "unreachable");
-                    scheduler.queue_here(*spec).await
+                    "the owner is stopping".to_owned()
                 }
                 Ok(result) => {
                     metrics.peer_job(true, "ok");
+                    ticket.done();
                     // The local guards (intake share) end with the job.
                     drop(spec);
-                    from_wire_result(result)
+                    return from_wire_result(result);
                 }
-                Err(error) => {
-                    metrics.peer_job(true, "unreachable");
-                    tracing::warn!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
-                    scheduler.queue_here(*spec).await
-                }
-            }
+                Err(error) => error,
+            };
+            metrics.peer_job(true, "unreachable");
+            tracing::warn!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
+            // After the jobs of its queue forwarded before it: they fail over together when
+            // the owner dies, and go back in line here in their order.
+            ticket.turn().await;
+            let result = scheduler.queue_here(*spec);
+            ticket.done();
+            result.await
         }))
     }
 
