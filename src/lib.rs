@@ -14,7 +14,8 @@
 //! - `main.rs`: CLI (`serve`, `fake-feishu`, `probe`; `client.rs`: `send [--to T:ID]
 //!   [--async] [--stream]`, `update`, `recall`, `job get|watch|cancel`, `inspect chat|app|caller`).
 //! - [`app`]: wiring (the only place that picks local or Redis quotas, the redb or Redis job
-//!   store, the Redis budget counter, the embedded fake), metrics/health port, shutdown.
+//!   store, the Redis budget counter, the embedded fake), metrics/health port, shutdown;
+//!   `app::partitions` cluster mode's partitions and peer forwarding, started and handed over.
 //! - [`reload`]: live reload (SIGHUP, a watch on the config and secret directories): applies a
 //!   new config to the Feishu client, budgets, dispatcher, job runner and door, in that order;
 //!   refuses a broken one; `feishu_reply_config_*` metrics.
@@ -28,7 +29,9 @@
 //!   and `JobAnswers`, a job's end in the API's terms; `grpc::admin`: the `ReplyAdmin`
 //!   service, InspectChat, InspectApp, InspectCaller); `grpc::door` the door's apps, callers
 //!   and reloadable rules in one `Door` a reload replaces; `grpc::status` the one error → gRPC status table
-//!   ([`grpc::CallError`]: the domain's error or the door's own; Feishu codes read per endpoint).
+//!   ([`grpc::CallError`]: the domain's error or the door's own; Feishu codes read per endpoint);
+//!   [`grpc::peer`] jobs forwarded between replicas (`PeerForward`, the scheduler's `Forward`;
+//!   `PeerServer` on the peer listener; per-queue order kept; `grpc::peer::wire` the JSON forms).
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
 //!   with which credential (the work it submits is owned by it), which apps it may use, its
 //!   admission rate buckets.
@@ -42,7 +45,8 @@
 //!   partitions); [`cluster::gate`] the Redis gate, the scheduler's `SharedGate` in cluster
 //!   mode (lines behind shared keys, failure policy and fallback table, heartbeat, state
 //!   published through a `watch`); [`cluster::partitions`] the 256 target partitions and
-//!   their owners (member leases, rendezvous hashing, claims with epochs; not routing yet);
+//!   their owners (member leases with peer addresses, rendezvous hashing, claims with epochs,
+//!   the peer secret);
 //!   `cluster::budget` the budgets' counter in Redis.
 //! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
 //!   [`jobs::seam`] the job store seam (`JobStore`, and `Leases` for a store the replicas
@@ -86,7 +90,9 @@
 //!   with their sends carried over, removed apps failing `APP_REMOVED`, removed callers and
 //!   credentials rotated out failing `CALLER_REMOVED`); `scheduler::spans`
 //!   the `queue_wait` and `feishu.reply` spans; `scheduler::send` a send going out (its own
-//!   task, the send timeout, a panic caught, an answer with no dispatcher left); [`scheduler::gate`] the quota seam
+//!   task, the send timeout, a panic caught, an answer with no dispatcher left);
+//!   `scheduler::forward` the seam a job goes to its queue's owner through (cluster mode with
+//!   peers); [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table, or a `SharedGate`; opaque memo, grant and answer);
 //!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
 //!   counts in); [`scheduler::gone`] messages Feishu said are recalled or deleted (30 min:

@@ -98,7 +98,7 @@ impl Metrics {
     }
 
     /// A job forwarded (`out`: to its owner; `in`: from another replica); `outcome` one of
-    /// [`PEER_OUTCOMES`].
+    /// `ok`, `unreachable`, `refused`.
     pub fn peer_job(&self, out: bool, outcome: &'static str) {
         let direction = if out { "out" } else { "in" };
         self.partitions

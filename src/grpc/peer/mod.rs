@@ -1,12 +1,12 @@
 //! Forwarding jobs between replicas (cluster mode with `[cluster] peer_listen`): a job goes to
 //! the replica that owns its queue's partition (`cluster::partitions`), which queues, decides
 //! and sends it and answers with its result. [`PeerForward`] is the scheduler's
-//! [`Forward`](crate::scheduler::Forward) on this side; [`PeerServer`] takes jobs on the other.
+//! `scheduler::Forward` on this side; [`PeerServer`] takes jobs on the other.
 //!
 //! - **Wire form.** The job as JSON ([`WireJob`]): caller and app by name (each replica maps
 //!   them to its own configuration), the Feishu call, queue, target, lane, the deadline left,
 //!   the traceparent. The result as JSON ([`WireResult`]): the delivery, or the failure as the
-//!   gRPC status the owner would have given ([`PeerFailure`]), re-raised here unchanged.
+//!   gRPC status the owner would have given (`scheduler::PeerFailure`), re-raised here unchanged.
 //! - **Trust.** Every call carries the cluster's peer secret (`x-gateway-peer`), which the
 //!   first replica stores in Redis; a call without it is refused. The peer listener is for
 //!   the replicas only (deploy: a NetworkPolicy).
