@@ -46,6 +46,13 @@ fn cluster_file(fake: &FakeFeishu, redis_url: &str, prefix: &str) -> (PathBuf, P
     (file, dir)
 }
 
+/// A replica that forwards each job to the owner of its chat's partition (its peer listener on
+/// a free loopback port).
+fn serve_with_peers(file: &std::path::Path, port: u16) -> ServeProcess {
+    let listen = format!("127.0.0.1:{}", free_port());
+    ServeProcess::start_with(file, port, &[("GATEWAY_PEER_LISTEN", listen.as_str())])
+}
+
 /// A job store on `url` under `prefix`, as a replica of its own (60 s lease).
 fn job_store(url: &str, prefix: &str) -> feishu_reply_gateway::jobs::RedisJobStore {
     let redis = common::redis_client(url, prefix, Duration::from_secs(60));
@@ -131,10 +138,8 @@ async fn a_rolling_restart_under_submit_load_loses_and_doubles_nothing() {
     let fake = spawn_fake(FakeOptions::default()).await;
     let (file, dir) = cluster_file(&fake, &url, &unique("roll"));
     let ports = [free_port(), free_port(), free_port()];
-    let mut replicas: Vec<ServeProcess> = ports
-        .iter()
-        .map(|&p| ServeProcess::start(&file, p))
-        .collect();
+    let mut replicas: Vec<ServeProcess> =
+        ports.iter().map(|&p| serve_with_peers(&file, p)).collect();
     for &p in &ports {
         connect(p).await;
     }
@@ -191,7 +196,7 @@ async fn a_rolling_restart_under_submit_load_loses_and_doubles_nothing() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (i, &port) in ports.iter().enumerate() {
         replicas[i].terminate().await;
-        replicas[i] = ServeProcess::start(&file, port);
+        replicas[i] = serve_with_peers(&file, port);
         connect(port).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -322,8 +327,8 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
     let fake = spawn_fake(FakeOptions::default()).await;
     let (file, dir) = cluster_file(&fake, &url, &unique("pause"));
     let ports = [free_port(), free_port()];
-    let a = ServeProcess::start(&file, ports[0]);
-    let _b = ServeProcess::start(&file, ports[1]);
+    let a = serve_with_peers(&file, ports[0]);
+    let _b = serve_with_peers(&file, ports[1]);
     let mut to_a = connect(ports[0]).await;
     let mut to_b = connect(ports[1]).await;
     let ids = common::submit_backlog(&mut to_a, "p", 30).await;
@@ -679,10 +684,7 @@ async fn two_callers_replies_and_sends_to_one_chat_through_three_replicas_keep_e
     }
     std::fs::write(&file, text_of).unwrap();
     let ports = [free_port(), free_port(), free_port()];
-    let _replicas: Vec<_> = ports
-        .iter()
-        .map(|&p| ServeProcess::start(&file, p))
-        .collect();
+    let _replicas: Vec<_> = ports.iter().map(|&p| serve_with_peers(&file, p)).collect();
     let mut to_a = connect(ports[0]).await;
     let mut to_b = connect(ports[1]).await;
     // Alpha through replica A, beta through replica B, interleaved: each alternates replies

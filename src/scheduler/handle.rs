@@ -208,6 +208,12 @@ impl Scheduler {
         }
     }
 
+    /// Whether new jobs are taken (false once shutdown began; only `Lane::Final` ones are
+    /// then).
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
     /// Where quota decisions come from right now.
     pub fn quota_source(&self) -> QuotaSource {
         *self.quota_source.borrow()

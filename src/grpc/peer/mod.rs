@@ -32,10 +32,13 @@ use crate::proto::peer::peer_service_client::PeerServiceClient;
 use crate::proto::peer::peer_service_server::PeerService;
 use crate::proto::peer::queue_response::Event;
 use crate::proto::peer::{CancelRequest, CancelResponse, QueueRequest, QueueResponse};
-use crate::scheduler::{Forward, JobResult, JobSpec, Scheduler};
+use crate::scheduler::{Forward, GatewayError, JobResult, JobSpec, Lane, Scheduler};
 use futures_util::StreamExt;
 
+mod order;
 mod wire;
+
+use order::{Order, Ticket};
 
 pub use wire::{WireJob, WireResult};
 use wire::{from_wire, from_wire_result, to_wire, to_wire_result};
@@ -145,124 +148,6 @@ impl PeerService for PeerServer {
     }
 }
 
-/// The order of the jobs each queue has forwarded and not seen answered: a job the owner
-/// failed to take goes back in line here only after those forwarded before it did.
-#[derive(Default)]
-struct Order {
-    queues: parking_lot::Mutex<std::collections::HashMap<Arc<str>, Arc<Line>>>,
-}
-
-#[derive(Default)]
-struct Line {
-    /// The last ticket given, the tickets not answered, the tickets not yet in the owner's
-    /// line.
-    tickets: parking_lot::Mutex<(
-        u64,
-        std::collections::BTreeSet<u64>,
-        std::collections::BTreeSet<u64>,
-    )>,
-    moved: tokio::sync::Notify,
-}
-
-/// One forwarded job's place in its queue's [`Order`].
-struct Ticket {
-    order: Arc<Order>,
-    queue: Arc<str>,
-    line: Arc<Line>,
-    n: u64,
-}
-
-impl Order {
-    fn take(self: &Arc<Self>, queue: &Arc<str>) -> Ticket {
-        // The ticket is taken under the map's lock, so a line is never forgotten (`done`)
-        // while a ticket is being added to it.
-        let mut queues = self.queues.lock();
-        let line = queues.entry(queue.clone()).or_default().clone();
-        let n = {
-            let mut t = line.tickets.lock();
-            t.0 += 1;
-            let n = t.0;
-            t.1.insert(n);
-            t.2.insert(n);
-            n
-        };
-        drop(queues);
-        Ticket {
-            order: self.clone(),
-            queue: queue.clone(),
-            line,
-            n,
-        }
-    }
-}
-
-impl Ticket {
-    /// Waits until every job of the queue forwarded before this one has its place in the
-    /// owner's line (or is answered, or back in line here).
-    async fn send_turn(&self) {
-        loop {
-            let moved = self.line.moved.notified();
-            if self
-                .line
-                .tickets
-                .lock()
-                .2
-                .first()
-                .is_none_or(|f| *f >= self.n)
-            {
-                return;
-            }
-            moved.await;
-        }
-    }
-
-    /// This job has its place in the owner's line (or will not get one): the queue's next
-    /// may go.
-    fn sent(&self) {
-        if self.line.tickets.lock().2.remove(&self.n) {
-            self.line.moved.notify_waiters();
-        }
-    }
-
-    /// Waits until every job of the queue forwarded before this one is answered or back in
-    /// line here.
-    async fn turn(&self) {
-        loop {
-            let moved = self.line.moved.notified();
-            if self.line.tickets.lock().1.first() == Some(&self.n) {
-                return;
-            }
-            moved.await;
-        }
-    }
-
-    fn done(&self) {
-        let empty = {
-            let mut t = self.line.tickets.lock();
-            t.1.remove(&self.n);
-            t.2.remove(&self.n);
-            t.1.is_empty()
-        };
-        self.line.moved.notify_waiters();
-        if empty {
-            let mut queues = self.order.queues.lock();
-            // Forget the queue unless a job took a ticket meanwhile.
-            if self.line.tickets.lock().1.is_empty() {
-                queues.remove(&self.queue);
-            }
-        }
-    }
-}
-
-impl Drop for Ticket {
-    /// A wait dropped before its answer (the caller went away) leaves the line too.
-    fn drop(&mut self) {
-        if self.line.tickets.lock().1.contains(&self.n) {
-            self.done();
-        }
-    }
-}
-
 /// This side: sends jobs of queues another replica owns there.
 pub struct PeerForward {
     partitions: Arc<Partitions>,
@@ -337,7 +222,7 @@ async fn forward_one(
         match events.message().await.map_err(|s| s.to_string())? {
             Some(QueueResponse {
                 event: Some(Event::Queued(_)),
-            }) => ticket.sent(),
+            }) => ticket.placed(),
             Some(QueueResponse {
                 event: Some(Event::Result(body)),
             }) => return serde_json::from_slice(&body).map_err(|e| e.to_string()),
@@ -349,48 +234,53 @@ async fn forward_one(
 
 impl Forward for PeerForward {
     fn forward(&self, spec: Box<JobSpec>) -> Result<BoxFuture<'static, JobResult>, Box<JobSpec>> {
-        let Some(addr) = self.owner_of(&spec.chat_id) else {
-            return Err(spec);
-        };
-        let (Some(service), Some(mut client)) = (self.service.upgrade(), self.client(&addr)) else {
-            return Err(spec);
-        };
-        let body = match serde_json::to_vec(&to_wire(&spec, &service)) {
-            Ok(b) => b,
-            Err(_) => return Err(spec),
-        };
-        let req = self.request(QueueRequest { job: body });
+        let target = self.owner_of(&spec.chat_id).and_then(|addr| {
+            let client = self.client(&addr)?;
+            let service = self.service.upgrade()?;
+            let body = serde_json::to_vec(&to_wire(&spec, &service)).ok()?;
+            Some((addr, client, self.request(QueueRequest { job: body })))
+        });
+        let dest = target.as_ref().map(|(addr, ..)| addr.clone());
+        let ticket = self.order.take(&spec.chat_id, dest);
         let (scheduler, metrics) = (self.scheduler.clone(), self.metrics.clone());
-        let ticket = self.order.take(&spec.chat_id);
         Ok(Box::pin(async move {
-            // The queue's earlier jobs have their place in the owner's line first.
-            ticket.send_turn().await;
-            let answer = forward_one(&mut client, req, &ticket).await;
-            ticket.sent();
-            let error = match answer {
-                // The owner is stopping and never sent it: it goes here instead.
-                Ok(WireResult::Failed(f))
-                    if f.reason == "SHUTTING_DOWN" && f.attempts.unwrap_or(0) == 0 =>
-                {
-                    "the owner is stopping".to_owned()
-                }
-                Ok(result) => {
-                    metrics.peer_job(true, "ok");
-                    ticket.done();
-                    // The local guards (intake share) end with the job.
-                    drop(spec);
-                    return from_wire_result(result);
-                }
-                Err(error) => error,
-            };
-            metrics.peer_job(true, "unreachable");
-            tracing::warn!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
-            // After the jobs of its queue forwarded before it: they fail over together when
-            // the owner dies, and go back in line here in their order.
+            // The queue's earlier jobs first (see `order`).
             ticket.turn().await;
+            // This replica began to stop while the job waited: like a job queued here, it
+            // stays in the job store (async) or fails UNAVAILABLE, rather than going out
+            // behind the queue's earlier jobs that stopped here.
+            if !scheduler.accepting() && spec.lane != Lane::Final {
+                let uuid = spec
+                    .caller_uuid
+                    .clone()
+                    .unwrap_or_else(|| spec.request.uuid().to_owned());
+                return Err(GatewayError::ShuttingDown { attempts: 0, uuid });
+            }
+            if let Some((addr, mut client, req)) = target {
+                let error = match forward_one(&mut client, req, &ticket).await {
+                    // The owner is stopping and never sent it: it goes here instead.
+                    Ok(WireResult::Failed(f)) if f.reason == "SHUTTING_DOWN" => {
+                        "the owner is stopping".to_owned()
+                    }
+                    Ok(result) => {
+                        metrics.peer_job(true, "ok");
+                        // The local guards (intake share) end with the job.
+                        drop(spec);
+                        return from_wire_result(result);
+                    }
+                    Err(error) => error,
+                };
+                metrics.peer_job(true, "unreachable");
+                tracing::warn!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
+                // Back in line here, after the jobs of its queue forwarded before it.
+                ticket.redirect_here();
+                ticket.turn().await;
+            }
             let result = scheduler.queue_here(*spec);
-            ticket.done();
-            result.await
+            ticket.placed();
+            let result = result.await;
+            drop(ticket);
+            result
         }))
     }
 
