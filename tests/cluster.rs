@@ -189,15 +189,7 @@ async fn three_replicas_share_every_quota_through_redis() {
     assert_eq!(hot.len(), hot_total);
     assert!(max_in_window(&hot, 1000.0) <= 5);
     // The three share the 256 target partitions, each one some.
-    common::eventually("the replicas share every partition", async || {
-        let mut owned = Vec::new();
-        for gw in &replicas {
-            let m = gw.http_get("/metrics").await.1;
-            owned.push(metric(&m, "feishu_reply_partitions_owned").unwrap_or(0.0));
-        }
-        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
-    })
-    .await;
+    partitions_shared(&replicas.iter().collect::<Vec<_>>()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -913,12 +905,18 @@ async fn streams_on_two_replicas_share_the_apps_card_windows_through_redis() {
     })
     .await;
     let prefix = unique_prefix("streams");
-    let quotas = "[quotas]\napp = [{ limit = 10, window_ms = 1000 }]";
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let config = cluster_config(&fake, &url, &prefix, quotas);
+        // With peers: each card's calls go to the replica owning its partition, the reply to
+        // the chat's, whichever replica runs the stream.
+        let extra = format!(
+            "peer_listen = \"127.0.0.1:{}\"\n[quotas]\napp = [{{ limit = 10, window_ms = 1000 }}]",
+            common::free_port()
+        );
+        let config = cluster_config(&fake, &url, &prefix, &extra);
         replicas.push(spawn_gateway_on(fake.clone(), config).await);
     }
+    partitions_shared(&replicas.iter().collect::<Vec<_>>()).await;
     let part = |p| StreamReplyRequest { part: Some(p) };
     let mut streams = Vec::new();
     for i in 0..6 {
@@ -971,6 +969,16 @@ async fn streams_on_two_replicas_share_the_apps_card_windows_through_redis() {
         "{typed:?}"
     );
     assert!(max_in_window(&typed, 1000.0) <= 10);
+    let mut forwarded = 0.0;
+    for gw in &replicas {
+        let m = gw.http_get("/metrics").await.1;
+        forwarded += metric(
+            &m,
+            "feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"ok\"}",
+        )
+        .unwrap_or(0.0);
+    }
+    assert!(forwarded > 0.0, "the streams' calls went to their owners");
     // Fair shares are proven in virtual time (tests/streaming.rs); here a few seconds of
     // real time give each stream too few updates to compare.
     eprintln!("updates per stream: {updates:?}");
@@ -1010,6 +1018,19 @@ async fn the_next_decision_writes_back_the_answers_waiting() {
     }
 }
 
+/// Waits until `replicas` share the 256 partitions, each some.
+async fn partitions_shared(replicas: &[&TestGateway]) {
+    common::eventually("the replicas share every partition", async || {
+        let mut owned = Vec::new();
+        for gw in replicas {
+            let m = gw.http_get("/metrics").await.1;
+            owned.push(metric(&m, "feishu_reply_partitions_owned").unwrap_or(0.0));
+        }
+        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
+    })
+    .await;
+}
+
 /// The sum of every series of `name` in a scrape.
 fn sum_series(scrape: &str, name: &str) -> f64 {
     scrape
@@ -1036,15 +1057,7 @@ async fn a_chats_calls_through_any_replica_are_sent_in_order_by_its_partitions_o
         replicas.push(spawn_gateway_on(fake.clone(), config).await);
     }
     // Every replica sees the three and the partitions are shared out.
-    common::eventually("the replicas share every partition", async || {
-        let mut owned = Vec::new();
-        for gw in &replicas {
-            let m = gw.http_get("/metrics").await.1;
-            owned.push(metric(&m, "feishu_reply_partitions_owned").unwrap_or(0.0));
-        }
-        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
-    })
-    .await;
+    partitions_shared(&replicas.iter().collect::<Vec<_>>()).await;
     // Two chats, 12 replies each, one after the other, through the three replicas in turn.
     let mut sent = Vec::new();
     for i in 0..24usize {
@@ -1131,15 +1144,7 @@ async fn a_job_whose_owner_cannot_be_reached_is_queued_where_it_came_in() {
         ),
     )
     .await;
-    common::eventually("the replicas share every partition", async || {
-        let mut owned = Vec::new();
-        for gw in [&a, &b] {
-            let m = gw.http_get("/metrics").await.1;
-            owned.push(metric(&m, "feishu_reply_partitions_owned").unwrap_or(0.0));
-        }
-        owned.iter().sum::<f64>() == 256.0 && owned.iter().all(|n| *n > 0.0)
-    })
-    .await;
+    partitions_shared(&[&a, &b]).await;
     // Through A, to 20 chats: about half are B's, and B cannot be reached.
     for i in 0..20 {
         let mut client = a.client.clone();
