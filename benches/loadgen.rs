@@ -11,6 +11,7 @@
 //! cargo bench --bench loadgen -- depth       # 100k queued jobs over 10k chats: cost and memory
 //! cargo bench --bench loadgen -- streams     # 1, 10, 50 streams of one app: updates/s, finish latency
 //! cargo bench --bench loadgen -- cluster-share   # 200 apps over 3 and 6 Redis Cluster masters: busiest master's share
+//!     [--peers]                              # … with calls forwarded to their chat's owner
 //! cargo bench --bench loadgen -- memory      # memory attacks on the default limits: peak RSS
 //! cargo bench --bench loadgen -- submit      # durable SubmitReply: submits/s, latency, bytes/job, recovery
 //!     [--redis URL]                          # … with the jobs in Redis (recovery = a takeover)
@@ -193,6 +194,10 @@ enum Scenario {
         per_app: usize,
         #[arg(long, default_value_t = 3)]
         replicas: usize,
+        /// The replicas forward each call to the owner of its chat's partition
+        /// (`[cluster] peer_listen`).
+        #[arg(long)]
+        peers: bool,
     },
     /// Streaming replies of one app at once (virtual time, simulated Feishu): updates per
     /// stream per second and finish latency at each stream count.
@@ -276,7 +281,8 @@ fn main() {
                 apps,
                 per_app,
                 replicas,
-            } => cluster_share::run(&masters, apps, per_app, replicas).await,
+                peers,
+            } => cluster_share::run(&masters, apps, per_app, replicas, peers).await,
             Scenario::Submit {
                 concurrency,
                 seconds,
@@ -450,6 +456,8 @@ async fn stack_n(fake_args: &[&str], config_extra: &str, n: usize) -> Stack {
     for i in 0..n.max(1) {
         let (grpc_port, metrics_port) = (free_port(), free_port());
         let config = dir.join(format!("gateway{i}.toml"));
+        // A port of its own where the extra config asks for one.
+        let config_extra = config_extra.replace("{peer_port}", &free_port().to_string());
         std::fs::write(
             &config,
             format!(

@@ -122,9 +122,14 @@ fn calls_served(port: u16) -> u64 {
 }
 
 /// Runs the measure for each master count.
-pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize) {
+pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize, peers: bool) {
     println!(
-        "cluster-share: {apps} apps x {per_app} replies to distinct chats, {replicas} gateway replicas in cluster mode"
+        "cluster-share: {apps} apps x {per_app} replies to distinct chats, {replicas} gateway replicas in cluster mode{}",
+        if peers {
+            ", calls forwarded to their chat's owner"
+        } else {
+            ""
+        }
     );
     for &m in masters {
         let cluster = Cluster::start(m);
@@ -132,12 +137,26 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             "[cluster]\nredis_url = \"{}\"\nredis_mode = \"cluster\"\nkey_prefix = \"share-{m}\"\nreplicas = {replicas}\n",
             cluster.seeds()
         );
+        if peers {
+            extra.push_str("peer_listen = \"127.0.0.1:{peer_port}\"\n");
+        }
         for a in 0..apps {
             extra.push_str(&format!(
                 "[apps.a{a}]\napp_id = \"cli_share_{a}\"\napp_secret = \"s\"\n"
             ));
         }
         let stack = super::stack_n(&[], &extra, replicas).await;
+        // The replicas share the partitions (so calls go to their owners) before counting.
+        let t = Instant::now();
+        while stack.gateway_metric("feishu_reply_partitions_owned").await < 256.0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "partitions never shared"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A beat more (a quarter of the default 10 s lease), so every replica sees all.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         // Warm every replica (Redis connections, slot maps), then count from zero.
         for (ch, _) in &stack.gateways {
             let mut c = ReplyGatewayClient::new(ch.clone());
@@ -149,6 +168,9 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             cli(*p, &["config", "resetstat"]);
         }
         let trips_before = redis_round_trips(&stack).await;
+        let forwarded_before = stack
+            .gateway_metric("feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"ok\"}")
+            .await;
         let t = Instant::now();
         let mut calls = Vec::new();
         for i in 0..apps * per_app {
@@ -170,6 +192,10 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
         let total: u64 = served.iter().sum();
         // Round trips as the gateways count them (every op: decide, settle, heartbeat, …).
         let round_trips = redis_round_trips(&stack).await - trips_before;
+        let forwarded = stack
+            .gateway_metric("feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"ok\"}")
+            .await
+            - forwarded_before;
         let busiest = served.iter().copied().max().unwrap_or(0);
         if std::env::var_os("LOADGEN_COMMANDSTATS").is_some() {
             for p in &cluster.ports {
@@ -177,10 +203,11 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             }
         }
         println!(
-            "  {m} masters: {ok} replies in {:.1} s; Redis calls per send {:.2} (gateways' count, all ops); scripts per master {served:?}; busiest master {:.0} % of all",
+            "  {m} masters: {ok} replies in {:.1} s; Redis calls per send {:.2} (gateways' count, all ops); scripts per master {served:?}; busiest master {:.0} % of all; forwarded to the owner {:.0} %",
             elapsed.as_secs_f64(),
             round_trips / ok.max(1) as f64,
-            100.0 * busiest as f64 / total.max(1) as f64
+            100.0 * busiest as f64 / total.max(1) as f64,
+            100.0 * forwarded / ok.max(1) as f64
         );
     }
 }
