@@ -6,28 +6,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    RedisCluster, RedisServer, TestGateway, max_in_window, metric, shared_redis, spawn_fake,
-    spawn_gateway_on, text, wait_for_metric,
+    RedisCluster, RedisServer, TestGateway, cluster_config, max_in_window, metric, shared_redis,
+    spawn_fake, spawn_gateway_on, text, wait_for_metric,
 };
-use feishu_reply_gateway::config::Config;
 use feishu_reply_gateway::fake_feishu::{FakeFeishu, FakeOptions, Fault};
 use tonic::Code;
 use tonic_types::StatusExt;
-
-/// `extra` goes into `[cluster]` (or starts later sections). Held replies are failed 200 ms
-/// before the caller's deadline (default 20): on a loaded machine the gateway's
-/// DEADLINE_EXCEEDED must beat the client's own timer, which would answer CANCELLED.
-fn cluster_config(fake: &FakeFeishu, redis_url: &str, prefix: &str, extra: &str) -> Config {
-    let mut config = common::config_for(
-        fake,
-        &format!(
-            "{}replicas = 3\n{extra}",
-            common::cluster_section(redis_url, prefix)
-        ),
-    );
-    config.queue.min_send_budget = Duration::from_millis(200);
-    config
-}
 
 /// One gateway in cluster mode on a private redis-server (which a test may stop or kill) and
 /// its own fake, warmed by one reply (Redis connected, token fetched). Redis calls time out
@@ -105,21 +89,7 @@ fn unique_prefix(name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_every_quota_through_redis() {
-    let (url, _redis) = shared_redis();
-    // Every request arrives up to 30 ms late, the first on each connection 50 ms later
-    // still: the shared windows must hold by arrival bounds, not by send instants.
-    let fake = spawn_fake(FakeOptions {
-        inbound_jitter: Duration::from_millis(30),
-        cold_connection: Duration::from_millis(50),
-        ..FakeOptions::default()
-    })
-    .await;
-    let prefix = unique_prefix("three");
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let config = cluster_config(&fake, &url, &prefix, "");
-        replicas.push(spawn_gateway_on(fake.clone(), config).await);
-    }
+    let (_redis, fake, replicas) = common::three_late_arriving_replicas("three").await;
     // 285 calls to distinct chats plus 15 to one hot chat, spread over the three replicas:
     // six windows of the app's 50/s. Every third call is a send instead of a reply: the hot
     // chat's sends share its 5/s with its replies, and the sends have app windows of their own.

@@ -9,30 +9,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{max_in_window, shared_redis, spawn_fake, spawn_gateway_on, text};
-use feishu_reply_gateway::fake_feishu::FakeOptions;
+use common::{max_in_window, text};
 
 /// The first minute's sends must have left the window before the 1001st: a minute.
 const PHYSICAL_LIMIT: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_replies_past_the_minute_quota_wait_for_the_window_on_three_replicas() {
-    let (url, _redis) = shared_redis();
-    let fake = spawn_fake(FakeOptions {
-        inbound_jitter: Duration::from_millis(30),
-        cold_connection: Duration::from_millis(50),
-        ..FakeOptions::default()
-    })
-    .await;
-    let prefix = format!("test-minute-{}", uuid::Uuid::new_v4().simple());
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let config = common::config_for(
-            &fake,
-            &format!("{}replicas = 3\n", common::cluster_section(&url, &prefix)),
-        );
-        replicas.push(spawn_gateway_on(fake.clone(), config).await);
-    }
+    let (_redis, fake, replicas) = common::three_late_arriving_replicas("minute").await;
     let start = Instant::now();
     let calls: Vec<_> = (0..1030usize)
         .map(|i| {

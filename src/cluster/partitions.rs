@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use super::scripts::{LEAVE_LUA, PARTITIONS_LUA, PEER_SECRET_LUA};
 use crate::metrics::Metrics;
-use crate::redis_conn::{ClusterError, Lane, SharedRedis};
+use crate::redis_conn::{ClusterError, Lane, SharedRedis, bytes, int};
 
 /// Partitions of the target keys (fixed: every replica and version must agree).
 pub const PARTITIONS: u16 = 256;
@@ -131,21 +131,8 @@ fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(n) => Some(*n),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
 fn string(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
+    String::from_utf8(bytes(v)?.to_vec()).ok()
 }
 
 fn bad(what: &str) -> ClusterError {

@@ -21,7 +21,7 @@ pub use super::seam::Polled;
 use super::seam::{JobStore, Leases, Limits, OnCommit, Owner, RecoveryScan, Stored};
 use super::store::StoreError;
 pub use crate::config::RedisJobsConfig;
-use crate::redis_conn::{ClusterError, Lane, SharedRedis};
+use crate::redis_conn::{ClusterError, Lane, SharedRedis, bytes as text, int};
 
 /// How a submit went.
 #[derive(Debug)]
@@ -55,23 +55,6 @@ pub struct RedisJobStore {
 
 fn store_err(e: ClusterError) -> StoreError {
     StoreError(e.to_string())
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(n) => Some(*n),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
-    }
-}
-
-fn text(v: &Value) -> Option<&[u8]> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
 }
 
 fn bad(what: &str) -> StoreError {

@@ -796,6 +796,44 @@ pub fn cluster_section(url: &str, prefix: &str) -> String {
     format!("[cluster]\nredis_url = \"{url}\"\nkey_prefix = \"{prefix}\"\n{mode}")
 }
 
+/// `extra` goes into `[cluster]` (or starts later sections). Held replies are failed 200 ms
+/// before the caller's deadline (default 20): on a loaded machine the gateway's
+/// DEADLINE_EXCEEDED must beat the client's own timer, which would answer CANCELLED.
+pub fn cluster_config(fake: &FakeFeishu, redis_url: &str, prefix: &str, extra: &str) -> Config {
+    let mut config = config_for(
+        fake,
+        &format!(
+            "{}replicas = 3\n{extra}",
+            cluster_section(redis_url, prefix)
+        ),
+    );
+    config.queue.min_send_budget = Duration::from_millis(200);
+    config
+}
+
+/// Three replicas in cluster mode on the shared Redis (keys under a fresh prefix named after
+/// `name`) and their fake, where every request arrives up to 30 ms late and the first on each
+/// connection 50 ms later still: shared windows must hold by arrival bounds, not by send
+/// instants.
+pub async fn three_late_arriving_replicas(
+    name: &str,
+) -> (Option<RedisServer>, FakeFeishu, Vec<TestGateway>) {
+    let (url, redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions {
+        inbound_jitter: Duration::from_millis(30),
+        cold_connection: Duration::from_millis(50),
+        ..FakeOptions::default()
+    })
+    .await;
+    let prefix = format!("test-{name}-{}", uuid::Uuid::new_v4().simple());
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let config = cluster_config(&fake, &url, &prefix, "");
+        replicas.push(spawn_gateway_on(fake.clone(), config).await);
+    }
+    (redis, fake, replicas)
+}
+
 /// A client of Redis `url` (keys under `prefix`) as a replica of its own would have, with a
 /// job and partition lease of `lease`.
 pub fn redis_client(
