@@ -743,6 +743,19 @@ async fn hgetall(url: &str, key: &str) -> std::collections::HashMap<String, Stri
 
 #[tokio::test]
 async fn a_partition_owner_killed_mid_backlog_has_its_chats_resume_in_order_on_the_sender() {
+    owner_fails_mid_backlog(false).await;
+}
+
+#[tokio::test]
+async fn a_partition_owner_frozen_mid_backlog_has_its_chats_resume_in_order_on_the_sender() {
+    owner_fails_mid_backlog(true).await;
+}
+
+/// Three replicas with peers; a chat's jobs come in through one replica and are forwarded to
+/// the chat's partition owner, which is killed (or frozen with SIGSTOP: its connections then
+/// die by keepalive) mid-backlog. The chat resumes from the sender within the lease plus a
+/// second, every job posted once, in order, no rejection.
+async fn owner_fails_mid_backlog(freeze: bool) {
     use feishu_reply_gateway::cluster::partitions::partition_of;
     let (url, _redis) = shared_redis();
     let fake = spawn_fake(FakeOptions::default()).await;
@@ -808,7 +821,11 @@ async fn a_partition_owner_killed_mid_backlog_has_its_chats_resume_in_order_on_t
             >= 3
     })
     .await;
-    procs[victim] = None; // SIGKILL
+    if freeze {
+        procs[victim].as_ref().unwrap().signal("STOP");
+    } else {
+        procs[victim] = None; // SIGKILL
+    }
     let killed = Instant::now();
     // Whatever it had in flight has landed 100 ms after the kill; the chat's next post is the
     // sender's own.
@@ -824,6 +841,11 @@ async fn a_partition_owner_killed_mid_backlog_has_its_chats_resume_in_order_on_t
     eventually("the chat's backlog resumes", async || in_chat() > landed).await;
     let resumed = killed.elapsed();
     all_delivered(&mut to_sender, &ids, LEASE + Duration::from_secs(20)).await;
+    if freeze {
+        // Woken: what it still held was taken out of its line or goes out deduped.
+        procs[victim].as_ref().unwrap().signal("CONT");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let (by_uuid, per_chat) = posts(&fake);
     assert_eq!(by_uuid.len(), n, "every job posted");
     assert!(by_uuid.values().all(|&k| k == 1), "{by_uuid:?}");
@@ -839,7 +861,10 @@ async fn a_partition_owner_killed_mid_backlog_has_its_chats_resume_in_order_on_t
             >= 1.0,
         "the owner's chat was forwarded to it before it died"
     );
-    eprintln!("owner killed: the backlog resumed {resumed:?} after (lease {LEASE:?})");
+    eprintln!(
+        "owner {}: the chat resumed {resumed:?} after (lease {LEASE:?})",
+        if freeze { "frozen" } else { "killed" }
+    );
     assert!(
         resumed <= LEASE + Duration::from_secs(1),
         "resumed {resumed:?} after the kill"

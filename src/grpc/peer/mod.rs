@@ -49,6 +49,9 @@ pub const PEER_HEADER: &str = "x-gateway-peer";
 /// How long a replica waits to connect to a peer before it queues the job itself.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How often a peer connection is pinged, and how long a ping may go unanswered.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
 /// Whether `req` carries the cluster's peer secret (compared in constant time).
 fn authentic<T>(req: &Request<T>, secret: &str) -> bool {
     let Some(shown) = req.metadata().get(PEER_HEADER) else {
@@ -188,9 +191,14 @@ impl PeerForward {
         if let Some(c) = self.clients.get(addr) {
             return Some(c.clone());
         }
+        // A frozen or cut-off owner answers no ping: its connection is dropped within
+        // KEEPALIVE + its timeout, and the jobs waiting on it go back in line here.
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
             .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let client = PeerServiceClient::new(endpoint.connect_lazy());
         self.clients.insert(addr.to_owned(), client.clone());
