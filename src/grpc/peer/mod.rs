@@ -206,12 +206,17 @@ impl PeerForward {
     }
 
     fn request<T>(&self, body: T) -> Request<T> {
-        let mut req = Request::new(body);
-        if let Ok(v) = self.secret.parse() {
-            req.metadata_mut().insert(PEER_HEADER, v);
-        }
-        req
+        peer_request(&self.secret, body)
     }
+}
+
+/// A peer call carrying the cluster's peer secret.
+fn peer_request<T>(secret: &str, body: T) -> Request<T> {
+    let mut req = Request::new(body);
+    if let Ok(v) = secret.parse() {
+        req.metadata_mut().insert(PEER_HEADER, v);
+    }
+    req
 }
 
 /// One job to its owner: its place in line (then the queue's next job may go), then its
@@ -245,12 +250,12 @@ impl Forward for PeerForward {
         let target = self.owner_of(&spec.chat_id).and_then(|addr| {
             let client = self.client(&addr)?;
             let service = self.service.upgrade()?;
-            let body = serde_json::to_vec(&to_wire(&spec, &service)).ok()?;
-            Some((addr, client, self.request(QueueRequest { job: body })))
+            Some((addr, client, service))
         });
         let dest = target.as_ref().map(|(addr, ..)| addr.clone());
         let ticket = self.order.take(&spec.chat_id, dest);
         let (scheduler, metrics) = (self.scheduler.clone(), self.metrics.clone());
+        let secret = self.secret.clone();
         Ok(Box::pin(async move {
             // The queue's earlier jobs first (see `order`).
             ticket.turn().await;
@@ -264,7 +269,16 @@ impl Forward for PeerForward {
                     .unwrap_or_else(|| spec.request.uuid().to_owned());
                 return Err(GatewayError::ShuttingDown { attempts: 0, uuid });
             }
-            if let Some((addr, mut client, req)) = target {
+            // Written now, so the deadline it carries is what is left of it after the wait.
+            let wire = target.and_then(|(addr, client, service)| {
+                let body = serde_json::to_vec(&to_wire(&spec, &service)).ok()?;
+                Some((
+                    addr,
+                    client,
+                    peer_request(&secret, QueueRequest { job: body }),
+                ))
+            });
+            if let Some((addr, mut client, req)) = wire {
                 let error = match forward_one(&mut client, req, &ticket).await {
                     // The owner is stopping and never sent it: it goes here instead.
                     Ok(WireResult::Failed(f)) if f.reason == "SHUTTING_DOWN" => {
