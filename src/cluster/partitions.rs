@@ -115,6 +115,7 @@ pub struct Partitions {
     members_key: String,
     owners_key: String,
     addrs_key: String,
+    secret_key: String,
     lease: Duration,
     /// The longest target window plus margin: how long a new owner waits after the last
     /// owner's sends stopped.
@@ -201,6 +202,7 @@ impl Partitions {
             members_key: format!("{base}:members"),
             owners_key: format!("{base}:owners"),
             addrs_key: format!("{base}:addrs"),
+            secret_key: format!("{base}:peer-secret"),
             lease,
             target_span,
             beat: Script::new(PARTITIONS_LUA),
@@ -428,11 +430,7 @@ impl Partitions {
         );
         let script = Script::new(PEER_SECRET_LUA);
         let mut inv = script.prepare_invoke();
-        inv.key(format!(
-            "{}:peer-secret",
-            self.members_key.trim_end_matches(":members")
-        ))
-        .arg(candidate);
+        inv.key(&self.secret_key).arg(candidate);
         self.redis.call_on(Lane::Quota, "peer_secret", inv).await
     }
 
