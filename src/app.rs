@@ -237,13 +237,14 @@ pub async fn run_with_upstream(
     for a in &config.apps {
         metrics.init_app(&a.name);
     }
+    let parts = partitions::make(&config, store.as_ref(), &metrics);
     let scheduler = Scheduler::start_with(
         SchedulerConfig::from_config(&config),
         upstream.clone(),
         metrics.clone(),
         store
             .clone()
-            .map(|s| RedisGate::starter(s, metrics.clone())),
+            .map(|s| RedisGate::starter(s, parts.clone(), metrics.clone())),
     );
     let mut service = ReplyService::new(
         &config,
@@ -293,8 +294,7 @@ pub async fn run_with_upstream(
     let service = Arc::new(service);
     // Cluster mode: this replica's share of the target partitions, and forwarding to their
     // owners when peers are configured.
-    let partitions =
-        partitions::start(&config, store.as_ref(), &service, &scheduler, &metrics).await?;
+    let partitions = partitions::start(&config, parts, &service, &scheduler, &metrics).await?;
     let jobs_task = match &jobs {
         Some(jobs) => {
             // Jobs a previous process left unfinished go back in line, in their order.

@@ -960,10 +960,10 @@ async fn the_next_decision_writes_back_the_answers_waiting() {
     let (url, _redis) = shared_redis();
     let redis = common::redis_client(&url, &unique_prefix("carry"), Duration::from_secs(10));
     // No settler runs: only a decision can write the answer back.
-    let store = RedisQuota::new(
+    let store = std::sync::Arc::new(RedisQuota::new(
         redis,
         std::sync::Arc::new(feishu_reply_gateway::metrics::Metrics::new()),
-    );
+    ));
     let span = Duration::from_millis(1005);
     let key = store.shared_key("chat", "oc_carry", 1, span.as_micros() as u64);
     let hold = Duration::from_secs(10);

@@ -8,13 +8,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use feishu_reply_gateway::cluster::partitions::{PARTITIONS, Partitions};
+use feishu_reply_gateway::cluster::partitions::{PARTITIONS, Partitions, Route};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 const LEASE: Duration = Duration::from_millis(1000);
 /// A chat's window plus margin.
 const SPAN: Duration = Duration::from_millis(1050);
+/// How long a send may stay in flight.
+const HOLD: Duration = Duration::from_secs(3);
 
 struct Replica {
     parts: Arc<Partitions>,
@@ -28,7 +30,7 @@ impl Replica {
         let redis = common::redis_client(url, prefix, LEASE);
         let metrics = Arc::new(feishu_reply_gateway::metrics::Metrics::new());
         let addr = format!("peer-{}.test:7070", uuid::Uuid::new_v4().simple());
-        let parts = Arc::new(Partitions::new(redis, LEASE, SPAN, metrics).with_addr(addr.clone()));
+        let parts = Arc::new(Partitions::new(redis, LEASE, SPAN, HOLD, metrics).with_addr(addr.clone()));
         let task = Some(tokio::spawn(parts.clone().run()));
         Self { parts, addr, task }
     }
@@ -227,4 +229,79 @@ async fn a_stalled_replica_stops_counting_its_partitions_and_learns_it_lost_them
         all_owned(s) && s[1].len() > 80
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_is_handed_over_only_once_its_sends_in_flight_are_answered() {
+    let (url, _redis) = common::shared_redis();
+    let prefix = prefix("handover");
+    let a = Replica::start(&url, &prefix);
+    until(&[&a], Duration::from_secs(5), |s| {
+        s[0].len() == usize::from(PARTITIONS)
+    })
+    .await;
+    // Two sends in flight, on partitions a newcomer will take (found once it is seen).
+    let b = Replica::start(&url, &prefix);
+    let moving: Vec<u16> = loop {
+        let m: Vec<u16> = (0..PARTITIONS)
+            .filter(|&p| a.parts.preferred(p).as_deref() == Some(b.parts.me().as_str()))
+            .collect();
+        if !m.is_empty() {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (busy, idle) = (moving[0], moving.get(1).copied());
+    // Still a's until it sees the newcomer: begin the send before its next beat.
+    let sending = a.parts.begin_send(busy, Instant::now());
+    if sending.is_none() {
+        // a saw b first and stopped deciding for it: nothing in flight to test here.
+        return;
+    }
+    // The idle ones move; the busy one does not: a decides nothing for it any more, and it
+    // stays a's in Redis, so b cannot claim it.
+    if let Some(idle) = idle {
+        until(&[&a, &b], LEASE * 3, |_| b.parts.owns(idle, Instant::now()).is_some()).await;
+    }
+    tokio::time::sleep(LEASE / 2).await;
+    assert!(a.parts.begin_send(busy, Instant::now()).is_none());
+    assert_eq!(a.parts.route(busy, Instant::now()), Route::Elsewhere);
+    assert!(b.parts.owns(busy, Instant::now()).is_none(), "claimed with a send in flight");
+    // Answered: released at a's next beat (it rechecks often while handing over), and b's
+    // targets wait a window after that.
+    drop(sending);
+    let answered = Instant::now();
+    until(&[&a, &b], LEASE * 3, |_| b.parts.owns(busy, Instant::now()).is_some()).await;
+    let o = b.parts.owns(busy, Instant::now()).unwrap();
+    assert!(o.sendable_at >= answered + SPAN, "sendable before the window after the answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_replica_waits_for_its_sends_in_flight() {
+    let (url, _redis) = common::shared_redis();
+    let prefix = prefix("leave-busy");
+    let a = Replica::start(&url, &prefix);
+    let mut b = Replica::start(&url, &prefix);
+    until(&[&a, &b], Duration::from_secs(5), |s| {
+        all_owned(s) && s.iter().all(|x| !x.is_empty())
+    })
+    .await;
+    let p = b.parts.owned(Instant::now())[0];
+    let sending = b.parts.begin_send(p, Instant::now()).expect("b owns it");
+    b.freeze();
+    let parts = b.parts.clone();
+    let leaving = tokio::spawn(async move { parts.leave().await });
+    // It stops deciding at once, and routes its partitions to a ...
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(b.parts.begin_send(p, Instant::now()).is_none());
+    assert_eq!(b.parts.route(p, Instant::now()), Route::Elsewhere);
+    // ... but keeps its lease while the send is in flight.
+    tokio::time::sleep(LEASE / 2).await;
+    assert!(!leaving.is_finished());
+    assert!(a.parts.owns(p, Instant::now()).is_none());
+    drop(sending);
+    let answered = Instant::now();
+    leaving.await.unwrap().unwrap();
+    until(&[&a, &b], LEASE * 3, |_| a.parts.owns(p, Instant::now()).is_some()).await;
+    assert!(a.parts.owns(p, Instant::now()).unwrap().sendable_at >= answered + SPAN);
 }

@@ -13,7 +13,7 @@ use crate::cluster::partitions::Partitions;
 use crate::config::Config;
 use crate::grpc::ReplyService;
 use crate::metrics::Metrics;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// The partitions this replica takes part in, and the tasks that keep them.
 pub(super) struct Running {
@@ -22,17 +22,15 @@ pub(super) struct Running {
     peers: Option<JoinHandle<()>>,
 }
 
-/// Starts renewing this replica's share in cluster mode (`None` otherwise), and forwarding
-/// when peers are configured (the peer listener is bound here: a port taken fails the start).
-pub(super) async fn start(
+/// This replica's share of the target partitions in cluster mode (`None` otherwise). Made
+/// before the scheduler: with peers configured its quota gate decides only for them.
+pub(super) fn make(
     config: &Config,
     store: Option<&Arc<RedisQuota>>,
-    service: &Arc<ReplyService>,
-    scheduler: &Scheduler,
     metrics: &Arc<Metrics>,
-) -> Result<Option<Running>, AppError> {
+) -> Option<Arc<Partitions>> {
     let (Some(redis), Some(c)) = (store, &config.cluster) else {
-        return Ok(None);
+        return None;
     };
     let q = &config.quotas;
     let window = [q.chat, q.user, q.message, q.card]
@@ -44,12 +42,27 @@ pub(super) async fn start(
         redis.shared().clone(),
         c.jobs.lease,
         window + q.safety_margin,
+        SchedulerConfig::from_config(config).send_timeout,
         metrics.clone(),
     );
     if let Some(p) = &c.peers {
         parts = parts.with_addr(p.advertise.clone());
     }
-    let parts = Arc::new(parts);
+    Some(Arc::new(parts))
+}
+
+/// Starts renewing `parts`, and forwarding when peers are configured (the peer listener is
+/// bound here: a port taken fails the start).
+pub(super) async fn start(
+    config: &Config,
+    parts: Option<Arc<Partitions>>,
+    service: &Arc<ReplyService>,
+    scheduler: &Scheduler,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Running>, AppError> {
+    let (Some(parts), Some(c)) = (parts, &config.cluster) else {
+        return Ok(None);
+    };
     let peers = match &c.peers {
         Some(p) => {
             let listener =
@@ -59,7 +72,7 @@ pub(super) async fn start(
                         addr: p.listen,
                         source,
                     })?;
-            tracing::info!(listen = %p.listen, advertise = %p.advertise, "cluster mode: jobs go to the replica owning their chat");
+            tracing::info!(listen = %p.listen, advertise = %p.advertise, "cluster mode: jobs go to the replica owning their chat, which keeps its windows");
             Some(crate::grpc::peer::start(
                 listener,
                 parts.clone(),
@@ -78,9 +91,11 @@ pub(super) async fn start(
 }
 
 impl Running {
-    /// Shutdown begins: the others take this replica's partitions now, so they stop
-    /// forwarding jobs here while it drains (a job forwarded meanwhile comes back and is
-    /// queued by its sender). The peer listener keeps serving the jobs it holds.
+    /// Shutdown begins: this replica stops deciding for its partitions, and once their
+    /// sends in flight are answered the others take them, so they stop forwarding jobs here
+    /// while it drains. Its queued jobs go back to their routers, which send them to the new
+    /// owners (a job forwarded meanwhile comes back and is routed by its sender). The peer
+    /// listener keeps serving the jobs it holds.
     pub(super) async fn leave(&self) {
         self.renew.abort();
         if let Err(e) = self.parts.leave().await {

@@ -34,8 +34,7 @@ impl RedisBudgetCounter {
     }
 
     fn key(&self, app_id: &str, period_start_s: i64) -> String {
-        self.redis
-            .key_name("budget", &format!("{app_id}:{period_start_s}"))
+        self.redis.app_key_name("budget", app_id, period_start_s)
     }
 }
 

@@ -13,6 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::owned::{LocalHold, Split};
+use super::partitions::{Partitions, Route};
 use super::{ClusterError, Decision, Lane, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaKey, QuotaSpec, QuotaTable};
@@ -35,6 +37,9 @@ const HOLD_RECHECK: Duration = Duration::from_millis(250);
 
 /// Heartbeat period while Redis answers.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a job whose partition this replica is about to claim asks again.
+const CLAIM_RECHECK: Duration = Duration::from_millis(50);
 
 /// Up to this much jitter on a line's reopening, so replicas waiting on one key do not wake in
 /// lockstep (µs).
@@ -73,22 +78,27 @@ impl Line {
 
 /// A decision Redis answered, for [`SharedGate::decided`].
 struct Answer {
-    keys: Arc<[SharedKey]>,
+    split: Arc<Split>,
+    local: Option<LocalHold>,
     result: Result<Decision, ClusterError>,
 }
 
-/// A grant Redis recorded: the send's keys and its member in them.
+/// A grant: the send's member in its Redis keys, and its reservation here (partitioned).
 struct SharedGrant {
-    keys: Arc<[SharedKey]>,
+    split: Arc<Split>,
     member: String,
+    local: Option<LocalHold>,
 }
 
 /// The Redis gate (see the module doc).
 pub struct RedisGate {
     store: Arc<RedisQuota>,
+    /// Partitioned keys: this replica's partitions (their targets' windows are in `table`).
+    parts: Option<Arc<Partitions>>,
     mode: Mode,
     /// The local fallback: this replica's share of every quota, floored at the outage start.
-    /// Admission bounds come from it too (a clean full-size table while Redis is used).
+    /// Admission bounds come from it too (a full-size table while Redis is used, which holds
+    /// the windows of this replica's partitions' targets when the keys are partitioned).
     table: QuotaTable,
     full_specs: Vec<QuotaSpec>,
     /// Each quota's kind as named in Redis keys: `chat`, `user`, `app:<window>ms`.
@@ -104,10 +114,15 @@ pub struct RedisGate {
 }
 
 impl RedisGate {
-    /// How the scheduler starts a Redis gate on `store`.
-    pub fn starter(store: Arc<RedisQuota>, metrics: Arc<Metrics>) -> StartSharedGate {
+    /// How the scheduler starts a Redis gate on `store` (with `parts` when its keys are
+    /// partitioned).
+    pub fn starter(
+        store: Arc<RedisQuota>,
+        parts: Option<Arc<Partitions>>,
+        metrics: Arc<Metrics>,
+    ) -> StartSharedGate {
         Box::new(move |setup| {
-            let (gate, state) = Self::start(store, setup, metrics);
+            let (gate, state) = Self::start(store, parts, setup, metrics);
             (Box::new(gate) as Box<dyn SharedGate>, state)
         })
     }
@@ -115,6 +130,7 @@ impl RedisGate {
     /// Starts the heartbeat and the settler; events for the dispatcher go to `events`.
     pub fn start(
         store: Arc<RedisQuota>,
+        parts: Option<Arc<Partitions>>,
         setup: GateSetup,
         metrics: Arc<Metrics>,
     ) -> (Self, watch::Receiver<QuotaSource>) {
@@ -132,6 +148,7 @@ impl RedisGate {
         tokio::spawn(RedisQuota::run_settler(Arc::downgrade(&store)));
         let gate = Self {
             table: QuotaTable::new(specs.clone(), margin, hold),
+            parts: parts.filter(|_| store.partitioned()),
             store,
             mode: Mode::Up,
             full_specs: specs,
@@ -156,14 +173,33 @@ impl RedisGate {
         )
     }
 
-    /// The Redis side of `keys`: named by each quota's kind (never its position in the config,
-    /// so reordering `[quotas] app` keeps every live window where it was).
+    /// Whether Redis holds `k`'s window (else this replica's table, partitioned).
+    fn in_redis(&self, k: &QuotaKey) -> bool {
+        self.store.holds(&self.kinds[k.quota])
+    }
+
+    /// The Redis side of `keys` (those Redis holds): named by each quota's kind (never its
+    /// position in the config, so reordering `[quotas] app` keeps every live window where it
+    /// was).
     pub fn shared_keys(&self, keys: &[QuotaKey]) -> Vec<SharedKey> {
-        keys.iter().map(|k| self.shared_key(k)).collect()
+        keys.iter()
+            .filter(|k| self.in_redis(k))
+            .map(|k| self.shared_key(k))
+            .collect()
+    }
+
+    /// How `chat`'s job with `keys` is decided.
+    fn split(&self, chat: &str, keys: &[QuotaKey]) -> Split {
+        Split::new(chat, keys, self.parts.as_ref(), |k| {
+            self.in_redis(k).then(|| self.shared_key(k))
+        })
     }
 
     /// Forgets a granted send that will not leave (the slot would stay spent for a window).
     pub fn release(&self, keys: Arc<[SharedKey]>, member: String) {
+        if keys.is_empty() {
+            return;
+        }
         let store = self.store.clone();
         tokio::spawn(async move {
             if let Err(e) = store.release(&keys, &member).await {
@@ -178,10 +214,24 @@ impl RedisGate {
     fn decided_answer(
         &mut self,
         chat: &Arc<str>,
-        Answer { keys, result }: Answer,
+        Answer {
+            split,
+            local,
+            result,
+        }: Answer,
         head: Option<bool>,
         now: Instant,
     ) -> Decided {
+        let keys = split.shared.clone();
+        let granted_here = matches!(result, Ok(Decision::Granted { .. })) && head == Some(true);
+        let local = match local {
+            // Not sent: the reservation here goes back.
+            Some(l) if !granted_here => {
+                l.undo(&mut self.table);
+                None
+            }
+            l => l,
+        };
         // Lines first: whatever happens to the chat, its probes must be handed on.
         let refused_on = match &result {
             Ok(Decision::Wait { wait, key }) => {
@@ -215,7 +265,11 @@ impl RedisGate {
         }
         match result {
             Ok(Decision::Granted { member }) if head == Some(true) => {
-                Decided::Send(Grant::Shared(Opaque::new(SharedGrant { keys, member })))
+                Decided::Send(Grant::Shared(Opaque::new(SharedGrant {
+                    split,
+                    member,
+                    local,
+                })))
             }
             // The head changed meanwhile (deadline, cancel) or is gone: nothing is sent for
             // this grant, so give the slot back.
@@ -240,20 +294,26 @@ impl RedisGate {
     }
 
     /// A granted send was answered at `answered`: it counts until then in `counted` (indexes
-    /// into `keys`), and not at all in the others (a rate refusal, see the scheduler).
+    /// into the job's keys), and not at all in the others (a rate refusal, see the scheduler).
     fn settle_grant(
-        &self,
-        SharedGrant { keys, member }: SharedGrant,
+        &mut self,
+        SharedGrant {
+            split,
+            member,
+            local,
+        }: SharedGrant,
         counted: &[usize],
         refused: &[usize],
         answered: Instant,
     ) {
-        let pick =
-            |idx: &[usize]| -> Vec<SharedKey> { idx.iter().map(|&i| keys[i].clone()).collect() };
+        if let Some(l) = local {
+            l.settle(&mut self.table, counted, self.clock.micros(answered));
+        }
         self.store
-            .settle_later(pick(counted), member.clone(), answered);
+            .settle_later(split.shared_among(counted), member.clone(), answered);
+        let refused = split.shared_among(refused);
         if !refused.is_empty() {
-            self.release(pick(refused).into(), member);
+            self.release(refused.into(), member);
         }
     }
 
@@ -298,6 +358,12 @@ impl RedisGate {
         // The fallback's table (scaled, floored) is done with: admission's lower bounds come
         // from a clean one again, so no call is refused for a floor that no longer applies.
         self.table = QuotaTable::new(self.full_specs.clone(), self.margin, self.hold);
+        if self.parts.is_some() {
+            // Partitioned: this table keeps the targets' windows from now on, and every
+            // replica sent to them on its own share meanwhile (their sends were not written
+            // anywhere): nothing goes to a target before those have left its window.
+            self.table.set_floor(self.clock.micros(Instant::now()));
+        }
         self.publish();
     }
 }
@@ -364,16 +430,27 @@ impl SharedGate for RedisGate {
         }
         let cached = memo
             .as_ref()
-            .and_then(|m| m.downcast_ref::<Arc<[SharedKey]>>())
+            .and_then(|m| m.downcast_ref::<Arc<Split>>())
             .cloned();
-        let shared = match cached {
-            Some(k) => k,
+        let split = match cached {
+            Some(s) => s,
             None => {
-                let k: Arc<[SharedKey]> = self.shared_keys(keys).into();
-                *memo = Some(Opaque::new(k.clone()));
-                k
+                let s = Arc::new(self.split(chat, keys));
+                *memo = Some(Opaque::new(s.clone()));
+                s
             }
         };
+        // Partitioned: only the owner of the job's partition decides it, once the last
+        // owner's sends have left the targets' windows.
+        if let (Some(parts), Some(p)) = (&self.parts, split.partition) {
+            match parts.route(p, now) {
+                Route::Elsewhere => return Verdict::Elsewhere,
+                Route::Claiming => return Verdict::WaitUntil(now + CLAIM_RECHECK),
+                Route::Here(o) if o.sendable_at > now => return Verdict::WaitUntil(o.sendable_at),
+                Route::Here(_) => {}
+            }
+        }
+        let shared = split.shared.clone();
         // Behind a closed line, or another chat is probing it: wait in that line.
         let blocked = shared.iter().find(|k| {
             self.lines.get(&k.name).is_some_and(|line| {
@@ -387,6 +464,28 @@ impl SharedGate for RedisGate {
                 false => line.waiters.push_back(chat.clone()),
             }
             return Verdict::InLine;
+        }
+        // The targets' windows here first: free, and a refusal costs no Redis call.
+        let local = match (&self.parts, split.partition) {
+            (Some(parts), Some(p)) => {
+                let Some(sending) = parts.begin_send(p, now) else {
+                    // Lost since `route` (a beat ran): ask again.
+                    return Verdict::WaitUntil(now);
+                };
+                let now_m = self.clock.micros(now);
+                match LocalHold::reserve(&mut self.table, &split, keys, sending, now_m) {
+                    Ok(l) => Some(l),
+                    Err(at) => return Verdict::WaitUntil(self.clock.instant(at)),
+                }
+            }
+            _ => None,
+        };
+        if shared.is_empty() {
+            return Verdict::Send(Grant::Shared(Opaque::new(SharedGrant {
+                split,
+                member: String::new(),
+                local,
+            })));
         }
         for k in shared.iter() {
             if let Some(line) = self.lines.get_mut(&k.name)
@@ -413,7 +512,8 @@ impl SharedGate for RedisGate {
                 chat_id: chat,
                 job_id,
                 answer: Opaque::new(Answer {
-                    keys: shared,
+                    split,
+                    local,
                     result,
                 }),
             });
@@ -435,7 +535,7 @@ impl SharedGate for RedisGate {
         }
     }
 
-    fn settle(&self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant) {
+    fn settle(&mut self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant) {
         if let Ok(grant) = grant.downcast::<SharedGrant>() {
             self.settle_grant(grant, counted, refused, answered);
         }
@@ -502,10 +602,13 @@ impl SharedGate for RedisGate {
                 }
                 self.mode = Mode::Replaying;
                 let now_m = self.clock.micros(Instant::now());
+                // Partitioned, the targets' windows are not in Redis: back on it, they wait
+                // a window instead (`back_up`).
                 let entries: Vec<(SharedKey, Vec<i64>)> = self
                     .table
                     .live_entries(now_m)
                     .into_iter()
+                    .filter(|(k, _)| self.in_redis(k))
                     .map(|(k, offsets)| (self.shared_key(&k), offsets))
                     .collect();
                 let (store, events) = (self.store.clone(), self.events.clone());

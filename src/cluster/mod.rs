@@ -6,12 +6,16 @@
 //! grant that arrived after its job was gone): such a slot would otherwise stay spent for a
 //! whole window — a minute of the app's 1000/min quota.
 //!
-//! Keys are `{<prefix>}:<kind>:<id>` sorted sets, kind `chat`, `user` or `app:<window>ms`
-//! (score = the send's latest possible arrival in µs: see DECIDE_LUA). They all carry
-//! the same hash tag, so a multi-key script is valid on Redis Cluster: every quota key lives in
-//! one slot (one shard). Feishu's quotas cap the decision rate at tens per second per app, far
-//! below what one Redis shard serves, and the chat quota must be shared by all apps, so no
-//! finer tag (e.g. per app) is possible.
+//! Keys are sorted sets named `{<tag>}:<kind>:<id>`, kind `chat`, `user`, `message`, `card`,
+//! `app:<window>ms` or `typing:<window>ms` (score = the send's latest possible arrival in µs:
+//! see DECIDE_LUA). A script's keys must share a slot on Redis Cluster, so the tags are:
+//! - **One slot** (no peers): every key on `{<prefix>}`, one shard carries every decision.
+//! - **Partitioned** (`[cluster] peer_listen` set; ARCHITECTURE.md "Scaling out over a Redis
+//!   Cluster"): chat, message and card windows are kept in the memory of the replica owning
+//!   their partition ([`partitions`], [`gate`]); an app's keys are on `{<prefix>:app:<id>}`,
+//!   a user's on its partition's `{<prefix>:p:<n>}`. A decision is one script call per slot
+//!   it touches: the app's, plus the user's partition when the job names a user (reserved
+//!   first, released when the app refuses). Answers are batched per slot ([`settles`]).
 //!
 //! Connections: [`crate::redis_conn`] (shared with the job store).
 
@@ -28,8 +32,10 @@ use crate::metrics::Metrics;
 
 mod budget;
 pub mod gate;
+mod owned;
 pub mod partitions;
 mod scripts;
+mod settles;
 
 pub use crate::redis_conn::{ClusterError, Lane, SharedRedis};
 pub use budget::RedisBudgetCounter;
@@ -38,27 +44,17 @@ use crate::quota::micros;
 use scripts::{
     BLOCK_LUA, DECIDE_LUA, HEARTBEAT_LUA, INSPECT_LUA, RELEASE_LUA, REPLAY_LUA, SETTLE_LUA,
 };
+use settles::{Settle, Settles, add_settles, by_slot};
 
 /// Lost decisions remembered for release (each a few hundred bytes).
 const MAX_UNKNOWN: usize = 10_000;
-/// Answers waiting to be settled in Redis, at most (Redis slower than Feishu's quotas allow
-/// sends: something is wrong; the oldest are dropped and count until their timeout).
-const MAX_SETTLES: usize = 10_000;
-/// Answers written back per SETTLE call.
-const SETTLE_BATCH: usize = 256;
 /// Pause before writing back a batch of answers again after Redis failed it.
 const SETTLE_RETRY: Duration = Duration::from_millis(100);
-/// How long the settler leaves new answers for a decision to carry (the next DECIDE applies
-/// the answers waiting before it decides: no SETTLE call of their own). Other replicas see
-/// those sends as in flight that much longer, which only ever makes them wait, never send.
+/// How long the settler leaves new answers for a decision to carry (the next DECIDE on their
+/// slot applies the answers waiting before it decides: no SETTLE call of their own). Other
+/// replicas see those sends as in flight that much longer, which only ever makes them wait,
+/// never send.
 const SETTLE_LINGER: Duration = Duration::from_millis(5);
-
-/// One answer to write back: the send's keys, its member, when its answer came.
-struct Settle {
-    keys: Vec<SharedKey>,
-    member: String,
-    answered: Instant,
-}
 
 /// What Redis decided for one send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,23 +65,34 @@ pub enum Decision {
     Wait { wait: Duration, key: usize },
 }
 
-/// One key of a decision: its Redis name, limit and span (window + margin) in µs.
+/// One key of a decision: its Redis name, its slot group (the hash tag: keys of one group
+/// share a Redis Cluster slot), limit and span (window + margin) in µs.
 #[derive(Debug, Clone)]
 pub struct SharedKey {
     pub name: String,
+    pub slot: Arc<str>,
     pub limit: u32,
     pub span_us: u64,
 }
 
+/// Quota kinds whose windows the owner of their partition keeps in memory when the keys are
+/// partitioned: no Redis key of theirs is used.
+const OWNED_KINDS: [&str; 3] = ["chat", "message", "card"];
+
 /// The shared quota store.
 pub struct RedisQuota {
     redis: Arc<SharedRedis>,
+    /// Keys spread over slots (`[cluster] peer_listen` set): app keys on their app's slot,
+    /// user keys on their partition's, chat, message and card windows in their owner's memory.
+    /// Else every key on the one slot `{<prefix>}`.
+    partitioned: bool,
     decide: redis::Script,
     replay: redis::Script,
     heartbeat: redis::Script,
     settle: redis::Script,
-    /// Answers waiting to be written back (one SETTLE call per batch, see [`Self::settle_later`]).
-    settles: Mutex<VecDeque<Settle>>,
+    /// Answers waiting to be written back (one SETTLE call per batch and slot, see
+    /// [`Self::settle_later`]).
+    settles: Mutex<Settles>,
     settle_wake: Arc<tokio::sync::Notify>,
     block: redis::Script,
     release: redis::Script,
@@ -99,29 +106,17 @@ pub struct RedisQuota {
     metrics: Arc<Metrics>,
 }
 
-/// Appends answers to a SETTLE or DECIDE call: their keys, and per answer (number of keys,
-/// member, µs since the answer).
-fn add_settles(inv: &mut redis::ScriptInvocation<'_>, batch: &[Settle]) {
-    let now = Instant::now();
-    for s in batch {
-        for k in &s.keys {
-            inv.key(&k.name);
-        }
-        inv.arg(s.keys.len())
-            .arg(&s.member)
-            .arg(micros(now.saturating_duration_since(s.answered)));
-    }
-}
-
 impl RedisQuota {
-    /// The quota store on `redis` (connections made on first use).
+    /// The quota store on `redis` (connections made on first use). Its keys are partitioned
+    /// when peers are configured (see [`Self::partitioned`]).
     pub fn new(redis: Arc<SharedRedis>, metrics: Arc<Metrics>) -> Self {
         Self {
+            partitioned: redis.config().peers.is_some(),
             decide: redis::Script::new(DECIDE_LUA),
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
             settle: redis::Script::new(SETTLE_LUA),
-            settles: Mutex::new(VecDeque::new()),
+            settles: Mutex::new(Settles::default()),
             settle_wake: Arc::new(tokio::sync::Notify::new()),
             block: redis::Script::new(BLOCK_LUA),
             release: redis::Script::new(RELEASE_LUA),
@@ -143,16 +138,50 @@ impl RedisQuota {
         &self.redis
     }
 
-    /// Redis key of a quota of `kind` (`chat`, `user`, `app:<window>ms`) and id `id` (one hash
-    /// tag for all: see the module doc).
+    /// Whether the keys are spread over slots (peers configured): app keys on
+    /// `{<prefix>:app:<id>}`, user keys on their partition's `{<prefix>:p:<n>}`, and no Redis
+    /// key for chats, messages and cards (their partition's owner keeps their windows).
+    pub fn partitioned(&self) -> bool {
+        self.partitioned
+    }
+
+    /// Whether quotas of `kind` are counted in Redis (else in their partition owner's memory).
+    pub fn holds(&self, kind: &str) -> bool {
+        !(self.partitioned && OWNED_KINDS.contains(&kind))
+    }
+
+    /// The hash tag of a key of quota `kind` and id `id` (without braces).
+    fn slot_of(&self, kind: &str, id: &str) -> String {
+        let prefix = &self.config().key_prefix;
+        if !self.partitioned {
+            return prefix.clone();
+        }
+        match kind {
+            "user" => {
+                let queue = crate::scheduler::user_queue(id);
+                format!("{prefix}:p:{}", partitions::partition_of(&queue))
+            }
+            _ => format!("{prefix}:app:{id}"),
+        }
+    }
+
+    /// Redis key of a quota of `kind` (`chat`, `user`, `app:<window>ms`, `budget`) and id `id`.
+    /// One hash tag for all, or (partitioned) the app's or the user partition's.
     pub fn key_name(&self, kind: &str, id: &str) -> String {
-        format!("{{{}}}:{kind}:{id}", self.config().key_prefix)
+        format!("{{{}}}:{kind}:{id}", self.slot_of(kind, id))
+    }
+
+    /// Redis key of an app's `kind` record `rest` (a budget period), on the app's slot.
+    pub fn app_key_name(&self, kind: &str, app_id: &str, rest: impl std::fmt::Display) -> String {
+        format!("{{{}}}:{kind}:{app_id}:{rest}", self.slot_of("app", app_id))
     }
 
     /// One key of a decision: quota `kind` of `id`, its limit and span (window + margin, µs).
     pub fn shared_key(&self, kind: &str, id: &str, limit: u32, span_us: u64) -> SharedKey {
+        let slot = self.slot_of(kind, id);
         SharedKey {
-            name: self.key_name(kind, id),
+            name: format!("{{{slot}}}:{kind}:{id}"),
+            slot: slot.into(),
             limit,
             span_us,
         }
@@ -175,43 +204,77 @@ impl RedisQuota {
         self.redis.call_on(Lane::Quota, op, inv).await
     }
 
-    /// One atomic decision for all `keys` (one round trip). A grant holds its slots for
-    /// `hold` (the send timeout) unless its answer is settled earlier.
+    /// One decision for all `keys`: one atomic script call per slot they are on, in the order
+    /// the slots first appear (a user's partition, then the app). A grant holds its slots for
+    /// `hold` (the send timeout) unless its answer is settled earlier. When a later slot
+    /// refuses, what the earlier ones granted is released.
     pub async fn try_acquire(
-        &self,
+        self: &Arc<Self>,
         keys: &[SharedKey],
         hold: Duration,
     ) -> Result<Decision, ClusterError> {
-        let mut inv = self.decide.prepare_invoke();
-        for k in keys {
-            inv.key(&k.name);
-        }
         let member = format!(
             "{}:{}",
             self.replica_id,
             self.next_member.fetch_add(1, Ordering::Relaxed)
         );
-        inv.arg(&member).arg(micros(hold)).arg(keys.len());
+        let groups = by_slot(keys.to_vec());
+        let mut granted: Vec<SharedKey> = Vec::new();
+        for (slot, group) in &groups {
+            let answer = self.decide_on(slot, group, &member, hold).await;
+            match answer {
+                Ok(None) => granted.extend(group.iter().cloned()),
+                Ok(Some((wait, i))) => {
+                    self.release_soon(granted, &member);
+                    // The key's index in `keys`.
+                    let name = &group[i.min(group.len() - 1)].name;
+                    let key = keys.iter().position(|k| &k.name == name).unwrap_or(0);
+                    return Ok(Decision::Wait { wait, key });
+                }
+                Err(e) => {
+                    if !granted.is_empty() {
+                        self.release_later(granted, member.clone());
+                    }
+                    if !matches!(e, ClusterError::Protocol(_)) {
+                        self.release_later(group.clone(), member);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Decision::Granted { member })
+    }
+
+    /// One DECIDE on `slot` for `keys` (all on it) under `member`: `None` when granted, else
+    /// how long to wait and which of `keys` waits longest. Carries `slot`'s waiting answers.
+    async fn decide_on(
+        &self,
+        slot: &Arc<str>,
+        keys: &[SharedKey],
+        member: &str,
+        hold: Duration,
+    ) -> Result<Option<(Duration, usize)>, ClusterError> {
+        let mut inv = self.decide.prepare_invoke();
+        for k in keys {
+            inv.key(&k.name);
+        }
+        inv.arg(member).arg(micros(hold)).arg(keys.len());
         for k in keys {
             inv.arg(k.limit).arg(k.span_us);
         }
-        // The answers waiting to be written back ride along (one slot: any decision may carry
-        // any of them).
-        let carried = self.take_settles();
+        // The answers waiting on this slot ride along (see DECIDE_LUA).
+        let carried = self.settles.lock().take(slot);
         add_settles(&mut inv, &carried);
         let answer: Vec<i64> = match self.call("decide", inv).await {
             Ok(a) => a,
             Err(e) => {
                 // Applying an answer twice is harmless: they go back to the settler.
-                self.put_back_settles(carried);
-                if !matches!(e, ClusterError::Protocol(_)) {
-                    self.release_later(keys.to_vec(), member);
-                }
+                self.put_back_settles(slot, carried);
                 return Err(e);
             }
         };
         match answer.as_slice() {
-            [1, _] => Ok(Decision::Granted { member }),
+            [1, _] => Ok(None),
             [0, wait, key] => {
                 let key = usize::try_from(*key - 1)
                     .unwrap_or(0)
@@ -219,39 +282,42 @@ impl RedisQuota {
                 // Never trust a wait beyond the key's span (the script caps it too).
                 let span = keys.get(key).map_or(1, |k| k.span_us.max(1));
                 let wait = u64::try_from(*wait).unwrap_or(1).clamp(1, span);
-                Ok(Decision::Wait {
-                    wait: Duration::from_micros(wait),
-                    key,
-                })
+                Ok(Some((Duration::from_micros(wait), key)))
             }
             other => Err(ClusterError::Protocol(format!("decide returned {other:?}"))),
         }
     }
 
+    /// Releases `keys`' record of `member` in the background (for the next heartbeat when
+    /// that fails).
+    fn release_soon(self: &Arc<Self>, keys: Vec<SharedKey>, member: &str) {
+        if keys.is_empty() {
+            return;
+        }
+        let store = self.clone();
+        let member = member.to_owned();
+        tokio::spawn(async move {
+            if store.release(&keys, &member).await.is_err() {
+                store.release_later(keys, member);
+            }
+        });
+    }
+
     /// The send recorded as `member` on `keys` was answered at `answered`: queue the answer
-    /// for the settler task ([`Self::run_settler`]), which writes batches in one call each.
+    /// for the settler task ([`Self::run_settler`]), which writes batches in one call each
+    /// per slot (or a decision on the slot carries them).
     pub fn settle_later(&self, keys: Vec<SharedKey>, member: String, answered: Instant) {
         if keys.is_empty() {
             return;
         }
-        let mut q = self.settles.lock();
-        if q.len() >= MAX_SETTLES {
-            // Redis is not keeping up: the oldest stay at their timeout (stricter, never looser).
-            q.pop_front();
-        }
-        q.push_back(Settle {
-            keys,
-            member,
-            answered,
-        });
-        drop(q);
+        self.settles.lock().push(keys, &member, answered);
         self.settle_wake.notify_one();
     }
 
-    /// Writes queued answers back, a batch per Redis call, until the store is dropped. A failed
-    /// batch is retried (a settle only ever moves a score earlier, to the answer instant, so a
-    /// repeat is harmless); past `MAX_SETTLES` waiting answers the oldest are dropped and
-    /// those sends count until their timeout (stricter, never looser).
+    /// Writes queued answers back, a batch per slot and Redis call, until the store is
+    /// dropped. A failed batch is retried (a settle only ever moves a score earlier, to the
+    /// answer instant, so a repeat is harmless); past the bound on waiting answers the oldest
+    /// are dropped and those sends count until their timeout (stricter, never looser).
     pub async fn run_settler(store: std::sync::Weak<Self>) {
         loop {
             let Some(s) = store.upgrade() else { return };
@@ -265,41 +331,35 @@ impl RedisQuota {
             // A decision made meanwhile carries what came in (see DECIDE_LUA).
             tokio::time::sleep(SETTLE_LINGER).await;
             let Some(s) = store.upgrade() else { return };
-            let batch = s.take_settles();
-            if batch.is_empty() {
-                continue;
+            let slots = s.settles.lock().slots();
+            let mut failed = false;
+            for slot in slots {
+                let batch = s.settles.lock().take(&slot);
+                if batch.is_empty() {
+                    continue;
+                }
+                if let Err(e) = s.settle_batch(&batch).await {
+                    // The answers are still known: put them back (oldest first) and try
+                    // again shortly, or each of those sends would hold its slot until its
+                    // timeout.
+                    tracing::debug!(error = %e, sends = batch.len(), "settling answers in Redis failed; retrying");
+                    s.put_back_settles(&slot, batch);
+                    failed = true;
+                }
             }
-            if let Err(e) = s.settle_batch(&batch).await {
-                // The answers are still known: put them back (oldest first) and try again
-                // shortly, or each of those sends would hold its slot until its timeout.
-                tracing::debug!(error = %e, sends = batch.len(), "settling answers in Redis failed; retrying");
-                s.put_back_settles(batch);
-                drop(s);
+            drop(s);
+            if failed {
                 tokio::time::sleep(SETTLE_RETRY).await;
             }
         }
     }
 
-    /// Up to a batch of the answers waiting, oldest first.
-    fn take_settles(&self) -> Vec<Settle> {
-        let mut q = self.settles.lock();
-        let n = q.len().min(SETTLE_BATCH);
-        q.drain(..n).collect()
-    }
-
     /// Answers a failed call did not surely write: back at the front, in their order.
-    fn put_back_settles(&self, batch: Vec<Settle>) {
+    fn put_back_settles(&self, slot: &Arc<str>, batch: Vec<Settle>) {
         if batch.is_empty() {
             return;
         }
-        let mut q = self.settles.lock();
-        for settle in batch.into_iter().rev() {
-            q.push_front(settle);
-        }
-        while q.len() > MAX_SETTLES {
-            q.pop_front();
-        }
-        drop(q);
+        self.settles.lock().put_back(slot, batch);
         self.settle_wake.notify_one();
     }
 
@@ -310,15 +370,19 @@ impl RedisQuota {
         Ok(())
     }
 
-    /// Forgets the send recorded as `member` (granted, but it never left). Returns how many
-    /// keys held it.
+    /// Forgets the send recorded as `member` (granted, but it never left): one call per slot
+    /// of `keys`. Returns how many keys held it.
     pub async fn release(&self, keys: &[SharedKey], member: &str) -> Result<u64, ClusterError> {
-        let mut inv = self.release.prepare_invoke();
-        for k in keys {
-            inv.key(&k.name);
+        let mut n = 0;
+        for (_, group) in by_slot(keys.to_vec()) {
+            let mut inv = self.release.prepare_invoke();
+            for k in &group {
+                inv.key(&k.name);
+            }
+            inv.arg(member);
+            n += self.call::<u64>("release", inv).await?;
         }
-        inv.arg(member);
-        self.call("release", inv).await
+        Ok(n)
     }
 
     /// Remembers a send Redis may hold that never left, for release at the next heartbeat
@@ -383,28 +447,35 @@ impl RedisQuota {
     /// its window and when it has room for one more.
     pub async fn inspect(&self, keys: &[SharedKey]) -> Result<Vec<(u32, Duration)>, ClusterError> {
         let script = redis::Script::new(INSPECT_LUA);
-        let mut inv = script.prepare_invoke();
-        for k in keys {
-            inv.key(&k.name);
-        }
-        for k in keys {
-            inv.arg(k.limit).arg(k.span_us);
-        }
-        let v: Vec<i64> = self.call("inspect", inv).await?;
-        if v.len() != 2 * keys.len() {
-            return Err(ClusterError::Protocol(format!(
-                "inspect returned {} values",
-                v.len()
-            )));
-        }
-        Ok(v.chunks(2)
-            .map(|p| {
-                (
+        let mut counts = vec![(0, Duration::ZERO); keys.len()];
+        for (_, group) in by_slot(keys.to_vec()) {
+            let mut inv = script.prepare_invoke();
+            for k in &group {
+                inv.key(&k.name);
+            }
+            for k in &group {
+                inv.arg(k.limit).arg(k.span_us);
+            }
+            let v: Vec<i64> = self.call("inspect", inv).await?;
+            if v.len() != 2 * group.len() {
+                return Err(ClusterError::Protocol(format!(
+                    "inspect returned {} values",
+                    v.len()
+                )));
+            }
+            for (k, p) in group.iter().zip(v.chunks(2)) {
+                let count = (
                     u32::try_from(p[0]).unwrap_or(u32::MAX),
                     Duration::from_micros(u64::try_from(p[1]).unwrap_or(0)),
-                )
-            })
-            .collect())
+                );
+                for (i, key) in keys.iter().enumerate() {
+                    if key.name == k.name {
+                        counts[i] = count;
+                    }
+                }
+            }
+        }
+        Ok(counts)
     }
 
     /// Announces this replica and learns how many are alive.

@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -78,6 +79,40 @@ pub struct Owned {
     pub sendable_at: Instant,
 }
 
+/// Where a partition's jobs are decided, as this replica sees it ([`Partitions::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Here: this replica owns it.
+    Here(Owned),
+    /// Here soon: this replica should own it and claims it at its next beat (or before the
+    /// first beat, nobody is known yet).
+    Claiming,
+    /// Another replica should own it: its jobs go there.
+    Elsewhere,
+}
+
+/// A send to one of this replica's partitions, from its decision until its answer (or until
+/// it is given up): a partition being handed over is released only when it has none.
+pub struct Sending {
+    counts: Arc<[AtomicU32]>,
+    p: u16,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.counts[usize::from(self.p)].fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Sending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sending({})", self.p)
+    }
+}
+
+/// How soon a beat follows while a partition handed over still has sends in flight.
+const HANDOVER_RECHECK: Duration = Duration::from_millis(50);
+
 /// What one beat changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Beat {
@@ -99,6 +134,9 @@ struct State {
     /// Until when this replica's lease surely holds (local clock).
     valid_until: Option<Instant>,
     owned: BTreeMap<u16, Owned>,
+    /// Partitions another member should own, not released yet: sends to them were still in
+    /// flight (since when it was decided to hand them over).
+    leaving: BTreeMap<u16, (Owned, Instant)>,
     /// Released locally, not yet confirmed by Redis (sent again each beat until it answers).
     releasing: BTreeSet<u16>,
     /// Live members (sorted), as the last beat saw them.
@@ -120,6 +158,11 @@ pub struct Partitions {
     /// The longest target window plus margin: how long a new owner waits after the last
     /// owner's sends stopped.
     target_span: Duration,
+    /// How long a send may stay in flight (the send timeout): a partition handed over is
+    /// released once its sends are answered, at most this long after.
+    hold: Duration,
+    /// Sends in flight per partition ([`Sending`]).
+    sending: Arc<[AtomicU32]>,
     beat: Script,
     leave: Script,
     /// Where this replica's peers reach it (empty: not said).
@@ -190,11 +233,13 @@ fn parse(v: &[Value]) -> Result<Option<Answer>, ClusterError> {
 
 impl Partitions {
     /// Ownership on `redis` (keys under its `key_prefix`): a replica not renewing for `lease`
-    /// loses its partitions; a new owner waits `target_span` after the last owner stopped.
+    /// loses its partitions; a new owner waits `target_span` after the last owner stopped; a
+    /// send stays in flight at most `hold`.
     pub fn new(
         redis: Arc<SharedRedis>,
         lease: Duration,
         target_span: Duration,
+        hold: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         let base = format!("{{{}:parts}}", redis.config().key_prefix);
@@ -205,6 +250,8 @@ impl Partitions {
             secret_key: format!("{base}:peer-secret"),
             lease,
             target_span,
+            hold,
+            sending: (0..PARTITIONS).map(|_| AtomicU32::new(0)).collect(),
             beat: Script::new(PARTITIONS_LUA),
             leave: Script::new(LEAVE_LUA),
             state: Mutex::new(State {
@@ -212,6 +259,7 @@ impl Partitions {
                 joined: false,
                 valid_until: None,
                 owned: BTreeMap::new(),
+                leaving: BTreeMap::new(),
                 releasing: BTreeSet::new(),
                 live: Vec::new(),
                 addrs: Vec::new(),
@@ -256,6 +304,41 @@ impl Partitions {
         }
     }
 
+    /// Where `p`'s jobs are decided at `now`.
+    pub fn route(&self, p: u16, now: Instant) -> Route {
+        let s = self.state.lock();
+        if let Some(v) = s.valid_until
+            && now < v
+            && let Some(o) = s.owned.get(&p)
+        {
+            return Route::Here(*o);
+        }
+        match s.preferred.get(usize::from(p)).copied().flatten() {
+            Some(i) if s.live[i] != s.me => Route::Elsewhere,
+            _ => Route::Claiming,
+        }
+    }
+
+    /// A send to `p` begins, when this replica owns it at `now` (checked together, so a
+    /// partition is never released with a send it did not count).
+    pub fn begin_send(&self, p: u16, now: Instant) -> Option<Sending> {
+        let s = self.state.lock();
+        match s.valid_until {
+            Some(v) if now < v && s.owned.contains_key(&p) => {
+                self.sending[usize::from(p)].fetch_add(1, Ordering::AcqRel);
+                Some(Sending {
+                    counts: self.sending.clone(),
+                    p,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn in_flight(&self, p: u16) -> u32 {
+        self.sending[usize::from(p)].load(Ordering::Acquire)
+    }
+
     /// The partitions this replica owns at `now` (none once its lease may have ended).
     pub fn owned(&self, now: Instant) -> Vec<u16> {
         let s = self.state.lock();
@@ -288,7 +371,12 @@ impl Partitions {
         let mut follow_up = false;
         loop {
             if !follow_up {
-                tokio::time::sleep(self.period()).await;
+                let handing_over = !self.state.lock().leaving.is_empty();
+                let pause = match handing_over {
+                    true => HANDOVER_RECHECK,
+                    false => self.period(),
+                };
+                tokio::time::sleep(pause).await;
             }
             follow_up = match self.beat().await {
                 Ok(b) => !follow_up && (b.members_changed || b.lost),
@@ -308,17 +396,37 @@ impl Partitions {
             let me = s.me.clone();
             let mut claims = Vec::new();
             let mut releases: BTreeSet<u16> = std::mem::take(&mut s.releasing);
+            let now = Instant::now();
             for p in 0..PARTITIONS {
                 let preferred = s.preferred[usize::from(p)].map(|i| s.live[i] == me);
                 match (preferred, s.owned.contains_key(&p)) {
-                    (Some(true), false) if s.joined => claims.push(p),
+                    (Some(true), false) => {
+                        if let Some((owned, _)) = s.leaving.remove(&p) {
+                            // Ours again before it was released.
+                            s.owned.insert(p, owned);
+                        } else if s.joined {
+                            claims.push(p);
+                        }
+                    }
                     (Some(false), true) => {
-                        // Stop counting it as ours before Redis hears of the release.
-                        s.owned.remove(&p);
-                        releases.insert(p);
+                        // No new send to it from now on; released once its sends are
+                        // answered (the new owner's wait counts from the release).
+                        let owned = s.owned.remove(&p).expect("contains_key");
+                        s.leaving.insert(p, (owned, now));
                     }
                     _ => {}
                 }
+            }
+            let hold = self.hold;
+            let done: Vec<u16> = s
+                .leaving
+                .iter()
+                .filter(|(p, (_, since))| self.in_flight(**p) == 0 || now >= *since + hold)
+                .map(|(p, _)| *p)
+                .collect();
+            for p in done {
+                s.leaving.remove(&p);
+                releases.insert(p);
             }
             s.releasing = releases.clone();
             (me, !s.joined, claims, releases)
@@ -349,6 +457,7 @@ impl Partitions {
         let Some(a) = parse(&v)? else {
             let dropped = s.owned.len();
             s.owned.clear();
+            s.leaving.clear();
             s.releasing.clear();
             s.valid_until = None;
             s.me = new_id();
@@ -380,9 +489,7 @@ impl Partitions {
         let (live, addrs): (Vec<String>, Vec<String>) = live.into_iter().unzip();
         let members_changed = live != s.live;
         if members_changed {
-            s.preferred = (0..PARTITIONS)
-                .map(|p| preferred_owner(p, &live).and_then(|m| live.iter().position(|l| l == m)))
-                .collect();
+            s.preferred = preferred_all(&live);
             s.live = live;
         }
         s.addrs = addrs;
@@ -434,16 +541,31 @@ impl Partitions {
         self.redis.call_on(Lane::Quota, "peer_secret", inv).await
     }
 
-    /// This replica is stopping: it stops counting its partitions now and ends its lease, so
-    /// the others claim them at their next beat.
+    /// This replica is stopping: it stops deciding for its partitions now, waits until their
+    /// sends in flight are answered (at most a send timeout), then ends its lease, so the
+    /// others claim them at their next beat. From now on it routes every partition's jobs
+    /// to the other members.
     pub async fn leave(&self) -> Result<(), ClusterError> {
         let me = {
             let mut s = self.state.lock();
             s.owned.clear();
+            s.leaving.clear();
             s.valid_until = None;
-            s.me.clone()
+            let me = s.me.clone();
+            if let Some(i) = s.live.iter().position(|m| *m == me) {
+                s.live.remove(i);
+                s.addrs.remove(i);
+            }
+            let live = s.live.clone();
+            s.preferred = preferred_all(&live);
+            me
         };
         self.metrics.set_partitions_owned(0);
+        let until = Instant::now() + self.hold;
+        while self.sending.iter().any(|c| c.load(Ordering::Acquire) > 0) && Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let mut inv = self.leave.prepare_invoke();
         inv.key(&self.members_key).arg(&me);
         let _: i64 = self
@@ -452,6 +574,13 @@ impl Partitions {
             .await?;
         Ok(())
     }
+}
+
+/// Each partition's preferred owner among `live` (index into it).
+fn preferred_all(live: &[String]) -> Vec<Option<usize>> {
+    (0..PARTITIONS)
+        .map(|p| preferred_owner(p, live).and_then(|m| live.iter().position(|l| l == m)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -485,6 +485,13 @@ impl Config {
         })?;
 
         let cluster = cluster::build(cluster, redis_url.clone())?;
+        if quotas.updates_count_in_chat && cluster.as_ref().is_some_and(|c| c.peers.is_some()) {
+            // An update's message and its chat fall in different partitions: no one replica
+            // keeps both windows (ARCHITECTURE.md "Scaling out over a Redis Cluster").
+            return Err(invalid(
+                "quotas.updates_count_in_chat is not available with cluster.peer_listen (the chat and the message are kept by different replicas)".into(),
+            ));
+        }
 
         let max_jobs = jobs.max_jobs.unwrap_or(1_000_000);
         Ok(Config {

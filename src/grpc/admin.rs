@@ -44,15 +44,19 @@ impl ReplyService {
             })
             .collect();
         if let Some(redis) = &self.redis {
-            let keys: Vec<_> = local
+            // Partitioned, a chat's (message's, card's) window is its owner's, not Redis's:
+            // those stay as this replica counts them.
+            let (idx, keys): (Vec<usize>, Vec<_>) = local
                 .iter()
-                .map(|q| redis.shared_key(&q.kind, &q.id, q.limit, q.span_us))
-                .collect();
+                .enumerate()
+                .filter(|(_, q)| redis.holds(&q.kind))
+                .map(|(i, q)| (i, redis.shared_key(&q.kind, &q.id, q.limit, q.span_us)))
+                .unzip();
             match redis.inspect(&keys).await {
                 Ok(counts) => {
-                    for (q, (used, frees_in)) in quotas.iter_mut().zip(counts) {
-                        q.used = used;
-                        q.frees_in_ms = ms(frees_in);
+                    for (i, (used, frees_in)) in idx.into_iter().zip(counts) {
+                        quotas[i].used = used;
+                        quotas[i].frees_in_ms = ms(frees_in);
                     }
                     return (quotas, "redis");
                 }

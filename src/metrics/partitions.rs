@@ -27,8 +27,9 @@ struct PeerLabels {
 
 /// How a job forwarded between replicas went: `ok` (its result came back, whatever it was),
 /// `unreachable` (the owner did not answer: queued here instead), `refused` (a peer call
-/// without the cluster's secret, or a job this replica could not read).
-pub const PEER_OUTCOMES: [&str; 3] = ["ok", "unreachable", "refused"];
+/// without the cluster's secret, or a job this replica could not read), `moved` (the replica
+/// asked does not own the job's partition, or no longer: routed again).
+pub const PEER_OUTCOMES: [&str; 4] = ["ok", "unreachable", "refused", "moved"];
 
 impl PartitionMetrics {
     pub(super) fn register(registry: &mut Registry) -> Self {
@@ -61,7 +62,7 @@ impl PartitionMetrics {
         }
         registry.register(
             "feishu_reply_peer_jobs",
-            "Jobs forwarded to the replica that owns their queue (out) or taken from another replica (in), by outcome: ok, unreachable (queued here instead), refused",
+            "Jobs forwarded to the replica that owns their queue (out) or taken from another replica (in), by outcome: ok, unreachable (queued here instead), refused, moved (routed again: the replica did not own the job's partition)",
             peer_jobs.clone(),
         );
         Self {

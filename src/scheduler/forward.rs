@@ -3,12 +3,22 @@
 //! scheduler defines it; the api layer implements it with a peer gRPC client. A forwarded job
 //! is queued, decided and sent by its owner; this replica only waits for its result, and
 //! dropping that wait drops the peer call, which takes the job out of the owner's queue.
+//! A job queued on a replica that does not (or no longer) own its chat's partition goes back
+//! to its router ([`Routed::Back`]), which sends it to the owner of the moment.
 
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
 use super::{JobResult, JobSpec};
+
+/// What came of a job queued by [`super::Scheduler::queue_routed`].
+pub enum Routed {
+    /// Its result.
+    Done(JobResult),
+    /// Another replica decides its chat: the job, to be routed again.
+    Back(Box<JobSpec>),
+}
 
 /// Where jobs go when this replica does not own their queue.
 pub trait Forward: Send + Sync + 'static {

@@ -102,6 +102,9 @@ pub enum Verdict {
     /// The shared quotas cannot be used as configured (waiting would not bring them back):
     /// the job fails now.
     Unavailable,
+    /// Another replica decides this chat's jobs (it owns the chat's partition): the job goes
+    /// back to whoever routed it here (see [`super::Scheduler::queue_routed`]).
+    Elsewhere,
 }
 
 /// What a shared gate's tasks report to the dispatcher.
@@ -152,7 +155,7 @@ pub trait SharedGate: Send {
     ) -> Decided;
     /// The send granted by `grant` was answered at `answered`: it counts until then in the
     /// keys `counted` (indexes into the job's keys), and not at all in `refused`.
-    fn settle(&self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant);
+    fn settle(&mut self, grant: Opaque, counted: &[usize], refused: &[usize], answered: Instant);
     /// Feishu refused a send for rate on `keys`: every replica backs off for `wait`.
     fn block(&self, keys: &[QuotaKey], wait: Duration);
     /// Chats released from lines that may ask now.

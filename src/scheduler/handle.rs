@@ -12,7 +12,9 @@ use super::GatewayError;
 use super::gate::{Clock, GateSetup, QuotaGate, QuotaSource, StartSharedGate};
 use super::layout::QuotaLayout;
 use super::queue::{Job, Queues};
-use super::{Command, Dispatcher, JobResult, JobSpec, PastSend, Scheduler, SchedulerConfig};
+use super::{
+    Command, Dispatcher, JobResult, JobSpec, PastSend, Routed, Scheduler, SchedulerConfig,
+};
 use crate::feishu::Upstream;
 use crate::metrics::Metrics;
 use crate::quota::QuotaTable;
@@ -232,6 +234,17 @@ impl Scheduler {
     }
 
     fn submit_to(&self, spec: JobSpec, may_forward: bool) -> oneshot::Receiver<JobResult> {
+        self.submit_with(spec, may_forward, None)
+    }
+
+    /// Submits `spec` (to its owner when `may_forward`); `back` is where it goes if another
+    /// replica turns out to decide its chat, not before the instant given.
+    fn submit_with(
+        &self,
+        spec: JobSpec,
+        may_forward: bool,
+        back: Option<(oneshot::Sender<Box<JobSpec>>, Option<Instant>)>,
+    ) -> oneshot::Receiver<JobResult> {
         let (mut done, rx) = oneshot::channel();
         let uuid = spec
             .caller_uuid
@@ -258,7 +271,11 @@ impl Scheduler {
             None => spec,
         };
         let now = Instant::now();
-        let job = Job::new(spec, done, now);
+        let mut job = Job::new(spec, done, now);
+        if let Some((back, stay_until)) = back {
+            job.back = Some(back);
+            job.stay_until = stay_until;
+        }
         if let Err(mpsc::error::SendError(Command::Submit(job))) =
             self.tx.send(Command::Submit(Box::new(job)))
         {
@@ -303,6 +320,38 @@ impl Scheduler {
             let result = result.await;
             guard.disarm();
             result.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid }))
+        }
+    }
+
+    /// [`Self::queue_here`] for a router (`grpc::peer`): when another replica turns out to
+    /// decide the job's chat (this one does not own its partition, or no more), the job
+    /// comes back as [`Routed::Back`] to be routed again, not before `stay_until` (a router
+    /// that just failed to reach the owner keeps it here a moment).
+    pub fn queue_routed(
+        &self,
+        spec: JobSpec,
+        stay_until: Option<Instant>,
+    ) -> impl Future<Output = Routed> + Send + 'static {
+        let uuid = spec
+            .caller_uuid
+            .clone()
+            .unwrap_or_else(|| spec.request.uuid().to_owned());
+        let guard = AbandonOnDrop {
+            tx: self.tx.clone(),
+            chat_id: Some(spec.chat_id.clone()),
+        };
+        let (back, back_rx) = oneshot::channel();
+        let result = self.submit_with(spec, false, Some((back, stay_until)));
+        async move {
+            let routed = tokio::select! {
+                biased;
+                Ok(spec) = back_rx => Routed::Back(spec),
+                r = result => Routed::Done(
+                    r.unwrap_or(Err(GatewayError::ShuttingDown { attempts: 0, uuid })),
+                ),
+            };
+            guard.disarm();
+            routed
         }
     }
 

@@ -34,7 +34,7 @@ mod spans;
 use send::Attempt;
 
 pub use error::{GatewayError, PeerFailure};
-pub use forward::Forward;
+pub use forward::{Forward, Routed};
 pub use gate::QuotaSource;
 use gate::{Clock, Decided, GateEvent, Head, QuotaGate, Verdict};
 pub use handle::Held;
@@ -56,6 +56,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const COMMAND_BATCH: usize = 256;
 /// The dispatcher looks again at least this often with nothing to do.
 const IDLE_WAKE: Duration = Duration::from_secs(3600);
+
+/// How often a job that another replica decides, and that has no router to go back to, asks
+/// again (it waits for its partition to come here, or for its deadline).
+const NO_ROUTER_RECHECK: Duration = Duration::from_millis(250);
 
 /// A call ready to be queued (a reply, a send, an update, a recall): validated, its app and
 /// target known.
@@ -446,6 +450,7 @@ impl Dispatcher {
                 Verdict::Asked => self.queues.mark_busy(&chat_id),
                 // Parked behind a shared key; `gate.pump` schedules it again.
                 Verdict::InLine => self.queues.park(&chat_id),
+                Verdict::Elsewhere => self.hand_back(&chat_id, now),
                 // Not sent: the chat's next job asks in its turn.
                 Verdict::Unavailable => {
                     let job = self
@@ -473,6 +478,27 @@ impl Dispatcher {
                 Dropped::Deadline => fail_deadline(job),
             }
         }
+    }
+
+    /// Another replica decides `chat_id`'s jobs: its head goes back to its router (the chat's
+    /// next job follows when it becomes the head), or waits when it has none.
+    fn hand_back(&mut self, chat_id: &Arc<str>, now: Instant) {
+        let head = self.queues.head_mut(chat_id).expect("ready chat has a head");
+        let at = match (&head.back, head.stay_until) {
+            // Nowhere to go (queued before forwarding started): it waits for the partition.
+            (None, _) => Some(now + NO_ROUTER_RECHECK),
+            (Some(_), Some(t)) if t > now => Some(t),
+            _ => None,
+        };
+        if let Some(at) = at {
+            self.queues.schedule_at(chat_id, self.clock.micros(at));
+            return;
+        }
+        let mut job = self.queues.pop_for_send(chat_id).expect("chat with a head");
+        self.queues.sent(chat_id, None);
+        let back = job.back.take().expect("checked above");
+        // The router gone means its caller went away: nothing to tell.
+        let _ = back.send(Box::new(job.spec));
     }
 
     /// The shared gate reported back.

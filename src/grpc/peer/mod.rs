@@ -32,7 +32,7 @@ use crate::proto::peer::peer_service_client::PeerServiceClient;
 use crate::proto::peer::peer_service_server::PeerService;
 use crate::proto::peer::queue_response::Event;
 use crate::proto::peer::{CancelRequest, CancelResponse, QueueRequest, QueueResponse};
-use crate::scheduler::{Forward, GatewayError, JobResult, JobSpec, Lane, Scheduler};
+use crate::scheduler::{Forward, GatewayError, JobResult, JobSpec, Lane, Routed, Scheduler};
 use futures_util::StreamExt;
 
 mod order;
@@ -41,7 +41,7 @@ mod wire;
 use order::{Order, Ticket};
 
 pub use wire::{WireJob, WireResult};
-use wire::{from_wire, from_wire_result, to_wire, to_wire_result};
+use wire::{MOVED, from_wire, from_wire_result, moved, to_wire, to_wire_result};
 
 /// The metadata key of the peer secret.
 pub const PEER_HEADER: &str = "x-gateway-peer";
@@ -51,6 +51,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often a peer connection is pinged, and how long a ping may go unanswered.
 const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// A job its owner did not take stays queued here at least this long before it is routed
+/// again (it goes back to its router when this replica does not own its partition either).
+const STAY_AFTER_FAILURE: Duration = Duration::from_millis(200);
 
 /// Whether `req` carries the cluster's peer secret (compared in constant time).
 fn authentic<T>(req: &Request<T>, secret: &str) -> bool {
@@ -124,13 +128,18 @@ impl PeerService for PeerServer {
         let api = spec.request.api();
         // In line now (submitted at once); dropped with this call when the forwarding replica
         // gives up: the job leaves the queue unless it is being sent.
-        let result = self.scheduler.queue_here(spec);
+        let result = self.scheduler.queue_routed(spec, None);
         let queued = QueueResponse {
             event: Some(Event::Queued(true)),
         };
         let answer = async move {
-            let body = serde_json::to_vec(&to_wire_result(result.await, api))
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let result = match result.await {
+                Routed::Done(r) => to_wire_result(r, api),
+                // Not this replica's (any more): its sender routes it again.
+                Routed::Back(_) => moved(),
+            };
+            let body =
+                serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
             Ok(QueueResponse {
                 event: Some(Event::Result(body)),
             })
@@ -153,13 +162,19 @@ impl PeerService for PeerServer {
 
 /// This side: sends jobs of queues another replica owns there.
 pub struct PeerForward {
-    partitions: Arc<Partitions>,
+    routes: Routes,
     service: Weak<ReplyService>,
     scheduler: Scheduler,
     secret: Arc<str>,
-    clients: DashMap<String, PeerServiceClient<Channel>>,
     order: Arc<Order>,
     metrics: Arc<Metrics>,
+}
+
+/// Where a queue's jobs go, and the connections to the other replicas.
+#[derive(Clone)]
+struct Routes {
+    partitions: Arc<Partitions>,
+    clients: Arc<DashMap<String, PeerServiceClient<Channel>>>,
 }
 
 impl PeerForward {
@@ -171,16 +186,24 @@ impl PeerForward {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            partitions,
+            routes: Routes {
+                partitions,
+                clients: Arc::default(),
+            },
             service: Arc::downgrade(service),
             scheduler,
             secret,
-            clients: DashMap::new(),
             order: Arc::default(),
             metrics,
         }
     }
 
+    fn request<T>(&self, body: T) -> Request<T> {
+        peer_request(&self.secret, body)
+    }
+}
+
+impl Routes {
     /// The owner of `queue`'s partition, when that is another replica with an address.
     fn owner_of(&self, queue: &str) -> Option<String> {
         let (id, addr) = self.partitions.preferred_at(partition_of(queue))?;
@@ -205,8 +228,11 @@ impl PeerForward {
         Some(client)
     }
 
-    fn request<T>(&self, body: T) -> Request<T> {
-        peer_request(&self.secret, body)
+    /// Where `queue`'s jobs go now: another replica (its address and a client), or here.
+    fn target(&self, queue: &str) -> Option<(String, PeerServiceClient<Channel>)> {
+        let addr = self.owner_of(queue)?;
+        let client = self.client(&addr)?;
+        Some((addr, client))
     }
 }
 
@@ -246,69 +272,89 @@ async fn forward_one(
 }
 
 impl Forward for PeerForward {
+    /// Routes `spec` until it has a result: to its partition's owner, or here when that is
+    /// this replica, no owner is known, or the owner did not take it; again whenever the
+    /// replica holding it does not own its partition (or no longer does).
     fn forward(&self, spec: Box<JobSpec>) -> Result<BoxFuture<'static, JobResult>, Box<JobSpec>> {
-        let target = self.owner_of(&spec.chat_id).and_then(|addr| {
-            let client = self.client(&addr)?;
-            let service = self.service.upgrade()?;
-            Some((addr, client, service))
-        });
-        let dest = target.as_ref().map(|(addr, ..)| addr.clone());
-        let ticket = self.order.take(&spec.chat_id, dest);
+        let routes = self.routes.clone();
+        let ticket = self.order.take(&spec.chat_id, routes.owner_of(&spec.chat_id));
         let (scheduler, metrics) = (self.scheduler.clone(), self.metrics.clone());
-        let secret = self.secret.clone();
+        let (secret, service) = (self.secret.clone(), self.service.clone());
         Ok(Box::pin(async move {
-            // The queue's earlier jobs first (see `order`).
-            ticket.turn().await;
-            // This replica began to stop while the job waited: like a job queued here, it
-            // stays in the job store (async) or fails UNAVAILABLE, rather than going out
-            // behind the queue's earlier jobs that stopped here.
-            if !scheduler.accepting() && spec.lane != Lane::Final {
-                let uuid = spec
-                    .caller_uuid
-                    .clone()
-                    .unwrap_or_else(|| spec.request.uuid().to_owned());
-                return Err(GatewayError::ShuttingDown { attempts: 0, uuid });
-            }
-            // Written now, so the deadline it carries is what is left of it after the wait.
-            let wire = target.and_then(|(addr, client, service)| {
-                let body = serde_json::to_vec(&to_wire(&spec, &service)).ok()?;
-                Some((
-                    addr,
-                    client,
-                    peer_request(&secret, QueueRequest { job: body }),
-                ))
-            });
-            if let Some((addr, mut client, req)) = wire {
-                let error = match forward_one(&mut client, req, &ticket).await {
-                    // The owner is stopping and never sent it: it goes here instead.
-                    Ok(WireResult::Failed(f)) if f.reason == "SHUTTING_DOWN" => {
-                        "the owner is stopping".to_owned()
-                    }
-                    Ok(result) => {
-                        metrics.peer_job(true, "ok");
-                        // The local guards (intake share) end with the job.
-                        drop(spec);
-                        return from_wire_result(result);
-                    }
-                    Err(error) => error,
-                };
-                metrics.peer_job(true, "unreachable");
-                tracing::warn!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
-                // Back in line here, after the jobs of its queue forwarded before it.
-                ticket.redirect_here();
+            let mut spec = spec;
+            // Whether the job had its place in a line before (it came back from one).
+            let mut routed_again = false;
+            let mut stay_until = None;
+            loop {
+                let target = routes.target(&spec.chat_id);
+                ticket.go_to(target.as_ref().map(|(addr, _)| addr.clone()));
+                // The queue's earlier jobs first (see `order`).
                 ticket.turn().await;
+                // This replica began to stop while the job waited for its first place: like a
+                // job queued here, it stays in the job store (async) or fails UNAVAILABLE,
+                // rather than going out behind the queue's earlier jobs that stopped here.
+                if !routed_again && !scheduler.accepting() && spec.lane != Lane::Final {
+                    let uuid = spec
+                        .caller_uuid
+                        .clone()
+                        .unwrap_or_else(|| spec.request.uuid().to_owned());
+                    return Err(GatewayError::ShuttingDown { attempts: 0, uuid });
+                }
+                // Written now, so the deadline it carries is what is left of it after the wait.
+                let forwarding = target.is_some();
+                let wire = target.and_then(|(addr, client)| {
+                    let service = service.upgrade()?;
+                    let body = serde_json::to_vec(&to_wire(&spec, &service)).ok()?;
+                    Some((
+                        addr,
+                        client,
+                        peer_request(&secret, QueueRequest { job: body }),
+                    ))
+                });
+                if let Some((addr, mut client, req)) = wire {
+                    let (outcome, error) = match forward_one(&mut client, req, &ticket).await {
+                        // The owner is stopping and never sent it: it goes here instead.
+                        Ok(WireResult::Failed(f)) if f.reason == "SHUTTING_DOWN" => {
+                            ("unreachable", "the owner is stopping".to_owned())
+                        }
+                        Ok(WireResult::Failed(f)) if f.reason == MOVED => {
+                            ("moved", "that replica does not own the chat".to_owned())
+                        }
+                        Ok(result) => {
+                            metrics.peer_job(true, "ok");
+                            // The local guards (intake share) end with the job.
+                            drop(spec);
+                            return from_wire_result(result);
+                        }
+                        Err(error) => ("unreachable", error),
+                    };
+                    metrics.peer_job(true, outcome);
+                    tracing::info!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
+                    // Back in line here, after the jobs of its queue forwarded before it; it
+                    // goes on once this replica knows better where the chat is decided.
+                    stay_until = Some(tokio::time::Instant::now() + STAY_AFTER_FAILURE);
+                    ticket.go_to(None);
+                    ticket.turn().await;
+                } else if forwarding {
+                    // Cannot be written (this replica is stopping): here after all.
+                    ticket.go_to(None);
+                    ticket.turn().await;
+                }
+                let result = scheduler.queue_routed(*spec, stay_until.take());
+                ticket.placed();
+                match result.await {
+                    Routed::Done(result) => return result,
+                    Routed::Back(back) => {
+                        spec = back;
+                        routed_again = true;
+                    }
+                }
             }
-            let result = scheduler.queue_here(*spec);
-            ticket.placed();
-            let result = result.await;
-            drop(ticket);
-            result
         }))
     }
 
     fn cancel(&self, chat_id: &Arc<str>, uuid: &str) -> Option<BoxFuture<'static, bool>> {
-        let addr = self.owner_of(chat_id)?;
-        let mut client = self.client(&addr)?;
+        let (_, mut client) = self.routes.target(chat_id)?;
         let req = self.request(CancelRequest {
             queue: chat_id.to_string(),
             uuid: uuid.to_owned(),

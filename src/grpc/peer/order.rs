@@ -95,10 +95,11 @@ impl Ticket {
         self.line.moved.notify_waiters();
     }
 
-    /// This job goes here after all (its owner failed it): it has no place in line yet.
-    pub(super) fn redirect_here(&self) {
+    /// This job goes to `dest` now (its owner failed it, or routed it on): it has no place in
+    /// that line yet.
+    pub(super) fn go_to(&self, dest: Dest) {
         if let Some(e) = self.line.jobs.lock().1.get_mut(&self.n) {
-            *e = (None, false);
+            *e = (dest, false);
         }
         self.line.moved.notify_waiters();
     }
@@ -163,7 +164,7 @@ mod tests {
         t[2].placed();
         // The owner fails them all: they come back here in their order.
         for x in &t {
-            x.redirect_here();
+            x.go_to(None);
         }
         assert!(t[0].ready() && !t[1].ready());
         t[0].placed();

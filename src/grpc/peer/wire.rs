@@ -341,6 +341,24 @@ pub(super) fn to_wire_result(result: JobResult, api: crate::feishu::Api) -> Wire
     }
 }
 
+/// `ErrorInfo.reason` of [`moved`]: never given to a caller (the sender routes the job again).
+pub(super) const MOVED: &str = "PEER_MOVED";
+
+/// The answer of a replica that does not own the job's partition (or no longer): the job was
+/// not sent, and its sender routes it again.
+pub(super) fn moved() -> WireResult {
+    WireResult::Failed(PeerFailure {
+        code: tonic::Code::Unavailable as i32,
+        message: "this replica does not own the job's chat".into(),
+        details: Vec::new(),
+        reason: MOVED.into(),
+        retry_after_ms: None,
+        feishu_code: None,
+        uuid: None,
+        attempts: None,
+    })
+}
+
 pub(super) fn from_wire_result(r: WireResult) -> JobResult {
     match r {
         WireResult::Delivered {

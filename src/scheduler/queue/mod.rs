@@ -49,6 +49,10 @@ pub(super) struct Job {
     pub wait: tracing::Span,
     /// The quota layout generation `keys` were made in (a live reload can change them).
     pub keys_gen: u64,
+    /// Where the job goes when another replica decides its chat (`Verdict::Elsewhere`): back
+    /// to whoever routed it here (`Scheduler::queue_routed`), not before `stay_until`.
+    pub back: Option<oneshot::Sender<Box<JobSpec>>>,
+    pub stay_until: Option<Instant>,
 }
 
 impl Job {
@@ -67,6 +71,8 @@ impl Job {
             done,
             grant: None,
             gate_memo: None,
+            back: None,
+            stay_until: None,
         }
     }
 
