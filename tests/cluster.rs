@@ -1082,7 +1082,7 @@ async fn a_chats_calls_through_any_replica_are_sent_in_order_by_its_partitions_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_whose_owner_cannot_be_reached_is_queued_where_it_came_in() {
+async fn a_job_whose_owner_cannot_be_reached_waits_for_it_and_goes_out_once_it_leaves() {
     use feishu_reply_gateway::proto::peer::QueueRequest;
     use feishu_reply_gateway::proto::peer::peer_service_client::PeerServiceClient;
     let (url, _redis) = shared_redis();
@@ -1100,7 +1100,7 @@ async fn a_job_whose_owner_cannot_be_reached_is_queued_where_it_came_in() {
     )
     .await;
     // B tells the others a port nobody listens on.
-    let b = spawn_gateway_on(
+    let mut b = spawn_gateway_on(
         fake.clone(),
         cluster_config(
             &fake,
@@ -1115,22 +1115,42 @@ async fn a_job_whose_owner_cannot_be_reached_is_queued_where_it_came_in() {
     )
     .await;
     partitions_shared(&[&a, &b]).await;
-    // Through A, to 20 chats: about half are B's, and B cannot be reached.
-    for i in 0..20 {
-        let mut client = a.client.clone();
-        client
-            .reply(text(&format!("om_u{i}"), &format!("oc_u{i}"), "x"))
-            .await
-            .expect("delivered");
+    // Through A, to 40 chats: about half are B's. B keeps their windows and cannot be
+    // reached, so A does not send them: they wait at A.
+    let sends: Vec<_> = (0..40)
+        .map(|i| {
+            let mut client = a.client.clone();
+            tokio::spawn(async move {
+                client
+                    .reply(text(&format!("om_u{i}"), &format!("oc_u{i}"), "x"))
+                    .await
+            })
+        })
+        .collect();
+    let unreachable = |m: &str| {
+        metric(
+            m,
+            "feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"unreachable\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    common::eventually("A sends its own chats and fails to reach B", async || {
+        unreachable(&a.http_get("/metrics").await.1) >= 1.0 && fake.stats().posted >= 1
+    })
+    .await;
+    // However long they wait, B's chats are not sent by A while B holds them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let posted = fake.stats().posted;
+    assert!(posted < 40, "A sent chats B keeps ({posted})");
+    // B leaves: A takes its partitions, and the replies waiting go out, each once.
+    let stopped = b.begin_shutdown();
+    for s in sends {
+        s.await.unwrap().expect("delivered");
     }
-    assert_eq!(fake.stats().posted, 20);
-    let m = a.http_get("/metrics").await.1;
-    let unreachable = metric(
-        &m,
-        "feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"unreachable\"}",
-    )
-    .unwrap_or(0.0);
-    assert!(unreachable >= 1.0, "{unreachable}");
+    let stats = fake.stats();
+    assert_eq!(stats.posted, 40);
+    assert_eq!(stats.rejected_chat_user + stats.rejected_app, 0);
+    stopped.await.unwrap();
 
     // A peer call without the cluster's secret is refused, and counted.
     let mut peer = PeerServiceClient::connect(format!("http://127.0.0.1:{a_port}"))

@@ -30,7 +30,8 @@ impl Replica {
         let redis = common::redis_client(url, prefix, LEASE);
         let metrics = Arc::new(feishu_reply_gateway::metrics::Metrics::new());
         let addr = format!("peer-{}.test:7070", uuid::Uuid::new_v4().simple());
-        let parts = Arc::new(Partitions::new(redis, LEASE, SPAN, HOLD, metrics).with_addr(addr.clone()));
+        let parts =
+            Arc::new(Partitions::new(redis, LEASE, SPAN, HOLD, metrics).with_addr(addr.clone()));
         let task = Some(tokio::spawn(parts.clone().run()));
         Self { parts, addr, task }
     }
@@ -261,19 +262,31 @@ async fn a_partition_is_handed_over_only_once_its_sends_in_flight_are_answered()
     // The idle ones move; the busy one does not: a decides nothing for it any more, and it
     // stays a's in Redis, so b cannot claim it.
     if let Some(idle) = idle {
-        until(&[&a, &b], LEASE * 3, |_| b.parts.owns(idle, Instant::now()).is_some()).await;
+        until(&[&a, &b], LEASE * 3, |_| {
+            b.parts.owns(idle, Instant::now()).is_some()
+        })
+        .await;
     }
     tokio::time::sleep(LEASE / 2).await;
     assert!(a.parts.begin_send(busy, Instant::now()).is_none());
     assert_eq!(a.parts.route(busy, Instant::now()), Route::Elsewhere);
-    assert!(b.parts.owns(busy, Instant::now()).is_none(), "claimed with a send in flight");
+    assert!(
+        b.parts.owns(busy, Instant::now()).is_none(),
+        "claimed with a send in flight"
+    );
     // Answered: released at a's next beat (it rechecks often while handing over), and b's
     // targets wait a window after that.
     drop(sending);
     let answered = Instant::now();
-    until(&[&a, &b], LEASE * 3, |_| b.parts.owns(busy, Instant::now()).is_some()).await;
+    until(&[&a, &b], LEASE * 3, |_| {
+        b.parts.owns(busy, Instant::now()).is_some()
+    })
+    .await;
     let o = b.parts.owns(busy, Instant::now()).unwrap();
-    assert!(o.sendable_at >= answered + SPAN, "sendable before the window after the answer");
+    assert!(
+        o.sendable_at >= answered + SPAN,
+        "sendable before the window after the answer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,6 +315,9 @@ async fn a_leaving_replica_waits_for_its_sends_in_flight() {
     drop(sending);
     let answered = Instant::now();
     leaving.await.unwrap().unwrap();
-    until(&[&a, &b], LEASE * 3, |_| a.parts.owns(p, Instant::now()).is_some()).await;
+    until(&[&a, &b], LEASE * 3, |_| {
+        a.parts.owns(p, Instant::now()).is_some()
+    })
+    .await;
     assert!(a.parts.owns(p, Instant::now()).unwrap().sendable_at >= answered + SPAN);
 }

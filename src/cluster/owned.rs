@@ -103,8 +103,10 @@ impl LocalHold {
     /// The send was answered at `answered`: it counts until then in the keys among
     /// `counted` (indexes into the job's keys), not at all in the others.
     pub fn settle(self, table: &mut QuotaTable, counted: &[usize], answered: Micros) {
-        let (kept, refused): (Vec<_>, Vec<_>) =
-            self.keys.into_iter().partition(|(i, _)| counted.contains(i));
+        let (kept, refused): (Vec<_>, Vec<_>) = self
+            .keys
+            .into_iter()
+            .partition(|(i, _)| counted.contains(i));
         let plain = |v: Vec<(usize, QuotaKey)>| -> Vec<QuotaKey> {
             v.into_iter().map(|(_, k)| k).collect()
         };

@@ -110,6 +110,10 @@ impl std::fmt::Debug for Sending {
     }
 }
 
+/// A replica stops deciding for its partitions a `1/VALIDITY_MARGIN` of a lease before its
+/// lease can end in Redis (the same fraction as in PARTITIONS_LUA).
+const VALIDITY_MARGIN: u32 = 5;
+
 /// How soon a beat follows while a partition handed over still has sends in flight.
 const HANDOVER_RECHECK: Duration = Duration::from_millis(50);
 
@@ -475,9 +479,11 @@ impl Partitions {
             });
         };
         s.joined = true;
-        // The lease runs from Redis's clock during the call, so surely from `started`; a
-        // tenth of it covers the two clocks' rates.
-        s.valid_until = Some(started + self.lease - self.lease / 10);
+        // The lease runs from Redis's clock during the call, so surely from `started`. This
+        // replica stops deciding a fifth of a lease before it ends: a new owner counts the
+        // partition's sends as stopped from then (PARTITIONS_LUA), which shortens a takeover
+        // by that much; the clocks' rates differ by far less.
+        s.valid_until = Some(started + self.lease - self.lease / VALIDITY_MARGIN);
         s.releasing.clear();
         let mut live: Vec<(String, String)> = a
             .members
@@ -495,10 +501,16 @@ impl Partitions {
         s.addrs = addrs;
         let mut claimed = Vec::with_capacity(a.granted.len());
         for (p, epoch, free_in_ms) in a.granted {
-            let wait = Duration::from_millis(u64::try_from(free_in_ms).unwrap_or(0));
+            // When the last owner's sends stopped, on this clock (Redis answered just before
+            // `answered`, so this is never earlier than the truth).
+            let since = Duration::from_millis(free_in_ms.unsigned_abs());
+            let free = match free_in_ms >= 0 {
+                true => answered + since,
+                false => answered.checked_sub(since).unwrap_or(answered),
+            };
             let owned = Owned {
                 epoch,
-                sendable_at: answered + wait + self.target_span,
+                sendable_at: free + self.target_span,
             };
             // A re-grant of one already ours keeps the earlier (and later-sendable) record.
             s.owned.entry(p).or_insert(owned);
@@ -562,8 +574,7 @@ impl Partitions {
         };
         self.metrics.set_partitions_owned(0);
         let until = Instant::now() + self.hold;
-        while self.sending.iter().any(|c| c.load(Ordering::Acquire) > 0) && Instant::now() < until
-        {
+        while self.sending.iter().any(|c| c.load(Ordering::Acquire) > 0) && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut inv = self.leave.prepare_invoke();

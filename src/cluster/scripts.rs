@@ -152,7 +152,7 @@ return out
 /// A replica whose lease ended is dead for good: it gets {-1} and must join again under a new
 /// id. A partition may be claimed when it has no owner (released) or its owner is dead; the
 /// claim bumps its epoch and records when its last owner's sends stopped (`free`: the
-/// release, or the end of the dead owner's validity, a tenth of a lease before its lease end). Returns {1, now, n, id1, end1, addr1, …, m, p1,
+/// release, or the end of the dead owner's validity, a fifth of a lease before its lease end). Returns {1, now, n, id1, end1, addr1, …, m, p1,
 /// epoch1, free1 − now, …}: every member known (lease end, ended ones too; address or '') and
 /// the claims granted (a claim of a partition already this replica's is granted again, with its
 /// epoch).
@@ -182,9 +182,9 @@ for i = 6, 5 + nclaims do
       ok = true
     elseif tonumber(until_) <= now then
       ok = true
-      -- A dead owner stopped deciding a tenth of a lease before its lease ended (its
+      -- A dead owner stopped deciding a fifth of a lease before its lease ended (its
       -- validity, see cluster::partitions).
-      free = math.max(free, tonumber(until_) - math.floor(tonumber(ARGV[2]) / 10))
+      free = math.max(free, tonumber(until_) - math.floor(tonumber(ARGV[2]) / 5))
     end
   end
   if ok then

@@ -141,7 +141,11 @@ mod tests {
     fn answers_wait_by_slot_and_a_slot_gives_only_its_own() {
         let mut s = Settles::default();
         let now = Instant::now();
-        s.push(vec![key("u", "u1"), key("a", "a1"), key("a", "a2")], "m1", now);
+        s.push(
+            vec![key("u", "u1"), key("a", "a1"), key("a", "a2")],
+            "m1",
+            now,
+        );
         s.push(vec![key("a", "a1"), key("a", "a2")], "m2", now);
         assert_eq!(s.slots().len(), 2);
         let a = s.take("a");

@@ -483,7 +483,10 @@ impl Dispatcher {
     /// Another replica decides `chat_id`'s jobs: its head goes back to its router (the chat's
     /// next job follows when it becomes the head), or waits when it has none.
     fn hand_back(&mut self, chat_id: &Arc<str>, now: Instant) {
-        let head = self.queues.head_mut(chat_id).expect("ready chat has a head");
+        let head = self
+            .queues
+            .head_mut(chat_id)
+            .expect("ready chat has a head");
         let at = match (&head.back, head.stay_until) {
             // Nowhere to go (queued before forwarding started): it waits for the partition.
             (None, _) => Some(now + NO_ROUTER_RECHECK),

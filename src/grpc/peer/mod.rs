@@ -40,8 +40,8 @@ mod wire;
 
 use order::{Order, Ticket};
 
-pub use wire::{WireJob, WireResult};
 use wire::{MOVED, from_wire, from_wire_result, moved, to_wire, to_wire_result};
+pub use wire::{WireJob, WireResult};
 
 /// The metadata key of the peer secret.
 pub const PEER_HEADER: &str = "x-gateway-peer";
@@ -51,6 +51,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How often a peer connection is pinged, and how long a ping may go unanswered.
 const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// How long an owner has to give a forwarded job its place in line.
+const QUEUED_WITHIN: Duration = Duration::from_secs(2);
+
+/// How often a job not yet in its owner's line checks that the owner is still the one.
+const OWNER_RECHECK: Duration = Duration::from_millis(50);
 
 /// A job its owner did not take stays queued here at least this long before it is routed
 /// again (it goes back to its router when this replica does not own its partition either).
@@ -138,8 +144,7 @@ impl PeerService for PeerServer {
                 // Not this replica's (any more): its sender routes it again.
                 Routed::Back(_) => moved(),
             };
-            let body =
-                serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
+            let body = serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
             Ok(QueueResponse {
                 event: Some(Event::Result(body)),
             })
@@ -246,29 +251,66 @@ fn peer_request<T>(secret: &str, body: T) -> Request<T> {
 }
 
 /// One job to its owner: its place in line (then the queue's next job may go), then its
-/// result.
+/// result. An owner that does not give the job its place within [`QUEUED_WITHIN`] (frozen:
+/// its kernel accepts the connection, nobody answers) counts as unreachable.
 async fn forward_one(
     client: &mut PeerServiceClient<Channel>,
     req: Request<QueueRequest>,
     ticket: &Ticket,
+    still_owner: impl Fn() -> bool,
 ) -> Result<WireResult, String> {
-    let mut events = client
-        .queue(req)
-        .await
-        .map_err(|s| s.to_string())?
-        .into_inner();
-    loop {
-        match events.message().await.map_err(|s| s.to_string())? {
-            Some(QueueResponse {
-                event: Some(Event::Queued(_)),
-            }) => ticket.placed(),
-            Some(QueueResponse {
-                event: Some(Event::Result(body)),
-            }) => return serde_json::from_slice(&body).map_err(|e| e.to_string()),
-            Some(QueueResponse { event: None }) => {}
-            None => return Err("the owner ended the call without a result".into()),
+    let placed = async {
+        let mut events = client
+            .queue(req)
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        loop {
+            match events.message().await.map_err(|s| s.to_string())? {
+                Some(QueueResponse {
+                    event: Some(Event::Queued(_)),
+                }) => return Ok((events, None)),
+                Some(QueueResponse {
+                    event: Some(Event::Result(body)),
+                }) => return Ok((events, Some(body))),
+                Some(QueueResponse { event: None }) => {}
+                None => return Err("the owner ended the call without a result".to_owned()),
+            }
         }
-    }
+    };
+    // The chat's owner may change meanwhile (the one asked froze and its lease ended): then
+    // the job goes there at once instead of waiting out the timeout.
+    let moved = async {
+        loop {
+            tokio::time::sleep(OWNER_RECHECK).await;
+            if still_owner() {
+                continue;
+            }
+            return;
+        }
+    };
+    let (mut events, early) = tokio::select! {
+        r = tokio::time::timeout(QUEUED_WITHIN, placed) => {
+            r.map_err(|_| "the owner did not take the job in time".to_owned())??
+        }
+        () = moved => return Err("the chat's partition moved to another replica".into()),
+    };
+    let body = match early {
+        Some(body) => body,
+        None => {
+            ticket.placed();
+            loop {
+                match events.message().await.map_err(|s| s.to_string())? {
+                    Some(QueueResponse {
+                        event: Some(Event::Result(body)),
+                    }) => break body,
+                    Some(_) => {}
+                    None => return Err("the owner ended the call without a result".into()),
+                }
+            }
+        }
+    };
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
 impl Forward for PeerForward {
@@ -277,7 +319,9 @@ impl Forward for PeerForward {
     /// replica holding it does not own its partition (or no longer does).
     fn forward(&self, spec: Box<JobSpec>) -> Result<BoxFuture<'static, JobResult>, Box<JobSpec>> {
         let routes = self.routes.clone();
-        let ticket = self.order.take(&spec.chat_id, routes.owner_of(&spec.chat_id));
+        let ticket = self
+            .order
+            .take(&spec.chat_id, routes.owner_of(&spec.chat_id));
         let (scheduler, metrics) = (self.scheduler.clone(), self.metrics.clone());
         let (secret, service) = (self.secret.clone(), self.service.clone());
         Ok(Box::pin(async move {
@@ -286,10 +330,17 @@ impl Forward for PeerForward {
             let mut routed_again = false;
             let mut stay_until = None;
             loop {
-                let target = routes.target(&spec.chat_id);
-                ticket.go_to(target.as_ref().map(|(addr, _)| addr.clone()));
-                // The queue's earlier jobs first (see `order`).
-                ticket.turn().await;
+                // The queue's earlier jobs first (see `order`); where the chat is decided may
+                // change meanwhile (an owner died, a partition moved): then in that line.
+                let target = loop {
+                    let target = routes.target(&spec.chat_id);
+                    let dest = target.as_ref().map(|(addr, _)| addr.clone());
+                    ticket.go_to(dest.clone());
+                    ticket.turn().await;
+                    if routes.owner_of(&spec.chat_id) == dest {
+                        break target;
+                    }
+                };
                 // This replica began to stop while the job waited for its first place: like a
                 // job queued here, it stays in the job store (async) or fails UNAVAILABLE,
                 // rather than going out behind the queue's earlier jobs that stopped here.
@@ -312,7 +363,10 @@ impl Forward for PeerForward {
                     ))
                 });
                 if let Some((addr, mut client, req)) = wire {
-                    let (outcome, error) = match forward_one(&mut client, req, &ticket).await {
+                    let still_owner =
+                        || routes.owner_of(&spec.chat_id).as_deref() == Some(addr.as_str());
+                    let sent = forward_one(&mut client, req, &ticket, still_owner).await;
+                    let (outcome, error) = match sent {
                         // The owner is stopping and never sent it: it goes here instead.
                         Ok(WireResult::Failed(f)) if f.reason == "SHUTTING_DOWN" => {
                             ("unreachable", "the owner is stopping".to_owned())
