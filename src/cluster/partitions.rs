@@ -558,8 +558,9 @@ impl Partitions {
     /// others claim them at their next beat. From now on it routes every partition's jobs
     /// to the other members.
     pub async fn leave(&self) -> Result<(), ClusterError> {
-        let me = {
+        let (me, held) = {
             let mut s = self.state.lock();
+            let held: BTreeSet<u16> = s.owned.keys().chain(s.leaving.keys()).copied().collect();
             s.owned.clear();
             s.leaving.clear();
             s.valid_until = None;
@@ -570,7 +571,7 @@ impl Partitions {
             }
             let live = s.live.clone();
             s.preferred = preferred_all(&live);
-            me
+            (me, held)
         };
         self.metrics.set_partitions_owned(0);
         let until = Instant::now() + self.hold;
@@ -578,7 +579,10 @@ impl Partitions {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let mut inv = self.leave.prepare_invoke();
-        inv.key(&self.members_key).arg(&me);
+        inv.key(&self.members_key).key(&self.owners_key).arg(&me);
+        for p in held {
+            inv.arg(p);
+        }
         let _: i64 = self
             .redis
             .call_on(Lane::Quota, "partitions_leave", inv)

@@ -216,11 +216,19 @@ for _, v in ipairs(granted) do table.insert(out, v) end
 return out
 "#;
 
-/// A replica stopping: KEYS[1] = members, ARGV[1] = this replica. Its lease ends now (when
-/// it had one), so the others take its partitions at their next beat.
+/// A replica stopping: KEYS[1] = members, KEYS[2] = owners, ARGV[1] = this replica, ARGV[2..]
+/// = the partitions it held. Those still its own are released now (their sends stopped now:
+/// it waited for them), and its lease ends now (when it had one), so the others take them at
+/// their next beat.
 pub(super) const LEAVE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do
+  local p = ARGV[i]
+  if redis.call('HGET', KEYS[2], p .. ':id') == ARGV[1] then
+    redis.call('HSET', KEYS[2], p .. ':id', '', p .. ':free', now)
+  end
+end
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if s and tonumber(s) > now then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
 return 1
