@@ -44,9 +44,12 @@
 //!   carries the answers waiting, settle in batches, release, block, replay, heartbeat,
 //!   partitions); [`cluster::gate`] the Redis gate, the scheduler's `SharedGate` in cluster
 //!   mode (lines behind shared keys, failure policy and fallback table, heartbeat, state
-//!   published through a `watch`); [`cluster::partitions`] the 256 target partitions and
+//!   published through a `watch`; `cluster::gate::outage` its heartbeat, fallback and
+//!   return to Redis); [`cluster::partitions`] the 256 target partitions and
 //!   their owners (member leases with peer addresses, rendezvous hashing, claims with epochs,
-//!   the peer secret);
+//!   sends in flight per partition and hand-over once they are answered, the peer secret);
+//!   `cluster::owned` the partitioned gate's split of a job's keys (its target's window kept
+//!   here, the rest in Redis); `cluster::settles` the answers waiting, per slot;
 //!   `cluster::budget` the budgets' counter in Redis.
 //! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
 //!   [`jobs::seam`] the job store seam (`JobStore`, and `Leases` for a store the replicas
@@ -92,7 +95,7 @@
 //!   the `queue_wait` and `feishu.reply` spans; `scheduler::send` a send going out (its own
 //!   task, the send timeout, a panic caught, an answer with no dispatcher left);
 //!   `scheduler::forward` the seam a job goes to its queue's owner through (cluster mode with
-//!   peers); [`scheduler::gate`] the quota seam
+//!   peers), and `Routed`: a job handed back when this replica does not decide its chat; [`scheduler::gate`] the quota seam
 //!   (`QuotaGate`: the local table, or a `SharedGate`; opaque memo, grant and answer);
 //!   `scheduler::outcome` settling a send and its retries (and which keys a rate refusal
 //!   counts in); [`scheduler::gone`] messages Feishu said are recalled or deleted (30 min:

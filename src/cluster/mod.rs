@@ -15,7 +15,7 @@
 //!   their partition ([`partitions`], [`gate`]); an app's keys are on `{<prefix>:app:<id>}`,
 //!   a user's on its partition's `{<prefix>:p:<n>}`. A decision is one script call per slot
 //!   it touches: the app's, plus the user's partition when the job names a user (reserved
-//!   first, released when the app refuses). Answers are batched per slot ([`settles`]).
+//!   first, released when the app refuses). Answers are batched per slot (`cluster::settles`).
 //!
 //! Connections: [`crate::redis_conn`] (shared with the job store).
 

@@ -1,8 +1,8 @@
 //! Partition ownership (issue 21, step 1 of "Scaling out over a Redis Cluster" in
 //! ARCHITECTURE.md): every target key (a chat, a user, a message, a card) falls in one of
 //! [`PARTITIONS`] partitions, and each partition has at most one owner among the live
-//! replicas at any time. The owner is the one replica that may decide and send for the
-//! partition's targets once the later steps move the target windows out of Redis.
+//! replicas at any time. The owner is the one replica that decides and sends for the
+//! partition's targets, and keeps their windows (with peers: `cluster::gate`).
 //!
 //! - **Members.** Each replica holds a lease in `{<prefix>:parts}:members` (a sorted set:
 //!   replica → lease end, Redis `TIME`), renewed every quarter lease by one script call. A
@@ -20,8 +20,13 @@
 //!   end. The new owner sends to the partition's targets only a target span after that
 //!   ([`Owned::sendable_at`]): whatever the old owner sent has left Feishu's windows by then.
 //! - **Validity.** A replica counts its partitions as its own only until its lease, as this
-//!   process measured it from before the renewal call, ends (less a margin): a replica cut off
-//!   from Redis, or stalled, stops counting them before any other replica may claim them.
+//!   process measured it from before the renewal call, ends (less a fifth of it): a replica
+//!   cut off from Redis, or stalled, stops deciding for them before any other replica may
+//!   claim them, and the claim counts the dead owner's sends as stopped from then.
+//! - **Hand-over.** Each send to a partition counts in flight ([`Sending`], from its decision
+//!   to its answer). A partition another member should own is no longer decided here at once
+//!   ([`Route::Elsewhere`]) and released once nothing sent to it is in flight (at most the
+//!   send timeout later); a leaving replica waits the same way, then releases them all.
 //!
 //! Cost: one Redis call per replica per quarter lease (two when the members changed: the
 //! second claims and releases at once). All on one slot: the data of a partition (its jobs,

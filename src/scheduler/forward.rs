@@ -12,7 +12,9 @@ use futures_util::future::BoxFuture;
 
 use super::{JobResult, JobSpec};
 
-/// What came of a job queued by [`super::Scheduler::queue_routed`].
+/// What came of a job queued by [`super::Scheduler::queue_routed`]. Returned once per job
+/// and matched at once, so the result is not boxed.
+#[allow(clippy::large_enum_variant)]
 pub enum Routed {
     /// Its result.
     Done(JobResult),

@@ -10,10 +10,13 @@
 //! - **Trust.** Every call carries the cluster's peer secret (`x-gateway-peer`), which the
 //!   first replica stores in Redis; a call without it is refused. The peer listener is for
 //!   the replicas only (deploy: a NetworkPolicy).
-//! - **When the owner does not answer** (not reachable, refused, gone mid-call) the job is
-//!   queued here instead. Quota decisions still go through the shared Redis, so Feishu's
-//!   limits hold either way; a send the owner may have made before it died is repeated with
-//!   the same uuid, which Feishu dedupes.
+//! - **Routing** ([`PeerForward`]'s futures): a job goes to its partition's owner of the
+//!   moment; when the owner does not answer (not reachable, refused, gone mid-call, not placing
+//!   it within 2 s) or is not the owner (any more), the job is queued here, and this replica's
+//!   gate hands it back (`Routed::Back`) unless this replica owns the partition: then it is
+//!   routed again, at most every 200 ms. Only the owner decides a chat (it keeps its window),
+//!   so Feishu's limits hold either way; a send the owner may have made before it died is
+//!   repeated with the same uuid, which Feishu dedupes.
 //! - Dropping the wait (the caller went away) drops the peer call; the owner takes the job
 //!   out of its queue unless it is being sent.
 
