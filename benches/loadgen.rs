@@ -548,8 +548,9 @@ impl Stack {
                 .lines()
                 .filter_map(|l| {
                     let rest = l.strip_prefix(series)?;
-                    // The series itself, not a longer name sharing its start.
-                    (series.ends_with('{') || rest.starts_with(' ')).then_some(())?;
+                    // The series itself, not a longer name sharing its start (a prefix
+                    // ending in `{` or `,` takes every series with those first labels).
+                    (series.ends_with(['{', ',']) || rest.starts_with(' ')).then_some(())?;
                     rest.rsplit(' ').next()?.parse::<f64>().ok()
                 })
                 .sum::<f64>();

@@ -168,6 +168,7 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             cli(*p, &["config", "resetstat"]);
         }
         let trips_before = redis_round_trips(&stack).await;
+        let ops_before = calls_by_op(&stack).await;
         let forwarded_before = stack
             .gateway_metric("feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"ok\"}")
             .await;
@@ -188,6 +189,9 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             ok += u64::from(c.await.unwrap());
         }
         let elapsed = t.elapsed();
+        // The answers still waiting to be written back (a quiet slot's wait a decision to
+        // carry them for 100 ms) are part of the cost: counted once they are written.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let served: Vec<u64> = cluster.ports.iter().map(|p| calls_served(*p)).collect();
         let total: u64 = served.iter().sum();
         // Round trips as the gateways count them (every op: decide, settle, heartbeat, …).
@@ -197,6 +201,15 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             .await
             - forwarded_before;
         let busiest = served.iter().copied().max().unwrap_or(0);
+        let by_op: Vec<String> = calls_by_op(&stack)
+            .await
+            .into_iter()
+            .zip(ops_before)
+            .filter(|((_, after), (_, before))| after > before)
+            .map(|((op, after), (_, before))| {
+                format!("{op} {:.2}", (after - before) / ok.max(1) as f64)
+            })
+            .collect();
         if std::env::var_os("LOADGEN_COMMANDSTATS").is_some() {
             for p in &cluster.ports {
                 println!("{}", cli(*p, &["info", "commandstats"]));
@@ -209,7 +222,32 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             100.0 * busiest as f64 / total.max(1) as f64,
             100.0 * forwarded / ok.max(1) as f64
         );
+        println!("    per send by op: {}", by_op.join(", "));
     }
+}
+
+/// The gateway's Redis ops, as `feishu_reply_redis_calls_total` names them.
+const OPS: [&str; 10] = [
+    "decide",
+    "settle",
+    "release",
+    "heartbeat",
+    "partitions",
+    "block",
+    "replay",
+    "budget",
+    "job_poll",
+    "job_lease",
+];
+
+/// Each op's calls, summed over outcomes and gateways.
+async fn calls_by_op(stack: &super::Stack) -> Vec<(&'static str, f64)> {
+    let mut out = Vec::new();
+    for op in OPS {
+        let series = format!("feishu_reply_redis_calls_total{{op=\"{op}\",");
+        out.push((op, stack.gateway_metric(&series).await));
+    }
+    out
 }
 
 /// `feishu_reply_redis_calls_total` summed over every op, outcome and gateway.

@@ -12,8 +12,9 @@
 //! - **One slot** (no peers): every key on `{<prefix>}`, one shard carries every decision.
 //! - **Partitioned** (`[cluster] peer_listen` set; ARCHITECTURE.md "Scaling out over a Redis
 //!   Cluster"): chat, message and card windows are kept in the memory of the replica owning
-//!   their partition ([`partitions`], [`gate`]); an app's keys are on `{<prefix>:app:<id>}`,
-//!   a user's on its partition's `{<prefix>:p:<n>}`. A decision is one script call per slot
+//!   their partition ([`partitions`], [`gate`]); an app's keys are on one of 12 app tags
+//!   spread evenly over the slots (`{<prefix>:app:<b>.<n>}`), a user's on its partition's
+//!   `{<prefix>:p:<n>}`. A decision is one script call per slot
 //!   it touches: the app's, plus the user's partition when the job names a user (reserved
 //!   first, released when the app refuses). Answers are batched per slot (`cluster::settles`).
 //!
@@ -50,12 +51,6 @@ use settles::{Settle, Settles, add_settles, by_slot};
 const MAX_UNKNOWN: usize = 10_000;
 /// Pause before writing back a batch of answers again after Redis failed it.
 const SETTLE_RETRY: Duration = Duration::from_millis(100);
-/// How long the settler leaves new answers for a decision to carry (the next DECIDE on their
-/// slot applies the answers waiting before it decides: no SETTLE call of their own). Other
-/// replicas see those sends as in flight that much longer, which only ever makes them wait,
-/// never send.
-const SETTLE_LINGER: Duration = Duration::from_millis(5);
-
 /// What Redis decided for one send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -75,6 +70,44 @@ pub struct SharedKey {
     pub span_us: u64,
 }
 
+/// Hash tags the apps' keys are spread over when the keys are partitioned (each app's keys
+/// on one of them). Fewer, larger slots than one per app: an answer can only be written back
+/// along with answers on the same slot, so each slot costs a replica about one SETTLE call
+/// whenever its apps go quiet (BENCHMARKS.md "Spread over a Redis Cluster"). 24 divides
+/// evenly over 1, 2, 3, 4, 6, 8, 12 or 24 masters ([`app_tags`]).
+const APP_SLOTS: usize = 12;
+
+/// Redis Cluster's slot of a hash tag (CRC16/XMODEM modulo 16384, as every cluster client
+/// computes it).
+fn cluster_slot(tag: &str) -> usize {
+    usize::from(crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes())) % 16384
+}
+
+/// The [`APP_SLOTS`] app hash tags under `prefix`: tag `b` lands in the middle half of the
+/// `b`-th of [`APP_SLOTS`] equal ranges of the 16384 slots, so a cluster whose masters split
+/// the slots into equal ranges (as `redis-cli --cluster create` does) over a divisor of
+/// [`APP_SLOTS`] masters holds as many of them on each master. The same on every replica.
+fn app_tags(prefix: &str) -> Vec<String> {
+    (0..APP_SLOTS)
+        .map(|b| {
+            let (start, end) = (b * 16384 / APP_SLOTS, (b + 1) * 16384 / APP_SLOTS);
+            let quarter = (end - start) / 4;
+            (0u32..)
+                .map(|n| format!("{prefix}:app:{b}.{n}"))
+                .find(|t| (start + quarter..end - quarter).contains(&cluster_slot(t)))
+                .expect("CRC16 reaches every range")
+        })
+        .collect()
+}
+
+/// Which of the [`APP_SLOTS`] tags an app's keys use (by its app_id; `<app_id>/<api>`
+/// windows go with the app's).
+fn app_bucket(app_key: &str) -> usize {
+    let app_id = app_key.split('/').next().unwrap_or(app_key);
+    let d = ring::digest::digest(&ring::digest::SHA256, app_id.as_bytes());
+    usize::from(u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]])) % APP_SLOTS
+}
+
 /// Quota kinds whose windows the owner of their partition keeps in memory when the keys are
 /// partitioned: no Redis key of theirs is used.
 const OWNED_KINDS: [&str; 3] = ["chat", "message", "card"];
@@ -86,6 +119,8 @@ pub struct RedisQuota {
     /// user keys on their partition's, chat, message and card windows in their owner's memory.
     /// Else every key on the one slot `{<prefix>}`.
     partitioned: bool,
+    /// The app hash tags ([`app_tags`]), when partitioned.
+    app_tags: Vec<String>,
     decide: redis::Script,
     replay: redis::Script,
     heartbeat: redis::Script,
@@ -110,8 +145,13 @@ impl RedisQuota {
     /// The quota store on `redis` (connections made on first use). Its keys are partitioned
     /// when peers are configured (see [`Self::partitioned`]).
     pub fn new(redis: Arc<SharedRedis>, metrics: Arc<Metrics>) -> Self {
+        let partitioned = redis.config().peers.is_some();
         Self {
-            partitioned: redis.config().peers.is_some(),
+            partitioned,
+            app_tags: match partitioned {
+                true => app_tags(&redis.config().key_prefix),
+                false => Vec::new(),
+            },
             decide: redis::Script::new(DECIDE_LUA),
             replay: redis::Script::new(REPLAY_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
@@ -138,8 +178,8 @@ impl RedisQuota {
         &self.redis
     }
 
-    /// Whether the keys are spread over slots (peers configured): app keys on
-    /// `{<prefix>:app:<id>}`, user keys on their partition's `{<prefix>:p:<n>}`, and no Redis
+    /// Whether the keys are spread over slots (peers configured): app keys on one of
+    /// [`APP_SLOTS`] tags `{<prefix>:app:<b>.<n>}`, user keys on their partition's `{<prefix>:p:<n>}`, and no Redis
     /// key for chats, messages and cards (their partition's owner keeps their windows).
     pub fn partitioned(&self) -> bool {
         self.partitioned
@@ -161,7 +201,7 @@ impl RedisQuota {
                 let queue = crate::scheduler::user_queue(id);
                 format!("{prefix}:p:{}", partitions::partition_of(&queue))
             }
-            _ => format!("{prefix}:app:{id}"),
+            _ => self.app_tags[app_bucket(id)].clone(),
         }
     }
 
@@ -282,6 +322,9 @@ impl RedisQuota {
                 // Never trust a wait beyond the key's span (the script caps it too).
                 let span = keys.get(key).map_or(1, |k| k.span_us.max(1));
                 let wait = u64::try_from(*wait).unwrap_or(1).clamp(1, span);
+                // Full windows: this replica's answers on the slot matter to the others now.
+                let busy_until = Instant::now() + Duration::from_micros(span);
+                self.settles.lock().mark_busy(slot, busy_until);
                 Ok(Some((Duration::from_micros(wait), key)))
             }
             other => Err(ClusterError::Protocol(format!("decide returned {other:?}"))),
@@ -323,15 +366,22 @@ impl RedisQuota {
             let Some(s) = store.upgrade() else { return };
             let notify = s.settle_wake.clone();
             let wake = notify.notified();
-            let idle = s.settles.lock().is_empty();
+            let next = s.settles.lock().next_due(Instant::now());
             drop(s);
-            if idle {
-                wake.await;
+            match next {
+                None => wake.await,
+                // A decision on the slot made meanwhile carries what came in (see
+                // DECIDE_LUA); each slot's answers are written once the oldest has waited.
+                // New answers, or a slot turning busy, may bring that forward.
+                Some(t) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(t) => {}
+                        () = wake => {}
+                    }
+                }
             }
-            // A decision made meanwhile carries what came in (see DECIDE_LUA).
-            tokio::time::sleep(SETTLE_LINGER).await;
             let Some(s) = store.upgrade() else { return };
-            let slots = s.settles.lock().slots();
+            let slots = s.settles.lock().due(Instant::now());
             let mut failed = false;
             for slot in slots {
                 let batch = s.settles.lock().take(&slot);
@@ -500,5 +550,37 @@ impl RedisQuota {
             }
         }
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_tags_spread_evenly_over_the_slots_and_apps_over_the_tags() {
+        let tags = app_tags("gw");
+        assert_eq!(tags.len(), APP_SLOTS);
+        // Redis Cluster's own slot of a known key (CLUSTER KEYSLOT foo = 12182).
+        assert_eq!(cluster_slot("foo"), 12182);
+        for masters in [1, 2, 3, 4, 6, 12] {
+            let mut per = vec![0; masters];
+            for t in &tags {
+                per[cluster_slot(t) * masters / 16384] += 1;
+            }
+            assert!(
+                per.iter().all(|&n| n == APP_SLOTS / masters),
+                "{masters}: {per:?}"
+            );
+        }
+        let mut per_tag = vec![0; APP_SLOTS];
+        for a in 0..2400 {
+            per_tag[app_bucket(&format!("cli_{a}"))] += 1;
+        }
+        assert!(
+            per_tag.iter().all(|&n| (60..=140).contains(&n)),
+            "{per_tag:?}"
+        );
+        assert_eq!(app_bucket("cli_1/send"), app_bucket("cli_1"));
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -24,18 +25,25 @@ pub(super) struct Settle {
     pub answered: Instant,
 }
 
+/// How long a quiet slot's answers wait for a decision on the slot to carry them before a
+/// SETTLE of their own. Other replicas see those sends as in flight that much longer: that
+/// changes no decision unless a window's room depends on a send this young, i.e. its window
+/// filled within this time, and then the refused replica waits at most this much longer.
+pub(super) const LINGER_QUIET: Duration = Duration::from_millis(100);
+/// How long a busy slot's answers wait (a decision on it was refused lately: its windows are
+/// full, and the others' next room depends on these answers).
+pub(super) const LINGER_BUSY: Duration = Duration::from_millis(5);
+
 /// The answers waiting, by slot (oldest first in each).
 #[derive(Default)]
 pub(super) struct Settles {
     by_slot: BTreeMap<Arc<str>, VecDeque<Settle>>,
     total: usize,
+    /// Slots busy until then (a decision on them was refused).
+    busy: BTreeMap<Arc<str>, Instant>,
 }
 
 impl Settles {
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
     /// Queues the answer of the send recorded as `member` on `keys` (split by slot).
     pub fn push(&mut self, keys: Vec<SharedKey>, member: &str, answered: Instant) {
         for (slot, keys) in by_slot(keys) {
@@ -75,9 +83,38 @@ impl Settles {
         batch
     }
 
-    /// The slots with answers waiting.
-    pub fn slots(&self) -> Vec<Arc<str>> {
-        self.by_slot.keys().cloned().collect()
+    /// `slot`'s windows were full at a decision: its answers go back promptly until `until`.
+    pub fn mark_busy(&mut self, slot: &Arc<str>, until: Instant) {
+        let u = self.busy.entry(slot.clone()).or_insert(until);
+        *u = (*u).max(until);
+    }
+
+    fn linger(&self, slot: &str, now: Instant) -> Duration {
+        match self.busy.get(slot) {
+            Some(&until) if until > now => LINGER_BUSY,
+            _ => LINGER_QUIET,
+        }
+    }
+
+    /// When the next slot's answers are due (see [`Self::due`]).
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        self.by_slot
+            .iter()
+            .filter_map(|(slot, q)| Some(q.front()?.answered + self.linger(slot, now)))
+            .min()
+    }
+
+    /// The slots whose oldest answer has waited its slot's linger at `now`.
+    pub fn due(&mut self, now: Instant) -> Vec<Arc<str>> {
+        self.busy.retain(|_, until| *until > now);
+        self.by_slot
+            .iter()
+            .filter(|(slot, q)| {
+                q.front()
+                    .is_some_and(|s| s.answered + self.linger(slot, now) <= now)
+            })
+            .map(|(slot, _)| slot.clone())
+            .collect()
     }
 
     /// Answers a failed call did not surely write: back at the front of `slot`'s queue, in
@@ -147,7 +184,19 @@ mod tests {
             now,
         );
         s.push(vec![key("a", "a1"), key("a", "a2")], "m2", now);
-        assert_eq!(s.slots().len(), 2);
+        // Quiet slots wait for a decision to carry them; a busy one goes back promptly.
+        assert!(s.due(now).is_empty());
+        assert_eq!(s.next_due(now), Some(now + LINGER_QUIET));
+        let a: Arc<str> = "a".into();
+        s.mark_busy(&a, now + Duration::from_secs(1));
+        assert_eq!(s.next_due(now), Some(now + LINGER_BUSY));
+        assert_eq!(s.due(now + LINGER_BUSY), vec![a.clone()]);
+        assert_eq!(s.due(now + LINGER_QUIET).len(), 2);
+        assert_eq!(
+            s.due(now + Duration::from_secs(2)).len(),
+            2,
+            "busy no more: quiet"
+        );
         let a = s.take("a");
         assert_eq!(a.len(), 2, "both answers' app keys");
         assert!(a.iter().all(|x| x.keys.iter().all(|k| &*k.slot == "a")));
@@ -157,7 +206,7 @@ mod tests {
         s.put_back(&slot, a);
         assert_eq!(s.take("a")[0].member, "m1", "put back in front, in order");
         assert_eq!(s.take("u").len(), 1);
-        assert!(s.is_empty());
+        assert_eq!(s.total, 0);
         assert!(s.take("nothing").is_empty());
     }
 

@@ -302,11 +302,9 @@ impl Scheduler {
         self.queue_to(spec, false)
     }
 
-    fn queue_to(
-        &self,
-        spec: JobSpec,
-        may_forward: bool,
-    ) -> impl Future<Output = JobResult> + Send + 'static {
+    /// `spec`'s uuid as its caller knows it, and the guard that takes it out of its queue
+    /// when its waiter goes away.
+    fn abandon_guard(&self, spec: &JobSpec) -> (String, AbandonOnDrop) {
         let uuid = spec
             .caller_uuid
             .clone()
@@ -315,6 +313,15 @@ impl Scheduler {
             tx: self.tx.clone(),
             chat_id: Some(spec.chat_id.clone()),
         };
+        (uuid, guard)
+    }
+
+    fn queue_to(
+        &self,
+        spec: JobSpec,
+        may_forward: bool,
+    ) -> impl Future<Output = JobResult> + Send + 'static {
+        let (uuid, guard) = self.abandon_guard(&spec);
         let result = self.submit_to(spec, may_forward);
         async move {
             let result = result.await;
@@ -332,14 +339,7 @@ impl Scheduler {
         spec: JobSpec,
         stay_until: Option<Instant>,
     ) -> impl Future<Output = Routed> + Send + 'static {
-        let uuid = spec
-            .caller_uuid
-            .clone()
-            .unwrap_or_else(|| spec.request.uuid().to_owned());
-        let guard = AbandonOnDrop {
-            tx: self.tx.clone(),
-            chat_id: Some(spec.chat_id.clone()),
-        };
+        let (uuid, guard) = self.abandon_guard(&spec);
         let (back, back_rx) = oneshot::channel();
         let result = self.submit_with(spec, false, Some((back, stay_until)));
         async move {
