@@ -179,7 +179,7 @@ impl RedisQuota {
     }
 
     /// Whether the keys are spread over slots (peers configured): app keys on one of
-    /// [`APP_SLOTS`] tags `{<prefix>:app:<b>.<n>}`, user keys on their partition's `{<prefix>:p:<n>}`, and no Redis
+    /// 12 tags `{<prefix>:app:<b>.<n>}`, user keys on their partition's `{<prefix>:p:<n>}`, and no Redis
     /// key for chats, messages and cards (their partition's owner keeps their windows).
     pub fn partitioned(&self) -> bool {
         self.partitioned
