@@ -93,9 +93,9 @@ pub(super) async fn start(
 impl Running {
     /// Shutdown begins: this replica stops deciding for its partitions, and once their
     /// sends in flight are answered the others take them, so they stop forwarding jobs here
-    /// while it drains. Its queued jobs go back to their routers, which send them to the new
-    /// owners (a job forwarded meanwhile comes back and is routed by its sender). The peer
-    /// listener keeps serving the jobs it holds.
+    /// while it drains. Its queued jobs go back to their routers: one that came from a peer
+    /// is routed again by its sender; one that came in here stays in the job store (async)
+    /// or fails UNAVAILABLE (retryable). The peer listener keeps serving the jobs it holds.
     pub(super) async fn leave(&self) {
         self.renew.abort();
         if let Err(e) = self.parts.leave().await {

@@ -294,6 +294,11 @@ impl Partitions {
         Some((s.live[i].clone(), s.addrs[i].clone()))
     }
 
+    /// Where this replica's peers reach it (empty: not said).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// This replica's member id.
     pub fn me(&self) -> String {
         self.state.lock().me.clone()

@@ -110,6 +110,9 @@ pub struct PeerFailure {
     pub feishu_code: Option<i64>,
     pub uuid: Option<String>,
     pub attempts: Option<u32>,
+    /// A replica that did not own the job's chat: where it sees the owner (its peer address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_hint: Option<String>,
 }
 
 impl GatewayError {

@@ -58,6 +58,9 @@ const KEEPALIVE: Duration = Duration::from_secs(1);
 /// How long an owner has to give a forwarded job its place in line.
 const QUEUED_WITHIN: Duration = Duration::from_secs(2);
 
+/// Hops in a row a job follows the owner another replica names.
+const MAX_HINT_HOPS: u32 = 3;
+
 /// How often a job not yet in its owner's line checks that the owner is still the one.
 const OWNER_RECHECK: Duration = Duration::from_millis(50);
 
@@ -82,6 +85,7 @@ fn authentic<T>(req: &Request<T>, secret: &str) -> bool {
 /// The peer side: jobs other replicas forward to this one.
 pub struct PeerServer {
     service: Arc<ReplyService>,
+    partitions: Arc<Partitions>,
     scheduler: Scheduler,
     secret: Arc<str>,
     metrics: Arc<Metrics>,
@@ -90,12 +94,14 @@ pub struct PeerServer {
 impl PeerServer {
     pub fn new(
         service: Arc<ReplyService>,
+        partitions: Arc<Partitions>,
         scheduler: Scheduler,
         secret: Arc<str>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             service,
+            partitions,
             scheduler,
             secret,
             metrics,
@@ -137,6 +143,11 @@ impl PeerService for PeerServer {
         let api = spec.request.api();
         // In line now (submitted at once); dropped with this call when the forwarding replica
         // gives up: the job leaves the queue unless it is being sent.
+        let chat = spec.chat_id.clone();
+        let routes = Routes {
+            partitions: self.partitions.clone(),
+            clients: Arc::default(),
+        };
         let result = self.scheduler.queue_routed(spec, None);
         let queued = QueueResponse {
             event: Some(Event::Queued(true)),
@@ -145,7 +156,7 @@ impl PeerService for PeerServer {
             let result = match result.await {
                 Routed::Done(r) => to_wire_result(r, api),
                 // Not this replica's (any more): its sender routes it again.
-                Routed::Back(_) => moved(),
+                Routed::Back(_) => moved(routes.owner_of(&chat)),
             };
             let body = serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
             Ok(QueueResponse {
@@ -329,25 +340,34 @@ impl Forward for PeerForward {
         let (secret, service) = (self.secret.clone(), self.service.clone());
         Ok(Box::pin(async move {
             let mut spec = spec;
-            // Whether the job had its place in a line before (it came back from one).
-            let mut routed_again = false;
             let mut stay_until = None;
+            // Where the last replica asked sees the owner (it answered PEER_MOVED), and how
+            // many hops in a row followed such a hint (views disagreeing in a circle end
+            // after a few: the job then waits here like after a failure).
+            let mut hint: Option<String> = None;
+            let mut hops = 0;
             loop {
                 // The queue's earlier jobs first (see `order`); where the chat is decided may
                 // change meanwhile (an owner died, a partition moved): then in that line.
                 let target = loop {
-                    let target = routes.target(&spec.chat_id);
+                    let hinted = hint.take();
+                    let target = match &hinted {
+                        Some(addr) => routes.client(addr).map(|c| (addr.clone(), c)),
+                        None => routes.target(&spec.chat_id),
+                    };
                     let dest = target.as_ref().map(|(addr, _)| addr.clone());
                     ticket.go_to(dest.clone());
                     ticket.turn().await;
-                    if routes.owner_of(&spec.chat_id) == dest {
+                    if hinted.is_some() || routes.owner_of(&spec.chat_id) == dest {
                         break target;
                     }
                 };
-                // This replica began to stop while the job waited for its first place: like a
-                // job queued here, it stays in the job store (async) or fails UNAVAILABLE,
-                // rather than going out behind the queue's earlier jobs that stopped here.
-                if !routed_again && !scheduler.accepting() && spec.lane != Lane::Final {
+                // This replica began to stop while the job waited for its turn, or it came
+                // back from a line here: it stays in the job store (async, another replica
+                // takes it) or fails UNAVAILABLE (retryable with its uuid), rather than
+                // going out behind the queue's earlier jobs that stopped here. (A stopping
+                // replica has handed its partitions over: it sends nothing more itself.)
+                if !scheduler.accepting() && spec.lane != Lane::Final {
                     let uuid = spec
                         .caller_uuid
                         .clone()
@@ -369,12 +389,23 @@ impl Forward for PeerForward {
                     let still_owner =
                         || routes.owner_of(&spec.chat_id).as_deref() == Some(addr.as_str());
                     let sent = forward_one(&mut client, req, &ticket, still_owner).await;
+                    if !matches!(&sent, Ok(WireResult::Failed(f)) if f.reason == MOVED) {
+                        hops = 0;
+                    }
                     let (outcome, error) = match sent {
                         // The owner is stopping and never sent it: it goes here instead.
                         Ok(WireResult::Failed(f)) if f.reason == "SHUTTING_DOWN" => {
                             ("unreachable", "the owner is stopping".to_owned())
                         }
                         Ok(WireResult::Failed(f)) if f.reason == MOVED => {
+                            // Straight to where that replica sees the owner, when it is not
+                            // this one and not itself.
+                            hops += 1;
+                            hint = f.owner_hint.filter(|h| {
+                                *h != addr
+                                    && *h != routes.partitions.addr()
+                                    && hops <= MAX_HINT_HOPS
+                            });
                             ("moved", "that replica does not own the chat".to_owned())
                         }
                         Ok(result) => {
@@ -386,6 +417,10 @@ impl Forward for PeerForward {
                         Err(error) => ("unreachable", error),
                     };
                     metrics.peer_job(true, outcome);
+                    if hint.is_some() {
+                        tracing::debug!(peer = %addr, chat_id = %spec.chat_id, "that replica does not own the chat; to the owner it names");
+                        continue;
+                    }
                     tracing::info!(peer = %addr, %error, chat_id = %spec.chat_id, "the replica owning this chat did not take the job; queued here");
                     // Back in line here, after the jobs of its queue forwarded before it; it
                     // goes on once this replica knows better where the chat is decided.
@@ -403,7 +438,7 @@ impl Forward for PeerForward {
                     Routed::Done(result) => return result,
                     Routed::Back(back) => {
                         spec = back;
-                        routed_again = true;
+                        hops = 0;
                     }
                 }
             }
@@ -448,13 +483,13 @@ pub fn start(
             }
         };
         scheduler.set_forward(Arc::new(PeerForward::new(
-            partitions,
+            partitions.clone(),
             &service,
             scheduler.clone(),
             secret.clone(),
             metrics.clone(),
         )));
-        let server = PeerServer::new(service, scheduler, secret, metrics);
+        let server = PeerServer::new(service, partitions.clone(), scheduler, secret, metrics);
         let served = tonic::transport::Server::builder()
             .add_service(
                 crate::proto::peer::peer_service_server::PeerServiceServer::new(server)

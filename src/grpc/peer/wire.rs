@@ -336,6 +336,7 @@ pub(super) fn to_wire_result(result: JobResult, api: crate::feishu::Api) -> Wire
                 feishu_code,
                 uuid,
                 attempts,
+                owner_hint: None,
             })
         }
     }
@@ -345,8 +346,9 @@ pub(super) fn to_wire_result(result: JobResult, api: crate::feishu::Api) -> Wire
 pub(super) const MOVED: &str = "PEER_MOVED";
 
 /// The answer of a replica that does not own the job's partition (or no longer): the job was
-/// not sent, and its sender routes it again.
-pub(super) fn moved() -> WireResult {
+/// not sent, and its sender routes it again (to `owner`, where this replica sees the owner:
+/// the sender's own view may be older, e.g. a stopping replica no longer follows the members).
+pub(super) fn moved(owner: Option<String>) -> WireResult {
     WireResult::Failed(PeerFailure {
         code: tonic::Code::Unavailable as i32,
         message: "this replica does not own the job's chat".into(),
@@ -356,6 +358,7 @@ pub(super) fn moved() -> WireResult {
         feishu_code: None,
         uuid: None,
         attempts: None,
+        owner_hint: owner,
     })
 }
 
