@@ -1095,7 +1095,9 @@ async fn a_job_whose_owner_cannot_be_reached_waits_for_it_and_goes_out_once_it_l
             &fake,
             &url,
             &prefix,
-            &format!("job_lease_ms = 2000\npeer_listen = \"127.0.0.1:{a_port}\"\n"),
+            &format!(
+                "job_lease_ms = 2000\nowner_windows = true\npeer_listen = \"127.0.0.1:{a_port}\"\n"
+            ),
         ),
     )
     .await;
@@ -1107,7 +1109,7 @@ async fn a_job_whose_owner_cannot_be_reached_waits_for_it_and_goes_out_once_it_l
             &url,
             &prefix,
             &format!(
-                "job_lease_ms = 2000\npeer_listen = \"127.0.0.1:{}\"\npeer_advertise = \"127.0.0.1:{}\"\n",
+                "job_lease_ms = 2000\nowner_windows = true\npeer_listen = \"127.0.0.1:{}\"\npeer_advertise = \"127.0.0.1:{}\"\n",
                 common::free_port(),
                 common::free_port()
             ),

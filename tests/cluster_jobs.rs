@@ -774,6 +774,8 @@ async fn owner_fails_mid_backlog(freeze: bool) {
                 &[
                     ("GATEWAY_PEER_LISTEN", &listen),
                     ("GATEWAY_METRICS_ADDR", &m),
+                    // The owner keeps its chats' windows: its death loses them.
+                    ("GATEWAY_OWNER_WINDOWS", "true"),
                 ],
             ))
         })

@@ -10,7 +10,7 @@
 //! `app:<window>ms` or `typing:<window>ms` (score = the send's latest possible arrival in µs:
 //! see DECIDE_LUA). A script's keys must share a slot on Redis Cluster, so the tags are:
 //! - **One slot** (no peers): every key on `{<prefix>}`, one shard carries every decision.
-//! - **Partitioned** (`[cluster] peer_listen` set; ARCHITECTURE.md "Scaling out over a Redis
+//! - **Partitioned** (`[cluster] owner_windows`, with peers; ARCHITECTURE.md "Scaling out over a Redis
 //!   Cluster"): chat, message and card windows are kept in the memory of the replica owning
 //!   their partition ([`partitions`], [`gate`]); an app's keys are on one of 12 app tags
 //!   spread evenly over the slots (`{<prefix>:app:<b>.<n>}`), a user's on its partition's
@@ -115,7 +115,7 @@ const OWNED_KINDS: [&str; 3] = ["chat", "message", "card"];
 /// The shared quota store.
 pub struct RedisQuota {
     redis: Arc<SharedRedis>,
-    /// Keys spread over slots (`[cluster] peer_listen` set): app keys on their app's slot,
+    /// Keys spread over slots (`[cluster] owner_windows`): app keys on their app's slot,
     /// user keys on their partition's, chat, message and card windows in their owner's memory.
     /// Else every key on the one slot `{<prefix>}`.
     partitioned: bool,
@@ -143,9 +143,13 @@ pub struct RedisQuota {
 
 impl RedisQuota {
     /// The quota store on `redis` (connections made on first use). Its keys are partitioned
-    /// when peers are configured (see [`Self::partitioned`]).
+    /// with `[cluster] owner_windows` (see [`Self::partitioned`]).
     pub fn new(redis: Arc<SharedRedis>, metrics: Arc<Metrics>) -> Self {
-        let partitioned = redis.config().peers.is_some();
+        let partitioned = redis
+            .config()
+            .peers
+            .as_ref()
+            .is_some_and(|p| p.owner_windows);
         Self {
             partitioned,
             app_tags: match partitioned {
@@ -178,7 +182,7 @@ impl RedisQuota {
         &self.redis
     }
 
-    /// Whether the keys are spread over slots (peers configured): app keys on one of
+    /// Whether the keys are spread over slots (`owner_windows`): app keys on one of
     /// 12 tags `{<prefix>:app:<b>.<n>}`, user keys on their partition's `{<prefix>:p:<n>}`, and no Redis
     /// key for chats, messages and cards (their partition's owner keeps their windows).
     pub fn partitioned(&self) -> bool {

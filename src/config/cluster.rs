@@ -56,6 +56,10 @@ pub struct PeerConfig {
     pub listen: std::net::SocketAddr,
     /// host:port the other replicas connect to.
     pub advertise: String,
+    /// `[cluster] owner_windows`: the partition's owner keeps its targets' windows and the
+    /// app windows sit on 12 slots (ARCHITECTURE.md "Scaling out over a Redis Cluster", step
+    /// 2). Off: every quota key on one slot, as without peers.
+    pub owner_windows: bool,
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -177,6 +181,11 @@ pub(super) fn build(
                 }
             };
             let peers = match (cluster.peer_listen, cluster.peer_advertise) {
+                (None, None) if cluster.owner_windows => {
+                    return Err(invalid(
+                        "cluster.owner_windows needs cluster.peer_listen (jobs go to the replica keeping their chat's window)".into(),
+                    ));
+                }
                 (None, None) => None,
                 (None, Some(_)) => {
                     return Err(invalid(
@@ -201,7 +210,11 @@ pub(super) fn build(
                             "cluster.peer_advertise = {advertise:?} must be host:port"
                         )));
                     }
-                    Some(PeerConfig { listen, advertise })
+                    Some(PeerConfig {
+                        listen,
+                        advertise,
+                        owner_windows: cluster.owner_windows,
+                    })
                 }
             };
             Some(ClusterConfig {

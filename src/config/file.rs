@@ -77,6 +77,7 @@ pub(super) struct FileCluster {
     pub(super) jobs_wait_replicas: u32,
     pub(super) peer_listen: Option<std::net::SocketAddr>,
     pub(super) peer_advertise: Option<String>,
+    pub(super) owner_windows: bool,
 }
 
 impl Default for FileCluster {
@@ -93,6 +94,7 @@ impl Default for FileCluster {
             jobs_wait_replicas: 0,
             peer_listen: None,
             peer_advertise: None,
+            owner_windows: false,
         }
     }
 }

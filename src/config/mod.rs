@@ -301,6 +301,7 @@ impl Config {
             redis_mode,
             peer_listen,
             peer_advertise,
+            owner_windows,
             embedded_fake,
             allow_anonymous,
             tls_cert,
@@ -318,6 +319,9 @@ impl Config {
         }
         if let Some(advertise) = peer_advertise {
             cluster.peer_advertise = Some(advertise.clone());
+        }
+        if *owner_windows {
+            cluster.owner_windows = true;
         }
         let invalid = |m: String| ConfigError::Invalid(m);
 
@@ -485,11 +489,15 @@ impl Config {
         })?;
 
         let cluster = cluster::build(cluster, redis_url.clone())?;
-        if quotas.updates_count_in_chat && cluster.as_ref().is_some_and(|c| c.peers.is_some()) {
+        if quotas.updates_count_in_chat
+            && cluster
+                .as_ref()
+                .is_some_and(|c| c.peers.as_ref().is_some_and(|p| p.owner_windows))
+        {
             // An update's message and its chat fall in different partitions: no one replica
             // keeps both windows (ARCHITECTURE.md "Scaling out over a Redis Cluster").
             return Err(invalid(
-                "quotas.updates_count_in_chat is not available with cluster.peer_listen (the chat and the message are kept by different replicas)".into(),
+                "quotas.updates_count_in_chat is not available with cluster.owner_windows (the chat and the message are kept by different replicas)".into(),
             ));
         }
 

@@ -1026,6 +1026,7 @@ pub fn serve_refusal(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, Strin
         .env_remove("GATEWAY_ALLOW_ANONYMOUS")
         .env_remove("GATEWAY_DATA_DIR")
         .env_remove("GATEWAY_RESET_JOB_STORE")
+        .env_remove("GATEWAY_OWNER_WINDOWS")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     for (k, v) in env {
