@@ -46,7 +46,7 @@
 //!   mode (lines behind shared keys, failure policy and fallback table, heartbeat, state
 //!   published through a `watch`; `cluster::gate::outage` its heartbeat, fallback and
 //!   return to Redis); [`cluster::partitions`] the 256 target partitions and
-//!   their owners (member leases with peer addresses, rendezvous hashing, claims with epochs,
+//!   their owners (`cluster::partitions::answer` reads a beat's answer; member leases with peer addresses, rendezvous hashing, claims with epochs,
 //!   sends in flight per partition and hand-over once they are answered, the peer secret);
 //!   `cluster::owned` the partitioned gate's split of a job's keys (its target's window kept
 //!   here, the rest in Redis); `cluster::settles` the answers waiting, per slot;

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use super::scripts::{LEAVE_LUA, PARTITIONS_LUA, PEER_SECRET_LUA};
 use crate::metrics::Metrics;
-use crate::redis_conn::{ClusterError, Lane, SharedRedis, bytes, int};
+use crate::redis_conn::{ClusterError, Lane, SharedRedis};
 
 /// Partitions of the target keys (fixed: every replica and version must agree).
 pub const PARTITIONS: u16 = 256;
@@ -184,61 +184,9 @@ fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-fn string(v: &Value) -> Option<String> {
-    String::from_utf8(bytes(v)?.to_vec()).ok()
-}
+mod answer;
 
-fn bad(what: &str) -> ClusterError {
-    ClusterError::Protocol(format!("partitions beat answered {what}"))
-}
-
-/// A beat's answer: Redis's clock (ms), members with their lease ends and addresses, claims
-/// granted (partition, epoch, free − now in ms).
-struct Answer {
-    now_ms: i64,
-    members: Vec<(String, i64, String)>,
-    granted: Vec<(u16, u64, i64)>,
-}
-
-fn parse(v: &[Value]) -> Result<Option<Answer>, ClusterError> {
-    let status = v.first().and_then(int).ok_or_else(|| bad("no status"))?;
-    if status == -1 {
-        return Ok(None);
-    }
-    let now_ms = v.get(1).and_then(int).ok_or_else(|| bad("no time"))?;
-    let n = v.get(2).and_then(int).ok_or_else(|| bad("no members"))?;
-    let n = usize::try_from(n).map_err(|_| bad("a negative count"))?;
-    let mut members = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = v.get(3 + 3 * i).and_then(string);
-        let end = v.get(4 + 3 * i).and_then(int);
-        let addr = v.get(5 + 3 * i).and_then(string);
-        match (id, end, addr) {
-            (Some(id), Some(end), Some(addr)) => members.push((id, end, addr)),
-            _ => return Err(bad("a bad member")),
-        }
-    }
-    let at = 3 + 3 * n;
-    let m = v.get(at).and_then(int).ok_or_else(|| bad("no claims"))?;
-    let m = usize::try_from(m).map_err(|_| bad("a negative count"))?;
-    let mut granted = Vec::with_capacity(m);
-    for i in 0..m {
-        let f = |k: usize| v.get(at + 1 + 3 * i + k).and_then(int);
-        match (f(0), f(1), f(2)) {
-            (Some(p), Some(e), Some(w)) => granted.push((
-                u16::try_from(p).map_err(|_| bad("a bad partition"))?,
-                u64::try_from(e).map_err(|_| bad("a bad epoch"))?,
-                w,
-            )),
-            _ => return Err(bad("a bad claim")),
-        }
-    }
-    Ok(Some(Answer {
-        now_ms,
-        members,
-        granted,
-    }))
-}
+use answer::parse;
 
 impl Partitions {
     /// Ownership on `redis` (keys under its `key_prefix`): a replica not renewing for `lease`
