@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
@@ -67,6 +68,13 @@ const OWNER_RECHECK: Duration = Duration::from_millis(50);
 /// A job its owner did not take stays queued here at least this long before it is routed
 /// again (it goes back to its router when this replica does not own its partition either).
 const STAY_AFTER_FAILURE: Duration = Duration::from_millis(200);
+
+/// The first pause after reading the peer secret failed; it doubles up to
+/// [`SECRET_RETRY_MAX`].
+const SECRET_RETRY_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest pause between attempts to read the peer secret.
+const SECRET_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Whether `req` carries the cluster's peer secret (compared in constant time).
 fn authentic<T>(req: &Request<T>, secret: &str) -> bool {
@@ -184,7 +192,8 @@ pub struct PeerForward {
     routes: Routes,
     service: Weak<ReplyService>,
     scheduler: Scheduler,
-    secret: Arc<str>,
+    /// The cluster's peer secret once read from Redis; until then jobs are queued here.
+    secret: watch::Receiver<Option<Arc<str>>>,
     order: Arc<Order>,
     metrics: Arc<Metrics>,
 }
@@ -201,7 +210,7 @@ impl PeerForward {
         partitions: Arc<Partitions>,
         service: &Arc<ReplyService>,
         scheduler: Scheduler,
-        secret: Arc<str>,
+        secret: watch::Receiver<Option<Arc<str>>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -217,8 +226,9 @@ impl PeerForward {
         }
     }
 
-    fn request<T>(&self, body: T) -> Request<T> {
-        peer_request(&self.secret, body)
+    /// The peer secret, once read.
+    fn secret(&self) -> Option<Arc<str>> {
+        self.secret.borrow().clone()
     }
 }
 
@@ -375,16 +385,20 @@ impl Forward for PeerForward {
                     return Err(GatewayError::ShuttingDown { attempts: 0, uuid });
                 }
                 // Written now, so the deadline it carries is what is left of it after the wait.
+                // Before the peer secret is read the job is queued here, as after a failure.
                 let forwarding = target.is_some();
-                let wire = target.and_then(|(addr, client)| {
+                let key = secret.borrow().clone();
+                let wire = target.zip(key).and_then(|((addr, client), key)| {
                     let service = service.upgrade()?;
                     let body = serde_json::to_vec(&to_wire(&spec, &service)).ok()?;
-                    Some((
-                        addr,
-                        client,
-                        peer_request(&secret, QueueRequest { job: body }),
-                    ))
+                    Some((addr, client, peer_request(&key, QueueRequest { job: body })))
                 });
+                if wire.is_none() {
+                    // Queued here; should the chat be decided elsewhere after all (no address
+                    // known for its owner, no secret yet), it comes back after a pause, not
+                    // at once.
+                    stay_until = Some(tokio::time::Instant::now() + STAY_AFTER_FAILURE);
+                }
                 if let Some((addr, mut client, req)) = wire {
                     let still_owner =
                         || routes.owner_of(&spec.chat_id).as_deref() == Some(addr.as_str());
@@ -428,7 +442,8 @@ impl Forward for PeerForward {
                     ticket.go_to(None);
                     ticket.turn().await;
                 } else if forwarding {
-                    // Cannot be written (this replica is stopping): here after all.
+                    // Cannot be written (this replica is stopping, or the secret is not read
+                    // yet): here after all.
                     ticket.go_to(None);
                     ticket.turn().await;
                 }
@@ -447,10 +462,13 @@ impl Forward for PeerForward {
 
     fn cancel(&self, chat_id: &Arc<str>, uuid: &str) -> Option<BoxFuture<'static, bool>> {
         let (_, mut client) = self.routes.target(chat_id)?;
-        let req = self.request(CancelRequest {
-            queue: chat_id.to_string(),
-            uuid: uuid.to_owned(),
-        });
+        let req = peer_request(
+            &self.secret()?,
+            CancelRequest {
+                queue: chat_id.to_string(),
+                uuid: uuid.to_owned(),
+            },
+        );
         let (scheduler, chat_id, uuid) = (self.scheduler.clone(), chat_id.clone(), uuid.to_owned());
         Some(Box::pin(async move {
             match client.cancel(req).await {
@@ -462,9 +480,10 @@ impl Forward for PeerForward {
     }
 }
 
-/// Starts forwarding: reads the cluster's peer secret (in the background, retrying: a Redis
-/// that does not answer must not hold up serving; until then every job is queued here), then
-/// forwards jobs to their owners and serves `listener` for the other replicas.
+/// Starts forwarding: jobs are routed from now on; the cluster's peer secret is read in the
+/// background, retrying (a Redis that does not answer must not hold up serving; until then
+/// jobs are queued here and routed again every 200 ms), then jobs go to their owners and
+/// `listener` serves the other replicas.
 pub fn start(
     listener: tokio::net::TcpListener,
     partitions: Arc<Partitions>,
@@ -472,23 +491,30 @@ pub fn start(
     scheduler: Scheduler,
     metrics: Arc<Metrics>,
 ) -> tokio::task::JoinHandle<()> {
+    // Routing starts now, so no job is queued without a router (one queued here for a chat
+    // another replica decides would wait for that replica to leave); jobs are written to
+    // peers once the secret is known.
+    let (known, secret_rx) = watch::channel(None);
+    scheduler.set_forward(Arc::new(PeerForward::new(
+        partitions.clone(),
+        &service,
+        scheduler.clone(),
+        secret_rx,
+        metrics.clone(),
+    )));
     tokio::spawn(async move {
+        let mut pause = SECRET_RETRY_FIRST;
         let secret: Arc<str> = loop {
             match partitions.peer_secret().await {
                 Ok(s) => break s.into(),
                 Err(e) => {
-                    tracing::debug!(error = %e, "reading the peer secret failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tracing::warn!(error = %e, "reading the peer secret failed; jobs of other replicas' chats wait here until it is read");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(SECRET_RETRY_MAX);
                 }
             }
         };
-        scheduler.set_forward(Arc::new(PeerForward::new(
-            partitions.clone(),
-            &service,
-            scheduler.clone(),
-            secret.clone(),
-            metrics.clone(),
-        )));
+        known.send_replace(Some(secret.clone()));
         let server = PeerServer::new(service, partitions.clone(), scheduler, secret, metrics);
         let served = tonic::transport::Server::builder()
             .add_service(
