@@ -183,8 +183,9 @@ async fn a_leaving_replica_hands_its_partitions_over_at_once() {
     .await;
     let bs = b.parts.owned(Instant::now());
     b.freeze();
-    // Nothing is sent to its partitions from here on.
+    // Nothing is sent to its partitions from here on; the last send was answered now.
     let stopped = Instant::now();
+    b.parts.sent(bs[0], 0, "oc_last".into(), stopped);
     b.parts.leave().await.unwrap();
     let left = Instant::now();
     assert!(b.parts.owned(left).is_empty());
@@ -195,10 +196,17 @@ async fn a_leaving_replica_hands_its_partitions_over_at_once() {
     // The next beat (a quarter lease) sees it gone, the one right after claims: well within
     // the lease a death would take.
     assert!(took < LEASE, "took {took:?}");
+    // It handed its partitions over cleanly (nothing in flight) with the sends that may
+    // still count: the new owner counts them, never earlier than they were, and sends now.
+    let now = Instant::now();
+    let mut handed = Vec::new();
+    a.parts.route_taking(bs[0], now, &mut handed);
+    assert_eq!(handed.len(), 1, "{handed:?}");
+    assert_eq!((handed[0].quota, &*handed[0].target), (0, "oc_last"));
+    assert!(handed[0].at >= stopped && handed[0].at <= now);
     for p in bs {
-        let o = a.parts.owns(p, Instant::now()).unwrap();
-        // Its sends stopped before it left (at `stopped`): a window after that.
-        assert!(o.sendable_at >= stopped + SPAN);
+        let o = a.parts.owns(p, now).unwrap();
+        assert!(o.sendable_at <= now, "partition {p} waits for its handover");
     }
 }
 
@@ -276,19 +284,23 @@ async fn a_partition_is_handed_over_only_once_its_sends_in_flight_are_answered()
         b.parts.owns(busy, Instant::now()).is_none(),
         "claimed with a send in flight"
     );
-    // Answered: released at a's next beat (it rechecks often while handing over), and b's
-    // targets wait a window after that.
-    drop(sending);
+    // Answered (the gate logs the answer before the send stops counting in flight):
+    // released at a's next beat (it rechecks often while handing over) with the send, which
+    // b counts from its answer on, and sends at once.
     let answered = Instant::now();
+    a.parts.sent(busy, 0, "oc_busy".into(), answered);
+    drop(sending);
     until(&[&a, &b], LEASE * 3, |_| {
         b.parts.owns(busy, Instant::now()).is_some()
     })
     .await;
-    let o = b.parts.owns(busy, Instant::now()).unwrap();
-    assert!(
-        o.sendable_at >= answered + SPAN,
-        "sendable before the window after the answer"
-    );
+    let now = Instant::now();
+    assert!(b.parts.owns(busy, now).unwrap().sendable_at <= now);
+    let mut handed = Vec::new();
+    b.parts.route_taking(busy, now, &mut handed);
+    let known: Vec<_> = handed.iter().filter(|s| &*s.target == "oc_busy").collect();
+    assert_eq!(known.len(), 1, "{handed:?}");
+    assert!(known[0].at >= answered, "counted from before its answer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,12 +326,23 @@ async fn a_leaving_replica_waits_for_its_sends_in_flight() {
     tokio::time::sleep(LEASE / 2).await;
     assert!(!leaving.is_finished());
     assert!(a.parts.owns(p, Instant::now()).is_none());
-    drop(sending);
     let answered = Instant::now();
+    b.parts.sent(p, 0, "oc_busy".into(), answered);
+    drop(sending);
     leaving.await.unwrap().unwrap();
     until(&[&a, &b], LEASE * 3, |_| {
         a.parts.owns(p, Instant::now()).is_some()
     })
     .await;
-    assert!(a.parts.owns(p, Instant::now()).unwrap().sendable_at >= answered + SPAN);
+    // Handed over with the answered send: a counts it and sends at once.
+    let now = Instant::now();
+    assert!(a.parts.owns(p, now).unwrap().sendable_at <= now);
+    let mut handed = Vec::new();
+    a.parts.route_taking(p, now, &mut handed);
+    assert!(
+        handed
+            .iter()
+            .any(|s| &*s.target == "oc_busy" && s.at >= answered),
+        "{handed:?}"
+    );
 }

@@ -70,7 +70,7 @@ pub(super) struct LocalHold {
     /// The job's keys kept here, with their indexes into the job's keys.
     keys: Vec<(usize, QuotaKey)>,
     decided: Micros,
-    _sending: Sending,
+    sending: Sending,
 }
 
 impl LocalHold {
@@ -90,7 +90,7 @@ impl LocalHold {
         Ok(Self {
             keys,
             decided: now,
-            _sending: sending,
+            sending,
         })
     }
 
@@ -100,9 +100,21 @@ impl LocalHold {
         table.unrecord(&plain, self.decided);
     }
 
+    /// The partition the send went to.
+    pub fn partition(&self) -> u16 {
+        self.sending.partition()
+    }
+
     /// The send was answered at `answered`: it counts until then in the keys among
-    /// `counted` (indexes into the job's keys), not at all in the others.
-    pub fn settle(self, table: &mut QuotaTable, counted: &[usize], answered: Micros) {
+    /// `counted` (indexes into the job's keys), not at all in the others. Returns the keys
+    /// it counts in, and its place in flight (dropped once the partition's log has it: a
+    /// partition handed over in between would miss it).
+    pub fn settle(
+        self,
+        table: &mut QuotaTable,
+        counted: &[usize],
+        answered: Micros,
+    ) -> (Vec<QuotaKey>, Sending) {
         let (kept, refused): (Vec<_>, Vec<_>) = self
             .keys
             .into_iter()
@@ -110,7 +122,9 @@ impl LocalHold {
         let plain = |v: Vec<(usize, QuotaKey)>| -> Vec<QuotaKey> {
             v.into_iter().map(|(_, k)| k).collect()
         };
-        table.settle(&plain(kept), self.decided, answered);
+        let kept = plain(kept);
+        table.settle(&kept, self.decided, answered);
         table.unrecord(&plain(refused), self.decided);
+        (kept, self.sending)
     }
 }

@@ -147,15 +147,19 @@ return out
 /// KEYS[3] = addresses (hash: replica → where its peers reach it).
 /// ARGV[1] = this replica, ARGV[2] = lease (ms), ARGV[3] = 1 to join (else it must hold a
 /// lease that has not ended), ARGV[4] = this replica's address (may be empty), ARGV[5] = how
-/// many claims follow; then the partitions to claim, then the partitions to release.
+/// many claims follow; then the partitions to claim, then the partitions to release, each
+/// followed by its handover (`cluster::partitions::handover`; '' when its sends in flight
+/// were not all answered: the next owner then waits a target span).
 ///
 /// A replica whose lease ended is dead for good: it gets {-1} and must join again under a new
 /// id. A partition may be claimed when it has no owner (released) or its owner is dead; the
 /// claim bumps its epoch and records when its last owner's sends stopped (`free`: the
-/// release, or the end of the dead owner's validity, a fifth of a lease before its lease end). Returns {1, now, n, id1, end1, addr1, …, m, p1,
-/// epoch1, free1 − now, …}: every member known (lease end, ended ones too; address or '') and
-/// the claims granted (a claim of a partition already this replica's is granted again, with its
-/// epoch).
+/// release, or the end of the dead owner's validity, a fifth of a lease before its lease end)
+/// and takes the handover its releaser left (`<p>:hand`, `<p>:from`). Returns {1, now, n,
+/// id1, end1, addr1, …, m, p1, epoch1, free1 − now, hand1, …}: every member known (lease end,
+/// ended ones too; address or '') and the claims granted (a claim of a partition already this
+/// replica's is granted again, with its epoch); `hand` is '' when none was left, and starts
+/// with '=' when this replica left it.
 pub(super) const PARTITIONS_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -188,19 +192,34 @@ for i = 6, 5 + nclaims do
     end
   end
   if ok then
+    local hand = ''
     if id ~= me then
       epoch = epoch + 1
+      if id == '' then
+        local h = redis.call('HMGET', owners, p .. ':hand', p .. ':from')
+        if h[1] then
+          hand = h[1]
+          if h[2] == me then hand = '=' .. hand end
+        end
+      end
       redis.call('HSET', owners, p .. ':id', me, p .. ':epoch', epoch, p .. ':free', free)
+      redis.call('HDEL', owners, p .. ':hand', p .. ':from')
     end
     table.insert(granted, tonumber(p))
     table.insert(granted, epoch)
     table.insert(granted, free - now)
+    table.insert(granted, hand)
   end
 end
-for i = 6 + nclaims, #ARGV do
-  local p = ARGV[i]
+for i = 6 + nclaims, #ARGV, 2 do
+  local p, hand = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', owners, p .. ':id') == me then
     redis.call('HSET', owners, p .. ':id', '', p .. ':free', now)
+    if hand ~= '' then
+      redis.call('HSET', owners, p .. ':hand', hand, p .. ':from', me)
+    else
+      redis.call('HDEL', owners, p .. ':hand', p .. ':from')
+    end
   end
 end
 local out = {1, now}
@@ -211,22 +230,28 @@ for j = 1, #all, 2 do
   table.insert(out, all[j + 1])
   table.insert(out, redis.call('HGET', KEYS[3], all[j]) or '')
 end
-table.insert(out, #granted / 3)
+table.insert(out, #granted / 4)
 for _, v in ipairs(granted) do table.insert(out, v) end
 return out
 "#;
 
 /// A replica stopping: KEYS[1] = members, KEYS[2] = owners, ARGV[1] = this replica, ARGV[2..]
-/// = the partitions it held. Those still its own are released now (their sends stopped now:
+/// = the partitions it held, each followed by its handover (as in PARTITIONS_LUA). Those
+/// still its own are released now (their sends stopped now:
 /// it waited for them), and its lease ends now (when it had one), so the others take them at
 /// their next beat.
 pub(super) const LEAVE_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 2, #ARGV do
-  local p = ARGV[i]
+for i = 2, #ARGV, 2 do
+  local p, hand = ARGV[i], ARGV[i + 1]
   if redis.call('HGET', KEYS[2], p .. ':id') == ARGV[1] then
     redis.call('HSET', KEYS[2], p .. ':id', '', p .. ':free', now)
+    if hand ~= '' then
+      redis.call('HSET', KEYS[2], p .. ':hand', hand, p .. ':from', ARGV[1])
+    else
+      redis.call('HDEL', KEYS[2], p .. ':hand', p .. ':from')
+    end
   end
 end
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])

@@ -708,7 +708,9 @@ impl ServeProcess {
     }
 
     /// [`ServeProcess::start`] with `env` set on top (an `OTEL_*` from the test's own
-    /// environment is never inherited).
+    /// environment is never inherited). To debug one: `GATEWAY_TEST_SERVE_LOG` is its
+    /// `RUST_LOG` (default `warn`), and with `GATEWAY_TEST_SERVE_LOGDIR` each process logs to
+    /// its own file there (`serve-<port>-<start ms>.log`) instead of the test's stderr.
     pub fn start_with(config: &std::path::Path, port: u16, env: &[(&str, &str)]) -> Self {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_feishu-reply-gateway"));
         for (k, _) in std::env::vars_os().filter(|(k, _)| k.to_string_lossy().starts_with("OTEL_"))
@@ -720,13 +722,29 @@ impl ServeProcess {
             .arg(config)
             .env("GATEWAY_GRPC_ADDR", format!("127.0.0.1:{port}"))
             .env("GATEWAY_METRICS_ADDR", "127.0.0.1:0")
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEWAY_TEST_SERVE_LOG").unwrap_or("warn".into()),
+            )
             .env_remove("FEISHU_APP_ID")
             .env_remove("FEISHU_APP_SECRET")
             .env_remove("GATEWAY_DATA_DIR")
             .env_remove("GATEWAY_REDIS_URL")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
+            .stderr(match std::env::var("GATEWAY_TEST_SERVE_LOGDIR") {
+                Ok(d) => std::process::Stdio::from(
+                    std::fs::File::create(format!(
+                        "{d}/serve-{port}-{}.log",
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_millis()
+                    ))
+                    .unwrap(),
+                ),
+                Err(_) => std::process::Stdio::inherit(),
+            })
             .spawn()
             .expect("start serve");
         Self(child)

@@ -17,7 +17,7 @@ mod outage;
 use outage::{monitor, share_of};
 
 use super::owned::{LocalHold, Split};
-use super::partitions::{Partitions, Route};
+use super::partitions::{KnownSend, Partitions, Route};
 use super::{ClusterError, Decision, Lane, RedisFailurePolicy, RedisQuota, SharedKey};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaKey, QuotaSpec, QuotaTable};
@@ -296,6 +296,17 @@ impl RedisGate {
         }
     }
 
+    /// Counts the sends handed over with partitions this replica claimed (their last
+    /// owner's, see `cluster::partitions::handover`).
+    fn count_handed(&mut self, handed: Vec<KnownSend>) {
+        let quotas = self.table.specs().len();
+        for send in handed.into_iter().filter(|s| s.quota < quotas) {
+            let key = QuotaKey::new(send.quota, send.target);
+            self.table
+                .record_arrived(std::slice::from_ref(&key), self.clock.micros(send.at));
+        }
+    }
+
     /// A granted send was answered at `answered`: it counts until then in `counted` (indexes
     /// into the job's keys), and not at all in the others (a rate refusal, see the scheduler).
     fn settle_grant(
@@ -310,7 +321,14 @@ impl RedisGate {
         answered: Instant,
     ) {
         if let Some(l) = local {
-            l.settle(&mut self.table, counted, self.clock.micros(answered));
+            let p = l.partition();
+            let (kept, in_flight) = l.settle(&mut self.table, counted, self.clock.micros(answered));
+            if let Some(parts) = &self.parts {
+                for k in kept {
+                    parts.sent(p, k.quota, k.id, answered);
+                }
+            }
+            drop(in_flight);
         }
         self.store
             .settle_later(split.shared_among(counted), member.clone(), answered);
@@ -396,7 +414,10 @@ impl SharedGate for RedisGate {
         // Partitioned: only the owner of the job's partition decides it, once the last
         // owner's sends have left the targets' windows.
         if let (Some(parts), Some(p)) = (&self.parts, split.partition) {
-            match parts.route(p, now) {
+            let mut handed = Vec::new();
+            let route = parts.route_taking(p, now, &mut handed);
+            self.count_handed(handed);
+            match route {
                 Route::Elsewhere => return Verdict::Elsewhere,
                 Route::Claiming => return Verdict::WaitUntil(now + CLAIM_RECHECK),
                 Route::Here(o) if o.sendable_at > now => return Verdict::WaitUntil(o.sendable_at),

@@ -13,11 +13,21 @@ fn bad(what: &str) -> ClusterError {
 }
 
 /// A beat's answer: Redis's clock (ms), members with their lease ends and addresses, claims
-/// granted (partition, epoch, free − now in ms).
+/// granted.
 pub(super) struct Answer {
     pub now_ms: i64,
     pub members: Vec<(String, i64, String)>,
-    pub granted: Vec<(u16, u64, i64)>,
+    pub granted: Vec<Grant>,
+}
+
+/// A claim granted.
+pub(super) struct Grant {
+    pub p: u16,
+    pub epoch: u64,
+    /// When the last owner's sends stopped, relative to Redis's clock (ms).
+    pub free_in_ms: i64,
+    /// The handover its last owner left, and whether that was this replica.
+    pub hand: Option<(String, bool)>,
 }
 
 pub(super) fn parse(v: &[Value]) -> Result<Option<Answer>, ClusterError> {
@@ -43,13 +53,18 @@ pub(super) fn parse(v: &[Value]) -> Result<Option<Answer>, ClusterError> {
     let m = usize::try_from(m).map_err(|_| bad("a negative count"))?;
     let mut granted = Vec::with_capacity(m);
     for i in 0..m {
-        let f = |k: usize| v.get(at + 1 + 3 * i + k).and_then(int);
-        match (f(0), f(1), f(2)) {
-            (Some(p), Some(e), Some(w)) => granted.push((
-                u16::try_from(p).map_err(|_| bad("a bad partition"))?,
-                u64::try_from(e).map_err(|_| bad("a bad epoch"))?,
-                w,
-            )),
+        let f = |k: usize| v.get(at + 1 + 4 * i + k).and_then(int);
+        let hand = v.get(at + 4 + 4 * i).and_then(string);
+        match (f(0), f(1), f(2), hand) {
+            (Some(p), Some(e), Some(w), Some(hand)) => granted.push(Grant {
+                p: u16::try_from(p).map_err(|_| bad("a bad partition"))?,
+                epoch: u64::try_from(e).map_err(|_| bad("a bad epoch"))?,
+                free_in_ms: w,
+                hand: match hand.strip_prefix('=') {
+                    Some(mine) => Some((mine.to_owned(), true)),
+                    None => (!hand.is_empty()).then_some((hand, false)),
+                },
+            }),
             _ => return Err(bad("a bad claim")),
         }
     }

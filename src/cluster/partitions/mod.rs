@@ -109,6 +109,13 @@ impl Drop for Sending {
     }
 }
 
+impl Sending {
+    /// The partition sent to.
+    pub fn partition(&self) -> u16 {
+        self.p
+    }
+}
+
 impl std::fmt::Debug for Sending {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Sending({})", self.p)
@@ -119,7 +126,8 @@ impl std::fmt::Debug for Sending {
 /// lease can end in Redis (the same fraction as in PARTITIONS_LUA).
 const VALIDITY_MARGIN: u32 = 5;
 
-/// How soon a beat follows while a partition handed over still has sends in flight.
+/// How soon a beat follows while a partition handed over still has sends in flight, or one
+/// this replica should own is still another's.
 const HANDOVER_RECHECK: Duration = Duration::from_millis(50);
 
 /// What one beat changed.
@@ -146,8 +154,16 @@ struct State {
     /// Partitions another member should own, not released yet: sends to them were still in
     /// flight (since when it was decided to hand them over).
     leaving: BTreeMap<u16, (Owned, Instant)>,
-    /// Released locally, not yet confirmed by Redis (sent again each beat until it answers).
-    releasing: BTreeSet<u16>,
+    /// Released locally, not yet confirmed by Redis (sent again each beat until it answers),
+    /// and whether cleanly (nothing sent to it was in flight: its handover is written).
+    releasing: BTreeMap<u16, bool>,
+    /// The sends to this replica's partitions' targets that may still count.
+    known: Known,
+    /// Sends handed over with partitions claimed, not yet counted by the gate.
+    imports: Vec<KnownSend>,
+    /// Whether a partition this replica should own is still another's (being handed over:
+    /// the next beat follows soon).
+    waiting: bool,
     /// Live members (sorted), as the last beat saw them.
     live: Vec<String>,
     /// Where each live member's peers reach it (empty: not said).
@@ -185,8 +201,11 @@ fn new_id() -> String {
 }
 
 mod answer;
+mod handover;
 
 use answer::parse;
+use handover::Known;
+pub use handover::KnownSend;
 
 impl Partitions {
     /// Ownership on `redis` (keys under its `key_prefix`): a replica not renewing for `lease`
@@ -217,7 +236,10 @@ impl Partitions {
                 valid_until: None,
                 owned: BTreeMap::new(),
                 leaving: BTreeMap::new(),
-                releasing: BTreeSet::new(),
+                releasing: BTreeMap::new(),
+                known: Known::default(),
+                imports: Vec::new(),
+                waiting: false,
                 live: Vec::new(),
                 addrs: Vec::new(),
                 preferred: vec![None; usize::from(PARTITIONS)],
@@ -268,7 +290,19 @@ impl Partitions {
 
     /// Where `p`'s jobs are decided at `now`.
     pub fn route(&self, p: u16, now: Instant) -> Route {
-        let s = self.state.lock();
+        Self::route_in(&self.state.lock(), p, now)
+    }
+
+    /// [`Self::route`], adding to `handed` the sends handed over with the partitions claimed
+    /// since the last call (every partition's, taken together with the route: the gate
+    /// never decides for a partition before it counts its handover).
+    pub fn route_taking(&self, p: u16, now: Instant, handed: &mut Vec<KnownSend>) -> Route {
+        let mut s = self.state.lock();
+        handed.append(&mut s.imports);
+        Self::route_in(&s, p, now)
+    }
+
+    fn route_in(s: &State, p: u16, now: Instant) -> Route {
         if let Some(v) = s.valid_until
             && now < v
             && let Some(o) = s.owned.get(&p)
@@ -294,6 +328,17 @@ impl Partitions {
                 })
             }
             _ => None,
+        }
+    }
+
+    /// A send to `p`'s target `target` (its window `quota`) was answered at `at`: it is
+    /// handed over with `p`.
+    pub fn sent(&self, p: u16, quota: crate::quota::QuotaId, target: Arc<str>, at: Instant) {
+        let mut s = self.state.lock();
+        if s.owned.contains_key(&p) || s.leaving.contains_key(&p) {
+            let span = self.target_span;
+            s.known
+                .add(p, KnownSend { quota, target, at }, span, Instant::now());
         }
     }
 
@@ -333,8 +378,11 @@ impl Partitions {
         let mut follow_up = false;
         loop {
             if !follow_up {
-                let handing_over = !self.state.lock().leaving.is_empty();
-                let pause = match handing_over {
+                let moving = {
+                    let s = self.state.lock();
+                    !s.leaving.is_empty() || s.waiting
+                };
+                let pause = match moving {
                     true => HANDOVER_RECHECK,
                     false => self.period(),
                 };
@@ -357,7 +405,7 @@ impl Partitions {
             let mut s = self.state.lock();
             let me = s.me.clone();
             let mut claims = Vec::new();
-            let mut releases: BTreeSet<u16> = std::mem::take(&mut s.releasing);
+            let mut releases: BTreeMap<u16, bool> = std::mem::take(&mut s.releasing);
             let now = Instant::now();
             for p in 0..PARTITIONS {
                 let preferred = s.preferred[usize::from(p)].map(|i| s.live[i] == me);
@@ -380,17 +428,22 @@ impl Partitions {
                 }
             }
             let hold = self.hold;
-            let done: Vec<u16> = s
+            let done: Vec<(u16, bool)> = s
                 .leaving
                 .iter()
-                .filter(|(p, (_, since))| self.in_flight(**p) == 0 || now >= *since + hold)
-                .map(|(p, _)| *p)
+                .map(|(p, (_, since))| (*p, self.in_flight(*p) == 0, now >= *since + hold))
+                .filter(|(_, clean, late)| *clean || *late)
+                .map(|(p, clean, _)| (p, clean))
                 .collect();
-            for p in done {
+            for (p, clean) in done {
                 s.leaving.remove(&p);
-                releases.insert(p);
+                releases.insert(p, clean);
             }
             s.releasing = releases.clone();
+            let releases: Vec<(u16, String)> = releases
+                .into_iter()
+                .map(|(p, clean)| (p, self.hand(&s, p, clean, now)))
+                .collect();
             (me, !s.joined, claims, releases)
         };
         let started = Instant::now();
@@ -406,8 +459,8 @@ impl Partitions {
         for p in &claims {
             inv.arg(*p);
         }
-        for p in &releases {
-            inv.arg(*p);
+        for (p, hand) in &releases {
+            inv.arg(*p).arg(hand);
         }
         let v: Vec<Value> = self.redis.call_on(Lane::Quota, "partitions", inv).await?;
         let answered = Instant::now();
@@ -421,6 +474,8 @@ impl Partitions {
             s.owned.clear();
             s.leaving.clear();
             s.releasing.clear();
+            s.known.clear();
+            s.imports.clear();
             s.valid_until = None;
             s.me = new_id();
             s.joined = false;
@@ -443,6 +498,11 @@ impl Partitions {
         // by that much; the clocks' rates differ by far less.
         s.valid_until = Some(started + self.lease - self.lease / VALIDITY_MARGIN);
         s.releasing.clear();
+        for (p, _) in &releases {
+            if !s.owned.contains_key(p) {
+                s.known.forget(*p);
+            }
+        }
         let mut live: Vec<(String, String)> = a
             .members
             .into_iter()
@@ -458,22 +518,50 @@ impl Partitions {
         }
         s.addrs = addrs;
         let mut claimed = Vec::with_capacity(a.granted.len());
-        for (p, epoch, free_in_ms) in a.granted {
+        for g in a.granted {
             // When the last owner's sends stopped, on this clock (Redis answered just before
             // `answered`, so this is never earlier than the truth).
-            let since = Duration::from_millis(free_in_ms.unsigned_abs());
-            let free = match free_in_ms >= 0 {
+            let since = Duration::from_millis(g.free_in_ms.unsigned_abs());
+            let free = match g.free_in_ms >= 0 {
                 true => answered + since,
                 false => answered.checked_sub(since).unwrap_or(answered),
             };
-            let owned = Owned {
-                epoch,
-                sendable_at: free + self.target_span,
+            claimed.push(g.p);
+            if s.owned.contains_key(&g.p) {
+                // A re-grant of one already ours keeps the earlier (and later-sendable) record.
+                continue;
+            }
+            let span = self.target_span;
+            let handed = g.hand.and_then(|(wire, mine)| {
+                Some((handover::decode(&wire, free, span, answered)?, mine))
+            });
+            // Handed over: the sends that may still count are known, so it is sendable now.
+            let sendable_at = match handed {
+                Some((sends, mine)) => {
+                    for send in sends {
+                        // This replica's own sends are in its windows already.
+                        if !mine {
+                            s.imports.push(send.clone());
+                        }
+                        s.known.add(g.p, send, span, answered);
+                    }
+                    answered
+                }
+                None => free + span,
             };
-            // A re-grant of one already ours keeps the earlier (and later-sendable) record.
-            s.owned.entry(p).or_insert(owned);
-            claimed.push(p);
+            s.owned.insert(
+                g.p,
+                Owned {
+                    epoch: g.epoch,
+                    sendable_at,
+                },
+            );
         }
+        let me = s.me.clone();
+        s.waiting = (0..PARTITIONS).any(|p| {
+            s.preferred[usize::from(p)].is_some_and(|i| s.live[i] == me)
+                && !s.owned.contains_key(&p)
+        });
         let owned = s.owned.len();
         drop(s);
         let new = claimed.len();
@@ -490,7 +578,7 @@ impl Partitions {
         self.metrics.set_partitions_owned(owned);
         Ok(Beat {
             claimed,
-            released: releases.into_iter().collect(),
+            released: releases.into_iter().map(|(p, _)| p).collect(),
             lost: false,
             members_changed,
         })
@@ -519,8 +607,12 @@ impl Partitions {
         let (me, held) = {
             let mut s = self.state.lock();
             let held: BTreeSet<u16> = s.owned.keys().chain(s.leaving.keys()).copied().collect();
-            s.owned.clear();
-            s.leaving.clear();
+            // Not decided here any more; the answers still to come are logged for the
+            // handover until they are released.
+            let now = Instant::now();
+            let owned = std::mem::take(&mut s.owned);
+            s.leaving
+                .extend(owned.into_iter().map(|(p, o)| (p, (o, now))));
             s.valid_until = None;
             let me = s.me.clone();
             if let Some(i) = s.live.iter().position(|m| *m == me) {
@@ -536,16 +628,39 @@ impl Partitions {
         while self.sending.iter().any(|c| c.load(Ordering::Acquire) > 0) && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let hands: Vec<(u16, String)> = {
+            let mut s = self.state.lock();
+            let now = Instant::now();
+            let hands = held
+                .into_iter()
+                .map(|p| (p, self.hand(&s, p, self.in_flight(p) == 0, now)))
+                .collect();
+            s.known.clear();
+            s.imports.clear();
+            s.leaving.clear();
+            hands
+        };
         let mut inv = self.leave.prepare_invoke();
         inv.key(&self.members_key).key(&self.owners_key).arg(&me);
-        for p in held {
-            inv.arg(p);
+        for (p, hand) in hands {
+            inv.arg(p).arg(hand);
         }
         let _: i64 = self
             .redis
             .call_on(Lane::Quota, "partitions_leave", inv)
             .await?;
         Ok(())
+    }
+}
+
+impl Partitions {
+    /// Partition `p`'s handover as of `now` when it is released `clean`ly (nothing sent to
+    /// it in flight), else '' (its next owner waits a target span).
+    fn hand(&self, s: &State, p: u16, clean: bool, now: Instant) -> String {
+        match clean {
+            true => s.known.encode(p, self.target_span, now),
+            false => String::new(),
+        }
     }
 }
 
