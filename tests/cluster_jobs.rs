@@ -773,9 +773,9 @@ async fn owner_fails_mid_backlog(freeze: bool) {
                 grpc[i],
                 &[
                     ("GATEWAY_PEER_LISTEN", &listen),
+                    // The owner keeps its chats' windows (the default with peers): its
+                    // death loses them.
                     ("GATEWAY_METRICS_ADDR", &m),
-                    // The owner keeps its chats' windows: its death loses them.
-                    ("GATEWAY_OWNER_WINDOWS", "true"),
                 ],
             ))
         })

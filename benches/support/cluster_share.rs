@@ -138,7 +138,7 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
             cluster.seeds()
         );
         if peers {
-            extra.push_str("peer_listen = \"127.0.0.1:{peer_port}\"\nowner_windows = true\n");
+            extra.push_str("peer_listen = \"127.0.0.1:{peer_port}\"\n");
         }
         for a in 0..apps {
             extra.push_str(&format!(

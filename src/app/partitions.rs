@@ -19,7 +19,7 @@ use crate::scheduler::{Scheduler, SchedulerConfig};
 pub(super) struct Running {
     parts: Arc<Partitions>,
     renew: JoinHandle<()>,
-    peers: Option<JoinHandle<()>>,
+    peers: Option<crate::grpc::peer::Peers>,
 }
 
 /// This replica's share of the target partitions in cluster mode (`None` otherwise). Made
@@ -98,15 +98,22 @@ impl Running {
     /// or fails UNAVAILABLE (retryable). The peer listener keeps serving the jobs it holds.
     pub(super) async fn leave(&self) {
         self.renew.abort();
-        if let Err(e) = self.parts.leave().await {
-            tracing::debug!(error = %e, "handing partitions over failed; they move when the lease ends");
+        match self.parts.leave().await {
+            Ok(()) => {
+                if let Some(peers) = &self.peers {
+                    peers.left().await;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "handing partitions over failed; they move when the lease ends");
+            }
         }
     }
 
     /// Drained: the peer listener stops.
     pub(super) fn stop(self) {
-        if let Some(t) = self.peers {
-            t.abort();
+        if let Some(p) = self.peers {
+            p.stop();
         }
     }
 }

@@ -53,10 +53,11 @@ pub struct ServeArgs {
     #[arg(long, env = "GATEWAY_PEER_ADVERTISE")]
     pub peer_advertise: Option<String>,
     /// Cluster mode with peers: each replica keeps its partitions' chat windows, and the app
-    /// windows spread over the Redis Cluster's masters (`[cluster] owner_windows`; all
-    /// replicas at once: the key layout changes).
-    #[arg(long, env = "GATEWAY_OWNER_WINDOWS", action = clap::ArgAction::SetTrue)]
-    pub owner_windows: bool,
+    /// windows spread over the Redis Cluster's masters (`[cluster] owner_windows`, true or
+    /// false; default: true with peers, unless quotas.updates_count_in_chat; all replicas at
+    /// once: the key layout changes).
+    #[arg(long, env = "GATEWAY_OWNER_WINDOWS")]
+    pub owner_windows: Option<bool>,
     /// Serve calls that carry no credentials (only when no [callers.*] is configured; then
     /// `x-caller` is a label, not an identity).
     #[arg(

@@ -56,9 +56,9 @@ pub struct PeerConfig {
     pub listen: std::net::SocketAddr,
     /// host:port the other replicas connect to.
     pub advertise: String,
-    /// `[cluster] owner_windows`: the partition's owner keeps its targets' windows and the
-    /// app windows sit on 12 slots (ARCHITECTURE.md "Scaling out over a Redis Cluster", step
-    /// 2). Off: every quota key on one slot, as without peers.
+    /// `[cluster] owner_windows` (default: on): the partition's owner keeps its targets'
+    /// windows and the app windows sit on 12 slots (ARCHITECTURE.md "Scaling out over a Redis
+    /// Cluster", step 2). Off: every quota key on one slot, as without peers.
     pub owner_windows: bool,
 }
 
@@ -181,7 +181,7 @@ pub(super) fn build(
                 }
             };
             let peers = match (cluster.peer_listen, cluster.peer_advertise) {
-                (None, None) if cluster.owner_windows => {
+                (None, None) if cluster.owner_windows == Some(true) => {
                     return Err(invalid(
                         "cluster.owner_windows needs cluster.peer_listen (jobs go to the replica keeping their chat's window)".into(),
                     ));
@@ -213,7 +213,7 @@ pub(super) fn build(
                     Some(PeerConfig {
                         listen,
                         advertise,
-                        owner_windows: cluster.owner_windows,
+                        owner_windows: cluster.owner_windows.unwrap_or(true),
                     })
                 }
             };

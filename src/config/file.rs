@@ -77,7 +77,8 @@ pub(super) struct FileCluster {
     pub(super) jobs_wait_replicas: u32,
     pub(super) peer_listen: Option<std::net::SocketAddr>,
     pub(super) peer_advertise: Option<String>,
-    pub(super) owner_windows: bool,
+    /// Unset: on with peers (unless `quotas.updates_count_in_chat`).
+    pub(super) owner_windows: Option<bool>,
 }
 
 impl Default for FileCluster {
@@ -94,7 +95,7 @@ impl Default for FileCluster {
             jobs_wait_replicas: 0,
             peer_listen: None,
             peer_advertise: None,
-            owner_windows: false,
+            owner_windows: None,
         }
     }
 }

@@ -320,8 +320,8 @@ impl Config {
         if let Some(advertise) = peer_advertise {
             cluster.peer_advertise = Some(advertise.clone());
         }
-        if *owner_windows {
-            cluster.owner_windows = true;
+        if let Some(on) = owner_windows {
+            cluster.owner_windows = Some(*on);
         }
         let invalid = |m: String| ConfigError::Invalid(m);
 
@@ -488,17 +488,20 @@ impl Config {
             },
         })?;
 
-        let cluster = cluster::build(cluster, redis_url.clone())?;
+        let asked_owner_windows = cluster.owner_windows;
+        let mut cluster = cluster::build(cluster, redis_url.clone())?;
         if quotas.updates_count_in_chat
-            && cluster
-                .as_ref()
-                .is_some_and(|c| c.peers.as_ref().is_some_and(|p| p.owner_windows))
+            && let Some(peers) = cluster.as_mut().and_then(|c| c.peers.as_mut())
         {
             // An update's message and its chat fall in different partitions: no one replica
-            // keeps both windows (ARCHITECTURE.md "Scaling out over a Redis Cluster").
-            return Err(invalid(
-                "quotas.updates_count_in_chat is not available with cluster.owner_windows (the chat and the message are kept by different replicas)".into(),
-            ));
+            // keeps both windows (ARCHITECTURE.md "Scaling out over a Redis Cluster"), so the
+            // windows stay in Redis unless owner windows were asked for.
+            if asked_owner_windows == Some(true) {
+                return Err(invalid(
+                    "quotas.updates_count_in_chat is not available with cluster.owner_windows (the chat and the message are kept by different replicas)".into(),
+                ));
+            }
+            peers.owner_windows = false;
         }
 
         let max_jobs = jobs.max_jobs.unwrap_or(1_000_000);
@@ -611,6 +614,34 @@ mod tests {
         let e = Config::load(&args(&file)).unwrap_err().to_string();
         assert!(e.contains("app_secret_file") && e.contains("limit"), "{e}");
         assert!(!e.contains("sss"), "never quotes the secret: {e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn owner_windows_are_on_with_peers_unless_updates_count_in_the_chat() {
+        let dir = temp_dir("owner");
+        let file = dir.join("gateway.toml");
+        let load = |cluster: &str, quotas: &str| {
+            let text = format!(
+                "[apps.a]\napp_id = \"cli_a\"\napp_secret = \"s\"\n[auth]\nallow_anonymous = true\n\
+                 [cluster]\nredis_url = \"redis://127.0.0.1:1\"\n{cluster}\n[quotas]\n{quotas}\n"
+            );
+            std::fs::write(&file, text).unwrap();
+            Config::load(&args(&file))
+                .map(|c| c.cluster.and_then(|c| c.peers).map(|p| p.owner_windows))
+        };
+        let peers = "peer_listen = \"127.0.0.1:7000\"";
+        assert_eq!(load("", "").unwrap(), None, "no peers: nothing to keep");
+        assert_eq!(load(peers, "").unwrap(), Some(true));
+        let off = format!("{peers}\nowner_windows = false");
+        assert_eq!(load(&off, "").unwrap(), Some(false));
+        let counted = "updates_count_in_chat = true";
+        assert_eq!(load(peers, counted).unwrap(), Some(false));
+        let asked = format!("{peers}\nowner_windows = true");
+        let e = load(&asked, counted).unwrap_err().to_string();
+        assert!(e.contains("updates_count_in_chat"), "{e}");
+        let e = load("owner_windows = true", "").unwrap_err().to_string();
+        assert!(e.contains("needs cluster.peer_listen"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

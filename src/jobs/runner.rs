@@ -191,11 +191,20 @@ impl Jobs {
         }
     }
 
-    /// Cancels every job this process runs (another replica owns them now): queued ones
-    /// leave the scheduler; sends in flight finish, and their results are not written.
+    /// Cancels every job this process runs (another replica owns them now, or will): queued
+    /// ones leave their queues; sends in flight finish, and their results are not written.
+    /// Newest first: a chat's job that cannot be cancelled any more (being sent) has every
+    /// earlier one of the chat sent or being sent, so the ones cancelled, run again by their
+    /// next owner in store order, still go out after it.
     async fn drop_running(&self) {
-        let running: Vec<_> = self.running.lock().values().cloned().collect();
-        for (chat, uuid) in running {
+        let mut running: Vec<_> = self
+            .running
+            .lock()
+            .iter()
+            .map(|(seq, job)| (*seq, job.clone()))
+            .collect();
+        running.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        for (_, (chat, uuid)) in running {
             self.scheduler.cancel(chat, uuid).await;
         }
     }
@@ -207,6 +216,13 @@ impl Jobs {
         self.stopping.send_replace(true);
         // The background work has ended (no lease renewal can follow the hand-off).
         drop(self.alive.lock().await);
+        // Cluster mode: the jobs not sent yet leave their queues (here, or at the replica
+        // owning their chat) and stay queued in the store for the replica that takes them
+        // over, rather than this one waiting for a backlog elsewhere to drain; only sends in
+        // flight are waited for.
+        if self.store.leases().is_some() {
+            self.drop_running().await;
+        }
         let idle = async {
             loop {
                 let notified = self.idle.notified();

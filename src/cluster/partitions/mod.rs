@@ -194,6 +194,10 @@ pub struct Partitions {
     addr: String,
     state: Mutex<State>,
     metrics: Arc<Metrics>,
+    /// Asks [`Self::run`] to beat now ([`Self::rebalance`]).
+    nudge: tokio::sync::Notify,
+    /// Whether this replica holds a lease (its first beat, or one after a lost lease, joined).
+    joined: tokio::sync::watch::Sender<bool>,
 }
 
 fn new_id() -> String {
@@ -247,7 +251,31 @@ impl Partitions {
             addr: String::new(),
             redis,
             metrics,
+            nudge: tokio::sync::Notify::new(),
+            joined: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Another replica joined or is leaving (it said so): the next beat runs now.
+    pub fn rebalance(&self) {
+        self.nudge.notify_one();
+    }
+
+    /// Whether this replica holds a lease: true once it joined (again, after a lost lease).
+    pub fn joined(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.joined.subscribe()
+    }
+
+    /// Where the other live members' peers reach them, as the last beat saw them (those that
+    /// said).
+    pub fn peer_addrs(&self) -> Vec<String> {
+        let s = self.state.lock();
+        s.live
+            .iter()
+            .zip(&s.addrs)
+            .filter(|(m, a)| **m != s.me && !a.is_empty())
+            .map(|(_, a)| a.clone())
+            .collect()
     }
 
     /// Tells the other replicas they reach this one at `addr` (its peer endpoint).
@@ -386,7 +414,10 @@ impl Partitions {
                     true => HANDOVER_RECHECK,
                     false => self.period(),
                 };
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = self.nudge.notified() => {}
+                }
             }
             follow_up = match self.beat().await {
                 Ok(b) => !follow_up && (b.members_changed || b.lost),
@@ -484,6 +515,7 @@ impl Partitions {
                 dropped,
                 "this replica's partition lease had ended (stalled or cut off from Redis): its partitions went to other replicas; joining again"
             );
+            self.joined.send_replace(false);
             self.metrics.partitions_lost();
             self.metrics.set_partitions_owned(0);
             return Ok(Beat {
@@ -492,6 +524,8 @@ impl Partitions {
             });
         };
         s.joined = true;
+        self.joined
+            .send_if_modified(|j| !std::mem::replace(j, true));
         // The lease runs from Redis's clock during the call, so surely from `started`. This
         // replica stops deciding a fifth of a lease before it ends: a new owner counts the
         // partition's sends as stopped from then (PARTITIONS_LUA), which shortens a takeover

@@ -35,11 +35,14 @@ use crate::metrics::Metrics;
 use crate::proto::peer::peer_service_client::PeerServiceClient;
 use crate::proto::peer::peer_service_server::PeerService;
 use crate::proto::peer::queue_response::Event;
-use crate::proto::peer::{CancelRequest, CancelResponse, QueueRequest, QueueResponse};
+use crate::proto::peer::{
+    CancelRequest, CancelResponse, QueueRequest, QueueResponse, RebalanceRequest, RebalanceResponse,
+};
 use crate::scheduler::{Forward, GatewayError, JobResult, JobSpec, Lane, Routed, Scheduler};
 use futures_util::StreamExt;
 
 mod order;
+mod rebalance;
 mod wire;
 
 use order::{Order, Ticket};
@@ -184,6 +187,15 @@ impl PeerService for PeerServer {
         let CancelRequest { queue, uuid } = req.into_inner();
         let cancelled = self.scheduler.cancel_here(queue.into(), uuid).await;
         Ok(Response::new(CancelResponse { cancelled }))
+    }
+
+    async fn rebalance(
+        &self,
+        req: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        self.check(&req)?;
+        self.partitions.rebalance();
+        Ok(Response::new(RebalanceResponse {}))
     }
 }
 
@@ -483,14 +495,15 @@ impl Forward for PeerForward {
 /// Starts forwarding: jobs are routed from now on; the cluster's peer secret is read in the
 /// background, retrying (a Redis that does not answer must not hold up serving; until then
 /// jobs are queued here and routed again every 200 ms), then jobs go to their owners and
-/// `listener` serves the other replicas.
+/// `listener` serves the other replicas. Each time this replica joins (its first lease, or
+/// one after a lost lease), the others are told to rebalance at once.
 pub fn start(
     listener: tokio::net::TcpListener,
     partitions: Arc<Partitions>,
     service: Arc<ReplyService>,
     scheduler: Scheduler,
     metrics: Arc<Metrics>,
-) -> tokio::task::JoinHandle<()> {
+) -> Peers {
     // Routing starts now, so no job is queued without a router (one queued here for a chat
     // another replica decides would wait for that replica to leave); jobs are written to
     // peers once the secret is known.
@@ -499,10 +512,27 @@ pub fn start(
         partitions.clone(),
         &service,
         scheduler.clone(),
-        secret_rx,
+        secret_rx.clone(),
         metrics.clone(),
     )));
-    tokio::spawn(async move {
+    let mut joined = partitions.joined();
+    let (parts, mut secret) = (partitions.clone(), secret_rx.clone());
+    let kept = partitions.clone();
+    let joins = tokio::spawn(async move {
+        loop {
+            if joined.wait_for(|j| *j).await.is_err() {
+                return;
+            }
+            let Ok(key) = secret.wait_for(Option::is_some).await.map(|k| k.clone()) else {
+                return;
+            };
+            rebalance::rebalance_others(parts.peer_addrs(), key.expect("waited for")).await;
+            if joined.wait_for(|j| !*j).await.is_err() {
+                return;
+            }
+        }
+    });
+    let serve = tokio::spawn(async move {
         let mut pause = SECRET_RETRY_FIRST;
         let secret: Arc<str> = loop {
             match partitions.peer_secret().await {
@@ -526,5 +556,37 @@ pub fn start(
         if let Err(e) = served {
             tracing::error!(error = %e, "the peer listener failed: jobs forwarded here fail over to their senders");
         }
-    })
+    });
+    Peers {
+        serve,
+        joins,
+        secret: secret_rx,
+        partitions: kept,
+    }
+}
+
+/// Forwarding as [`start`] began it: the peer listener, and telling the others of changes.
+pub struct Peers {
+    serve: tokio::task::JoinHandle<()>,
+    joins: tokio::task::JoinHandle<()>,
+    secret: watch::Receiver<Option<Arc<str>>>,
+    partitions: Arc<Partitions>,
+}
+
+impl Peers {
+    /// This replica left (`Partitions::leave`): the others are told to claim its partitions
+    /// now.
+    pub async fn left(&self) {
+        self.joins.abort();
+        let key = self.secret.borrow().clone();
+        if let Some(key) = key {
+            rebalance::rebalance_others(self.partitions.peer_addrs(), key).await;
+        }
+    }
+
+    /// Drained: the peer listener stops.
+    pub fn stop(self) {
+        self.joins.abort();
+        self.serve.abort();
+    }
 }

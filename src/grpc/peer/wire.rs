@@ -377,6 +377,9 @@ pub(super) fn from_wire_result(r: WireResult) -> JobResult {
             queued: Duration::from_millis(queued_ms),
             superseded,
         }),
+        // Taken out of the owner's queue (asked by its caller, or by this replica's job
+        // runner as it stops): the same to every caller here, and never a job's verdict.
+        WireResult::Failed(f) if f.reason == "CANCELLED" => Err(GatewayError::Cancelled),
         WireResult::Failed(f) => Err(GatewayError::Peer(Box::new(f))),
     }
 }
