@@ -31,7 +31,8 @@
 //!   and reloadable rules in one `Door` a reload replaces; `grpc::status` the one error → gRPC status table
 //!   ([`grpc::CallError`]: the domain's error or the door's own; Feishu codes read per endpoint);
 //!   [`grpc::peer`] jobs forwarded between replicas (`PeerForward`, the scheduler's `Forward`;
-//!   `PeerServer` on the peer listener; per-queue order kept; `grpc::peer::wire` the JSON forms).
+//!   `PeerServer` on the peer listener; per-queue order kept; `grpc::peer::wire` the JSON forms;
+//!   `grpc::peer::rebalance` tells the other replicas this one joined or is leaving).
 //! - [`auth`]: who is calling (bearer token hash or mTLS identity, or anonymous when allowed),
 //!   with which credential (the work it submits is owned by it), which apps it may use, its
 //!   admission rate buckets.
@@ -46,8 +47,11 @@
 //!   mode (lines behind shared keys, failure policy and fallback table, heartbeat, state
 //!   published through a `watch`; `cluster::gate::outage` its heartbeat, fallback and
 //!   return to Redis); [`cluster::partitions`] the 256 target partitions and
-//!   their owners (`cluster::partitions::answer` reads a beat's answer; member leases with peer addresses, rendezvous hashing, claims with epochs,
-//!   sends in flight per partition and hand-over once they are answered, the peer secret);
+//!   their owners (member leases with peer addresses, rendezvous hashing, claims with epochs,
+//!   sends in flight per partition and hand-over once they are answered, the peer secret;
+//!   `cluster::partitions::beat` the renewal with its claims and releases,
+//!   `cluster::partitions::answer` reads its answer, `cluster::partitions::handover` the
+//!   sends that may still count, carried from a partition's last owner to its next);
 //!   `cluster::owned` the partitioned gate's split of a job's keys (its target's window kept
 //!   here, the rest in Redis); `cluster::settles` the answers waiting, per slot;
 //!   `cluster::budget` the budgets' counter in Redis.
