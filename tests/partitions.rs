@@ -106,8 +106,19 @@ async fn replicas_share_every_partition_once_and_a_newcomer_takes_only_its_share
     let before: Vec<Vec<u16>> = owned(&[&a, &b]);
 
     let c = Replica::start(&url, &prefix);
-    let took = until(&[&a, &b, &c], Duration::from_secs(5), |s| {
-        all_owned(s) && s[2].len() >= 50
+    // Settled: every replica sees the three, and each partition is its preferred owner's (a
+    // newcomer claims every 50 ms, so it may hold its share from one replica before the
+    // other has seen it).
+    let rs = [&a, &b, &c];
+    let took = until(&rs, Duration::from_secs(5), |s| {
+        all_owned(s)
+            && rs.iter().all(|r| r.parts.members().len() == 3)
+            && rs.iter().zip(s).all(|(r, set)| {
+                let me = r.parts.me();
+                (0..PARTITIONS)
+                    .filter(|&p| a.parts.preferred(p).as_deref() == Some(me.as_str()))
+                    .all(|p| set.contains(&p))
+            })
     })
     .await;
     let after = owned(&[&a, &b, &c]);

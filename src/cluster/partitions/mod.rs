@@ -35,8 +35,9 @@
 //!
 //! Cost: one Redis call per replica per quarter lease (two when the members changed: the
 //! second claims and releases at once; a few more while partitions move). `beat` is the
-//! renewal, `answer` reads its answer, `handover` the sends a released partition carries. All on one slot: the data of a partition (its jobs,
-//! step 4) goes on the partition's own slot, carrying the epoch.
+//! renewal, `answer` reads its answer, `handover` the sends a released partition carries. All
+//! on one slot: the data of a partition (its jobs, step 4) goes on the partition's own slot,
+//! carrying the epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

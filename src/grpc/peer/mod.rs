@@ -405,10 +405,16 @@ impl Forward for PeerForward {
                     let body = serde_json::to_vec(&to_wire(&spec, &service)).ok()?;
                     Some((addr, client, peer_request(&key, QueueRequest { job: body })))
                 });
-                if wire.is_none() {
-                    // Queued here; should the chat be decided elsewhere after all (no address
-                    // known for its owner, no secret yet), it comes back after a pause, not
-                    // at once.
+                // Queued here though another replica decides the chat (no secret yet, no
+                // address known for its owner): it comes back after a pause, not at once.
+                let elsewhere = || {
+                    let p = partition_of(&spec.chat_id);
+                    routes
+                        .partitions
+                        .preferred(p)
+                        .is_some_and(|m| m != routes.partitions.me())
+                };
+                if wire.is_none() && (forwarding || elsewhere()) {
                     stay_until = Some(tokio::time::Instant::now() + STAY_AFTER_FAILURE);
                 }
                 if let Some((addr, mut client, req)) = wire {
