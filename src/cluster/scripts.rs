@@ -142,6 +142,15 @@ end
 return out
 "#;
 
+/// `release(owners, me, p, hand, now)`: partition `p`, when still `me`'s, is released now with
+/// its handover (`hand`; '' for none: its next owner waits a target span), as a Lua prelude
+/// of PARTITIONS_LUA and LEAVE_LUA.
+macro_rules! lua_release {
+    () => {
+        "local function release(owners, me, p, hand, now)\n  if redis.call('HGET', owners, p .. ':id') ~= me then return end\n  redis.call('HSET', owners, p .. ':id', '', p .. ':free', now)\n  if hand ~= '' then\n    redis.call('HSET', owners, p .. ':hand', hand, p .. ':from', me)\n  else\n    redis.call('HDEL', owners, p .. ':hand', p .. ':from')\n  end\nend\n"
+    };
+}
+
 /// Partition ownership, one call per beat (`cluster::partitions`). KEYS[1] = members (sorted
 /// set: replica → lease end, ms), KEYS[2] = owners (hash: `<p>:id`, `<p>:epoch`, `<p>:free`),
 /// KEYS[3] = addresses (hash: replica → where its peers reach it).
@@ -160,7 +169,9 @@ return out
 /// ended ones too; address or '') and the claims granted (a claim of a partition already this
 /// replica's is granted again, with its epoch); `hand` is '' when none was left, and starts
 /// with '=' when this replica left it.
-pub(super) const PARTITIONS_LUA: &str = r#"
+pub(super) const PARTITIONS_LUA: &str = concat!(
+    lua_release!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local members, owners, me = KEYS[1], KEYS[2], ARGV[1]
@@ -212,15 +223,7 @@ for i = 6, 5 + nclaims do
   end
 end
 for i = 6 + nclaims, #ARGV, 2 do
-  local p, hand = ARGV[i], ARGV[i + 1]
-  if redis.call('HGET', owners, p .. ':id') == me then
-    redis.call('HSET', owners, p .. ':id', '', p .. ':free', now)
-    if hand ~= '' then
-      redis.call('HSET', owners, p .. ':hand', hand, p .. ':from', me)
-    else
-      redis.call('HDEL', owners, p .. ':hand', p .. ':from')
-    end
-  end
+  release(owners, me, ARGV[i], ARGV[i + 1], now)
 end
 local out = {1, now}
 local all = redis.call('ZRANGE', members, 0, -1, 'WITHSCORES')
@@ -233,31 +236,27 @@ end
 table.insert(out, #granted / 4)
 for _, v in ipairs(granted) do table.insert(out, v) end
 return out
-"#;
+"#
+);
 
 /// A replica stopping: KEYS[1] = members, KEYS[2] = owners, ARGV[1] = this replica, ARGV[2..]
 /// = the partitions it held, each followed by its handover (as in PARTITIONS_LUA). Those
 /// still its own are released now (their sends stopped now:
 /// it waited for them), and its lease ends now (when it had one), so the others take them at
 /// their next beat.
-pub(super) const LEAVE_LUA: &str = r#"
+pub(super) const LEAVE_LUA: &str = concat!(
+    lua_release!(),
+    r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 2, #ARGV, 2 do
-  local p, hand = ARGV[i], ARGV[i + 1]
-  if redis.call('HGET', KEYS[2], p .. ':id') == ARGV[1] then
-    redis.call('HSET', KEYS[2], p .. ':id', '', p .. ':free', now)
-    if hand ~= '' then
-      redis.call('HSET', KEYS[2], p .. ':hand', hand, p .. ':from', ARGV[1])
-    else
-      redis.call('HDEL', KEYS[2], p .. ':hand', p .. ':from')
-    end
-  end
+  release(KEYS[2], ARGV[1], ARGV[i], ARGV[i + 1], now)
 end
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if s and tonumber(s) > now then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
 return 1
-"#;
+"#
+);
 
 /// The cluster's peer secret: KEYS[1] holds it; ARGV[1] becomes it when there is none yet.
 /// Returns the one in force.
