@@ -261,15 +261,18 @@ pub async fn run_with_upstream(
     }
     // Async jobs: in the Redis the replicas share (cluster mode), else in the embedded store
     // when a data dir is set.
-    let backend = match (&store, &config.data_dir, &config.cluster) {
-        (Some(redis), dir, Some(c)) => {
+    let backend = match (&store, &parts, &config.data_dir, &config.cluster) {
+        (Some(redis), Some(parts), dir, Some(c)) => {
             if dir.is_some() {
                 tracing::warn!("cluster mode keeps jobs in Redis; the data dir is not used");
             }
-            Some(Arc::new(RedisJobStore::new(redis.shared().clone(), c.jobs))
-                as Arc<dyn crate::jobs::Store>)
+            Some(Arc::new(RedisJobStore::new(
+                redis.shared().clone(),
+                c.jobs,
+                Arc::new(partitions::JobOwnership(parts.clone())),
+            )) as Arc<dyn crate::jobs::Store>)
         }
-        (_, Some(dir), _) => Some(Arc::new(
+        (_, _, Some(dir), _) => Some(Arc::new(
             JobStore::open(dir, config.reset_job_store).map_err(AppError::Jobs)?,
         ) as Arc<dyn crate::jobs::Store>),
         _ => None,

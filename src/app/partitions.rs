@@ -15,6 +15,19 @@ use crate::grpc::ReplyService;
 use crate::metrics::Metrics;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
+/// The job store runs the jobs of this replica's partitions.
+pub(super) struct JobOwnership(pub Arc<Partitions>);
+
+impl crate::jobs::Ownership for JobOwnership {
+    fn me(&self) -> String {
+        self.0.me()
+    }
+
+    fn owned(&self) -> Vec<(u16, u64)> {
+        self.0.owned_epochs(tokio::time::Instant::now())
+    }
+}
+
 /// The partitions this replica takes part in, and the tasks that keep them.
 pub(super) struct Running {
     parts: Arc<Partitions>,

@@ -108,6 +108,17 @@ fn app_bucket(app_key: &str) -> usize {
     usize::from(u16::from_be_bytes([d.as_ref()[0], d.as_ref()[1]])) % APP_SLOTS
 }
 
+/// The hash tags keys are spread over by an id (the apps' windows, the job store's callers):
+/// [`APP_SLOTS`] tags, as many on each master of a cluster split evenly ([`app_tags`]).
+pub fn spread_tags(prefix: &str) -> Vec<String> {
+    app_tags(prefix)
+}
+
+/// Which of [`spread_tags`] the keys of `id` use.
+pub fn spread_bucket(id: &str) -> usize {
+    app_bucket(id)
+}
+
 /// Quota kinds whose windows the owner of their partition keeps in memory when the keys are
 /// partitioned: no Redis key of theirs is used.
 const OWNED_KINDS: [&str; 3] = ["chat", "message", "card"];

@@ -3,6 +3,7 @@
 //! and records how it ended; after a restart the jobs not final are run again in the order
 //! they were accepted, with their uuids, so Feishu dedupes a send whose answer was lost.
 
+mod legacy;
 pub mod record;
 pub mod redis;
 mod redis_scripts;
@@ -24,8 +25,8 @@ use crate::scheduler::{Delivered, JobSpec, Scheduler};
 pub use record::{
     JobRecord, SendTo, State, StoredError, StoredReply, job_id, now_ms, parse_job_id,
 };
-pub use redis::{RedisJobStore, RedisJobsConfig};
-pub use seam::{JobStore as Store, Leases, Limits, OnCommit, Owner, Polled, Stored};
+pub use redis::{RedisJobStore, RedisJobsConfig, job_seq, split_seq};
+pub use seam::{JobStore as Store, Limits, OnCommit, Owner, Ownership, Polled, Shared, Stored};
 pub use spec::Specs;
 pub use store::{JobStore, StoreError};
 
@@ -139,7 +140,7 @@ impl Jobs {
         }
         match stored.map_err(|e| GatewayError::JobStore(e.0))? {
             Stored::New { rec, runs_here } => {
-                if runs_here && self.store.leases().is_some() {
+                if runs_here && self.store.shared().is_some() {
                     self.poke.notify_one();
                 }
                 Ok((rec, false))
@@ -183,7 +184,13 @@ impl Jobs {
             running.insert(rec.seq, (spec.chat_id.clone(), rec.reply.uuid.clone()));
             self.metrics.set_jobs_running(running.len());
         }
-        let mut result = self.scheduler.submit(spec);
+        // In cluster mode a job runs where its partition is owned, this replica: it is never
+        // forwarded, and leaves when the partition does (the next owner reads it).
+        let mut result = if self.store.shared().is_some() {
+            self.scheduler.submit_here(spec)
+        } else {
+            self.scheduler.submit(spec)
+        };
         let jobs = self.clone();
         self.runtime.spawn(async move {
             let seq = rec.seq;
@@ -369,7 +376,7 @@ impl Jobs {
         wait: Duration,
     ) -> Result<Option<JobRecord>, GatewayError> {
         let store_err = |e: StoreError| GatewayError::JobStore(e.0);
-        let Some(leases) = self.store.leases() else {
+        let Some(shared) = self.store.shared() else {
             return self.cancel_here(seq).await.map_err(store_err);
         };
         let Some((rec, owner)) = self.store.get(seq).await.map_err(store_err)? else {
@@ -383,7 +390,7 @@ impl Jobs {
             }
             Owner::Elsewhere => {}
         }
-        if !leases.ask_cancel(seq).await.map_err(store_err)? {
+        if !shared.ask_cancel(seq).await.map_err(store_err)? {
             return Ok(None);
         }
         let until = tokio::time::Instant::now() + wait;
@@ -415,7 +422,7 @@ impl Jobs {
         }
         let queued = self.running.lock().get(&seq).cloned();
         if let Some((chat, uuid)) = queued
-            && !self.scheduler.cancel(chat, uuid).await
+            && !self.scheduler.cancel_here(chat, uuid).await
         {
             return Ok(None);
         }

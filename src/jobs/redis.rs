@@ -1,126 +1,166 @@
-//! The cluster job store: jobs live in the Redis the replicas already share (the scripts and
-//! key layout are in `jobs::redis_scripts`). A submit is one script call (idempotency key,
-//! number, record, owner) answered after Redis applied it, and optionally after `WAIT` saw it
-//! on replicas. Each open job has one owner, the replica that runs it, holding a lease it
-//! renews; when a lease ends (the replica was killed, or handed its jobs off while stopping),
-//! another replica claims all of that replica's jobs at once and runs them in order, with
-//! their uuids. Writes are fenced: a replica that lost its jobs cannot overwrite their state.
+//! The cluster job store: jobs live in the Redis the replicas already share, each in the
+//! partition of its queue (`cluster::partitions`: the chat, or `user:<id>`), on that
+//! partition's slot (scripts and key layout in `jobs::redis_scripts`). A submit is one script
+//! call on the partition's slot (idempotency key, number, record), after one on its caller's
+//! slot when callers are bounded, answered after Redis applied it, and optionally after
+//! `WAIT` saw it on replicas. The partition's owner runs its jobs in order: it takes them
+//! with the epoch of its claim (FENCE), which fences every write, so a replica whose
+//! partition moved writes nothing; a takeover moves partitions, never a replica's job list.
+//! A replica that stores a job of a partition another member runs tells it through that
+//! member's inbox.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::record::JobRecord;
 use super::redis_scripts::{
-    ASK_CANCEL_LUA, CLAIM_LUA, EXPIRE_LUA, GET_LUA, HANDOFF_LUA, LEASE_LUA, POLL_LUA, SUBMIT_LUA,
-    UPDATE_LUA,
+    ASK_CANCEL_LUA, EXPIRE_LUA, FENCE_LUA, GET_LUA, POLL_LUA, RESERVE_LUA, SUBMIT_LUA, UPDATE_LUA,
 };
 pub use super::seam::Polled;
-use super::seam::{JobStore, Leases, Limits, OnCommit, Owner, RecoveryScan, Stored};
+use super::seam::{JobStore, Limits, OnCommit, Owner, Ownership, RecoveryScan, Shared, Stored};
 use super::store::StoreError;
+use crate::cluster::partitions::{PARTITIONS, partition_of};
 pub use crate::config::RedisJobsConfig;
 use crate::redis_conn::{ClusterError, Lane, SharedRedis, bytes as text, int};
+
+/// A job's number: its partition (plus one; 0 is a job of the legacy layout) in the top
+/// bits, its number within the partition below.
+const PARTITION_SHIFT: u32 = 48;
+
+/// Job number `n` of partition `p`.
+pub fn job_seq(p: u16, n: u64) -> u64 {
+    ((u64::from(p) + 1) << PARTITION_SHIFT) | n
+}
+
+/// The partition and number within it of job `seq`; None for a job of the legacy layout.
+pub fn split_seq(seq: u64) -> Option<(u16, u64)> {
+    let p = u16::try_from((seq >> PARTITION_SHIFT).checked_sub(1)?).ok()?;
+    (p < PARTITIONS).then_some((p, seq & ((1 << PARTITION_SHIFT) - 1)))
+}
 
 /// How a submit went.
 #[derive(Debug)]
 pub enum Submitted {
-    /// Stored as job `seq`, run by `owner`.
+    /// Stored as job `seq`; `owner`: the member running its partition's jobs ('' before one
+    /// took them).
     New { seq: u64, owner: String },
     /// The same caller, app and uuid made this job already.
     Duplicate(Box<JobRecord>),
-    /// The store holds `stored` jobs, its bound, all of them open.
+    /// The partition holds this many jobs, its share of the store, all of them open.
     Full(u64),
     /// The caller has this many open jobs, its bound.
     CallerFull(u64),
 }
 
 pub struct RedisJobStore {
-    redis: Arc<SharedRedis>,
-    base: String,
-    seq_key: String,
-    replica: String,
+    pub(super) redis: Arc<SharedRedis>,
     config: RedisJobsConfig,
+    ownership: Arc<dyn Ownership>,
+    /// The tags callers' open-job sets are spread over.
+    caller_tags: Vec<String>,
+    /// The epoch each partition's jobs were taken with here: every write carries it.
+    fenced: Mutex<HashMap<u16, u64>>,
+    /// Partitions this replica runs that its own submits stored jobs in (read at the next poll).
+    news: Mutex<BTreeSet<u16>>,
     submit: Script,
+    reserve: Script,
+    fence: Script,
     update: Script,
     poll: Script,
-    lease: Script,
-    claim: Script,
-    handoff: Script,
     ask_cancel: Script,
     get: Script,
     expire: Script,
 }
 
-fn store_err(e: ClusterError) -> StoreError {
+pub(super) fn store_err(e: ClusterError) -> StoreError {
     StoreError(e.to_string())
 }
 
-fn bad(what: &str) -> StoreError {
+pub(super) fn bad(what: &str) -> StoreError {
     StoreError(format!("redis answered something unexpected to {what}"))
 }
 
 /// A record read back: its number comes from its key.
-fn record(seq: u64, bytes: &[u8]) -> Result<JobRecord, StoreError> {
+pub(super) fn record(seq: u64, bytes: &[u8]) -> Result<JobRecord, StoreError> {
     let mut rec = JobRecord::decode(bytes)?;
     rec.seq = seq;
     Ok(rec)
 }
 
-/// `{seq, rec}` pairs as the poll script returns them.
-fn pairs(values: &[Value], what: &str) -> Result<Vec<JobRecord>, StoreError> {
-    values
-        .chunks(2)
-        .map(|p| match p {
-            [s, r] => {
-                let seq = int(s)
-                    .and_then(|s| u64::try_from(s).ok())
-                    .ok_or(bad(what))?;
-                record(seq, text(r).ok_or(bad(what))?)
-            }
-            _ => Err(bad(what)),
-        })
-        .collect()
+fn as_u64(v: &Value) -> Option<u64> {
+    int(v).and_then(|s| u64::try_from(s).ok())
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    text(v).map(|t| String::from_utf8_lossy(t).into_owned())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl RedisJobStore {
     /// The store on `redis` (its connection is shared with the quota store), under the
-    /// configured key prefix.
-    pub fn new(redis: Arc<SharedRedis>, config: RedisJobsConfig) -> Self {
-        let base = format!("{{{}:jobs}}", redis.config().key_prefix);
+    /// configured key prefix; `ownership` says which partitions' jobs this replica runs.
+    pub fn new(
+        redis: Arc<SharedRedis>,
+        config: RedisJobsConfig,
+        ownership: Arc<dyn Ownership>,
+    ) -> Self {
+        let caller_tags = crate::cluster::spread_tags(&redis.config().key_prefix);
         Self {
-            seq_key: format!("{base}:seq"),
-            base,
             redis,
-            replica: uuid::Uuid::new_v4().simple().to_string(),
             config,
+            ownership,
+            caller_tags,
+            fenced: Mutex::new(HashMap::new()),
+            news: Mutex::new(BTreeSet::new()),
             submit: Script::new(SUBMIT_LUA),
+            reserve: Script::new(RESERVE_LUA),
+            fence: Script::new(FENCE_LUA),
             update: Script::new(UPDATE_LUA),
             poll: Script::new(POLL_LUA),
-            lease: Script::new(LEASE_LUA),
-            claim: Script::new(CLAIM_LUA),
-            handoff: Script::new(HANDOFF_LUA),
             ask_cancel: Script::new(ASK_CANCEL_LUA),
             get: Script::new(GET_LUA),
             expire: Script::new(EXPIRE_LUA),
         }
     }
 
-    /// This replica's name in the store.
-    pub fn replica(&self) -> &str {
-        &self.replica
+    /// This replica's member id (who runs a partition's jobs).
+    pub fn replica(&self) -> String {
+        self.ownership.me()
     }
 
     pub fn config(&self) -> RedisJobsConfig {
         self.config
     }
 
-    /// A call of `script` with the routing key and the base as first argument.
-    fn invoke<'a>(&'a self, script: &'a Script) -> ScriptInvocation<'a> {
+    fn base(&self, p: u16) -> String {
+        format!("{{{}:p:{p}}}:jobs", self.redis.config().key_prefix)
+    }
+
+    /// A call of `script` on the base `base` (routed by its `seq` key).
+    fn invoke_on<'a>(&self, script: &'a Script, base: &str) -> ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
-        inv.key(&self.seq_key).arg(&self.base);
+        inv.key(format!("{base}:seq")).arg(base);
         inv
+    }
+
+    fn caller_key(&self, caller: &str) -> String {
+        let tag = &self.caller_tags[crate::cluster::spread_bucket(caller)];
+        format!("{{{tag}}}:jobs:caller:{caller}")
+    }
+
+    fn inbox(&self, member: &str) -> String {
+        format!(
+            "{{{}:r:{member}}}:jobs:inbox",
+            self.redis.config().key_prefix
+        )
     }
 
     /// Stores `rec` (JSON, numbered by Redis) unless `key` made a job already, within
@@ -138,51 +178,50 @@ impl RedisJobStore {
         self.submit_within(rec, key, limits).await
     }
 
-    /// [`Self::submit`] within `limits`: the caller below its bound of open jobs; a full
-    /// store first removes its oldest finished jobs, and refuses only when all are open.
+    /// [`Self::submit`] within `limits`: the caller below its bound of open jobs; the
+    /// partition within its share of `max_jobs` (a [`PARTITIONS`]th, at least one), a full
+    /// one first removing its oldest finished jobs and refusing only when all are open. A
+    /// new job of a partition another member runs is announced in its inbox.
     pub async fn submit_within(
         &self,
         rec: &JobRecord,
         key: &str,
         limits: Limits,
     ) -> Result<Submitted, StoreError> {
-        let mut inv = self.invoke(&self.submit);
-        inv.arg(key)
-            .arg(rec.encode())
-            .arg(&rec.reply.chat_id)
-            .arg(&self.replica)
-            .arg(limits.max_jobs)
-            .arg(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX))
-            .arg(&rec.caller)
-            .arg(limits.per_caller);
+        let bounded = limits.per_caller != u64::MAX;
+        if bounded && let Some(open) = self.reserve(rec, key, limits.per_caller).await? {
+            return Ok(Submitted::CallerFull(open));
+        }
+        let p = partition_of(&rec.reply.chat_id);
+        let base = self.base(p);
+        let share = limits.max_jobs.div_ceil(u64::from(PARTITIONS)).max(1);
+        let mut inv = self.invoke_on(&self.submit, &base);
+        inv.arg(key).arg(rec.encode()).arg(&rec.caller).arg(share);
         let v: Vec<Value> = self
             .redis
             .call_on(Lane::Jobs, "job_submit", inv)
             .await
             .map_err(store_err)?;
-        let seq = || {
-            v.get(1)
-                .and_then(int)
-                .and_then(|s| u64::try_from(s).ok())
-                .ok_or(bad("submit"))
-        };
+        let n = || v.get(1).and_then(as_u64).ok_or(bad("submit"));
         let submitted = match v.first().and_then(int) {
             Some(1) => Submitted::New {
-                seq: seq()?,
-                owner: v
-                    .get(2)
-                    .and_then(text)
-                    .map(|o| String::from_utf8_lossy(o).into_owned())
-                    .ok_or(bad("submit"))?,
+                seq: job_seq(p, n()?),
+                owner: v.get(2).and_then(as_string).ok_or(bad("submit"))?,
             },
             Some(0) => Submitted::Duplicate(Box::new(record(
-                seq()?,
+                job_seq(p, n()?),
                 v.get(2).and_then(text).ok_or(bad("submit"))?,
             )?)),
-            Some(-1) => Submitted::Full(seq()?),
-            Some(-2) => Submitted::CallerFull(seq()?),
+            Some(-1) => Submitted::Full(n()?),
             _ => return Err(bad("submit")),
         };
+        match &submitted {
+            Submitted::New { owner, .. } => self.announce(p, owner).await,
+            // Counted for nothing (a job it made is final, or there is no room): given back;
+            // if that fails the entry stops counting at the job's expiry.
+            _ if bounded => self.release(&rec.caller, key).await,
+            _ => {}
+        }
         if let (Submitted::New { .. } | Submitted::Duplicate(_), n @ 1..) =
             (&submitted, self.config.wait_replicas)
         {
@@ -191,14 +230,73 @@ impl RedisJobStore {
         Ok(submitted)
     }
 
+    /// Counts `key` in its caller's open jobs: None, or the caller's open jobs when at
+    /// `bound`.
+    async fn reserve(
+        &self,
+        rec: &JobRecord,
+        key: &str,
+        bound: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        // Counts until a minute after the job's expiry at the latest (by then it is final).
+        let until = rec.expires_ms.saturating_add(60_000).max(0);
+        let mut inv = self.reserve.prepare_invoke();
+        inv.key(self.caller_key(&rec.caller))
+            .arg(key)
+            .arg(bound)
+            .arg(until);
+        let v: Vec<i64> = self
+            .redis
+            .call_on(Lane::Jobs, "job_reserve", inv)
+            .await
+            .map_err(store_err)?;
+        match v.as_slice() {
+            [1] => Ok(None),
+            [-2, open] => Ok(Some(u64::try_from(*open).unwrap_or(0))),
+            _ => Err(bad("reserve")),
+        }
+    }
+
+    /// Job `key` of `caller` no longer counts in its open jobs.
+    async fn release(&self, caller: &str, key: &str) {
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.caller_key(caller)).arg(key);
+        if let Err(e) = self
+            .redis
+            .command_on::<i64>(Lane::Jobs, "job_release", &cmd)
+            .await
+        {
+            tracing::debug!(error = %e, "a job's caller count was not given back; it stops counting at the job's expiry");
+        }
+    }
+
+    /// A job was stored in `p`, run by `owner`: it is told (this replica: its next poll reads
+    /// `p`). A lost notice is found by the owner's sweep.
+    async fn announce(&self, p: u16, owner: &str) {
+        if owner.is_empty() {
+            // Nobody took the partition yet: whoever does reads it then.
+        } else if *owner == self.ownership.me() {
+            self.news.lock().insert(p);
+        } else {
+            let mut cmd = redis::cmd("RPUSH");
+            cmd.arg(self.inbox(owner)).arg(p);
+            if let Err(e) = self
+                .redis
+                .command_on::<i64>(Lane::Jobs, "job_announce", &cmd)
+                .await
+            {
+                tracing::debug!(error = %e, "telling a partition's owner of a new job failed; its sweep finds it");
+            }
+        }
+    }
+
     /// `WAIT n`: this connection's writes reached `n` Redis replicas (or the submit is not
     /// confirmed: the caller submits again with the same uuid, which finds the job).
     async fn wait_for_replicas(&self, n: u32) -> Result<(), StoreError> {
-        let timeout = self.redis.config().redis_timeout;
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout = ms(self.redis.config().redis_timeout);
         let mut cmd = redis::cmd("WAIT");
         // Redis checks blocked clients' timeouts about every 100 ms: leave room for that.
-        cmd.arg(n).arg((ms / 2).max(1));
+        cmd.arg(n).arg((timeout / 2).max(1));
         let acked: i64 = self
             .redis
             .command_on(Lane::Jobs, "job_wait", &cmd)
@@ -213,99 +311,185 @@ impl RedisJobStore {
         Ok(())
     }
 
-    /// Writes `rec` if this replica still owns it; false when another one took it over.
-    pub async fn update(&self, rec: &JobRecord) -> Result<bool, StoreError> {
-        let mut inv = self.invoke(&self.update);
-        inv.arg(rec.seq)
-            .arg(&self.replica)
-            .arg(rec.encode())
-            .arg(u8::from(rec.state.is_final()));
+    /// This replica takes partition `p`'s jobs with the epoch of its claim: false when a
+    /// later claim took them.
+    pub async fn fence(&self, p: u16, epoch: u64) -> Result<bool, StoreError> {
+        let mut inv = self.invoke_on(&self.fence, &self.base(p));
+        inv.arg(self.ownership.me()).arg(epoch);
         let n: i64 = self
+            .redis
+            .call_on(Lane::Jobs, "job_fence", inv)
+            .await
+            .map_err(store_err)?;
+        if n == 1 {
+            self.fenced.lock().insert(p, epoch);
+        }
+        Ok(n == 1)
+    }
+
+    /// This replica no longer runs `p`'s jobs.
+    pub fn unfence(&self, p: u16) {
+        self.fenced.lock().remove(&p);
+    }
+
+    /// The epoch `p`'s jobs were taken with here.
+    fn epoch(&self, p: u16) -> Option<u64> {
+        self.fenced.lock().get(&p).copied()
+    }
+
+    /// Writes `rec` if this replica still runs its partition; false when another one took it
+    /// over (or the job is final already).
+    pub async fn update(&self, rec: &JobRecord) -> Result<bool, StoreError> {
+        let Some((p, n)) = split_seq(rec.seq) else {
+            // A legacy job is moved before it runs.
+            return Ok(false);
+        };
+        let Some(epoch) = self.epoch(p) else {
+            return Ok(false);
+        };
+        let done = rec.state.is_final();
+        let mut inv = self.invoke_on(&self.update, &self.base(p));
+        inv.arg(self.ownership.me())
+            .arg(epoch)
+            .arg(n)
+            .arg(rec.encode())
+            .arg(u8::from(done));
+        let v: Vec<Value> = self
             .redis
             .call_on(Lane::Jobs, "job_update", inv)
             .await
             .map_err(store_err)?;
-        Ok(n == 1)
+        match v.as_slice() {
+            [ok, ..] if int(ok) == Some(0) => Ok(false),
+            [_, caller, key] if done => {
+                let (caller, key) = (as_string(caller), as_string(key));
+                if let (Some(caller), Some(key)) = (caller, key)
+                    && !caller.is_empty()
+                {
+                    self.release(&caller, &key).await;
+                }
+                Ok(true)
+            }
+            [_] => Ok(true),
+            _ => Err(bad("update")),
+        }
     }
 
-    /// The jobs this replica owns numbered after `after` (at most `limit`), and the cancels
-    /// asked of it.
-    pub async fn poll(&self, after: u64, limit: usize) -> Result<Polled, StoreError> {
-        let mut inv = self.invoke(&self.poll);
-        inv.arg(&self.replica).arg(after).arg(limit);
+    /// Partition `p`'s open jobs numbered after `after` (at most `limit`) and the cancels
+    /// asked; None when this replica no longer runs `p` (its write fence moved on).
+    pub async fn poll(
+        &self,
+        p: u16,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<Polled>, StoreError> {
+        let Some(epoch) = self.epoch(p) else {
+            return Ok(None);
+        };
+        let after = split_seq(after).map_or(0, |(_, n)| n);
+        let mut inv = self.invoke_on(&self.poll, &self.base(p));
+        inv.arg(self.ownership.me())
+            .arg(epoch)
+            .arg(after)
+            .arg(limit);
         let v: Vec<Value> = self
             .redis
             .call_on(Lane::Jobs, "job_poll", inv)
             .await
             .map_err(store_err)?;
-        let n = v
-            .first()
-            .and_then(int)
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or(bad("poll"))?;
-        let jobs_end = 1 + 2 * n;
-        let jobs = pairs(v.get(1..jobs_end).ok_or(bad("poll"))?, "poll")?;
+        let count = v.first().and_then(int).ok_or(bad("poll"))?;
+        let Ok(count) = usize::try_from(count) else {
+            return Ok(None);
+        };
+        let jobs_end = 1 + 2 * count;
+        let jobs = v
+            .get(1..jobs_end)
+            .ok_or(bad("poll"))?
+            .chunks(2)
+            .map(|pair| {
+                let n = pair.first().and_then(as_u64).ok_or(bad("poll"))?;
+                record(
+                    job_seq(p, n),
+                    pair.get(1).and_then(text).ok_or(bad("poll"))?,
+                )
+            })
+            .collect::<Result<_, _>>()?;
         let cancels = v[jobs_end..]
             .iter()
-            .filter_map(|c| int(c).and_then(|s| u64::try_from(s).ok()))
+            .filter_map(as_u64)
+            .map(|n| job_seq(p, n))
             .collect();
-        Ok(Polled { jobs, cancels })
+        Ok(Some(Polled { jobs, cancels }))
     }
 
-    /// Extends this replica's lease (`register`: also when it has none). False: it had been
-    /// declared dead and its jobs were taken over.
-    pub async fn renew(&self, register: bool) -> Result<bool, StoreError> {
-        let mut inv = self.invoke(&self.lease);
-        inv.arg(&self.replica)
-            .arg(u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX))
-            .arg(u8::from(register));
-        let n: i64 = self
+    /// The partitions with news for this replica: jobs stored or cancels asked by others
+    /// (its inbox) and by its own submits.
+    pub async fn news(&self) -> Result<BTreeSet<u16>, StoreError> {
+        let mut cmd = redis::cmd("LPOP");
+        cmd.arg(self.inbox(&self.ownership.me())).arg(1000);
+        let told: Option<Vec<u16>> = self
             .redis
-            .call_on(Lane::Jobs, "job_lease", inv)
+            .command_on(Lane::Jobs, "job_news", &cmd)
             .await
             .map_err(store_err)?;
-        Ok(n == 1)
+        let mut news = std::mem::take(&mut *self.news.lock());
+        news.extend(told.unwrap_or_default());
+        Ok(news)
     }
 
-    /// Takes over the jobs of replicas whose lease ended; how many. They are this replica's
-    /// now: [`Self::poll`] from the start finds them.
-    pub async fn claim(&self) -> Result<u64, StoreError> {
-        let mut inv = self.invoke(&self.claim);
-        inv.arg(&self.replica);
-        self.redis
-            .call_on(Lane::Jobs, "job_claim", inv)
-            .await
-            .map_err(store_err)
-    }
-
-    /// Ends this replica's lease now (it is stopping): the others take its jobs.
-    pub async fn hand_off(&self) -> Result<(), StoreError> {
-        let mut inv = self.invoke(&self.handoff);
-        inv.arg(&self.replica);
-        let _: i64 = self
-            .redis
-            .call_on(Lane::Jobs, "job_handoff", inv)
-            .await
-            .map_err(store_err)?;
-        Ok(())
-    }
-
-    /// Asks the owner of `seq` to cancel it; false when it has no owner (it is final).
+    /// Asks the runner of `seq` to cancel it; false when it is final (or unknown).
     pub async fn ask_cancel(&self, seq: u64) -> Result<bool, StoreError> {
-        let mut inv = self.invoke(&self.ask_cancel);
-        inv.arg(seq);
-        let n: i64 = self
+        let Some((p, n)) = self.resolve(seq).await? else {
+            return Ok(false);
+        };
+        let mut inv = self.invoke_on(&self.ask_cancel, &self.base(p));
+        inv.arg(n);
+        let v: Vec<Value> = self
             .redis
             .call_on(Lane::Jobs, "job_cancel", inv)
             .await
             .map_err(store_err)?;
-        Ok(n == 1)
+        match v.as_slice() {
+            [ok] if int(ok) == Some(0) => Ok(false),
+            [_, owner] => {
+                let owner = as_string(owner).ok_or(bad("cancel"))?;
+                self.announce(p, &owner).await;
+                Ok(true)
+            }
+            _ => Err(bad("cancel")),
+        }
     }
 
-    /// Job `seq` and its owner (None once final).
+    /// Where job `seq` is: its partition and number there (a legacy job's, once it moved).
+    async fn resolve(&self, seq: u64) -> Result<Option<(u16, u64)>, StoreError> {
+        Ok(match split_seq(seq) {
+            Some(at) => Some(at),
+            None => self
+                .legacy_get(seq)
+                .await?
+                .and_then(|l| l.moved)
+                .and_then(split_seq),
+        })
+    }
+
+    /// Job `seq` and who runs it (None once final).
     pub async fn get(&self, seq: u64) -> Result<Option<(JobRecord, Option<String>)>, StoreError> {
-        let mut inv = self.invoke(&self.get);
-        inv.arg(seq);
+        let (p, n) = match split_seq(seq) {
+            Some(at) => at,
+            None => match self.legacy_get(seq).await? {
+                None => return Ok(None),
+                Some(l) => match l.moved.and_then(split_seq) {
+                    Some(at) => at,
+                    // Not moved yet: a replica moves it soon (and runs it then).
+                    None => {
+                        let owner = l.open.then(String::new);
+                        return Ok(Some((l.rec, owner)));
+                    }
+                },
+            },
+        };
+        let mut inv = self.invoke_on(&self.get, &self.base(p));
+        inv.arg(n);
         let v: Vec<Value> = self
             .redis
             .call_on(Lane::Jobs, "job_get", inv)
@@ -314,32 +498,38 @@ impl RedisJobStore {
         match v.as_slice() {
             [] => Ok(None),
             [rec, owner] => {
-                let owner = text(owner).ok_or(bad("get"))?;
-                let owner =
-                    (!owner.is_empty()).then(|| String::from_utf8_lossy(owner).into_owned());
-                Ok(Some((record(seq, text(rec).ok_or(bad("get"))?)?, owner)))
+                let owner = as_string(owner).ok_or(bad("get"))?;
+                let rec = record(job_seq(p, n), text(rec).ok_or(bad("get"))?)?;
+                Ok(Some((rec, (!owner.is_empty()).then_some(owner))))
             }
             _ => Err(bad("get")),
         }
     }
 
-    /// Removes up to `limit` jobs final for longer than `keep`; (removed, jobs stored).
+    /// Removes up to `limit` jobs final for longer than `keep` from each partition this
+    /// replica runs, and from the legacy layout; (removed, jobs stored in them).
     pub async fn expire(&self, keep: Duration, limit: usize) -> Result<(usize, u64), StoreError> {
-        let mut inv = self.invoke(&self.expire);
-        inv.arg(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX))
-            .arg(limit);
-        let v: Vec<i64> = self
-            .redis
-            .call_on(Lane::Jobs, "job_expire", inv)
-            .await
-            .map_err(store_err)?;
-        match v.as_slice() {
-            [gone, stored] => Ok((
-                usize::try_from(*gone).unwrap_or(0),
-                u64::try_from(*stored).unwrap_or(0),
-            )),
-            _ => Err(bad("expire")),
+        let mut bases: Vec<String> = {
+            let fenced = self.fenced.lock();
+            fenced.keys().map(|p| self.base(*p)).collect()
+        };
+        bases.push(self.legacy_base());
+        let (mut gone, mut stored) = (0, 0);
+        for base in bases {
+            let mut inv = self.invoke_on(&self.expire, &base);
+            inv.arg(ms(keep)).arg(limit);
+            let v: Vec<i64> = self
+                .redis
+                .call_on(Lane::Jobs, "job_expire", inv)
+                .await
+                .map_err(store_err)?;
+            let [g, s] = v.as_slice() else {
+                return Err(bad("expire"));
+            };
+            gone += usize::try_from(*g).unwrap_or(0);
+            stored += u64::try_from(*s).unwrap_or(0);
         }
+        Ok((gone, stored))
     }
 }
 
@@ -353,13 +543,14 @@ impl JobStore for RedisJobStore {
         limits: Limits,
         _start: OnCommit,
     ) -> BoxFuture<'_, Result<Stored, StoreError>> {
-        // The job's owner (this replica, or the one running its chat) picks it up from the
-        // store, in the store's order.
+        // The partition's owner (this replica or another) picks it up from the store, in
+        // the store's order.
         Box::pin(async move {
+            let me = self.ownership.me();
             Ok(match self.submit_within(&rec, &key, limits).await? {
                 Submitted::New { seq, owner } => Stored::New {
                     rec: JobRecord { seq, ..rec },
-                    runs_here: owner == self.replica,
+                    runs_here: owner == me,
                 },
                 Submitted::Duplicate(known) => Stored::Duplicate(*known),
                 Submitted::Full(stored) => Stored::Full(stored),
@@ -370,10 +561,11 @@ impl JobStore for RedisJobStore {
 
     fn get(&self, seq: u64) -> BoxFuture<'_, Result<Option<(JobRecord, Owner)>, StoreError>> {
         Box::pin(async move {
+            let me = self.ownership.me();
             Ok(RedisJobStore::get(self, seq).await?.map(|(rec, owner)| {
                 let owner = match owner {
                     None => Owner::Nobody,
-                    Some(o) if o == self.replica => Owner::Here,
+                    Some(o) if o == me => Owner::Here,
                     Some(_) => Owner::Elsewhere,
                 };
                 (rec, owner)
@@ -405,33 +597,42 @@ impl JobStore for RedisJobStore {
         None
     }
 
-    fn leases(&self) -> Option<&dyn Leases> {
+    fn shared(&self) -> Option<&dyn Shared> {
         Some(self)
     }
 }
 
-impl Leases for RedisJobStore {
-    fn lease(&self) -> Duration {
-        self.config.lease
+impl Shared for RedisJobStore {
+    fn owned(&self) -> Vec<(u16, u64)> {
+        self.ownership.owned()
     }
 
-    fn renew(&self, register: bool) -> BoxFuture<'_, Result<bool, StoreError>> {
-        Box::pin(RedisJobStore::renew(self, register))
+    fn fence(&self, p: u16, epoch: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(RedisJobStore::fence(self, p, epoch))
     }
 
-    fn claim(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(RedisJobStore::claim(self))
+    fn unfence(&self, p: u16) {
+        RedisJobStore::unfence(self, p)
     }
 
-    fn poll(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Polled, StoreError>> {
-        Box::pin(RedisJobStore::poll(self, after, limit))
+    fn poll(
+        &self,
+        p: u16,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Option<Polled>, StoreError>> {
+        Box::pin(RedisJobStore::poll(self, p, after, limit))
+    }
+
+    fn news(&self) -> BoxFuture<'_, Result<BTreeSet<u16>, StoreError>> {
+        Box::pin(RedisJobStore::news(self))
     }
 
     fn ask_cancel(&self, seq: u64) -> BoxFuture<'_, Result<bool, StoreError>> {
         Box::pin(RedisJobStore::ask_cancel(self, seq))
     }
 
-    fn hand_off(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(RedisJobStore::hand_off(self))
+    fn adopt_legacy(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(RedisJobStore::adopt_legacy(self))
     }
 }

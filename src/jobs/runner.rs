@@ -1,20 +1,27 @@
-//! The job store's background work: in cluster mode the lease, takeovers, picking up the jobs
-//! this replica owns and the cancels asked of it; in both modes expiry and the size metrics;
-//! and the hand-off when the process stops.
+//! The job store's background work: in cluster mode following the partitions this replica
+//! owns, picking up their jobs and the cancels asked; in both modes expiry and the size
+//! metrics; and what the process leaves when it stops.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Jobs, KEEP_FINISHED, Leases};
+use std::collections::{BTreeMap, BTreeSet};
 
-/// How often a replica looks for new jobs of its own (a submit to this replica looks at once).
+use super::redis::split_seq;
+use super::{Jobs, KEEP_FINISHED, Shared};
+
+/// How often a replica reads its inbox and follows its partitions (a submit to this replica
+/// looks at once).
 const POLL_EVERY: Duration = Duration::from_millis(50);
+/// How often every partition run here is read again from its first open job (a notice lost:
+/// its sender died between storing a job and telling the owner).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How often jobs of the single-slot layout are looked for (an upgrade).
+const ADOPT_EVERY: Duration = Duration::from_secs(60);
 /// Jobs read per poll.
 const POLL_BATCH: usize = 512;
-/// How often a replica looks for replicas whose lease ended.
-const CLAIM_EVERY: Duration = Duration::from_millis(500);
 /// How often finished jobs past [`KEEP_FINISHED`] are removed, and the size refreshed.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 const METRICS_EVERY: Duration = Duration::from_secs(10);
@@ -33,9 +40,9 @@ impl Jobs {
             async move { jobs.maintain().await }
         };
         let work = async {
-            match self.store.leases() {
+            match self.store.shared() {
                 None => std::future::pending::<()>().await,
-                Some(leases) => self.run_cluster(leases).await,
+                Some(shared) => self.run_cluster(shared).await,
             }
         };
         tokio::select! {
@@ -54,6 +61,10 @@ impl Jobs {
             let expire = Instant::now() >= next_expire;
             if expire {
                 next_expire = Instant::now() + EXPIRE_EVERY;
+            }
+            // A shared store counts per partition (a call each): only with the expiry.
+            if !expire && self.store.shared().is_some() {
+                continue;
             }
             let limit = if expire { EXPIRE_BATCH } else { 0 };
             loop {
@@ -76,58 +87,109 @@ impl Jobs {
         }
     }
 
-    /// Cluster mode: hold a lease, take over the jobs of replicas whose lease ended, and run
-    /// the jobs this replica owns, in order.
-    async fn run_cluster(self: &Arc<Self>, store: &dyn Leases) {
-        let lease = store.lease();
-        let renew_every = lease / 4;
-        let mut registered = false;
-        let mut next_renew = Instant::now();
-        let mut next_claim = Instant::now();
-        let mut after = 0u64;
-        // Consecutive failed rounds: while Redis is unreachable, ask it less and less often
-        // (every connection attempt costs, and the quota gate has its own heartbeat).
+    /// Cluster mode: run the jobs of the partitions this replica owns, in order. A partition
+    /// gained is taken with its claim's epoch (a write fence) and read from its first open
+    /// job; one lost has its jobs here dropped (not sent yet: they stay queued in the store
+    /// for its next owner). Partitions are read again when another replica (or this one)
+    /// stored a job or asked a cancel there, and all of them every [`SWEEP_EVERY`].
+    async fn run_cluster(self: &Arc<Self>, store: &dyn Shared) {
+        // Per partition run here: the epoch it was taken with and the last job number read.
+        let mut mine: BTreeMap<u16, (u64, u64)> = BTreeMap::new();
+        // Claims whose fence a later claim had passed already: not tried again.
+        let mut stale: BTreeMap<u16, u64> = BTreeMap::new();
+        let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        let mut next_adopt = Instant::now();
+        // Consecutive failed rounds: while Redis is unreachable, ask it less and less often.
         let mut failures = 0u32;
         loop {
             let now = Instant::now();
             let mut failed = false;
-            if now >= next_renew {
-                match store.renew(!registered).await {
+            let owned: BTreeMap<u16, u64> = store.owned().into_iter().collect();
+            let lost: Vec<u16> = mine
+                .iter()
+                .filter(|(p, (epoch, _))| owned.get(p) != Some(epoch))
+                .map(|(p, _)| *p)
+                .collect();
+            for p in lost {
+                mine.remove(&p);
+                self.leave_partition(store, p).await;
+            }
+            stale.retain(|p, epoch| owned.get(p) == Some(epoch));
+            let mut read = BTreeSet::new();
+            for (p, epoch) in owned {
+                if mine.contains_key(&p) || stale.contains_key(&p) {
+                    continue;
+                }
+                match store.fence(p, epoch).await {
                     Ok(true) => {
-                        registered = true;
-                        next_renew = now + renew_every;
+                        tracing::debug!(partition = p, epoch, "took a partition's jobs");
+                        mine.insert(p, (epoch, 0));
+                        read.insert(p);
                     }
                     Ok(false) => {
-                        tracing::warn!(
-                            "this replica's job lease ended and its jobs were taken over; dropping them"
-                        );
-                        self.metrics.job_lease_lost();
-                        self.drop_running().await;
-                        registered = false;
-                        next_renew = now;
-                        // Whatever this replica is given from now on is new to it.
-                        after = 0;
-                        continue;
+                        stale.insert(p, epoch);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "renewing the job lease failed");
+                        tracing::debug!(error = %e, partition = p, "taking a partition's jobs failed");
                         failed = true;
-                        next_renew = now + backoff(failures + 1);
                     }
                 }
             }
-            if registered && !failed {
-                if now >= next_claim {
-                    next_claim = now + CLAIM_EVERY;
-                    if self.claim(store).await {
-                        // Jobs numbered before `after` are ours now (or may be, when the
-                        // answer was lost): look through every job we own; those running here
-                        // are skipped.
-                        after = 0;
+            match store.news().await {
+                Ok(news) => read.extend(news.into_iter().filter(|p| mine.contains_key(p))),
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading this replica's inbox failed");
+                    failed = true;
+                }
+            }
+            let sweep = now >= next_sweep;
+            if sweep {
+                // From the first open job: one that stopped running here unrecorded (cut
+                // off by a shutdown, say) is started again.
+                next_sweep = now + SWEEP_EVERY;
+                for (p, run) in &mut mine {
+                    run.1 = 0;
+                    read.insert(*p);
+                }
+            }
+            if now >= next_adopt && !failed {
+                next_adopt = now + ADOPT_EVERY;
+                match store.adopt_legacy().await {
+                    Ok(0) => {}
+                    Ok(jobs) => {
+                        tracing::info!(
+                            jobs,
+                            "moved jobs of the single-slot layout into their partitions"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "moving jobs of the single-slot layout failed")
                     }
                 }
-                match self.poll(store, after).await {
-                    Ok(last) => after = last,
+            }
+            for p in read {
+                let Some((_, after)) = mine.get(&p).copied() else {
+                    continue;
+                };
+                match self.poll(store, p, after).await {
+                    Ok(Some((last, found))) => {
+                        if after == 0 && found > 0 && !sweep {
+                            // Its first read: the jobs its last owner left.
+                            self.metrics.jobs_taken_over(found);
+                        }
+                        if let Some(run) = mine.get_mut(&p) {
+                            run.1 = last;
+                        }
+                    }
+                    Ok(None) => {
+                        tracing::warn!(
+                            partition = p,
+                            "another replica took this partition's jobs; dropping them here"
+                        );
+                        self.metrics.job_lease_lost();
+                        mine.remove(&p);
+                        self.leave_partition(store, p).await;
+                    }
                     Err(()) => failed = true,
                 }
             }
@@ -144,37 +206,38 @@ impl Jobs {
         }
     }
 
-    /// Takes over the jobs of replicas whose lease ended; true when it took some, or may have
-    /// (the call failed: Redis may have done it without us hearing the answer).
-    async fn claim(&self, store: &dyn Leases) -> bool {
-        match store.claim().await {
-            Ok(0) => false,
-            Ok(jobs) => {
-                self.metrics.jobs_taken_over(jobs);
-                tracing::info!(jobs, "took over the jobs of a replica whose lease ended");
-                true
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "looking for jobs to take over failed");
-                true
-            }
-        }
+    /// This replica no longer runs partition `p`'s jobs: nothing more is written to them,
+    /// and its jobs here that are not being sent leave their queues.
+    async fn leave_partition(&self, store: &dyn Shared, p: u16) {
+        tracing::debug!(partition = p, "left a partition's jobs");
+        store.unfence(p);
+        self.drop_running(|seq| split_seq(seq).map(|(q, _)| q) == Some(p))
+            .await;
     }
 
-    /// Starts this replica's new jobs (numbered after `after`) and cancels what was asked;
-    /// returns the last job number seen (Err: Redis failed; the jobs read before it are
-    /// started, and skipped when read again).
-    async fn poll(self: &Arc<Self>, store: &dyn Leases, mut after: u64) -> Result<u64, ()> {
+    /// Starts partition `p`'s jobs numbered after `after` and cancels what was asked;
+    /// returns the last job number seen and how many jobs were read (None: another replica
+    /// runs `p` now; Err: Redis failed, the jobs read before it are started and skipped when
+    /// read again).
+    async fn poll(
+        self: &Arc<Self>,
+        store: &dyn Shared,
+        p: u16,
+        mut after: u64,
+    ) -> Result<Option<(u64, u64)>, ()> {
+        let mut read = 0;
         loop {
             let starting = self.starting.lock().await;
-            let polled = match store.poll(after, POLL_BATCH).await {
-                Ok(p) => p,
+            let polled = match store.poll(p, after, POLL_BATCH).await {
+                Ok(Some(polled)) => polled,
+                Ok(None) => return Ok(None),
                 Err(e) => {
-                    tracing::debug!(error = %e, "polling for jobs failed");
+                    tracing::debug!(error = %e, partition = p, "reading a partition's jobs failed");
                     return Err(());
                 }
             };
             let n = polled.jobs.len();
+            read += u64::try_from(n).unwrap_or(u64::MAX);
             for rec in polled.jobs {
                 after = after.max(rec.seq);
                 self.resume(rec).await;
@@ -186,32 +249,34 @@ impl Jobs {
                 }
             }
             if n < POLL_BATCH {
-                return Ok(after);
+                return Ok(Some((after, read)));
             }
         }
     }
 
-    /// Cancels every job this process runs (another replica owns them now, or will): queued
+    /// Cancels the jobs this process runs that `which` names (another replica runs them now,
+    /// or will): queued
     /// ones leave their queues; sends in flight finish, and their results are not written.
     /// Newest first: a chat's job that cannot be cancelled any more (being sent) has every
     /// earlier one of the chat sent or being sent, so the ones cancelled, run again by their
     /// next owner in store order, still go out after it.
-    async fn drop_running(&self) {
+    async fn drop_running(&self, which: impl Fn(u64) -> bool) {
         let mut running: Vec<_> = self
             .running
             .lock()
             .iter()
+            .filter(|(seq, _)| which(**seq))
             .map(|(seq, job)| (*seq, job.clone()))
             .collect();
         running.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         for (_, (chat, uuid)) in running {
-            self.scheduler.cancel(chat, uuid).await;
+            self.scheduler.cancel_here(chat, uuid).await;
         }
     }
 
-    /// The process is stopping and the scheduler has drained: stop starting jobs, wait (at
-    /// most `wait`) for the running ones to record how they ended, then, in cluster mode, end
-    /// the lease so that another replica takes the jobs left queued at once.
+    /// The process is stopping and the scheduler has drained: stop starting jobs, and wait
+    /// (at most `wait`) for the running ones to record how they ended. In cluster mode this
+    /// replica has left its partitions already: their next owners take the jobs left queued.
     pub async fn stop(&self, wait: Duration) {
         self.stopping.send_replace(true);
         // The background work has ended (no lease renewal can follow the hand-off).
@@ -220,8 +285,8 @@ impl Jobs {
         // owning their chat) and stay queued in the store for the replica that takes them
         // over, rather than this one waiting for a backlog elsewhere to drain; only sends in
         // flight are waited for.
-        if self.store.leases().is_some() {
-            self.drop_running().await;
+        if self.store.shared().is_some() {
+            self.drop_running(|_| true).await;
         }
         let idle = async {
             loop {
@@ -237,14 +302,6 @@ impl Jobs {
                 jobs = self.running.lock().len(),
                 "jobs still running at shutdown"
             );
-        }
-        if let Some(store) = self.store.leases() {
-            match store.hand_off().await {
-                Ok(()) => tracing::info!("handed this replica's queued jobs to the others"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "handing the jobs off failed; they are taken over when the lease ends")
-                }
-            }
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The job store seam: what [`super::Jobs`] needs of a store ([`JobStore`]), and of a store
-//! the replicas share ([`Leases`]). `app.rs` picks the backend: the embedded redb file
+//! The job store seam: what [`super::Jobs`] needs of a store ([`JobStore`]), of a store the
+//! replicas share ([`Shared`]), and of the partition ownership such a store follows
+//! ([`Ownership`]). `app.rs` picks the backend: the embedded redb file
 //! (single node, [`super::store`]) or the Redis the replicas share ([`super::redis`]).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -20,7 +22,8 @@ pub type RecoveryScan = (Vec<JobRecord>, Vec<JobRecord>);
 /// The bounds a submit is checked against, atomically with storing it.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Jobs the store may hold (all states); past it the oldest finished ones make room.
+    /// Jobs the store may hold (all states); past it the oldest finished ones make room. A
+    /// shared store holds a partition's share of it in each partition.
     pub max_jobs: u64,
     /// Open (not final) jobs one caller may have.
     pub per_caller: u64,
@@ -30,7 +33,7 @@ pub struct Limits {
 #[derive(Debug)]
 pub enum Stored {
     /// Stored (its `seq` assigned); `runs_here`: this process runs it (a shared store's
-    /// owner picks it up by [`Leases::poll`]).
+    /// partition owner picks it up by [`Shared::poll`]).
     New { rec: JobRecord, runs_here: bool },
     /// The same caller, app and uuid made this job already.
     Duplicate(JobRecord),
@@ -51,7 +54,7 @@ pub enum Owner {
     Nobody,
 }
 
-/// What a poll found: new jobs this replica owns (in order) and the cancels asked of it.
+/// What a poll of a partition found: its open jobs (in order) and the cancels asked.
 #[derive(Debug, Default)]
 pub struct Polled {
     pub jobs: Vec<JobRecord>,
@@ -98,29 +101,46 @@ pub trait JobStore: Send + Sync + 'static {
     /// windows). None: a shared store, whose jobs move between replicas by lease.
     fn recovery_scan(&self, since_ms: i64) -> Option<Result<RecoveryScan, StoreError>>;
 
-    /// A shared store's leases; None for a store only this process uses.
-    fn leases(&self) -> Option<&dyn Leases>;
+    /// A shared store's partitions; None for a store only this process uses.
+    fn shared(&self) -> Option<&dyn Shared>;
 }
 
-/// A store the replicas share: each runs the jobs it holds a lease on.
-pub trait Leases: Send + Sync {
-    /// A replica not renewing its lease for this long loses its jobs to another one.
-    fn lease(&self) -> Duration;
+/// Which partitions' jobs this replica runs (`cluster::partitions`, through `app`).
+pub trait Ownership: Send + Sync {
+    /// This replica's member id (a new one after it lost its lease).
+    fn me(&self) -> String;
+    /// The partitions this replica owns now, with the epochs of their claims.
+    fn owned(&self) -> Vec<(u16, u64)>;
+}
 
-    /// Extends this replica's lease (`register`: also when it has none). False: it had been
-    /// declared dead and its jobs were taken over.
-    fn renew(&self, register: bool) -> BoxFuture<'_, Result<bool, StoreError>>;
+/// A store the replicas share, its jobs kept by partition: the owner of a partition runs its
+/// jobs, after taking them with its claim's epoch ([`Shared::fence`]).
+pub trait Shared: Send + Sync {
+    /// The partitions this replica owns now, with their epochs.
+    fn owned(&self) -> Vec<(u16, u64)>;
 
-    /// Takes over the jobs of replicas whose lease ended; how many.
-    fn claim(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// Takes partition `p`'s jobs at `epoch`: every later write of this replica to them
+    /// carries it; false when a later claim took them already.
+    fn fence(&self, p: u16, epoch: u64) -> BoxFuture<'_, Result<bool, StoreError>>;
 
-    /// The jobs this replica owns numbered after `after` (at most `limit`), and the cancels
-    /// asked of it.
-    fn poll(&self, after: u64, limit: usize) -> BoxFuture<'_, Result<Polled, StoreError>>;
+    /// This replica stops running `p`'s jobs (it writes nothing to them any more).
+    fn unfence(&self, p: u16);
 
-    /// Asks the replica running queued job `seq` to cancel it; false when it is not queued.
+    /// Partition `p`'s open jobs numbered after `after` (at most `limit`) and the cancels
+    /// asked; None when this replica no longer runs it (another one fenced it).
+    fn poll(
+        &self,
+        p: u16,
+        after: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Option<Polled>, StoreError>>;
+
+    /// Partitions with news for this replica (new jobs, cancels asked).
+    fn news(&self) -> BoxFuture<'_, Result<BTreeSet<u16>, StoreError>>;
+
+    /// Asks the replica running queued job `seq` to cancel it; false when it is not open.
     fn ask_cancel(&self, seq: u64) -> BoxFuture<'_, Result<bool, StoreError>>;
 
-    /// Ends this replica's lease now (it is stopping): the others take its jobs.
-    fn hand_off(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    /// Moves the open jobs of an earlier layout into their partitions; how many.
+    fn adopt_legacy(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
 }

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::record::JobRecord;
 pub use super::seam::OnCommit;
-use super::seam::{JobStore as Store, Leases, Limits, Owner, RecoveryScan, Stored};
+use super::seam::{JobStore as Store, Limits, Owner, RecoveryScan, Shared, Stored};
 
 /// seq → the job record (JSON).
 const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs_v1");
@@ -313,7 +313,7 @@ impl Store for JobStore {
         Some(JobStore::recovery_scan(self, since_ms))
     }
 
-    fn leases(&self) -> Option<&dyn Leases> {
+    fn shared(&self) -> Option<&dyn Shared> {
         None
     }
 }

@@ -390,6 +390,15 @@ impl Partitions {
         }
     }
 
+    /// [`Self::owned`] with the epochs of their claims.
+    pub fn owned_epochs(&self, now: Instant) -> Vec<(u16, u64)> {
+        let s = self.state.lock();
+        match s.valid_until {
+            Some(v) if now < v => s.owned.iter().map(|(p, o)| (*p, o.epoch)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The member that should own `p` as this replica last saw the members (a call for `p`
     /// goes there); `None` before the first beat.
     pub fn preferred(&self, p: u16) -> Option<String> {
