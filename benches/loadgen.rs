@@ -198,6 +198,9 @@ enum Scenario {
         /// (`[cluster] peer_listen`).
         #[arg(long)]
         peers: bool,
+        /// Async jobs (SubmitReply) instead of replies: the job store's calls count too.
+        #[arg(long)]
+        jobs: bool,
     },
     /// Streaming replies of one app at once (virtual time, simulated Feishu): updates per
     /// stream per second and finish latency at each stream count.
@@ -282,7 +285,8 @@ fn main() {
                 per_app,
                 replicas,
                 peers,
-            } => cluster_share::run(&masters, apps, per_app, replicas, peers).await,
+                jobs,
+            } => cluster_share::run(&masters, apps, per_app, replicas, peers, jobs).await,
             Scenario::Submit {
                 concurrency,
                 seconds,

@@ -122,9 +122,21 @@ fn calls_served(port: u16) -> u64 {
 }
 
 /// Runs the measure for each master count.
-pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize, peers: bool) {
+pub async fn run(
+    masters: &[usize],
+    apps: usize,
+    per_app: usize,
+    replicas: usize,
+    peers: bool,
+    jobs: bool,
+) {
     println!(
-        "cluster-share: {apps} apps x {per_app} replies to distinct chats, {replicas} gateway replicas in cluster mode{}",
+        "cluster-share: {apps} apps x {per_app} {} to distinct chats, {replicas} gateway replicas in cluster mode{}",
+        if jobs {
+            "async jobs (SubmitReply)"
+        } else {
+            "replies"
+        },
         if peers {
             ", calls forwarded to their chat's owner"
         } else {
@@ -172,6 +184,7 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
         let forwarded_before = stack
             .gateway_metric("feishu_reply_peer_jobs_total{direction=\"out\",outcome=\"ok\"}")
             .await;
+        let sent_before = stack.gateway_metric(SENT).await;
         let t = Instant::now();
         let mut calls = Vec::new();
         for i in 0..apps * per_app {
@@ -182,11 +195,33 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
                 &format!("om_{app}_{n}"),
                 &format!("oc_{app}_{n}"),
             );
-            calls.push(tokio::spawn(async move { c.reply(req).await.is_ok() }));
+            calls.push(tokio::spawn(async move {
+                if jobs {
+                    c.submit_reply(req).await.is_ok()
+                } else {
+                    c.reply(req).await.is_ok()
+                }
+            }));
         }
         let mut ok = 0u64;
         for c in calls {
             ok += u64::from(c.await.unwrap());
+        }
+        if jobs {
+            // Every job sent, and its end written (no job left running).
+            let t = Instant::now();
+            while stack.gateway_metric(SENT).await - sent_before < ok as f64
+                || stack.gateway_metric("feishu_reply_jobs_running").await > 0.0
+            {
+                if t.elapsed() > Duration::from_secs(120) {
+                    panic!(
+                        "jobs never all sent: {ok} submitted, {} sent, {} running",
+                        stack.gateway_metric(SENT).await - sent_before,
+                        stack.gateway_metric("feishu_reply_jobs_running").await
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         let elapsed = t.elapsed();
         // The answers still waiting to be written back (a quiet slot's wait a decision to
@@ -226,8 +261,11 @@ pub async fn run(masters: &[usize], apps: usize, per_app: usize, replicas: usize
     }
 }
 
+/// HTTP calls made to Feishu's reply endpoint, summed over outcomes.
+const SENT: &str = "feishu_reply_upstream_latency_seconds_count{operation=\"reply\",";
+
 /// The gateway's Redis ops, as `feishu_reply_redis_calls_total` names them.
-const OPS: [&str; 10] = [
+const OPS: [&str; 19] = [
     "decide",
     "settle",
     "release",
@@ -236,8 +274,17 @@ const OPS: [&str; 10] = [
     "block",
     "replay",
     "budget",
+    "job_reserve",
+    "job_submit",
+    "job_announce",
+    "job_news",
+    "job_fence",
     "job_poll",
-    "job_lease",
+    "job_update",
+    "job_release",
+    "job_get",
+    "job_expire",
+    "job_adopt",
 ];
 
 /// Each op's calls, summed over outcomes and gateways.

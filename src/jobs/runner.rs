@@ -182,11 +182,16 @@ impl Jobs {
                         }
                     }
                     Ok(None) => {
-                        tracing::warn!(
-                            partition = p,
-                            "another replica took this partition's jobs; dropping them here"
-                        );
-                        self.metrics.job_lease_lost();
+                        // Released meanwhile (a move), or taken while this replica still
+                        // thinks it owns it (it was stalled or cut off).
+                        let epoch = mine.get(&p).map(|run| run.0);
+                        if store.owned().iter().any(|o| Some(o.1) == epoch && o.0 == p) {
+                            tracing::warn!(
+                                partition = p,
+                                "another replica took this partition's jobs; dropping them here"
+                            );
+                            self.metrics.job_lease_lost();
+                        }
                         mine.remove(&p);
                         self.leave_partition(store, p).await;
                     }
