@@ -435,6 +435,11 @@ async fn the_redis_store_keeps_jobs_by_partition_fences_bounds_and_expires_them(
     };
     assert_eq!(owner, "a", "the partition's runner");
     assert!(
+        a.news().await.unwrap().is_empty(),
+        "told with B's next flush"
+    );
+    b.flush().await;
+    assert!(
         a.news().await.unwrap().contains(&p),
         "told through its inbox"
     );
@@ -551,6 +556,14 @@ async fn the_redis_store_keeps_jobs_by_partition_fences_bounds_and_expires_them(
     let mut done = b.get(s1).await.unwrap().unwrap().0;
     done.state = State::Failed;
     assert!(b.update(&done).await.unwrap());
+    assert!(
+        matches!(
+            a.submit_within(&mine, "k-share-3", shares).await.unwrap(),
+            Submitted::CallerFull(2)
+        ),
+        "given back with B's next call on the caller's slot"
+    );
+    b.flush().await;
     assert!(matches!(
         a.submit_within(&mine, "k-share-3", shares).await.unwrap(),
         Submitted::New { .. }
@@ -701,6 +714,7 @@ async fn a_job_of_a_caller_this_replica_has_not_learned_of_yet_waits_for_the_rel
     let Submitted::New { seq, .. } = other.submit(&rec, &key, 100).await.unwrap() else {
         panic!("a new job")
     };
+    other.flush().await;
 
     // B runs it and keeps it waiting: B's configuration does not name w yet.
     let awaiting = "feishu_reply_jobs_awaiting_caller";

@@ -7,9 +7,10 @@
 //! with the epoch of its claim (FENCE), which fences every write, so a replica whose
 //! partition moved writes nothing; a takeover moves partitions, never a replica's job list.
 //! A replica that stores a job of a partition another member runs tells it through that
-//! member's inbox.
+//! member's inbox. Writes nobody waits for (those inbox notices, callers' counts given back)
+//! are batched per slot and go with the runner's next round, 50 ms at most.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ use redis::{Script, ScriptInvocation, Value};
 
 use super::record::JobRecord;
 use super::redis_scripts::{
-    ASK_CANCEL_LUA, EXPIRE_LUA, FENCE_LUA, GET_LUA, POLL_LUA, RESERVE_LUA, SUBMIT_LUA, UPDATE_LUA,
+    ASK_CANCEL_LUA, EXPIRE_LUA, FENCE_LUA, GET_LUA, POLL_LUA, RELEASE_LUA, RESERVE_LUA, SUBMIT_LUA,
+    UPDATE_LUA,
 };
 pub use super::seam::Polled;
 use super::seam::{JobStore, Limits, OnCommit, Owner, Ownership, RecoveryScan, Shared, Stored};
@@ -67,14 +69,27 @@ pub struct RedisJobStore {
     fenced: Mutex<HashMap<u16, u64>>,
     /// Partitions this replica runs that its own submits stored jobs in (read at the next poll).
     news: Mutex<BTreeSet<u16>>,
+    /// What waits to be written in one call per slot ([`Shared::flush`]).
+    pending: Mutex<Pending>,
     submit: Script,
     reserve: Script,
+    release: Script,
     fence: Script,
     update: Script,
     poll: Script,
     ask_cancel: Script,
     get: Script,
     expire: Script,
+}
+
+/// Writes that wait for the next call on their slot, or the runner's next round (50 ms): one
+/// call carries many.
+#[derive(Default)]
+struct Pending {
+    /// Per caller tag: (caller's set, job) given back.
+    releases: BTreeMap<usize, Vec<(String, String)>>,
+    /// Per member: partitions it is told of.
+    announces: BTreeMap<String, BTreeSet<u16>>,
 }
 
 pub(super) fn store_err(e: ClusterError) -> StoreError {
@@ -120,8 +135,10 @@ impl RedisJobStore {
             caller_tags,
             fenced: Mutex::new(HashMap::new()),
             news: Mutex::new(BTreeSet::new()),
+            pending: Mutex::new(Pending::default()),
             submit: Script::new(SUBMIT_LUA),
             reserve: Script::new(RESERVE_LUA),
+            release: Script::new(RELEASE_LUA),
             fence: Script::new(FENCE_LUA),
             update: Script::new(UPDATE_LUA),
             poll: Script::new(POLL_LUA),
@@ -151,9 +168,13 @@ impl RedisJobStore {
         inv
     }
 
-    fn caller_key(&self, caller: &str) -> String {
-        let tag = &self.caller_tags[crate::cluster::spread_bucket(caller)];
-        format!("{{{tag}}}:jobs:caller:{caller}")
+    /// A caller's set of open jobs, and which tag it is on.
+    fn caller_key(&self, caller: &str) -> (usize, String) {
+        let b = crate::cluster::spread_bucket(caller);
+        (
+            b,
+            format!("{{{}}}:jobs:caller:{caller}", self.caller_tags[b]),
+        )
     }
 
     fn inbox(&self, member: &str) -> String {
@@ -216,10 +237,11 @@ impl RedisJobStore {
             _ => return Err(bad("submit")),
         };
         match &submitted {
-            Submitted::New { owner, .. } => self.announce(p, owner).await,
-            // Counted for nothing (a job it made is final, or there is no room): given back;
-            // if that fails the entry stops counting at the job's expiry.
-            _ if bounded => self.release(&rec.caller, key).await,
+            Submitted::New { owner, .. } => self.announce(p, owner),
+            // The job it made is open: it counts (its entry was there).
+            Submitted::Duplicate(known) if !known.state.is_final() => {}
+            // Counted for nothing (the job it made is final, or there is no room): given back.
+            _ if bounded => self.release(&rec.caller, key),
             _ => {}
         }
         if let (Submitted::New { .. } | Submitted::Duplicate(_), n @ 1..) =
@@ -231,7 +253,7 @@ impl RedisJobStore {
     }
 
     /// Counts `key` in its caller's open jobs: None, or the caller's open jobs when at
-    /// `bound`.
+    /// `bound`. The jobs given back on the same slot go first, in the same call.
     async fn reserve(
         &self,
         rec: &JobRecord,
@@ -240,16 +262,32 @@ impl RedisJobStore {
     ) -> Result<Option<u64>, StoreError> {
         // Counts until a minute after the job's expiry at the latest (by then it is final).
         let until = rec.expires_ms.saturating_add(60_000).max(0);
+        let (tag, set) = self.caller_key(&rec.caller);
+        let back = self
+            .pending
+            .lock()
+            .releases
+            .remove(&tag)
+            .unwrap_or_default();
         let mut inv = self.reserve.prepare_invoke();
-        inv.key(self.caller_key(&rec.caller))
-            .arg(key)
-            .arg(bound)
-            .arg(until);
-        let v: Vec<i64> = self
-            .redis
-            .call_on(Lane::Jobs, "job_reserve", inv)
-            .await
-            .map_err(store_err)?;
+        inv.key(set).arg(key).arg(bound).arg(until);
+        for (set, job) in &back {
+            inv.key(set).arg(job);
+        }
+        let v: Result<Vec<i64>, _> = self.redis.call_on(Lane::Jobs, "job_reserve", inv).await;
+        let v = match v {
+            Ok(v) => v,
+            Err(e) => {
+                // Given back at the next call (twice does no harm).
+                self.pending
+                    .lock()
+                    .releases
+                    .entry(tag)
+                    .or_default()
+                    .extend(back);
+                return Err(store_err(e));
+            }
+        };
         match v.as_slice() {
             [1] => Ok(None),
             [-2, open] => Ok(Some(u64::try_from(*open).unwrap_or(0))),
@@ -257,35 +295,67 @@ impl RedisJobStore {
         }
     }
 
-    /// Job `key` of `caller` no longer counts in its open jobs.
-    async fn release(&self, caller: &str, key: &str) {
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(self.caller_key(caller)).arg(key);
-        if let Err(e) = self
-            .redis
-            .command_on::<i64>(Lane::Jobs, "job_release", &cmd)
-            .await
-        {
-            tracing::debug!(error = %e, "a job's caller count was not given back; it stops counting at the job's expiry");
-        }
+    /// Job `key` of `caller` no longer counts in its open jobs: given back with the next
+    /// call on its slot.
+    fn release(&self, caller: &str, key: &str) {
+        let (tag, set) = self.caller_key(caller);
+        self.pending
+            .lock()
+            .releases
+            .entry(tag)
+            .or_default()
+            .push((set, key.to_owned()));
     }
 
     /// A job was stored in `p`, run by `owner`: it is told (this replica: its next poll reads
-    /// `p`). A lost notice is found by the owner's sweep.
-    async fn announce(&self, p: u16, owner: &str) {
+    /// `p`; another: in its inbox at the next flush). A lost notice is found by the owner's
+    /// sweep.
+    fn announce(&self, p: u16, owner: &str) {
         if owner.is_empty() {
             // Nobody took the partition yet: whoever does reads it then.
         } else if *owner == self.ownership.me() {
             self.news.lock().insert(p);
         } else {
+            self.pending
+                .lock()
+                .announces
+                .entry(owner.to_owned())
+                .or_default()
+                .insert(p);
+        }
+    }
+
+    /// Writes what waits: the jobs given back (one call per caller tag) and the news for
+    /// other members (one call per member). A failed write is dropped: a job given back
+    /// stops counting at its expiry, a lost notice is found by the owner's sweep.
+    pub async fn flush(&self) {
+        let Pending {
+            releases,
+            announces,
+        } = std::mem::take(&mut *self.pending.lock());
+        for jobs in releases.into_values() {
+            let mut inv = self.release.prepare_invoke();
+            for (set, job) in &jobs {
+                inv.key(set).arg(job);
+            }
+            if let Err(e) = self
+                .redis
+                .call_on::<i64>(Lane::Jobs, "job_release", inv)
+                .await
+            {
+                tracing::debug!(error = %e, "giving back callers' job counts failed; they stop counting at the jobs' expiry");
+            }
+        }
+        for (owner, parts) in announces {
             let mut cmd = redis::cmd("RPUSH");
-            cmd.arg(self.inbox(owner)).arg(p);
+            cmd.arg(self.inbox(&owner))
+                .arg(parts.into_iter().collect::<Vec<_>>());
             if let Err(e) = self
                 .redis
                 .command_on::<i64>(Lane::Jobs, "job_announce", &cmd)
                 .await
             {
-                tracing::debug!(error = %e, "telling a partition's owner of a new job failed; its sweep finds it");
+                tracing::debug!(error = %e, "telling a partition's owner of new jobs failed; its sweep finds them");
             }
         }
     }
@@ -366,7 +436,7 @@ impl RedisJobStore {
                 if let (Some(caller), Some(key)) = (caller, key)
                     && !caller.is_empty()
                 {
-                    self.release(&caller, &key).await;
+                    self.release(&caller, &key);
                 }
                 Ok(true)
             }
@@ -453,7 +523,9 @@ impl RedisJobStore {
             [ok] if int(ok) == Some(0) => Ok(false),
             [_, owner] => {
                 let owner = as_string(owner).ok_or(bad("cancel"))?;
-                self.announce(p, &owner).await;
+                self.announce(p, &owner);
+                // A cancel is answered while the caller waits: told at once.
+                self.flush().await;
                 Ok(true)
             }
             _ => Err(bad("cancel")),
@@ -626,6 +698,10 @@ impl Shared for RedisJobStore {
 
     fn news(&self) -> BoxFuture<'_, Result<BTreeSet<u16>, StoreError>> {
         Box::pin(RedisJobStore::news(self))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(RedisJobStore::flush(self))
     }
 
     fn ask_cancel(&self, seq: u64) -> BoxFuture<'_, Result<bool, StoreError>> {

@@ -174,12 +174,15 @@ return {#gone, redis.call('ZCARD', b .. ':open') + redis.call('ZCARD', b .. ':do
 "#
 );
 
-/// KEYS: the caller's set. ARGV: idempotency key, bound, until (ms). Counts the job in its
-/// caller's open jobs unless the caller has `bound` already: {1}, or {-2, open}. A key counted
-/// already (a repeated submit) passes. Entries past their time are dropped first.
+/// KEYS: the caller's set, then sets of the same slot with a job to give back each. ARGV:
+/// idempotency key, bound, until (ms), then the job given back per extra key. Gives those back
+/// first, then counts the job in its caller's open jobs unless the caller has `bound`
+/// already: {1}, or {-2, open}. A key counted already (a repeated submit) passes. Entries past
+/// their time are dropped first.
 pub(super) const RESERVE_LUA: &str = concat!(
     lua_now_ms!(),
     r#"
+for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i + 2]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {1} end
 local open = redis.call('ZCARD', KEYS[1])
@@ -188,3 +191,9 @@ redis.call('ZADD', KEYS[1], tonumber(ARGV[3]), ARGV[1])
 return {1}
 "#
 );
+
+/// KEYS: callers' sets (one slot); ARGV: the job given back per key.
+pub(super) const RELEASE_LUA: &str = r#"
+for i = 1, #KEYS do redis.call('ZREM', KEYS[i], ARGV[i]) end
+return #KEYS
+"#;

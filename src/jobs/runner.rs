@@ -135,6 +135,7 @@ impl Jobs {
                     }
                 }
             }
+            store.flush().await;
             match store.news().await {
                 Ok(news) => read.extend(news.into_iter().filter(|p| mine.contains_key(p))),
                 Err(e) => {

@@ -138,6 +138,10 @@ pub trait Shared: Send + Sync {
     /// Partitions with news for this replica (new jobs, cancels asked).
     fn news(&self) -> BoxFuture<'_, Result<BTreeSet<u16>, StoreError>>;
 
+    /// Writes what waits to be batched (notices for other replicas, callers' counts given
+    /// back); failures are dropped (they heal: sweeps, expiry).
+    fn flush(&self) -> BoxFuture<'_, ()>;
+
     /// Asks the replica running queued job `seq` to cancel it; false when it is not open.
     fn ask_cancel(&self, seq: u64) -> BoxFuture<'_, Result<bool, StoreError>>;
 
