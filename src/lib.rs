@@ -56,12 +56,16 @@
 //!   here, the rest in Redis); `cluster::settles` the answers waiting, per slot;
 //!   `cluster::budget` the budgets' counter in Redis.
 //! - [`jobs`]: async reply jobs: running them through the scheduler, cancel, restart recovery;
-//!   [`jobs::seam`] the job store seam (`JobStore`, and `Leases` for a store the replicas
-//!   share); `jobs::store` the embedded redb store with group commit (single node);
-//!   `jobs::redis` the cluster store in the shared Redis (one runner per chat, leases,
-//!   takeover, fenced writes; its Lua scripts and key layout in `jobs::redis_scripts`);
-//!   `jobs::runner` the background work (lease, takeover, polling a replica's jobs, expiry,
-//!   hand-off at shutdown); `jobs::record` the stored record; `jobs::spec` a stored job back
+//!   [`jobs::seam`] the job store seam (`JobStore`; `Shared` for a store the replicas share,
+//!   kept by partition; `Ownership`, the partitions a replica runs, which `app` gives from
+//!   `cluster::partitions`); `jobs::store` the embedded redb store with group commit (single
+//!   node); `jobs::redis` the cluster store in the shared Redis (each job on its chat's
+//!   partition's slot, run by the partition's owner, writes fenced by its claim's epoch,
+//!   callers' counts on spread slots; its Lua scripts and key layout in
+//!   `jobs::redis_scripts`); `jobs::legacy` jobs of the earlier single-slot layout (read by
+//!   their ids, moved into their partitions); `jobs::runner` the background work (following
+//!   the partitions owned, reading their jobs and cancels, the inbox, expiry,
+//!   what is left at shutdown); `jobs::record` the stored record; `jobs::spec` a stored job back
 //!   into a scheduler job (its caller must still own it: a job of a caller not known yet waits
 //!   in `Jobs` for a reload that names it).
 //! - [`redis_conn`]: the connections to the shared Redis (standalone or Redis Cluster, TLS;

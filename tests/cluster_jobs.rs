@@ -743,6 +743,74 @@ async fn a_job_of_a_caller_this_replica_has_not_learned_of_yet_waits_for_the_rel
     assert_eq!(left, Some(0.0));
 }
 
+#[tokio::test]
+async fn a_job_whose_runner_was_never_told_is_found_by_its_sweep() {
+    // A replica stores a job of a partition another replica runs and dies before telling it
+    // (its notice is never written): the runner reads all its partitions again every 10 s and
+    // runs the job then. Nothing accepted is lost to a lost notice.
+    use feishu_reply_gateway::jobs::redis::Submitted;
+    use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply, job_id, now_ms};
+    let (url, _redis) = shared_redis();
+    let fake = spawn_fake(FakeOptions::default()).await;
+    let prefix = unique("sweep");
+    let config = common::config_for(
+        &fake,
+        &format!(
+            "{}redis_timeout_ms = 250\n",
+            common::cluster_section(&url, &prefix)
+        ),
+    );
+    let a = spawn_gateway_on(fake.clone(), config).await;
+    let mut to_a = a.client.clone();
+    // A runs the chat's partition: a first job through A is delivered.
+    let first = to_a
+        .submit_reply(text("om_s0_in_s", "oc_sweep", "s0"))
+        .await
+        .unwrap()
+        .into_inner();
+    all_delivered(&mut to_a, &[first.job_id], Duration::from_secs(10)).await;
+    let other = job_store(&url, &prefix, "other");
+    let now = now_ms();
+    let rec = JobRecord {
+        seq: 0,
+        caller: "anonymous".into(),
+        credential: String::new(),
+        reply: StoredReply {
+            app: "default".into(),
+            message_id: "om_s1_in_s".into(),
+            msg_type: "text".into(),
+            content: r#"{"text":"s1"}"#.into(),
+            reply_in_thread: false,
+            uuid: "sweep-1".into(),
+            feishu_uuid: None,
+            chat_id: "oc_sweep".into(),
+            user_id: None,
+            send_to: None,
+            traceparent: None,
+        },
+        state: State::Queued,
+        attempts: 0,
+        created_ms: now,
+        updated_ms: now,
+        expires_ms: now + 600_000,
+        result: None,
+        error: None,
+        key: "5".repeat(32),
+    };
+    let Submitted::New { seq, owner } = other
+        .submit(&rec, &rec.idempotency_key(), 1 << 20)
+        .await
+        .unwrap()
+    else {
+        panic!("a new job")
+    };
+    assert!(!owner.is_empty(), "A runs the partition");
+    // `other` never flushes: A is not told.
+    let id = job_id(seq, &rec.key);
+    all_delivered(&mut to_a, &[id], Duration::from_secs(15)).await;
+    assert_eq!(common::posts_to(&fake, "om_s1_in_s"), 1);
+}
+
 /// `msg` with caller `token`'s credential.
 fn as_caller<T>(msg: T, token: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
