@@ -46,6 +46,22 @@ fn cluster_file(fake: &FakeFeishu, redis_url: &str, prefix: &str) -> (PathBuf, P
     (file, dir)
 }
 
+/// An in-process replica's config on `url` under `prefix`, with `extra` in `[cluster]`.
+fn in_process(
+    fake: &FakeFeishu,
+    url: &str,
+    prefix: &str,
+    extra: &str,
+) -> feishu_reply_gateway::config::Config {
+    common::config_for(
+        fake,
+        &format!(
+            "{}redis_timeout_ms = 250\n{extra}",
+            common::cluster_section(url, prefix)
+        ),
+    )
+}
+
 /// A replica that forwards each job to the owner of its chat's partition (its peer listener on
 /// a free loopback port).
 fn serve_with_peers(file: &std::path::Path, port: u16) -> ServeProcess {
@@ -78,6 +94,44 @@ fn job_store(url: &str, prefix: &str, me: &str) -> feishu_reply_gateway::jobs::R
         owned: Default::default(),
     };
     feishu_reply_gateway::jobs::RedisJobStore::new(redis, jobs, std::sync::Arc::new(given))
+}
+
+/// A queued job of `caller` replying `message_id` in `chat` with uuid `uuid` (10 min ttl), as
+/// a replica stores it.
+fn job_record(
+    caller: &str,
+    chat: &str,
+    message_id: &str,
+    uuid: &str,
+) -> feishu_reply_gateway::jobs::JobRecord {
+    use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply, now_ms};
+    let now = now_ms();
+    JobRecord {
+        seq: 0,
+        caller: caller.into(),
+        credential: String::new(),
+        reply: StoredReply {
+            app: "default".into(),
+            message_id: message_id.into(),
+            msg_type: "text".into(),
+            content: r#"{"text":"job"}"#.into(),
+            reply_in_thread: false,
+            uuid: uuid.into(),
+            feishu_uuid: None,
+            chat_id: chat.into(),
+            user_id: None,
+            send_to: None,
+            traceparent: None,
+        },
+        state: State::Queued,
+        attempts: 0,
+        created_ms: now,
+        updated_ms: now,
+        expires_ms: now + 600_000,
+        result: None,
+        error: None,
+        key: format!("{:032x}", rand::random::<u128>()),
+    }
 }
 
 /// Waits until every job is DELIVERED (read through `c`), failing on a final other state.
@@ -242,15 +296,7 @@ async fn any_replica_dedupes_watches_and_cancels_any_job() {
     let (url, _redis) = shared_redis();
     let fake = spawn_fake(FakeOptions::default()).await;
     let prefix = unique("any");
-    let config = || {
-        common::config_for(
-            &fake,
-            &format!(
-                "{}redis_timeout_ms = 250\n",
-                common::cluster_section(&url, &prefix)
-            ),
-        )
-    };
+    let config = || in_process(&fake, &url, &prefix, "");
     let a = spawn_gateway_on(fake.clone(), config()).await;
     let b = spawn_gateway_on(fake.clone(), config()).await;
     let (mut to_a, mut to_b) = (a.client.clone(), b.client.clone());
@@ -391,36 +437,11 @@ async fn a_paused_replica_comes_back_without_double_posts_or_stale_writes() {
 async fn the_redis_store_keeps_jobs_by_partition_fences_bounds_and_expires_them() {
     use feishu_reply_gateway::cluster::partitions::partition_of;
     use feishu_reply_gateway::jobs::redis::Submitted;
-    use feishu_reply_gateway::jobs::{JobRecord, Limits, State, StoredReply, split_seq};
+    use feishu_reply_gateway::jobs::{JobRecord, Limits, State, split_seq};
     let (url, _redis) = shared_redis();
     let prefix = unique("fence");
     let (a, b) = (job_store(&url, &prefix, "a"), job_store(&url, &prefix, "b"));
-    let rec = |chat: &str, caller: &str| JobRecord {
-        seq: 0,
-        caller: caller.into(),
-        credential: String::new(),
-        reply: StoredReply {
-            app: "default".into(),
-            message_id: "om_f".into(),
-            msg_type: "text".into(),
-            content: r#"{"text":"f"}"#.into(),
-            reply_in_thread: false,
-            uuid: "fence-1".into(),
-            feishu_uuid: None,
-            chat_id: chat.into(),
-            user_id: None,
-            send_to: None,
-            traceparent: None,
-        },
-        state: State::Queued,
-        attempts: 0,
-        created_ms: 1,
-        updated_ms: 1,
-        expires_ms: i64::MAX,
-        result: None,
-        error: None,
-        key: String::new(),
-    };
+    let rec = |chat: &str, caller: &str| job_record(caller, chat, "om_f", "fence-1");
     let job = rec("oc_f", "anonymous");
     let p = partition_of("oc_f");
     // Stored in its chat's partition before any member took it: nobody is told.
@@ -617,13 +638,7 @@ async fn a_submit_no_redis_replica_confirmed_is_unavailable_and_safe_to_repeat()
     let (url, _redis) = common::standalone_redis();
     let fake = spawn_fake(FakeOptions::default()).await;
     let prefix = unique("wait");
-    let config = common::config_for(
-        &fake,
-        &format!(
-            "{}redis_timeout_ms = 250\njobs_wait_replicas = 1\n",
-            common::cluster_section(&url, &prefix)
-        ),
-    );
+    let config = in_process(&fake, &url, &prefix, "jobs_wait_replicas = 1\n");
     let gw = spawn_gateway_on(fake.clone(), config).await;
     let mut c = gw.client.clone();
     let mut req = text("om_w_in_w", "oc_w", "w");
@@ -649,7 +664,7 @@ async fn a_job_of_a_caller_this_replica_has_not_learned_of_yet_waits_for_the_rel
     // takes it before it has reloaded.
     use feishu_reply_gateway::config::{credential_fingerprint, token_hash};
     use feishu_reply_gateway::jobs::redis::Submitted;
-    use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply, job_id, now_ms};
+    use feishu_reply_gateway::jobs::{State, job_id};
     let (url, _redis) = shared_redis();
     let fake = spawn_fake(FakeOptions::default()).await;
     let prefix = unique("newcaller");
@@ -683,33 +698,8 @@ async fn a_job_of_a_caller_this_replica_has_not_learned_of_yet_waits_for_the_rel
     // Caller w, configured on another replica only, stored a job there (B runs every
     // partition).
     let other = job_store(&url, &prefix, "other");
-    let now = now_ms();
-    let rec = JobRecord {
-        seq: 0,
-        caller: "w".into(),
-        credential: credential_fingerprint(b'T', &token_hash(w.as_bytes())).to_string(),
-        reply: StoredReply {
-            app: "default".into(),
-            message_id: "om_w".into(),
-            msg_type: "text".into(),
-            content: r#"{"text":"w"}"#.into(),
-            reply_in_thread: false,
-            uuid: "w-1".into(),
-            feishu_uuid: None,
-            chat_id: "oc_w".into(),
-            user_id: None,
-            send_to: None,
-            traceparent: None,
-        },
-        state: State::Queued,
-        attempts: 0,
-        created_ms: now,
-        updated_ms: now,
-        expires_ms: now + 600_000,
-        result: None,
-        error: None,
-        key: "7".repeat(32),
-    };
+    let mut rec = job_record("w", "oc_w", "om_w", "w-1");
+    rec.credential = credential_fingerprint(b'T', &token_hash(w.as_bytes())).to_string();
     let key = rec.idempotency_key();
     let Submitted::New { seq, .. } = other.submit(&rec, &key, 100).await.unwrap() else {
         panic!("a new job")
@@ -748,18 +738,12 @@ async fn a_job_whose_runner_was_never_told_is_found_by_its_sweep() {
     // A replica stores a job of a partition another replica runs and dies before telling it
     // (its notice is never written): the runner reads all its partitions again every 10 s and
     // runs the job then. Nothing accepted is lost to a lost notice.
+    use feishu_reply_gateway::jobs::job_id;
     use feishu_reply_gateway::jobs::redis::Submitted;
-    use feishu_reply_gateway::jobs::{JobRecord, State, StoredReply, job_id, now_ms};
     let (url, _redis) = shared_redis();
     let fake = spawn_fake(FakeOptions::default()).await;
     let prefix = unique("sweep");
-    let config = common::config_for(
-        &fake,
-        &format!(
-            "{}redis_timeout_ms = 250\n",
-            common::cluster_section(&url, &prefix)
-        ),
-    );
+    let config = in_process(&fake, &url, &prefix, "");
     let a = spawn_gateway_on(fake.clone(), config).await;
     let mut to_a = a.client.clone();
     // A runs the chat's partition: a first job through A is delivered.
@@ -770,33 +754,7 @@ async fn a_job_whose_runner_was_never_told_is_found_by_its_sweep() {
         .into_inner();
     all_delivered(&mut to_a, &[first.job_id], Duration::from_secs(10)).await;
     let other = job_store(&url, &prefix, "other");
-    let now = now_ms();
-    let rec = JobRecord {
-        seq: 0,
-        caller: "anonymous".into(),
-        credential: String::new(),
-        reply: StoredReply {
-            app: "default".into(),
-            message_id: "om_s1_in_s".into(),
-            msg_type: "text".into(),
-            content: r#"{"text":"s1"}"#.into(),
-            reply_in_thread: false,
-            uuid: "sweep-1".into(),
-            feishu_uuid: None,
-            chat_id: "oc_sweep".into(),
-            user_id: None,
-            send_to: None,
-            traceparent: None,
-        },
-        state: State::Queued,
-        attempts: 0,
-        created_ms: now,
-        updated_ms: now,
-        expires_ms: now + 600_000,
-        result: None,
-        error: None,
-        key: "5".repeat(32),
-    };
+    let rec = job_record("anonymous", "oc_sweep", "om_s1_in_s", "sweep-1");
     let Submitted::New { seq, owner } = other
         .submit(&rec, &rec.idempotency_key(), 1 << 20)
         .await

@@ -8,11 +8,11 @@
 use redis::{Script, Value};
 
 use super::record::JobRecord;
-use super::redis::{RedisJobStore, Submitted, bad, record, store_err};
+use super::redis::{RedisJobStore, Submitted, bad, record};
 use super::redis_scripts::lua_now_ms;
 use super::seam::Limits;
 use super::store::StoreError;
-use crate::redis_conn::{Lane, bytes as text, int};
+use crate::redis_conn::{bytes as text, int};
 
 /// ARGV: base, seq. {rec, moved, open} of a legacy job ({} when unknown; moved: its number in
 /// its partition, '' while it has not moved; open: 1 while not final).
@@ -67,20 +67,12 @@ impl RedisJobStore {
         format!("{{{}:jobs}}", self.redis.config().key_prefix)
     }
 
-    fn legacy_call(&self, script: &str) -> (Script, String) {
-        (Script::new(script), self.legacy_base())
-    }
-
     /// Legacy job `seq`.
     pub(super) async fn legacy_get(&self, seq: u64) -> Result<Option<Legacy>, StoreError> {
-        let (script, base) = self.legacy_call(GET_LUA);
-        let mut inv = script.prepare_invoke();
-        inv.key(format!("{base}:seq")).arg(&base).arg(seq);
-        let v: Vec<Value> = self
-            .redis
-            .call_on(Lane::Jobs, "job_get", inv)
-            .await
-            .map_err(store_err)?;
+        let script = Script::new(GET_LUA);
+        let mut inv = self.invoke_on(&script, &self.legacy_base());
+        inv.arg(seq);
+        let v: Vec<Value> = self.run("job_get", inv).await?;
         match v.as_slice() {
             [] => Ok(None),
             [rec, moved, open] => {
@@ -101,13 +93,9 @@ impl RedisJobStore {
         let (open, moved) = (Script::new(OPEN_LUA), Script::new(MOVED_LUA));
         let mut total = 0;
         loop {
-            let mut inv = open.prepare_invoke();
-            inv.key(format!("{base}:seq")).arg(&base).arg(BATCH);
-            let v: Vec<Value> = self
-                .redis
-                .call_on(Lane::Jobs, "job_adopt", inv)
-                .await
-                .map_err(store_err)?;
+            let mut inv = self.invoke_on(&open, &base);
+            inv.arg(BATCH);
+            let v: Vec<Value> = self.run("job_adopt", inv).await?;
             if v.is_empty() {
                 return Ok(total);
             }
@@ -134,13 +122,9 @@ impl RedisJobStore {
                     Submitted::Duplicate(known) => known.seq,
                     Submitted::Full(_) | Submitted::CallerFull(_) => return Err(bad("adopt")),
                 };
-                let mut inv = moved.prepare_invoke();
-                inv.key(format!("{base}:seq")).arg(&base).arg(seq).arg(to);
-                let _: i64 = self
-                    .redis
-                    .call_on(Lane::Jobs, "job_adopt", inv)
-                    .await
-                    .map_err(store_err)?;
+                let mut inv = self.invoke_on(&moved, &base);
+                inv.arg(seq).arg(to);
+                let _: i64 = self.run("job_adopt", inv).await?;
                 total += 1;
             }
         }

@@ -92,7 +92,7 @@ struct Pending {
     announces: BTreeMap<String, BTreeSet<u16>>,
 }
 
-pub(super) fn store_err(e: ClusterError) -> StoreError {
+fn store_err(e: ClusterError) -> StoreError {
     StoreError(e.to_string())
 }
 
@@ -161,8 +161,20 @@ impl RedisJobStore {
         format!("{{{}:p:{p}}}:jobs", self.redis.config().key_prefix)
     }
 
+    /// Runs `inv` (op `op` in the metrics) on the job store's lane.
+    pub(super) async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        inv: ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.redis
+            .call_on(Lane::Jobs, op, inv)
+            .await
+            .map_err(store_err)
+    }
+
     /// A call of `script` on the base `base` (routed by its `seq` key).
-    fn invoke_on<'a>(&self, script: &'a Script, base: &str) -> ScriptInvocation<'a> {
+    pub(super) fn invoke_on<'a>(&self, script: &'a Script, base: &str) -> ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
         inv.key(format!("{base}:seq")).arg(base);
         inv
@@ -218,11 +230,7 @@ impl RedisJobStore {
         let share = limits.max_jobs.div_ceil(u64::from(PARTITIONS)).max(1);
         let mut inv = self.invoke_on(&self.submit, &base);
         inv.arg(key).arg(rec.encode()).arg(&rec.caller).arg(share);
-        let v: Vec<Value> = self
-            .redis
-            .call_on(Lane::Jobs, "job_submit", inv)
-            .await
-            .map_err(store_err)?;
+        let v: Vec<Value> = self.run("job_submit", inv).await?;
         let n = || v.get(1).and_then(as_u64).ok_or(bad("submit"));
         let submitted = match v.first().and_then(int) {
             Some(1) => Submitted::New {
@@ -386,11 +394,7 @@ impl RedisJobStore {
     pub async fn fence(&self, p: u16, epoch: u64) -> Result<bool, StoreError> {
         let mut inv = self.invoke_on(&self.fence, &self.base(p));
         inv.arg(self.ownership.me()).arg(epoch);
-        let n: i64 = self
-            .redis
-            .call_on(Lane::Jobs, "job_fence", inv)
-            .await
-            .map_err(store_err)?;
+        let n: i64 = self.run("job_fence", inv).await?;
         if n == 1 {
             self.fenced.lock().insert(p, epoch);
         }
@@ -424,11 +428,7 @@ impl RedisJobStore {
             .arg(n)
             .arg(rec.encode())
             .arg(u8::from(done));
-        let v: Vec<Value> = self
-            .redis
-            .call_on(Lane::Jobs, "job_update", inv)
-            .await
-            .map_err(store_err)?;
+        let v: Vec<Value> = self.run("job_update", inv).await?;
         match v.as_slice() {
             [ok, ..] if int(ok) == Some(0) => Ok(false),
             [_, caller, key] if done => {
@@ -462,11 +462,7 @@ impl RedisJobStore {
             .arg(epoch)
             .arg(after)
             .arg(limit);
-        let v: Vec<Value> = self
-            .redis
-            .call_on(Lane::Jobs, "job_poll", inv)
-            .await
-            .map_err(store_err)?;
+        let v: Vec<Value> = self.run("job_poll", inv).await?;
         let count = v.first().and_then(int).ok_or(bad("poll"))?;
         let Ok(count) = usize::try_from(count) else {
             return Ok(None);
@@ -514,11 +510,7 @@ impl RedisJobStore {
         };
         let mut inv = self.invoke_on(&self.ask_cancel, &self.base(p));
         inv.arg(n);
-        let v: Vec<Value> = self
-            .redis
-            .call_on(Lane::Jobs, "job_cancel", inv)
-            .await
-            .map_err(store_err)?;
+        let v: Vec<Value> = self.run("job_cancel", inv).await?;
         match v.as_slice() {
             [ok] if int(ok) == Some(0) => Ok(false),
             [_, owner] => {
@@ -562,11 +554,7 @@ impl RedisJobStore {
         };
         let mut inv = self.invoke_on(&self.get, &self.base(p));
         inv.arg(n);
-        let v: Vec<Value> = self
-            .redis
-            .call_on(Lane::Jobs, "job_get", inv)
-            .await
-            .map_err(store_err)?;
+        let v: Vec<Value> = self.run("job_get", inv).await?;
         match v.as_slice() {
             [] => Ok(None),
             [rec, owner] => {
@@ -590,11 +578,7 @@ impl RedisJobStore {
         for base in bases {
             let mut inv = self.invoke_on(&self.expire, &base);
             inv.arg(ms(keep)).arg(limit);
-            let v: Vec<i64> = self
-                .redis
-                .call_on(Lane::Jobs, "job_expire", inv)
-                .await
-                .map_err(store_err)?;
+            let v: Vec<i64> = self.run("job_expire", inv).await?;
             let [g, s] = v.as_slice() else {
                 return Err(bad("expire"));
             };
