@@ -109,7 +109,7 @@ fn app_bucket(app_key: &str) -> usize {
 }
 
 /// The hash tags keys are spread over by an id (the apps' windows, the job store's callers):
-/// [`APP_SLOTS`] tags, as many on each master of a cluster split evenly ([`app_tags`]).
+/// 12 tags, as many on each master of a cluster whose masters split the slots evenly.
 pub fn spread_tags(prefix: &str) -> Vec<String> {
     app_tags(prefix)
 }
