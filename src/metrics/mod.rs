@@ -249,13 +249,13 @@ impl Metrics {
         let job_takeovers = Counter::default();
         registry.register(
             "feishu_reply_job_takeovers",
-            "Async jobs this replica took over from replicas whose job lease ended (cluster mode)",
+            "Open async jobs this replica found in the partitions it took over, left by their last owner (cluster mode)",
             job_takeovers.clone(),
         );
         let job_leases_lost = Counter::default();
         registry.register(
             "feishu_reply_job_leases_lost",
-            "Times this replica found its job lease ended and its jobs taken over (it was stalled or cut off from Redis longer than job_lease_ms)",
+            "Times this replica found a partition's jobs taken by a later owner while it still counted the partition as its own (it was stalled or cut off from Redis longer than job_lease_ms)",
             job_leases_lost.clone(),
         );
         let config_generation = Gauge::default();
