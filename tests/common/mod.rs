@@ -227,8 +227,34 @@ fn port_outside_ephemeral_range(salt: u64) -> u16 {
     let seed = u64::from(std::process::id()) * 7919 + nanos + salt * 104_729;
     (0..1000u64)
         .map(|i| base + ((seed + i * 7_919) % span) as u16)
-        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() && reserve_port(p))
         .expect("a free port below the ephemeral range")
+}
+
+/// Reserves `p` for this test process: a port is free until its process binds it, and the
+/// tests running at the same time (each its own process) must not be handed it meanwhile, nor
+/// this one twice. A file per port, created exclusively, is the reservation; one older than
+/// 10 minutes (its test is long over) is taken back.
+fn reserve_port(p: u16) -> bool {
+    let dir = std::env::temp_dir().join("feishu-gateway-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(p.to_string());
+    let take = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .is_ok()
+    };
+    if take() {
+        return true;
+    }
+    let stale = std::fs::metadata(&file)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > Duration::from_secs(600));
+    stale && std::fs::remove_file(&file).is_ok() && take()
 }
 
 /// A real redis-server on a loopback port, owned by the test (killed on drop).
@@ -692,7 +718,7 @@ pub fn token_sha256(token: &str) -> String {
 }
 
 /// A free loopback port for a process that binds it itself: below the ephemeral range, so
-/// no outgoing connection takes it meanwhile.
+/// no outgoing connection takes it meanwhile, and reserved, so no other test is given it.
 pub fn free_port() -> u16 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
     port_outside_ephemeral_range(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
