@@ -62,7 +62,7 @@
 //!   node); `jobs::redis` the cluster store in the shared Redis (each job on its chat's
 //!   partition's slot, run by the partition's owner, writes fenced by its claim's epoch,
 //!   callers' counts on spread slots; its Lua scripts and key layout in
-//!   `jobs::redis_scripts`); `jobs::legacy` jobs of the earlier single-slot layout (read by
+//!   `jobs::redis_scripts`; callers' counts and owners' notices, batched per slot, in `jobs::redis_batch`); `jobs::legacy` jobs of the earlier single-slot layout (read by
 //!   their ids, moved into their partitions); `jobs::runner` the background work (following
 //!   the partitions owned, reading their jobs and cancels, the inbox, expiry,
 //!   what is left at shutdown); `jobs::record` the stored record; `jobs::spec` a stored job back

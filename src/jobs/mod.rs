@@ -6,6 +6,7 @@
 mod legacy;
 pub mod record;
 pub mod redis;
+mod redis_batch;
 mod redis_scripts;
 mod runner;
 pub mod seam;

@@ -10,7 +10,7 @@
 //! member's inbox. Writes nobody waits for (those inbox notices, callers' counts given back)
 //! are batched per slot and go with the runner's next round, 50 ms at most.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::record::JobRecord;
+use super::redis_batch::Pending;
 use super::redis_scripts::{
     ASK_CANCEL_LUA, EXPIRE_LUA, FENCE_LUA, GET_LUA, POLL_LUA, RELEASE_LUA, RESERVE_LUA, SUBMIT_LUA,
     UPDATE_LUA,
@@ -62,18 +63,18 @@ pub enum Submitted {
 pub struct RedisJobStore {
     pub(super) redis: Arc<SharedRedis>,
     config: RedisJobsConfig,
-    ownership: Arc<dyn Ownership>,
+    pub(super) ownership: Arc<dyn Ownership>,
     /// The tags callers' open-job sets are spread over.
-    caller_tags: Vec<String>,
+    pub(super) caller_tags: Vec<String>,
     /// The epoch each partition's jobs were taken with here: every write carries it.
     fenced: Mutex<HashMap<u16, u64>>,
     /// Partitions this replica runs that its own submits stored jobs in (read at the next poll).
-    news: Mutex<BTreeSet<u16>>,
+    pub(super) news: Mutex<BTreeSet<u16>>,
     /// What waits to be written in one call per slot ([`Shared::flush`]).
-    pending: Mutex<Pending>,
+    pub(super) pending: Mutex<Pending>,
     submit: Script,
-    reserve: Script,
-    release: Script,
+    pub(super) reserve: Script,
+    pub(super) release: Script,
     fence: Script,
     update: Script,
     poll: Script,
@@ -82,17 +83,7 @@ pub struct RedisJobStore {
     expire: Script,
 }
 
-/// Writes that wait for the next call on their slot, or the runner's next round (50 ms): one
-/// call carries many.
-#[derive(Default)]
-struct Pending {
-    /// Per caller tag: (caller's set, job) given back.
-    releases: BTreeMap<usize, Vec<(String, String)>>,
-    /// Per member: partitions it is told of.
-    announces: BTreeMap<String, BTreeSet<u16>>,
-}
-
-fn store_err(e: ClusterError) -> StoreError {
+pub(super) fn store_err(e: ClusterError) -> StoreError {
     StoreError(e.to_string())
 }
 
@@ -181,7 +172,7 @@ impl RedisJobStore {
     }
 
     /// A caller's set of open jobs, and which tag it is on.
-    fn caller_key(&self, caller: &str) -> (usize, String) {
+    pub(super) fn caller_key(&self, caller: &str) -> (usize, String) {
         let b = crate::cluster::spread_bucket(caller);
         (
             b,
@@ -189,7 +180,7 @@ impl RedisJobStore {
         )
     }
 
-    fn inbox(&self, member: &str) -> String {
+    pub(super) fn inbox(&self, member: &str) -> String {
         format!(
             "{{{}:r:{member}}}:jobs:inbox",
             self.redis.config().key_prefix
@@ -258,114 +249,6 @@ impl RedisJobStore {
             self.wait_for_replicas(n).await?;
         }
         Ok(submitted)
-    }
-
-    /// Counts `key` in its caller's open jobs: None, or the caller's open jobs when at
-    /// `bound`. The jobs given back on the same slot go first, in the same call.
-    async fn reserve(
-        &self,
-        rec: &JobRecord,
-        key: &str,
-        bound: u64,
-    ) -> Result<Option<u64>, StoreError> {
-        // Counts until a minute after the job's expiry at the latest (by then it is final).
-        let until = rec.expires_ms.saturating_add(60_000).max(0);
-        let (tag, set) = self.caller_key(&rec.caller);
-        let back = self
-            .pending
-            .lock()
-            .releases
-            .remove(&tag)
-            .unwrap_or_default();
-        let mut inv = self.reserve.prepare_invoke();
-        inv.key(set).arg(key).arg(bound).arg(until);
-        for (set, job) in &back {
-            inv.key(set).arg(job);
-        }
-        let v: Result<Vec<i64>, _> = self.redis.call_on(Lane::Jobs, "job_reserve", inv).await;
-        let v = match v {
-            Ok(v) => v,
-            Err(e) => {
-                // Given back at the next call (twice does no harm).
-                self.pending
-                    .lock()
-                    .releases
-                    .entry(tag)
-                    .or_default()
-                    .extend(back);
-                return Err(store_err(e));
-            }
-        };
-        match v.as_slice() {
-            [1] => Ok(None),
-            [-2, open] => Ok(Some(u64::try_from(*open).unwrap_or(0))),
-            _ => Err(bad("reserve")),
-        }
-    }
-
-    /// Job `key` of `caller` no longer counts in its open jobs: given back with the next
-    /// call on its slot.
-    fn release(&self, caller: &str, key: &str) {
-        let (tag, set) = self.caller_key(caller);
-        self.pending
-            .lock()
-            .releases
-            .entry(tag)
-            .or_default()
-            .push((set, key.to_owned()));
-    }
-
-    /// A job was stored in `p`, run by `owner`: it is told (this replica: its next poll reads
-    /// `p`; another: in its inbox at the next flush). A lost notice is found by the owner's
-    /// sweep.
-    fn announce(&self, p: u16, owner: &str) {
-        if owner.is_empty() {
-            // Nobody took the partition yet: whoever does reads it then.
-        } else if *owner == self.ownership.me() {
-            self.news.lock().insert(p);
-        } else {
-            self.pending
-                .lock()
-                .announces
-                .entry(owner.to_owned())
-                .or_default()
-                .insert(p);
-        }
-    }
-
-    /// Writes what waits: the jobs given back (one call per caller tag) and the news for
-    /// other members (one call per member). A failed write is dropped: a job given back
-    /// stops counting at its expiry, a lost notice is found by the owner's sweep.
-    pub async fn flush(&self) {
-        let Pending {
-            releases,
-            announces,
-        } = std::mem::take(&mut *self.pending.lock());
-        for jobs in releases.into_values() {
-            let mut inv = self.release.prepare_invoke();
-            for (set, job) in &jobs {
-                inv.key(set).arg(job);
-            }
-            if let Err(e) = self
-                .redis
-                .call_on::<i64>(Lane::Jobs, "job_release", inv)
-                .await
-            {
-                tracing::debug!(error = %e, "giving back callers' job counts failed; they stop counting at the jobs' expiry");
-            }
-        }
-        for (owner, parts) in announces {
-            let mut cmd = redis::cmd("RPUSH");
-            cmd.arg(self.inbox(&owner))
-                .arg(parts.into_iter().collect::<Vec<_>>());
-            if let Err(e) = self
-                .redis
-                .command_on::<i64>(Lane::Jobs, "job_announce", &cmd)
-                .await
-            {
-                tracing::debug!(error = %e, "telling a partition's owner of new jobs failed; its sweep finds them");
-            }
-        }
     }
 
     /// `WAIT n`: this connection's writes reached `n` Redis replicas (or the submit is not
