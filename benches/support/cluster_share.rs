@@ -265,7 +265,7 @@ pub async fn run(
 const SENT: &str = "feishu_reply_upstream_latency_seconds_count{operation=\"reply\",";
 
 /// The gateway's Redis ops, as `feishu_reply_redis_calls_total` names them.
-const OPS: [&str; 19] = [
+const OPS: [&str; 21] = [
     "decide",
     "settle",
     "release",
@@ -285,6 +285,8 @@ const OPS: [&str; 19] = [
     "job_get",
     "job_expire",
     "job_adopt",
+    "job_cancel",
+    "job_wait",
 ];
 
 /// Each op's calls, summed over outcomes and gateways.

@@ -8,7 +8,7 @@
 use redis::{Script, Value};
 
 use super::record::JobRecord;
-use super::redis::{RedisJobStore, Submitted, bad, record};
+use super::redis::{RedisJobStore, Submitted, as_string, as_u64, bad, record};
 use super::redis_scripts::lua_now_ms;
 use super::seam::Limits;
 use super::store::StoreError;
@@ -103,14 +103,12 @@ impl RedisJobStore {
                 let [seq, rec, idem, caller] = job else {
                     return Err(bad("adopt"));
                 };
-                let seq = int(seq)
-                    .and_then(|s| u64::try_from(s).ok())
-                    .ok_or(bad("adopt"))?;
+                let seq = as_u64(seq).ok_or(bad("adopt"))?;
                 let mut rec = record(seq, text(rec).ok_or(bad("adopt"))?)?;
-                let idem = String::from_utf8_lossy(text(idem).ok_or(bad("adopt"))?).into_owned();
-                let caller = text(caller).ok_or(bad("adopt"))?;
+                let idem = as_string(idem).ok_or(bad("adopt"))?;
+                let caller = as_string(caller).ok_or(bad("adopt"))?;
                 if !caller.is_empty() {
-                    rec.caller = String::from_utf8_lossy(caller).into_owned();
+                    rec.caller = caller;
                 }
                 // Unbounded: it was accepted already.
                 let limits = Limits {

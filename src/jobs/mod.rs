@@ -450,7 +450,7 @@ impl Jobs {
         let now = now_ms();
         let since = now - i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
         let Some(scan) = self.store.recovery_scan(since) else {
-            // A shared store: the quota windows are shared too, and jobs move by lease.
+            // A shared store: the quota windows are shared too, and jobs move with their partitions.
             return Ok(0);
         };
         let (jobs, recent) = scan?;

@@ -98,11 +98,11 @@ pub(super) fn record(seq: u64, bytes: &[u8]) -> Result<JobRecord, StoreError> {
     Ok(rec)
 }
 
-fn as_u64(v: &Value) -> Option<u64> {
+pub(super) fn as_u64(v: &Value) -> Option<u64> {
     int(v).and_then(|s| u64::try_from(s).ok())
 }
 
-fn as_string(v: &Value) -> Option<String> {
+pub(super) fn as_string(v: &Value) -> Option<String> {
     text(v).map(|t| String::from_utf8_lossy(t).into_owned())
 }
 

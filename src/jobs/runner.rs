@@ -2,12 +2,11 @@
 //! owns, picking up their jobs and the cancels asked; in both modes expiry and the size
 //! metrics; and what the process leaves when it stops.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
-
-use std::collections::{BTreeMap, BTreeSet};
 
 use super::redis::split_seq;
 use super::{Jobs, KEEP_FINISHED, Shared};
@@ -261,8 +260,8 @@ impl Jobs {
     }
 
     /// Cancels the jobs this process runs that `which` names (another replica runs them now,
-    /// or will): queued
-    /// ones leave their queues; sends in flight finish, and their results are not written.
+    /// or will): queued ones leave their queues; sends in flight finish, and their results
+    /// are not written.
     /// Newest first: a chat's job that cannot be cancelled any more (being sent) has every
     /// earlier one of the chat sent or being sent, so the ones cancelled, run again by their
     /// next owner in store order, still go out after it.
@@ -285,12 +284,11 @@ impl Jobs {
     /// replica has left its partitions already: their next owners take the jobs left queued.
     pub async fn stop(&self, wait: Duration) {
         self.stopping.send_replace(true);
-        // The background work has ended (no lease renewal can follow the hand-off).
+        // The background work has ended (no poll starts a job after this).
         drop(self.alive.lock().await);
-        // Cluster mode: the jobs not sent yet leave their queues (here, or at the replica
-        // owning their chat) and stay queued in the store for the replica that takes them
-        // over, rather than this one waiting for a backlog elsewhere to drain; only sends in
-        // flight are waited for.
+        // Cluster mode: the jobs not sent yet leave their queues and stay queued in the store
+        // for their partitions' next owners, rather than this one draining its backlog while
+        // stopping; only sends in flight are waited for.
         if self.store.shared().is_some() {
             self.drop_running(|_| true).await;
         }

@@ -98,7 +98,7 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// For a restart (a store only this process uses): the jobs not final yet, in store
     /// order, and the final ones attempted since `since_ms` (they count in Feishu's
-    /// windows). None: a shared store, whose jobs move between replicas by lease.
+    /// windows). None: a shared store, whose jobs move between replicas with their partitions.
     fn recovery_scan(&self, since_ms: i64) -> Option<Result<RecoveryScan, StoreError>>;
 
     /// A shared store's partitions; None for a store only this process uses.
