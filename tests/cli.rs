@@ -223,14 +223,18 @@ fn serve_on_the_embedded_fake_then_send_then_sigterm() {
         "says loudly it runs on the fake:\n{log}"
     );
     assert!(log.contains("drained"), "{log}");
-    // The demo's job directory is gone with the process.
-    let demo = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("feishu-reply-gateway-demo-{}-", serve.id())))
-        .collect::<Vec<_>>();
-    assert!(demo.is_empty(), "left behind: {demo:?}");
+    // The demo's job directory (the one this process logged: another process that had the
+    // same pid earlier may have left its own) is gone with the process.
+    let demo = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("dir="))
+        .map(|d| d.trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("the demo's job directory is logged:\n{log}"));
+    assert!(
+        demo.contains("feishu-reply-gateway-demo-"),
+        "a demo directory: {demo}"
+    );
+    assert!(!std::path::Path::new(&demo).exists(), "left behind: {demo}");
     assert!(
         log.contains("async jobs are kept in a temporary directory"),
         "{log}"

@@ -38,11 +38,22 @@ fn python(args: &[&str], env: &[(&str, &str)], stdin: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// A child process killed when the test ends, however it ends.
+/// A child process stopped when the test ends, however it ends: SIGTERM first, so that it
+/// removes its demo job directory, then SIGKILL if it has not exited within 10 s.
 struct Killed(std::process::Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
